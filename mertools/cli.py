@@ -1,0 +1,85 @@
+"""The `mertools` command: one click group, each subcommand thin over the Python API."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Any
+
+import click
+
+from .errors import MertoolsError
+
+
+class _Group(click.Group):
+    """Turns a MertoolsError into one line on stderr and exit status 2; Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            return super().invoke(ctx)
+        except MertoolsError as e:
+            click.echo(f"mertools: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("mertools: interrupted; nothing was left half-written", err=True)
+            sys.exit(130)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="mertools")
+def main() -> None:
+    """Run Mixture-of-Experts models larger than RAM by streaming experts from disk."""
+
+
+DTYPE = click.Choice(["auto", "q4_0", "q4_k", "q8_0", "f16"])
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--dtype", type=DTYPE, default="auto", show_default=True,
+              help="Expert dtype; auto keeps the source's type (f32/bf16 become f16).")
+@click.option("--dense-dtype", type=DTYPE, default="auto", show_default=True,
+              help="Dtype of big dense matrices (embeddings, attention, lm_head); norms and routers stay f32.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an existing layout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the summary as JSON to this file.")
+def convert(src: str, out: str, dtype: str, dense_dtype: str, force: bool, quiet: bool, json_out: str | None) -> None:
+    """Convert a HF directory or GGUF file SRC into a layout directory OUT."""
+    from .convert.pipeline import ConvertOptions
+    from .convert.pipeline import convert as run
+
+    s = run(src, out, ConvertOptions(dtype=dtype, dense_dtype=dense_dtype, force=force, progress=not quiet))
+    d = s.to_dict()
+    for n in s.notes:
+        click.echo(f"note: {n}", err=True)
+    click.echo(
+        f"wrote {out}: {s.tensors} tensors ({s.experts} experts, {s.copied} copied byte for byte; "
+        f"{', '.join(f'{k}: {v}' for k, v in sorted(s.dtypes.items()))}), "
+        f"{s.bytes_in / 1e6:,.1f} MB in, {s.bytes_out / 1e6:,.1f} MB out, {s.seconds:.2f} s "
+        f"({d['mb_per_s_in']:,.1f} MB/s in, {d['mb_per_s_out']:,.1f} MB/s out)"
+    )
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(d, f, indent=1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON object.")
+def inspect(path: str, as_json: bool) -> None:
+    """Describe a HF directory, a GGUF file or a layout."""
+    from .inspect import format_report, inspect_path
+
+    info = inspect_path(path)
+    click.echo(json.dumps(info, indent=1) if as_json else format_report(info))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Mixtral (MixtralForCausalLM; GGUF arch "llama" with experts): names and hyper-parameter keys."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import ArchSpec, ConfigKey, DenseSpec, ExpertSpec
+
+_L = "model.layers.{L}"
+
+DENSE = (
+    DenseSpec("token_embd.weight", "model.embed_tokens.weight", "embedding", ("vocab_size", "d_model")),
+    DenseSpec("blk.{L}.attn_norm.weight", f"{_L}.input_layernorm.weight", "norm", ("d_model",), per_layer=True),
+    DenseSpec("blk.{L}.attn_q.weight", f"{_L}.self_attn.q_proj.weight", "attn_q", ("q_dim", "d_model"), per_layer=True),
+    DenseSpec("blk.{L}.attn_k.weight", f"{_L}.self_attn.k_proj.weight", "attn_k", ("kv_dim", "d_model"), per_layer=True),
+    DenseSpec("blk.{L}.attn_v.weight", f"{_L}.self_attn.v_proj.weight", "attn_v", ("kv_dim", "d_model"), per_layer=True),
+    DenseSpec("blk.{L}.attn_output.weight", f"{_L}.self_attn.o_proj.weight", "attn_o", ("d_model", "q_dim"), per_layer=True),
+    DenseSpec("blk.{L}.ffn_norm.weight", f"{_L}.post_attention_layernorm.weight", "norm", ("d_model",), per_layer=True),
+    DenseSpec(
+        "blk.{L}.ffn_gate_inp.weight", f"{_L}.block_sparse_moe.gate.weight", "router", ("n_experts", "d_model"), per_layer=True
+    ),
+    DenseSpec("output_norm.weight", "model.norm.weight", "norm", ("d_model",)),
+    DenseSpec("output.weight", "lm_head.weight", "output", ("vocab_size", "d_model"), optional=True),
+)
+
+_E = f"{_L}.block_sparse_moe.experts.{{E}}"
+EXPERTS = (
+    ExpertSpec("gate", f"{_E}.w1.weight", "blk.{L}.ffn_gate_exps.weight", "blk.{L}.ffn_gate.{E}.weight", ("d_ff", "d_model")),
+    ExpertSpec("up", f"{_E}.w3.weight", "blk.{L}.ffn_up_exps.weight", "blk.{L}.ffn_up.{E}.weight", ("d_ff", "d_model")),
+    ExpertSpec("down", f"{_E}.w2.weight", "blk.{L}.ffn_down_exps.weight", "blk.{L}.ffn_down.{E}.weight", ("d_model", "d_ff")),
+)
+
+CONFIG_KEYS = (
+    ConfigKey("vocab_size", ("vocab_size",), ("{arch}.vocab_size",)),
+    ConfigKey("d_model", ("hidden_size",), ("{arch}.embedding_length",)),
+    ConfigKey("d_ff", ("intermediate_size",), ("{arch}.expert_feed_forward_length", "{arch}.feed_forward_length")),
+    ConfigKey("n_layers", ("num_hidden_layers",), ("{arch}.block_count",)),
+    ConfigKey("n_heads", ("num_attention_heads",), ("{arch}.attention.head_count",)),
+    ConfigKey("n_kv_heads", ("num_key_value_heads",), ("{arch}.attention.head_count_kv",), default=0),
+    ConfigKey("head_dim", ("head_dim",), ("{arch}.attention.key_length", "{arch}.rope.dimension_count"), default=0),
+    ConfigKey("n_experts", ("num_local_experts",), ("{arch}.expert_count",)),
+    ConfigKey("n_experts_used", ("num_experts_per_tok",), ("{arch}.expert_used_count",)),
+    ConfigKey("context_length", ("max_position_embeddings",), ("{arch}.context_length",)),
+    ConfigKey("rope_theta", ("rope_theta", "rope_parameters.rope_theta"), ("{arch}.rope.freq_base",), default=1e6),
+    ConfigKey("norm_eps", ("rms_norm_eps",), ("{arch}.attention.layer_norm_rms_epsilon",), default=1e-5),
+    ConfigKey("sliding_window", ("sliding_window",), ("{arch}.attention.sliding_window",), default=None),
+    ConfigKey("tie_embeddings", ("tie_word_embeddings",), (), default=False),
+)
+
+
+def _finish(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
+    if not values["n_kv_heads"]:
+        values["n_kv_heads"] = values["n_heads"]
+    if not values["head_dim"]:
+        values["head_dim"] = values["d_model"] // values["n_heads"]
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = raw.get(key)
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported yet")
+    values["rope_theta"] = float(values["rope_theta"])
+    values["norm_eps"] = float(values["norm_eps"])
+
+
+ARCH = ArchSpec(
+    name="mixtral",
+    hf_architectures=("MixtralForCausalLM",),
+    hf_model_types=("mixtral",),
+    gguf_architectures=("llama", "mixtral"),
+    dense=DENSE,
+    experts=EXPERTS,
+    config_keys=CONFIG_KEYS,
+    rope_style="neox",
+    gguf_permutes_qk=True,
+    finish_config=_finish,
+)

@@ -1,0 +1,152 @@
+"""GGUF files (llama.cpp): metadata through gguf-py's reader, tensor data by pread.
+
+Both MoE layouts are read: merged (`blk.N.ffn_gate_exps.weight`, expert outermost, so one expert
+is one contiguous byte range) and per-expert (`blk.N.ffn_gate.E.weight`, older Mixtral files).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import SourceError
+from ..layout.constants import GGML_TYPE_TO_DTYPE
+from .arch import arch_for_gguf
+from .arch.base import ConfigKey, DenseSpec, build_config, fmt
+from .source import Source, SourceTensor
+
+_PER_EXPERT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")
+TOKENIZER_FILE = "tokenizer/vocab.gguf"
+
+
+class GGUFSource(Source):
+    kind = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # gguf-py raises ValueError, IndexError, struct/numpy errors on bad files
+            raise SourceError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.fields = self.reader.fields
+        self.gguf_arch = self._field("general.architecture")
+        if not isinstance(self.gguf_arch, str):
+            raise SourceError(f"{path}: no general.architecture in the GGUF metadata")
+        arch = arch_for_gguf(self.gguf_arch)
+        if arch is None:
+            raise SourceError(f"{path}: unsupported GGUF architecture {self.gguf_arch!r} (supported: mixtral)")
+        self.arch = arch
+        self.tensors = self._index_tensors()
+        if not self._field(f"{self.gguf_arch}.expert_count"):
+            raise SourceError(f"{path}: {self.gguf_arch} model without experts ({self.gguf_arch}.expert_count); not a MoE")
+        try:
+            self.config = build_config(arch, self._lookup, {}, str(path))
+        except ValueError as e:
+            raise SourceError(f"{path}: {e}") from None
+        self.merged = any(n.endswith("_exps.weight") for n in self.tensors)
+
+    def _field(self, key: str) -> Any:
+        f = self.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise SourceError(f"{self.path}: metadata {key} is corrupt ({e})") from None
+
+    def _lookup(self, key: ConfigKey) -> Any:
+        for k in key.gguf:
+            value = self._field(k.replace("{arch}", self.gguf_arch))
+            if value is not None:
+                return value
+        if key.field == "vocab_size" and "token_embd.weight" in self.tensors:
+            return self.tensors["token_embd.weight"].shape[0]
+        if key.field == "tie_embeddings":
+            return "output.weight" not in self.tensors
+        return None
+
+    def _index_tensors(self) -> dict[str, SourceTensor]:
+        size = self.path.stat().st_size
+        out: dict[str, SourceTensor] = {}
+        for t in self.reader.tensors:
+            ggml_type = int(t.tensor_type)
+            dtype = GGML_TYPE_TO_DTYPE.get(ggml_type) or t.tensor_type.name.lower()
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne[] is innermost-first
+            if t.data_offset + t.n_bytes > size:
+                raise SourceError(
+                    f"{self.path}: tensor {t.name} [{t.data_offset}, {t.data_offset + t.n_bytes}) runs past the end "
+                    f"of the {size}-byte file (truncated?)"
+                )
+            if t.name in out:
+                raise SourceError(f"{self.path}: tensor {t.name} appears twice")
+            out[t.name] = SourceTensor(t.name, self.path, int(t.data_offset), int(t.n_bytes), dtype, shape, ggml_type)
+        return out
+
+    def _require(self, name: str) -> SourceTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SourceError(f"{self.path}: missing tensor {name}") from None
+
+    def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
+        name = fmt(spec.name, layer)
+        t = self.tensors.get(name) if spec.optional else self._require(name)
+        if t is not None and self.arch.gguf_permutes_qk and spec.role in ("attn_q", "attn_k"):
+            n_head = self.config.n_heads if spec.role == "attn_q" else self.config.n_kv_heads
+            t = _replace(t, row_perm=(n_head, t.shape[0]))
+        return t
+
+    def expert_tensor(self, layer: int, expert: int, role: str) -> SourceTensor:
+        spec = self.arch.expert(role)
+        if not self.merged:
+            return self._require(fmt(spec.gguf_split, layer, expert))
+        t = self._require(fmt(spec.gguf_merged, layer))
+        n = self.config.n_experts
+        if len(t.shape) != 3 or t.shape[0] != n or t.nbytes % n:
+            raise SourceError(f"{self.path}: tensor {t.name} has shape {list(t.shape)}, expected {n} experts outermost")
+        if not 0 <= expert < n:
+            raise SourceError(f"{self.path}: tensor {t.name} has no expert {expert}")
+        per = t.nbytes // n
+        return _replace(t, name=f"{t.name}[{expert}]", offset=t.offset + expert * per, nbytes=per, shape=t.shape[1:])
+
+    def tokenizer_files(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Carry every tokenizer.* key into a vocabulary-only GGUF (like llama.cpp's ggml-vocab files)."""
+        from gguf import GGUFValueType, GGUFWriter
+
+        keys = [k for k in self.fields if k.startswith("tokenizer.")]
+        if "tokenizer.ggml.tokens" not in keys:
+            raise SourceError(f"{self.path}: no tokenizer.ggml.tokens in the metadata; the layout needs a tokenizer")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "vocab.gguf"
+            w = GGUFWriter(out, self.gguf_arch)
+            for k in keys:
+                f = self.fields[k]
+                sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+                w.add_key_value(k, self._field(k), f.types[0], sub_type=sub)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            w.close()
+            data = out.read_bytes()
+        section: dict[str, Any] = {"kind": "gguf", "model": self._field("tokenizer.ggml.model")}
+        for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+            v = self._field(f"tokenizer.ggml.{name}")
+            if isinstance(v, int):
+                section[key] = v
+        return section, {TOKENIZER_FILE: data}
+
+    def all_tensors(self) -> list[SourceTensor]:
+        return list(self.tensors.values())
+
+    def is_expert_name(self, name: str) -> bool:
+        return name.endswith("_exps.weight") or bool(_PER_EXPERT.search(name))
+
+
+def _replace(t: SourceTensor, **kw: Any) -> SourceTensor:
+    from dataclasses import replace
+
+    return replace(t, **kw)

@@ -1,0 +1,170 @@
+"""Source -> layout. One expert at a time, read ahead by one, so memory is bounded by an expert."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConversionError, QuantizationError
+from ..layout.constants import DTYPES, EXPERT_DTYPES
+from ..layout.writer import EncodedTensor, LayoutWriter
+from .arch.base import KEEP_F32_ROLES, DenseSpec
+from .source import SourceTensor, open_source
+
+DTYPE_CHOICES = ("auto", *EXPERT_DTYPES)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    dtype: str = "auto"  # experts; "auto" keeps the source's type when a layout dtype has it
+    dense_dtype: str = "auto"  # big dense matrices; "auto" follows --dtype where the shape allows
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "dense_dtype"):
+            if getattr(self, name) not in DTYPE_CHOICES:
+                raise ValueError(f"{name} must be one of {DTYPE_CHOICES}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class ConvertSummary:
+    out: Path
+    tensors: int = 0
+    experts: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    copied: int = 0  # tensors whose bytes were copied unchanged
+    dtypes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out), "tensors": self.tensors, "experts": self.experts, "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out, "seconds": round(self.seconds, 3), "copied": self.copied,
+            "dtypes": self.dtypes, "mb_per_s_in": round(self.bytes_in / 1e6 / max(self.seconds, 1e-9), 1),
+            "mb_per_s_out": round(self.bytes_out / 1e6 / max(self.seconds, 1e-9), 1), "notes": self.notes,
+        }
+
+
+def auto_dtype(src_dtype: str) -> str:
+    """The layout dtype that loses nothing (or least) relative to the source type."""
+    if src_dtype in EXPERT_DTYPES:
+        return src_dtype
+    if src_dtype in ("f32", "bf16"):
+        return "f16"
+    return "q8_0"  # another GGML quantization (q6_k, q5_k, ...): 8 bits keep it nearly exactly
+
+
+def expert_dtype(t: SourceTensor, opts: ConvertOptions) -> str:
+    return auto_dtype(t.dtype) if opts.dtype == "auto" else opts.dtype
+
+
+def dense_dtype(t: SourceTensor, spec: DenseSpec, opts: ConvertOptions, notes: list[str], name: str) -> str:
+    if spec.role in KEEP_F32_ROLES:
+        return "f32"
+    want = opts.dense_dtype if opts.dense_dtype != "auto" else expert_dtype(t, opts)
+    if t.shape[-1] % DTYPES[want].block_size:
+        if opts.dense_dtype != "auto":
+            raise QuantizationError(
+                f"{t.path}: tensor {t.name}: {t.shape[-1]} columns is not a multiple of {want}'s block "
+                f"of {DTYPES[want].block_size}; choose another --dense-dtype"
+            )
+        notes.append(f"{name}: {t.shape[-1]} columns do not fit {want} blocks, kept as f16")
+        return "f16"
+    return want
+
+
+def encode(t: SourceTensor, dtype: str, name: str) -> tuple[EncodedTensor, bool]:
+    """(encoded tensor, whether its bytes were copied unchanged from the source)."""
+    from ..kernels import quantize
+
+    shape = (t.rows, t.shape[-1]) if len(t.shape) > 1 else (t.shape[0],)
+    if t.dtype == dtype:
+        raw = t.read_raw()
+        if dtype in ("f16", "f32"):
+            _check_finite(raw.view(np.float16 if dtype == "f16" else np.float32), t)
+        return EncodedTensor(raw, dtype, shape), True
+    x = t.to_float32().reshape(t.rows, t.shape[-1])  # (rows, cols) f32
+    try:
+        data = quantize(x, dtype, name=f"{t.name} in {t.path}")
+    except QuantizationError:
+        raise
+    except ValueError as e:
+        raise QuantizationError(f"{t.path}: tensor {t.name}: {e}") from None
+    return EncodedTensor(data, dtype, shape), False
+
+
+def _check_finite(values: np.ndarray, t: SourceTensor) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise QuantizationError(f"{t.path}: tensor {t.name} holds NaN or Inf (first at flat index {bad[0]})")
+
+
+def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> ConvertSummary:
+    from tqdm import tqdm
+
+    opts = opts or ConvertOptions()
+    t0 = time.perf_counter()
+    src = open_source(src_path)
+    cfg = src.config
+    out = Path(out)
+    summary = ConvertSummary(out)
+    dense = src.dense_tensors()
+    # validate every expert's names and shapes before writing anything
+    experts = [(la, e) for la in range(cfg.n_layers) for e in range(cfg.n_experts)]
+    expert_tensors = {k: src.expert_tensors(*k) for k in experts}
+    total_in = sum(t.nbytes for _, _, t in dense) + sum(t.nbytes for ts in expert_tensors.values() for t in ts.values())
+    tok_section, tok_files = src.tokenizer_files()
+
+    def note(enc: EncodedTensor, copied: bool, t: SourceTensor) -> None:
+        summary.tensors += 1
+        summary.copied += copied
+        summary.bytes_in += t.nbytes
+        summary.dtypes[enc.dtype] = summary.dtypes.get(enc.dtype, 0) + 1
+        bar.update(t.nbytes)
+
+    def encode_expert(key: tuple[int, int]) -> dict[str, tuple[EncodedTensor, bool, SourceTensor]]:
+        return {
+            role: (*encode(t, expert_dtype(t, opts), t.name), t) for role, t in expert_tensors[key].items()
+        }
+
+    with (
+        LayoutWriter(out, force=opts.force) as writer,
+        tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert {out.name}",
+             disable=not opts.progress, dynamic_ncols=True) as bar,
+    ):
+        for name, spec, t in dense:
+            enc, copied = encode(t, dense_dtype(t, spec, opts, summary.notes, name), name)
+            writer.write_dense(name, enc)
+            note(enc, copied, t)
+        # one worker encodes the next expert while this thread writes the current one
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(encode_expert, experts[0])
+            for i, key in enumerate(experts):
+                done = pending.result()
+                if i + 1 < len(experts):
+                    pending = pool.submit(encode_expert, experts[i + 1])
+                writer.write_expert(*key, {role: enc for role, (enc, _, _) in done.items()})
+                for enc, copied, t in done.values():
+                    note(enc, copied, t)
+                summary.experts += 1
+        for rel, data in sorted(tok_files.items()):
+            writer.add_file(rel, data)
+        tok_section["files"] = sorted(tok_files)
+        source = {"kind": src.kind, "name": src.path.name, "dtypes": src.summary()["dtypes"]}
+        if src.kind == "gguf":
+            source["expert_layout"] = "merged" if getattr(src, "merged", False) else "per_expert"
+        source["requested"] = {"dtype": opts.dtype, "dense_dtype": opts.dense_dtype}
+        if cfg.arch != src.arch.name:
+            raise ConversionError(f"{src.path}: config arch {cfg.arch} disagrees with {src.arch.name}")
+        writer.commit(cfg, tok_section, source)
+        summary.bytes_out = writer.bytes_written
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,174 @@
+"""What every source reader provides: tensors located by (file, offset, nbytes) and read with
+pread, so conversion memory is bounded by one tensor, never by the model."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SourceError
+from ..layout.config import ModelConfig
+from ..layout.constants import DTYPES
+from .arch.base import ArchSpec, DenseSpec, fmt, resolve_shape
+
+# Source dtypes we read directly; any other GGML type is dequantized with gguf-py.
+FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str  # the tensor's name in the source, for messages
+    path: Path
+    offset: int  # absolute byte offset of the data in `path`
+    nbytes: int
+    dtype: str  # "f32" "f16" "bf16" "q4_0" "q8_0" "q4_k", or another GGML type name (e.g. "q6_k")
+    shape: tuple[int, ...]  # numpy/HF orientation: (rows, cols) or (n,)
+    ggml_type: int | None = None  # for GGML types we do not handle natively
+    row_perm: tuple[int, int] | None = None  # (n_head, rows): undo llama.cpp's q/k permutation
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    def read_raw(self) -> np.ndarray:
+        """Bytes as stored, uint8 (rows, row_bytes), with the q/k row permutation undone."""
+        buf = np.empty(self.nbytes, dtype=np.uint8)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise SourceError(f"{self.path}: cannot open ({e.strerror}) while reading tensor {self.name}") from None
+        try:
+            got = os.preadv(fd, [buf], self.offset)
+        except OSError as e:
+            raise SourceError(f"{self.path}: read error in tensor {self.name} ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if got != self.nbytes:
+            raise SourceError(f"{self.path}: tensor {self.name} is truncated: {got} of {self.nbytes} bytes")
+        raw = buf.reshape(self.rows, -1)  # (rows, row_bytes)
+        if self.row_perm is not None:
+            raw = raw[unpermute_index(*self.row_perm)]
+        return raw
+
+    def to_float32(self) -> np.ndarray:
+        """Values as float32 (rows, cols) / (n,)."""
+        raw = self.read_raw()
+        if self.dtype == "f32":
+            out = raw.view(np.float32)
+        elif self.dtype == "f16":
+            out = raw.view(np.float16).astype(np.float32)
+        elif self.dtype == "bf16":
+            out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif self.dtype in DTYPES:
+            from ..kernels import dequantize
+
+            out = dequantize(raw, self.dtype, (self.rows, self.shape[-1]))
+        else:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize as gguf_dequantize
+
+            out = gguf_dequantize(raw, GGMLQuantizationType(self.ggml_type)).astype(np.float32, copy=False)
+        return out.reshape(self.shape)
+
+
+def unpermute_index(n_head: int, rows: int) -> np.ndarray:
+    """Row index that maps llama.cpp's permuted q/k rows back to HF order.
+
+    llama.cpp writes w.reshape(n_head, 2, hd/2, ...).swapaxes(1, 2) so that adjacent-pair ("normal")
+    rotary on the permuted rows equals HF's rotate-half on the original rows. permuted[i] = hf[p[i]],
+    so hf = permuted[argsort(p)].
+    """
+    p = np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+    return np.argsort(p)
+
+
+class Source(ABC):
+    """A checkpoint to convert: an HF directory or a GGUF file."""
+
+    kind: str
+    path: Path
+    arch: ArchSpec
+    config: ModelConfig
+
+    @abstractmethod
+    def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
+        """The dense tensor, or None when an optional one is absent (tied lm_head)."""
+
+    @abstractmethod
+    def expert_tensor(self, layer: int, expert: int, role: str) -> SourceTensor: ...
+
+    @abstractmethod
+    def tokenizer_files(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(manifest tokenizer section without `files`, {relative path: bytes})."""
+
+    @abstractmethod
+    def all_tensors(self) -> list[SourceTensor]: ...
+
+    @abstractmethod
+    def is_expert_name(self, name: str) -> bool: ...
+
+    def summary(self) -> dict[str, Any]:
+        """Facts for `inspect`: tensor count, dtypes, bytes of dense and expert weights."""
+        tensors = self.all_tensors()
+        dtypes: dict[str, int] = {}
+        expert_bytes = dense_bytes = 0
+        for t in tensors:
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+            if self.is_expert_name(t.name):
+                expert_bytes += t.nbytes
+            else:
+                dense_bytes += t.nbytes
+        n = self.config.n_layers * self.config.n_experts
+        return {
+            "kind": self.kind, "path": str(self.path), "arch": self.arch.name, "config": self.config.to_dict(),
+            "tensor_count": len(tensors), "dtypes": dict(sorted(dtypes.items())),
+            "dense_bytes": dense_bytes, "expert_bytes": expert_bytes, "bytes_per_expert": expert_bytes // max(n, 1),
+        }
+
+    def dense_tensors(self) -> list[tuple[str, DenseSpec, SourceTensor]]:
+        out = []
+        for spec, layer in self.arch.dense_names(self.config.n_layers):
+            t = self.dense_tensor(spec, layer)
+            if t is None:
+                if not spec.optional:
+                    raise SourceError(f"{self.path}: missing tensor {fmt(spec.name, layer)}")
+                continue
+            self.check_shape(t, resolve_shape(spec.shape, self.config))
+            out.append((fmt(spec.name, layer), spec, t))
+        return out
+
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, SourceTensor]:
+        out = {}
+        for spec in self.arch.experts:
+            t = self.expert_tensor(layer, expert, spec.role)
+            self.check_shape(t, resolve_shape(spec.shape, self.config))
+            out[spec.role] = t
+        return out
+
+    def check_shape(self, t: SourceTensor, want: tuple[int, ...]) -> None:
+        if tuple(t.shape) != tuple(want):
+            raise SourceError(
+                f"{t.path}: tensor {t.name} has shape {list(t.shape)}, the config implies {list(want)}"
+            )
+
+
+def open_source(path: str | Path) -> Source:
+    p = Path(path)
+    if p.is_dir():
+        from .hf import HFSource
+
+        return HFSource(p)
+    if not p.exists():
+        raise SourceError(f"{p}: no such file or directory")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf_source import GGUFSource
+
+        return GGUFSource(p)
+    raise SourceError(f"{p}: neither a HF model directory nor a GGUF file (magic {magic!r})")

@@ -1,0 +1,63 @@
+"""`mertools inspect`: what a HF directory, a GGUF file or a layout holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .layout.constants import MANIFEST_NAME
+from .layout.reader import Layout
+
+
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir() and (p / MANIFEST_NAME).exists():
+        return inspect_layout(Layout.open(p))
+    from .convert.source import open_source
+
+    return open_source(p).summary()
+
+
+def inspect_layout(layout: Layout) -> dict[str, Any]:
+    m = layout.manifest
+    dtypes: dict[str, int] = {}
+    for t in m.dense.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    for e in m.experts:
+        for t in e.tensors.values():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    expert_bytes = sum(e.nbytes for e in m.experts)
+    return {
+        "kind": "layout", "path": str(layout.root), "format": m.format, "version": m.version, "arch": m.arch,
+        "config": m.config.to_dict(), "tensor_count": len(m.dense) + 3 * len(m.experts),
+        "dtypes": dict(sorted(dtypes.items())), "dense_bytes": sum(t.nbytes for t in m.dense.values()),
+        "expert_bytes": expert_bytes, "bytes_per_expert": m.experts[0].nbytes if m.experts else 0,
+        "expert_files": len(m.experts), "tokenizer": {k: v for k, v in m.tokenizer.items() if k != "files"},
+        "source": m.source,
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def format_report(info: dict[str, Any]) -> str:
+    cfg = info["config"]
+    lines = [f"{info['path']}: {info['kind']}" + (f" (format {info['format']} v{info['version']})" if "format" in info else "")]
+    lines.append(f"  arch          {info['arch']}")
+    lines.append(
+        f"  model         {cfg['n_layers']} layers, d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, "
+        f"{cfg['n_heads']} heads ({cfg['n_kv_heads']} kv, head_dim {cfg['head_dim']}), vocab {cfg['vocab_size']}"
+    )
+    lines.append(f"  experts       {cfg['n_experts']} per layer, {cfg['n_experts_used']} used per token")
+    lines.append(
+        f"  rope          theta {cfg['rope_theta']:g}, style {cfg['rope_style']}; context {cfg['context_length']}; "
+        f"norm eps {cfg['norm_eps']:g}" + (f"; sliding window {cfg['sliding_window']}" if cfg["sliding_window"] else "")
+    )
+    lines.append(f"  tensors       {info['tensor_count']} ({', '.join(f'{k}: {v}' for k, v in info['dtypes'].items())})")
+    lines.append(f"  dense bytes   {_mb(info['dense_bytes'])}")
+    lines.append(f"  expert bytes  {_mb(info['expert_bytes'])} ({_mb(info['bytes_per_expert'])} per expert)")
+    if info["kind"] == "layout":
+        tok = info["tokenizer"]
+        lines.append(f"  tokenizer     {tok.get('kind')}" + (f" ({tok['model']})" if tok.get("model") else ""))
+    return "\n".join(lines)

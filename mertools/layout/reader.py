@@ -1,0 +1,142 @@
+"""Validating layout reader: the manifest is checked against the schema and against the files
+on disk before anything else reads a byte of tensor data."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LayoutError
+from .checksum import range_xxh3
+from .constants import MANIFEST_NAME
+from .manifest import Manifest, ManifestError, TensorEntry
+
+# A Mixtral-8x22B manifest is ~1 MB; anything beyond this is hostile or broken.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ChecksumProblem:
+    what: str  # e.g. "expert (layer 3, expert 5) gate" or "file dense.bin"
+    file: str
+    expected: str
+    actual: str
+
+    def __str__(self) -> str:
+        return f"{self.what} in {self.file}: xxh3 {self.actual}, manifest says {self.expected}"
+
+
+class Layout:
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def config(self):  # noqa: ANN201 - ModelConfig
+        return self.manifest.config
+
+    @classmethod
+    def open(cls, path: str | Path) -> Layout:
+        root = Path(path)
+        mpath = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise LayoutError(f"{root}: not a directory (a layout is a directory holding {MANIFEST_NAME})")
+        try:
+            size = mpath.stat().st_size
+        except OSError:
+            raise LayoutError(f"{mpath}: missing; {root} is not a mertools layout") from None
+        if size > MAX_MANIFEST_BYTES:
+            raise LayoutError(f"{mpath}: {size} bytes is larger than any real manifest ({MAX_MANIFEST_BYTES})")
+        try:
+            data = json.loads(mpath.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise LayoutError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
+        try:
+            manifest = Manifest.from_dict(data)
+        except (ManifestError, RecursionError) as e:
+            raise LayoutError(f"{mpath}: {e}") from None
+        layout = cls(root, manifest)
+        layout._check_files()
+        return layout
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def _check_files(self) -> None:
+        """Every file the manifest names is a regular file inside the layout with the stated size."""
+        real_root = os.path.realpath(self.root)
+        want = {p: f.nbytes for p, f in self.manifest.files.items()}
+        want.update({e.file: e.nbytes for e in self.manifest.experts})
+        for rel, nbytes in want.items():
+            full = self.root / rel
+            real = os.path.realpath(full)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise LayoutError(f"{full}: resolves to {real}, outside the layout {real_root}")
+            try:
+                st = os.stat(real)
+            except OSError:
+                raise LayoutError(f"{full}: missing (listed in {MANIFEST_NAME})") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise LayoutError(f"{full}: not a regular file")
+            if st.st_size != nbytes:
+                raise LayoutError(f"{full}: {st.st_size} bytes, {MANIFEST_NAME} says {nbytes} (truncated or replaced?)")
+
+    # ------------------------------------------------------------ reading tensors
+    def read_tensor(self, file: str, entry: TensorEntry) -> np.ndarray:
+        """Raw bytes of one tensor (uint8, flat), read with plain pread. The runtime's expert store
+        reads with O_DIRECT instead; this is for conversion checks, inspection and dense loading."""
+        path = self.root / file
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = np.empty(entry.nbytes, dtype=np.uint8)
+            got = os.preadv(fd, [buf], entry.offset)
+        finally:
+            os.close(fd)
+        if got != entry.nbytes:
+            raise LayoutError(f"{path}: short read of {got} of {entry.nbytes} bytes at offset {entry.offset}")
+        return buf
+
+    def read_dense(self, name: str) -> np.ndarray:
+        try:
+            entry = self.manifest.dense[name]
+        except KeyError:
+            raise LayoutError(f"{self.root / MANIFEST_NAME}: no dense tensor {name!r}") from None
+        return self.read_tensor(entry.file, entry)
+
+    def read_expert(self, layer: int, expert: int, role: str) -> np.ndarray:
+        e = self.manifest.expert(layer, expert)
+        return self.read_tensor(e.file, e.tensors[role])
+
+    # ------------------------------------------------------------ checksums
+    def checksum_jobs(self) -> list[tuple[str, str, int, int, str]]:
+        """(what, file, offset, nbytes, expected xxh3) for every file and every tensor."""
+        jobs: list[tuple[str, str, int, int, str]] = []
+        for rel, f in self.manifest.files.items():
+            jobs.append((f"file {rel}", rel, 0, f.nbytes, f.xxh3))
+        for name, t in self.manifest.dense.items():
+            jobs.append((f"dense tensor {name}", t.file, t.offset, t.nbytes, t.xxh3))
+        for e in self.manifest.experts:
+            where = f"expert (layer {e.layer}, expert {e.expert})"
+            jobs.append((f"{where} file", e.file, 0, e.nbytes, e.xxh3))
+            for role, t in e.tensors.items():
+                jobs.append((f"{where} {role}", e.file, t.offset, t.nbytes, t.xxh3))
+        return jobs
+
+    def verify_checksums(self) -> list[ChecksumProblem]:
+        problems = []
+        for what, rel, offset, nbytes, expected in self.checksum_jobs():
+            fd = os.open(self.root / rel, os.O_RDONLY)
+            try:
+                actual = range_xxh3(fd, offset, nbytes)
+            except EOFError as e:
+                actual = f"unreadable ({e})"
+            finally:
+                os.close(fd)
+            if actual != expected:
+                problems.append(ChecksumProblem(what, rel, expected, actual))
+        return problems
