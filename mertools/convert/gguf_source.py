@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import SourceError
 from ..layout.constants import GGML_TYPE_TO_DTYPE
 from .arch import arch_for_gguf
@@ -61,6 +63,10 @@ class GGUFSource(Source):
     def _lookup(self, key: ConfigKey) -> Any:
         for k in key.gguf:
             value = self._field(k.replace("{arch}", self.gguf_arch))
+            if isinstance(value, float):
+                # GGUF stores f32: 1e-5 reads back as 9.99999974e-06. The shortest decimal that
+                # round-trips through f32 is what the writer meant, and what an HF config says.
+                value = float(str(np.float32(value)))
             if value is not None:
                 return value
         if key.field == "vocab_size" and "token_embd.weight" in self.tensors:
