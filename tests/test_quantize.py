@@ -1,0 +1,289 @@
+"""Quantizers: numba kernels == numpy transcriptions == gguf-py == ggml's C reference, byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from numba import njit
+
+from mertools.errors import QuantizationError
+from mertools.kernels import q4k_reference, quantize, reference
+from mertools.kernels.quantize_kernels import f32_to_f16_bits, nearest_int, quantize_q4_k
+
+GGUF_TYPE = {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "q4_k": T.Q4_K}
+REF = {"q4_0": reference.quantize_q4_0, "q8_0": reference.quantize_q8_0, "q4_k": q4k_reference.quantize_q4_k}
+BLOCK = {"q4_0": 32, "q8_0": 32, "q4_k": 256}
+F32 = np.float32
+
+
+def gguf_quantize(x: np.ndarray, dtype: str) -> np.ndarray:
+    with warnings.catch_warnings():  # gguf casts NaN/Inf (from an infinite 1/d) to ints
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return quants.quantize(x, GGUF_TYPE[dtype])
+
+
+def random_weights(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Several distributions, float32 (n,) each."""
+    rng = np.random.default_rng(seed)
+    span = np.exp(rng.uniform(np.log(1e-30), np.log(1e30), n)) * rng.choice([-1.0, 1.0], n)
+    return {
+        "normal": rng.standard_normal(n).astype(F32),
+        "uniform": rng.uniform(-1, 1, n).astype(F32),
+        "cauchy": rng.standard_cauchy(n).astype(F32),
+        "span": span.astype(F32),
+        # whole 32-blocks scaled over 1e-38..1e38: subnormal 1/d, overflowing x*x in Q4_K, ...
+        "blockscale": (rng.standard_normal(n) * np.repeat(np.exp(rng.uniform(-87.5, 87.5, n // 32)), 32)).astype(F32),
+    }
+
+
+def edge_blocks(bs: int) -> np.ndarray:
+    """Edge cases, float32 (n_cases, bs): each row is one block (Q4_0/Q8_0) or super-block (Q4_K)."""
+    rng = np.random.default_rng(5)
+    z = np.zeros(bs, F32)
+    rows = [z, -z]
+    neg_first = z.copy()
+    neg_first[0] = -0.0  # gguf and C disagree on d's sign here (see reference.quantize_q4_0)
+    rows.append(neg_first)
+    for c in (1.0, -1.0, 3.5, -1e-3, 7e30, -7e30, 1e-40, -1e-40, 2.5e-38, -5e-38, 1e-45, 65504, 65520, 1e5):
+        rows.append(np.full(bs, c, F32))  # constant blocks
+    for pos in (0, 5, bs - 1):
+        for c in (1.0, -2.0, 1e-38, 3e38, -3e38, 1e-45):
+            r = z.copy()
+            r[pos] = c  # a single non-zero
+            rows.append(r)
+    for m in (1.0, 8.0, 1e-20, 3e38, 1e-38, 6e-39):  # ties in max magnitude, +m first then -m first
+        r = rng.uniform(-m, m, bs).astype(F32)
+        r[3], r[bs - 3] = m, -m
+        rows.append(r.copy())
+        r[3], r[bs - 3] = -m, m
+        rows.append(r.copy())
+    for m in (1e-39, 1e-42, 1e-44, 2e-38, 3e-37, 1e-36, 1.5e-36, 1e30, 3.4e38, 1e19, 2e19):
+        rows.append(np.clip(rng.standard_normal(bs) * m, -3.4e38, 3.4e38).astype(F32))  # tiny and huge
+        rows.append((rng.uniform(0, 1, bs) * m).astype(F32))
+    for s in (1.0, 0.25, 3.0):  # values landing exactly on .5 rounding points
+        r = (rng.integers(-254, 255, bs) / 2 * s).astype(F32)
+        r[0] = 127 * s
+        rows.append(r)
+        for top in (-8 * s, 8 * s):
+            r = (rng.integers(-16, 17, bs) / 2 * s).astype(F32)
+            r[0] = top
+            rows.append(r)
+    rows.append(np.linspace(-1, 1, bs).astype(F32))
+    rows.append(np.where(np.arange(bs) % 2 == 0, F32(-1), F32(1)).astype(F32))
+    rows.append(rng.integers(0, 16, bs).astype(F32))
+    rows.append((rng.integers(0, 16, bs) * F32(0.1) - F32(0.7)).astype(F32))
+    return np.stack(rows)
+
+
+def det_data(n: int, kind: str) -> np.ndarray:
+    """Platform-independent data from an integer hash (exact float32 ops only): float32 (n,)."""
+    i = np.arange(n, dtype=np.uint64)
+    h = i * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(29)
+    v = (h >> np.uint64(40)).astype(F32) / F32(2**23) - F32(1.0)
+    if kind == "uniform":
+        return v
+    if kind == "heavy":
+        return v * v * v * F32(50.0)
+    e = ((h[::32] >> np.uint64(8)) % np.uint64(241)).astype(np.int32) - 120
+    return np.ldexp(v, np.repeat(e, 32)).astype(F32)
+
+
+# SHA-256 of ggml's quantize_row_*_ref output (ggml-quants.c from llama-cpp-python 0.3.36, gcc -O2
+# -ffp-contract=off, x86-64) on det_data(65536, kind).
+C_REFERENCE_SHA256 = {
+    ("uniform", "q4_0"): "1e26ff509d29a186ddeb7f2c6663334f6935f2b67af9ef8cde835751aa2d50a4",
+    ("uniform", "q8_0"): "31605c352f9ec013c664e7f6e8a93c5818b4baba88ef5a826eca6b76019dbbe8",
+    ("uniform", "q4_k"): "a1a7241e9878f347dbe130be2f93960b6de2083b740e3c62140713d1b2ed5b52",
+    ("heavy", "q4_0"): "ea96f6f94aedc2a7535b1a57586ae6287663dec2c2d047a9a1d1ecaa39f2d165",
+    ("heavy", "q8_0"): "62677f84a323332ad3ce030a6a3a212aac3425f705b0b6c6667638abaa708183",
+    ("heavy", "q4_k"): "f07794e52f136efd41e3319523f9bd73971e4bb88aaf56927cafad8a8e418b55",
+    ("blockscale", "q4_0"): "74e3135570515f2d800ceb3a5d20c72986b03f611d7585adfc455e77f09e9742",
+    ("blockscale", "q8_0"): "e14b329e6d2db008b3fac2e5ce6d9c8fd7449e74d464e763df48a18a26b78487",
+    ("blockscale", "q4_k"): "6c94010daf9cf6b0fa2aaeb823efb4b4181401444d8d86fbeded06a1cacf6c4f",
+}
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, np.ndarray]:
+    return random_weights(1 << 18, seed=0)  # 5 distributions x 262144 = 1.3M weights
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_q4_0_q8_0_random_match_gguf(weights: dict[str, np.ndarray], dtype: str) -> None:
+    for kind, x in weights.items():
+        m = x.reshape(-1, 1024)
+        ours = quantize(m, dtype, name=kind)
+        assert ours.shape == (256, 1024 // 32 * (18 if dtype == "q4_0" else 34))
+        expected = gguf_quantize(m, dtype)
+        assert np.array_equal(ours, expected), kind
+        assert np.array_equal(REF[dtype](m).reshape(ours.shape), expected), kind
+
+
+def test_q4_k_random_numba_matches_numpy(weights: dict[str, np.ndarray]) -> None:
+    for kind, x in weights.items():
+        m = x.reshape(-1, 4096)
+        ours = quantize(m, "q4_k", name=kind)
+        assert ours.shape == (64, 16 * 144)
+        np.testing.assert_array_equal(ours.reshape(-1, 144), q4k_reference.quantize_q4_k(m), err_msg=kind)
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0", "q4_k"])
+def test_edge_cases(dtype: str) -> None:
+    x = edge_blocks(BLOCK[dtype])
+    ours = quantize(x, dtype)
+    ref = REF[dtype](x).reshape(ours.shape)
+    np.testing.assert_array_equal(ours, ref)
+    if dtype != "q4_k":
+        np.testing.assert_array_equal(ours, gguf_quantize(x, dtype))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "heavy", "blockscale"])
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0", "q4_k"])
+def test_matches_ggml_c_reference(kind: str, dtype: str) -> None:
+    x = det_data(1 << 16, kind).reshape(16, -1)
+    for out in (quantize(x, dtype), REF[dtype](x)):
+        assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest() == C_REFERENCE_SHA256[kind, dtype]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0, 7.5, 100.0])
+def test_q4_k_round_trip_within_ggml_threshold(offset: float) -> None:
+    # tests/test-quantize-fns.cpp: data 0.1 + 2*cos(i + offset), 4096 values, limit 0.002
+    x = (0.1 + 2 * np.cos(np.arange(4096, dtype=np.float64) + offset)).astype(F32)
+    raw = quantize(x, "q4_k")
+    y = quants.dequantize(raw, T.Q4_K).reshape(-1)
+    err = np.sqrt(np.sum((y.astype(np.float64) - x) ** 2)) / x.size
+    assert err <= 0.002
+    np.testing.assert_array_equal(raw.reshape(-1, 144), q4k_reference.quantize_q4_k(x))
+    # and the numba dequantizer reproduces gguf's
+    from mertools.kernels import dequantize
+
+    assert np.array_equal(dequantize(raw, "q4_k", (4096,)).view(np.uint32), y.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_4bit_8bit_round_trip_threshold(dtype: str) -> None:
+    x = (0.1 + 2 * np.cos(np.arange(4096, dtype=np.float64) + 0.5)).astype(F32)
+    y = quants.dequantize(quantize(x, dtype), GGUF_TYPE[dtype]).reshape(-1)
+    assert np.sqrt(np.sum((y.astype(np.float64) - x) ** 2)) / x.size <= 0.002
+
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])), elements=finite_f32),
+    st.floats(min_value=1e-38, max_value=1e30),
+)
+def test_property_q4_0_q8_0(x: np.ndarray, scale: float) -> None:
+    for arr in (x, (x / F32(np.abs(x).max() or 1) * F32(scale)).astype(F32)):
+        for dtype in ("q4_0", "q8_0"):
+            ours = quantize(arr, dtype)
+            expected = gguf_quantize(arr, dtype)
+            assert np.array_equal(ours, expected)
+            assert np.array_equal(REF[dtype](arr).reshape(ours.shape), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, (256,), elements=finite_f32), st.sampled_from([1.0, 1e-3, 1e-20, 1e20]))
+def test_property_q4_k(x: np.ndarray, scale: float) -> None:
+    small = (x / F32(np.abs(x).max() or 1) * F32(scale)).astype(F32)
+    for arr in (x, small):
+        np.testing.assert_array_equal(quantize(arr, "q4_k").reshape(-1, 144), q4k_reference.quantize_q4_k(arr))
+
+
+def test_nearest_int_bit_trick_out_of_range() -> None:
+    vals = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 4194303.0, 4194304.0, -4194305.0, 1e9, -1e9, 3e38,
+                     np.inf, -np.inf, np.nan, 1e-45, 7.4999995], dtype=F32)
+    ours = np.array([nearest_int(v) for v in vals])
+    np.testing.assert_array_equal(ours, q4k_reference.nearest_int(vals))
+    np.testing.assert_array_equal(ours[:5], [0, 2, 2, 0, -2])  # round half to even, as 1.5*2^23 does
+
+
+@njit(cache=True)
+def _f16_bits_array(x: np.ndarray) -> np.ndarray:
+    # an array loop: passing NaN scalars from Python would go through a double and get quieted
+    out = np.empty(x.size, dtype=np.uint16)
+    for i in range(x.size):
+        out[i] = f32_to_f16_bits(x[i])
+    return out
+
+
+def test_f32_to_f16_matches_numpy() -> None:
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, 1 << 16, dtype=np.uint64).astype(np.uint32)
+    # every exponent with mantissas at and around the rounding points (halfway = ...1000 in 13 bits)
+    exps = np.arange(256, dtype=np.uint32) << 23
+    mants = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FE000, 0x7FF000, 0x7FFFFF,
+                      0x400000, 0x3FF000, 0x201000], dtype=np.uint32)
+    grid = (exps[:, None] | mants[None, :]).ravel()
+    bits = np.concatenate([bits, grid, grid | np.uint32(0x80000000)])
+    with np.errstate(all="ignore"):
+        expected = bits.view(F32).astype(np.float16).view(np.uint16)
+    ours = _f16_bits_array(bits.view(F32))
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_f16_and_f32_outputs() -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 64)) * 1000).astype(F32)
+    x[0, :4] = [65504, 65519.996, -65504, 1e-8]
+    assert np.array_equal(quantize(x, "f16").view(np.float16), x.astype(np.float16))
+    assert np.array_equal(quantize(x, "f32").view(F32), x)
+    h = x.astype(np.float16)  # float16 input is accepted and quantized from its float32 value
+    assert np.array_equal(quantize(h, "q8_0"), gguf_quantize(h.astype(F32), "q8_0"))
+    assert np.array_equal(quantize(h, "f16"), h.view(np.uint8))
+    assert quantize(x[0], "q4_0").shape == (1, 36)  # 1-D is one row
+
+
+def test_wrong_cols_raises_with_name() -> None:
+    x = np.zeros((2, 48), F32)
+    for dtype, bs in (("q4_0", 32), ("q8_0", 32), ("q4_k", 256)):
+        with pytest.raises(QuantizationError) as e:
+            quantize(x, dtype, name="blk.0.ffn_up.weight")
+        msg = str(e.value)
+        assert "blk.0.ffn_up.weight" in msg and dtype in msg and str(bs) in msg and "48" in msg
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q4_0", "q8_0", "q4_k"])
+def test_non_finite_raises_with_name_and_index(bad: float, dtype: str) -> None:
+    x = np.ones((3, 256), F32)
+    x[2, 17] = bad
+    x[2, 200] = bad
+    with pytest.raises(QuantizationError) as e:
+        quantize(x, dtype, name="blk.3.attn_q.weight")
+    assert "blk.3.attn_q.weight" in str(e.value) and str(2 * 256 + 17) in str(e.value)
+
+
+@pytest.mark.parametrize("big", [65520.0, -65520.0, 1e6, 3e38])
+def test_f16_overflow_raises(big: float) -> None:
+    x = np.ones((2, 32), F32)
+    x[0, 7] = 65519.99  # the largest float32 below 65520 still rounds to 65504
+    x[1, 3] = big  # rounds to inf in half precision
+    with pytest.raises(QuantizationError, match=r"output\.weight.*index 35.*float16"):
+        quantize(x, "f16", name="output.weight")
+    assert quantize(x, "q8_0").shape == (2, 34)  # fine for the other types
+
+
+def test_unknown_dtype_and_bad_input() -> None:
+    with pytest.raises(QuantizationError):
+        quantize(np.zeros((1, 32), F32), "q5_0")
+    with pytest.raises(QuantizationError):
+        quantize(np.zeros((1, 32), np.int32), "q4_0")
+
+
+def test_parallel_kernel_handles_partial_chunks() -> None:
+    x = random_weights(256 * 37, seed=3)["normal"]  # 37 super-blocks: not a multiple of the chunk
+    np.testing.assert_array_equal(quantize_q4_k(x).reshape(-1, 144), q4k_reference.quantize_q4_k(x))
