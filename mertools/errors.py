@@ -23,3 +23,11 @@ class QuantizationError(MertoolsError, ValueError):
 
 class ConversionError(MertoolsError):
     """A conversion cannot proceed (existing output, inconsistent shapes, ...)."""
+
+
+class ExpertReadError(MertoolsError):
+    """An expert file could not be read (I/O error, short read) after the bounded retries."""
+
+
+class ChecksumError(MertoolsError):
+    """An expert's bytes do not match the manifest's xxh3: never compute with them."""

@@ -1,0 +1,247 @@
+"""Byte-budgeted expert cache: a fixed set of slots, each big enough for one expert file.
+
+No I/O and no numba here: the loader is injected (`loader(key, slot)` fills slot `slot` with expert
+`key` and may raise), runs on an executor, and tests drive the cache with a fake one. Slots are
+allocated once by the store, so the budget can never be exceeded and nothing is allocated per token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+
+Key = tuple[int, int]  # (layer, expert)
+Loader = Callable[[Key, int], None]
+POLICIES = ("lfd", "lru")
+
+
+@dataclass
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # a prefetched expert that was then looked up
+    prefetch_wasted: int = 0  # evicted (or never used) without a lookup
+    wait_seconds: float = 0.0  # time lookups spent blocked on loads
+    load_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+@dataclass
+class _Entry:
+    key: Key
+    slot: int
+    future: Future | None = None  # set while loading
+    pins: int = 0
+    prefetched: bool = False  # loaded by a prefetch and not yet looked up
+    last_use: int = 0
+
+
+class ExpertCache:
+    """`n_slots` resident experts at most. Policy "lfd" (default) approximates Belady for the cyclic
+    layer-by-layer access of MoE decoding: keep the expert with the highest estimated chance of use
+    per layer of distance until its layer comes round again; "lru" is the plain baseline."""
+
+    def __init__(self, n_slots: int, n_layers: int, n_experts: int, loader: Loader, executor: Executor,
+                 policy: str = "lfd") -> None:
+        if n_slots < 1:
+            raise ValueError(f"cache needs at least one slot, got {n_slots}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.n_slots, self.n_layers, self.n_experts = n_slots, n_layers, n_experts
+        self.loader, self.executor, self.policy = loader, executor, policy
+        self.entries: dict[Key, _Entry] = {}
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.lock = threading.Condition()
+        self.stats = CacheStats()
+        self.failed: dict[Key, BaseException] = {}
+        self.clock = 0
+        self.current_layer = 0
+        # decayed per-(layer, expert) usage frequency, for the "lfd" policy
+        self.freq = [[0.0] * n_experts for _ in range(n_layers)]
+
+    # ------------------------------------------------------------------ policy
+    def _score(self, e: _Entry) -> float:
+        """Higher = more worth keeping."""
+        if self.policy == "lru":
+            return float(e.last_use)
+        layer, expert = e.key
+        distance = (layer - self.current_layer) % self.n_layers or self.n_layers
+        p = (self.freq[layer][expert] + 0.5) / (sum(self.freq[layer]) + 0.5 * self.n_experts)
+        return p / distance
+
+    def _victim(self, protect: set[Key]) -> _Entry | None:
+        candidates = [e for e in self.entries.values() if e.pins == 0 and e.future is None and e.key not in protect]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda e: (self._score(e), e.last_use))
+
+    def _take_slot(self, protect: set[Key]) -> int | None:
+        if self.free:
+            return self.free.pop()
+        victim = self._victim(protect)
+        if victim is None:
+            return None
+        del self.entries[victim.key]
+        self.stats.evictions += 1
+        if victim.prefetched:
+            self.stats.prefetch_wasted += 1
+        return victim.slot
+
+    # ------------------------------------------------------------------ loading
+    def _start_load(self, key: Key, slot: int, prefetched: bool) -> _Entry:
+        entry = _Entry(key, slot, prefetched=prefetched, last_use=self.clock)
+        entry.future = self.executor.submit(self._run_loader, key, slot)
+        self.entries[key] = entry
+        self.stats.loads += 1
+        return entry
+
+    def _run_loader(self, key: Key, slot: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.loader(key, slot)
+        except BaseException as exc:  # the store already retried; a lookup waiting on it must see the error
+            with self.lock:
+                entry = self.entries.get(key)
+                if entry is not None and entry.slot == slot:
+                    del self.entries[key]
+                    self.free.append(slot)
+                self.failed[key] = exc
+                self.lock.notify_all()
+            return
+        with self.lock:
+            self.stats.load_seconds.append(time.perf_counter() - t0)
+            entry = self.entries.get(key)
+            if entry is not None:
+                entry.future = None
+            self.lock.notify_all()
+
+    def note_layer(self, layer: int) -> None:
+        """The forward pass has reached `layer`: distances in the policy are measured from here."""
+        with self.lock:
+            self.current_layer = layer
+
+    def record_routing(self, layer: int, experts: Iterable[int], decay: float = 0.995) -> None:
+        with self.lock:
+            row = self.freq[layer]
+            for i in range(self.n_experts):
+                row[i] *= decay
+            for e in experts:
+                row[e] += 1.0
+
+    def prefetch(self, keys: Iterable[Key], protect: Iterable[Key] = ()) -> int:
+        """Start loading the keys not resident, never evicting pinned, loading or protected entries.
+        Returns how many loads were started."""
+        started = 0
+        with self.lock:
+            keep = set(protect) | set(keys)
+            for key in keys:
+                if key in self.entries:
+                    continue
+                slot = self._take_slot(keep)
+                if slot is None:
+                    break
+                self._start_load(key, slot, prefetched=True)
+                self.stats.prefetch_issued += 1
+                started += 1
+        return started
+
+    def acquire(self, keys: list[Key]) -> Iterator[tuple[Key, int]]:
+        """Look the keys up now (counting hits and misses, starting loads for misses as free slots
+        allow) and return an iterator of (key, slot), pinned, in the order they become resident; the
+        caller calls `release(key)` when done with each. With fewer slots than keys, later keys are
+        loaded as earlier ones are released. A failed load raises from the iterator (the loader has
+        already retried)."""
+        pending = list(dict.fromkeys(keys))
+        pinned: set[Key] = set()
+        with self.lock:
+            self.clock += 1
+            for key in pending:
+                self.stats.lookups += 1
+                e = self.entries.get(key)
+                if e is None:
+                    self.stats.misses += 1
+                    self.failed.pop(key, None)  # a stale failed prefetch: try again
+                    continue
+                # resident, or a prefetch still in flight: either way the read was issued early
+                self.stats.hits += 1
+                if e.prefetched:
+                    self.stats.prefetch_used += 1
+                    e.prefetched = False
+                e.pins += 1  # pinned so it cannot be evicted under us
+                pinned.add(key)
+            for key in pending:  # start the misses' loads now, before any speculative prefetch
+                if key not in self.entries:
+                    slot = self._take_slot(set(pending))
+                    if slot is None:
+                        break
+                    self._start_load(key, slot, prefetched=False).pins += 1
+                    pinned.add(key)
+        return self._iterate(pending, pinned)
+
+    def _iterate(self, pending: list[Key], pinned: set[Key]) -> Iterator[tuple[Key, int]]:
+        try:
+            while pending:
+                with self.lock:
+                    ready = self._next_ready(pending, pinned)
+                    if ready is None:
+                        t0 = time.perf_counter()
+                        self.lock.wait(timeout=0.5)
+                        self.stats.wait_seconds += time.perf_counter() - t0
+                        continue
+                    pending.remove(ready)
+                    e = self.entries[ready]
+                    e.last_use = self.clock
+                    slot = e.slot
+                pinned.discard(ready)  # the caller owns this pin now
+                yield ready, slot
+        finally:
+            with self.lock:  # unpin what the caller never received (an error or an early exit)
+                for key in pinned:
+                    e = self.entries.get(key)
+                    if e is not None and e.pins > 0:
+                        e.pins -= 1
+                self.lock.notify_all()
+
+    def _next_ready(self, pending: list[Key], pinned: set[Key]) -> Key | None:
+        """Under the lock: start what can be started, raise a failed load, return a resident key."""
+        for key in pending:
+            if key in self.failed:
+                pinned.discard(key)
+                raise self.failed.pop(key)
+            e = self.entries.get(key)
+            if e is None:
+                slot = self._take_slot(set(pending))
+                if slot is None:
+                    continue
+                e = self._start_load(key, slot, prefetched=False)
+                e.pins += 1
+                pinned.add(key)
+            elif key not in pinned:  # appeared through a prefetch after our first pass
+                e.pins += 1
+                pinned.add(key)
+            if e.future is None:
+                return key
+        if not any(key in self.entries for key in pending) and not self.free:
+            raise RuntimeError(f"expert cache of {self.n_slots} slots is full of pinned experts")
+        return None
+
+    def release(self, key: Key) -> None:
+        with self.lock:
+            e = self.entries.get(key)
+            if e is not None and e.pins > 0:
+                e.pins -= 1
+            self.lock.notify_all()
+
+    def resident(self) -> set[Key]:
+        with self.lock:
+            return {k for k, e in self.entries.items() if e.future is None}

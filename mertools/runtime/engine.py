@@ -1,0 +1,188 @@
+"""Engine: the public runtime API used by the CLI, the server and the tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MertoolsError
+from ..layout.reader import Layout
+from .cache import ExpertCache
+from .memory import available_bytes, peak_rss_bytes
+from .model import MoEModel
+from .prefetch import PREFETCH_MODES, Prefetcher, make_prefetcher
+from .sampling import Sampler, SamplingParams
+from .store import ExpertStore
+
+MARGIN = 1 << 30  # left for the KV cache, activations, Python and numba when cache_mb is not given
+
+
+class RuntimeConfigError(MertoolsError):
+    """A runtime option does not fit the layout or the machine (cache too small, prompt too long...)."""
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    id: int
+    text: str  # text that became complete with this token (may be empty mid-character)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last token
+
+
+class Engine:
+    def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
+                 prefetch: str, threads: int | None) -> None:
+        self.layout, self.store, self.cache, self.model = layout, store, cache, model
+        self.config = layout.manifest.config
+        self.prefetch_mode = prefetch
+        self.threads = threads
+        self._tokenizer = None
+        self._times = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0, "ttft_s": None}
+
+    @classmethod
+    def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str = "lookahead",
+             threads: int | None = None, *, policy: str = "lfd", direct: bool = True, verify: bool = True,
+             io_depth: int = 8) -> Engine:
+        layout = Layout.open(layout_dir)
+        m = layout.manifest
+        cfg = m.config
+        if prefetch not in PREFETCH_MODES:
+            raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+        if threads is not None:
+            import numba
+
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        slot_bytes = max(e.nbytes for e in m.experts)
+        need = cfg.n_experts_used
+        if cache_mb is None:
+            dense = sum(t.nbytes for t in m.dense.values())
+            budget = available_bytes() - dense - MARGIN
+            slots = max(need, min(len(m.experts), budget // slot_bytes))
+        else:
+            slots = min(len(m.experts), int(cache_mb * 2**20) // slot_bytes)
+            if slots < need:
+                raise RuntimeConfigError(
+                    f"--cache-mb {cache_mb:g} is smaller than one layer's active experts: {need} x "
+                    f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
+                )
+        store = ExpertStore(layout, slots, direct=direct, verify=verify, io_depth=io_depth)
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
+        cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
+        model = MoEModel(layout, cache, store, Prefetcher())
+        model.prefetcher = make_prefetcher(prefetch, model.lookahead_router, cfg.n_layers, cfg.n_experts)
+        return cls(layout, store, cache, model, prefetch, threads)
+
+    # ------------------------------------------------------------------ API
+    @property
+    def tokenizer(self):  # noqa: ANN201 - mertools.runtime.tokenizer.Tokenizer
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.layout.root, self.layout.manifest.tokenizer)
+        return self._tokenizer
+
+    @property
+    def position(self) -> int:
+        return self.model.kv.length
+
+    def forward(self, token_ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        """Logits (len(token_ids), vocab) float32, appending the tokens to the KV cache."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise RuntimeConfigError("forward needs a non-empty list of token ids")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise RuntimeConfigError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        if self.position + len(ids) > self.config.context_length:
+            raise RuntimeConfigError(
+                f"{self.position + len(ids)} tokens exceed the model's context of {self.config.context_length}"
+            )
+        return self.model.forward(ids, all_logits=all_logits)
+
+    def reset(self) -> None:
+        self.model.reset()
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                 add_bos: bool | None = None) -> Iterator[GeneratedToken]:
+        """Reset, prefill the prompt, then yield tokens as they are sampled."""
+        tok = self.tokenizer
+        ids = tok.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RuntimeConfigError("empty prompt")
+        if len(ids) + 1 > self.config.context_length:
+            raise RuntimeConfigError(f"prompt of {len(ids)} tokens exceeds the context of {self.config.context_length}")
+        max_tokens = min(max_tokens, self.config.context_length - len(ids))
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.forward(ids, all_logits=False)[-1]
+        t1 = time.perf_counter()
+        self._times["prefill_s"] += t1 - t0
+        self._times["prompt_tokens"] += len(ids)
+        decoder = tok.stream()
+        text, emitted, next_id = "", 0, -1
+        stops = [s for s in stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be completing
+        for i in range(max_tokens):
+            if i:
+                t = time.perf_counter()
+                logits = self.forward([next_id], all_logits=False)[-1]
+                self._times["decode_s"] += time.perf_counter() - t
+            next_id = sampler(logits)
+            self._times["generated_tokens"] += 1
+            if self._times["ttft_s"] is None:
+                self._times["ttft_s"] = time.perf_counter() - t0
+            if next_id in tok.eos_ids:
+                yield GeneratedToken(next_id, text[emitted:] + decoder.flush(), "stop")
+                return
+            text += decoder.feed(next_id)
+            # text before `emitted` was checked already: an occurrence must start at or after it
+            hits = [j for j in (text.find(s, emitted) for s in stops) if j >= 0]
+            if hits:
+                yield GeneratedToken(next_id, text[emitted:min(hits)], "stop")
+                return
+            if i == max_tokens - 1:
+                text += decoder.flush()
+                yield GeneratedToken(next_id, text[emitted:], "length")
+                return
+            safe = max(emitted, len(text) - hold)
+            yield GeneratedToken(next_id, text[emitted:safe])
+            emitted = safe
+
+    def stats(self) -> dict[str, Any]:
+        c, s, t = self.cache.stats, self.store, self._times
+        lat = np.array(s.read_seconds) if s.read_seconds else np.zeros(1)
+        busy = t["prefill_s"] + t["decode_s"]
+        gen = t["generated_tokens"]
+        return {
+            "prompt_tokens": t["prompt_tokens"],
+            "prefill_tok_s": t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] else 0.0,
+            "generated_tokens": gen,
+            "decode_tok_s": (gen - 1) / t["decode_s"] if t["decode_s"] and gen > 1 else 0.0,
+            "ttft_s": t["ttft_s"],
+            "expert_lookups": c.lookups, "expert_hits": c.hits, "expert_misses": c.misses, "hit_rate": c.hit_rate,
+            "bytes_read": s.bytes_read,
+            "read_mb_s": s.bytes_read / 1e6 / sum(s.read_seconds) if s.read_seconds else 0.0,
+            "read_latency_ms": {p: float(np.percentile(lat, p)) * 1e3 for p in (50, 95, 99)},
+            "read_wait_share": c.wait_seconds / busy if busy else 0.0,
+            "prefetch_issued": c.prefetch_issued, "prefetch_used": c.prefetch_used, "prefetch_wasted": c.prefetch_wasted,
+            "read_retries": s.retried,
+            "cache_slots": self.cache.n_slots, "cache_mb": self.cache.n_slots * s.slot_bytes / 2**20,
+            "prefetch": self.prefetch_mode, "o_direct": s.o_direct,
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
+        }
+
+    def close(self) -> None:
+        self.cache.executor.shutdown(wait=True)
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""The MoE forward pass (HF MixtralForCausalLM semantics) over a layout: dense weights resident,
+experts through the cache. Prefill groups tokens by expert so each expert is read once per step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels.matmul import get_rows, matmul, swiglu_expert
+from ..layout.config import ModelConfig
+from ..layout.reader import Layout
+from .cache import ExpertCache
+from .prefetch import Prefetcher
+from .store import ExpertStore
+
+# (positions (n,), layer, chosen experts (n, k), their weights (n, k))
+TraceFn = Callable[[np.ndarray, int, np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Linear:
+    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight
+    dtype: str
+    rows: int
+    cols: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
+        return matmul(x, self.raw, self.dtype, self.rows, self.cols)
+
+
+def _f32(layout: Layout, name: str) -> np.ndarray:
+    t = layout.manifest.dense[name]
+    raw = layout.read_dense(name)
+    if t.dtype == "f32":
+        return raw.view(np.float32).reshape(t.shape)
+    from ..kernels import dequantize
+
+    return dequantize(raw, t.dtype, tuple(t.shape))
+
+
+def _linear(layout: Layout, name: str) -> Linear:
+    t = layout.manifest.dense[name]
+    return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1])
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+class KVCache:
+    """Per layer (capacity, n_kv, head_dim) float32 keys and values, grown by doubling."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int = 256) -> None:
+        self.cfg = cfg
+        self.length = 0
+        shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+
+    def ensure(self, total: int) -> None:
+        cap = self.k.shape[1]
+        if total <= cap:
+            return
+        new = max(total, 2 * cap)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = np.zeros((old.shape[0], new, *old.shape[2:]), np.float32)
+            grown[:, :cap] = old
+            setattr(self, name, grown)
+
+
+class MoEModel:
+    def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, prefetcher: Prefetcher) -> None:
+        cfg = self.cfg = layout.manifest.config
+        self.cache, self.store, self.prefetcher = cache, store, prefetcher
+        dense = layout.manifest.dense
+        self.embd = _linear(layout, "token_embd.weight")
+        self.output = _linear(layout, "output.weight") if "output.weight" in dense else self.embd
+        self.output_norm = _f32(layout, "output_norm.weight")
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            self.layers.append({
+                "attn_norm": _f32(layout, p + "attn_norm.weight"), "ffn_norm": _f32(layout, p + "ffn_norm.weight"),
+                "q": _linear(layout, p + "attn_q.weight"), "k": _linear(layout, p + "attn_k.weight"),
+                "v": _linear(layout, p + "attn_v.weight"), "o": _linear(layout, p + "attn_output.weight"),
+                "router": _f32(layout, p + "ffn_gate_inp.weight"),  # (n_experts, d_model)
+            })
+        self.dtypes = {r: layout.manifest.experts[0].tensors[r].dtype for r in ("gate", "up", "down")}
+        self.kv = KVCache(cfg)
+        self.trace: TraceFn | None = None
+        half = cfg.head_dim // 2
+        self.inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)  # (hd/2,)
+
+    # ------------------------------------------------------------------ pieces
+    def router_probs(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """Softmax router probabilities (n, n_experts) of `layer` for normalised hidden states h."""
+        logits = h @ self.layers[layer]["router"].T
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def lookahead_router(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self.router_probs(layer, rms_norm(x, self.layers[layer]["ffn_norm"], self.cfg.norm_eps))
+
+    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Rotate-half ("neox") rotary on (n, heads, hd) at positions pos (n,)."""
+        ang = pos[:, None].astype(np.float64) * self.inv_freq[None, :]  # (n, hd/2)
+        cos, sin = np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def _attention(self, layer: int, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        cfg, w = self.cfg, self.layers[layer]
+        n, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        q = self._rope(w["q"](h).reshape(n, nh, hd), pos)
+        k = self._rope(w["k"](h).reshape(n, nkv, hd), pos)
+        v = w["v"](h).reshape(n, nkv, hd)
+        start = int(pos[0])
+        total = start + n
+        self.kv.k[layer, start:total] = k
+        self.kv.v[layer, start:total] = v
+        keys, vals = self.kv.k[layer, :total], self.kv.v[layer, :total]  # (T, nkv, hd)
+        group = nh // nkv
+        qg = q.reshape(n, nkv, group, hd).transpose(1, 2, 0, 3)  # (nkv, group, n, hd)
+        scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd))  # (nkv, group, n, T)
+        j = np.arange(total)[None, :]
+        allowed = j <= pos[:, None]  # causal (n, T)
+        if cfg.sliding_window:
+            allowed &= j > pos[:, None] - cfg.sliding_window
+        scores = np.where(allowed, scores, np.float32(-np.inf))
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, hd)
+        return w["o"](np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(n, nh * hd)))
+
+    def _moe(self, layer: int, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        h = rms_norm(x, self.layers[layer]["ffn_norm"], cfg.norm_eps)
+        probs = self.router_probs(layer, h)  # (n, E)
+        k = cfg.n_experts_used
+        chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k); ties -> lower index, like torch
+        weights = np.take_along_axis(probs, chosen, axis=1)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(axis=1, keepdims=True)
+        weights = weights.astype(np.float32)
+        if self.trace is not None:
+            self.trace(pos, layer, chosen, weights)
+        self.cache.record_routing(layer, chosen.ravel())
+        self.prefetcher.observe(layer, chosen)
+        experts = sorted({int(e) for e in chosen.ravel()})
+        keys = [(layer, e) for e in experts]
+        pending = self.cache.acquire(keys)  # demand reads start now, before the speculative ones
+        guess = self.prefetcher.guess(layer, chosen, x, k)
+        if guess:
+            self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
+        # per (token, choice) outputs summed in a fixed order afterwards, so the order in which
+        # experts arrive from disk can never change the result
+        contrib = np.zeros((x.shape[0], k, cfg.d_model), np.float32)
+        for key, slot in pending:
+            try:
+                tok, which = np.nonzero(chosen == key[1])
+                g, u, d = (self.store.tensor(slot, key, r) for r in ("gate", "up", "down"))
+                y = swiglu_expert(np.ascontiguousarray(h[tok]), g, u, d, self.dtypes["gate"], self.dtypes["up"],
+                                  self.dtypes["down"], cfg.d_ff, cfg.d_model)
+                contrib[tok, which] = y * weights[tok, which][:, None]
+            finally:
+                self.cache.release(key)
+        return contrib.sum(axis=1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+        """Append `ids` to the sequence; logits (n, vocab) for every new position (or only the last)."""
+        cfg = self.cfg
+        n = len(ids)
+        start = self.kv.length
+        pos = np.arange(start, start + n)
+        self.kv.ensure(start + n)
+        x = get_rows(self.embd.raw, self.embd.dtype, np.asarray(ids, np.int64), cfg.d_model)  # (n, d)
+        for layer in range(cfg.n_layers):
+            self.cache.note_layer(layer)
+            x = x + self._attention(layer, rms_norm(x, self.layers[layer]["attn_norm"], cfg.norm_eps), pos)
+            x = x + self._moe(layer, x, pos)
+        self.kv.length = start + n
+        x = x if all_logits else x[-1:]
+        return self.output(np.ascontiguousarray(rms_norm(x, self.output_norm, cfg.norm_eps)))
+
+    def reset(self) -> None:
+        self.kv.length = 0

@@ -1,0 +1,86 @@
+"""Guessing the next layer's experts while this layer computes. No I/O, no numba.
+
+- lookahead: apply layer L+1's router to layer L's hidden state (the residual stream changes
+  little between adjacent layers, so the next router's choice on it is a good guess);
+- markov: a transition model learned online, experts chosen at L -> experts chosen at L+1;
+- none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+PREFETCH_MODES = ("lookahead", "markov", "none")
+# (layer, hidden (n, d_model)) -> router probabilities (n, n_experts) of that layer
+RouterFn = Callable[[int, np.ndarray], np.ndarray]
+
+
+class Prefetcher:
+    """Base: guesses nothing."""
+
+    mode = "none"
+
+    def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+        """Experts of layer `layer + 1` to read now; `chosen` (n, top_k) are layer `layer`'s choices."""
+        return []
+
+    def observe(self, layer: int, chosen: np.ndarray) -> None:
+        """Layer `layer` chose `chosen` (n, top_k)."""
+
+
+class LookaheadPrefetcher(Prefetcher):
+    mode = "lookahead"
+
+    def __init__(self, router: RouterFn, n_layers: int, extra: int = 0) -> None:
+        self.router, self.n_layers, self.extra = router, n_layers, extra
+
+    def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+        if layer + 1 >= self.n_layers:
+            return []
+        probs = self.router(layer + 1, hidden)  # (n, n_experts)
+        want = k + self.extra
+        # for a batch (prefill), the union of each token's top choices, most-wanted first
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :want]  # (n, want)
+        score = np.zeros(probs.shape[1])
+        np.add.at(score, order.ravel(), np.take_along_axis(probs, order, axis=1).ravel())
+        return [int(e) for e in np.argsort(-score, kind="stable") if score[e] > 0]
+
+
+class MarkovPrefetcher(Prefetcher):
+    mode = "markov"
+
+    def __init__(self, n_layers: int, n_experts: int, decay: float = 0.999) -> None:
+        # counts[l, i, j]: how often expert i at layer l was followed by expert j at layer l + 1
+        self.counts = np.zeros((n_layers, n_experts, n_experts))
+        self.prev: dict[int, np.ndarray] = {}
+        self.decay = decay
+
+    def observe(self, layer: int, chosen: np.ndarray) -> None:
+        if layer > 0 and layer - 1 in self.prev:
+            c = self.counts[layer - 1]
+            c *= self.decay
+            for prev_row, row in zip(self.prev[layer - 1], chosen, strict=False):
+                for i in prev_row:
+                    c[i, row] += 1.0
+        self.prev[layer] = np.asarray(chosen)
+
+    def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+        if layer + 1 >= self.counts.shape[0]:
+            return []
+        score = self.counts[layer][np.asarray(chosen).ravel()].sum(axis=0)  # (n_experts,)
+        if not score.any():
+            return []
+        n_tokens = max(1, len(chosen))
+        return [int(e) for e in np.argsort(-score, kind="stable")[: k * n_tokens] if score[e] > 0]
+
+
+def make_prefetcher(mode: str, router: RouterFn, n_layers: int, n_experts: int) -> Prefetcher:
+    if mode == "lookahead":
+        return LookaheadPrefetcher(router, n_layers)
+    if mode == "markov":
+        return MarkovPrefetcher(n_layers, n_experts)
+    if mode == "none":
+        return Prefetcher()
+    raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {mode!r}")

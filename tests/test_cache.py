@@ -1,0 +1,182 @@
+"""The expert cache and prefetchers, driven by a fake loader: no I/O, no numba."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from mertools.runtime.cache import ExpertCache
+from mertools.runtime.prefetch import LookaheadPrefetcher, MarkovPrefetcher
+
+
+class FakeLoader:
+    """Writes the key into a slot table; can be slowed down or made to fail."""
+
+    def __init__(self, n_slots: int, delay: float = 0.0, fail: set | None = None) -> None:
+        self.slots: list[tuple[int, int] | None] = [None] * n_slots
+        self.delay, self.fail = delay, fail or set()
+        self.calls: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, key: tuple[int, int], slot: int) -> None:
+        with self.lock:
+            self.calls.append(key)
+        time.sleep(self.delay)
+        if key in self.fail:
+            raise OSError(5, f"injected failure for {key}")
+        self.slots[slot] = key
+
+
+def make(n_slots: int, n_layers: int = 4, n_experts: int = 8, policy: str = "lfd", **kw):  # noqa: ANN201
+    loader = FakeLoader(n_slots, **kw)
+    pool = ThreadPoolExecutor(4)
+    return ExpertCache(n_slots, n_layers, n_experts, loader, pool, policy=policy), loader
+
+
+def use(cache: ExpertCache, loader: FakeLoader, keys: list) -> None:
+    cache.note_layer(keys[0][0])
+    for key, slot in cache.acquire(keys):
+        assert loader.slots[slot] == key  # the slot really holds this expert while pinned
+        cache.release(key)
+
+
+def test_hits_misses_and_budget() -> None:
+    cache, loader = make(3)
+    use(cache, loader, [(0, 1), (0, 2)])
+    use(cache, loader, [(0, 1), (0, 2)])
+    assert (cache.stats.lookups, cache.stats.hits, cache.stats.misses) == (4, 2, 2)
+    for layer in range(4):
+        use(cache, loader, [(layer, 0), (layer, 5)])
+    assert len(cache.entries) <= 3 and cache.stats.evictions > 0
+
+
+def test_more_keys_than_slots_are_streamed_through() -> None:
+    cache, loader = make(2)
+    keys = [(1, e) for e in range(8)]
+    got = []
+    cache.note_layer(1)
+    for key, slot in cache.acquire(keys):
+        assert loader.slots[slot] == key
+        got.append(key)
+        cache.release(key)
+    assert sorted(got) == keys and len(cache.entries) <= 2
+
+
+def test_pinned_experts_are_never_evicted() -> None:
+    cache, loader = make(2, delay=0.01)
+    it = cache.acquire([(0, 0)])
+    key, slot = next(it)
+    # another reader churns through many experts while (0, 0) is pinned
+    for e in range(1, 6):
+        use(cache, loader, [(1, e)])
+    assert loader.slots[slot] == (0, 0)
+    cache.release(key)
+    list(it)
+
+
+def test_failed_load_raises_and_frees_the_slot() -> None:
+    cache, loader = make(2, fail={(2, 3)})
+    with pytest.raises(OSError, match="injected"):
+        use(cache, loader, [(2, 1), (2, 3)])
+    assert (2, 3) not in cache.entries
+    loader.fail.clear()
+    use(cache, loader, [(2, 3)])  # a later attempt loads it again
+    assert (2, 3) in cache.resident()
+
+
+def test_concurrent_requests_for_one_expert_load_it_once() -> None:
+    cache, loader = make(4, delay=0.05)
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        barrier.wait()
+        use(cache, loader, [(3, 7)])
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loader.calls.count((3, 7)) == 1
+
+
+def test_prefetch_counts_used_and_wasted_and_respects_protection() -> None:
+    cache, loader = make(3, delay=0.0)
+    use(cache, loader, [(0, 0), (0, 1)])
+    assert cache.prefetch([(1, 4)], protect=[(0, 0), (0, 1)]) == 1
+    time.sleep(0.05)
+    use(cache, loader, [(1, 4)])
+    assert cache.stats.prefetch_used == 1 and cache.stats.hits == 1
+    # a prefetch may not evict protected experts: with all 3 slots protected it starts nothing
+    assert cache.prefetch([(2, 2)], protect=[(0, 0), (0, 1), (1, 4)]) == 0
+    cache.prefetch([(3, 3)])
+    time.sleep(0.05)
+    for layer in range(4):
+        use(cache, loader, [(layer, 6), (layer, 7)])
+    assert cache.stats.prefetch_wasted >= 1
+
+
+def _routing_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, seed: int) -> list[list[list[int]]]:
+    """Skewed, layer-dependent routing (Zipf-like popularity, a different favourite per layer)."""
+    rng = np.random.default_rng(seed)
+    pops = []
+    for layer in range(n_layers):
+        p = 1.0 / np.arange(1, n_experts + 1) ** 1.1
+        pops.append(np.roll(p / p.sum(), layer * 3))
+    return [[list(rng.choice(n_experts, top_k, replace=False, p=pops[la])) for la in range(n_layers)]
+            for _ in range(n_tokens)]
+
+
+def _hit_rate(policy: str, trace: list, n_slots: int, n_layers: int, n_experts: int) -> float:
+    cache, loader = make(n_slots, n_layers, n_experts, policy=policy)
+    for token in trace:
+        for layer, experts in enumerate(token):
+            cache.record_routing(layer, experts)
+            use(cache, loader, [(layer, e) for e in experts])
+    return cache.stats.hit_rate
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_lfd_policy_beats_lru_on_cyclic_layer_access(fraction: float) -> None:
+    n_layers, n_experts = 8, 16
+    trace = _routing_trace(300, n_layers, n_experts, 2, seed=0)
+    slots = int(n_layers * n_experts * fraction)
+    lru = _hit_rate("lru", trace, slots, n_layers, n_experts)
+    lfd = _hit_rate("lfd", trace, slots, n_layers, n_experts)
+    assert lfd > lru, (lfd, lru)
+
+
+def test_everything_fits_means_only_compulsory_misses() -> None:
+    trace = _routing_trace(100, 4, 8, 2, seed=1)
+    cache, loader = make(32, 4, 8)
+    for token in trace:
+        for layer, experts in enumerate(token):
+            use(cache, loader, [(layer, e) for e in experts])
+    assert cache.stats.misses == len({(la, e) for t in trace for la, es in enumerate(t) for e in es})
+
+
+def test_lookahead_prefetcher_uses_the_next_router() -> None:
+    w = np.zeros((3, 4, 2))  # per layer, (n_experts, d)
+    w[1, 2] = [5.0, 0.0]
+    w[1, 3] = [4.0, 0.0]
+
+    def router(layer: int, h: np.ndarray) -> np.ndarray:
+        z = h @ w[layer].T
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    p = LookaheadPrefetcher(router, 3)
+    assert p.guess(0, np.array([[0, 1]]), np.array([[1.0, 0.0]]), 2) == [2, 3]
+    assert p.guess(2, np.array([[0, 1]]), np.array([[1.0, 0.0]]), 2) == []  # no layer after the last
+
+
+def test_markov_prefetcher_learns_transitions() -> None:
+    m = MarkovPrefetcher(3, 4)
+    for _ in range(5):
+        m.observe(0, np.array([[0, 1]]))
+        m.observe(1, np.array([[2, 3]]))
+    assert sorted(m.guess(0, np.array([[0, 1]]), np.zeros((1, 2)), 2)) == [2, 3]
