@@ -1,0 +1,7 @@
+"""Reference implementations for cross-checks: a plain-numpy Mixtral forward pass (no runtime, no numba)."""
+
+from __future__ import annotations
+
+from .forward import ReferenceModel, dequantize
+
+__all__ = ["ReferenceModel", "dequantize"]
