@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (the main job on the bundled fixture) and `make test` (the whole suite).
-# Each creates .venv with the Python it finds and installs what it needs; nothing else is required.
+# Each creates .venv with the Python it finds and installs what it needs (torch from the CPU build, for
+# the HF transformers cross-checks); nothing else is required.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,8 @@ OUT    ?= demo-out
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,reference]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -18,6 +20,7 @@ demo: $(BIN)/.installed
 	$(BIN)/mertools convert $(OUT)/fixture/tiny-mixtral $(OUT)/layout-q4_0 --dtype q4_0 --force
 	$(BIN)/mertools convert $(OUT)/fixture/tiny-mixtral-f16.gguf $(OUT)/layout-from-gguf --dtype q4_0 --force
 	$(BIN)/mertools inspect $(OUT)/layout-q4_0
+	$(BIN)/mertools run $(OUT)/layout-q4_0 -p "The old lighthouse keeper" -n 32 --cache-mb 1
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check mertools tests fixtures benchmarks

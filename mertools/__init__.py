@@ -2,4 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Engine", "__version__"]
+
+if TYPE_CHECKING:
+    from .runtime.engine import Engine
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `import mertools` stays cheap for the CLI's converter paths (no numba compile)
+    if name == "Engine":
+        from .runtime.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'mertools' has no attribute {name!r}")

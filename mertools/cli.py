@@ -81,5 +81,52 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=1) if as_json else format_report(info))
 
 
+@main.command()
+@click.argument("layout", type=click.Path(path_type=str))
+@click.option("-p", "--prompt", default="Once upon a time", show_default=True, help="Prompt text.")
+@click.option("-n", "--max-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate.")
+@click.option("--cache-mb", type=click.FloatRange(min=0, min_open=True), help="Expert cache budget (MiB); default: what fits.")
+@click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, help="Seed for sampling (reproducible).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
+@click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
+def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
+        top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None,
+        json_out: str | None, trace_out: str | None) -> None:
+    """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
+    from .runtime.engine import Engine
+    from .runtime.report import format_stats
+
+    with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads) as engine:
+        tracer = None
+        if trace_out:
+            from .runtime.trace import TraceWriter
+
+            tracer = engine.model.trace = TraceWriter(trace_out)
+        try:
+            click.echo(prompt, nl=False)
+            finish = None
+            for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, stop=stop):
+                click.echo(tok.text, nl=False)
+                sys.stdout.flush()
+                finish = tok.finish_reason
+            click.echo()
+        finally:
+            if tracer is not None:
+                tracer.close()
+        stats = engine.stats()
+        stats["finish_reason"] = finish
+        click.echo(format_stats(stats), err=True)
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(stats, f, indent=1)
+
+
 if __name__ == "__main__":
     main()

@@ -42,7 +42,8 @@ class Engine:
         self.prefetch_mode = prefetch
         self.threads = threads
         self._tokenizer = None
-        self._times = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0, "ttft_s": None}
+        self._times = {"prefill_s": 0.0, "decode_s": 0.0, "forward_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
+                       "ttft_s": None}
 
     @classmethod
     def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str = "lookahead",
@@ -101,7 +102,11 @@ class Engine:
             raise RuntimeConfigError(
                 f"{self.position + len(ids)} tokens exceed the model's context of {self.config.context_length}"
             )
-        return self.model.forward(ids, all_logits=all_logits)
+        t0 = time.perf_counter()
+        try:
+            return self.model.forward(ids, all_logits=all_logits)
+        finally:
+            self._times["forward_s"] += time.perf_counter() - t0
 
     def reset(self) -> None:
         self.model.reset()
@@ -157,7 +162,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         c, s, t = self.cache.stats, self.store, self._times
         lat = np.array(s.read_seconds) if s.read_seconds else np.zeros(1)
-        busy = t["prefill_s"] + t["decode_s"]
+        busy = t["forward_s"]
         gen = t["generated_tokens"]
         return {
             "prompt_tokens": t["prompt_tokens"],

@@ -1,0 +1,149 @@
+"""Matrix products with weights in a GGML block layout: the runtime's matmul, embedding lookup, expert FFN.
+
+    matmul(x, w, dtype, rows, cols, out=None)   float32 (n, rows) = x @ W.T
+    get_rows(w, dtype, ids, cols)               float32 (len(ids), cols), rows `ids` of W
+    swiglu_expert(x, gate_w, up_w, down_w, ...) float32 (n, d_model), one SwiGLU expert
+
+W is `rows x cols` in HF orientation (rows = output features) and arrives as raw bytes: uint8
+(rows, row_bytes), or any contiguous uint8 array of that size. The numba kernels (`matmul_kernels`)
+decode blocks inside the dot product and release the GIL; `matmul_reference` is the numpy definition
+the tests hold them to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mertools.errors import QuantizationError
+from mertools.kernels import dequantize
+from mertools.kernels import matmul_kernels as _k
+from mertools.layout.constants import DTYPES
+
+__all__ = ["MATMUL_DTYPES", "matmul", "get_rows", "swiglu_expert"]
+
+MATMUL_DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
+_KIND = {"f32": _k.F32, "f16": _k.F16, "q4_0": _k.Q4_0, "q8_0": _k.Q8_0, "q4_k": _k.Q4_K}
+# n == 1 (decode) takes a matvec, which reads each weight row front to back; the row bytes are viewed
+# as the type each matvec expects
+_MATVEC = {
+    "f32": (_k.matvec_f32, np.float32),
+    "f16": (_k.matvec_f16, np.uint16),
+    "q4_0": (_k.matvec_q4_0, np.uint8),
+    "q8_0": (_k.matvec_q8_0, np.int8),
+    "q4_k": (_k.matvec_q4_k, np.uint8),
+}
+
+
+def _check_weight(w: np.ndarray, dtype: str, rows: int, cols: int, what: str) -> np.ndarray:
+    """Validate the raw bytes of a (rows, cols) `dtype` weight; return them as uint8 (rows, row_bytes)."""
+    if dtype not in _KIND:
+        raise QuantizationError(f"{what}: unknown dtype {dtype!r}; expected one of {', '.join(MATMUL_DTYPES)}")
+    dt = DTYPES[dtype]
+    if rows < 0 or cols < 0:
+        raise QuantizationError(f"{what}: negative shape ({rows}, {cols})")
+    if cols % dt.block_size != 0:
+        raise QuantizationError(
+            f"{what}: {dtype} weight ({rows}, {cols}) needs cols to be a multiple of {dt.block_size}"
+        )
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8:
+        raise QuantizationError(f"{what}: {dtype} weight must be uint8 bytes, got {getattr(w, 'dtype', type(w))}")
+    row_bytes = dt.row_bytes(cols)
+    if w.size != rows * row_bytes:
+        raise QuantizationError(
+            f"{what}: {dtype} weight ({rows}, {cols}) needs {rows * row_bytes} bytes "
+            f"({rows} x {row_bytes}), got {w.size} (array shape {w.shape})"
+        )
+    return np.ascontiguousarray(w).reshape(rows, row_bytes)
+
+
+def _check_x(x: np.ndarray, dtype: str, rows: int, cols: int, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise QuantizationError(f"{what}: x must be (n, {cols}) to multiply a {dtype} weight ({rows}, {cols}), got {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def matmul(
+    x: np.ndarray, w: np.ndarray, dtype: str, rows: int, cols: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """x: float32 (n, cols); w: uint8 raw bytes of a (rows, cols) weight. Returns float32 (n, rows) = x @ W.T.
+
+    n == 1 is the decode case (matvec), n > 1 prefill (each block decoded once for all n inputs).
+    `out` (n, rows) float32 C-contiguous may be passed to avoid allocation; it must not overlap x.
+    """
+    w2 = _check_weight(w, dtype, rows, cols, "matmul")
+    x2 = _check_x(x, dtype, rows, cols, "matmul")
+    n = x2.shape[0]
+    if out is None:
+        out = np.empty((n, rows), dtype=np.float32)
+    elif out.shape != (n, rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise QuantizationError(
+            f"matmul: out must be float32 C-contiguous ({n}, {rows}), got {out.dtype} {out.shape}"
+        )
+    if n == 0 or rows == 0:
+        return out
+    if cols == 0:
+        out.fill(0.0)
+        return out
+    if n == 1:
+        kernel, view = _MATVEC[dtype]
+        kernel(x2[0], w2.view(view), out[0])
+    else:
+        _k.matmul_tiled(_KIND[dtype], x2, w2, out)
+    return out
+
+
+def get_rows(w: np.ndarray, dtype: str, ids: np.ndarray, cols: int) -> np.ndarray:
+    """Embedding lookup: float32 (len(ids), cols), the dequantized rows `ids` (int64 (k,)) of W.
+
+    Only the selected rows' bytes are decoded (bit-identical to `dequantize`). The number of rows is
+    taken from the byte count.
+    """
+    if dtype not in _KIND:
+        raise QuantizationError(f"get_rows: unknown dtype {dtype!r}; expected one of {', '.join(MATMUL_DTYPES)}")
+    dt = DTYPES[dtype]
+    if cols <= 0 or cols % dt.block_size != 0:
+        raise QuantizationError(f"get_rows: {dtype} needs cols to be a positive multiple of {dt.block_size}, got {cols}")
+    row_bytes = dt.row_bytes(cols)
+    if w.size % row_bytes != 0:
+        raise QuantizationError(f"get_rows: {w.size} bytes are not whole {dtype} rows of {cols} ({row_bytes} bytes each)")
+    rows = w.size // row_bytes
+    w2 = _check_weight(w, dtype, rows, cols, "get_rows")
+    idx = np.asarray(ids).reshape(-1)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise QuantizationError(f"get_rows: ids must be integers, got {idx.dtype}")
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < 0 or idx.max() >= rows):
+        bad = idx[(idx < 0) | (idx >= rows)][0]
+        raise QuantizationError(f"get_rows: id {bad} out of range for a {dtype} weight ({rows}, {cols})")
+    return dequantize(w2[idx], dtype, (idx.size, cols))
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u in place in g (float32 (n, d_ff) both); returns g."""
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g < -88: silu -> -0, the right limit
+        denom = np.exp(-g)
+    denom += np.float32(1.0)
+    np.divide(g, denom, out=g)
+    g *= u
+    return g
+
+
+def swiglu_expert(
+    x: np.ndarray,
+    gate_w: np.ndarray,
+    up_w: np.ndarray,
+    down_w: np.ndarray,
+    dtype_gate: str,
+    dtype_up: str,
+    dtype_down: str,
+    d_ff: int,
+    d_model: int,
+) -> np.ndarray:
+    """float32 (n, d_model) = (silu(x @ G.T) * (x @ U.T)) @ D.T for one expert.
+
+    x: float32 (n, d_model); gate/up: (d_ff, d_model) bytes; down: (d_model, d_ff) bytes.
+    """
+    g = matmul(x, gate_w, dtype_gate, d_ff, d_model)  # (n, d_ff)
+    u = matmul(x, up_w, dtype_up, d_ff, d_model)  # (n, d_ff)
+    return matmul(silu_mul(g, u), down_w, dtype_down, d_model, d_ff)  # (n, d_model)

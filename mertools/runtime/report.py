@@ -1,0 +1,25 @@
+"""Human-readable summary of an engine's figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_stats(s: dict[str, Any]) -> str:
+    lat = s["read_latency_ms"]
+    ttft = f"{s['ttft_s'] * 1e3:.0f} ms" if s["ttft_s"] is not None else "-"
+    return "\n".join([
+        "--",
+        f"prompt      {s['prompt_tokens']} tokens, prefill {s['prefill_tok_s']:.2f} tok/s, time to first token {ttft}",
+        f"generated   {s['generated_tokens']} tokens, decode {s['decode_tok_s']:.2f} tok/s"
+        + (f" (finish: {s['finish_reason']})" if s.get("finish_reason") else ""),
+        f"experts     {s['expert_lookups']} lookups, {s['expert_hits']} hits, {s['expert_misses']} misses, "
+        f"hit rate {s['hit_rate']:.1%}; cache {s['cache_slots']} slots = {s['cache_mb']:.1f} MiB",
+        f"reads       {s['bytes_read'] / 2**20:.1f} MiB at {s['read_mb_s']:.0f} MB/s per read, latency p50/p95/p99 "
+        f"{lat[50]:.2f}/{lat[95]:.2f}/{lat[99]:.2f} ms, O_DIRECT {'yes' if s['o_direct'] else 'no'}, "
+        f"retries {s['read_retries']}",
+        f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads",
+        f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
+        f"{s['prefetch_wasted']} wasted",
+        f"memory      peak RSS {s['peak_rss_mb']:.0f} MiB",
+    ])
