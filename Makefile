@@ -20,6 +20,9 @@ demo: $(BIN)/.installed
 	$(BIN)/mertools convert $(OUT)/fixture/tiny-mixtral $(OUT)/layout-q4_0 --dtype q4_0 --force
 	$(BIN)/mertools convert $(OUT)/fixture/tiny-mixtral-f16.gguf $(OUT)/layout-from-gguf --dtype q4_0 --force
 	$(BIN)/mertools inspect $(OUT)/layout-q4_0
+	# the fixture's random weights give near-flat distributions whose argmax flips easily, so the
+	# 4-bit top-1 limit is relaxed here; KL and perplexity keep their defaults (see README)
+	$(BIN)/mertools verify $(OUT)/layout-q4_0 --reference $(OUT)/fixture/tiny-mixtral --min-top1 0.5 --max-ppl-ratio 1.1
 	$(BIN)/mertools run $(OUT)/layout-q4_0 -p "The old lighthouse keeper" -n 32 --cache-mb 1
 
 test: $(BIN)/.installed

@@ -128,5 +128,54 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
                 json.dump(stats, f, indent=1)
 
 
+@main.command()
+@click.argument("layout", type=click.Path(path_type=str))
+@click.option("--reference", "reference", type=click.Path(path_type=str),
+              help="Source checkpoint (HF dir or GGUF) to compare logits with.")
+@click.option("--prompt", help="Text to score (default: a built-in paragraph).")
+@click.option("--text-file", type=click.Path(exists=True, dir_okay=False), help="Score this file's text instead.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--reference-engine", type=click.Choice(["numpy", "transformers"]), default="numpy", show_default=True)
+@click.option("--max-kl", type=click.FloatRange(0), help="Override the dtype's mean-KL limit.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), help="Override the dtype's top-1 agreement limit.")
+@click.option("--max-ppl-ratio", type=click.FloatRange(1), help="Override the dtype's perplexity-ratio limit.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(layout: str, reference: str | None, prompt: str | None, text_file: str | None, max_tokens: int,
+           reference_engine: str, max_kl: float | None, min_top1: float | None, max_ppl_ratio: float | None,
+           json_out: str | None, quiet: bool) -> None:
+    """Prove LAYOUT intact (exit 0) or not (exit 1); with --reference, compare its logits with the source's."""
+    from dataclasses import replace
+
+    from .verify.integrity import check_integrity
+    from .verify.numerics import DEFAULT_THRESHOLDS, check_numerics
+
+    if prompt and text_file:
+        raise click.UsageError("give --prompt or --text-file, not both")
+    report = check_integrity(layout, progress=not quiet)
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    click.echo(report.verdict())
+    result: dict[str, Any] = {"integrity": report.to_dict()}
+    ok = report.ok
+    if ok and reference:
+        from .layout.reader import Layout
+
+        dtype = Layout.open(layout).manifest.experts[0].tensors["gate"].dtype
+        limits = DEFAULT_THRESHOLDS[dtype]
+        overrides = {k: v for k, v in (("kl_mean", max_kl), ("top1", min_top1), ("ppl_ratio", max_ppl_ratio)) if v is not None}
+        text = open(text_file, encoding="utf-8").read() if text_file else prompt
+        num = check_numerics(layout, reference, text=text, max_tokens=max_tokens, engine=reference_engine,
+                             thresholds=replace(limits, **overrides))
+        click.echo(num.format())
+        result["numerics"] = num.to_dict()
+        ok = num.ok
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    if not ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ _MATVEC = {
     "f32": (_k.matvec_f32, np.float32),
     "f16": (_k.matvec_f16, np.uint16),
     "q4_0": (_k.matvec_q4_0, np.uint8),
-    "q8_0": (_k.matvec_q8_0, np.int8),
+    "q8_0": (_k.matvec_q8_0, np.uint8),
     "q4_k": (_k.matvec_q4_k, np.uint8),
 }
 

@@ -67,6 +67,21 @@ def _f32s(*ts) -> bool:
     return all(t == types.float32 for t in ts)
 
 
+@intrinsic
+def half_at(typingctx, src, so):
+    """The little-endian f16 at byte `so` of the uint8 array src, as float32 (exact: one fpext)."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.layout == "C" and _ints(so)):
+        return None
+    sig = types.float32(src, so)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        h = builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.HalfType().as_pointer()), align=1)
+        return builder.fpext(h, ir.FloatType())
+
+    return sig, codegen
+
+
 def _nibble_decoder(nbytes: int):
     """Intrinsic dst[do:do+n] = lo*dl - ml, dst[do+n:do+2n] = hi*dh - mh for the n bytes at src[so:].
 
@@ -138,12 +153,6 @@ def decode_f16_16(typingctx, src, so, dst, do):
 
 
 # ---------------------------------------------------------------- tile decoders
-
-
-@njit(**_JIT)
-def half_at(wr, o):
-    """The little-endian f16 at byte o of the uint8 row wr, as float32 (exact)."""
-    return f16_bits_to_f32(np.int64(wr[o]) | (np.int64(wr[o + 1]) << 8))
 
 
 @njit(**_JIT)
@@ -267,17 +276,18 @@ def matvec_q4_0(x, w, out):
 
 @njit(parallel=True, **_JIT)
 def matvec_q8_0(x, w, out):
-    """x: float32 (cols,); w: int8 (rows, cols/32*34), the bytes viewed signed; out: float32 (rows,)."""
+    """x: float32 (cols,); w: uint8 (rows, cols/32*34); out: float32 (rows,)."""
     nb = x.size // 32
     for r in prange(w.shape[0]):
         wr = w[r]
+        qs = wr.view(np.int8)
         lanes = np.zeros(32, dtype=np.float32)
         for b in range(nb):
             o = b * 34
             xb = b * 32
-            d = f16_bits_to_f32((np.int64(wr[o]) & 0xFF) | ((np.int64(wr[o + 1]) & 0xFF) << 8))
+            d = half_at(wr, o)
             for j in range(32):
-                lanes[j] += (np.float32(wr[o + 2 + j]) * d) * x[xb + j]
+                lanes[j] += (np.float32(qs[o + 2 + j]) * d) * x[xb + j]
         out[r] = lanes.sum()
 
 

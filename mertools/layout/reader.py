@@ -31,6 +31,31 @@ class ChecksumProblem:
         return f"{self.what} in {self.file}: xxh3 {self.actual}, manifest says {self.expected}"
 
 
+def read_manifest_json(root: Path) -> object:
+    """The manifest's JSON; LayoutError when there is none or it is not JSON (not a layout at all)."""
+    mpath = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise LayoutError(f"{root}: not a directory (a layout is a directory holding {MANIFEST_NAME})")
+    try:
+        size = mpath.stat().st_size
+    except OSError:
+        raise LayoutError(f"{mpath}: missing; {root} is not a mertools layout") from None
+    if size > MAX_MANIFEST_BYTES:
+        raise LayoutError(f"{mpath}: {size} bytes is larger than any real manifest ({MAX_MANIFEST_BYTES})")
+    try:
+        return json.loads(mpath.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise LayoutError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
+
+
+def _load_manifest(root: Path) -> Manifest:
+    data = read_manifest_json(root)
+    try:
+        return Manifest.from_dict(data)
+    except (ManifestError, RecursionError) as e:
+        raise LayoutError(f"{root / MANIFEST_NAME}: {e}") from None
+
+
 class Layout:
     def __init__(self, root: Path, manifest: Manifest) -> None:
         self.root = root
@@ -43,24 +68,7 @@ class Layout:
     @classmethod
     def open(cls, path: str | Path) -> Layout:
         root = Path(path)
-        mpath = root / MANIFEST_NAME
-        if not root.is_dir():
-            raise LayoutError(f"{root}: not a directory (a layout is a directory holding {MANIFEST_NAME})")
-        try:
-            size = mpath.stat().st_size
-        except OSError:
-            raise LayoutError(f"{mpath}: missing; {root} is not a mertools layout") from None
-        if size > MAX_MANIFEST_BYTES:
-            raise LayoutError(f"{mpath}: {size} bytes is larger than any real manifest ({MAX_MANIFEST_BYTES})")
-        try:
-            data = json.loads(mpath.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise LayoutError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
-        try:
-            manifest = Manifest.from_dict(data)
-        except (ManifestError, RecursionError) as e:
-            raise LayoutError(f"{mpath}: {e}") from None
-        layout = cls(root, manifest)
+        layout = cls(root, _load_manifest(root))
         layout._check_files()
         return layout
 
@@ -68,23 +76,41 @@ class Layout:
         return self.root / rel
 
     def _check_files(self) -> None:
-        """Every file the manifest names is a regular file inside the layout with the stated size."""
+        problems = self.file_problems()
+        if problems:
+            raise LayoutError(problems[0])
+
+    def file_problems(self) -> list[str]:
+        """Every file the manifest names must be a regular file inside the layout with the stated
+        size; one message per file that is not (each naming the file)."""
         real_root = os.path.realpath(self.root)
         want = {p: f.nbytes for p, f in self.manifest.files.items()}
         want.update({e.file: e.nbytes for e in self.manifest.experts})
+        problems = []
         for rel, nbytes in want.items():
             full = self.root / rel
             real = os.path.realpath(full)
             if os.path.commonpath([real_root, real]) != real_root:
-                raise LayoutError(f"{full}: resolves to {real}, outside the layout {real_root}")
+                problems.append(f"{full}: resolves to {real}, outside the layout {real_root}")
+                continue
             try:
                 st = os.stat(real)
             except OSError:
-                raise LayoutError(f"{full}: missing (listed in {MANIFEST_NAME})") from None
+                problems.append(f"{full}: missing (listed in {MANIFEST_NAME})")
+                continue
             if not stat.S_ISREG(st.st_mode):
-                raise LayoutError(f"{full}: not a regular file")
-            if st.st_size != nbytes:
-                raise LayoutError(f"{full}: {st.st_size} bytes, {MANIFEST_NAME} says {nbytes} (truncated or replaced?)")
+                problems.append(f"{full}: not a regular file")
+            elif st.st_size != nbytes:
+                problems.append(f"{full}: {st.st_size} bytes, {MANIFEST_NAME} says {nbytes} (truncated or replaced?)")
+        return problems
+
+    @classmethod
+    def open_unchecked(cls, path: str | Path) -> Layout:
+        """Parse and validate the manifest but not the files (for `verify`, which reports them all)."""
+        layout = cls.__new__(cls)
+        layout.root = Path(path)
+        layout.manifest = _load_manifest(layout.root)
+        return layout
 
     # ------------------------------------------------------------ reading tensors
     def read_tensor(self, file: str, entry: TensorEntry) -> np.ndarray:

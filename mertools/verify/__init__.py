@@ -1,0 +1,1 @@
+"""`mertools verify`: integrity (structure, sizes, checksums) and numerics (logits vs a reference)."""

@@ -1,0 +1,232 @@
+"""matmul / get_rows / swiglu_expert (numba) against the numpy reference (dequantize, float64 products)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mertools.errors import QuantizationError
+from mertools.kernels import dequantize, quantize
+from mertools.kernels import matmul_reference as ref
+from mertools.kernels.matmul import get_rows, matmul, swiglu_expert
+
+DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
+BLOCK = {"f32": 1, "f16": 1, "q4_0": 32, "q8_0": 32, "q4_k": 256}
+NS = (1, 2, 7, 64)
+# (rows, cols): the tiny fixture's matrices, then rows that are no multiple of the 4-row blocking or
+# of the 16-row tile, and widths that leave a partial 512-column tile
+SHAPES = [(512, 256), (256, 512), (256, 256), (128, 256), (37, 512), (131, 768), (3, 256), (21, 1280)]
+SHAPES_32 = [(19, 352), (45, 1056)]  # q4_0/q8_0/f16/f32 only (not multiples of 256)
+SHAPES_1 = [(13, 100), (29, 531)]  # f16/f32 only (not multiples of 16 or 32)
+TOL = 1e-4  # |ours - reference| <= TOL * (|x| @ |W|.T), elementwise
+
+
+@lru_cache(maxsize=256)
+def weight(dtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Raw bytes uint8 (rows, row_bytes) of random weights whose rows have different scales."""
+    rng = np.random.default_rng([seed, rows, cols, DTYPES.index(dtype)])
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * np.exp(rng.uniform(-3, 0, (rows, 1))).astype(np.float32)
+    return quantize(w, dtype)
+
+
+def inputs(n: int, cols: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng([seed, n, cols]).standard_normal((n, cols)).astype(np.float32)
+
+
+def check(x: np.ndarray, w: np.ndarray, dtype: str, rows: int, cols: int, y: np.ndarray) -> None:
+    assert y.shape == (x.shape[0], rows) and y.dtype == np.float32
+    expected = ref.matmul(x, w, dtype, rows, cols)
+    bound = TOL * ref.abs_matmul(x, w, dtype, rows, cols)
+    excess = np.abs(y - expected) - bound
+    assert (excess <= 0).all(), f"{dtype} ({rows}, {cols}) n={x.shape[0]}: worst excess {excess.max():.3g}"
+
+
+def cases() -> list[tuple[str, int, int]]:
+    out = [(d, r, c) for d in DTYPES for r, c in SHAPES]
+    out += [(d, r, c) for d in ("f32", "f16", "q4_0", "q8_0") for r, c in SHAPES_32]
+    out += [(d, r, c) for d in ("f32", "f16") for r, c in SHAPES_1]
+    return out
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize(("dtype", "rows", "cols"), cases())
+def test_matmul_matches_reference(dtype: str, rows: int, cols: int, n: int) -> None:
+    w = weight(dtype, rows, cols)
+    x = inputs(n, cols)
+    check(x, w, dtype, rows, cols, matmul(x, w, dtype, rows, cols))
+
+
+@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixtral_widths(dtype: str, n: int) -> None:
+    """Long rows (4096 and 14336 columns) accumulate many blocks."""
+    for rows, cols in ((40, 4096), (9, 14336)):
+        w = weight(dtype, rows, cols)
+        x = inputs(n, cols)
+        check(x, w, dtype, rows, cols, matmul(x, w, dtype, rows, cols))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(DTYPES), st.integers(1, 40), st.integers(1, 5), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_property_random_shapes(dtype: str, rows: int, blocks: int, n: int, seed: int) -> None:
+    cols = blocks * (BLOCK[dtype] if BLOCK[dtype] > 1 else 37)
+    w = weight(dtype, rows, cols, seed)
+    x = inputs(n, cols, seed)
+    check(x, w, dtype, rows, cols, matmul(x, w, dtype, rows, cols))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_inputs_and_zero_blocks(dtype: str) -> None:
+    rows, cols = 24, 768
+    w = weight(dtype, rows, cols)
+    for n in (1, 5):
+        assert not matmul(np.zeros((n, cols), np.float32), w, dtype, rows, cols).any()
+    # zero weights (all-zero blocks, d = 0) give exactly zero; a few zero blocks in real rows are fine
+    w0 = quantize(np.zeros((rows, cols), np.float32), dtype)
+    for n in (1, 5):
+        assert not matmul(inputs(n, cols), w0, dtype, rows, cols).any()
+    dense = dequantize(w, dtype, (rows, cols))
+    dense[::3, :256] = 0.0
+    wz = quantize(dense, dtype)
+    for n in (1, 5):
+        x = inputs(n, cols)
+        check(x, wz, dtype, rows, cols, matmul(x, wz, dtype, rows, cols))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_and_input_forms(dtype: str) -> None:
+    rows, cols = 37, 512
+    w = weight(dtype, rows, cols)
+    x = inputs(7, cols)
+    expected = matmul(x, w, dtype, rows, cols)
+    out = np.full((7, rows), np.nan, np.float32)
+    assert matmul(x, w, dtype, rows, cols, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(matmul(x, w.reshape(-1), dtype, rows, cols), expected)  # flat bytes
+    # float64 and non-contiguous x are converted
+    np.testing.assert_array_equal(matmul(x.astype(np.float64), w, dtype, rows, cols), expected)
+    wide = np.zeros((7, 2 * cols), np.float32)
+    wide[:, ::2] = x
+    np.testing.assert_array_equal(matmul(wide[:, ::2], w, dtype, rows, cols), expected)
+    # every single row of x agrees with the n == 1 path (the matvec) within the tolerance
+    for i in (0, 6):
+        check(x[i : i + 1], w, dtype, rows, cols, matmul(x[i : i + 1], w, dtype, rows, cols))
+    assert matmul(np.zeros((0, cols), np.float32), w, dtype, rows, cols).shape == (0, rows)
+
+
+def test_errors_name_dtype_and_shapes() -> None:
+    w = weight("q4_0", 8, 256)
+    x = inputs(2, 256)
+    with pytest.raises(QuantizationError, match=r"q4_0 weight \(9, 256\) needs 1296 bytes"):
+        matmul(x, w, "q4_0", 9, 256)
+    with pytest.raises(QuantizationError, match=r"q4_k weight \(8, 288\) needs cols to be a multiple of 256"):
+        matmul(inputs(2, 288), np.zeros((8, 162), np.uint8), "q4_k", 8, 288)
+    with pytest.raises(QuantizationError, match=r"x must be \(n, 256\).*q4_0 weight \(8, 256\), got \(2, 255\)"):
+        matmul(inputs(2, 255), w, "q4_0", 8, 256)
+    with pytest.raises(QuantizationError, match=r"x must be"):
+        matmul(x[0], w, "q4_0", 8, 256)  # 1-D x
+    with pytest.raises(QuantizationError, match="unknown dtype 'q5_k'"):
+        matmul(x, w, "q5_k", 8, 256)
+    with pytest.raises(QuantizationError, match="must be uint8"):
+        matmul(x, w.view(np.int8), "q4_0", 8, 256)
+    with pytest.raises(QuantizationError, match=r"out must be float32 C-contiguous \(2, 8\)"):
+        matmul(x, w, "q4_0", 8, 256, out=np.empty((2, 9), np.float32))
+    with pytest.raises(QuantizationError, match="out must be"):
+        matmul(x, w, "q4_0", 8, 256, out=np.empty((2, 8), np.float64))
+
+
+def test_worker_thread_and_concurrent_calls() -> None:
+    rows, cols = 300, 1024
+    cases_ = [(d, weight(d, rows, cols), inputs(n, cols)) for d in DTYPES for n in (1, 9)]
+    expected = [matmul(x, w, d, rows, cols) for d, w, x in cases_]
+    results: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            results[k] = [matmul(x, w, d, rows, cols) for _ in range(3) for d, w, x in cases_]
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(3):
+        for j, y in enumerate(results[k]):
+            np.testing.assert_array_equal(y, expected[j % len(cases_)])
+
+
+def test_kernels_are_nogil_and_parallel() -> None:
+    from mertools.kernels import matmul as api
+
+    kernels = [k for k, _ in api._MATVEC.values()] + [api._k.matmul_tiled]
+    for k in kernels:
+        assert k.targetoptions["nogil"] and k.targetoptions["parallel"], k
+
+
+def test_prefill_releases_the_gil() -> None:
+    """While one long kernel call runs in a worker, the main thread keeps executing Python."""
+    rows, cols, n = 4096, 4096, 512
+    w = weight("q8_0", rows, cols)
+    x = inputs(n, cols)
+    matmul(x[:2], w, "q8_0", rows, cols)  # compiled / loaded from cache before timing
+    span: list[float] = []
+    done = threading.Event()
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        matmul(x, w, "q8_0", rows, cols)
+        span.extend((t0, time.perf_counter()))
+        done.set()
+
+    ticks: list[float] = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+    worker.join()
+    t0, t1 = span
+    lo, hi = t0 + 0.25 * (t1 - t0), t0 + 0.75 * (t1 - t0)
+    # a kernel holding the GIL would leave the main thread no tick in the middle of its run
+    assert any(lo < t < hi for t in ticks), f"no Python ran during a {1e3 * (t1 - t0):.0f} ms kernel call"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_get_rows_is_dequantize(dtype: str) -> None:
+    rows, cols = 50, 512
+    w = weight(dtype, rows, cols)
+    ids = np.array([0, 49, 7, 7, 23], dtype=np.int64)
+    got = get_rows(w, dtype, ids, cols)
+    full = dequantize(w, dtype, (rows, cols))
+    assert got.shape == (5, cols) and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), full[ids].view(np.uint32))
+    np.testing.assert_array_equal(got, ref.get_rows(w, dtype, ids, cols))
+    assert get_rows(w.reshape(-1), dtype, np.zeros(0, np.int64), cols).shape == (0, cols)
+    for bad in (-1, 50):
+        with pytest.raises(QuantizationError, match=f"id {bad} out of range.*{dtype} weight \\(50, {cols}\\)"):
+            get_rows(w, dtype, np.array([1, bad]), cols)
+
+
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize(("dg", "du", "dd"), [("q4_0", "q4_0", "q4_0"), ("q4_k", "q8_0", "f16"), ("f32", "q4_k", "q8_0")])
+def test_swiglu_expert(dg: str, du: str, dd: str, n: int) -> None:
+    d_model, d_ff = 256, 512  # the tiny fixture's expert
+    gate, up, down = weight(dg, d_ff, d_model), weight(du, d_ff, d_model, 1), weight(dd, d_model, d_ff, 2)
+    x = inputs(n, d_model)
+    got = swiglu_expert(x, gate, up, down, dg, du, dd, d_ff, d_model)
+    assert got.shape == (n, d_model) and got.dtype == np.float32
+    expected = ref.swiglu_expert(x, gate, up, down, dg, du, dd, d_ff, d_model)
+    g = ref.matmul(x, gate, dg, d_ff, d_model)
+    h = np.abs(g / (1.0 + np.exp(-g)) * ref.matmul(x, up, du, d_ff, d_model))
+    # the products' own rounding plus what the hidden layer's error (relative 1e-4 at most) carries
+    bound = 3 * TOL * (h @ np.abs(ref.weight(down, dd, d_model, d_ff)).T)
+    assert (np.abs(got - expected) <= bound).all()
