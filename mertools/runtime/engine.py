@@ -15,7 +15,7 @@ from ..errors import MertoolsError
 from ..layout.reader import Layout
 from .cache import ExpertCache
 from .memory import available_bytes, peak_rss_bytes
-from .model import MoEModel
+from .model import KVCache, MoEModel
 from .prefetch import PREFETCH_MODES, Prefetcher, make_prefetcher
 from .sampling import Sampler, SamplingParams
 from .store import ExpertStore
@@ -110,6 +110,33 @@ class Engine:
 
     def reset(self) -> None:
         self.model.reset()
+
+    # ------------------------------------------------------------------ batching (the server's API)
+    def new_sequence(self) -> KVCache:
+        """A sequence of its own (its KV cache), for `step`; drop it when done."""
+        return self.model.new_kv()
+
+    def step(self, items: Sequence[tuple[KVCache, Sequence[int]]]) -> list[np.ndarray]:
+        """One forward step over several sequences at once (continuous batching): each item appends
+        its new ids (a prompt chunk, or one sampled token) to its own sequence. Returns, per item, the
+        logits (vocab,) float32 of its last new position. Not thread-safe: call from one thread."""
+        batch = []
+        for kv, ids in items:
+            arr = np.asarray(ids, dtype=np.int64)
+            if arr.ndim != 1 or len(arr) == 0:
+                raise RuntimeConfigError("each sequence in a step needs at least one new token id")
+            if arr.min() < 0 or arr.max() >= self.config.vocab_size:
+                raise RuntimeConfigError(f"token id out of range 0..{self.config.vocab_size - 1}")
+            if kv.length + len(arr) > self.config.context_length:
+                raise RuntimeConfigError(
+                    f"{kv.length + len(arr)} tokens exceed the model's context of {self.config.context_length}"
+                )
+            batch.append((kv, arr))
+        t0 = time.perf_counter()
+        try:
+            return [out[-1] for out in self.model.forward_batch(batch, all_logits=False)]
+        finally:
+            self._times["forward_s"] += time.perf_counter() - t0
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),

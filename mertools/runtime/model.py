@@ -114,17 +114,27 @@ class MoEModel:
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def _attention(self, layer: int, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _attention(self, layer: int, h: np.ndarray, spans: list[tuple[KVCache, int, int]], pos: np.ndarray) -> np.ndarray:
+        """h (N, d) holds the new tokens of every sequence; spans: (kv cache, first row, rows)."""
         cfg, w = self.cfg, self.layers[layer]
-        n, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        q = self._rope(w["q"](h).reshape(n, nh, hd), pos)
-        k = self._rope(w["k"](h).reshape(n, nkv, hd), pos)
-        v = w["v"](h).reshape(n, nkv, hd)
+        n_all, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        q_all = self._rope(w["q"](h).reshape(n_all, nh, hd), pos)
+        k_all = self._rope(w["k"](h).reshape(n_all, nkv, hd), pos)
+        v_all = w["v"](h).reshape(n_all, nkv, hd)
+        out = np.empty((n_all, nh * hd), np.float32)
+        for kv, r0, n in spans:
+            out[r0:r0 + n] = self._attend(layer, kv, q_all[r0:r0 + n], k_all[r0:r0 + n], v_all[r0:r0 + n], pos[r0:r0 + n])
+        return w["o"](out)
+
+    def _attend(self, layer: int, kv: KVCache, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """One sequence: q (n, nh, hd), k/v (n, nkv, hd) at positions pos -> (n, nh * hd)."""
+        cfg = self.cfg
+        n, hd, nh, nkv = q.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         start = int(pos[0])
         total = start + n
-        self.kv.k[layer, start:total] = k
-        self.kv.v[layer, start:total] = v
-        keys, vals = self.kv.k[layer, :total], self.kv.v[layer, :total]  # (T, nkv, hd)
+        kv.k[layer, start:total] = k
+        kv.v[layer, start:total] = v
+        keys, vals = kv.k[layer, :total], kv.v[layer, :total]  # (T, nkv, hd)
         group = nh // nkv
         qg = q.reshape(n, nkv, group, hd).transpose(1, 2, 0, 3)  # (nkv, group, n, hd)
         scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd))  # (nkv, group, n, T)
@@ -136,7 +146,7 @@ class MoEModel:
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
         out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, hd)
-        return w["o"](np.ascontiguousarray(out.transpose(2, 0, 1, 3).reshape(n, nh * hd)))
+        return out.transpose(2, 0, 1, 3).reshape(n, nh * hd)
 
     def _moe(self, layer: int, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
         cfg = self.cfg
@@ -173,21 +183,43 @@ class MoEModel:
         return contrib.sum(axis=1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
-        """Append `ids` to the sequence; logits (n, vocab) for every new position (or only the last)."""
+    def new_kv(self) -> KVCache:
+        return KVCache(self.cfg)
+
+    def forward_batch(self, batch: list[tuple[KVCache, np.ndarray]], all_logits: bool = False) -> list[np.ndarray]:
+        """One step for several sequences: each (kv cache, new ids) appends its ids to its own cache.
+        Dense layers and experts run once over all new tokens (an expert needed by several sequences
+        is read once); attention runs per sequence. Returns per sequence the logits (n, vocab) of
+        every new position, or only of its last (1, vocab)."""
         cfg = self.cfg
-        n = len(ids)
-        start = self.kv.length
-        pos = np.arange(start, start + n)
-        self.kv.ensure(start + n)
-        x = get_rows(self.embd.raw, self.embd.dtype, np.asarray(ids, np.int64), cfg.d_model)  # (n, d)
+        spans, pos_parts, id_parts, r0 = [], [], [], 0
+        for kv, ids in batch:
+            n = len(ids)
+            kv.ensure(kv.length + n)
+            spans.append((kv, r0, n))
+            pos_parts.append(np.arange(kv.length, kv.length + n))
+            id_parts.append(np.asarray(ids, np.int64))
+            r0 += n
+        pos = np.concatenate(pos_parts)  # (N,)
+        x = get_rows(self.embd.raw, self.embd.dtype, np.concatenate(id_parts), cfg.d_model)  # (N, d)
         for layer in range(cfg.n_layers):
             self.cache.note_layer(layer)
-            x = x + self._attention(layer, rms_norm(x, self.layers[layer]["attn_norm"], cfg.norm_eps), pos)
+            x = x + self._attention(layer, rms_norm(x, self.layers[layer]["attn_norm"], cfg.norm_eps), spans, pos)
             x = x + self._moe(layer, x, pos)
-        self.kv.length = start + n
-        x = x if all_logits else x[-1:]
-        return self.output(np.ascontiguousarray(rms_norm(x, self.output_norm, cfg.norm_eps)))
+        for kv, _, n in spans:
+            kv.length += n
+        rows = np.concatenate([np.arange(a, a + n) if all_logits else np.array([a + n - 1]) for _, a, n in spans])
+        logits = self.output(np.ascontiguousarray(rms_norm(x[rows], self.output_norm, cfg.norm_eps)))
+        out, i = [], 0
+        for _, _, n in spans:
+            m = n if all_logits else 1
+            out.append(logits[i:i + m])
+            i += m
+        return out
+
+    def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+        """Append `ids` to the engine's own sequence; logits (n, vocab) of every new position (or the last)."""
+        return self.forward_batch([(self.kv, ids)], all_logits=all_logits)[0]
 
     def reset(self) -> None:
         self.kv.length = 0
