@@ -234,3 +234,31 @@ def test_matches_hf_transformers(layouts: dict, tiny: dict) -> None:
     got, _ = run_logits(layouts["f16"], PROMPT, cache_mb=2 * _slot_mb(layouts["f16"]))
     assert np.abs(got - want).max() < 1e-3
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_batched_steps_equal_solo_runs_bit_for_bit_and_read_less(layouts: dict) -> None:
+    layout = layouts["q4_k"]
+    prompts = [[1, 5, 9, 33, 40], [1, 7], [1, 300, 22, 17, 99, 250, 3]]
+    slot = _slot_mb(layout)
+
+    def solo(ids: list[int]) -> tuple[list[np.ndarray], int]:
+        with Engine.open(layout, cache_mb=2 * slot, prefetch="none") as eng:
+            seq = eng.new_sequence()
+            outs = [eng.step([(seq, ids)])[0]]
+            for t in range(6):
+                outs.append(eng.step([(seq, [int(outs[-1].argmax())])])[0])
+            return outs, eng.stats()["bytes_read"]
+
+    want = [solo(p) for p in prompts]
+    with Engine.open(layout, cache_mb=2 * slot, prefetch="none") as eng:
+        seqs = [eng.new_sequence() for _ in prompts]
+        outs = [[o] for o in eng.step(list(zip(seqs, prompts, strict=True)))]
+        for _ in range(6):
+            step = eng.step([(s, [int(o[-1].argmax())]) for s, o in zip(seqs, outs, strict=True)])
+            for o, new in zip(outs, step, strict=True):
+                o.append(new)
+        batched_bytes = eng.stats()["bytes_read"]
+    for (w, _), got in zip(want, outs, strict=True):
+        for a, b in zip(w, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert batched_bytes < sum(b for _, b in want)

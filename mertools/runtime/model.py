@@ -45,6 +45,14 @@ def _linear(layout: Layout, name: str) -> Linear:
     return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1])
 
 
+def _per_span(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, spans: list) -> np.ndarray:
+    """fn over each sequence's rows separately: kernels may take another path (and round
+    differently) for another number of rows, and a request's output must not depend on its batch."""
+    if len(spans) == 1:
+        return fn(x)
+    return np.concatenate([fn(np.ascontiguousarray(x[r0:r0 + n])) for _, r0, n in spans])
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
     return (x / np.sqrt(var + np.float32(eps))) * w
@@ -118,13 +126,13 @@ class MoEModel:
         """h (N, d) holds the new tokens of every sequence; spans: (kv cache, first row, rows)."""
         cfg, w = self.cfg, self.layers[layer]
         n_all, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        q_all = self._rope(w["q"](h).reshape(n_all, nh, hd), pos)
-        k_all = self._rope(w["k"](h).reshape(n_all, nkv, hd), pos)
-        v_all = w["v"](h).reshape(n_all, nkv, hd)
+        q_all = self._rope(_per_span(w["q"], h, spans).reshape(n_all, nh, hd), pos)
+        k_all = self._rope(_per_span(w["k"], h, spans).reshape(n_all, nkv, hd), pos)
+        v_all = _per_span(w["v"], h, spans).reshape(n_all, nkv, hd)
         out = np.empty((n_all, nh * hd), np.float32)
         for kv, r0, n in spans:
             out[r0:r0 + n] = self._attend(layer, kv, q_all[r0:r0 + n], k_all[r0:r0 + n], v_all[r0:r0 + n], pos[r0:r0 + n])
-        return w["o"](out)
+        return _per_span(w["o"], out, spans)
 
     def _attend(self, layer: int, kv: KVCache, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """One sequence: q (n, nh, hd), k/v (n, nkv, hd) at positions pos -> (n, nh * hd)."""
@@ -148,10 +156,10 @@ class MoEModel:
         out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, hd)
         return out.transpose(2, 0, 1, 3).reshape(n, nh * hd)
 
-    def _moe(self, layer: int, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _moe(self, layer: int, x: np.ndarray, pos: np.ndarray, spans: list[tuple[KVCache, int, int]]) -> np.ndarray:
         cfg = self.cfg
         h = rms_norm(x, self.layers[layer]["ffn_norm"], cfg.norm_eps)
-        probs = self.router_probs(layer, h)  # (n, E)
+        probs = _per_span(lambda rows: self.router_probs(layer, rows), h, spans)  # (n, E)
         k = cfg.n_experts_used
         chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k); ties -> lower index, like torch
         weights = np.take_along_axis(probs, chosen, axis=1)
@@ -173,11 +181,16 @@ class MoEModel:
         contrib = np.zeros((x.shape[0], k, cfg.d_model), np.float32)
         for key, slot in pending:
             try:
-                tok, which = np.nonzero(chosen == key[1])
                 g, u, d = (self.store.tensor(slot, key, r) for r in ("gate", "up", "down"))
-                y = swiglu_expert(np.ascontiguousarray(h[tok]), g, u, d, self.dtypes["gate"], self.dtypes["up"],
-                                  self.dtypes["down"], cfg.d_ff, cfg.d_model)
-                contrib[tok, which] = y * weights[tok, which][:, None]
+                # read once, computed per sequence: a sequence's result never depends on its neighbours
+                for _, r0, n in spans:
+                    tok, which = np.nonzero(chosen[r0:r0 + n] == key[1])
+                    if len(tok) == 0:
+                        continue
+                    tok = tok + r0
+                    y = swiglu_expert(np.ascontiguousarray(h[tok]), g, u, d, self.dtypes["gate"], self.dtypes["up"],
+                                      self.dtypes["down"], cfg.d_ff, cfg.d_model)
+                    contrib[tok, which] = y * weights[tok, which][:, None]
             finally:
                 self.cache.release(key)
         return contrib.sum(axis=1)
@@ -188,9 +201,9 @@ class MoEModel:
 
     def forward_batch(self, batch: list[tuple[KVCache, np.ndarray]], all_logits: bool = False) -> list[np.ndarray]:
         """One step for several sequences: each (kv cache, new ids) appends its ids to its own cache.
-        Dense layers and experts run once over all new tokens (an expert needed by several sequences
-        is read once); attention runs per sequence. Returns per sequence the logits (n, vocab) of
-        every new position, or only of its last (1, vocab)."""
+        An expert needed by several sequences is read once; every computation runs on each
+        sequence's rows separately, so a sequence gets bit-for-bit the logits it would get alone.
+        Returns per sequence the logits (n, vocab) of every new position, or only of its last."""
         cfg = self.cfg
         spans, pos_parts, id_parts, r0 = [], [], [], 0
         for kv, ids in batch:
@@ -205,16 +218,13 @@ class MoEModel:
         for layer in range(cfg.n_layers):
             self.cache.note_layer(layer)
             x = x + self._attention(layer, rms_norm(x, self.layers[layer]["attn_norm"], cfg.norm_eps), spans, pos)
-            x = x + self._moe(layer, x, pos)
+            x = x + self._moe(layer, x, pos, spans)
         for kv, _, n in spans:
             kv.length += n
-        rows = np.concatenate([np.arange(a, a + n) if all_logits else np.array([a + n - 1]) for _, a, n in spans])
-        logits = self.output(np.ascontiguousarray(rms_norm(x[rows], self.output_norm, cfg.norm_eps)))
-        out, i = [], 0
-        for _, _, n in spans:
-            m = n if all_logits else 1
-            out.append(logits[i:i + m])
-            i += m
+        out = []
+        for _, a, n in spans:
+            rows = x[a:a + n] if all_logits else x[a + n - 1:a + n]
+            out.append(self.output(np.ascontiguousarray(rms_norm(rows, self.output_norm, cfg.norm_eps))))
         return out
 
     def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
