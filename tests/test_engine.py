@@ -245,7 +245,7 @@ def test_batched_steps_equal_solo_runs_bit_for_bit_and_read_less(layouts: dict) 
         with Engine.open(layout, cache_mb=2 * slot, prefetch="none") as eng:
             seq = eng.new_sequence()
             outs = [eng.step([(seq, ids)])[0]]
-            for t in range(6):
+            for _ in range(6):
                 outs.append(eng.step([(seq, [int(outs[-1].argmax())])])[0])
             return outs, eng.stats()["bytes_read"]
 

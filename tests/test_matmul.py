@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mertools.errors import QuantizationError
 from mertools.kernels import dequantize, quantize
+from mertools.kernels import matmul_kernels as kernels
 from mertools.kernels import matmul_reference as ref
 from mertools.kernels.matmul import get_rows, matmul, swiglu_expert
 
@@ -99,6 +100,59 @@ def test_zero_inputs_and_zero_blocks(dtype: str) -> None:
         check(x, wz, dtype, rows, cols, matmul(x, wz, dtype, rows, cols))
 
 
+KIND = {"f32": kernels.F32, "f16": kernels.F16, "q4_0": kernels.Q4_0, "q8_0": kernels.Q8_0, "q4_k": kernels.Q4_K}
+BYTES = {"f32": 4, "f16": 2, "q4_0": 18, "q8_0": 34, "q4_k": 144}
+
+
+def same_floats(a: np.ndarray, b: np.ndarray) -> None:
+    """Bit-equal, except that a NaN may differ in payload (x86 quiets signalling NaNs)."""
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(nan, np.isnan(b))
+    np.testing.assert_array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_tile_is_dequantize_on_random_bytes(dtype: str) -> None:
+    """The prefill tile is the reference weight bit for bit, scales of every kind (inf, NaN) included."""
+    rows, cols = 20, 1280  # 2 tiles of rows (the second partial), 3 of columns (the last partial)
+    raw = np.random.default_rng(DTYPES.index(dtype)).integers(0, 256, (rows, cols // BLOCK[dtype] * BYTES[dtype]))
+    raw = raw.astype(np.uint8)
+    if dtype == "f32":  # random bytes are mostly ordinary floats; plant inf and NaN
+        raw.view(np.float32)[:2, :3] = [[np.inf, -np.inf, np.nan], [0.0, -0.0, 1e-45]]
+    full = dequantize(raw, dtype, (rows, cols))
+    buf = np.full((kernels.RB, kernels.KC), np.nan, np.float32)
+    for r0 in range(0, rows, kernels.RB):
+        rb = min(kernels.RB, rows - r0)
+        for k0 in range(0, cols, kernels.KC):
+            kc = min(kernels.KC, cols - k0)
+            kernels.decode_tile(KIND[dtype], raw, r0, rb, k0, kc, buf)
+            same_floats(buf[:rb, :kc], full[r0 : r0 + rb, k0 : k0 + kc])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_weights_propagate(dtype: str, n: int) -> None:
+    """fastmath here keeps inf/NaN semantics: a row with an inf or NaN weight gives what numpy gives."""
+    rows, cols = 6, 512
+    w = weight(dtype, rows, cols).copy()
+    half = {"inf": 0x7C00, "-inf": 0xFC00, "nan": 0x7E00}
+    if dtype in ("f32", "f16"):
+        vals = w.view(np.float32 if dtype == "f32" else np.float16)
+        vals[0, 5], vals[1, 7], vals[2, 9], vals[2, 10] = np.inf, np.nan, np.inf, -np.inf
+    else:  # the scale of the second block of rows 0-2
+        o = BYTES[dtype]
+        for r, h in enumerate(half.values()):
+            w[r, o : o + 2] = [h & 0xFF, h >> 8]
+    x = inputs(n, cols)
+    got = matmul(x, w, dtype, rows, cols)
+    with np.errstate(invalid="ignore"):  # inf - inf
+        expected = ref.matmul(x, w, dtype, rows, cols)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(expected))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
+    assert not np.isfinite(expected[:, :3]).any() and np.isfinite(expected[:, 3:]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_and_input_forms(dtype: str) -> None:
     rows, cols = 37, 512
@@ -139,6 +193,13 @@ def test_errors_name_dtype_and_shapes() -> None:
         matmul(x, w, "q4_0", 8, 256, out=np.empty((2, 9), np.float32))
     with pytest.raises(QuantizationError, match="out must be"):
         matmul(x, w, "q4_0", 8, 256, out=np.empty((2, 8), np.float64))
+    mem = np.zeros(2 * 256 + 8, np.float32)
+    with pytest.raises(QuantizationError, match="must not overlap x"):
+        matmul(mem[:512].reshape(2, 256), w, "q4_0", 8, 256, out=mem[504:520].reshape(2, 8))
+    with pytest.raises(QuantizationError, match=r"get_rows: .* not whole q4_0 rows of 256"):
+        get_rows(w.reshape(-1)[:-1], "q4_0", np.array([0]), 256)
+    with pytest.raises(QuantizationError, match="get_rows: ids must be integers"):
+        get_rows(w, "q4_0", np.array([0.5]), 256)
 
 
 def test_worker_thread_and_concurrent_calls() -> None:

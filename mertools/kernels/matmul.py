@@ -80,6 +80,8 @@ def matmul(
         raise QuantizationError(
             f"matmul: out must be float32 C-contiguous ({n}, {rows}), got {out.dtype} {out.shape}"
         )
+    elif np.may_share_memory(out, x2):  # the kernels read x while writing out
+        raise QuantizationError("matmul: out must not overlap x")
     if n == 0 or rows == 0:
         return out
     if cols == 0:
@@ -104,11 +106,13 @@ def get_rows(w: np.ndarray, dtype: str, ids: np.ndarray, cols: int) -> np.ndarra
     dt = DTYPES[dtype]
     if cols <= 0 or cols % dt.block_size != 0:
         raise QuantizationError(f"get_rows: {dtype} needs cols to be a positive multiple of {dt.block_size}, got {cols}")
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8:
+        raise QuantizationError(f"get_rows: {dtype} weight must be uint8 bytes, got {getattr(w, 'dtype', type(w))}")
     row_bytes = dt.row_bytes(cols)
     if w.size % row_bytes != 0:
         raise QuantizationError(f"get_rows: {w.size} bytes are not whole {dtype} rows of {cols} ({row_bytes} bytes each)")
-    rows = w.size // row_bytes
-    w2 = _check_weight(w, dtype, rows, cols, "get_rows")
+    w2 = _check_weight(w, dtype, w.size // row_bytes, cols, "get_rows")
+    rows = w2.shape[0]
     idx = np.asarray(ids).reshape(-1)
     if idx.size and not np.issubdtype(idx.dtype, np.integer):
         raise QuantizationError(f"get_rows: ids must be integers, got {idx.dtype}")

@@ -82,10 +82,11 @@ def half_at(typingctx, src, so):
     return sig, codegen
 
 
-def _nibble_decoder(nbytes: int):
-    """Intrinsic dst[do:do+n] = lo*dl - ml, dst[do+n:do+2n] = hi*dh - mh for the n bytes at src[so:].
+def _nibble_decoder(nbytes: int, bias: int):
+    """Intrinsic dst[do:do+n] = (lo-bias)*dl - ml, dst[do+n:do+2n] = (hi-bias)*dh - mh, n bytes at src[so:].
 
-    lo/hi are the low/high nibbles; src uint8 (any length), dst float32, offsets in elements.
+    lo/hi are the low/high nibbles; src uint8, dst float32, offsets in elements. The bias is taken in
+    integers, as the reference does (ml = mh = 0 then changes nothing, not even a -0).
     """
 
     @intrinsic
@@ -102,7 +103,8 @@ def _nibble_decoder(nbytes: int):
             hi = builder.lshr(v32, ir.Constant(v32.type, [4] * nbytes))
             fty = _vec(ir.FloatType(), nbytes)
             for part, nib, sc, mn in ((0, lo, dl_, ml_), (nbytes, hi, dh_, mh_)):
-                scaled = builder.fmul(builder.uitofp(nib, fty), _splat(builder, sc, nbytes))
+                nib = builder.sub(nib, ir.Constant(v32.type, [bias] * nbytes))
+                scaled = builder.fmul(builder.sitofp(nib, fty), _splat(builder, sc, nbytes))
                 val = builder.fsub(scaled, _splat(builder, mn, nbytes))
                 off = builder.add(do_, ir.Constant(do_.type, part))
                 builder.store(val, _ptr(context, builder, signature.args[6], d, off, fty), align=4)
@@ -113,8 +115,8 @@ def _nibble_decoder(nbytes: int):
     return decode
 
 
-decode_nibbles16 = _nibble_decoder(16)  # one Q4_0 block
-decode_nibbles32 = _nibble_decoder(32)  # one 64-weight chunk of a Q4_K super-block
+decode_nibbles16 = _nibble_decoder(16, 8)  # one Q4_0 block: (q - 8) * d
+decode_nibbles32 = _nibble_decoder(32, 0)  # one 64-weight chunk of a Q4_K super-block
 
 
 @intrinsic
@@ -135,21 +137,31 @@ def decode_q8_32(typingctx, src, so, d, dst, do):
     return sig, codegen
 
 
-@intrinsic
-def decode_f16_16(typingctx, src, so, dst, do):
-    """dst[do:do+16] = the 16 halves at src[so:] (src uint16 bits), exactly (a vector fpext)."""
-    if not (_arrays_ok(src, types.uint16, dst) and _ints(so, do)):
-        return None
-    sig = types.void(src, so, dst, do)
+def _widen16(src_dtype, elem: ir.Type):
+    """Intrinsic dst[do:do+16] = float32(src[so:so+16]) for a src of `src_dtype` (exact: fpext or copy)."""
 
-    def codegen(context, builder, signature, args):
-        s, so_, dd, do_ = args
-        h = builder.load(_ptr(context, builder, signature.args[0], s, so_, _vec(ir.HalfType(), 16)), align=2)
-        fty = _vec(ir.FloatType(), 16)
-        builder.store(builder.fpext(h, fty), _ptr(context, builder, signature.args[2], dd, do_, fty), align=4)
-        return context.get_dummy_value()
+    @intrinsic
+    def widen(typingctx, src, so, dst, do):
+        if not (_arrays_ok(src, src_dtype, dst) and _ints(so, do)):
+            return None
+        sig = types.void(src, so, dst, do)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            s, so_, dd, do_ = args
+            v = builder.load(_ptr(context, builder, signature.args[0], s, so_, _vec(elem, 16)), align=1)
+            fty = _vec(ir.FloatType(), 16)
+            if elem != ir.FloatType():
+                v = builder.fpext(v, fty)
+            builder.store(v, _ptr(context, builder, signature.args[2], dd, do_, fty), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return widen
+
+
+decode_f16_16 = _widen16(types.uint16, ir.HalfType())  # src: the half bits viewed as uint16
+copy_f32_16 = _widen16(types.float32, ir.FloatType())
 
 
 # ---------------------------------------------------------------- tile decoders
@@ -171,11 +183,11 @@ def decode_tile(kind, w, r0, rb, k0, kc, buf):
     for r in range(rb):
         wr = w[r0 + r]
         at = r * KC  # flat offset of buf row r
-        if kind == Q4_0:  # (q - 8) * d == q*d - 8d exactly: both products fit in 24 bits
+        if kind == Q4_0:
             for b in range(kc // 32):
                 o = (k0 // 32 + b) * 18
                 d = half_at(wr, o)
-                decode_nibbles16(wr, o + 2, d, np.float32(8.0) * d, d, np.float32(8.0) * d, buf, at + 32 * b)
+                decode_nibbles16(wr, o + 2, d, np.float32(0.0), d, np.float32(0.0), buf, at + 32 * b)
         elif kind == Q8_0:
             for b in range(kc // 32):
                 o = (k0 // 32 + b) * 34
@@ -201,7 +213,12 @@ def decode_tile(kind, w, r0, rb, k0, kc, buf):
             for k in range(k16, kc):
                 buf[r, k] = f16_bits_to_f32(wh[k0 + k])
         else:
-            buf[r, :kc] = wr.view(np.float32)[k0 : k0 + kc]
+            wf = wr.view(np.float32)
+            k16 = kc - kc % 16
+            for k in range(0, k16, 16):
+                copy_f32_16(wf, k0 + k, buf, at + k)
+            for k in range(k16, kc):
+                buf[r, k] = wf[k0 + k]
 
 
 @njit(**_JIT)
