@@ -100,6 +100,10 @@ class MoEModel:
         self.dtypes = {r: layout.manifest.experts[0].tensors[r].dtype for r in ("gate", "up", "down")}
         self.kv = KVCache(cfg)
         self.trace: TraceFn | None = None
+        # (layer, positions (n,)) -> experts (n, k): replaces the router's choice (its weights are
+        # still the router's probabilities of those experts). For I/O benchmarks only: random-weight
+        # checkpoints route almost every token to the same experts, which flatters any cache.
+        self.routing_override: Callable[[int, np.ndarray], np.ndarray] | None = None
         half = cfg.head_dim // 2
         self.inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)  # (hd/2,)
 
@@ -162,6 +166,8 @@ class MoEModel:
         probs = _per_span(lambda rows: self.router_probs(layer, rows), h, spans)  # (n, E)
         k = cfg.n_experts_used
         chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k); ties -> lower index, like torch
+        if self.routing_override is not None:  # benchmarks replay recorded or synthetic routing
+            chosen = np.asarray(self.routing_override(layer, pos), dtype=np.int64).reshape(len(pos), k)
         weights = np.take_along_axis(probs, chosen, axis=1)
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(axis=1, keepdims=True)
