@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 Key = tuple[int, int]  # (layer, expert)
@@ -40,7 +40,7 @@ class CacheStats:
 class _Entry:
     key: Key
     slot: int
-    future: Future | None = None  # set while loading
+    loading: bool = True  # until the loader has filled the slot
     pins: int = 0
     prefetched: bool = False  # loaded by a prefetch and not yet looked up
     last_use: int = 0
@@ -66,21 +66,37 @@ class ExpertCache:
         self.failed: dict[Key, BaseException] = {}
         self.clock = 0
         self.current_layer = 0
-        # decayed per-(layer, expert) usage frequency, for the "lfd" policy
+        # for the "lfd" policy: decayed per-(layer, expert) usage frequency, each layer's last choice,
+        # how often a just-used expert is chosen again at the next visit, and experts chosen per visit
         self.freq = [[0.0] * n_experts for _ in range(n_layers)]
+        self.last_chosen: list[set[int]] = [set() for _ in range(n_layers)]
+        self.repeat_hits = [0.0] * n_layers
+        self.repeat_total = [0.0] * n_layers
+        self.k_seen = [1.0] * n_layers
 
     # ------------------------------------------------------------------ policy
     def _score(self, e: _Entry) -> float:
-        """Higher = more worth keeping."""
+        """Higher = more worth keeping. "lfd" estimates the expected time (in layer steps) until the
+        expert is next used and keeps the soonest, as Belady's rule would with the future known:
+        its layer comes round in `distance` steps, and is then used with probability p per visit
+        (geometric: (1/p - 1) more full cycles on average). p is the learned repeat rate when the
+        expert was chosen at its layer's last visit (routing is sticky across tokens), else its
+        share of the layer's choices."""
         if self.policy == "lru":
             return float(e.last_use)
         layer, expert = e.key
         distance = (layer - self.current_layer) % self.n_layers or self.n_layers
-        p = (self.freq[layer][expert] + 0.5) / (sum(self.freq[layer]) + 0.5 * self.n_experts)
-        return p / distance
+        row = self.freq[layer]
+        share = (row[expert] + 0.5) / (sum(row) + 0.5 * self.n_experts)
+        p = min(1.0, share * self.k_seen[layer])
+        if expert in self.last_chosen[layer]:
+            # learned repeat rate of the layer, beyond what the expert's share alone predicts
+            r = (self.repeat_hits[layer] + 1.0) / (self.repeat_total[layer] + 2.0)
+            p = max(p, r)
+        return -(distance + (1.0 / p - 1.0) * self.n_layers)
 
     def _victim(self, protect: set[Key]) -> _Entry | None:
-        candidates = [e for e in self.entries.values() if e.pins == 0 and e.future is None and e.key not in protect]
+        candidates = [e for e in self.entries.values() if e.pins == 0 and not e.loading and e.key not in protect]
         if not candidates:
             return None
         return min(candidates, key=lambda e: (self._score(e), e.last_use))
@@ -99,10 +115,11 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ loading
     def _start_load(self, key: Key, slot: int, prefetched: bool) -> _Entry:
+        # registered before submitting: a loader that completes at once must find its entry
         entry = _Entry(key, slot, prefetched=prefetched, last_use=self.clock)
-        entry.future = self.executor.submit(self._run_loader, key, slot)
         self.entries[key] = entry
         self.stats.loads += 1
+        self.executor.submit(self._run_loader, key, slot)
         return entry
 
     def _run_loader(self, key: Key, slot: int) -> None:
@@ -121,8 +138,8 @@ class ExpertCache:
         with self.lock:
             self.stats.load_seconds.append(time.perf_counter() - t0)
             entry = self.entries.get(key)
-            if entry is not None:
-                entry.future = None
+            if entry is not None and entry.slot == slot:
+                entry.loading = False
             self.lock.notify_all()
 
     def note_layer(self, layer: int) -> None:
@@ -131,12 +148,19 @@ class ExpertCache:
             self.current_layer = layer
 
     def record_routing(self, layer: int, experts: Iterable[int], decay: float = 0.995) -> None:
+        chosen = set(int(e) for e in experts)
         with self.lock:
             row = self.freq[layer]
             for i in range(self.n_experts):
                 row[i] *= decay
-            for e in experts:
+            for e in chosen:
                 row[e] += 1.0
+            last = self.last_chosen[layer]
+            if last:
+                self.repeat_hits[layer] = self.repeat_hits[layer] * decay + len(last & chosen)
+                self.repeat_total[layer] = self.repeat_total[layer] * decay + len(last)
+            self.last_chosen[layer] = chosen
+            self.k_seen[layer] = max(1.0, float(len(chosen)))
 
     def prefetch(self, keys: Iterable[Key], protect: Iterable[Key] = ()) -> int:
         """Start loading the keys not resident, never evicting pinned, loading or protected entries.
@@ -229,7 +253,7 @@ class ExpertCache:
             elif key not in pinned:  # appeared through a prefetch after our first pass
                 e.pins += 1
                 pinned.add(key)
-            if e.future is None:
+            if not e.loading:
                 return key
         if not any(key in self.entries for key in pending) and not self.free:
             raise RuntimeError(f"expert cache of {self.n_slots} slots is full of pinned experts")
@@ -244,4 +268,4 @@ class ExpertCache:
 
     def resident(self) -> set[Key]:
         with self.lock:
-            return {k for k, e in self.entries.items() if e.future is None}
+            return {k for k, e in self.entries.items() if not e.loading}
