@@ -1,0 +1,106 @@
+"""Memory bounds (not timings): the cache never exceeds its byte budget, and `mertools run` on a
+checkpoint several times larger than its budget stays within budget + dense weights + overhead."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.layout import Layout
+from mertools.runtime.engine import Engine
+from mertools.runtime.memory import peak_rss_bytes
+
+# Python, numpy, numba and LLVM, the compiled kernels, the tokenizer, KV cache and activations.
+# Documented in README ("Memory"); measured at ~150-250 MiB for the fixtures.
+OVERHEAD = 512 << 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~0.9 GB of experts (16 layers x 8 experts x 7 MB), small dense weights."""
+    from fixtures.tiny_mixtral import synth_mixtral_gguf
+
+    work = tmp_path_factory.mktemp("big")
+    gguf = synth_mixtral_gguf(work / "big.gguf", 16, seed=3, d_model=1024, d_ff=4096, n_expert=8, n_head=8, n_kv=2,
+                              vocab=1024, n_ctx=512)
+    out = convert(gguf, work / "layout", ConvertOptions(progress=False)).out
+    gguf.unlink()
+    return out
+
+
+def _diverse(eng: Engine, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    cfg = eng.config
+    table = {}
+
+    def route(layer: int, pos: np.ndarray) -> np.ndarray:
+        return np.array([table.setdefault((int(p), layer), rng.choice(cfg.n_experts, cfg.n_experts_used, replace=False))
+                         for p in pos])
+
+    eng.model.routing_override = route
+
+
+def test_cache_never_exceeds_its_budget(big: Path) -> None:
+    m = Layout.open(big).manifest
+    slot = max(e.nbytes for e in m.experts)
+    budget = 5 * slot
+    with Engine.open(big, cache_mb=budget / 2**20, prefetch="lookahead") as eng:
+        _diverse(eng)
+        assert eng.cache.n_slots * eng.store.slot_bytes <= budget
+        assert len(eng.store.arena) == eng.cache.n_slots * slot  # the only expert memory, mapped once
+        seen = 0
+        original = eng.store.load
+
+        def watched(key: tuple[int, int], s: int) -> None:
+            nonlocal seen
+            with eng.cache.lock:
+                seen = max(seen, len(eng.cache.entries))
+            original(key, s)
+
+        eng.cache.loader = watched
+        ids = [1, 2, 3]
+        eng.forward(ids)
+        for t in range(10):
+            eng.forward([4 + t])
+        assert seen <= eng.cache.n_slots
+        assert eng.stats()["bytes_read"] > 3 * budget  # it really streamed
+
+
+def test_run_rss_stays_within_budget_plus_dense_plus_overhead(big: Path, tmp_path: Path) -> None:
+    m = Layout.open(big).manifest
+    expert_bytes = sum(e.nbytes for e in m.experts)
+    dense = sum(t.nbytes for t in m.dense.values())
+    budget_mb = 64
+    assert expert_bytes > 8 * budget_mb * 2**20  # several times larger than the budget
+    js = tmp_path / "run.json"
+    res = subprocess.run([sys.executable, "-m", "mertools.cli", "run", str(big), "-p", "hello", "-n", "12",
+                          "--cache-mb", str(budget_mb), "--json", str(js)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(js.read_text())
+    assert stats["cache_mb"] <= budget_mb
+    limit = budget_mb * 2**20 + dense + OVERHEAD
+    assert stats["peak_rss_mb"] * 2**20 <= limit, (stats["peak_rss_mb"], limit / 2**20)
+    assert stats["expert_misses"] > 0
+
+
+def test_engine_rss_does_not_grow_with_tokens(big: Path) -> None:
+    m = Layout.open(big).manifest
+    slot = max(e.nbytes for e in m.experts)
+    with Engine.open(big, cache_mb=4 * slot / 2**20) as eng:
+        _diverse(eng, seed=1)
+        eng.forward([1, 2])
+        for t in range(8):
+            eng.forward([3 + t])
+        before = peak_rss_bytes()
+        for t in range(24):
+            eng.forward([20 + t])
+        # 24 more tokens with all-new expert choices: no new memory beyond the KV cache's growth
+        assert peak_rss_bytes() - before < 32 << 20
