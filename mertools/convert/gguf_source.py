@@ -92,12 +92,6 @@ class GGUFSource(Source):
             out[t.name] = SourceTensor(t.name, self.path, int(t.data_offset), int(t.n_bytes), dtype, shape, ggml_type)
         return out
 
-    def _require(self, name: str) -> SourceTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise SourceError(f"{self.path}: missing tensor {name}") from None
-
     def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
         name = fmt(spec.name, layer)
         t = self.tensors.get(name) if spec.optional else self._require(name)

@@ -129,12 +129,6 @@ class HFSource(Source):
                 tensors[name] = t
         return tensors
 
-    def _require(self, name: str) -> SourceTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise SourceError(f"{self.path}: missing tensor {name}") from None
-
     def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
         name = fmt(spec.hf, layer)
         return self.tensors.get(name) if spec.optional else self._require(name)

@@ -130,6 +130,14 @@ class Source(ABC):
             "dense_bytes": dense_bytes, "expert_bytes": expert_bytes, "bytes_per_expert": expert_bytes // max(n, 1),
         }
 
+    tensors: dict[str, SourceTensor]
+
+    def _require(self, name: str) -> SourceTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SourceError(f"{self.path}: missing tensor {name}") from None
+
     def dense_tensors(self) -> list[tuple[str, DenseSpec, SourceTensor]]:
         out = []
         for spec, layer in self.arch.dense_names(self.config.n_layers):

@@ -93,15 +93,7 @@ class Engine:
 
     def forward(self, token_ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, appending the tokens to the KV cache."""
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise RuntimeConfigError("forward needs a non-empty list of token ids")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise RuntimeConfigError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        if self.position + len(ids) > self.config.context_length:
-            raise RuntimeConfigError(
-                f"{self.position + len(ids)} tokens exceed the model's context of {self.config.context_length}"
-            )
+        ids = self._check_ids(self.model.kv, token_ids)
         t0 = time.perf_counter()
         try:
             return self.model.forward(ids, all_logits=all_logits)
@@ -110,6 +102,16 @@ class Engine:
 
     def reset(self) -> None:
         self.model.reset()
+
+    def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise RuntimeConfigError("a forward step needs a non-empty list of token ids")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise RuntimeConfigError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        if kv.length + len(ids) > self.config.context_length:
+            raise RuntimeConfigError(f"{kv.length + len(ids)} tokens exceed the model's context of {self.config.context_length}")
+        return ids
 
     # ------------------------------------------------------------------ batching (the server's API)
     def new_sequence(self) -> KVCache:
@@ -120,18 +122,7 @@ class Engine:
         """One forward step over several sequences at once (continuous batching): each item appends
         its new ids (a prompt chunk, or one sampled token) to its own sequence. Returns, per item, the
         logits (vocab,) float32 of its last new position. Not thread-safe: call from one thread."""
-        batch = []
-        for kv, ids in items:
-            arr = np.asarray(ids, dtype=np.int64)
-            if arr.ndim != 1 or len(arr) == 0:
-                raise RuntimeConfigError("each sequence in a step needs at least one new token id")
-            if arr.min() < 0 or arr.max() >= self.config.vocab_size:
-                raise RuntimeConfigError(f"token id out of range 0..{self.config.vocab_size - 1}")
-            if kv.length + len(arr) > self.config.context_length:
-                raise RuntimeConfigError(
-                    f"{kv.length + len(arr)} tokens exceed the model's context of {self.config.context_length}"
-                )
-            batch.append((kv, arr))
+        batch = [(kv, self._check_ids(kv, ids)) for kv, ids in items]
         t0 = time.perf_counter()
         try:
             return [out[-1] for out in self.model.forward_batch(batch, all_logits=False)]
