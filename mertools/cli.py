@@ -177,5 +177,9 @@ def verify(layout: str, reference: str | None, prompt: str | None, text_file: st
         sys.exit(1)
 
 
+from .server.cli import serve  # noqa: E402 - only click at import time; FastAPI loads when serving
+
+main.add_command(serve)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,8 @@
+"""`mertools serve`: an OpenAI-compatible HTTP API with SSE streaming and continuous batching.
+
+- `scheduler` continuous batching over `Engine.step` (no HTTP)
+- `protocol` request validation and response shapes (no HTTP, no engine)
+- `app` the FastAPI routes, auth and error handling; `metrics` Prometheus text; `cli` the command
+
+Nothing here is imported by `mertools` itself until `serve` runs, so the CLI starts without FastAPI.
+"""

@@ -1,0 +1,335 @@
+"""The HTTP layer: OpenAI-compatible routes over the scheduler, /health, /metrics, bearer auth.
+
+The engine loads in the scheduler's thread after the socket is up (/health says 503 until then).
+Generation events cross from the scheduler thread to the event loop through `call_soon_threadsafe`
+into one asyncio queue per HTTP request; a client that goes away cancels its generations, which
+leave the batch at the next token boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MertoolsError
+from ..runtime.sampling import SamplingParams
+from . import protocol as P
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .scheduler import Event, GenerationRequest, Handle, NotReady, QueueFull, Scheduler
+
+log = logging.getLogger("mertools.server")
+MAX_BODY = 16 * 2**20  # bytes; far beyond any context's worth of text, and uvicorn sets no limit
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    layout: str
+    model_name: str | None = None  # default: the layout directory's name
+    api_key: str | None = None
+    max_concurrency: int = 8  # sequences in the running batch
+    max_queue: int = 64  # sequences waiting for a slot; beyond that, 429
+    cache_mb: float | None = None
+    prefetch: str = "lookahead"
+    threads: int | None = None
+    prefill_chunk: int = 64
+    completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.layout).resolve().name
+
+
+def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
+               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+    """The ASGI app. `load` (default: Engine.open with cfg's options) runs in the scheduler thread."""
+    if load is None:
+        def load() -> Any:
+            from ..runtime.engine import Engine
+
+            return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads)
+
+    metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting)
+    scheduler = Scheduler(load, max_running=cfg.max_concurrency, max_waiting=cfg.max_queue,
+                          prefill_chunk=cfg.prefill_chunk, metrics=metrics, on_load_error=on_load_error)
+    created = P.now()
+    tok_lock = threading.Lock()  # tokenizers are used from threadpool threads: one at a time
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.close)
+
+    app = FastAPI(title="mertools", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, cfg
+
+    # ------------------------------------------------------------------ errors in OpenAI's shape
+    def error(e: P.RequestError) -> JSONResponse:
+        return JSONResponse(P.error_body(e.message, e.type, e.code, e.param), e.status, headers=e.headers)
+
+    @app.exception_handler(P.RequestError)
+    async def _request_error(request: Request, e: P.RequestError) -> JSONResponse:
+        return error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.error_body(str(e.detail), kind, None), e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+
+    # ------------------------------------------------------------------ plain routes
+    def engine_or_503() -> Any:
+        if scheduler.state == "ready":
+            return scheduler.engine
+        msg = scheduler.load_error or f"the model is {scheduler.state}; retry shortly"
+        raise P.RequestError(msg, 503, "service_unavailable", "model_not_ready", headers={"Retry-After": "1"})
+
+    @app.get("/health")
+    async def health() -> Response:
+        state = scheduler.state
+        if state == "ready":
+            return JSONResponse({"status": "ok"})
+        body: dict[str, Any] = {"status": "loading" if state == "loading" else "error"}
+        if scheduler.load_error:
+            body["message"] = scheduler.load_error
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return PlainTextResponse(metrics.render(scheduler.engine), media_type=CONTENT_TYPE)
+
+    def card() -> dict[str, Any]:
+        eng = scheduler.engine
+        return P.model_card(cfg.name, created, eng.config.context_length if eng is not None else None)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model)
+        return card()
+
+    def check_model(name: str) -> None:
+        if name != cfg.name:
+            raise P.RequestError(f"The model `{name}` does not exist; this server serves `{cfg.name}`", 404,
+                                 "invalid_request_error", "model_not_found", "model")
+
+    # ------------------------------------------------------------------ generation
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    def prompts_of(req: P.ChatRequest | P.CompletionRequest, tokenizer: Any) -> list[list[int]]:
+        from ..runtime.chat import encode_chat
+
+        with tok_lock:
+            if isinstance(req, P.ChatRequest):
+                messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                            for m in req.messages]
+                return [encode_chat(tokenizer, messages)]
+            return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompt]
+
+    async def generate(request: Request, kind: Literal["chat", "completion"]) -> Response:
+        req = P.parse_request(await read_body(request), kind)
+        check_model(req.model)
+        engine = engine_or_503()
+        ctx, vocab = engine.config.context_length, engine.config.vocab_size
+        try:
+            prompts = await run_in_threadpool(prompts_of, req, engine.tokenizer)
+        except MertoolsError as e:  # e.g. the chat template refuses the messages (raise_exception)
+            raise P.RequestError(str(e), param="messages") from None
+        for ids in prompts:
+            if not ids:
+                raise P.RequestError("the prompt is empty", param="prompt")
+            if len(ids) >= ctx:
+                raise P.RequestError(f"This model's maximum context length is {ctx} tokens; the prompt has {len(ids)} "
+                                     "tokens, leaving no room to generate", code="context_length_exceeded",
+                                     param="messages" if kind == "chat" else "prompt")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise P.RequestError(f"token ids must lie in 0..{vocab - 1}", param="prompt")
+        if req.max_new is not None and req.max_new > ctx:
+            raise P.RequestError(f"max_tokens {req.max_new} exceeds the model's context length of {ctx}",
+                                 param="max_tokens")
+        # no max_tokens: chat generates until EOS or the context ends (OpenAI), completions 16 tokens
+        default_max = ctx if kind == "chat" else cfg.completion_default_max_tokens
+        top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+        temperature = 1.0 if req.temperature is None else req.temperature
+        n = req.n or 1
+        gens = []
+        for ids in prompts:
+            for j in range(n):
+                # choices of one request sample differently but reproducibly from one seed
+                seed = None if req.seed is None else (req.seed + j) % 2**64
+                gens.append(GenerationRequest(
+                    tuple(ids), req.max_new or default_max,
+                    SamplingParams(temperature, top_k, 1.0 if req.top_p is None else req.top_p, seed),
+                    req.stop, req.skip_special_tokens is not False))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+        def sink(i: int) -> Callable[[Event], None]:
+            return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+        try:
+            handles = scheduler.submit(gens, [sink(i) for i in range(len(gens))])
+        except QueueFull as e:
+            raise P.RequestError(f"the server is busy: {e}; retry shortly", 429, "rate_limit_error",
+                                 "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        except NotReady as e:
+            raise P.RequestError(str(e), 503, "service_unavailable", "model_not_ready",
+                                 headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise P.RequestError(str(e)) from None
+        rid, model_name, t = P.new_id(kind), cfg.name, P.now()
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            def cancel_all() -> None:  # also when the client left before the stream's first piece
+                for h in handles:
+                    h.cancel()
+
+            return StreamingResponse(
+                stream(kind, rid, model_name, t, handles, queue, req.include_usage, prompt_tokens),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(cancel_all))
+        return await collect(request, kind, rid, model_name, t, handles, queue, prompt_tokens)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        size, parts = int(declared) if declared.isdigit() else 0, []
+        if size <= MAX_BODY:
+            size = 0
+            async for part in request.stream():
+                size += len(part)
+                if size > MAX_BODY:
+                    break
+                parts.append(part)
+        if size > MAX_BODY:
+            raise P.RequestError(f"the request body is larger than {MAX_BODY // 2**20} MiB", 413, code="body_too_large")
+        return b"".join(parts)
+
+    async def collect(request: Request, kind: str, rid: str, model_name: str, t: int, handles: list[Handle],
+                      queue: asyncio.Queue[tuple[int, Event | None]], prompt_tokens: int) -> Response:
+        texts: list[list[str]] = [[] for _ in handles]
+        finish: list[str | None] = [None] * len(handles)
+        completion = 0
+
+        async def watch() -> None:  # the body is read: the next message can only be the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            queue.put_nowait((-1, None))
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while any(f is None for f in finish):
+                i, ev = await queue.get()
+                if ev is None:
+                    return Response(status_code=499)  # nobody reads it; the handles are cancelled below
+                if ev.error:
+                    raise P.RequestError(ev.error, 500, "server_error", "generation_failed")
+                texts[i].append(ev.text)
+                if ev.finish_reason:
+                    finish[i], completion = ev.finish_reason, completion + ev.completion_tokens
+        finally:
+            watcher.cancel()
+            for h in handles:
+                h.cancel()  # a no-op for finished ones
+        choices = [("".join(x), f or "stop") for x, f in zip(texts, finish, strict=True)]
+        return JSONResponse(P.response(kind, rid, model_name, t, choices, P.usage(prompt_tokens, completion)))
+
+    async def stream(kind: str, rid: str, model_name: str, t: int, handles: list[Handle],
+                     queue: asyncio.Queue[tuple[int, Event | None]], include_usage: bool,
+                     prompt_tokens: int) -> AsyncIterator[str]:
+        # if the client disconnects, Starlette cancels this generator: `finally` cancels the generations
+        left, completion = set(range(len(handles))), 0
+        try:
+            if kind == "chat":
+                for i in range(len(handles)):
+                    yield P.sse(P.chunk(kind, rid, model_name, t, i, None, None, include_usage, role=True))
+            while left:
+                i, ev = await queue.get()
+                assert ev is not None  # only collect's watcher sends None
+                if ev.error:
+                    yield P.sse(P.error_body(ev.error, "server_error", "generation_failed"))
+                    break
+                if ev.text:
+                    yield P.sse(P.chunk(kind, rid, model_name, t, i, ev.text, None, include_usage))
+                if ev.finish_reason:
+                    left.discard(i)
+                    completion += ev.completion_tokens
+                    yield P.sse(P.chunk(kind, rid, model_name, t, i, None, ev.finish_reason, include_usage))
+            else:  # every choice finished (no error)
+                if include_usage:
+                    yield P.sse(P.usage_chunk(kind, rid, model_name, t, P.usage(prompt_tokens, completion)))
+            yield P.sse("[DONE]")
+        finally:
+            for h in handles:
+                h.cancel()
+
+    app.add_middleware(_Gate, api_key=cfg.api_key, metrics=metrics)
+    return app
+
+
+class _Gate:
+    """Pure ASGI wrapper (keeps streaming and disconnects intact, unlike BaseHTTPMiddleware): bearer
+    auth on everything but /health, and the request counter by endpoint and status."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path != "/health" and not self._authorized(scope):
+                body = json.dumps(P.error_body("Invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                               "authentication_error", "invalid_api_key")).encode()
+                await send_status({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.inc(endpoint=endpoint, status=status)
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        scheme, _, token = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+        want = self.api_key.encode()  # type: ignore[union-attr]
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), want)

@@ -1,0 +1,66 @@
+"""The `serve` command (registered in mertools.cli with `main.add_command(serve)`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+import click
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.command()
+@click.argument("layout", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say otherwise).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--cache-mb", type=click.FloatRange(min=0, min_open=True), help="Expert cache budget (MiB); default: what fits.")
+@click.option("--api-key", envvar="MERTOOLS_API_KEY", help="Require 'Authorization: Bearer KEY' (also $MERTOOLS_API_KEY).")
+@click.option("--max-concurrency", default=8, show_default=True, type=click.IntRange(1),
+              help="Sequences generated together in the running batch.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
+              help="Sequences waiting for a batch slot; beyond this, 429 with Retry-After.")
+@click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
+@click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
+@click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens per sequence per batch step.")
+def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
+          max_queue: int, prefetch: str, threads: int | None, model_name: str | None, prefill_chunk: int) -> None:
+    """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics), batching concurrent requests into shared forward steps."""
+    import uvicorn
+
+    from ..layout.reader import Layout
+    from .app import ServerConfig, create_app
+
+    Layout.open(layout)  # a bad layout fails here (exit status 2), before the socket is up
+    if not _is_loopback(host):
+        click.echo(f"note: listening on {host}, not loopback: anyone who can reach it can use the model"
+                   + ("" if api_key else " (no --api-key set)"), err=True)
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(message: str) -> None:  # called from the scheduler thread
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
+                       max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
+                       prefill_chunk=prefill_chunk)
+    app = create_app(cfg, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
+    click.echo(f"serving {cfg.name} from {layout} on http://{host}:{port}/v1 (loading the model...)", err=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C/SIGTERM it has already shut down for
+        pass
+    if failed:
+        click.echo(f"mertools: error: {failed[0]}", err=True)
+        sys.exit(2)

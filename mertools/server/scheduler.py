@@ -1,0 +1,377 @@
+"""Continuous batching over `Engine.step`, in one thread, free of HTTP.
+
+Requests wait in a bounded queue and join the running batch (at most `max_running` sequences) at a
+token boundary; each iteration makes ONE `engine.step` over every running sequence: one token for
+each decoding sequence, and a prompt chunk (`prefill_chunk` tokens) for each sequence still reading
+its prompt, so a long prompt never stalls the others for more than one chunk's worth of compute.
+A sequence leaves the batch as soon as it ends (EOS, a stop string, max_tokens, the context, or its
+consumer cancelled it), freeing its slot for the next waiting request.
+
+Chunk boundaries depend only on the prompt (every chunk but the last is `prefill_chunk` long,
+whatever else is running), so a request's arithmetic never depends on its neighbours' prompts
+beyond what the batched kernels themselves do.
+
+The engine is loaded by this thread too: it is not thread-safe, so every call into it is made here.
+Results go out through per-request callbacks (`on_event`), called from this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime.sampling import Sampler, SamplingParams
+from .metrics import ServerMetrics
+
+log = logging.getLogger("mertools.server")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    skip_special: bool = True  # special tokens (<s>, </s>...) add no text, as OpenAI-style servers do
+
+
+@dataclass(frozen=True)
+class Event:
+    """New text of one generation; the last event has `finish_reason` and the token counts."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class QueueFull(Exception):
+    """More waiting requests than the queue takes: the client should retry later (HTTP 429)."""
+
+
+class NotReady(Exception):
+    """The engine is still loading, failed to load, or the scheduler is shutting down (HTTP 503)."""
+
+
+class Handle:
+    """One submitted generation. `cancel()` (any thread) makes the scheduler drop it at the next
+    token boundary; no more events are sent after that."""
+
+    def __init__(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> None:
+        self.request = request
+        self._on_event = on_event
+        self._cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # the consumer is gone (closed event loop...): stop generating for it
+            log.debug("event consumer failed; cancelling", exc_info=True)
+            self.cancel()
+
+
+class TextAssembler:
+    """Token ids in, text out, holding back any tail that could be the start of a stop string and
+    cutting the text before the first stop string (the logic of `Engine.generate`, with the hold
+    narrowed to the longest tail that really is a prefix of some stop string)."""
+
+    def __init__(self, decoder: Any, stops: Sequence[str]) -> None:
+        self._dec = decoder
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0  # text[:emitted] was handed out, and holds no stop string
+
+    def feed(self, token_id: int) -> tuple[str, bool]:
+        """(text now safe to hand out, whether a stop string was reached)."""
+        self.text += self._dec.feed(token_id)
+        return self._advance(final=False)
+
+    def finish(self) -> tuple[str, bool]:
+        """The rest of the text (a pending partial character becomes U+FFFD)."""
+        self.text += self._dec.flush()
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> tuple[str, bool]:
+        text, start = self.text, self.emitted
+        # an occurrence cannot start before `emitted`: it would have been held back (or found) then
+        hits = [j for j in (text.find(s, start) for s in self.stops) if j >= 0]
+        if hits:
+            self.emitted = len(text)
+            return text[start:min(hits)], True
+        safe = len(text) if final else len(text) - self._partial(text, start)
+        self.emitted = max(start, safe)
+        return text[start:self.emitted], False
+
+    def _partial(self, text: str, start: int) -> int:
+        """Length of the longest tail of text[start:] that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text) - start), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+@dataclass
+class _Seq:
+    handle: Handle
+    kv: Any
+    sampler: Sampler
+    text: TextAssembler
+    max_tokens: int
+    eos_ids: frozenset[int]
+    fed: int = 0  # prompt tokens already in the KV cache
+    generated: int = 0
+    last_id: int = -1
+    last_time: float = 0.0
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.handle.request.prompt_ids
+
+
+class Scheduler:
+    def __init__(self, load: Callable[[], Any], *, max_running: int = 8, max_waiting: int = 64,
+                 prefill_chunk: int = 64, step_token_budget: int = 512, metrics: ServerMetrics | None = None,
+                 on_load_error: Callable[[str], None] | None = None) -> None:
+        if max_running < 1 or max_waiting < 0 or prefill_chunk < 1:
+            raise ValueError("max_running and prefill_chunk must be >= 1, max_waiting >= 0")
+        self._load = load
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.prefill_chunk, self.step_token_budget = prefill_chunk, max(step_token_budget, prefill_chunk)
+        self.metrics = metrics
+        self._on_load_error = on_load_error
+        self.engine: Any = None
+        self.load_error: str | None = None
+        self._state = "loading"
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: deque[Handle] = deque()
+        self._running: list[_Seq] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._main, name="mertools-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    @property
+    def state(self) -> str:
+        """loading, ready, failed or stopped."""
+        return self._state
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self._state == "ready"
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, requests: Sequence[GenerationRequest], on_event: Sequence[Callable[[Event], None]]) -> list[Handle]:
+        """Queue generations (all or none). Raises NotReady, QueueFull, or ValueError for a request
+        the engine cannot run (the app validates first, with friendlier messages)."""
+        if self._state != "ready":
+            raise NotReady(self.load_error or f"the model is {self._state}")
+        ctx, vocab = self.engine.config.context_length, self.engine.config.vocab_size
+        for r in requests:
+            if not r.prompt_ids:
+                raise ValueError("the prompt is empty")
+            if len(r.prompt_ids) >= ctx:
+                raise ValueError(f"the prompt has {len(r.prompt_ids)} tokens; the model's context is {ctx}")
+            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab:
+                raise ValueError(f"token ids must lie in 0..{vocab - 1}")
+            if r.max_tokens < 1:
+                raise ValueError("max_tokens must be >= 1")
+        handles = [Handle(r, cb) for r, cb in zip(requests, on_event, strict=True)]
+        with self._cond:
+            if self._closing:
+                raise NotReady("the server is shutting down")
+            # slots free now are filled from the queue at the next token boundary
+            room = self.max_waiting + max(0, self.max_running - len(self._running)) - len(self._waiting)
+            if len(handles) > room:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (at most {self.max_waiting})")
+            self._waiting.extend(handles)
+            self._cond.notify()
+        return handles
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _main(self) -> None:
+        try:
+            engine = self._load()
+            engine.tokenizer  # noqa: B018 - loaded here, before any request can use it
+        except Exception as e:  # any failure to load is reported, never a dead thread nobody notices
+            self.load_error = f"cannot load the model: {e}"
+            self._state = "failed"
+            log.error("%s", self.load_error)
+            try:
+                if self._on_load_error is not None:
+                    self._on_load_error(self.load_error)
+            finally:
+                self._ready.set()
+            return
+        self.engine = engine
+        self._state = "ready"
+        self._ready.set()
+        try:
+            while True:
+                try:
+                    if not self._next_batch():
+                        break
+                    if self._running:
+                        self._step()
+                except Exception as e:  # a bug: fail the running batch, keep serving
+                    log.exception("scheduler iteration failed")
+                    for s in list(self._running):
+                        self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
+        finally:
+            self._state = "stopped"
+            with self._cond:
+                left = list(self._waiting)
+                self._waiting.clear()
+            for s in list(self._running):
+                self._finish(s, Event(finish_reason="error", error="the server is shutting down"), "error")
+            for h in left:
+                h.emit(Event(finish_reason="error", error="the server is shutting down"))
+            engine.close()
+
+    def _next_batch(self) -> bool:
+        """Drop cancelled sequences, admit waiting ones; block while there is nothing to do."""
+        for s in [s for s in self._running if s.handle.cancelled]:
+            self._finish(s, None, "cancelled")
+        with self._cond:
+            while not self._closing and not self._waiting and not self._running:
+                self._cond.wait()
+            if self._closing:
+                return False
+            admitted = []
+            while self._waiting and len(self._running) + len(admitted) < self.max_running:
+                admitted.append(self._waiting.popleft())
+        for h in admitted:
+            if h.cancelled:
+                self._count_finish("cancelled")
+                continue
+            try:
+                self._running.append(self._new_seq(h))
+            except Exception as e:
+                log.exception("cannot start a generation")
+                h.emit(Event(finish_reason="error", error=f"cannot start the generation: {e}"))
+                self._count_finish("error")
+        return True
+
+    def _new_seq(self, h: Handle) -> _Seq:
+        r, eng = h.request, self.engine
+        tok = eng.tokenizer
+        max_tokens = min(r.max_tokens, eng.config.context_length - len(r.prompt_ids))
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+        return _Seq(h, eng.new_sequence(), Sampler(r.sampling), TextAssembler(tok.stream(skip_special=r.skip_special), r.stop),
+                    max_tokens, tok.eos_ids)
+
+    def _step(self) -> None:
+        chunk = self.prefill_chunk
+        decoding = sum(1 for s in self._running if s.fed == len(s.prompt))
+        budget, any_prefill = self.step_token_budget - decoding, False
+        items, fed = [], []
+        for s in self._running:
+            if s.fed < len(s.prompt):
+                ids = s.prompt[s.fed:s.fed + chunk]
+                if any_prefill and len(ids) > budget:
+                    continue  # over this step's budget: its next chunk waits one step
+                budget, any_prefill = budget - len(ids), True
+            else:
+                ids = (s.last_id,)
+            items.append((s.kv, ids))
+            fed.append((s, len(ids)))
+        try:
+            logits = self.engine.step(items)
+        except Exception as e:  # e.g. an expert that cannot be read: those sequences end, the rest go on
+            log.exception("engine step failed")
+            for s, _ in fed:
+                self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
+            return
+        now = time.perf_counter()
+        if self.metrics:
+            self.metrics.steps.inc()
+            self.metrics.step_tokens.inc(sum(n for _, n in fed))
+        for (s, n), lg in zip(fed, logits, strict=True):
+            if s.fed < len(s.prompt):
+                s.fed += n
+                if s.fed < len(s.prompt):
+                    continue  # more prompt to read; these logits predict nothing we need
+            if s.handle.cancelled:
+                self._finish(s, None, "cancelled")
+                continue
+            try:
+                self._on_token(s, s.sampler(lg), now)
+            except Exception as e:  # e.g. NaN logits under sampling: this sequence ends, the batch goes on
+                log.exception("sampling failed")
+                if s in self._running:
+                    self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
+
+    def _on_token(self, s: _Seq, tid: int, now: float) -> None:
+        s.generated += 1
+        s.last_id = tid
+        m = self.metrics
+        if m:
+            m.generated_tokens.inc()
+            if s.generated == 1:
+                m.ttft.observe(now - s.handle.submitted)
+            else:
+                m.itl.observe(now - s.last_time)
+        s.last_time = now
+        if tid in s.eos_ids:
+            text, _ = s.text.finish()
+            reason: str | None = "stop"
+        else:
+            text, stopped = s.text.feed(tid)
+            reason = "stop" if stopped else None
+            if reason is None and s.generated >= s.max_tokens:
+                rest, stopped = s.text.finish()
+                text += rest
+                reason = "stop" if stopped else "length"
+        if reason is None:
+            if text:
+                s.handle.emit(Event(text))
+            return
+        self._finish(s, Event(text, reason, prompt_tokens=len(s.prompt), completion_tokens=s.generated), reason)
+
+    def _finish(self, s: _Seq, event: Event | None, reason: str) -> None:
+        self._running.remove(s)
+        if event is not None:
+            event = Event(event.text, event.finish_reason, event.error, len(s.prompt), s.generated)
+            s.handle.emit(event)
+        self._count_finish(reason)
+        if self.metrics and s.generated:
+            self.metrics.e2e.observe(time.perf_counter() - s.handle.submitted)
+
+    def _count_finish(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.finished.inc(reason=reason)
