@@ -75,9 +75,9 @@ def child_llama(gguf: str, tokens: int, threads: int, cgroup: str | None) -> Non
         tok = llm.sample(temp=0.0)
         llm.eval([tok])
     t2 = time.perf_counter()
-    import resource
+    from mertools.runtime.memory import peak_rss_bytes
 
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_bytes() / 2**20
     print(json.dumps({"decode_tok_s": tokens / (t2 - t1), "peak_rss_mb": rss_mb}))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,9 @@ def child(src: str, out: str, dtype: str) -> None:
 
     s = convert(src, out, ConvertOptions(dtype=dtype, force=True, progress=False))
     d = s.to_dict()
-    d["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from mertools.runtime.memory import peak_rss_bytes
+
+    d["peak_rss_mb"] = peak_rss_bytes() / 2**20
     print(json.dumps(d))
 
 
