@@ -1,0 +1,119 @@
+"""The trained fixture (fixtures/trained/tiny-shakespeare-moe) behaves like a real, if tiny, model.
+
+Runs in the lean venv (no torch): converts the committed checkpoint with the project's own
+converter, generates greedily with the runtime, routes a held-out snippet and checks the
+numerics against the checkpoint with `mertools verify --reference`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mertools.cli import main
+from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.runtime.engine import Engine
+from mertools.runtime.trace import read_trace
+
+TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
+CHECKPOINT = TRAINED / "tiny-shakespeare-moe"
+TRACE = TRAINED / "validation-trace.jsonl.zst"
+
+# Julius Caesar, Act I, Scene II, verbatim from the corpus: held out from training for validation.
+SNIPPET = """CASSIUS.
+Why, man, he doth bestride the narrow world
+Like a Colossus; and we petty men
+Walk under his huge legs and peep about
+To find ourselves dishonorable graves.
+Men at some time are masters of their fates:
+The fault, dear Brutus, is not in our stars,
+But in ourselves,that we are underlings.
+"Brutus" and "Caesar": what should be in that "Caesar"?
+Why should that name be sounded more than yours?
+Write them together, yours is as fair a name;
+Sound them, it doth become the mouth as well;
+Weigh them, it is as heavy; conjure with them,
+"Brutus" will start a spirit as soon as "Caesar."
+Now, in the names of all the gods at once,
+Upon what meat doth this our Caesar feed
+That he is grown so great? Age, thou art shamed!
+Rome, thou hast lost the breed of noble bloods!
+When went there by an age since the great flood,
+But it was famed with more than with one man?
+When could they say, till now, that talk'd of Rome,
+That her wide walls encompass'd but one man?
+Now is it Rome indeed, and room enough,
+When there is in it but one only man.
+O, you and I have heard our fathers say
+There was a Brutus once that would have brook'd
+Th' eternal devil to keep his state in Rome,
+As easily as a king!
+"""
+
+COMMON_WORDS = {"the", "and", "i", "to", "of", "a", "my", "you", "that", "in", "is", "not", "me", "it",
+                "with", "be", "your", "his", "thou", "thy", "he", "for", "this", "what", "will", "so", "but"}
+
+
+@pytest.fixture(scope="module")
+def q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(CHECKPOINT, tmp_path_factory.mktemp("trained") / "q8_0",
+                   ConvertOptions(dtype="q8_0", progress=False)).out
+
+
+def test_checkpoint_is_a_small_mixtral() -> None:
+    cfg = json.loads((CHECKPOINT / "config.json").read_text(encoding="utf-8"))
+    assert cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    assert cfg["hidden_size"] % 256 == 0 and cfg["intermediate_size"] % 256 == 0  # Q4_K applies
+    size = sum(p.stat().st_size for p in CHECKPOINT.iterdir())
+    assert size < 20 * 2**20, f"checkpoint grew to {size / 2**20:.1f} MiB"
+
+
+def test_greedy_generation_is_readable(q8: Path) -> None:
+    with Engine.open(q8, cache_mb=8, prefetch="lookahead") as eng:
+        text = "".join(t.text for t in eng.generate("ROMEO:", max_tokens=48, temperature=0.0))
+    assert len(text) > 60, text
+    readable = sum(c.isascii() and (c.isalpha() or c in " \n.,;:'!?-") for c in text)
+    assert readable / len(text) > 0.9, text
+    words = re.findall(r"[a-z']+", text.lower())
+    assert len({w for w in words if w in COMMON_WORDS}) >= 3, text
+
+
+def test_routing_on_held_out_text_uses_every_expert(q8: Path) -> None:
+    with Engine.open(q8, cache_mb=8, prefetch="none") as eng:
+        n_layers, n_experts = eng.model.cfg.n_layers, eng.model.cfg.n_experts
+        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+
+        def hook(pos: np.ndarray, layer: int, chosen: np.ndarray, weights: np.ndarray) -> None:
+            counts[layer] += np.bincount(np.asarray(chosen).ravel(), minlength=n_experts)
+
+        eng.model.trace = hook
+        ids = eng.tokenizer.encode(SNIPPET)
+        eng.forward(ids)
+    share = counts / len(ids)  # share of the layer's tokens that chose each expert (top-2: sums to 2)
+    assert (counts > 0).all(), counts
+    assert share.max() <= 0.5, np.round(share, 3)
+
+
+def test_verify_reference_on_q8_0(q8: Path, tmp_path: Path) -> None:
+    report = tmp_path / "verify.json"
+    res = CliRunner().invoke(main, ["verify", str(q8), "--reference", str(CHECKPOINT), "--quiet",
+                                    "--json", str(report)])
+    assert res.exit_code == 0, res.output
+
+
+def test_committed_validation_trace() -> None:
+    cfg = json.loads((CHECKPOINT / "config.json").read_text(encoding="utf-8"))
+    assert TRACE.stat().st_size < 2**20
+    records = list(read_trace(TRACE))
+    layers = {r["layer"] for r in records}
+    assert layers == set(range(cfg["num_hidden_layers"]))
+    assert len(records) >= 256 * len(layers)
+    for r in records[:1000]:
+        assert len(r["experts"]) == cfg["num_experts_per_tok"] == len(r["weights"])
+        assert all(0 <= e < cfg["num_local_experts"] for e in r["experts"])
