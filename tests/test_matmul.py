@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mertools.errors import QuantizationError
-from mertools.kernels import dequantize, quantize
+from mertools.kernels import dequantize, gemm_kernels, quantize
 from mertools.kernels import matmul_kernels as kernels
 from mertools.kernels import matmul_reference as ref
 from mertools.kernels.matmul import get_rows, matmul, swiglu_expert
 
 DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
 BLOCK = {"f32": 1, "f16": 1, "q4_0": 32, "q8_0": 32, "q4_k": 256}
-NS = (1, 2, 7, 64)
+NS = (1, 2, 7, 17, 64)  # 1: the matvec; 2, 7: the tiled kernel; 17, 64: the GEMM (16 inputs per vector)
 # (rows, cols): the tiny fixture's matrices, then rows that are no multiple of the 4-row blocking or
 # of the 16-row tile, and widths that leave a partial 512-column tile
 SHAPES = [(512, 256), (256, 512), (256, 256), (128, 256), (37, 512), (131, 768), (3, 256), (21, 1280)]
@@ -63,7 +63,7 @@ def test_matmul_matches_reference(dtype: str, rows: int, cols: int, n: int) -> N
     check(x, w, dtype, rows, cols, matmul(x, w, dtype, rows, cols))
 
 
-@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("n", [1, 3, 16, 70])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mixtral_widths(dtype: str, n: int) -> None:
     """Long rows (4096 and 14336 columns) accumulate many blocks."""
@@ -229,7 +229,7 @@ def test_worker_thread_and_concurrent_calls() -> None:
 def test_kernels_are_nogil_and_parallel() -> None:
     from mertools.kernels import matmul as api
 
-    kernels = [k for k, _ in api._MATVEC.values()] + [api._k.matmul_tiled]
+    kernels = [api._mv.matvec, api._mv.matvec_swiglu, api._k.matmul_tiled, api._g.matmul_gemm]
     for k in kernels:
         assert k.targetoptions["nogil"] and k.targetoptions["parallel"], k
 
@@ -291,3 +291,96 @@ def test_swiglu_expert(dg: str, du: str, dd: str, n: int) -> None:
     # the products' own rounding plus what the hidden layer's error (relative 1e-4 at most) carries
     bound = 3 * TOL * (h @ np.abs(ref.weight(down, dd, d_model, d_ff)).T)
     assert (np.abs(got - expected) <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_rows_do_not_depend_on_n(dtype: str) -> None:
+    """Past GEMM_MIN_N inputs each input's sums run in a fixed order over its own row of x: an input
+    gives the same bits whatever else is in the call (the tiled kernel for fewer inputs may not)."""
+    rows, cols = 45, 768 if dtype != "q4_k" else 1024
+    w = weight(dtype, rows, cols)
+    x = inputs(150, cols)
+    full = matmul(x, w, dtype, rows, cols)
+    for lo, hi in ((0, gemm_kernels.GEMM_MIN_N), (3, 80), (64, 150), (100, 117)):
+        np.testing.assert_array_equal(matmul(x[lo:hi], w, dtype, rows, cols), full[lo:hi])
+    check(x, w, dtype, rows, cols, full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matvec_is_deterministic_across_threads(dtype: str) -> None:
+    """Each row's sum is the same sequence of operations whichever thread computes it."""
+    import numba
+
+    rows, cols = 203, 1024
+    w = weight(dtype, rows, cols)
+    x = inputs(1, cols)
+    got = matmul(x, w, dtype, rows, cols)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        np.testing.assert_array_equal(matmul(x, w, dtype, rows, cols), got)
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q4_k", "q8_0", "f16"])
+def test_swiglu_decode_at_mixtral_shape(dtype: str) -> None:
+    """n = 1 takes the fused gate/up/SwiGLU pass, then the down matvec; rows 14336 wide included."""
+    d_model, d_ff = 256, 1536  # down rows are d_ff = 1536 wide; gate/up have 1536 rows (not a multiple of 64)
+    gate, up, down = weight(dtype, d_ff, d_model), weight(dtype, d_ff, d_model, 1), weight(dtype, d_model, d_ff, 2)
+    x = inputs(1, d_model)
+    got = swiglu_expert(x, gate, up, down, dtype, dtype, dtype, d_ff, d_model)
+    expected = ref.swiglu_expert(x, gate, up, down, dtype, dtype, dtype, d_ff, d_model)
+    g = ref.matmul(x, gate, dtype, d_ff, d_model)
+    h = np.abs(g / (1.0 + np.exp(-g)) * ref.matmul(x, up, dtype, d_ff, d_model))
+    bound = 3 * TOL * (h @ np.abs(ref.weight(down, dtype, d_model, d_ff)).T)
+    assert (np.abs(got - expected) <= bound).all()
+
+
+@pytest.mark.parametrize("path", ["avx512", "avx2", "generic"])
+def test_simd_table_lookup_paths(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vlut16 (the nibble -> weight table) gives table[idx & 15] on every code path the host may take."""
+    from numba import njit
+
+    from mertools.kernels import simd
+
+    if path == "avx512" and not simd.AVX512 or path == "avx2" and not (simd.AVX2 or simd.AVX512):
+        pytest.skip(f"host has no {path}")
+    monkeypatch.setattr(simd, "AVX512", path == "avx512")
+    monkeypatch.setattr(simd, "AVX2", path == "avx2")
+
+    @njit(cache=False)
+    def lookup(table, idx, out):  # out[:16] = table[idx & 15] through vlut16
+        simd.vstore(out, 0, simd.vlut16(simd.vload(table, 0), simd.nib16(idx, 0)))
+
+    table = np.arange(16, dtype=np.float32) * np.float32(-1.5) + np.float32(0.25)
+    for seed in range(3):
+        idx = np.random.default_rng(seed).integers(0, 256, 16).astype(np.uint8)
+        out = np.zeros(16, np.float32)
+        lookup(table, idx, out)
+        np.testing.assert_array_equal(out, table[idx & 15])
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_attention_kernel_matches_the_numpy_path(window: int) -> None:
+    """MoEModel._attend's n = 1 kernel (runtime.model._attend_one) against its numpy path for n > 1."""
+    from types import SimpleNamespace
+
+    from mertools.runtime.model import KVCache, MoEModel
+
+    cfg = SimpleNamespace(head_dim=128, n_heads=8, n_kv_heads=2, sliding_window=window or None, n_layers=1)
+    rng = np.random.default_rng(window)
+    keys, vals = rng.standard_normal((2, 40, 2, 128)).astype(np.float32)
+    q = rng.standard_normal((2, 8, 128)).astype(np.float32)
+    model = MoEModel.__new__(MoEModel)
+    model.cfg = cfg
+
+    def kv() -> KVCache:
+        c = KVCache.__new__(KVCache)
+        c.cfg, c.k, c.v = cfg, np.zeros((1, 64, 2, 128), np.float32), np.zeros((1, 64, 2, 128), np.float32)
+        c.k[0, :40], c.v[0, :40] = keys, vals
+        return c
+
+    one = model._attend(0, kv(), q[1:], keys[39:40], vals[39:40], np.array([39]))  # the kernel
+    two = model._attend(0, kv(), q, keys[38:40], vals[38:40], np.array([38, 39]))  # numpy
+    np.testing.assert_allclose(one, two[1:], rtol=0, atol=1e-6)

@@ -8,6 +8,9 @@ W is `rows x cols` in HF orientation (rows = output features) and arrives as raw
 (rows, row_bytes), or any contiguous uint8 array of that size. The numba kernels (`matmul_kernels`)
 decode blocks inside the dot product and release the GIL; `matmul_reference` is the numpy definition
 the tests hold them to.
+
+Decode (n == 1) runs `matvec_kernels` (4 rows per group sharing x, exact dequantization through
+vpermps tables, software prefetch); prefill (n > 1) the tiled kernel of `matmul_kernels`.
 """
 
 from __future__ import annotations
@@ -15,23 +18,15 @@ from __future__ import annotations
 import numpy as np
 
 from mertools.errors import QuantizationError
-from mertools.kernels import dequantize
+from mertools.kernels import gemm_kernels as _g
 from mertools.kernels import matmul_kernels as _k
+from mertools.kernels import matvec_kernels as _mv
 from mertools.layout.constants import DTYPES
 
 __all__ = ["MATMUL_DTYPES", "matmul", "get_rows", "swiglu_expert"]
 
 MATMUL_DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
 _KIND = {"f32": _k.F32, "f16": _k.F16, "q4_0": _k.Q4_0, "q8_0": _k.Q8_0, "q4_k": _k.Q4_K}
-# n == 1 (decode) takes a matvec, which reads each weight row front to back; the row bytes are viewed
-# as the type each matvec expects
-_MATVEC = {
-    "f32": (_k.matvec_f32, np.float32),
-    "f16": (_k.matvec_f16, np.uint16),
-    "q4_0": (_k.matvec_q4_0, np.uint8),
-    "q8_0": (_k.matvec_q8_0, np.uint8),
-    "q4_k": (_k.matvec_q4_k, np.uint8),
-}
 
 
 def _check_weight(w: np.ndarray, dtype: str, rows: int, cols: int, what: str) -> np.ndarray:
@@ -88,8 +83,9 @@ def matmul(
         out.fill(0.0)
         return out
     if n == 1:
-        kernel, view = _MATVEC[dtype]
-        kernel(x2[0], w2.view(view), out[0])
+        _mv.matvec(_KIND[dtype], x2[0], w2, out[0])
+    elif n >= _g.GEMM_MIN_N:
+        _g.matmul_gemm(_KIND[dtype], _g.panels(x2), n, w2, out)
     else:
         _k.matmul_tiled(_KIND[dtype], x2, w2, out)
     return out
@@ -120,7 +116,9 @@ def get_rows(w: np.ndarray, dtype: str, ids: np.ndarray, cols: int) -> np.ndarra
     if idx.size and (idx.min() < 0 or idx.max() >= rows):
         bad = idx[(idx < 0) | (idx >= rows)][0]
         raise QuantizationError(f"get_rows: id {bad} out of range for a {dtype} weight ({rows}, {cols})")
-    return dequantize(w2[idx], dtype, (idx.size, cols))
+    out = np.empty((idx.size, cols), np.float32)
+    _k.get_rows(_KIND[dtype], w2, idx, out)
+    return out
 
 
 def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -148,6 +146,16 @@ def swiglu_expert(
 
     x: float32 (n, d_model); gate/up: (d_ff, d_model) bytes; down: (d_model, d_ff) bytes.
     """
+    if np.asarray(x).ndim == 2 and np.asarray(x).shape[0] == 1:  # decode: gate, up and SwiGLU in one pass
+        g = _check_weight(gate_w, dtype_gate, d_ff, d_model, "swiglu_expert gate")
+        u = _check_weight(up_w, dtype_up, d_ff, d_model, "swiglu_expert up")
+        x2 = _check_x(x, dtype_gate, d_ff, d_model, "swiglu_expert")
+        h = np.empty((1, d_ff), np.float32)
+        if d_ff and d_model:
+            _mv.matvec_swiglu(_KIND[dtype_gate], _KIND[dtype_up], x2[0], g, u, h[0], np.empty(d_ff, np.float32))
+        else:
+            h.fill(0.0)
+        return matmul(h, down_w, dtype_down, d_model, d_ff)
     g = matmul(x, gate_w, dtype_gate, d_ff, d_model)  # (n, d_ff)
     u = matmul(x, up_w, dtype_up, d_ff, d_model)  # (n, d_ff)
     return matmul(silu_mul(g, u), down_w, dtype_down, d_model, d_ff)  # (n, d_model)

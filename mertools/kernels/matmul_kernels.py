@@ -1,9 +1,8 @@
-"""Numba kernels for x @ W.T with W in a GGML block layout, dequantizing on the fly.
+"""Numba kernels for x @ W.T with W in a GGML block layout, dequantizing on the fly: prefill (n > 1).
 
-Decode (n == 1): one matvec per dtype, `prange` over weight rows, each row's blocks decoded in
-registers and dotted with x as the row streams in front to back.
+Decode (n == 1) has its own kernels in `matvec_kernels`.
 
-Prefill (n > 1): one tiled kernel for every dtype. Each parallel task owns RB weight rows, decodes an
+Prefill: one tiled kernel for every dtype. Each parallel task owns RB weight rows, decodes an
 RB x KC tile into a float32 buffer that stays in L1, and dots it with the KC-wide slices of all n
 inputs, so each block is decoded once per call whatever n is and the weights are read once.
 
@@ -21,7 +20,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from mertools.kernels.quantize_kernels import bits_f32, f16_bits_to_f32
+from mertools.kernels.quantize_kernels import f16_bits_to_f32
 
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _JIT = {"nogil": True, "cache": True, "fastmath": _FASTMATH}
@@ -229,110 +228,6 @@ def _dot(a, b, kc):
     return s
 
 
-# ---------------------------------------------------------------- decode (n == 1): matvecs
-# A row's blocks are decoded in registers and accumulated into a small `lanes` array (one slot per
-# position in a block) that is summed once per row: a scalar sum per block made LLVM vectorise
-# across blocks with gathers. Nibbles are split in float so the loops run 16 lanes wide.
-
-
-@njit(**_JIT)
-def nibbles(byte):
-    """(low, high) nibble of a byte as float32."""
-    qf = np.float32(byte)
-    hi = np.floor(qf * np.float32(0.0625))
-    return qf - np.float32(16.0) * hi, hi
-
-
-@njit(**_JIT)
-def h2f(h):
-    """IEEE half bits (int 0..65535) -> float32, exactly and branch-free so loops over it vectorise:
-    the 15 magnitude bits shifted into a float32's place, times 2^112, are right for normal and
-    subnormal halves; exponent 31 (inf/NaN) takes the all-ones float32 exponent instead."""
-    mag = (h & 0x7FFF) << 13
-    v = bits_f32(np.int32(mag)) * np.float32(2.0**112)
-    if (h & 0x7C00) == 0x7C00:
-        v = bits_f32(np.int32(mag | 0x7F800000))
-    return -v if (h & 0x8000) != 0 else v
-
-
-@njit(parallel=True, **_JIT)
-def matvec_f32(x, w, out):
-    """x: float32 (cols,); w: float32 (rows, cols); out: float32 (rows,)."""
-    for r in prange(w.shape[0]):
-        out[r] = _dot(w[r], x, x.size)
-
-
-@njit(parallel=True, **_JIT)
-def matvec_f16(x, w, out):
-    """x: float32 (cols,); w: uint16 (rows, cols) half bits; out: float32 (rows,)."""
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        acc = np.float32(0.0)
-        for k in range(x.size):
-            acc += h2f(np.int32(wr[k])) * x[k]
-        out[r] = acc
-
-
-@njit(parallel=True, **_JIT)
-def matvec_q4_0(x, w, out):
-    """x: float32 (cols,); w: uint8 (rows, cols/32*18); out: float32 (rows,)."""
-    nb = x.size // 32
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        lanes = np.zeros(32, dtype=np.float32)  # (32,) partial sums per position in a block
-        for b in range(nb):
-            o = b * 18
-            xb = b * 32
-            d = half_at(wr, o)
-            for j in range(16):  # byte j: low nibble = weight j, high nibble = weight j + 16
-                lo, hi = nibbles(wr[o + 2 + j])
-                lanes[j] += ((lo - np.float32(8.0)) * d) * x[xb + j]
-                lanes[16 + j] += ((hi - np.float32(8.0)) * d) * x[xb + 16 + j]
-        out[r] = lanes.sum()
-
-
-@njit(parallel=True, **_JIT)
-def matvec_q8_0(x, w, out):
-    """x: float32 (cols,); w: uint8 (rows, cols/32*34); out: float32 (rows,)."""
-    nb = x.size // 32
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        qs = wr.view(np.int8)
-        lanes = np.zeros(32, dtype=np.float32)
-        for b in range(nb):
-            o = b * 34
-            xb = b * 32
-            d = half_at(wr, o)
-            for j in range(32):
-                lanes[j] += (np.float32(qs[o + 2 + j]) * d) * x[xb + j]
-        out[r] = lanes.sum()
-
-
-@njit(parallel=True, **_JIT)
-def matvec_q4_k(x, w, out):
-    """x: float32 (cols,); w: uint8 (rows, cols/256*144); out: float32 (rows,)."""
-    nb = x.size // 256
-    for r in prange(w.shape[0]):
-        wr = w[r]
-        lanes = np.zeros(64, dtype=np.float32)  # (64,) per position in a 64-weight chunk
-        for b in range(nb):
-            o = b * 144
-            d = half_at(wr, o)
-            dmin = half_at(wr, o + 2)
-            for c in range(4):
-                sc0, m0 = scale_min_k4(wr, o + 4, 2 * c)
-                sc1, m1 = scale_min_k4(wr, o + 4, 2 * c + 1)
-                d0, n0 = d * np.float32(sc0), dmin * np.float32(m0)
-                d1, n1 = d * np.float32(sc1), dmin * np.float32(m1)
-                qo = o + 16 + 32 * c
-                xb = b * 256 + 64 * c
-                for i in range(32):
-                    lo, hi = nibbles(wr[qo + i])
-                    lanes[i] += (d0 * lo - n0) * x[xb + i]
-                    lanes[32 + i] += (d1 * hi - n1) * x[xb + 32 + i]
-        out[r] = lanes.sum()
-
-
 # ---------------------------------------------------------------- dot products and the kernel
 
 
@@ -416,3 +311,16 @@ def matmul_tiled(kind, x, w, out):
         for i in range(n):
             for r in range(rb):
                 out[i, r0 + r] = acc[i, r]
+
+
+@njit(**_JIT)
+def get_rows(kind, w, ids, out):
+    """out[i] = W[ids[i]] decoded (bit-identical to `dequantize`), serially: an embedding lookup is a
+    few rows, too little work for a parallel region. out: float32 (len(ids), cols)."""
+    buf = np.empty((RB, KC), dtype=np.float32)
+    cols = out.shape[1]
+    for i in range(ids.size):
+        for k0 in range(0, cols, KC):
+            kc = min(KC, cols - k0)
+            decode_tile(kind, w, ids[i], 1, k0, kc, buf)
+            out[i, k0 : k0 + kc] = buf[0, :kc]

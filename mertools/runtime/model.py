@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit, prange
 
 from ..kernels.matmul import get_rows, matmul, swiglu_expert
+from ..kernels.simd import prefetch
 from ..layout.config import ModelConfig
 from ..layout.reader import Layout
 from .cache import ExpertCache
@@ -56,6 +58,52 @@ def _per_span(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, spans: list
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
     return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _attend_one(q, keys, vals, pos, window, out):
+    """Decode attention of one new token: q (nh, hd) at position pos over keys/vals (pos + 1, nkv, hd)
+    -> out (nh, hd): what `MoEModel._attend` computes for n = 1 (causal; sliding window if window > 0)
+    in one parallel pass over kv heads, each key and value row read once for its group of query
+    heads. fastmath without nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
+    nh, hd = q.shape
+    nkv = keys.shape[1]
+    group = nh // nkv
+    scale = np.float32(np.sqrt(hd))
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    kb = keys.reshape(-1).view(np.uint8)  # for prefetching: a head's rows are nkv*hd*4 bytes apart, one
+    vb = vals.reshape(-1).view(np.uint8)  # page each, which the hardware prefetcher does not follow
+    row = hd * 4
+    for g in prange(nkv):
+        s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
+        for j in range(lo, pos + 1):
+            ahead = ((min(j + 8, pos) * nkv) + g) * row
+            for c in range(0, row, 64):
+                prefetch(kb, ahead + c)
+            for i in range(group):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += q[g * group + i, d] * keys[j, g, d]
+                s[i, j] = acc / scale
+        for i in range(group):
+            m = s[i, lo]
+            for j in range(lo + 1, pos + 1):
+                m = max(m, s[i, j])
+            tot = np.float32(0.0)
+            for j in range(lo, pos + 1):
+                s[i, j] = np.exp(s[i, j] - m)
+                tot += s[i, j]
+            for j in range(lo, pos + 1):
+                s[i, j] = s[i, j] / tot
+            out[g * group + i, :] = 0.0
+        for j in range(lo, pos + 1):
+            ahead = ((min(j + 8, pos) * nkv) + g) * row
+            for c in range(0, row, 64):
+                prefetch(vb, ahead + c)
+            for i in range(group):
+                p = s[i, j]
+                for d in range(hd):
+                    out[g * group + i, d] += p * vals[j, g, d]
 
 
 class KVCache:
@@ -147,6 +195,10 @@ class MoEModel:
         kv.k[layer, start:total] = k
         kv.v[layer, start:total] = v
         keys, vals = kv.k[layer, :total], kv.v[layer, :total]  # (T, nkv, hd)
+        if n == 1:
+            out = np.empty((nh, hd), np.float32)
+            _attend_one(np.ascontiguousarray(q[0]), keys, vals, start, cfg.sliding_window or 0, out)
+            return out.reshape(1, nh * hd)
         group = nh // nkv
         qg = q.reshape(n, nkv, group, hd).transpose(1, 2, 0, 3)  # (nkv, group, n, hd)
         scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd))  # (nkv, group, n, T)

@@ -1,0 +1,482 @@
+"""Decode near the memory bandwidth: quantized matvecs beside the machine's read bandwidth, and
+end-to-end prefill/decode tokens/s of the Engine beside llama.cpp (llama-cpp-python) on the same GGUF.
+
+Run: python benchmarks/bench_decode.py [--workdir /tmp/mertools-bench] [--layers 4] [--tokens 32]
+Builds the synthetic Mixtral-shaped Q4_0 GGUF and its layout under the work dir if absent, then
+writes the "decode" section of docs/BENCHMARKS.md. llama.cpp runs in --llama-python (a Python with
+llama-cpp-python, the `bench` extra); without it those columns are left out, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = ((14336, 4096), (4096, 14336))  # Mixtral expert gate/up and down: (rows, cols)
+DTYPES = ("q4_0", "q4_k", "q8_0", "f16", "f32")
+ROTATE_BYTES = 320 * 2**20  # each call reads the next of several copies of W: bytes come from DRAM
+PROMPT_SEED = 0
+WARM = 4  # decode tokens run before the timed ones
+
+
+def prompt_ids(n: int) -> list[int]:
+    """BOS then n - 1 seeded ids of the 32000-token vocabulary (only ids matter to both engines)."""
+    return [1] + [int(i) for i in np.random.default_rng(PROMPT_SEED).integers(3, 32000, n - 1)]
+
+
+def _cpu_busy(seconds: float = 2.0) -> float:
+    """Share of all CPUs busy over `seconds` (from /proc/stat; we are idle meanwhile, so: others)."""
+    def sample() -> tuple[int, int]:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(f), f[3] + f[4]  # total, idle + iowait
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.1) -> bool:
+    """Wait (up to max_wait s) until other processes use under `threshold` of the CPUs for 3 checks
+    in a row: the machine is shared, and two busy cores make every parallel region wait for a
+    descheduled thread. Returns whether it got quiet."""
+    end, calm = time.monotonic() + max_wait, 0
+    while time.monotonic() < end:
+        calm = calm + 1 if _cpu_busy() < threshold else 0
+        if calm >= 3:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- children (one engine per process)
+
+
+def child_mertools(layout: str, n_prompt: int, tokens: int, threads: int) -> dict:
+    t0 = time.perf_counter()
+    from mertools import Engine
+
+    eng = Engine.open(layout, cache_mb=1 << 20, threads=threads)
+    cfg = eng.config
+    keys = [(layer, e) for layer in range(cfg.n_layers) for e in range(cfg.n_experts)]
+    for key, _ in eng.cache.acquire(keys):  # every expert resident: compute only, like llama.cpp's no-mmap load
+        eng.cache.release(key)
+    t_open = time.perf_counter() - t0
+    ids = prompt_ids(n_prompt)
+    eng.forward(ids[:2], all_logits=False)  # kernels loaded from numba's cache
+    eng.reset()
+    misses = eng.cache.stats.misses
+    t = time.perf_counter()
+    logits = eng.forward(ids, all_logits=False)
+    prefill_s = time.perf_counter() - t
+    tok, times = int(np.argmax(logits[-1])), []
+    for _ in range(WARM + tokens):
+        t = time.perf_counter()
+        logits = eng.forward([tok], all_logits=False)
+        tok = int(np.argmax(logits[-1]))
+        times.append(time.perf_counter() - t)
+    times = times[WARM:]
+    stats = eng.stats()
+    eng.close()
+    return {"prefill_s": prefill_s, "token_s": times, "open_s": t_open, "misses": eng.cache.stats.misses - misses,
+            "peak_rss_mb": stats["peak_rss_mb"]}
+
+
+def child_llama(gguf: str, n_prompt: int, tokens: int, threads: int, repack: bool) -> dict:
+    import llama_cpp
+    import llama_cpp.llama_cpp as lc  # llama.Llama reads the defaults through this module
+
+    default = lc.llama_model_default_params
+
+    def params():  # noqa: ANN202 - ctypes struct
+        p = default()
+        p.use_extra_bufts = repack  # False: no CPU_REPACK buffer, the q4_0 blocks are used as in the file
+        return p
+
+    lc.llama_model_default_params = params
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + tokens + 16,
+                          n_batch=n_prompt, n_ubatch=n_prompt, use_mmap=False, verbose=False)
+    t_open = time.perf_counter() - t0
+    ids = prompt_ids(n_prompt)
+    llm.eval(ids[:2])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # without logits_all, Llama.scores is not filled: read llama.cpp's
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
+    tok, times = int(np.argmax(last_logits())), []
+    for _ in range(WARM + tokens):
+        t = time.perf_counter()
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+        times.append(time.perf_counter() - t)
+    import resource
+
+    return {"prefill_s": prefill_s, "token_s": times[WARM:], "open_s": t_open,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(python: str, args: list[str], env: dict | None = None) -> dict:
+    res = subprocess.run([python, __file__, *args], capture_output=True, text=True, timeout=7200, env=env)
+    if res.returncode != 0:
+        tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        return {"error": tail}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- bandwidth and matvecs
+
+
+class Bandwidth:
+    """Memory read bandwidth, GB/s reading a 1 GiB float32 array: a plain numba `prange` sum and a
+    4-accumulator vector sum with software prefetch (mertools.kernels.simd), best of `repeat`."""
+
+    def __init__(self) -> None:
+        from numba import njit, prange
+
+        from mertools.kernels.simd import prefetch, vadd, vhsum, vload, vzero
+
+        @njit(parallel=True, nogil=True, fastmath=True)
+        def plain(a):
+            s = 0.0
+            for i in prange(a.size):
+                s += a[i]
+            return s
+
+        @njit(parallel=True, nogil=True)
+        def vector(a, ab):
+            tot = np.float32(0.0)
+            for c in prange(a.size // 4096):
+                s0 = s1 = s2 = s3 = vzero()
+                for i in range(4096 * c, 4096 * c + 4096, 64):
+                    prefetch(ab, min(4 * i + 2048, ab.size - 1))
+                    prefetch(ab, min(4 * i + 2112, ab.size - 1))
+                    prefetch(ab, min(4 * i + 2176, ab.size - 1))
+                    prefetch(ab, min(4 * i + 2240, ab.size - 1))
+                    s0, s1 = vadd(s0, vload(a, i)), vadd(s1, vload(a, i + 16))
+                    s2, s3 = vadd(s2, vload(a, i + 32)), vadd(s3, vload(a, i + 48))
+                tot += vhsum(vadd(vadd(s0, s1), vadd(s2, s3)))
+            return tot
+
+        self.a = np.ones(2**28, np.float32)
+        ab = self.a.view(np.uint8)
+        self.fns = {"plain": lambda: plain(self.a), "vector": lambda: vector(self.a, ab)}
+        for fn in self.fns.values():
+            fn()
+        self.samples: list[float] = []  # every all-threads figure, for the reference
+
+    def measure(self, threads: int, repeat: int) -> dict[str, float]:
+        import numba
+
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        out = {name: self.a.nbytes / min(_times(fn, repeat)) / 1e9 for name, fn in self.fns.items()}
+        numba.set_num_threads(before)
+        if threads == before:
+            self.samples += out.values()
+        return out
+
+
+def _times(fn, repeat: int) -> list[float]:  # noqa: ANN001
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _time_matvec(x: np.ndarray, ws: list[np.ndarray], dtype: str, rows: int, cols: int, repeat: int) -> list[float]:
+    """Times of `repeat` calls x @ W.T, call i on ws[i % len(ws)], after one untimed call."""
+    from mertools.kernels.matmul import matmul
+
+    out = np.empty((1, rows), np.float32)
+    matmul(x, ws[-1], dtype, rows, cols, out)
+    times = []
+    for i in range(repeat):
+        t = time.perf_counter()
+        matmul(x, ws[i % len(ws)], dtype, rows, cols, out)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
+    import numba
+
+    from mertools.kernels import quantize
+
+    rng = np.random.default_rng(0)
+    threads = numba.get_num_threads()
+    rows_out = []
+    for rows, cols in SHAPES:
+        w32 = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        for dtype in DTYPES:
+            bw.measure(threads, 3)  # the host's bandwidth drifts: sample it beside every row
+            w = quantize(w32, dtype)
+            copies = [w] + [w.copy() for _ in range(max(1, -(-ROTATE_BYTES // w.nbytes) - 1))]
+            t2 = _time_matvec(x, copies, dtype, rows, cols, repeat)
+            numba.set_num_threads(1)
+            t1 = _time_matvec(x, copies, dtype, rows, cols, max(5, repeat // 3))
+            # compute ceiling: one thread, a ~1 MiB slice of W that stays in L2, called over and over
+            small = [np.ascontiguousarray(w[: max(4, (2**20 // w.shape[1]) // 4 * 4)])]
+            tc = _time_matvec(x, small, dtype, small[0].shape[0], cols, 100)
+            numba.set_num_threads(threads)
+            rows_out.append({"shape": f"{rows}x{cols}", "dtype": dtype, "mb": w.nbytes / 1e6,
+                             "med": w.nbytes / statistics.median(t2) / 1e9, "best": w.nbytes / min(t2) / 1e9,
+                             "one": w.nbytes / min(t1) / 1e9, "l2": small[0].nbytes / min(tc) / 1e9})
+    return rows_out
+
+
+# ---------------------------------------------------------------- model files and start-up
+
+
+def decode_bytes(layout: Path) -> float:
+    """Weight bytes one decode token reads: attention and the active experts of every layer, and the
+    output matrix (the embedding row is negligible)."""
+    from mertools.layout.reader import Layout
+
+    m = Layout.open(layout).manifest
+    cfg = m.config
+    dense = sum(t.nbytes for name, t in m.dense.items() if ".attn_" in name and not name.endswith("norm.weight"))
+    out = m.dense["output.weight"].nbytes if "output.weight" in m.dense else m.dense["token_embd.weight"].nbytes
+    expert = sum(e.nbytes for e in m.experts) / len(m.experts)
+    return dense + out + cfg.n_layers * cfg.n_experts_used * expert
+
+
+def ensure_model(workdir: Path, layers: int) -> tuple[Path, Path]:
+    gguf = workdir / f"mixtral-{layers}L-q4_0.gguf"
+    layout = workdir / f"mixtral-{layers}L-q4_0-layout"
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not gguf.exists():
+        print(f"building {gguf} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "fixtures.tiny_mixtral", "--synth", str(gguf), "--layers", str(layers)],
+                       check=True, cwd=ROOT, env=env)
+    if not (layout / "manifest.json").exists():
+        print(f"converting to {layout} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "mertools.cli", "convert", str(gguf), str(layout), "--force", "--quiet"],
+                       check=True, cwd=ROOT, env=env)
+    return gguf, layout
+
+
+def startup(layout: Path, threads: int) -> dict[str, float]:
+    """Wall time of `mertools run LAYOUT -p Hello -n 1` with an empty numba cache directory (every
+    kernel compiled) and then with it filled (every kernel loaded)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "mertools.cli", "run", str(layout), "-p", "Hello", "-n", "1",
+               "--threads", str(threads), "--prefetch", "none"]
+        for name in ("cold", "warm", "warm2"):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, capture_output=True)
+            out[name] = time.perf_counter() - t
+    return {"cold": out["cold"], "warm": min(out["warm"], out["warm2"])}
+
+
+# ---------------------------------------------------------------- report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--workdir", default="/tmp/mertools-bench")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens timed per run")
+    ap.add_argument("--prompt", type=int, default=512, help="prefill prompt tokens")
+    ap.add_argument("--rounds", type=int, default=3, help="end-to-end runs per engine (interleaved); best kept")
+    ap.add_argument("--wait-quiet", type=float, default=300, help="max seconds to wait for an idle machine per step")
+    ap.add_argument("--repeat", type=int, default=30, help="matvec calls timed per case")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        kind, path, n_prompt, tokens, threads = a.child[:5]
+        if kind == "mertools":
+            res = child_mertools(path, int(n_prompt), int(tokens), int(threads))
+        else:
+            res = child_llama(path, int(n_prompt), int(tokens), int(threads), repack=kind == "llama-repack")
+        print(json.dumps(res))
+        return
+
+    import numba
+
+    numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
+    gguf, layout = ensure_model(Path(a.workdir), a.layers)
+    noisy = 0
+    noisy += not wait_quiet(a.wait_quiet)
+    probe = Bandwidth()
+    bw = {f"{k}_{t}": v for t in (a.threads, 1) for k, v in probe.measure(t, 7).items()}
+    mv = matvec_table(a.repeat, probe)
+    for t in (a.threads, 1):
+        for k, v in probe.measure(t, 7).items():
+            bw[f"{k}_{t}"] = max(bw[f"{k}_{t}"], v)
+    ref_bw = max(probe.samples)
+    bw["lowest"] = min(probe.samples)
+    del probe
+
+    engines = ["mertools"]
+    have_llama = Path(a.llama_python).exists()
+    if have_llama:
+        engines += ["llama-repack", "llama-norepack"]
+    e2e: dict[str, list[dict]] = {e: [] for e in engines}
+    for _ in range(a.rounds):
+        for e in engines:
+            path = str(layout if e == "mertools" else gguf)
+            py = sys.executable if e == "mertools" else a.llama_python
+            noisy += not wait_quiet(a.wait_quiet)
+            e2e[e].append(run_child(py, ["--child", e, path, str(a.prompt), str(a.tokens), str(a.threads)]))
+    noisy += not wait_quiet(a.wait_quiet)
+    su = startup(layout, a.threads)
+
+    best = {}
+    for e, runs in e2e.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            best[e] = {"error": runs[-1].get("error", "?")}
+            continue
+        best[e] = {"decode": max(1 / statistics.median(r["token_s"]) for r in ok),
+                   "decode_best": max(1 / min(r["token_s"]) for r in ok),
+                   "prefill": max(a.prompt / r["prefill_s"] for r in ok),
+                   "rss": max(r["peak_rss_mb"] for r in ok), "misses": max(r.get("misses", 0) for r in ok)}
+    text = report(a, mv, bw, ref_bw, best, su, have_llama, decode_bytes(layout), noisy)
+    print(text)
+    if not a.no_write:
+        from benchmarks._report import write_section
+
+        write_section("decode", "## Decode: matvec bandwidth and end-to-end tokens/s beside llama.cpp\n\n" + text)
+
+
+def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str:  # noqa: ANN001
+    from benchmarks._report import machine_description
+
+    t = a.threads
+    lines = [
+        f"Machine: {machine_description()}",
+        "",
+        f"Command: `python benchmarks/bench_decode.py --layers {a.layers} --tokens {a.tokens} --prompt {a.prompt}`",
+        "",
+        "### Matvec (decode, n = 1) at Mixtral expert shapes",
+        "",
+        f"Memory read bandwidth, same run, over a 1 GiB float32 array, best of 7 before and after the table: a "
+        f"numba `prange` sum **{bw[f'plain_{t}']:.1f} GB/s** on {t} threads ({bw['plain_1']:.1f} on 1); a 4-accumulator "
+        f"vector sum with software prefetch **{bw[f'vector_{t}']:.1f} GB/s** ({bw['vector_1']:.1f} on 1). This "
+        f"shared host's bandwidth drifts, so both sums also ran (best of 3) before every row of the table: on "
+        f"{t} threads they ranged {bw['lowest']:.1f}-{ref_bw:.1f} GB/s. The highest figure of all, "
+        f"**{ref_bw:.1f} GB/s**, is the reference of the \"of bandwidth\" column. `matmul` with x (1, cols): "
+        f"GB/s of weight bytes per call, median and best of {a.repeat} calls on {t} threads, each call on the next "
+        f"of several copies of W (≥ {ROTATE_BYTES >> 20} MiB) so bytes come from DRAM; then one thread from DRAM; "
+        "then one thread on a 1 MiB slice of W that stays in L2 (the kernel's compute ceiling per core).",
+        "",
+        f"| W (rows x cols) | dtype | MB | GB/s {t} threads (median / best) | of bandwidth (median) | GB/s 1 thread "
+        "| GB/s 1 thread, W in L2 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in mv:
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['mb']:.1f} | {r['med']:.1f} / {r['best']:.1f} | "
+                     f"{r['med'] / ref_bw:.0%} | {r['one']:.1f} | {r['l2']:.1f} |")
+    lines += ["", "### End to end", ""]
+    lines.append(
+        f"The synthetic Mixtral-shaped Q4_0 GGUF (`python -m fixtures.tiny_mixtral --synth OUT.gguf --layers "
+        f"{a.layers}`: real dimensions, {a.layers} layers, every tensor Q4_0 but norms and routers) and its layout "
+        "(`mertools convert`, Q4_0 blocks copied byte for byte). Each engine runs in a fresh process with "
+        f"{t} threads: mertools `Engine` with every expert resident in its cache before timing (no disk reads "
+        "while timed), llama.cpp through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read "
+        "into memory at load, so no page faults while timed either), once with "
+        "its defaults (`use_extra_bufts` on: Q4_0 weights repacked at load into `q4_0_8x8` for its AVX-512 "
+        "kernels) and once with `use_extra_bufts=False` (the file's Q4_0 blocks, as mertools uses them). "
+        f"Prefill: one {a.prompt}-token prompt in one call (llama.cpp: n_batch = n_ubatch = {a.prompt}). Decode: "
+        f"{WARM} untimed then {a.tokens} timed greedy tokens after it, one call each; tok/s = 1 / median token "
+        "time (1 / best in brackets). "
+        f"{a.rounds} interleaved rounds, the best kept; before each step the benchmark waits (≤ {a.wait_quiet:g} s) "
+        "for the shared machine's other processes to go idle"
+        + (f" — {noisy} step(s) ran without that, so figures may be low." if noisy else ".")
+        + " The random router sends most tokens to the same "
+        "experts; with all experts resident that does not change the work per token.")
+    lines[-1] += (
+        f" A decode token reads {token_bytes / 1e6:,.0f} MB of weights (attention and {a.layers} x 2 active "
+        f"experts, output matrix): at {ref_bw:.1f} GB/s, at most **{ref_bw * 1e9 / token_bytes:.1f} tok/s**.")
+    lines += ["", "| engine | decode tok/s | of the bandwidth bound | prefill tok/s | peak RSS MB "
+              "| mertools / it: decode | prefill |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"mertools": "mertools", "llama-repack": "llama.cpp (default, repacked)",
+             "llama-norepack": "llama.cpp (`use_extra_bufts=False`)"}
+    m = best.get("mertools", {})
+    for e, b in best.items():
+        if "error" in b:
+            lines.append(f"| {names[e]} | error: {b['error']} | | | | | |")
+            continue
+        ratio = (f"**{m['decode'] / b['decode']:.2f}×** | {m['prefill'] / b['prefill']:.2f}×"
+                 if e != "mertools" and "decode" in m else "— | —")
+        roof = b["decode"] * token_bytes / (ref_bw * 1e9)
+        lines.append(f"| {names[e]} | {b['decode']:.1f} ({b['decode_best']:.1f}) | {roof:.0%} | {b['prefill']:.1f} | "
+                     f"{b['rss']:,.0f} | {ratio} |")
+    if not have_llama:
+        lines += ["", f"llama.cpp columns left out: no {a.llama_python} (install the `bench` extra there)."]
+    q40 = [r for r in mv if r["dtype"] == "q4_0"]
+    q4k = [r for r in mv if r["dtype"] == "q4_k"]
+
+    def span(rows: list[dict], key: str, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
+        lo, hi = (fmt.format(f(r[key] * scale for r in rows)) for f in (min, max))
+        return lo if lo == hi else f"{lo}-{hi}"
+
+    lines += [
+        "",
+        "Reading it:",
+        f"- Q4_0 and Q4_K decode are compute-bound on one core (one thread from DRAM reaches about what the L2 "
+        f"column shows: {span(q40, 'l2')} GB/s for Q4_0, {span(q4k, 'l2')} for Q4_K), so two cores top out near "
+        f"twice that, whatever the memory can give: here {span(q40, 'med', 100 / ref_bw)}% of the bandwidth for "
+        f"Q4_0 and {span(q4k, 'med', 100 / ref_bw)}% for Q4_K (median calls). This shared host's bandwidth "
+        "varies from run to run (between ~47 and ~75 GB/s on 2 threads in our runs); at ~50 GB/s the same "
+        "kernels measured 81-91% (Q4_0) and 70-78% (Q4_K). Q8_0, F16 and F32 have fewer weights per byte and "
+        "stay memory-bound. The kernels (`mertools/kernels/matvec_kernels.py`) decode a block with a "
+        "per-block 16-entry table (k - 8)·d indexed by the nibbles with vpermps (the exact weights of "
+        "`dequantize`), share every load of x between 4 rows, and prefetch the next 4 rows' bytes: about 9 "
+        "vector instructions a block and row, which run at ~3.5 a cycle (~2.6 cycles a block, measured with "
+        "process time). Variants measured no faster: mask/convert/multiply instead of the table "
+        "(25% slower), float bit tricks with the scale applied per block sum, and scales converted 16 blocks "
+        "at a time with a gather.",
+        "- The first kernels (previous version of this file: 11-30% of the bandwidth) split nibbles in float "
+        "arithmetic, and their 4096x14336 (down) matvecs were slower than 14336x4096 ones though both cost the "
+        "same with W in cache. Measured on their Q4_0 matvec, one thread: 14.3 GB/s from DRAM for 14336x4096 "
+        "against 7.1 for 4096x14336, and 14.9 / 15.4 with W in cache. The cause: a 14336-wide row's x (57 KB) "
+        "does not fit the 48 KB L1 and streams from L2 beside the weights, and the hardware prefetcher then "
+        "falls behind on the weight stream; software prefetch alone brought such a matvec from 6.4 to "
+        "16.1 GB/s. Sharing x between 4 rows and prefetching make the two shapes equal here.",
+        "- Decode end to end: the Q4_0 matvecs set the pace (above); beside them run, while the cores "
+        "wait, attention over the context (a numba kernel; the KV cache comes from DRAM, evicted by the weight "
+        f"stream: ~0.25 ms a layer at {a.prompt} tokens) and Python/numpy per layer (router, RoPE, cache "
+        "bookkeeping: ~1 ms a token).",
+        "- Prefill: mertools keeps activations in float32 (8-bit activations, as llama.cpp's q8_0 with "
+        "integer VNNI dot products, would break the tolerances of tests/test_matmul.py and "
+        "tests/test_engine.py); its GEMM (`gemm_kernels.py`: tiles decoded exactly into L1, 4 rows x 64 "
+        "inputs in 16 vector accumulators, each input's sums in a fixed order) does 16 multiply-adds per "
+        "instruction. How llama.cpp spends its prefill time on this model was not profiled.",
+    ]
+    lines += ["", f"Start-up, `mertools run LAYOUT -p Hello -n 1` wall time (process start to exit, one token; "
+              f"includes reading the experts it routes to from disk): with an empty numba cache directory "
+              f"(`NUMBA_CACHE_DIR`, every kernel compiled) **{su['cold']:.1f} s**; with the cache filled "
+              f"(every kernel loaded) **{su['warm']:.1f} s**."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
