@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo-out
 
-.PHONY: demo test lint clean bench-quant bench-convert
+.PHONY: demo test lint clean bench-quant bench-convert bench-decode bench-beyond-ram
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ bench-quant: $(BIN)/.installed
 
 bench-convert: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_convert.py
+
+bench-decode: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_decode.py
+
+bench-beyond-ram: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_beyond_ram.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
