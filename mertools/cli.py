@@ -19,8 +19,8 @@ class _Group(click.Group):
         signal.signal(signal.SIGTERM, _sigterm)
         try:
             return super().invoke(ctx)
-        except MertoolsError as e:
-            click.echo(f"mertools: error: {e}", err=True)
+        except MertoolsError as e:  # one line, even when a name in the message holds a newline
+            click.echo(f"mertools: error: {' '.join(str(e).splitlines())}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("mertools: interrupted; nothing was left half-written", err=True)

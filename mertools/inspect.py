@@ -37,6 +37,22 @@ def inspect_layout(layout: Layout) -> dict[str, Any]:
     }
 
 
+def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) for the config fields beyond Mixtral's that this config uses."""
+    out = []
+    if cfg.get("qk_norm", "none") != "none":
+        out.append(("q/k norm", "RMSNorm per head" if cfg["qk_norm"] == "head" else "RMSNorm over the whole projection"))
+    if cfg.get("attn_bias"):
+        out.append(("attn bias", "q, k and v projections"))
+    if cfg.get("d_ff_shared"):
+        gate = ", gated by sigmoid(shared_expert_gate)" if cfg.get("shared_expert_gate") else ""
+        out.append(("shared expert", f"width {cfg['d_ff_shared']}, resident{gate}"))
+    if cfg.get("dense_layers"):
+        layers = cfg["dense_layers"]
+        out.append(("dense layers", f"{len(layers)} without experts {list(layers)} (SwiGLU width {cfg['d_ff_dense']})"))
+    return out
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
@@ -49,7 +65,9 @@ def format_report(info: dict[str, Any]) -> str:
         f"  model         {cfg['n_layers']} layers, d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, "
         f"{cfg['n_heads']} heads ({cfg['n_kv_heads']} kv, head_dim {cfg['head_dim']}), vocab {cfg['vocab_size']}"
     )
-    lines.append(f"  experts       {cfg['n_experts']} per layer, {cfg['n_experts_used']} used per token")
+    lines.append(f"  experts       {cfg['n_experts']} per layer, {cfg['n_experts_used']} used per token"
+                 + ("" if cfg.get("norm_topk_prob", True) else " (weights not renormalised)"))
+    lines += [f"  {k:<13} {v}" for k, v in family_features(cfg)]
     lines.append(
         f"  rope          theta {cfg['rope_theta']:g}, style {cfg['rope_style']}; context {cfg['context_length']}; "
         f"norm eps {cfg['norm_eps']:g}" + (f"; sliding window {cfg['sliding_window']}" if cfg["sliding_window"] else "")

@@ -7,15 +7,16 @@ is one contiguous byte range) and per-expert (`blk.N.ffn_gate.E.weight`, older M
 from __future__ import annotations
 
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import LayoutError, SourceError
 from ..layout.constants import GGML_TYPE_TO_DTYPE
-from .arch import arch_for_gguf
+from .arch import arch_for_gguf, supported
 from .arch.base import ConfigKey, DenseSpec, build_config, fmt
 from .source import Source, SourceTensor
 
@@ -30,6 +31,7 @@ class GGUFSource(Source):
         from gguf import GGUFReader
 
         self.path = path
+        _check_header(path)
         try:
             self.reader = GGUFReader(path)
         except Exception as e:  # gguf-py raises ValueError, IndexError, struct/numpy errors on bad files
@@ -40,13 +42,18 @@ class GGUFSource(Source):
             raise SourceError(f"{path}: no general.architecture in the GGUF metadata")
         arch = arch_for_gguf(self.gguf_arch)
         if arch is None:
-            raise SourceError(f"{path}: unsupported GGUF architecture {self.gguf_arch!r} (supported: mixtral)")
+            raise SourceError(f"{path}: unsupported GGUF architecture {self.gguf_arch!r} (supported: {supported()})")
         self.arch = arch
         self.tensors = self._index_tensors()
+        blocks = self._field(f"{self.gguf_arch}.block_count")
+        if isinstance(blocks, int) and not 0 < blocks <= len(self.tensors):  # it bounds loops over layers below
+            raise SourceError(f"{path}: {self.gguf_arch}.block_count {blocks} is impossible with {len(self.tensors)} tensors")
         if not self._field(f"{self.gguf_arch}.expert_count"):
             raise SourceError(f"{path}: {self.gguf_arch} model without experts ({self.gguf_arch}.expert_count); not a MoE")
         try:
-            self.config = build_config(arch, self._lookup, {}, str(path))
+            # no GGUF key says which layers are dense MLPs (Qwen's mlp_only_layers): a layer without a router is
+            router = next(s.name for s in arch.dense if s.role == "router" and s.layers == "moe") if arch.dense_mlp_layers else ""
+            self.config = build_config(arch, self._lookup, {}, str(path), lambda la: fmt(router, la) in self.tensors)
         except ValueError as e:
             raise SourceError(f"{path}: {e}") from None
         self.merged = any(n.endswith("_exps.weight") for n in self.tensors)
@@ -73,6 +80,10 @@ class GGUFSource(Source):
             return self.tensors["token_embd.weight"].shape[0]
         if key.field == "tie_embeddings":
             return "output.weight" not in self.tensors
+        conditional = [s for s in self.arch.dense if s.when == key.field]
+        if conditional and not key.gguf:  # e.g. attn_bias: llama.cpp writes no key, only the tensors
+            n_layers = self._field(f"{self.gguf_arch}.block_count")
+            return isinstance(n_layers, int) and any(fmt(conditional[0].name, la) in self.tensors for la in range(n_layers))
         return None
 
     def _index_tensors(self) -> dict[str, SourceTensor]:
@@ -90,6 +101,10 @@ class GGUFSource(Source):
             if t.name in out:
                 raise SourceError(f"{self.path}: tensor {t.name} appears twice")
             out[t.name] = SourceTensor(t.name, self.path, int(t.data_offset), int(t.n_bytes), dtype, shape, ggml_type)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values() if t.nbytes)
+        for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:], strict=False):
+            if b_start < a_end:  # llama.cpp would read one byte as two tensors' weights: the file is corrupt
+                raise SourceError(f"{self.path}: tensors {a} and {b} overlap in the data section (corrupt file)")
         return out
 
     def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
@@ -103,6 +118,9 @@ class GGUFSource(Source):
     def expert_tensor(self, layer: int, expert: int, role: str) -> SourceTensor:
         spec = self.arch.expert(role)
         if not self.merged:
+            if not spec.gguf_split:
+                raise SourceError(f"{self.path}: no merged expert tensor {fmt(spec.gguf_merged, layer)} "
+                                  f"({self.arch.name} GGUFs store experts merged)")
             return self._require(fmt(spec.gguf_split, layer, expert))
         t = self._require(fmt(spec.gguf_merged, layer))
         n = self.config.n_experts
@@ -144,6 +162,30 @@ class GGUFSource(Source):
 
     def is_expert_name(self, name: str) -> bool:
         return name.endswith("_exps.weight") or bool(_PER_EXPERT.search(name))
+
+
+def _check_header(path: Path) -> None:
+    """Counts in the fixed header bounded by the file size before gguf-py sees the file: each tensor
+    info takes >= 24 bytes and each key/value >= 13, so larger counts are lies (absurd allocations)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise SourceError(f"{path}: truncated GGUF header ({size} bytes)")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+    if version not in (2, 3):
+        raise SourceError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    if n_tensors * 24 + n_kv * 13 > size:
+        raise SourceError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata keys, "
+                          f"impossible in a {size}-byte file (corrupt or truncated)")
+    # our own linear metadata reader refuses what llama.cpp refuses (nested arrays, duplicate keys, lengths
+    # past the end) quickly; gguf-py would spend seconds per MB on some of those, or recurse
+    from ..runtime.tokenizer_gguf import read_gguf_metadata
+
+    try:
+        read_gguf_metadata(path)
+    except LayoutError as e:
+        raise SourceError(str(e)) from None
 
 
 def _replace(t: SourceTensor, **kw: Any) -> SourceTensor:

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError
-from .arch import arch_for_hf
+from .arch import arch_for_hf, supported
 from .arch.base import ConfigKey, DenseSpec, build_config, fmt
 from .source import FLOAT_ITEMSIZE, Source, SourceTensor
 
 SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
+MAX_JSON = 64 << 20  # config.json and the shard index are a few KB; never read an endless "file" whole
+# pickle-based checkpoints: loading them runs arbitrary code, so they are never opened, only named
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "chat_template.jinja", "chat_template.json",
@@ -25,6 +28,8 @@ TOKENIZER_FILES = (
 
 
 def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
+    if path.exists() and not path.is_file():  # a FIFO would block the open; a device would never end
+        raise SourceError(f"{path}: not a regular file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -37,12 +42,12 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
             header = json.loads(f.read(n).decode("utf-8"))
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not an object)")
     data_start, data_size = 8 + n, size - 8 - n
-    out = {}
+    out: dict[str, SourceTensor] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -50,9 +55,9 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
             shape = tuple(int(s) for s in shape)
             begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise SourceError(f"{path}: tensor {name}: malformed header entry {repr(info)[:200]}") from None
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise SourceError(f"{path}: tensor {name}: unsupported dtype {dtype} (supported: F32, F16, BF16)")
         ours = SAFETENSORS_DTYPES[dtype]
         numel = 1
@@ -64,7 +69,22 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
                 f"in the file's {data_size} data bytes (truncated or corrupt)"
             )
         out[name] = SourceTensor(name, path, data_start + begin, end - begin, ours, shape)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values() if t.nbytes)
+    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:], strict=False):
+        if b_start < a_end:  # safetensors refuses this too: one byte cannot belong to two tensors
+            raise SourceError(f"{path}: tensors {a} and {b} overlap in the data section (corrupt header)")
     return out
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file of the model directory, read with a bound (a FIFO or /dev/zero never ends)."""
+    if not path.is_file():
+        raise SourceError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON + 1)
+    if len(raw) > MAX_JSON:
+        raise SourceError(f"{path}: larger than {MAX_JSON >> 20} MiB; not a config file")
+    return json.loads(raw.decode("utf-8"))
 
 
 class HFSource(Source):
@@ -73,11 +93,11 @@ class HFSource(Source):
     def __init__(self, path: Path) -> None:
         self.path = path
         cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise SourceError(f"{cfg_path}: missing; {path} is not a HF model directory")
         try:
-            self.raw_config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise SourceError(f"{cfg_path}: missing; {path} is not a HF model directory") from None
-        except (OSError, ValueError) as e:
+            self.raw_config: dict[str, Any] = _read_json(cfg_path)
+        except (OSError, ValueError, RecursionError) as e:
             raise SourceError(f"{cfg_path}: unreadable ({e})") from None
         if not isinstance(self.raw_config, dict):
             raise SourceError(f"{cfg_path}: not a JSON object")
@@ -85,7 +105,7 @@ class HFSource(Source):
         arch = arch_for_hf(archs if isinstance(archs, list) else [], self.raw_config.get("model_type"))
         if arch is None:
             raise SourceError(
-                f"{cfg_path}: unsupported architecture {archs or self.raw_config.get('model_type')!r} (supported: mixtral)"
+                f"{cfg_path}: unsupported architecture {archs or self.raw_config.get('model_type')!r} (supported: {supported()})"
             )
         self.arch = arch
         try:
@@ -107,9 +127,9 @@ class HFSource(Source):
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = _read_json(index)["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise SourceError(f"{index}: unreadable index ({e})") from None
             for f in files:
                 if not isinstance(f, str) or "/" in f or f.startswith(".."):
@@ -120,6 +140,12 @@ class HFSource(Source):
         else:
             paths = sorted(self.path.glob("*.safetensors"))
             if not paths:
+                pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in self.path.glob(pat))
+                if pickles:
+                    raise SourceError(
+                        f"{self.path}: only pickle checkpoints ({', '.join(pickles[:3])}); mertools never loads "
+                        "pickles (they can run code): convert them to safetensors first"
+                    )
                 raise SourceError(f"{self.path}: no *.safetensors files (and no model.safetensors.index.json)")
         tensors: dict[str, SourceTensor] = {}
         for p in paths:

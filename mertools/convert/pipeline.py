@@ -88,8 +88,7 @@ def encode(t: SourceTensor, dtype: str, name: str) -> tuple[EncodedTensor, bool]
     shape = (t.rows, t.shape[-1]) if len(t.shape) > 1 else (t.shape[0],)
     if t.dtype == dtype:
         raw = t.read_raw()
-        if dtype in ("f16", "f32"):
-            _check_finite(raw.view(np.float16 if dtype == "f16" else np.float32), t)
+        _check_finite(raw, dtype, t)
         return EncodedTensor(raw, dtype, shape), True
     x = t.to_float32().reshape(t.rows, t.shape[-1])  # (rows, cols) f32
     try:
@@ -98,13 +97,29 @@ def encode(t: SourceTensor, dtype: str, name: str) -> tuple[EncodedTensor, bool]
         raise
     except ValueError as e:
         raise QuantizationError(f"{t.path}: tensor {t.name}: {e}") from None
+    _check_finite(data, dtype, t)  # finite weights can still give a block scale that overflows f16
     return EncodedTensor(data, dtype, shape), False
 
 
-def _check_finite(values: np.ndarray, t: SourceTensor) -> None:
-    bad = np.flatnonzero(~np.isfinite(values))
+# bytes of f16 scales at the start of each block (q4_k: d and dmin): NaN/Inf there spoils the whole block
+_SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4_k": 4}
+
+
+def _check_finite(raw: np.ndarray, dtype: str, t: SourceTensor) -> None:
+    """Refuse NaN/Inf weights, and quantized blocks whose f16 scales are NaN/Inf (copied or computed)."""
+    flat = raw.reshape(-1)  # uint8
+    if dtype in ("f16", "f32"):
+        bad = np.flatnonzero(~np.isfinite(flat.view(np.float16 if dtype == "f16" else np.float32)))
+        if bad.size:
+            raise QuantizationError(f"{t.path}: tensor {t.name} holds NaN or Inf (first at flat index {bad[0]})")
+        return
+    blocks = flat.reshape(-1, DTYPES[dtype].type_size)  # (n_blocks, type_size)
+    scales = np.ascontiguousarray(blocks[:, :_SCALE_BYTES[dtype]]).view(np.float16)  # (n_blocks, 1 or 2)
+    bad = np.flatnonzero(~np.isfinite(scales).all(axis=1))
     if bad.size:
-        raise QuantizationError(f"{t.path}: tensor {t.name} holds NaN or Inf (first at flat index {bad[0]})")
+        raise QuantizationError(
+            f"{t.path}: tensor {t.name}: {dtype} block {bad[0]} has a NaN or Inf scale (its weights would be NaN/Inf)"
+        )
 
 
 def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> ConvertSummary:
@@ -118,7 +133,7 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
     summary = ConvertSummary(out)
     dense = src.dense_tensors()
     # validate every expert's names and shapes before writing anything
-    experts = [(la, e) for la in range(cfg.n_layers) for e in range(cfg.n_experts)]
+    experts = [(la, e) for la in cfg.moe_layers for e in range(cfg.n_experts)]  # dense-MLP layers have none
     expert_tensors = {k: src.expert_tensors(*k) for k in experts}
     total_in = sum(t.nbytes for _, _, t in dense) + sum(t.nbytes for ts in expert_tensors.values() for t in ts.values())
     tok_section, tok_files = src.tokenizer_files()

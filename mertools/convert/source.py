@@ -123,7 +123,7 @@ class Source(ABC):
                 expert_bytes += t.nbytes
             else:
                 dense_bytes += t.nbytes
-        n = self.config.n_layers * self.config.n_experts
+        n = len(self.config.moe_layers) * self.config.n_experts  # dense-MLP layers have no experts
         return {
             "kind": self.kind, "path": str(self.path), "arch": self.arch.name, "config": self.config.to_dict(),
             "tensor_count": len(tensors), "dtypes": dict(sorted(dtypes.items())),
@@ -138,9 +138,21 @@ class Source(ABC):
         except KeyError:
             raise SourceError(f"{self.path}: missing tensor {name}") from None
 
+    def check_counts(self) -> None:
+        """Layer and expert counts come from metadata and bound every loop over them (names, the
+        expert grid): refuse counts that the tensors actually present cannot back."""
+        cfg = self.config
+        total = sum(t.nbytes for t in self.tensors.values())
+        if cfg.n_layers > len(self.tensors) or cfg.n_layers * cfg.n_experts > max(total, 1):
+            raise SourceError(
+                f"{self.path}: the metadata's {cfg.n_layers} layers x {cfg.n_experts} experts cannot fit in its "
+                f"{len(self.tensors)} tensors ({total} bytes); corrupt metadata"
+            )
+
     def dense_tensors(self) -> list[tuple[str, DenseSpec, SourceTensor]]:
+        self.check_counts()
         out = []
-        for spec, layer in self.arch.dense_names(self.config.n_layers):
+        for spec, layer in self.arch.dense_names(self.config):
             t = self.dense_tensor(spec, layer)
             if t is None:
                 if not spec.optional:
@@ -173,6 +185,8 @@ def open_source(path: str | Path) -> Source:
         return HFSource(p)
     if not p.exists():
         raise SourceError(f"{p}: no such file or directory")
+    if not p.is_file():  # a FIFO would block the open below; a device would never end
+        raise SourceError(f"{p}: not a regular file")
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":

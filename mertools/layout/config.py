@@ -7,6 +7,15 @@ from typing import Any
 
 # "neox": rotate-half pairs (i, i + head_dim/2), HF's convention; "normal": adjacent pairs (2i, 2i+1).
 ROPE_STYLES = ("neox", "normal")
+# RMSNorm of q and k before rotary: "head" per head over head_dim (Qwen3-MoE), "full" over the whole
+# projection (OLMoE), "none" (Mixtral, Qwen2-MoE).
+QK_NORMS = ("none", "head", "full")
+# Fields added after format version 1, with the value that means "absent": a config whose extension
+# fields all hold these is a version-1 config and is written without them (old readers still read it).
+EXTENSION_DEFAULTS: dict[str, Any] = {
+    "qk_norm": "none", "attn_bias": False, "dense_layers": (), "d_ff_dense": 0, "d_ff_shared": 0,
+    "shared_expert_gate": False,
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,12 @@ class ModelConfig:
     sliding_window: int | None = None
     tie_embeddings: bool = False
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
+    qk_norm: str = "none"  # see QK_NORMS
+    attn_bias: bool = False  # q/k/v projections carry biases (Qwen2-MoE)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense SwiGLU MLP instead of experts (no expert files)
+    d_ff_dense: int = 0  # width of those dense MLPs; > 0 exactly when dense_layers is not empty
+    d_ff_shared: int = 0  # width of an always-resident shared expert in every MoE layer; 0 = none
+    shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w) (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         positive = (
@@ -54,9 +69,55 @@ class ModelConfig:
             not isinstance(self.sliding_window, int) or self.sliding_window <= 0
         ):
             raise ValueError(f"config.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        self._check_extensions()
+
+    def _check_extensions(self) -> None:
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"config.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        for name in ("attn_bias", "shared_expert_gate", "norm_topk_prob", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.dense_layers, list):  # from JSON
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        dl = self.dense_layers
+        if not isinstance(dl, tuple) or not all(isinstance(x, int) and not isinstance(x, bool) for x in dl):
+            raise ValueError(f"config.dense_layers must be a list of layer numbers, got {dl!r}")
+        if list(dl) != sorted(set(dl)) or (dl and not 0 <= dl[0] <= dl[-1] < self.n_layers):
+            raise ValueError(f"config.dense_layers must be increasing layer numbers below {self.n_layers}, got {list(dl)}")
+        if len(dl) == self.n_layers:
+            raise ValueError("config.dense_layers covers every layer: not a mixture-of-experts model")
+        for name in ("d_ff_dense", "d_ff_shared"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config.{name} must be a non-negative integer, got {value!r}")
+        if bool(dl) != (self.d_ff_dense > 0):
+            raise ValueError(f"config.d_ff_dense ({self.d_ff_dense}) must be > 0 exactly when dense_layers is set ({list(dl)})")
+        if self.shared_expert_gate and not self.d_ff_shared:
+            raise ValueError("config.shared_expert_gate needs a shared expert (d_ff_shared > 0)")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Layers with routed experts (every layer but the dense ones), in order."""
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.n_layers) if i not in dense)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def uses_extensions(self) -> bool:
+        """Whether the config needs format version 2 (any field beyond version 1 away from its default)."""
+        return any(getattr(self, k) != v for k, v in EXTENSION_DEFAULTS.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Version-2 fields are left out while they hold their defaults, so a Mixtral config (and its
+        manifest) is exactly what version 1 wrote."""
+        d = asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        for k, v in EXTENSION_DEFAULTS.items():
+            if getattr(self, k) == v:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMAT_NAME = "mertools.layout"
-FORMAT_VERSION = 1
+# Version 2 adds the config fields of more MoE families (q/k norms, attention biases, shared experts,
+# dense MLP layers that have no expert files). A layout that needs none of them is still written as
+# version 1, byte for byte as before; readers accept both.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size; 4 KiB covers
 # every common device and the page size.

@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .config import ModelConfig
-from .constants import ALIGNMENT, DTYPES, EXPERT_DTYPES, FORMAT_NAME, FORMAT_VERSION
+from .constants import ALIGNMENT, DTYPES, EXPERT_DTYPES, FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS
 
 EXPERT_ROLES = ("gate", "up", "down")
 _HEX64 = re.compile(r"^[0-9a-f]{16}$")
@@ -73,7 +73,10 @@ class Manifest:
     version: int = FORMAT_VERSION
 
     def expert(self, layer: int, expert: int) -> ExpertEntry:
-        return self.experts[layer * self.config.n_experts + expert]
+        # entries cover the MoE layers only (dense-MLP layers have no experts), layer-major
+        cfg = self.config
+        index = cfg.moe_layers.index(layer) if cfg.dense_layers else layer  # ValueError for a dense layer
+        return self.experts[index * cfg.n_experts + expert]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -193,8 +196,8 @@ def _parse_manifest(d: Any) -> Manifest:
     if fmt != FORMAT_NAME:
         raise ManifestError(f"manifest.format: expected {FORMAT_NAME!r}, got {fmt!r}")
     version = _get(d, "version", int, "manifest")
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"manifest.version: this mertools reads version {FORMAT_VERSION}, got {version}")
+    if version not in READABLE_VERSIONS:
+        raise ManifestError(f"manifest.version: this mertools reads versions {list(READABLE_VERSIONS)}, got {version}")
     arch = _get(d, "arch", str, "manifest")
     try:
         cfg = ModelConfig.from_dict(_get(d, "config", dict, "manifest"))
@@ -202,6 +205,9 @@ def _parse_manifest(d: Any) -> Manifest:
         raise ManifestError(f"manifest.{e}") from None
     if cfg.arch != arch:
         raise ManifestError(f"manifest: arch {arch!r} disagrees with config.arch {cfg.arch!r}")
+    if version < 2 and cfg.uses_extensions:
+        raise ManifestError("manifest.config: uses fields of format version 2 (q/k norm, biases, shared or dense MLPs) "
+                            f"in a version {version} manifest")
     tok = _get(d, "tokenizer", dict, "manifest")
     kind = _get(tok, "kind", str, "manifest.tokenizer")
     if kind not in TOKENIZER_KINDS:
@@ -244,19 +250,26 @@ def _parse_manifest(d: Any) -> Manifest:
 
 
 def _check_expert_grid(experts: list[ExpertEntry], cfg: ModelConfig) -> None:
-    """Experts are listed once each, in (layer, expert) order, covering every layer and expert."""
+    """Experts are listed once each, in (layer, expert) order, covering every MoE layer (all layers but
+    config.dense_layers) and every expert."""
+    n_moe = cfg.n_layers - len(cfg.dense_layers)
+    short = n_moe * cfg.n_experts - len(experts)
+    if short:  # checked first: the config's counts bound the loops below, and a hostile one could be 2**60
+        detail = f"missing {short} entries" if short > 0 else f"{-short} unexpected entries"
+        raise ManifestError(f"manifest.experts: {len(experts)} entries for {n_moe} MoE layers x {cfg.n_experts} "
+                            f"experts: {detail}")
     seen: set[tuple[int, int]] = set()
     for e in experts:
         key = (e.layer, e.expert)
         if key in seen:
             raise ManifestError(f"manifest.experts: duplicate entry for layer {e.layer}, expert {e.expert}")
         seen.add(key)
-    want = [(layer, x) for layer in range(cfg.n_layers) for x in range(cfg.n_experts)]
+    want = [(layer, x) for layer in cfg.moe_layers for x in range(cfg.n_experts)]
     if [(e.layer, e.expert) for e in experts] != want:
         missing = sorted(set(want) - seen)
         extra = sorted(seen - set(want))
         detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}" if extra else "out of order"
         raise ManifestError(
-            f"manifest.experts: expected {len(want)} entries for {cfg.n_layers} layers x {cfg.n_experts} experts "
+            f"manifest.experts: expected {len(want)} entries for {len(cfg.moe_layers)} MoE layers x {cfg.n_experts} experts "
             f"in order, {detail}"
         )

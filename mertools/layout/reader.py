@@ -15,6 +15,7 @@ from ..errors import LayoutError
 from .checksum import range_xxh3
 from .constants import MANIFEST_NAME
 from .manifest import Manifest, ManifestError, TensorEntry
+from .writer import PARTIAL_MARKER
 
 # A Mixtral-8x22B manifest is ~1 MB; anything beyond this is hostile or broken.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -36,14 +37,32 @@ def read_manifest_json(root: Path) -> object:
     mpath = root / MANIFEST_NAME
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory (a layout is a directory holding {MANIFEST_NAME})")
+    if (root / PARTIAL_MARKER).exists():
+        raise LayoutError(f"{root}: holds {PARTIAL_MARKER}: an interrupted conversion, not a layout; run convert again")
     try:
-        size = mpath.stat().st_size
+        # O_NONBLOCK: a FIFO planted as the manifest must not block the open; fstat then refuses it
+        fd = os.open(mpath, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         raise LayoutError(f"{mpath}: missing; {root} is not a mertools layout") from None
-    if size > MAX_MANIFEST_BYTES:
-        raise LayoutError(f"{mpath}: {size} bytes is larger than any real manifest ({MAX_MANIFEST_BYTES})")
     try:
-        return json.loads(mpath.read_bytes().decode("utf-8"))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # /dev/zero behind a symlink would never end
+            raise LayoutError(f"{mpath}: not a regular file")
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(mpath)]) != real_root:
+            raise LayoutError(f"{mpath}: resolves to {os.path.realpath(mpath)}, outside the layout {real_root}")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise LayoutError(f"{mpath}: {st.st_size} bytes is larger than any real manifest ({MAX_MANIFEST_BYTES})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows under us
+    except OSError as e:
+        raise LayoutError(f"{mpath}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise LayoutError(f"{mpath}: larger than any real manifest ({MAX_MANIFEST_BYTES} bytes)")
+    try:
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise LayoutError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
 

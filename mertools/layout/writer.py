@@ -18,7 +18,7 @@ import xxhash
 
 from ..errors import ConversionError
 from .config import ModelConfig
-from .constants import ALIGNMENT, DENSE_FILE, DTYPES, EXPERTS_DIR, FORMAT_NAME, MANIFEST_NAME, align_up
+from .constants import ALIGNMENT, DENSE_FILE, DTYPES, EXPERTS_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, align_up
 from .manifest import EXPERT_ROLES, ExpertEntry, FileEntry, Manifest, TensorEntry
 
 PARTIAL_MARKER = ".mertools-partial"
@@ -56,13 +56,17 @@ class _AlignedFile:
     """Appends tensors at 4 KiB-aligned offsets, hashing each tensor and the whole file."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.pos = 0
         self.hash = xxhash.xxh3_64()
 
     def _write(self, data: bytes | memoryview) -> None:
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except OSError as e:  # ENOSPC, EIO: a write error has no filename of its own; give it ours
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.hash.update(data)
         self.pos += len(data)
 
@@ -79,10 +83,14 @@ class _AlignedFile:
         return TensorEntry(offset, len(view), t.dtype, tuple(t.shape), xxhash.xxh3_64(view).hexdigest(), file)
 
     def close(self) -> FileEntry:
-        self.pad()
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        try:
+            self.pad()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+        finally:
+            self.f.close()
         return FileEntry(self.pos, self.hash.hexdigest())
 
 
@@ -102,6 +110,9 @@ class LayoutWriter:
 
     # -------------------------------------------------------------- lifecycle
     def __enter__(self) -> LayoutWriter:
+        if (self.out / PARTIAL_MARKER).exists() and not self.out.is_symlink():
+            # killed between the final rename and the marker's removal: our own leftover, never a layout
+            shutil.rmtree(self.out)
         if self.out.exists() or self.out.is_symlink():
             if not self.force:
                 raise ConversionError(f"{self.out}: output exists; pass --force to replace it")
@@ -112,13 +123,23 @@ class LayoutWriter:
             if not (self.partial / PARTIAL_MARKER).exists():
                 raise ConversionError(f"{self.partial}: exists and was not made by mertools; remove it first")
             shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
-        (self.partial / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
+        try:
+            self.partial.mkdir(parents=True)
+            (self.partial / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            self.__exit__(OSError, e, None)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError):
+                # disk full, read-only or failing target: one clear line, and nothing left behind
+                where = exc.filename or self.partial
+                raise ConversionError(
+                    f"{where}: cannot write ({exc.strerror or exc}); {self.out} was not written and "
+                    f"{self.partial.name} was removed"
+                ) from None
 
     def abort(self) -> None:
         if self._dense is not None and not self._dense.f.closed:
@@ -161,14 +182,18 @@ class LayoutWriter:
         if self._dense is not None:
             self._files[DENSE_FILE] = fe = self._dense.close()
             self.bytes_written += fe.nbytes
-        want = [(la, e) for la in range(config.n_layers) for e in range(config.n_experts)]
+        want = [(la, e) for la in config.moe_layers for e in range(config.n_experts)]
         missing = [k for k in want if k not in self._experts]
         if missing:
             raise ConversionError(f"{self.out}: experts {missing[:4]} were never written")
         manifest = Manifest(
             arch=config.arch, config=config, tokenizer=tokenizer, dense=self._dense_entries,
             experts=[self._experts[k] for k in want], files=self._files, source=source,
+            version=FORMAT_VERSION if config.uses_extensions else 1,  # a Mixtral layout stays version 1
         )
+        extra = sorted(set(self._experts) - set(want))
+        if extra:
+            raise ConversionError(f"{self.out}: experts {extra[:4]} were written for layers that have none")
         # round-trip through the parser: never publish a manifest our own reader would refuse
         Manifest.from_dict(json.loads(manifest.to_json()))
         tmp = self.partial / (MANIFEST_NAME + ".tmp")
@@ -177,13 +202,16 @@ class LayoutWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.partial / MANIFEST_NAME)
-        (self.partial / PARTIAL_MARKER).unlink()
         _fsync_dir(self.partial)
         old = None
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
         os.replace(self.partial, self.out)
+        # the marker goes last: a directory that still carries it is refused by every reader, so a kill
+        # anywhere above leaves no layout (and the next run removes what is left)
+        (self.out / PARTIAL_MARKER).unlink()
+        _fsync_dir(self.out)
         _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""A plain-numpy Mixtral forward pass: the reference the runtime and its kernels are checked against.
+"""A plain-numpy MoE forward pass: the reference the runtime and its kernels are checked against.
 
 It is deliberately independent of `mertools.runtime` and of the numba kernels: quantized weights
 are dequantized with gguf-py (`gguf.quants.dequantize`), float weights with numpy, and the model
@@ -14,6 +14,12 @@ follows HF transformers' `MixtralForCausalLM` step by step:
   choice among exact ties is unspecified (torch 2.13 on CPU picks experts 2, 3 of four equal ones),
   so nothing can match it there. Exact ties need degenerate router weights (e.g. zero rows);
 - SwiGLU experts `(silu(x @ G.T) * (x @ U.T)) @ D.T`; final norm; lm_head or tied embeddings.
+
+The other families' pieces follow their HF classes, chosen by config fields: q/k/v biases and a shared
+expert scaled by `sigmoid(x . shared_expert_gate)` (Qwen2MoeSparseMoeBlock), RMSNorm of q and k per
+head (Qwen3MoeAttention) or over the whole projection (OlmoeAttention), dense SwiGLU MLPs in the
+layers listed in `dense_layers` (Qwen's mlp_only_layers), top-k weights not renormalised when
+`norm_topk_prob` is false.
 
 Weights are held as float32 (exactly the dequantized values) and every activation is computed in
 float64 by default, so rounding in the reference is far below that of any float32 implementation
@@ -68,8 +74,14 @@ class LayerWeights:
     wv: np.ndarray  # (n_kv_heads * head_dim, d_model)
     wo: np.ndarray  # (d_model, n_heads * head_dim)
     ffn_norm: np.ndarray  # (d_model,)
-    router: np.ndarray  # (n_experts, d_model)
-    experts: list[dict[str, np.ndarray]]  # per expert: gate/up (d_ff, d_model), down (d_model, d_ff)
+    router: np.ndarray | None  # (n_experts, d_model); None in a dense-MLP layer
+    experts: list[dict[str, np.ndarray]]  # per expert: gate/up (d_ff, d_model), down (d_model, d_ff); [] if dense
+    bias: dict[str, np.ndarray] | None = None  # "q" (q_dim,), "k"/"v" (kv_dim,) when config.attn_bias
+    q_norm: np.ndarray | None = None  # (head_dim,) or (q_dim,) by config.qk_norm
+    k_norm: np.ndarray | None = None  # (head_dim,) or (kv_dim,)
+    mlp: dict[str, np.ndarray] | None = None  # dense-MLP layer: gate/up (d_ff_dense, d_model), down (d_model, d_ff_dense)
+    shared: dict[str, np.ndarray] | None = None  # shared expert: gate/up (d_ff_shared, d_model), down
+    shared_gate: np.ndarray | None = None  # (1, d_model)
 
 
 class ReferenceModel:
@@ -83,13 +95,26 @@ class ReferenceModel:
         self.output_norm = dense["output_norm.weight"]  # (d_model,)
         # a tied model has no output.weight: the logits reuse the embedding matrix
         self.lm_head = dense.get("output.weight", self.embed)  # (vocab, d_model)
+        self.dense, self.experts = dense, experts  # as given, for the transformers reference
         self.layers: list[LayerWeights] = []
         for n in range(c.n_layers):
             p = f"blk.{n}."
+            moe = c.is_moe_layer(n)
+
+            def triple(suffix: str, p: str = p) -> dict[str, np.ndarray]:
+                return {r: dense[f"{p}ffn_{r}{suffix}.weight"] for r in EXPERT_ROLES}
+
             self.layers.append(LayerWeights(
                 attn_norm=dense[p + "attn_norm.weight"], wq=dense[p + "attn_q.weight"], wk=dense[p + "attn_k.weight"],
                 wv=dense[p + "attn_v.weight"], wo=dense[p + "attn_output.weight"], ffn_norm=dense[p + "ffn_norm.weight"],
-                router=dense[p + "ffn_gate_inp.weight"], experts=[experts[(n, e)] for e in range(c.n_experts)],
+                router=dense[p + "ffn_gate_inp.weight"] if moe else None,
+                experts=[experts[(n, e)] for e in range(c.n_experts)] if moe else [],
+                bias={x: dense[f"{p}attn_{x}.bias"] for x in "qkv"} if c.attn_bias else None,
+                q_norm=dense[p + "attn_q_norm.weight"] if c.qk_norm != "none" else None,
+                k_norm=dense[p + "attn_k_norm.weight"] if c.qk_norm != "none" else None,
+                mlp=None if moe else triple(""),
+                shared=triple("_shexp") if moe and c.d_ff_shared else None,
+                shared_gate=dense[p + "ffn_gate_inp_shexp.weight"] if moe and c.shared_expert_gate else None,
             ))
         self._check_shapes()
 
@@ -105,7 +130,7 @@ class ReferenceModel:
         # read_raw() has already undone llama.cpp's q/k row permutation
         dense = {name: dequantize(t.read_raw(), t.dtype, tuple(t.shape)) for name, _spec, t in src.dense_tensors()}
         experts = {}
-        for layer in range(src.config.n_layers):
+        for layer in src.config.moe_layers:
             for e in range(src.config.n_experts):
                 ts = src.expert_tensors(layer, e)
                 experts[(layer, e)] = {r: dequantize(ts[r].read_raw(), ts[r].dtype, tuple(ts[r].shape)) for r in EXPERT_ROLES}
@@ -136,7 +161,9 @@ class ReferenceModel:
                 raise ValueError(f"{name} has shape {getattr(self, name).shape}, the config implies {shape}")
         for n, lw in enumerate(self.layers):
             want = {"attn_norm": (c.d_model,), "wq": (q, c.d_model), "wk": (kv, c.d_model), "wv": (kv, c.d_model),
-                    "wo": (c.d_model, q), "ffn_norm": (c.d_model,), "router": (c.n_experts, c.d_model)}
+                    "wo": (c.d_model, q), "ffn_norm": (c.d_model,)}
+            if lw.router is not None:
+                want["router"] = (c.n_experts, c.d_model)
             for name, shape in want.items():
                 if getattr(lw, name).shape != shape:
                     raise ValueError(f"layer {n} {name} has shape {getattr(lw, name).shape}, the config implies {shape}")
@@ -159,7 +186,8 @@ class ReferenceModel:
         mask = self.attention_mask(len(ids))  # (T, T) bool, True = may attend
         for lw in self.layers:
             x = x + self.attention(rms_norm(x, lw.attn_norm, self.config.norm_eps), lw, cos, sin, mask)
-            x = x + self.moe(rms_norm(x, lw.ffn_norm, self.config.norm_eps), lw)
+            h = rms_norm(x, lw.ffn_norm, self.config.norm_eps)
+            x = x + (self.moe(h, lw) if lw.router is not None else self.mlp(h, lw.mlp))
         x = rms_norm(x, self.output_norm, self.config.norm_eps)
         return (x @ self.lm_head.T.astype(dt, copy=False)).astype(np.float32)  # (T, vocab)
 
@@ -185,9 +213,17 @@ class ReferenceModel:
         c = self.config
         dt = self.compute_dtype
         T, hd = h.shape[0], c.head_dim
-        q = (h @ lw.wq.T.astype(dt, copy=False)).reshape(T, c.n_heads, hd).transpose(1, 0, 2)  # (H, T, hd)
-        k = (h @ lw.wk.T.astype(dt, copy=False)).reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)  # (KV, T, hd)
-        v = (h @ lw.wv.T.astype(dt, copy=False)).reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)  # (KV, T, hd)
+        q, k, v = (h @ lw.wq.T.astype(dt, copy=False), h @ lw.wk.T.astype(dt, copy=False),
+                   h @ lw.wv.T.astype(dt, copy=False))  # (T, H*hd), (T, KV*hd) x2
+        if lw.bias is not None:
+            q, k, v = q + lw.bias["q"], k + lw.bias["k"], v + lw.bias["v"]
+        if c.qk_norm == "full":  # OlmoeAttention: over the whole projection
+            q, k = rms_norm(q, lw.q_norm, c.norm_eps), rms_norm(k, lw.k_norm, c.norm_eps)
+        q = q.reshape(T, c.n_heads, hd).transpose(1, 0, 2)  # (H, T, hd)
+        k = k.reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)  # (KV, T, hd)
+        v = v.reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)  # (KV, T, hd)
+        if c.qk_norm == "head":  # Qwen3MoeAttention: each head over head_dim
+            q, k = rms_norm(q, lw.q_norm, c.norm_eps), rms_norm(k, lw.k_norm, c.norm_eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # repeat_kv: kv head j serves query heads j*rep .. j*rep + rep - 1
@@ -220,11 +256,17 @@ class ReferenceModel:
             tok, slot = np.nonzero(top == e)  # tokens that chose expert e, and in which top-k slot
             if tok.size == 0:
                 continue
-            x = h[tok]  # (t, d_model)
-            act = silu(x @ ex["gate"].T.astype(dt, copy=False)) * (x @ ex["up"].T.astype(dt, copy=False))  # (t, d_ff)
-            y = act @ ex["down"].T.astype(dt, copy=False)  # (t, d_model)
-            np.add.at(out, tok, y * w[tok, slot][:, None])
+            np.add.at(out, tok, self.mlp(h[tok], ex) * w[tok, slot][:, None])
+        if lw.shared is not None:  # Qwen2MoeSparseMoeBlock: every token, scaled by sigmoid(x . gate)
+            gate = 1.0 / (1.0 + np.exp(-(h @ lw.shared_gate.T.astype(dt)))) if lw.shared_gate is not None else 1.0  # (T, 1)
+            out = out + gate * self.mlp(h, lw.shared)
         return out
+
+    def mlp(self, x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+        """SwiGLU x (t, d_model) -> (t, d_model) with w gate/up (d_ff, d_model), down (d_model, d_ff)."""
+        dt = self.compute_dtype
+        act = silu(x @ w["gate"].T.astype(dt, copy=False)) * (x @ w["up"].T.astype(dt, copy=False))  # (t, d_ff)
+        return act @ w["down"].T.astype(dt, copy=False)  # (t, d_model)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

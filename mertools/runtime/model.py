@@ -1,63 +1,26 @@
-"""The MoE forward pass (HF MixtralForCausalLM semantics) over a layout: dense weights resident,
-experts through the cache. Prefill groups tokens by expert so each expert is read once per step."""
+"""The MoE forward pass (HF MixtralForCausalLM semantics, plus the per-family pieces of blocks.py:
+Qwen2-MoE, Qwen3-MoE, OLMoE) over a layout: dense weights resident, experts through the cache.
+Prefill groups tokens by expert so each expert is read once per step."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
-from ..kernels.matmul import get_rows, matmul, swiglu_expert
+from ..kernels.matmul import get_rows, swiglu_expert
 from ..kernels.simd import prefetch
 from ..layout.config import ModelConfig
 from ..layout.reader import Layout
+from . import blocks
+from .blocks import Linear, linear, per_span, rms_norm  # noqa: F401 - Linear: part of this module's API
 from .cache import ExpertCache
 from .prefetch import Prefetcher
 from .store import ExpertStore
 
 # (positions (n,), layer, chosen experts (n, k), their weights (n, k))
 TraceFn = Callable[[np.ndarray, int, np.ndarray, np.ndarray], None]
-
-
-@dataclass(frozen=True)
-class Linear:
-    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight
-    dtype: str
-    rows: int
-    cols: int
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
-        return matmul(x, self.raw, self.dtype, self.rows, self.cols)
-
-
-def _f32(layout: Layout, name: str) -> np.ndarray:
-    t = layout.manifest.dense[name]
-    raw = layout.read_dense(name)
-    if t.dtype == "f32":
-        return raw.view(np.float32).reshape(t.shape)
-    from ..kernels import dequantize
-
-    return dequantize(raw, t.dtype, tuple(t.shape))
-
-
-def _linear(layout: Layout, name: str) -> Linear:
-    t = layout.manifest.dense[name]
-    return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1])
-
-
-def _per_span(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, spans: list) -> np.ndarray:
-    """fn over each sequence's rows separately: kernels may take another path (and round
-    differently) for another number of rows, and a request's output must not depend on its batch."""
-    if len(spans) == 1:
-        return fn(x)
-    return np.concatenate([fn(np.ascontiguousarray(x[r0:r0 + n])) for _, r0, n in spans])
-
-
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
-    return (x / np.sqrt(var + np.float32(eps))) * w
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -133,18 +96,10 @@ class MoEModel:
         cfg = self.cfg = layout.manifest.config
         self.cache, self.store, self.prefetcher = cache, store, prefetcher
         dense = layout.manifest.dense
-        self.embd = _linear(layout, "token_embd.weight")
-        self.output = _linear(layout, "output.weight") if "output.weight" in dense else self.embd
-        self.output_norm = _f32(layout, "output_norm.weight")
-        self.layers = []
-        for i in range(cfg.n_layers):
-            p = f"blk.{i}."
-            self.layers.append({
-                "attn_norm": _f32(layout, p + "attn_norm.weight"), "ffn_norm": _f32(layout, p + "ffn_norm.weight"),
-                "q": _linear(layout, p + "attn_q.weight"), "k": _linear(layout, p + "attn_k.weight"),
-                "v": _linear(layout, p + "attn_v.weight"), "o": _linear(layout, p + "attn_output.weight"),
-                "router": _f32(layout, p + "ffn_gate_inp.weight"),  # (n_experts, d_model)
-            })
+        self.embd = linear(layout, "token_embd.weight")
+        self.output = linear(layout, "output.weight") if "output.weight" in dense else self.embd
+        self.output_norm = blocks.f32_tensor(layout, "output_norm.weight")
+        self.layers = [blocks.load_layer(layout, cfg, i) for i in range(cfg.n_layers)]
         self.dtypes = {r: layout.manifest.experts[0].tensors[r].dtype for r in ("gate", "up", "down")}
         self.kv = KVCache(cfg)
         self.trace: TraceFn | None = None
@@ -164,6 +119,8 @@ class MoEModel:
         return e / e.sum(axis=1, keepdims=True)
 
     def lookahead_router(self, layer: int, x: np.ndarray) -> np.ndarray:
+        if "router" not in self.layers[layer]:  # a dense-MLP layer: nothing to guess
+            return np.zeros((x.shape[0], self.cfg.n_experts))
         return self.router_probs(layer, rms_norm(x, self.layers[layer]["ffn_norm"], self.cfg.norm_eps))
 
     def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -177,14 +134,13 @@ class MoEModel:
     def _attention(self, layer: int, h: np.ndarray, spans: list[tuple[KVCache, int, int]], pos: np.ndarray) -> np.ndarray:
         """h (N, d) holds the new tokens of every sequence; spans: (kv cache, first row, rows)."""
         cfg, w = self.cfg, self.layers[layer]
-        n_all, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        q_all = self._rope(_per_span(w["q"], h, spans).reshape(n_all, nh, hd), pos)
-        k_all = self._rope(_per_span(w["k"], h, spans).reshape(n_all, nkv, hd), pos)
-        v_all = _per_span(w["v"], h, spans).reshape(n_all, nkv, hd)
+        n_all, hd, nh = h.shape[0], cfg.head_dim, cfg.n_heads
+        q_all, k_all, v_all = blocks.qkv(cfg, w, h, spans)  # (N, nh, hd), (N, nkv, hd) x2: biases, q/k norms
+        q_all, k_all = self._rope(q_all, pos), self._rope(k_all, pos)
         out = np.empty((n_all, nh * hd), np.float32)
         for kv, r0, n in spans:
             out[r0:r0 + n] = self._attend(layer, kv, q_all[r0:r0 + n], k_all[r0:r0 + n], v_all[r0:r0 + n], pos[r0:r0 + n])
-        return _per_span(w["o"], out, spans)
+        return per_span(w["o"], out, spans)
 
     def _attend(self, layer: int, kv: KVCache, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """One sequence: q (n, nh, hd), k/v (n, nkv, hd) at positions pos -> (n, nh * hd)."""
@@ -215,7 +171,7 @@ class MoEModel:
     def _moe(self, layer: int, x: np.ndarray, pos: np.ndarray, spans: list[tuple[KVCache, int, int]]) -> np.ndarray:
         cfg = self.cfg
         h = rms_norm(x, self.layers[layer]["ffn_norm"], cfg.norm_eps)
-        probs = _per_span(lambda rows: self.router_probs(layer, rows), h, spans)  # (n, E)
+        probs = per_span(lambda rows: self.router_probs(layer, rows), h, spans)  # (n, E)
         k = cfg.n_experts_used
         chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k); ties -> lower index, like torch
         if self.routing_override is not None:  # benchmarks replay recorded or synthetic routing
@@ -231,7 +187,8 @@ class MoEModel:
         experts = sorted({int(e) for e in chosen.ravel()})
         keys = [(layer, e) for e in experts]
         pending = self.cache.acquire(keys)  # demand reads start now, before the speculative ones
-        guess = self.prefetcher.guess(layer, chosen, x, k)
+        # no guesses for a next layer without experts (a dense-MLP layer)
+        guess = self.prefetcher.guess(layer, chosen, x, k) if cfg.is_moe_layer(layer + 1) else []
         if guess:
             self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
         # per (token, choice) outputs summed in a fixed order afterwards, so the order in which
@@ -251,7 +208,16 @@ class MoEModel:
                     contrib[tok, which] = y * weights[tok, which][:, None]
             finally:
                 self.cache.release(key)
-        return contrib.sum(axis=1)
+        out = contrib.sum(axis=1)
+        if cfg.d_ff_shared:  # always resident, never routed (Qwen2-MoE)
+            out = out + blocks.shared_expert(cfg, self.layers[layer], h, spans)
+        return out
+
+    def _ffn(self, layer: int, x: np.ndarray, pos: np.ndarray, spans: list[tuple[KVCache, int, int]]) -> np.ndarray:
+        """The layer's feed-forward block: experts, or a resident dense SwiGLU MLP in a layer without them."""
+        if self.cfg.is_moe_layer(layer):
+            return self._moe(layer, x, pos, spans)
+        return blocks.swiglu(self.layers[layer]["mlp"], rms_norm(x, self.layers[layer]["ffn_norm"], self.cfg.norm_eps), spans)
 
     # ------------------------------------------------------------------ forward
     def new_kv(self) -> KVCache:
@@ -276,7 +242,7 @@ class MoEModel:
         for layer in range(cfg.n_layers):
             self.cache.note_layer(layer)
             x = x + self._attention(layer, rms_norm(x, self.layers[layer]["attn_norm"], cfg.norm_eps), spans, pos)
-            x = x + self._moe(layer, x, pos, spans)
+            x = x + self._ffn(layer, x, pos, spans)
         for kv, _, n in spans:
             kv.length += n
         out = []

@@ -1,5 +1,7 @@
-"""HF transformers as a second reference: MixtralForCausalLM loaded with the same dequantized float32
-weights the numpy reference holds, so HF directories and GGUFs (quantized ones too) both work."""
+"""HF transformers as a second reference: the family's own model class (MixtralForCausalLM,
+Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM) loaded with the same dequantized float32
+weights the numpy reference holds, so HF directories and GGUFs (quantized ones too) both work.
+HF names come from the architecture's tensor tables, the config from its `hf_config`."""
 
 from __future__ import annotations
 
@@ -7,49 +9,49 @@ import tempfile
 
 import numpy as np
 
+from ..convert.arch import ARCHS
+from ..convert.arch.base import ArchSpec, fmt
 from ..errors import MertoolsError
 from ..reference.forward import ReferenceModel
 
 
-def _state_dict(ref: ReferenceModel) -> dict[str, np.ndarray]:
-    sd = {"model.embed_tokens.weight": ref.embed, "model.norm.weight": ref.output_norm}
-    if not ref.config.tie_embeddings:
-        sd["lm_head.weight"] = ref.lm_head
-    for i, lw in enumerate(ref.layers):
-        p = f"model.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": lw.attn_norm, p + "post_attention_layernorm.weight": lw.ffn_norm,
-            p + "self_attn.q_proj.weight": lw.wq, p + "self_attn.k_proj.weight": lw.wk,
-            p + "self_attn.v_proj.weight": lw.wv, p + "self_attn.o_proj.weight": lw.wo,
-            p + "block_sparse_moe.gate.weight": lw.router,
-        })
-        for e, w in enumerate(lw.experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            sd.update({q + "w1.weight": w["gate"], q + "w3.weight": w["up"], q + "w2.weight": w["down"]})
+def _state_dict(ref: ReferenceModel, arch: ArchSpec) -> dict[str, np.ndarray]:
+    """Layout-named weights -> HF-named ones, through the arch's name tables."""
+    sd: dict[str, np.ndarray] = {}
+    for spec, layer in arch.dense_names(ref.config):
+        name = fmt(spec.name, layer)
+        if name in ref.dense:
+            sd[fmt(spec.hf, layer)] = ref.dense[name]
+        elif not spec.optional:
+            raise MertoolsError(f"the reference has no tensor {name} for {arch.name}")
+    for (layer, e), tensors in ref.experts.items():
+        for spec in arch.experts:
+            sd[fmt(spec.hf, layer, e)] = tensors[spec.role]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
 
 
 def transformers_logits(ref: ReferenceModel, ids: list[int]) -> np.ndarray:
     try:
         import torch
+        import transformers
         from safetensors.numpy import save_file
-        from transformers import MixtralConfig, MixtralForCausalLM
     except ImportError:
         raise MertoolsError("the transformers reference needs the `reference` extra: pip install 'mertools[reference]'") from None
-    c = ref.config
-    hf_cfg = MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_used, max_position_embeddings=c.context_length,
-        rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, sliding_window=c.sliding_window,
-        tie_word_embeddings=c.tie_embeddings,
-    )
-    # through transformers' real loading path (it renames and fuses Mixtral's expert weights itself),
-    # from a checkpoint written in HF's own names
+    arch = ARCHS[ref.config.arch]
+    if arch.hf_config is None:
+        raise MertoolsError(f"no transformers reference for architecture {arch.name}")
+    model_cls = getattr(transformers, arch.hf_architectures[0], None)
+    if model_cls is None:
+        raise MertoolsError(f"transformers {transformers.__version__} has no {arch.hf_architectures[0]}")
+    hf_cfg = transformers.AutoConfig.for_model(arch.hf_model_types[0], **arch.hf_config(ref.config))
+    # through transformers' real loading path (it renames and fuses expert weights itself), from a
+    # checkpoint written in HF's own names
     with tempfile.TemporaryDirectory() as tmp:
         hf_cfg.save_pretrained(tmp)
-        save_file(_state_dict(ref), f"{tmp}/model.safetensors")
-        model, info = MixtralForCausalLM.from_pretrained(tmp, output_loading_info=True, dtype=torch.float32)
+        save_file(_state_dict(ref, arch), f"{tmp}/model.safetensors")
+        # a directory we wrote, safetensors only, the model class named by us: never a pickle, never model code
+        model, info = model_cls.from_pretrained(tmp, output_loading_info=True, dtype=torch.float32,
+                                                use_safetensors=True, trust_remote_code=False)
     bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if bad:
         raise MertoolsError(f"transformers did not take the reference weights: {', '.join(f'{k}: {info[k]}' for k in bad)}")

@@ -61,7 +61,7 @@ def dense_shape_problems(layout: Layout) -> list[str]:
         return [f"{layout.root / MANIFEST_NAME}: unknown arch {m.arch!r} (known: {', '.join(ARCHS)})"]
     problems = []
     want = {}
-    for spec, layer in arch.dense_names(m.config.n_layers):
+    for spec, layer in arch.dense_names(m.config):
         want[fmt(spec.name, layer)] = (spec, resolve_shape(spec.shape, m.config))
     for name, (spec, shape) in want.items():
         t = m.dense.get(name)

@@ -17,8 +17,9 @@ DEFAULT_TEXT = (
     "grey sky, and the fishermen mended their nets beside the old stone wall, talking of the weather, of the "
     "price of herring, and of the stranger who had come to the inn the night before with a heavy trunk and no name."
 )
-COMPARED_FIELDS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "n_experts",
-                   "n_experts_used", "rope_theta", "norm_eps", "sliding_window", "norm_topk_prob")
+COMPARED_FIELDS = ("arch", "vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "n_experts",
+                   "n_experts_used", "rope_theta", "norm_eps", "sliding_window", "norm_topk_prob", "qk_norm", "attn_bias",
+                   "dense_layers", "d_ff_dense", "d_ff_shared", "shared_expert_gate")
 
 
 class ReferenceMismatch(MertoolsError):

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from .base import ArchSpec
 from .mixtral import ARCH as MIXTRAL
+from .olmoe import ARCH as OLMOE
+from .qwen2_moe import ARCH as QWEN2_MOE
+from .qwen3_moe import ARCH as QWEN3_MOE
 
-ARCHS: dict[str, ArchSpec] = {a.name: a for a in (MIXTRAL,)}
+ARCHS: dict[str, ArchSpec] = {a.name: a for a in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)}
+
+
+def supported() -> str:
+    """For messages: the supported architectures, HF and GGUF names."""
+    return "; ".join(f"{a.name} ({', '.join(a.hf_architectures)}; GGUF {', '.join(a.gguf_architectures)})"
+                     for a in ARCHS.values())
 
 
 def arch_for_hf(architectures: list[str], model_type: str | None) -> ArchSpec | None:

@@ -12,10 +12,19 @@ from typing import Any
 
 from ...layout.config import ModelConfig
 
-# Roles of dense tensors. Norms and routers are small and precision-sensitive: they stay f32.
-DENSE_ROLES = ("embedding", "norm", "attn_q", "attn_k", "attn_v", "attn_o", "router", "output")
-KEEP_F32_ROLES = ("norm", "router")
+# Roles of dense tensors. Norms, biases and routers (the shared expert's gate is one) are small and
+# precision-sensitive: they stay f32. "ffn" is a dense SwiGLU matrix (shared expert, dense-MLP layer).
+DENSE_ROLES = ("embedding", "norm", "attn_q", "attn_k", "attn_v", "attn_o", "router", "output", "bias", "ffn")
+KEEP_F32_ROLES = ("norm", "router", "bias")
 REQUIRED = object()
+# Which layers a per-layer tensor exists in: every layer, the MoE layers, or the dense-MLP layers.
+LAYER_KINDS = ("all", "moe", "dense")
+# Config conditions a tensor may depend on (DenseSpec.when), as data: name -> predicate.
+CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
+    "attn_bias": lambda c: c.attn_bias,
+    "shared_expert": lambda c: c.d_ff_shared > 0,
+    "shared_expert_gate": lambda c: c.shared_expert_gate,
+}
 
 
 @dataclass(frozen=True)
@@ -26,10 +35,23 @@ class DenseSpec:
     shape: tuple[str, ...]  # ModelConfig attributes giving the (rows, cols) or (n,) shape
     per_layer: bool = False
     optional: bool = False  # absent when tied (lm_head) or for some checkpoints
+    layers: str = "all"  # per-layer tensors: "all", "moe" or "dense" layers (LAYER_KINDS)
+    when: str | None = None  # a CONDITIONS name: the tensor exists only when the config says so
 
     def __post_init__(self) -> None:
         if self.role not in DENSE_ROLES:
             raise ValueError(f"unknown dense role {self.role!r} for {self.name}")
+        if self.layers not in LAYER_KINDS or (self.layers != "all" and not self.per_layer):
+            raise ValueError(f"{self.name}: layers must be one of {LAYER_KINDS} (and only for per-layer tensors)")
+        if self.when is not None and self.when not in CONDITIONS:
+            raise ValueError(f"{self.name}: unknown condition {self.when!r} (known: {', '.join(CONDITIONS)})")
+
+    def applies(self, cfg: ModelConfig, layer: int | None) -> bool:
+        if self.when is not None and not CONDITIONS[self.when](cfg):
+            return False
+        if layer is None or self.layers == "all":
+            return True
+        return cfg.is_moe_layer(layer) == (self.layers == "moe")
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,7 @@ class ExpertSpec:
     role: str  # "gate" | "up" | "down"
     hf: str  # "model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight"
     gguf_merged: str  # "blk.{L}.ffn_gate_exps.weight": all experts, expert as the outer dimension
-    gguf_split: str  # "blk.{L}.ffn_gate.{E}.weight": the older one-tensor-per-expert layout
+    gguf_split: str  # "blk.{L}.ffn_gate.{E}.weight": the older one-tensor-per-expert layout ("" if never written)
     shape: tuple[str, str]
 
 
@@ -65,13 +87,18 @@ class ArchSpec:
     gguf_permutes_qk: bool  # llama.cpp permuted q/k rows for "normal" rotary when writing GGUF
     # fills derived fields (e.g. head_dim) and rejects unsupported options; gets the raw values
     finish_config: Callable[[dict[str, Any], Mapping[str, Any]], None] = field(default=lambda v, raw: None)
+    # ModelConfig -> keyword arguments of the transformers config class (for the transformers reference)
+    hf_config: Callable[[ModelConfig], dict[str, Any]] | None = None
+    # layers may be dense MLPs instead of MoE; a GGUF has no key for it: a layer without a router is one
+    dense_mlp_layers: bool = False
 
-    def dense_names(self, n_layers: int) -> list[tuple[DenseSpec, int | None]]:
+    def dense_names(self, cfg: ModelConfig) -> list[tuple[DenseSpec, int | None]]:
+        """Every dense tensor the config implies, as (spec, layer or None)."""
         out: list[tuple[DenseSpec, int | None]] = []
         for spec in self.dense:
             if spec.per_layer:
-                out.extend((spec, layer) for layer in range(n_layers))
-            else:
+                out.extend((spec, layer) for layer in range(cfg.n_layers) if spec.applies(cfg, layer))
+            elif spec.applies(cfg, None):
                 out.append((spec, None))
         # order: globals first (embedding), then layer by layer, then the rest (norm, output)
         return sorted(out, key=lambda s: (_order(s[0]), -1 if s[1] is None else s[1]))
@@ -94,6 +121,7 @@ def resolve_shape(shape: tuple[str, ...], cfg: ModelConfig) -> tuple[int, ...]:
 DERIVED: dict[str, Callable[[ModelConfig], int]] = {
     "q_dim": lambda c: c.n_heads * c.head_dim,
     "kv_dim": lambda c: c.n_kv_heads * c.head_dim,
+    "one": lambda c: 1,
 }
 
 
@@ -101,8 +129,12 @@ def fmt(template: str, layer: int | None = None, expert: int | None = None) -> s
     return template.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
-def build_config(arch: ArchSpec, lookup: Callable[[ConfigKey], Any], raw: Mapping[str, Any], where: str) -> ModelConfig:
-    """Build a ModelConfig from a source's key lookup (HF or GGUF), with the arch's defaults."""
+def build_config(arch: ArchSpec, lookup: Callable[[ConfigKey], Any], raw: Mapping[str, Any], where: str,
+                 has_router: Callable[[int], bool] | None = None) -> ModelConfig:
+    """Build a ModelConfig from a source's key lookup (HF or GGUF), with the arch's defaults.
+
+    `raw` is the HF config (empty for GGUF); `has_router(layer)` tells, for sources without metadata
+    for it (GGUF), whether a layer has a router (else it is a dense-MLP layer)."""
     values: dict[str, Any] = {"arch": arch.name, "rope_style": arch.rope_style}
     for key in arch.config_keys:
         value = lookup(key)
@@ -112,5 +144,7 @@ def build_config(arch: ArchSpec, lookup: Callable[[ConfigKey], Any], raw: Mappin
                 raise ValueError(f"{where}: missing hyper-parameter {names[0] if names else key.field!r}")
             value = key.default
         values[key.field] = value
+    if arch.dense_mlp_layers and has_router is not None and isinstance(values.get("n_layers"), int):
+        values["dense_layers"] = tuple(la for la in range(values["n_layers"]) if not has_router(la))
     arch.finish_config(values, raw)
     return ModelConfig(**values)

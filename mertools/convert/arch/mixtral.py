@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ...layout.config import ModelConfig
 from .base import ArchSpec, ConfigKey, DenseSpec, ExpertSpec
 
 _L = "model.layers.{L}"
@@ -62,6 +63,16 @@ def _finish(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
     values["norm_eps"] = float(values["norm_eps"])
 
 
+def _hf_config(c: ModelConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_used, max_position_embeddings=c.context_length,
+        rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, sliding_window=c.sliding_window,
+        tie_word_embeddings=c.tie_embeddings,
+    )
+
+
 ARCH = ArchSpec(
     name="mixtral",
     hf_architectures=("MixtralForCausalLM",),
@@ -73,4 +84,5 @@ ARCH = ArchSpec(
     rope_style="neox",
     gguf_permutes_qk=True,
     finish_config=_finish,
+    hf_config=_hf_config,
 )
