@@ -126,11 +126,19 @@ def load_tokenizer(layout_root: Path, section: dict[str, Any]) -> Tokenizer:
     root = Path(layout_root)
     files = {Path(f).name: root / f for f in section.get("files", []) if isinstance(f, str)}
     kind = section.get("kind")
-    if kind == "gguf":
-        return _load_gguf(files, section, root)
-    if kind == "hf":
-        return _load_hf(files, section, root)
-    raise LayoutError(f"{root}: tokenizer kind {kind!r} is not supported (expected 'hf' or 'gguf')")
+    if kind not in ("gguf", "hf"):
+        raise LayoutError(f"{root}: tokenizer kind {kind!r} is not supported (expected 'hf' or 'gguf')")
+    try:
+        return _load_gguf(files, section, root) if kind == "gguf" else _load_hf(files, section, root)
+    except LayoutError:
+        raise
+    except BaseException as e:  # tokenizer files are untrusted input: any failure is a bad file
+        # tokenizers' Rust panics arrive as pyo3's PanicException, a BaseException; nothing else that is not
+        # an Exception (KeyboardInterrupt, SystemExit) is ours to turn into an error
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
+        main = files.get("vocab.gguf") or files.get("tokenizer.json") or files.get("tokenizer.model") or root
+        raise LayoutError(f"{main}: not a usable tokenizer ({type(e).__name__}: {e})") from None
 
 
 # --- GGUF ---
@@ -149,7 +157,7 @@ def _load_gguf(files: dict[str, Path], section: dict[str, Any], root: Path) -> T
         eog = {i for i in eog if tokens[i] != "<|end|>"}
     template = meta.get("tokenizer.chat_template")
     return Tokenizer(
-        backend=_TokenizersBackend(v.tokenizer), pieces=v.pieces, special_ids=v.special_ids,
+        backend=_TokenizersBackend(v.tokenizer, str(path)), pieces=v.pieces, special_ids=v.special_ids,
         strip_leading_space=v.strip_leading_space, bos_id=ids["bos"], eos_id=ids["eos"], add_bos=v.add_bos,
         add_eos=v.add_eos, eos_ids=frozenset(eog), chat_template=template if isinstance(template, str) else None,
         bos_token=tokens[ids["bos"]] if ids["bos"] is not None else None,
@@ -159,8 +167,9 @@ def _load_gguf(files: dict[str, Path], section: dict[str, Any], root: Path) -> T
 
 # --- HF ---
 class _TokenizersBackend:
-    def __init__(self, tok: Any) -> None:
+    def __init__(self, tok: Any, source: str) -> None:
         self._tok = tok
+        self._source = source  # the file it came from, for messages
         self._plain: Any = None  # a copy with special-token parsing off, made on first use
 
     def encode(self, text: str, special: bool) -> list[int]:
@@ -172,7 +181,10 @@ class _TokenizersBackend:
                 self._plain = HFTokenizer.from_str(tok.to_str())
                 self._plain.encode_special_tokens = True
             tok = self._plain
-        return tok.encode(text, add_special_tokens=False).ids
+        try:
+            return tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a broken file can load and fail only on some text (an unk token not in the vocab)
+            raise LayoutError(f"{self._source}: the tokenizer cannot encode this text ({e})") from None
 
 
 class _SentencePieceBackend:
@@ -256,7 +268,9 @@ def _hf_tokenizers(path: Path) -> _HFParts:
     except Exception as e:  # tokenizers raises a bare Exception on bad files
         raise LayoutError(f"{path}: not a usable tokenizer.json ({e})") from None
     steps, strip = _decoder_steps(raw.get("decoder"), path)
-    n = max(tok.get_vocab_size(with_added_tokens=True), 1 + max((t["id"] for t in raw.get("added_tokens", [])), default=-1))
+    # ids, not counts: a vocabulary with holes still has pieces up to its largest id
+    n = 1 + max([*tok.get_vocab(with_added_tokens=True).values(), *(t["id"] for t in raw.get("added_tokens", []))],
+                default=-1)
     tokens = [tok.id_to_token(i) for i in range(n)]
     pieces = [_apply_steps(t, steps, first=False) for t in tokens]
     first = {}
@@ -266,7 +280,7 @@ def _hf_tokenizers(path: Path) -> _HFParts:
     added = {t["content"]: t["id"] for t in raw.get("added_tokens", [])}
     # which special tokens the file's post-processor adds around a text (None: no post-processor)
     default_add = tok.encode("", add_special_tokens=True).ids if raw.get("post_processor") else None
-    return _HFParts(_TokenizersBackend(tok), pieces, first, special, strip, tok.token_to_id, added, default_add)
+    return _HFParts(_TokenizersBackend(tok, str(path)), pieces, first, special, strip, tok.token_to_id, added, default_add)
 
 
 def _decoder_steps(dec: Any, path: Path) -> tuple[list[tuple[str, Any]], bool]:

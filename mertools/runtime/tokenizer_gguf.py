@@ -124,7 +124,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             return _parse_metadata(data)
     except OSError as e:
         raise LayoutError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, struct.error, UnicodeDecodeError) as e:  # mmap of an empty file is a ValueError too
+    except (ValueError, struct.error, UnicodeDecodeError, RecursionError) as e:  # mmap of an empty file: ValueError
         raise LayoutError(f"{path}: not a readable GGUF file ({e})") from None
 
 
@@ -134,9 +134,13 @@ def _parse_metadata(data: Any) -> dict[str, Any]:
     version, _n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} (only 2 and 3 are read)")
+    if n_kv * 13 > len(data):  # a key/value takes at least 13 bytes: refuse absurd counts before looping
+        raise ValueError(f"{n_kv} key/value pairs cannot fit in {len(data)} bytes")
     off, out = 24, {}
     for _ in range(n_kv):
         key, off = _string(data, off)
+        if key in out:  # as llama.cpp: a second value for a key is a corrupt file, not an override
+            raise ValueError(f"duplicate key {key!r}")
         (vtype,) = struct.unpack_from("<I", data, off)
         out[key], off = _value(data, off + 4, vtype)
     return out
@@ -150,7 +154,7 @@ def _string(data: bytes, off: int) -> tuple[str, int]:
     return data[off + 8:end].decode("utf-8"), end
 
 
-def _value(data: bytes, off: int, vtype: int) -> tuple[Any, int]:
+def _value(data: bytes, off: int, vtype: int, depth: int = 0) -> tuple[Any, int]:
     if vtype == 8:
         return _string(data, off)
     if vtype in _SCALAR:
@@ -159,6 +163,10 @@ def _value(data: bytes, off: int, vtype: int) -> tuple[Any, int]:
         raise ValueError(f"unknown GGUF value type {vtype}")
     sub, n = struct.unpack_from("<IQ", data, off)
     off += 12
+    if depth:  # llama.cpp refuses arrays of arrays too; a hostile file could nest them until the stack ends
+        raise ValueError("nested arrays are not valid GGUF metadata")
+    if sub not in _NUMPY and n * 8 > len(data) - off:  # strings and arrays take >= 8 bytes each
+        raise ValueError(f"array of {n} items runs past the end of the file")
     if sub in _NUMPY:
         size = n * np.dtype(_NUMPY[sub]).itemsize
         if off + size > len(data):
@@ -166,7 +174,7 @@ def _value(data: bytes, off: int, vtype: int) -> tuple[Any, int]:
         return np.frombuffer(data[off:off + size], dtype=_NUMPY[sub]).tolist(), off + size
     items = []
     for _ in range(n):
-        item, off = _value(data, off, sub)
+        item, off = _value(data, off, sub, depth + 1)
         items.append(item)
     return items, off
 
