@@ -73,6 +73,12 @@ def dd_read(path: Path) -> float | None:
 def store_load(layout_dir: Path, concurrent: int) -> float:
     """GB/s of ExpertStore.load over every expert, `concurrent` experts in flight (as the cache's
     loader pool issues them), each expert read in chunks by the store's own reader threads."""
+    return store_load_stats(layout_dir, concurrent)[0]
+
+
+def store_load_stats(layout_dir: Path, concurrent: int, **store_options: int | None) -> tuple[float, float]:
+    """(GB/s, mean ms per expert load) of store_load; `store_options` go to ExpertStore (io_depth,
+    chunk_bytes)."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
@@ -80,7 +86,7 @@ def store_load(layout_dir: Path, concurrent: int) -> float:
     from mertools.runtime.store import ExpertStore
 
     layout = Layout.open(layout_dir)
-    store = ExpertStore(layout, concurrent)
+    store = ExpertStore(layout, concurrent, **store_options)
     keys = [(e.layer, e.expert) for e in layout.manifest.experts]
     free: queue.Queue[int] = queue.Queue()
     for slot in range(concurrent):
@@ -98,6 +104,6 @@ def store_load(layout_dir: Path, concurrent: int) -> float:
         for f in [pool.submit(load, k) for k in keys]:
             f.result()
     dt = time.perf_counter() - t0
-    nbytes = store.bytes_read
+    gbs, ms = store.bytes_read / 1e9 / dt, 1e3 * sum(store.read_seconds) / max(1, len(store.read_seconds))
     store.close()
-    return nbytes / 1e9 / dt
+    return gbs, ms

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 
 from mertools.runtime.cache import ExpertCache
+from mertools.runtime.prefetch import Prefetcher
 
 Trace = list[list[list[int]]]  # token -> layer -> experts chosen
 
@@ -69,8 +71,12 @@ class _Instant:
 
 
 def replay_policy(trace: Trace, n_experts: int, slots: int, policy: str) -> float:
-    n_layers = len(trace[0])
-    cache = ExpertCache(slots, n_layers, n_experts, lambda key, slot: None, _Instant(), policy=policy)
+    cache = ExpertCache(slots, len(trace[0]), n_experts, lambda key, slot, cancel: None, _Instant(), policy=policy)
+    return _drive(cache, trace)
+
+
+def _drive(cache: ExpertCache, trace: Trace) -> float:
+    """Replay the trace's lookups through the cache, as the forward pass makes them; the hit rate."""
     for token in trace:
         for layer, experts in enumerate(token):
             cache.note_layer(layer)
@@ -107,3 +113,103 @@ def belady(trace: Trace, slots: int) -> float:
                 resident.remove(victim)
             resident.add(key)
     return hits / lookups
+
+
+def best_online(trace: Trace, n_experts: int, slots: int) -> float:
+    """Hit rate of the "lfd" rule (keep the highest p / distance) fed with statistics no online policy
+    has: each expert's probability of being chosen at its layer's next visit, given whether it was
+    chosen at the last one, counted over the whole trace. A ceiling for policies that predict from
+    frequency and recency, as the runtime's does; the gap to Belady is what knowing the future buys."""
+    n_layers = len(trace[0])
+    hit = np.zeros((n_layers, n_experts, 2))
+    seen = np.zeros((n_layers, n_experts, 2))
+    for prev, cur in zip(trace, trace[1:], strict=False):
+        for layer in range(n_layers):
+            for e in range(n_experts):
+                was = int(e in prev[layer])
+                seen[layer, e, was] += 1
+                hit[layer, e, was] += e in cur[layer]
+    q = np.maximum(hit / np.maximum(seen, 1), 1e-3)  # (L, E, chosen last time?)
+
+    class Oracle(ExpertCache):
+        def _score(self, e) -> float:  # noqa: ANN001
+            layer, expert = e.key
+            distance = (layer - self.current_layer) % self.n_layers or self.n_layers
+            return float(q[layer, expert, int(expert in self.last_chosen[layer])]) / distance
+
+    return _drive(Oracle(slots, n_layers, n_experts, lambda key, slot, cancel: None, _Instant()), trace)
+
+
+def record_trained_routing(layout_dir: str | Path, n_tokens: int, seed: int, prompt: str = "ROMEO:") -> dict:
+    """Generate `n_tokens` with the trained fixture (sampled, temperature 1) and record, per position and
+    layer, the experts its router chose and the experts its lookahead prefetcher guessed for the next
+    layer (the next layer's router applied to this layer's hidden state)."""
+    from mertools.runtime.engine import Engine
+
+    eng = Engine.open(layout_dir, prefetch="lookahead")
+    cfg = eng.config
+    chosen: dict[int, list[list[int]]] = {}
+    guesses: dict[int, list[list[int]]] = {}
+    at = {"pos": 0}
+
+    def trace(pos, layer, experts, weights) -> None:  # noqa: ANN001
+        for p, row in zip(pos.tolist(), experts.tolist(), strict=True):
+            chosen.setdefault(p, [[] for _ in range(cfg.n_layers)])[layer] = row
+        at["pos"] = int(pos[-1])
+
+    guess = eng.model.prefetcher.guess
+
+    def recording_guess(layer, ch, hidden, k):  # noqa: ANN001, ANN202
+        g = guess(layer, ch, hidden, k)
+        if len(ch) == 1:  # decode steps only: prefill guesses are unions over the prompt
+            guesses.setdefault(at["pos"], [[] for _ in range(cfg.n_layers)])[layer] = list(g)
+        return g
+
+    eng.model.trace = trace
+    eng.model.prefetcher.guess = recording_guess
+    text = "".join(t.text for t in eng.generate(prompt, max_tokens=n_tokens, temperature=1.0, seed=seed))
+    eng.close()
+    positions = sorted(chosen)
+    return {"trace": [chosen[p] for p in positions],
+            "guesses": [guesses.get(p, [[] for _ in range(cfg.n_layers)]) for p in positions],
+            "text": text}
+
+
+def lookahead_accuracy(trace: Trace, guesses: list[list[list[int]]]) -> tuple[float, float]:
+    """Precision and recall of recorded next-layer guesses against the next layer's actual choice."""
+    right = guessed = needed = 0
+    for token, g in zip(trace, guesses, strict=True):
+        for layer in range(len(token) - 1):
+            if not g[layer]:
+                continue
+            want = set(token[layer + 1])
+            right += len(want & set(g[layer]))
+            guessed += len(g[layer])
+            needed += len(want)
+    return (right / guessed if guessed else 0.0), (right / needed if needed else 0.0)
+
+
+class Replay:
+    """Drives a benchmark engine with recorded routing: `override` for model.routing_override, and a
+    prefetcher that returns the guesses recorded for the same position and layer."""
+
+    def __init__(self, trace: Trace, guesses: list[list[list[int]]] | None = None) -> None:
+        self.trace, self.guesses, self.pos = trace, guesses, 0
+
+    def override(self, layer: int, pos: np.ndarray) -> np.ndarray:
+        self.pos = int(pos[-1])
+        return np.array([self.trace[int(p) % len(self.trace)][layer % len(self.trace[0])] for p in pos])
+
+    def prefetcher(self) -> Prefetcher:
+        replay = self
+
+        class Recorded(Prefetcher):
+            mode = "lookahead (recorded)"
+
+            def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+                g = replay.guesses
+                if g is None or layer + 1 >= len(g[0]):
+                    return []
+                return list(g[replay.pos % len(g)][layer])
+
+        return Recorded()

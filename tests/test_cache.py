@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mertools.runtime.cache import ExpertCache
+from mertools.runtime.cache import ExpertCache, LoadCancelled
 from mertools.runtime.prefetch import LookaheadPrefetcher, MarkovPrefetcher
 
 
@@ -22,10 +22,14 @@ class FakeLoader:
         self.calls: list[tuple[int, int]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, key: tuple[int, int], slot: int) -> None:
+    def __call__(self, key: tuple[int, int], slot: int, cancel: threading.Event | None = None) -> None:
         with self.lock:
             self.calls.append(key)
-        time.sleep(self.delay)
+        t_end = time.perf_counter() + self.delay
+        while time.perf_counter() < t_end:  # a slow read in small steps, like the store's chunks
+            if cancel is not None and cancel.is_set():
+                raise LoadCancelled(key)
+            time.sleep(min(0.005, self.delay))
         if key in self.fail:
             raise OSError(5, f"injected failure for {key}")
         self.slots[slot] = key
@@ -180,3 +184,28 @@ def test_markov_prefetcher_learns_transitions() -> None:
         m.observe(0, np.array([[0, 1]]))
         m.observe(1, np.array([[2, 3]]))
     assert sorted(m.guess(0, np.array([[0, 1]]), np.zeros((1, 2)), 2)) == [2, 3]
+
+
+def test_speculative_loads_are_called_off_when_their_layer_routes_elsewhere() -> None:
+    cache, loader = make(4, delay=0.3)
+    cache.note_layer(0)
+    assert cache.prefetch([(1, 3), (1, 4)]) == 2
+    use(cache, loader, [(1, 5)])  # layer 1 routed to expert 5: the guesses 3 and 4 are wrong
+    assert cache.stats.prefetch_cancelled == 2
+    deadline = time.perf_counter() + 2
+    while len(cache.entries) > 1 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert set(cache.entries) == {(1, 5)} and len(cache.free) == 3  # their slots came back
+    # a guess that was right is kept: prefetch 6, then route to 6
+    cache.prefetch([(1, 6)])
+    use(cache, loader, [(1, 6)])
+    assert cache.stats.prefetch_used == 1 and cache.stats.prefetch_cancelled == 2
+
+
+def test_a_called_off_load_that_is_then_needed_is_loaded_afresh() -> None:
+    cache, loader = make(3, delay=0.2)
+    cache.note_layer(0)
+    cache.prefetch([(1, 3)])
+    use(cache, loader, [(1, 5)])  # calls off (1, 3) ...
+    use(cache, loader, [(1, 3)])  # ... which the next token needs at once: correct bytes, not a stale slot
+    assert loader.calls.count((1, 3)) == 2 and cache.stats.prefetch_used == 0

@@ -262,3 +262,33 @@ def test_batched_steps_equal_solo_runs_bit_for_bit_and_read_less(layouts: dict) 
         for a, b in zip(w, got, strict=True):
             np.testing.assert_array_equal(a, b)
     assert batched_bytes < sum(b for _, b in want)
+
+
+def test_store_calls_off_a_chunked_load_and_counts_only_bytes_read(layouts: dict) -> None:
+    import threading
+
+    from mertools.runtime.cache import LoadCancelled
+    from mertools.runtime.store import ExpertStore
+
+    lay = Layout.open(layouts["f16"])
+    nbytes = lay.manifest.expert(0, 1).nbytes
+    assert nbytes > 8 * 4096  # several chunks of 4 KiB
+    store = ExpertStore(lay, 1, io_depth=1, chunk_bytes=4096)
+    try:
+        cancel = threading.Event()
+        reads = []
+
+        def counting(fd: int, view: memoryview, offset: int) -> int:
+            reads.append(offset)
+            if len(reads) == 2:
+                cancel.set()  # the routing proved the guess wrong after two chunks
+            return os.preadv(fd, [view], offset)
+
+        store.read_fn = counting
+        with pytest.raises(LoadCancelled):
+            store.load((0, 1), 0, cancel)
+        assert store.bytes_read == 2 * 4096 and len(reads) == 2
+        store.load((0, 1), 0)  # not cancelled: whole, checksum verified
+        assert store.bytes_read == 2 * 4096 + nbytes
+    finally:
+        store.close()

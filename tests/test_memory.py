@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,11 @@ def test_cache_never_exceeds_its_budget(big: Path) -> None:
         seen = 0
         original = eng.store.load
 
-        def watched(key: tuple[int, int], s: int) -> None:
+        def watched(key: tuple[int, int], s: int, cancel: threading.Event | None) -> None:
             nonlocal seen
             with eng.cache.lock:
                 seen = max(seen, len(eng.cache.entries))
-            original(key, s)
+            original(key, s, cancel)
 
         eng.cache.loader = watched
         ids = [1, 2, 3]

@@ -194,6 +194,7 @@ class Engine:
             "read_latency_ms": {p: float(np.percentile(lat, p)) * 1e3 for p in (50, 95, 99)},
             "read_wait_share": c.wait_seconds / busy if busy else 0.0,
             "prefetch_issued": c.prefetch_issued, "prefetch_used": c.prefetch_used, "prefetch_wasted": c.prefetch_wasted,
+            "prefetch_cancelled": c.prefetch_cancelled,
             "read_retries": s.retried,
             "cache_slots": self.cache.n_slots, "cache_mb": self.cache.n_slots * s.slot_bytes / 2**20,
             "prefetch": self.prefetch_mode, "o_direct": s.o_direct,

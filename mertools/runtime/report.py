@@ -20,6 +20,6 @@ def format_stats(s: dict[str, Any]) -> str:
         f"retries {s['read_retries']}",
         f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads",
         f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
-        f"{s['prefetch_wasted']} wasted",
+        f"{s['prefetch_wasted']} wasted, {s['prefetch_cancelled']} called off while loading",
         f"memory      peak RSS {s['peak_rss_mb']:.0f} MiB",
     ])

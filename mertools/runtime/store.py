@@ -22,10 +22,14 @@ import xxhash
 from ..errors import ChecksumError, ExpertReadError
 from ..layout.constants import ALIGNMENT
 from ..layout.reader import Layout
+from .cache import LoadCancelled
 
 # pread-like: (fd, buffer view, offset) -> bytes read. Tests inject faults through this seam.
 ReadFn = Callable[[int, memoryview, int], int]
-CHUNK = 4 << 20  # one expert is read as several chunks in flight: the disk wants queue depth > 1
+# One expert is read as several chunks in flight: the disk wants queue depth > 1. A small expert
+# (Qwen3-MoE: 2.65 MB in q4_0) is then one read; splitting it further did not measurably help on our
+# disk (docs/BENCHMARKS.md, "Small experts"), so `chunk_bytes` is only an option.
+CHUNK = 4 << 20
 
 
 def _preadv(fd: int, view: memoryview, offset: int) -> int:
@@ -35,7 +39,7 @@ def _preadv(fd: int, view: memoryview, offset: int) -> int:
 class ExpertStore:
     def __init__(self, layout: Layout, n_slots: int, *, direct: bool = True, verify: bool = True,
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
-                 notice: Callable[[str], None] | None = None) -> None:
+                 notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None) -> None:
         self.layout = layout
         self.manifest = layout.manifest
         self.slot_bytes = max(e.nbytes for e in self.manifest.experts)
@@ -52,6 +56,9 @@ class ExpertStore:
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=io_depth, thread_name_prefix="mertools-read")
+        if chunk_bytes is not None and (chunk_bytes <= 0 or chunk_bytes % ALIGNMENT):
+            raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}, got {chunk_bytes}")
+        self.io_depth, self.chunk_bytes = io_depth, chunk_bytes
         self._stat_lock = threading.Lock()
         self.bytes_read = 0
         self.read_seconds: list[float] = []  # per expert load
@@ -116,8 +123,17 @@ class ExpertStore:
                 raise OSError(errno.EIO, f"unaligned short read of {got} bytes at offset {offset + done}")
             done += got
 
-    def load(self, key: tuple[int, int], slot: int) -> None:
-        """Read expert `key` into `slot`, verify its xxh3, retry a bounded number of times."""
+    def _read_chunk(self, fd: int, buf: memoryview, offset: int, cancel: threading.Event | None) -> int:
+        """One chunk of a load; skipped (0 bytes) once the load is cancelled."""
+        if cancel is not None and cancel.is_set():
+            return 0
+        self._read_range(fd, buf, offset)
+        return len(buf)
+
+    def load(self, key: tuple[int, int], slot: int, cancel: threading.Event | None = None) -> None:
+        """Read expert `key` into `slot`, verify its xxh3, retry a bounded number of times. A speculative
+        load can be called off with `cancel`: chunks not yet started are skipped and LoadCancelled
+        raised, so a wrong guess costs the disk only what was read before the routing proved it wrong."""
         layer, expert = key
         entry = self.manifest.expert(layer, expert)
         view = memoryview(self.buffers[slot])[: entry.nbytes]
@@ -126,13 +142,17 @@ class ExpertStore:
             t0 = time.perf_counter()
             try:
                 fd = self._open(entry.file)
-                chunks = [(o, min(CHUNK, entry.nbytes - o)) for o in range(0, entry.nbytes, CHUNK)]
+                step = self.chunk_size(entry.nbytes)
+                chunks = [(o, min(step, entry.nbytes - o)) for o in range(0, entry.nbytes, step)]
                 if len(chunks) == 1:
                     self._read_range(fd, view, 0)
                 else:
-                    futures = [self._pool.submit(self._read_range, fd, view[o:o + n], o) for o, n in chunks]
-                    for f in futures:
-                        f.result()
+                    futures = [self._pool.submit(self._read_chunk, fd, view[o:o + n], o, cancel) for o, n in chunks]
+                    done = sum(f.result() for f in futures)
+                    if done < entry.nbytes:  # called off: count what the disk really delivered
+                        with self._stat_lock:
+                            self.bytes_read += done
+                        raise LoadCancelled(key)
                 if self.o_direct is False:
                     os.posix_fadvise(fd, 0, entry.nbytes, os.POSIX_FADV_DONTNEED)
                 if self.verify and xxhash.xxh3_64(view).hexdigest() != entry.xxh3:
@@ -159,6 +179,10 @@ class ExpertStore:
         raise ExpertReadError(
             f"{path}: layer {layer} expert {expert}: read failed after {self.retries + 1} attempts ({detail})"
         )
+
+    def chunk_size(self, nbytes: int) -> int:
+        """Bytes per read of an expert file of `nbytes` (the same for every file today)."""
+        return self.chunk_bytes or CHUNK
 
     def tensor(self, slot: int, key: tuple[int, int], role: str) -> np.ndarray:
         """View (no copy) of one tensor's bytes in a loaded slot: uint8 (nbytes,)."""
