@@ -34,7 +34,7 @@ class CacheStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0  # a prefetched expert that was then looked up
     prefetch_wasted: int = 0  # evicted (or never used) without a lookup
-    prefetch_cancelled: int = 0  # still loading when its layer routed elsewhere: called off
+    prefetch_cancelled: int = 0  # still loading when its layer routed elsewhere, and stopped early
     wait_seconds: float = 0.0  # time lookups spent blocked on loads
     load_seconds: list[float] = field(default_factory=list)
 
@@ -138,6 +138,7 @@ class ExpertCache:
             self.loader(key, slot, cancel)
         except LoadCancelled:
             with self.lock:
+                self.stats.prefetch_cancelled += 1  # counted only if the loader really stopped early
                 entry = self.entries.get(key)
                 if entry is not None and entry.slot == slot:
                     del self.entries[key]
@@ -242,7 +243,6 @@ class ExpertCache:
                 if not e.cancelled:
                     e.cancel.set()
                     e.cancelled = True
-                    self.stats.prefetch_cancelled += 1
 
     def _iterate(self, pending: list[Key], pinned: set[Key]) -> Iterator[tuple[Key, int]]:
         try:
