@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_description, write_section  # noqa: E402
+from benchmarks._server import start_server  # noqa: E402
 
 PROMPTS = ["x", "The old lighthouse keeper", "In a hole in the ground", "It was a bright cold day", "Call me Ishmael",
            "A screaming comes across the sky", "Many years later", "The sky above the port", "Hi", "Once upon a time"]
@@ -139,23 +139,8 @@ def quantile(delta: dict[str, float], name: str, q: float) -> float:
 
 
 def serve(layout: Path, cache_mb: float, max_concurrency: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "from mertools.server.cli import serve; serve()", str(layout), "--port", str(port),
-           "--cache-mb", f"{cache_mb:.3f}", "--max-concurrency", str(max_concurrency), "--model-name", "m"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not come up: {' '.join(cmd)}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    return start_server(layout, ["--cache-mb", f"{cache_mb:.3f}", "--max-concurrency", str(max_concurrency),
+                                 "--model-name", "m"])
 
 
 def main() -> None:

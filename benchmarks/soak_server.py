@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._server import start_server  # noqa: E402
 
 KEY = "sk-soak"
 MODEL = "tiny-q4"  # the served layout directory's name; soak() sets it
@@ -132,29 +133,14 @@ def soak(layout: Path, clients: int = 16, seconds: float = 20.0, seed: int = 0, 
     slot = max(e.nbytes for e in m.experts)
     cache_mb = 2.5 * slot / 2**20
     dense = sum(t.nbytes for t in m.dense.values())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "mertools.cli", "serve", str(layout), "--port", str(port),
-                             "--cache-mb", f"{cache_mb}", "--api-key", KEY, "--max-concurrency", "8", "--max-queue", "64"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, text=True,
-                            stderr=open(log or layout.parent / "soak-server.log", "w"))  # noqa: SIM115 - the child owns it
+    log = log or layout.parent / "soak-server.log"
+    proc, url = start_server(layout, ["--cache-mb", f"{cache_mb}", "--api-key", KEY, "--max-concurrency", "8",
+                                      "--max-queue", "64"], stderr=open(log, "w"))  # noqa: SIM115 - the child owns it
     counts: Counter[str] = Counter()
     problems: list[str] = []
     lock = threading.Lock()
     rss_peak = 0
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start; see {log or layout.parent / 'soak-server.log'}")
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
         auth = {"Authorization": f"Bearer {KEY}"}
         with httpx.Client(base_url=url, headers=auth, timeout=120) as c:
             solo = {(k, i): answer(c, k, i, False)[1] for k in ("chat", "completion") for i in range(len(PROMPTS))}

@@ -1,5 +1,6 @@
 """Name tables shared by the HF decoder families whose layers are `model.layers.N.{self_attn,mlp}`
-(Qwen2-MoE, Qwen3-MoE, OLMoE), as data: llama.cpp's GGUF name, the HF name, role and shape of each.
+(Qwen2-MoE, Qwen3-MoE, OLMoE; Mixtral shares the globals, attention and config finishing), as data:
+llama.cpp's GGUF name, the HF name, role and shape of each.
 
 GGUF names are gguf-py's (constants.py TENSOR_NAMES, tensor_mapping.py); none of these families has
 its q/k rows permuted by llama.cpp's converter (they use NEOX rotary, which is HF's rotate-half).
@@ -82,7 +83,7 @@ CONFIG_KEYS = (
 
 
 def finish_common(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
-    """head_dim / kv heads defaults, rope scaling refused, floats normalised."""
+    """head_dim / kv heads defaults, rope scaling and per-layer sliding windows refused, types normalised."""
     if not values["n_kv_heads"]:
         values["n_kv_heads"] = values["n_heads"]
     if not values["head_dim"]:

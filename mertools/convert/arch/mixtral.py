@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ...layout.config import ModelConfig
 from .base import ArchSpec, ConfigKey, DenseSpec, ExpertSpec
+from .common import GLOBALS, attention, finish_common
 
 _L = "model.layers.{L}"
 
+# embeddings, norms and attention are named as in the other HF decoders; the router and experts are not
 DENSE = (
-    DenseSpec("token_embd.weight", "model.embed_tokens.weight", "embedding", ("vocab_size", "d_model")),
-    DenseSpec("blk.{L}.attn_norm.weight", f"{_L}.input_layernorm.weight", "norm", ("d_model",), per_layer=True),
-    DenseSpec("blk.{L}.attn_q.weight", f"{_L}.self_attn.q_proj.weight", "attn_q", ("q_dim", "d_model"), per_layer=True),
-    DenseSpec("blk.{L}.attn_k.weight", f"{_L}.self_attn.k_proj.weight", "attn_k", ("kv_dim", "d_model"), per_layer=True),
-    DenseSpec("blk.{L}.attn_v.weight", f"{_L}.self_attn.v_proj.weight", "attn_v", ("kv_dim", "d_model"), per_layer=True),
-    DenseSpec("blk.{L}.attn_output.weight", f"{_L}.self_attn.o_proj.weight", "attn_o", ("d_model", "q_dim"), per_layer=True),
-    DenseSpec("blk.{L}.ffn_norm.weight", f"{_L}.post_attention_layernorm.weight", "norm", ("d_model",), per_layer=True),
+    *GLOBALS,
+    *attention(q_norm=None, k_norm=None),
     DenseSpec(
         "blk.{L}.ffn_gate_inp.weight", f"{_L}.block_sparse_moe.gate.weight", "router", ("n_experts", "d_model"), per_layer=True
     ),
-    DenseSpec("output_norm.weight", "model.norm.weight", "norm", ("d_model",)),
-    DenseSpec("output.weight", "lm_head.weight", "output", ("vocab_size", "d_model"), optional=True),
 )
 
 _E = f"{_L}.block_sparse_moe.experts.{{E}}"
@@ -50,19 +44,6 @@ CONFIG_KEYS = (
 )
 
 
-def _finish(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
-    if not values["n_kv_heads"]:
-        values["n_kv_heads"] = values["n_heads"]
-    if not values["head_dim"]:
-        values["head_dim"] = values["d_model"] // values["n_heads"]
-    for key in ("rope_scaling", "rope_parameters"):
-        scaling = raw.get(key)
-        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise ValueError(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported yet")
-    values["rope_theta"] = float(values["rope_theta"])
-    values["norm_eps"] = float(values["norm_eps"])
-
-
 def _hf_config(c: ModelConfig) -> dict[str, Any]:
     return dict(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
@@ -83,6 +64,6 @@ ARCH = ArchSpec(
     config_keys=CONFIG_KEYS,
     rope_style="neox",
     gguf_permutes_qk=True,
-    finish_config=_finish,
+    finish_config=finish_common,
     hf_config=_hf_config,
 )
