@@ -73,6 +73,7 @@ class ExpertCache:
         self.lock = threading.Condition()
         self.stats = CacheStats()
         self.failed: dict[Key, BaseException] = {}
+        self.speculative: set[Key] = set()  # prefetches still loading: the only candidates to call off
         self.clock = 0
         self.current_layer = 0
         # for the "lfd" policy: decayed per-(layer, expert) usage frequency, each layer's last choice,
@@ -88,9 +89,8 @@ class ExpertCache:
         """Higher = more worth keeping. "lfd" keeps the experts with the highest chance of use per layer
         step held: p / distance, where its layer comes round in `distance` steps and is then used with
         probability p, the learned repeat rate if the expert was chosen at its layer's last visit
-        (routing is sticky across tokens), else its share of the layer's choices. Replayed on routing
-        traces (benchmarks/bench_beyond_ram.py) this beat expected-time-to-next-use (1/p - 1 cycles
-        + distance) by up to 6 points of hit rate at a quarter of the experts, and was never worse."""
+        (routing is sticky across tokens), else its share of the layer's choices. Its hit rates beside
+        LRU and Belady's optimum on recorded routing: benchmarks/bench_beyond_ram.py, section 4."""
         if self.policy == "lru":
             return float(e.last_use)
         layer, expert = e.key
@@ -128,6 +128,8 @@ class ExpertCache:
         entry = _Entry(key, slot, prefetched=prefetched, last_use=self.clock,
                        cancel=threading.Event() if prefetched else None)
         self.entries[key] = entry
+        if prefetched:
+            self.speculative.add(key)
         self.stats.loads += 1
         self.executor.submit(self._run_loader, key, slot, entry.cancel)
         return entry
@@ -139,27 +141,29 @@ class ExpertCache:
         except LoadCancelled:
             with self.lock:
                 self.stats.prefetch_cancelled += 1  # counted only if the loader really stopped early
-                entry = self.entries.get(key)
-                if entry is not None and entry.slot == slot:
-                    del self.entries[key]
-                    self.free.append(slot)
-                self.lock.notify_all()
+                self._drop(key, slot)
             return
         except BaseException as exc:  # the store already retried; a lookup waiting on it must see the error
             with self.lock:
-                entry = self.entries.get(key)
-                if entry is not None and entry.slot == slot:
-                    del self.entries[key]
-                    self.free.append(slot)
                 self.failed[key] = exc
-                self.lock.notify_all()
+                self._drop(key, slot)
             return
         with self.lock:
             self.stats.load_seconds.append(time.perf_counter() - t0)
+            self.speculative.discard(key)
             entry = self.entries.get(key)
             if entry is not None and entry.slot == slot:
                 entry.loading = entry.cancelled = False  # a cancel that came too late: it is all there
             self.lock.notify_all()
+
+    def _drop(self, key: Key, slot: int) -> None:
+        """Under the lock: a load that did not complete gives its slot back and wakes the waiters."""
+        self.speculative.discard(key)
+        entry = self.entries.get(key)
+        if entry is not None and entry.slot == slot:
+            del self.entries[key]
+            self.free.append(slot)
+        self.lock.notify_all()
 
     def note_layer(self, layer: int) -> None:
         """The forward pass has reached `layer`: distances in the policy are measured from here."""
@@ -238,11 +242,11 @@ class ExpertCache:
         loader stops). Finished ones stay: they may serve a later token."""
         layers = {k[0] for k in keys}
         want = set(keys)
-        for e in self.entries.values():
-            if e.loading and e.prefetched and e.cancel is not None and e.key[0] in layers and e.key not in want:
-                if not e.cancelled:
-                    e.cancel.set()
-                    e.cancelled = True
+        for key in self.speculative:
+            e = self.entries.get(key)
+            if e is not None and e.prefetched and e.cancel is not None and key[0] in layers and key not in want:
+                e.cancel.set()
+                e.cancelled = True
 
     def _iterate(self, pending: list[Key], pinned: set[Key]) -> Iterator[tuple[Key, int]]:
         try:
