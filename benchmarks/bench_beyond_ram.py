@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_description, write_section  # noqa: E402
-from benchmarks.disk import dd_read, drop_caches, odirect_read, store_load  # noqa: E402
+from benchmarks.disk import dd_read, drop_caches, first_touch_s_per_gib, odirect_read, store_load  # noqa: E402
 from benchmarks.routing import (  # noqa: E402
     Replay,
     belady,
@@ -207,6 +207,9 @@ def main() -> None:
     out += [f"| raw O_DIRECT, queue depth {d} (4 MiB reads) | {g:.2f} |" for d, g in raw.items()]
     out += [f"| dd iflag=direct bs=4M (one expert file) | {dd:.2f} |" if dd else "| dd | n/a |"]
     out += [f"| ExpertStore.load, {c} expert(s) in flight | {g:.2f} ({g / best_raw:.0%} of best raw) |" for c, g in store.items()]
+    touch = first_touch_s_per_gib()
+    out += ["", f"First touch of fresh anonymous memory (what filling an empty cache slot costs the kernel once): "
+            f"{touch:.2f} s per GiB."]
 
     # runs: the checkpoint's own (recalibrated) router on the forced stream, at each budget; at 0.25x each
     # prefetch mode, and the trained fixture's recorded routing replayed (its lookahead guesses included)

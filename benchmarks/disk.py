@@ -107,3 +107,18 @@ def store_load_stats(layout_dir: Path, concurrent: int, **store_options: int | N
     gbs, ms = store.bytes_read / 1e9 / dt, 1e3 * sum(store.read_seconds) / max(1, len(store.read_seconds))
     store.close()
     return gbs, ms
+
+
+def first_touch_s_per_gib(gib: int = 1) -> float:
+    """Seconds per GiB to fault in fresh anonymous memory, one write per 4 KiB page: what the cache's
+    slots cost the kernel the first time an expert is read into them."""
+    import numpy as np
+
+    m = mmap.mmap(-1, gib << 30)
+    v = np.frombuffer(m, np.uint8)
+    t0 = time.perf_counter()
+    v[::4096] = 1
+    dt = time.perf_counter() - t0
+    del v
+    m.close()
+    return dt / gib
