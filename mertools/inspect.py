@@ -38,7 +38,7 @@ def inspect_layout(layout: Layout) -> dict[str, Any]:
 
 
 def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, text) for the config fields beyond Mixtral's that this config uses."""
+    """(label, text) for the optional architecture features (config fields away from their defaults) this config uses."""
     out = []
     if cfg.get("qk_norm", "none") != "none":
         out.append(("q/k norm", "RMSNorm per head" if cfg["qk_norm"] == "head" else "RMSNorm over the whole projection"))
@@ -53,6 +53,13 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _hf_class(name: str) -> str:
+    from .families import FAMILIES
+
+    family = FAMILIES.get(name)
+    return family.hf_architectures[0] if family else "unknown family"
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
@@ -60,7 +67,7 @@ def _mb(n: int) -> str:
 def format_report(info: dict[str, Any]) -> str:
     cfg = info["config"]
     lines = [f"{info['path']}: {info['kind']}" + (f" (format {info['format']} v{info['version']})" if "format" in info else "")]
-    lines.append(f"  arch          {info['arch']}")
+    lines.append(f"  arch          {info['arch']} ({_hf_class(info['arch'])})")
     lines.append(
         f"  model         {cfg['n_layers']} layers, d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, "
         f"{cfg['n_heads']} heads ({cfg['n_kv_heads']} kv, head_dim {cfg['head_dim']}), vocab {cfg['vocab_size']}"

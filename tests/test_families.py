@@ -11,6 +11,7 @@ logit, as in test_reference_forward.py.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from fixtures.tiny_families import FAMILIES, build_gguf, build_hf  # noqa: E402
 from mertools.cli import main  # noqa: E402
-from mertools.convert.arch import ARCHS  # noqa: E402
-from mertools.convert.arch.base import fmt  # noqa: E402
 from mertools.convert.pipeline import ConvertOptions, convert  # noqa: E402
 from mertools.convert.source import open_source  # noqa: E402
 from mertools.errors import LayoutError  # noqa: E402
+from mertools.families import FAMILIES as REGISTRY  # noqa: E402
+from mertools.families.base import fmt  # noqa: E402
 from mertools.layout import Layout  # noqa: E402
 from mertools.reference import ReferenceModel  # noqa: E402
 from mertools.runtime.engine import Engine  # noqa: E402
@@ -130,7 +131,7 @@ def test_tables_agree_with_gguf_py(fam: str) -> None:
     gguf-py's generic FFN_GATE/UP/DOWN names."""
     import gguf
 
-    arch = ARCHS[fam]
+    arch = REGISTRY[fam]
     gguf_arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.gguf_architectures[0]]
     tmap = gguf.get_tensor_name_map(gguf_arch, 4)
     generic = {gguf.TENSOR_NAMES[t].format(bid=2): t for t in (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP,
@@ -194,14 +195,14 @@ def test_q8_0_layout_close_to_transformers(models: dict, hf_logits, fam: str) ->
 def test_family_pieces_matter(models: dict, hf_logits) -> None:  # noqa: ANN001
     """Each piece changes the logits when left out, so the tests above have teeth."""
     ids = prompts(1)[0]
-    cases = [("qwen3_moe", lambda lw: setattr(lw, "q_norm", np.ones_like(lw.q_norm))),
-             ("olmoe", lambda lw: setattr(lw, "k_norm", np.ones_like(lw.k_norm))),
-             ("qwen2_moe", lambda lw: setattr(lw, "bias", {x: np.zeros_like(b) for x, b in lw.bias.items()})),
-             ("qwen2_moe", lambda lw: lw.shared_gate is not None and setattr(lw, "shared_gate", np.zeros_like(lw.shared_gate)))]
+    cases = [("qwen3_moe", lambda lw: replace(lw, q_norm=np.ones_like(lw.q_norm))),
+             ("olmoe", lambda lw: replace(lw, k_norm=np.ones_like(lw.k_norm))),
+             ("qwen2_moe", lambda lw: replace(lw, q_bias=np.zeros_like(lw.q_bias), k_bias=np.zeros_like(lw.k_bias),
+                                              v_bias=np.zeros_like(lw.v_bias))),
+             ("qwen2_moe", lambda lw: lw if lw.shared_gate is None else replace(lw, shared_gate=np.zeros_like(lw.shared_gate)))]
     for fam, spoil in cases:
         ref = ReferenceModel.from_source(models[fam]["hf"])
-        for lw in ref.layers:
-            spoil(lw)
+        ref.layers = [spoil(lw) for lw in ref.layers]
         assert np.abs(ref.forward(ids) - hf_logits(fam, ids)).max() > 1e-3, fam
 
 

@@ -363,24 +363,13 @@ def test_simd_table_lookup_paths(path: str, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_attention_kernel_matches_the_numpy_path(window: int) -> None:
-    """MoEModel._attend's n = 1 kernel (runtime.model._attend_one) against its numpy path for n > 1."""
-    from types import SimpleNamespace
+    """The n = 1 attention kernel (kernels.attention.attend_one) against its numpy definition."""
+    from mertools.kernels.attention import attend_numpy, attend_one
 
-    from mertools.runtime.model import KVCache, MoEModel
-
-    cfg = SimpleNamespace(head_dim=128, n_heads=8, n_kv_heads=2, sliding_window=window or None, n_layers=1)
     rng = np.random.default_rng(window)
     keys, vals = rng.standard_normal((2, 40, 2, 128)).astype(np.float32)
     q = rng.standard_normal((2, 8, 128)).astype(np.float32)
-    model = MoEModel.__new__(MoEModel)
-    model.cfg = cfg
-
-    def kv() -> KVCache:
-        c = KVCache.__new__(KVCache)
-        c.cfg, c.k, c.v = cfg, np.zeros((1, 64, 2, 128), np.float32), np.zeros((1, 64, 2, 128), np.float32)
-        c.k[0, :40], c.v[0, :40] = keys, vals
-        return c
-
-    one = model._attend(0, kv(), q[1:], keys[39:40], vals[39:40], np.array([39]))  # the kernel
-    two = model._attend(0, kv(), q, keys[38:40], vals[38:40], np.array([38, 39]))  # numpy
-    np.testing.assert_allclose(one, two[1:], rtol=0, atol=1e-6)
+    one = np.empty((8, 128), np.float32)
+    attend_one(np.ascontiguousarray(q[1]), keys, vals, 39, window, one)  # the kernel
+    two = attend_numpy(q, keys, vals, np.array([38, 39]), window)  # numpy, for positions 38 and 39
+    np.testing.assert_allclose(one.reshape(1, -1), two[1:], rtol=0, atol=1e-6)

@@ -11,6 +11,7 @@ relative to the largest logit.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,8 @@ def test_qk_row_order_matters(tiny: dict[str, Path], ref_hf: ReferenceModel) -> 
     """Left in llama.cpp's order, the q/k rows would change the logits: the test above has teeth."""
     m = ReferenceModel.from_source(tiny["f16"])
     c = m.config
-    for lw in m.layers:
-        lw.wq = permute_qk(lw.wq, c.n_heads)
-        lw.wk = permute_qk(lw.wk, c.n_heads, c.n_kv_heads)
+    m.layers = [replace(lw, attn_q=permute_qk(lw.attn_q, c.n_heads), attn_k=permute_qk(lw.attn_k, c.n_heads, c.n_kv_heads))
+                for lw in m.layers]
     ids = prompts(1)[0]
     assert np.abs(m.forward(ids)[1:] - ref_hf.forward(ids)[1:]).max() > 0.1  # position 0 has no rotation
 

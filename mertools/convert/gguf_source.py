@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp): metadata through gguf-py's reader, tensor data by pread.
 
 Both MoE layouts are read: merged (`blk.N.ffn_gate_exps.weight`, expert outermost, so one expert
-is one contiguous byte range) and per-expert (`blk.N.ffn_gate.E.weight`, older Mixtral files).
+is one contiguous byte range) and per-expert (`blk.N.ffn_gate.E.weight`, older files).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import LayoutError, SourceError
 from ..layout.constants import GGML_TYPE_TO_DTYPE
-from .arch import arch_for_gguf, supported
-from .arch.base import ConfigKey, DenseSpec, build_config, fmt
+from ..families import family_for_gguf, supported
+from ..families.base import ConfigKey, DenseSpec, build_config, fmt
 from .source import Source, SourceTensor
 
 _PER_EXPERT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")
@@ -40,7 +40,7 @@ class GGUFSource(Source):
         self.gguf_arch = self._field("general.architecture")
         if not isinstance(self.gguf_arch, str):
             raise SourceError(f"{path}: no general.architecture in the GGUF metadata")
-        arch = arch_for_gguf(self.gguf_arch)
+        arch = family_for_gguf(self.gguf_arch)
         if arch is None:
             raise SourceError(f"{path}: unsupported GGUF architecture {self.gguf_arch!r} (supported: {supported()})")
         self.arch = arch
@@ -51,7 +51,7 @@ class GGUFSource(Source):
         if not self._field(f"{self.gguf_arch}.expert_count"):
             raise SourceError(f"{path}: {self.gguf_arch} model without experts ({self.gguf_arch}.expert_count); not a MoE")
         try:
-            # no GGUF key says which layers are dense MLPs (Qwen's mlp_only_layers): a layer without a router is
+            # no GGUF key says which layers are dense MLPs (HF's mlp_only_layers): a layer without a router is
             router = next(s.name for s in arch.dense if s.role == "router" and s.layers == "moe") if arch.dense_mlp_layers else ""
             self.config = build_config(arch, self._lookup, {}, str(path), lambda la: fmt(router, la) in self.tensors)
         except ValueError as e:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError
-from .arch import arch_for_hf, supported
-from .arch.base import ConfigKey, DenseSpec, build_config, fmt
+from ..families import family_for_hf, supported
+from ..families.base import ConfigKey, DenseSpec, build_config, fmt
 from .source import FLOAT_ITEMSIZE, Source, SourceTensor
 
 SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
@@ -102,7 +102,7 @@ class HFSource(Source):
         if not isinstance(self.raw_config, dict):
             raise SourceError(f"{cfg_path}: not a JSON object")
         archs = self.raw_config.get("architectures") or []
-        arch = arch_for_hf(archs if isinstance(archs, list) else [], self.raw_config.get("model_type"))
+        arch = family_for_hf(archs if isinstance(archs, list) else [], self.raw_config.get("model_type"))
         if arch is None:
             raise SourceError(
                 f"{cfg_path}: unsupported architecture {archs or self.raw_config.get('model_type')!r} (supported: {supported()})"

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ConversionError, QuantizationError
 from ..layout.constants import DTYPES, EXPERT_DTYPES
 from ..layout.writer import EncodedTensor, LayoutWriter
-from .arch.base import KEEP_F32_ROLES, DenseSpec
+from ..families.base import KEEP_F32_ROLES, DenseSpec
 from .source import SourceTensor, open_source
 
 DTYPE_CHOICES = ("auto", *EXPERT_DTYPES)

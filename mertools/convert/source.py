@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import SourceError
 from ..layout.config import ModelConfig
 from ..layout.constants import DTYPES
-from .arch.base import ArchSpec, DenseSpec, fmt, resolve_shape
+from ..families.base import DenseSpec, Family, fmt, resolve_shape
 
 # Source dtypes we read directly; any other GGML type is dequantized with gguf-py.
 FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
@@ -92,7 +92,7 @@ class Source(ABC):
 
     kind: str
     path: Path
-    arch: ArchSpec
+    arch: Family
     config: ModelConfig
 
     @abstractmethod

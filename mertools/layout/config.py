@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from typing import Any
 
-# "neox": rotate-half pairs (i, i + head_dim/2), HF's convention; "normal": adjacent pairs (2i, 2i+1).
-ROPE_STYLES = ("neox", "normal")
-# RMSNorm of q and k before rotary: "head" per head over head_dim (Qwen3-MoE), "full" over the whole
-# projection (OLMoE), "none" (Mixtral, Qwen2-MoE).
-QK_NORMS = ("none", "head", "full")
+# A layout always holds q/k rows in HF order, whose rotary pairs are (i, i + head_dim/2) ("neox",
+# rotate-half); converters undo llama.cpp's permutation for the adjacent-pair convention, so no
+# other style is ever stored.
+ROPE_STYLES = ("neox",)
+
+
+class QKNorm(StrEnum):
+    """RMSNorm of q and k before rotary."""
+
+    NONE = "none"
+    HEAD = "head"  # per head, over head_dim
+    FULL = "full"  # over the whole projection, before the split into heads
+
+
+QK_NORMS = tuple(q.value for q in QKNorm)
 # Fields added after format version 1, with the value that means "absent": a config whose extension
 # fields all hold these is a version-1 config and is written without them (old readers still read it).
 EXTENSION_DEFAULTS: dict[str, Any] = {
@@ -37,12 +48,12 @@ class ModelConfig:
     sliding_window: int | None = None
     tie_embeddings: bool = False
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
-    qk_norm: str = "none"  # see QK_NORMS
-    attn_bias: bool = False  # q/k/v projections carry biases (Qwen2-MoE)
+    qk_norm: QKNorm = QKNorm.NONE
+    attn_bias: bool = False  # q/k/v projections carry biases
     dense_layers: tuple[int, ...] = ()  # layers with a dense SwiGLU MLP instead of experts (no expert files)
     d_ff_dense: int = 0  # width of those dense MLPs; > 0 exactly when dense_layers is not empty
     d_ff_shared: int = 0  # width of an always-resident shared expert in every MoE layer; 0 = none
-    shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w) (Qwen2-MoE)
+    shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w)
 
     def __post_init__(self) -> None:
         positive = (
@@ -60,7 +71,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"config.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_style not in ROPE_STYLES:
-            raise ValueError(f"config.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+            raise ValueError(f"config.rope_style must be 'neox' (q/k rows in HF order), got {self.rope_style!r}")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
@@ -74,6 +85,7 @@ class ModelConfig:
     def _check_extensions(self) -> None:
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"config.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        object.__setattr__(self, "qk_norm", QKNorm(self.qk_norm))
         for name in ("attn_bias", "shared_expert_gate", "norm_topk_prob", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
@@ -110,10 +122,11 @@ class ModelConfig:
         return any(getattr(self, k) != v for k, v in EXTENSION_DEFAULTS.items())
 
     def to_dict(self) -> dict[str, Any]:
-        """Version-2 fields are left out while they hold their defaults, so a Mixtral config (and its
+        """Version-2 fields are left out while they hold their defaults, so a config that needs none of them (and its
         manifest) is exactly what version 1 wrote."""
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
+        d["qk_norm"] = self.qk_norm.value
         for k, v in EXTENSION_DEFAULTS.items():
             if getattr(self, k) == v:
                 del d[k]

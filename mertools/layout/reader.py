@@ -17,7 +17,7 @@ from .constants import MANIFEST_NAME
 from .manifest import Manifest, ManifestError, TensorEntry
 from .writer import PARTIAL_MARKER
 
-# A Mixtral-8x22B manifest is ~1 MB; anything beyond this is hostile or broken.
+# A manifest of the largest MoE models (thousands of expert files) is a few MB; beyond this it is hostile or broken.
 MAX_MANIFEST_BYTES = 64 << 20
 
 

@@ -189,7 +189,7 @@ class LayoutWriter:
         manifest = Manifest(
             arch=config.arch, config=config, tokenizer=tokenizer, dense=self._dense_entries,
             experts=[self._experts[k] for k in want], files=self._files, source=source,
-            version=FORMAT_VERSION if config.uses_extensions else 1,  # a Mixtral layout stays version 1
+            version=FORMAT_VERSION if config.uses_extensions else 1,  # a layout that needs no version-2 field stays version 1
         )
         extra = sorted(set(self._experts) - set(want))
         if extra:

@@ -1,4 +1,4 @@
-"""Reference implementations for cross-checks: a plain-numpy Mixtral forward pass (no runtime, no numba)."""
+"""Reference implementations for cross-checks: a plain-numpy forward pass of every family (no runtime, no numba)."""
 
 from __future__ import annotations
 

@@ -1,41 +1,37 @@
 """A plain-numpy MoE forward pass: the reference the runtime and its kernels are checked against.
 
-It is deliberately independent of `mertools.runtime` and of the numba kernels: quantized weights
-are dequantized with gguf-py (`gguf.quants.dequantize`), float weights with numpy, and the model
-follows HF transformers' `MixtralForCausalLM` step by step:
+It is independent of `mertools.runtime` and of the numba kernels: quantized weights are dequantized
+with gguf-py (`gguf.quants.dequantize`), float weights with numpy, and every activation is computed in
+float64 by default, so rounding here is far below that of any float32 implementation (HF's included:
+its rotary angles, for one, are float32). It runs the same family definitions as the runtime
+(`mertools.families`: typed weights loaded through the family's name tables, the family's pieces for
+attention inputs, routing and shared experts) on a numpy backend; HF transformers, each family's own
+class, stays the independent oracle in the tests. What is written here follows HF's decoders:
 
 - RMSNorm: `w * (x * rsqrt(mean(x^2) + eps))`;
 - rotary embeddings on HF-ordered q/k (rotate-half, `inv_freq = 1 / theta^(arange(0, hd, 2) / hd)`,
   positions 0..n-1);
 - grouped-query attention (query head h reads kv head h // (n_heads / n_kv_heads)) with a causal
   mask and, when `sliding_window` is set, HF's window: query i sees keys j with i - window < j <= i;
-- softmax router over all experts -> top-k -> top-k weights renormalised to sum to 1 when
-  `norm_topk_prob` (Mixtral always does). Exact ties go to the lower expert index; torch.topk's
-  choice among exact ties is unspecified (torch 2.13 on CPU picks experts 2, 3 of four equal ones),
-  so nothing can match it there. Exact ties need degenerate router weights (e.g. zero rows);
-- SwiGLU experts `(silu(x @ G.T) * (x @ U.T)) @ D.T`; final norm; lm_head or tied embeddings.
+- experts chosen by the family's routing; exact ties go to the lower expert index (torch.topk's
+  choice among exact ties is unspecified, so nothing can match it there; exact ties need degenerate
+  router weights, e.g. zero rows); SwiGLU experts `(silu(x @ G.T) * (x @ U.T)) @ D.T`; final norm;
+  lm_head or tied embeddings.
 
-The other families' pieces follow their HF classes, chosen by config fields: q/k/v biases and a shared
-expert scaled by `sigmoid(x . shared_expert_gate)` (Qwen2MoeSparseMoeBlock), RMSNorm of q and k per
-head (Qwen3MoeAttention) or over the whole projection (OlmoeAttention), dense SwiGLU MLPs in the
-layers listed in `dense_layers` (Qwen's mlp_only_layers), top-k weights not renormalised when
-`norm_topk_prob` is false.
-
-Weights are held as float32 (exactly the dequantized values) and every activation is computed in
-float64 by default, so rounding in the reference is far below that of any float32 implementation
-(HF's included: its rotary angles, for one, are float32). Everything is in RAM: tiny models only.
+Weights are held as float32 (exactly the dequantized values). Everything is in RAM: tiny models only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..families import get_family
+from ..families.base import fmt, resolve_shape
+from ..families.pieces import softmax
+from ..families.weights import GlobalWeights, LayerWeights, Mlp, load_globals, load_layer
 from ..layout.config import ModelConfig
-
-EXPERT_ROLES = ("gate", "up", "down")
 
 
 def dequantize(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -66,56 +62,44 @@ def dequantize(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarra
     return out.reshape(shape)
 
 
-@dataclass
-class LayerWeights:
-    attn_norm: np.ndarray  # (d_model,)
-    wq: np.ndarray  # (n_heads * head_dim, d_model), HF row order
-    wk: np.ndarray  # (n_kv_heads * head_dim, d_model), HF row order
-    wv: np.ndarray  # (n_kv_heads * head_dim, d_model)
-    wo: np.ndarray  # (d_model, n_heads * head_dim)
-    ffn_norm: np.ndarray  # (d_model,)
-    router: np.ndarray | None  # (n_experts, d_model); None in a dense-MLP layer
-    experts: list[dict[str, np.ndarray]]  # per expert: gate/up (d_ff, d_model), down (d_model, d_ff); [] if dense
-    bias: dict[str, np.ndarray] | None = None  # "q" (q_dim,), "k"/"v" (kv_dim,) when config.attn_bias
-    q_norm: np.ndarray | None = None  # (head_dim,) or (q_dim,) by config.qk_norm
-    k_norm: np.ndarray | None = None  # (head_dim,) or (kv_dim,)
-    mlp: dict[str, np.ndarray] | None = None  # dense-MLP layer: gate/up (d_ff_dense, d_model), down (d_model, d_ff_dense)
-    shared: dict[str, np.ndarray] | None = None  # shared expert: gate/up (d_ff_shared, d_model), down
-    shared_gate: np.ndarray | None = None  # (1, d_model)
+class NumpyOps:
+    """`families.pieces.Ops` on float32 arrays, computed in `dtype` (float64 by default)."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = dtype
+
+    def linear(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return x @ w.T.astype(self.dtype, copy=False)
+
+    def dense(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return x @ a.T.astype(self.dtype, copy=False)
+
+    def mlp(self, m: Mlp, x: np.ndarray) -> np.ndarray:
+        """SwiGLU x (t, d_model) -> (t, d_model) with gate/up (d_ff, d_model), down (d_model, d_ff)."""
+        act = silu(self.linear(m.gate, x)) * self.linear(m.up, x)  # (t, d_ff)
+        return self.linear(m.down, act)
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        return rms_norm(x, w, eps)
 
 
 class ReferenceModel:
     def __init__(self, config: ModelConfig, dense: dict[str, np.ndarray],
                  experts: dict[tuple[int, int], dict[str, np.ndarray]], compute_dtype: type = np.float64) -> None:
         """`dense`: layout name -> float32 array; `experts`: (layer, expert) -> {role: float32 array}."""
-        self.config = config
+        self.config = c = config
+        self.family = get_family(c.arch)
         self.compute_dtype = compute_dtype
-        c = config
-        self.embed = dense["token_embd.weight"]  # (vocab, d_model)
-        self.output_norm = dense["output_norm.weight"]  # (d_model,)
-        # a tied model has no output.weight: the logits reuse the embedding matrix
-        self.lm_head = dense.get("output.weight", self.embed)  # (vocab, d_model)
+        self.ops = NumpyOps(compute_dtype)
         self.dense, self.experts = dense, experts  # as given, for the transformers reference
-        self.layers: list[LayerWeights] = []
-        for n in range(c.n_layers):
-            p = f"blk.{n}."
-            moe = c.is_moe_layer(n)
-
-            def triple(suffix: str, p: str = p) -> dict[str, np.ndarray]:
-                return {r: dense[f"{p}ffn_{r}{suffix}.weight"] for r in EXPERT_ROLES}
-
-            self.layers.append(LayerWeights(
-                attn_norm=dense[p + "attn_norm.weight"], wq=dense[p + "attn_q.weight"], wk=dense[p + "attn_k.weight"],
-                wv=dense[p + "attn_v.weight"], wo=dense[p + "attn_output.weight"], ffn_norm=dense[p + "ffn_norm.weight"],
-                router=dense[p + "ffn_gate_inp.weight"] if moe else None,
-                experts=[experts[(n, e)] for e in range(c.n_experts)] if moe else [],
-                bias={x: dense[f"{p}attn_{x}.bias"] for x in "qkv"} if c.attn_bias else None,
-                q_norm=dense[p + "attn_q_norm.weight"] if c.qk_norm != "none" else None,
-                k_norm=dense[p + "attn_k_norm.weight"] if c.qk_norm != "none" else None,
-                mlp=None if moe else triple(""),
-                shared=triple("_shexp") if moe and c.d_ff_shared else None,
-                shared_gate=dense[p + "ffn_gate_inp_shexp.weight"] if moe and c.shared_expert_gate else None,
-            ))
+        loaders = (dense.__getitem__, dense.__getitem__, dense.__contains__)
+        self.weights: GlobalWeights[np.ndarray] = load_globals(self.family, c, *loaders)
+        # a tied model has no output.weight: the logits reuse the embedding matrix
+        self.lm_head = self.weights.output if self.weights.output is not None else self.weights.embed  # (vocab, d_model)
+        self.layers: list[LayerWeights[np.ndarray]] = [load_layer(self.family, c, n, *loaders) for n in range(c.n_layers)]
+        self.layer_experts: list[list[Mlp[np.ndarray]]] = [
+            [Mlp(**experts[(n, e)]) for e in range(c.n_experts)] if c.is_moe_layer(n) else [] for n in range(c.n_layers)
+        ]
         self._check_shapes()
 
     # ------------------------------------------------------------------ loading
@@ -125,15 +109,13 @@ class ReferenceModel:
         from ..convert.source import open_source
 
         src = open_source(path)
-        if src.config.rope_style != "neox":
-            raise ValueError(f"{path}: rope_style {src.config.rope_style!r}; the reference expects HF order (neox)")
         # read_raw() has already undone llama.cpp's q/k row permutation
         dense = {name: dequantize(t.read_raw(), t.dtype, tuple(t.shape)) for name, _spec, t in src.dense_tensors()}
         experts = {}
         for layer in src.config.moe_layers:
             for e in range(src.config.n_experts):
                 ts = src.expert_tensors(layer, e)
-                experts[(layer, e)] = {r: dequantize(ts[r].read_raw(), ts[r].dtype, tuple(ts[r].shape)) for r in EXPERT_ROLES}
+                experts[(layer, e)] = {r: dequantize(t.read_raw(), t.dtype, tuple(t.shape)) for r, t in ts.items()}
         return cls(src.config, dense, experts, compute_dtype)
 
     @classmethod
@@ -153,24 +135,18 @@ class ReferenceModel:
         return cls(m.config, dense, experts, compute_dtype)
 
     def _check_shapes(self) -> None:
+        """Every tensor against the shape its family's table implies (weights built by hand included)."""
         c = self.config
-        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        want = {"embed": (c.vocab_size, c.d_model), "lm_head": (c.vocab_size, c.d_model), "output_norm": (c.d_model,)}
-        for name, shape in want.items():
-            if getattr(self, name).shape != shape:
-                raise ValueError(f"{name} has shape {getattr(self, name).shape}, the config implies {shape}")
-        for n, lw in enumerate(self.layers):
-            want = {"attn_norm": (c.d_model,), "wq": (q, c.d_model), "wk": (kv, c.d_model), "wv": (kv, c.d_model),
-                    "wo": (c.d_model, q), "ffn_norm": (c.d_model,)}
-            if lw.router is not None:
-                want["router"] = (c.n_experts, c.d_model)
-            for name, shape in want.items():
-                if getattr(lw, name).shape != shape:
-                    raise ValueError(f"layer {n} {name} has shape {getattr(lw, name).shape}, the config implies {shape}")
-            for e, ex in enumerate(lw.experts):
-                for r, shape in (("gate", (c.d_ff, c.d_model)), ("up", (c.d_ff, c.d_model)), ("down", (c.d_model, c.d_ff))):
-                    if ex[r].shape != shape:
-                        raise ValueError(f"layer {n} expert {e} {r} has shape {ex[r].shape}, the config implies {shape}")
+        for spec, layer in self.family.dense_names(c):
+            name = fmt(spec.name, layer)
+            if name in self.dense and self.dense[name].shape != resolve_shape(spec.shape, c):
+                raise ValueError(f"{name} has shape {self.dense[name].shape}, the config implies {resolve_shape(spec.shape, c)}")
+        for (layer, e), tensors in self.experts.items():
+            for spec in self.family.experts:
+                want = resolve_shape(spec.shape, c)
+                if tensors[spec.role].shape != want:
+                    raise ValueError(f"layer {layer} expert {e} {spec.role} has shape {tensors[spec.role].shape}, "
+                                     f"the config implies {want}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, token_ids: list[int]) -> np.ndarray:
@@ -180,15 +156,15 @@ class ReferenceModel:
             raise ValueError("token_ids must be a non-empty 1-D sequence")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        dt = self.compute_dtype
-        x = self.embed[ids].astype(dt)  # (T, d_model)
+        c, dt = self.config, self.compute_dtype
+        x = self.weights.embed[ids].astype(dt)  # (T, d_model)
         cos, sin = self.rope_tables(len(ids))  # (T, head_dim) each
         mask = self.attention_mask(len(ids))  # (T, T) bool, True = may attend
-        for lw in self.layers:
-            x = x + self.attention(rms_norm(x, lw.attn_norm, self.config.norm_eps), lw, cos, sin, mask)
-            h = rms_norm(x, lw.ffn_norm, self.config.norm_eps)
-            x = x + (self.moe(h, lw) if lw.router is not None else self.mlp(h, lw.mlp))
-        x = rms_norm(x, self.output_norm, self.config.norm_eps)
+        for n, lw in enumerate(self.layers):
+            x = x + self.attention(rms_norm(x, lw.attn_norm, c.norm_eps), lw, cos, sin, mask)
+            h = rms_norm(x, lw.ffn_norm, c.norm_eps)
+            x = x + (self.ops.mlp(lw.mlp, h) if lw.mlp is not None else self.moe(h, lw, self.layer_experts[n]))
+        x = rms_norm(x, self.weights.output_norm, c.norm_eps)
         return (x @ self.lm_head.T.astype(dt, copy=False)).astype(np.float32)  # (T, vocab)
 
     def rope_tables(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,19 +187,9 @@ class ReferenceModel:
     def attention(self, h: np.ndarray, lw: LayerWeights, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """h (T, d_model) -> (T, d_model)."""
         c = self.config
-        dt = self.compute_dtype
         T, hd = h.shape[0], c.head_dim
-        q, k, v = (h @ lw.wq.T.astype(dt, copy=False), h @ lw.wk.T.astype(dt, copy=False),
-                   h @ lw.wv.T.astype(dt, copy=False))  # (T, H*hd), (T, KV*hd) x2
-        if lw.bias is not None:
-            q, k, v = q + lw.bias["q"], k + lw.bias["k"], v + lw.bias["v"]
-        if c.qk_norm == "full":  # OlmoeAttention: over the whole projection
-            q, k = rms_norm(q, lw.q_norm, c.norm_eps), rms_norm(k, lw.k_norm, c.norm_eps)
-        q = q.reshape(T, c.n_heads, hd).transpose(1, 0, 2)  # (H, T, hd)
-        k = k.reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)  # (KV, T, hd)
-        v = v.reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)  # (KV, T, hd)
-        if c.qk_norm == "head":  # Qwen3MoeAttention: each head over head_dim
-            q, k = rms_norm(q, lw.q_norm, c.norm_eps), rms_norm(k, lw.k_norm, c.norm_eps)
+        q, k, v = self.family.pieces.attention_inputs(c, lw, h, self.ops)  # (T, H, hd), (T, KV, hd) x2
+        q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # heads first
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # repeat_kv: kv head j serves query heads j*rep .. j*rep + rep - 1
@@ -234,43 +200,28 @@ class ReferenceModel:
         scores = np.where(mask[None], scores, -np.inf)
         probs = softmax(scores)  # (H, T, T); the diagonal is always allowed, so no row is all -inf
         out = (probs @ v).transpose(1, 0, 2).reshape(T, c.n_heads * hd)  # (T, H*hd)
-        return out @ lw.wo.T.astype(dt, copy=False)  # (T, d_model)
+        return self.ops.linear(lw.attn_o, out)  # (T, d_model)
 
     def route(self, h: np.ndarray, lw: LayerWeights) -> tuple[np.ndarray, np.ndarray]:
         """h (T, d_model) -> (experts (T, k) int, weights (T, k)), best expert first."""
-        c = self.config
-        probs = softmax(h @ lw.router.T.astype(self.compute_dtype))  # (T, n_experts)
-        # stable sort of -p: equal probabilities keep the lower expert index first (deterministic)
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, : c.n_experts_used]  # (T, k)
-        w = np.take_along_axis(probs, top, axis=-1)  # (T, k)
-        if c.norm_topk_prob:
-            w = w / w.sum(axis=-1, keepdims=True)
-        return top, w
+        pieces = self.family.pieces
+        return pieces.select_experts(self.config, pieces.router_scores(self.config, lw, h, self.ops))
 
-    def moe(self, h: np.ndarray, lw: LayerWeights) -> np.ndarray:
-        """h (T, d_model) -> (T, d_model): weighted sum of the chosen experts' SwiGLU outputs."""
-        dt = self.compute_dtype
+    def moe(self, h: np.ndarray, lw: LayerWeights, experts: list[Mlp]) -> np.ndarray:
+        """h (T, d_model) -> (T, d_model): weighted sum of the chosen experts' outputs, plus the shared expert."""
         top, w = self.route(h, lw)
         out = np.zeros_like(h)
-        for e, ex in enumerate(lw.experts):
+        for e, ex in enumerate(experts):
             tok, slot = np.nonzero(top == e)  # tokens that chose expert e, and in which top-k slot
             if tok.size == 0:
                 continue
-            np.add.at(out, tok, self.mlp(h[tok], ex) * w[tok, slot][:, None])
-        if lw.shared is not None:  # Qwen2MoeSparseMoeBlock: every token, scaled by sigmoid(x . gate)
-            gate = 1.0 / (1.0 + np.exp(-(h @ lw.shared_gate.T.astype(dt)))) if lw.shared_gate is not None else 1.0  # (T, 1)
-            out = out + gate * self.mlp(h, lw.shared)
-        return out
-
-    def mlp(self, x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
-        """SwiGLU x (t, d_model) -> (t, d_model) with w gate/up (d_ff, d_model), down (d_model, d_ff)."""
-        dt = self.compute_dtype
-        act = silu(x @ w["gate"].T.astype(dt, copy=False)) * (x @ w["up"].T.astype(dt, copy=False))  # (t, d_ff)
-        return act @ w["down"].T.astype(dt, copy=False)  # (t, d_model)
+            np.add.at(out, tok, self.ops.mlp(ex, h[tok]) * w[tok, slot][:, None])
+        shared = self.family.pieces.shared_expert(self.config, lw, h, self.ops)
+        return out if shared is None else out + shared
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x (T, d) -> w * (x * rsqrt(mean(x^2) + eps)), in HF's MixtralRMSNorm order (weight applied last)."""
+    """x (T, d) -> w * (x * rsqrt(mean(x^2) + eps)), in HF's RMSNorm order (weight applied last)."""
     var = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
     return w.astype(x.dtype) * (x * (1.0 / np.sqrt(var + eps)))
 
@@ -281,11 +232,6 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, max-subtracted (masked entries are -inf and give 0)."""
-    m = np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 def silu(x: np.ndarray) -> np.ndarray:

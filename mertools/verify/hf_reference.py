@@ -1,7 +1,7 @@
-"""HF transformers as a second reference: the family's own model class (MixtralForCausalLM,
-Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM) loaded with the same dequantized float32
-weights the numpy reference holds, so HF directories and GGUFs (quantized ones too) both work.
-HF names come from the architecture's tensor tables, the config from its `hf_config`."""
+"""HF transformers as a second reference: the family's own model class (its `hf_architectures[0]`)
+loaded with the same dequantized float32 weights the numpy reference holds, so HF directories and
+GGUFs (quantized ones too) both work. HF names come from the family's tensor tables, the config from
+its `hf_config`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import tempfile
 
 import numpy as np
 
-from ..convert.arch import ARCHS
-from ..convert.arch.base import ArchSpec, fmt
 from ..errors import MertoolsError
+from ..families import get_family
+from ..families.base import Family, fmt
 from ..reference.forward import ReferenceModel
 
 
-def _state_dict(ref: ReferenceModel, arch: ArchSpec) -> dict[str, np.ndarray]:
+def _state_dict(ref: ReferenceModel, arch: Family) -> dict[str, np.ndarray]:
     """Layout-named weights -> HF-named ones, through the arch's name tables."""
     sd: dict[str, np.ndarray] = {}
     for spec, layer in arch.dense_names(ref.config):
@@ -37,7 +37,7 @@ def transformers_logits(ref: ReferenceModel, ids: list[int]) -> np.ndarray:
         from safetensors.numpy import save_file
     except ImportError:
         raise MertoolsError("the transformers reference needs the `reference` extra: pip install 'mertools[reference]'") from None
-    arch = ARCHS[ref.config.arch]
+    arch = get_family(ref.config.arch)
     if arch.hf_config is None:
         raise MertoolsError(f"no transformers reference for architecture {arch.name}")
     model_cls = getattr(transformers, arch.hf_architectures[0], None)

@@ -12,8 +12,8 @@ from typing import Any
 
 import xxhash
 
-from ..convert.arch import ARCHS
-from ..convert.arch.base import fmt, resolve_shape
+from ..families import FAMILIES
+from ..families.base import fmt, resolve_shape
 from ..errors import LayoutError
 from ..layout.constants import FORMAT_NAME, MANIFEST_NAME
 from ..layout.reader import Layout, read_manifest_json
@@ -56,9 +56,9 @@ def _is_layout(root: Path) -> bool:
 
 def dense_shape_problems(layout: Layout) -> list[str]:
     m = layout.manifest
-    arch = ARCHS.get(m.arch)
+    arch = FAMILIES.get(m.arch)
     if arch is None:
-        return [f"{layout.root / MANIFEST_NAME}: unknown arch {m.arch!r} (known: {', '.join(ARCHS)})"]
+        return [f"{layout.root / MANIFEST_NAME}: unknown arch {m.arch!r} (known: {', '.join(FAMILIES)})"]
     problems = []
     want = {}
     for spec, layer in arch.dense_names(m.config):

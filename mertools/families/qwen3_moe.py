@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...layout.config import ModelConfig
-from .base import ArchSpec, ConfigKey
+from ..layout.config import ModelConfig
+from .base import ConfigKey, Family
 from .common import CONFIG_KEYS as COMMON_KEYS
 from .common import DENSE_MLP, EXPERTS, GLOBALS, ROUTER, attention, finish_common, hf_dense_layers
 
@@ -47,7 +47,7 @@ def _hf_config(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-ARCH = ArchSpec(
+FAMILY = Family(
     name="qwen3_moe",
     hf_architectures=("Qwen3MoeForCausalLM",),
     hf_model_types=("qwen3_moe",),
@@ -55,7 +55,6 @@ ARCH = ArchSpec(
     dense=DENSE,
     experts=EXPERTS,
     config_keys=CONFIG_KEYS,
-    rope_style="neox",
     gguf_permutes_qk=False,
     finish_config=_finish,
     hf_config=_hf_config,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...layout.config import ModelConfig
-from .base import ArchSpec, ConfigKey, DenseSpec, ExpertSpec
+from ..layout.config import ModelConfig
+from .base import ConfigKey, DenseSpec, ExpertSpec, Family
 from .common import GLOBALS, attention, finish_common
 
 _L = "model.layers.{L}"
@@ -14,9 +14,8 @@ _L = "model.layers.{L}"
 DENSE = (
     *GLOBALS,
     *attention(q_norm=None, k_norm=None),
-    DenseSpec(
-        "blk.{L}.ffn_gate_inp.weight", f"{_L}.block_sparse_moe.gate.weight", "router", ("n_experts", "d_model"), per_layer=True
-    ),
+    DenseSpec("blk.{L}.ffn_gate_inp.weight", f"{_L}.block_sparse_moe.gate.weight", "router", ("n_experts", "d_model"),
+              field="router", per_layer=True),
 )
 
 _E = f"{_L}.block_sparse_moe.experts.{{E}}"
@@ -54,7 +53,7 @@ def _hf_config(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-ARCH = ArchSpec(
+FAMILY = Family(
     name="mixtral",
     hf_architectures=("MixtralForCausalLM",),
     hf_model_types=("mixtral",),
@@ -62,7 +61,6 @@ ARCH = ArchSpec(
     dense=DENSE,
     experts=EXPERTS,
     config_keys=CONFIG_KEYS,
-    rope_style="neox",
     gguf_permutes_qk=True,
     finish_config=finish_common,
     hf_config=_hf_config,

@@ -7,21 +7,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...layout.config import ModelConfig
-from .base import ArchSpec, ConfigKey, DenseSpec
+from ..layout.config import ModelConfig
+from .base import ConfigKey, Family
 from .common import CONFIG_KEYS as COMMON_KEYS
-from .common import DENSE_MLP, EXPERTS, GLOBALS, ROUTER, L, attention, finish_common, hf_dense_layers
+from .common import DENSE_MLP, EXPERTS, GLOBALS, ROUTER, attention, finish_common, hf_dense_layers, per_layer
 
-_S = f"{L}.mlp.shared_expert"
 SHARED = (
-    DenseSpec("blk.{L}.ffn_gate_inp_shexp.weight", f"{L}.mlp.shared_expert_gate.weight", "router", ("one", "d_model"),
-              per_layer=True, layers="moe", when="shared_expert_gate"),
-    DenseSpec("blk.{L}.ffn_gate_shexp.weight", f"{_S}.gate_proj.weight", "ffn", ("d_ff_shared", "d_model"),
-              per_layer=True, layers="moe", when="shared_expert"),
-    DenseSpec("blk.{L}.ffn_up_shexp.weight", f"{_S}.up_proj.weight", "ffn", ("d_ff_shared", "d_model"),
-              per_layer=True, layers="moe", when="shared_expert"),
-    DenseSpec("blk.{L}.ffn_down_shexp.weight", f"{_S}.down_proj.weight", "ffn", ("d_model", "d_ff_shared"),
-              per_layer=True, layers="moe", when="shared_expert"),
+    per_layer("ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight", "router", ("one", "d_model"), "shared_gate",
+              layers="moe", when="shared_expert_gate"),
+    per_layer("ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight", "ffn", ("d_ff_shared", "d_model"), "shared.gate",
+              layers="moe", when="shared_expert"),
+    per_layer("ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight", "ffn", ("d_ff_shared", "d_model"), "shared.up",
+              layers="moe", when="shared_expert"),
+    per_layer("ffn_down_shexp.weight", "mlp.shared_expert.down_proj.weight", "ffn", ("d_model", "d_ff_shared"), "shared.down",
+              layers="moe", when="shared_expert"),
 )
 
 DENSE = (*GLOBALS, *attention(q_norm=None, k_norm=None), ROUTER, *SHARED, *DENSE_MLP)
@@ -58,7 +57,7 @@ def _hf_config(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-ARCH = ArchSpec(
+FAMILY = Family(
     name="qwen2_moe",
     hf_architectures=("Qwen2MoeForCausalLM",),
     hf_model_types=("qwen2_moe",),
@@ -66,7 +65,6 @@ ARCH = ArchSpec(
     dense=DENSE,
     experts=EXPERTS,
     config_keys=CONFIG_KEYS,
-    rope_style="neox",
     gguf_permutes_qk=False,
     finish_config=_finish,
     hf_config=_hf_config,

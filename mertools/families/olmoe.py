@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...layout.config import ModelConfig
-from .base import ArchSpec, ConfigKey
+from ..layout.config import ModelConfig
+from .base import ConfigKey, Family
 from .common import CONFIG_KEYS as COMMON_KEYS
 from .common import EXPERTS, GLOBALS, ROUTER, attention, finish_common
 
@@ -39,7 +39,7 @@ def _hf_config(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-ARCH = ArchSpec(
+FAMILY = Family(
     name="olmoe",
     hf_architectures=("OlmoeForCausalLM",),
     hf_model_types=("olmoe",),
@@ -47,7 +47,6 @@ ARCH = ArchSpec(
     dense=DENSE,
     experts=EXPERTS,
     config_keys=CONFIG_KEYS,
-    rope_style="neox",
     gguf_permutes_qk=False,
     finish_config=_finish,
     hf_config=_hf_config,

@@ -1,9 +1,8 @@
-"""Name tables shared by the HF decoder families whose layers are `model.layers.N.{self_attn,mlp}`
-(Qwen2-MoE, Qwen3-MoE, OLMoE; Mixtral shares the globals, attention and config finishing), as data:
-llama.cpp's GGUF name, the HF name, role and shape of each.
+"""Name tables shared by the HF decoder families whose layers are `model.layers.N.{self_attn,mlp}`, as
+data: llama.cpp's GGUF name, the HF name, role, shape and weights field of each. A family module takes
+the pieces it has (see each family's `Family(gguf_permutes_qk=...)` for llama.cpp's q/k row order).
 
-GGUF names are gguf-py's (constants.py TENSOR_NAMES, tensor_mapping.py); none of these families has
-its q/k rows permuted by llama.cpp's converter (they use NEOX rotary, which is HF's rotate-half).
+GGUF names are gguf-py's (constants.py TENSOR_NAMES, tensor_mapping.py).
 """
 
 from __future__ import annotations
@@ -16,44 +15,45 @@ from .base import ConfigKey, DenseSpec, ExpertSpec
 L = "model.layers.{L}"
 
 
+def per_layer(gguf: str, hf: str, role: str, shape: tuple[str, ...], field: str, **kw: str) -> DenseSpec:
+    """A per-layer tensor: "attn_q.weight" is blk.{L}.attn_q.weight in GGUF, model.layers.{L}.<hf> in HF."""
+    return DenseSpec(f"blk.{{L}}.{gguf}", f"{L}.{hf}", role, shape, field=field, per_layer=True, **kw)
+
+
 def attention(q_norm: tuple[str, ...] | None, k_norm: tuple[str, ...] | None) -> tuple[DenseSpec, ...]:
     """Norms, q/k/v/o with optional biases, and optional q/k RMSNorms of the given shapes."""
     specs = [
-        DenseSpec("blk.{L}.attn_norm.weight", f"{L}.input_layernorm.weight", "norm", ("d_model",), per_layer=True),
-        DenseSpec("blk.{L}.attn_q.weight", f"{L}.self_attn.q_proj.weight", "attn_q", ("q_dim", "d_model"), per_layer=True),
-        DenseSpec("blk.{L}.attn_k.weight", f"{L}.self_attn.k_proj.weight", "attn_k", ("kv_dim", "d_model"), per_layer=True),
-        DenseSpec("blk.{L}.attn_v.weight", f"{L}.self_attn.v_proj.weight", "attn_v", ("kv_dim", "d_model"), per_layer=True),
-        DenseSpec("blk.{L}.attn_q.bias", f"{L}.self_attn.q_proj.bias", "bias", ("q_dim",), per_layer=True, when="attn_bias"),
-        DenseSpec("blk.{L}.attn_k.bias", f"{L}.self_attn.k_proj.bias", "bias", ("kv_dim",), per_layer=True, when="attn_bias"),
-        DenseSpec("blk.{L}.attn_v.bias", f"{L}.self_attn.v_proj.bias", "bias", ("kv_dim",), per_layer=True, when="attn_bias"),
-        DenseSpec("blk.{L}.attn_output.weight", f"{L}.self_attn.o_proj.weight", "attn_o", ("d_model", "q_dim"), per_layer=True),
-        DenseSpec("blk.{L}.ffn_norm.weight", f"{L}.post_attention_layernorm.weight", "norm", ("d_model",), per_layer=True),
+        per_layer("attn_norm.weight", "input_layernorm.weight", "norm", ("d_model",), "attn_norm"),
+        per_layer("attn_q.weight", "self_attn.q_proj.weight", "attn_q", ("q_dim", "d_model"), "attn_q"),
+        per_layer("attn_k.weight", "self_attn.k_proj.weight", "attn_k", ("kv_dim", "d_model"), "attn_k"),
+        per_layer("attn_v.weight", "self_attn.v_proj.weight", "attn_v", ("kv_dim", "d_model"), "attn_v"),
+        per_layer("attn_q.bias", "self_attn.q_proj.bias", "bias", ("q_dim",), "q_bias", when="attn_bias"),
+        per_layer("attn_k.bias", "self_attn.k_proj.bias", "bias", ("kv_dim",), "k_bias", when="attn_bias"),
+        per_layer("attn_v.bias", "self_attn.v_proj.bias", "bias", ("kv_dim",), "v_bias", when="attn_bias"),
+        per_layer("attn_output.weight", "self_attn.o_proj.weight", "attn_o", ("d_model", "q_dim"), "attn_o"),
+        per_layer("ffn_norm.weight", "post_attention_layernorm.weight", "norm", ("d_model",), "ffn_norm"),
     ]
     if q_norm is not None and k_norm is not None:
         specs += [
-            DenseSpec("blk.{L}.attn_q_norm.weight", f"{L}.self_attn.q_norm.weight", "norm", q_norm, per_layer=True),
-            DenseSpec("blk.{L}.attn_k_norm.weight", f"{L}.self_attn.k_norm.weight", "norm", k_norm, per_layer=True),
+            per_layer("attn_q_norm.weight", "self_attn.q_norm.weight", "norm", q_norm, "q_norm"),
+            per_layer("attn_k_norm.weight", "self_attn.k_norm.weight", "norm", k_norm, "k_norm"),
         ]
     return tuple(specs)
 
 
 GLOBALS = (
-    DenseSpec("token_embd.weight", "model.embed_tokens.weight", "embedding", ("vocab_size", "d_model")),
-    DenseSpec("output_norm.weight", "model.norm.weight", "norm", ("d_model",)),
-    DenseSpec("output.weight", "lm_head.weight", "output", ("vocab_size", "d_model"), optional=True),
+    DenseSpec("token_embd.weight", "model.embed_tokens.weight", "embedding", ("vocab_size", "d_model"), field="embed"),
+    DenseSpec("output_norm.weight", "model.norm.weight", "norm", ("d_model",), field="output_norm"),
+    DenseSpec("output.weight", "lm_head.weight", "output", ("vocab_size", "d_model"), field="output", optional=True),
 )
 
-ROUTER = DenseSpec("blk.{L}.ffn_gate_inp.weight", f"{L}.mlp.gate.weight", "router", ("n_experts", "d_model"),
-                   per_layer=True, layers="moe")
+ROUTER = per_layer("ffn_gate_inp.weight", "mlp.gate.weight", "router", ("n_experts", "d_model"), "router", layers="moe")
 
-# the dense SwiGLU MLP of layers without experts (Qwen's mlp_only_layers / decoder_sparse_step)
+# the dense SwiGLU MLP of layers without experts (HF configs: mlp_only_layers / decoder_sparse_step)
 DENSE_MLP = (
-    DenseSpec("blk.{L}.ffn_gate.weight", f"{L}.mlp.gate_proj.weight", "ffn", ("d_ff_dense", "d_model"), per_layer=True,
-              layers="dense"),
-    DenseSpec("blk.{L}.ffn_up.weight", f"{L}.mlp.up_proj.weight", "ffn", ("d_ff_dense", "d_model"), per_layer=True,
-              layers="dense"),
-    DenseSpec("blk.{L}.ffn_down.weight", f"{L}.mlp.down_proj.weight", "ffn", ("d_model", "d_ff_dense"), per_layer=True,
-              layers="dense"),
+    per_layer("ffn_gate.weight", "mlp.gate_proj.weight", "ffn", ("d_ff_dense", "d_model"), "mlp.gate", layers="dense"),
+    per_layer("ffn_up.weight", "mlp.up_proj.weight", "ffn", ("d_ff_dense", "d_model"), "mlp.up", layers="dense"),
+    per_layer("ffn_down.weight", "mlp.down_proj.weight", "ffn", ("d_model", "d_ff_dense"), "mlp.down", layers="dense"),
 )
 
 _E = f"{L}.mlp.experts.{{E}}"
@@ -77,7 +77,7 @@ CONFIG_KEYS = (
     ConfigKey("rope_theta", ("rope_theta", "rope_parameters.rope_theta"), ("{arch}.rope.freq_base",), default=1e4),
     ConfigKey("norm_eps", ("rms_norm_eps",), ("{arch}.attention.layer_norm_rms_epsilon",), default=1e-6),
     ConfigKey("tie_embeddings", ("tie_word_embeddings",), (), default=False),
-    # None = not stated: the family decides (transformers and llama.cpp disagree for Qwen3-MoE)
+    # None = not stated: the family decides (transformers' and llama.cpp's defaults may disagree)
     ConfigKey("norm_topk_prob", ("norm_topk_prob",), ("{arch}.expert_weights_norm",), default=None),
 )
 
@@ -100,8 +100,8 @@ def finish_common(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
 
 
 def hf_dense_layers(raw: Mapping[str, Any], n_layers: int) -> tuple[int, ...]:
-    """transformers' rule (Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer): a layer is a dense MLP when it
-    is in mlp_only_layers or (layer + 1) is not a multiple of decoder_sparse_step."""
+    """transformers' rule for configs with these keys: a layer is a dense MLP when it is in
+    mlp_only_layers or (layer + 1) is not a multiple of decoder_sparse_step."""
     only = raw.get("mlp_only_layers") or []
     step = raw.get("decoder_sparse_step") or 1
     if not isinstance(only, list) or not all(isinstance(x, int) for x in only) or not isinstance(step, int) or step < 1:

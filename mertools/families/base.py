@@ -1,7 +1,7 @@
-"""How an architecture is described: tensor-name tables and hyper-parameter keys, as data.
+"""How a model family is described: tensor-name tables, hyper-parameter keys and forward pieces.
 
-A new MoE family is a new module that builds one ArchSpec; the readers and the converter never
-mention a family by name.
+A family is one module that builds one `Family`; the readers, the converter, the runtime, the
+reference, `verify` and `inspect` read it through the registry and never mention a family by name.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...layout.config import ModelConfig
+from ..layout.config import ModelConfig
+from .pieces import STANDARD, Pieces
 
 # Roles of dense tensors. Norms, biases and routers (the shared expert's gate is one) are small and
 # precision-sensitive: they stay f32. "ffn" is a dense SwiGLU matrix (shared expert, dense-MLP layer).
@@ -33,6 +34,7 @@ class DenseSpec:
     hf: str  # HF safetensors name template
     role: str
     shape: tuple[str, ...]  # ModelConfig attributes giving the (rows, cols) or (n,) shape
+    field: str  # where the loaded tensor goes: a ModelWeights / LayerWeights field, "mlp.gate" for an Mlp's
     per_layer: bool = False
     optional: bool = False  # absent when tied (lm_head) or for some checkpoints
     layers: str = "all"  # per-layer tensors: "all", "moe" or "dense" layers (LAYER_KINDS)
@@ -45,6 +47,8 @@ class DenseSpec:
             raise ValueError(f"{self.name}: layers must be one of {LAYER_KINDS} (and only for per-layer tensors)")
         if self.when is not None and self.when not in CONDITIONS:
             raise ValueError(f"{self.name}: unknown condition {self.when!r} (known: {', '.join(CONDITIONS)})")
+        if not self.field:
+            raise ValueError(f"{self.name}: no weights field")
 
     def applies(self, cfg: ModelConfig, layer: int | None) -> bool:
         if self.when is not None and not CONDITIONS[self.when](cfg):
@@ -75,7 +79,7 @@ class ConfigKey:
 
 
 @dataclass(frozen=True)
-class ArchSpec:
+class Family:
     name: str
     hf_architectures: tuple[str, ...]
     hf_model_types: tuple[str, ...]
@@ -83,14 +87,16 @@ class ArchSpec:
     dense: tuple[DenseSpec, ...]
     experts: tuple[ExpertSpec, ...]
     config_keys: tuple[ConfigKey, ...]
-    rope_style: str  # the convention of the layout's q/k weights (HF order)
-    gguf_permutes_qk: bool  # llama.cpp permuted q/k rows for "normal" rotary when writing GGUF
+    gguf_permutes_qk: bool  # llama.cpp permuted q/k rows for its adjacent-pair rotary when writing GGUF
     # fills derived fields (e.g. head_dim) and rejects unsupported options; gets the raw values
     finish_config: Callable[[dict[str, Any], Mapping[str, Any]], None] = field(default=lambda v, raw: None)
     # ModelConfig -> keyword arguments of the transformers config class (for the transformers reference)
     hf_config: Callable[[ModelConfig], dict[str, Any]] | None = None
     # layers may be dense MLPs instead of MoE; a GGUF has no key for it: a layer without a router is one
     dense_mlp_layers: bool = False
+    # the forward pieces (attention inputs, routing, shared expert), written once for the runtime and
+    # the float64 reference; the standard ones unless the family brings its own
+    pieces: Pieces = field(default_factory=lambda: STANDARD)
 
     def dense_names(self, cfg: ModelConfig) -> list[tuple[DenseSpec, int | None]]:
         """Every dense tensor the config implies, as (spec, layer or None)."""
@@ -102,6 +108,13 @@ class ArchSpec:
                 out.append((spec, None))
         # order: globals first (embedding), then layer by layer, then the rest (norm, output)
         return sorted(out, key=lambda s: (_order(s[0]), -1 if s[1] is None else s[1]))
+
+    def layer_specs(self, cfg: ModelConfig, layer: int) -> list[DenseSpec]:
+        """The per-layer dense tensors layer `layer` has."""
+        return [s for s in self.dense if s.per_layer and s.applies(cfg, layer)]
+
+    def global_specs(self, cfg: ModelConfig) -> list[DenseSpec]:
+        return [s for s in self.dense if not s.per_layer and s.applies(cfg, None)]
 
     def expert(self, role: str) -> ExpertSpec:
         for e in self.experts:
@@ -129,13 +142,13 @@ def fmt(template: str, layer: int | None = None, expert: int | None = None) -> s
     return template.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
-def build_config(arch: ArchSpec, lookup: Callable[[ConfigKey], Any], raw: Mapping[str, Any], where: str,
+def build_config(arch: Family, lookup: Callable[[ConfigKey], Any], raw: Mapping[str, Any], where: str,
                  has_router: Callable[[int], bool] | None = None) -> ModelConfig:
     """Build a ModelConfig from a source's key lookup (HF or GGUF), with the arch's defaults.
 
     `raw` is the HF config (empty for GGUF); `has_router(layer)` tells, for sources without metadata
     for it (GGUF), whether a layer has a router (else it is a dense-MLP layer)."""
-    values: dict[str, Any] = {"arch": arch.name, "rope_style": arch.rope_style}
+    values: dict[str, Any] = {"arch": arch.name}
     for key in arch.config_keys:
         value = lookup(key)
         if value is None:

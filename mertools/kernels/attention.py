@@ -1,0 +1,89 @@
+"""Grouped-query attention of new tokens over a sequence's cached keys and values (float32).
+
+    attend(q, keys, vals, pos, window)   q (n, nh, hd) at positions pos (n,) over keys/vals (T, nkv, hd)
+                                         -> (n, nh * hd); causal, and a sliding window when window > 0
+
+One new token (decode) runs `attend_one`, a numba kernel; several (prefill) run the numpy path, which
+is also the kernel's plain definition (the tests hold them together).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .simd import prefetch
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def attend_one(q, keys, vals, pos, window, out):
+    """Decode attention of one new token: q (nh, hd) at position pos over keys/vals (pos + 1, nkv, hd)
+    -> out (nh, hd): what `attend` computes for n = 1 (causal; sliding window if window > 0)
+    in one parallel pass over kv heads, each key and value row read once for its group of query
+    heads. fastmath without nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
+    nh, hd = q.shape
+    nkv = keys.shape[1]
+    group = nh // nkv
+    scale = np.float32(np.sqrt(hd))
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    kb = keys.reshape(-1).view(np.uint8)  # for prefetching: a head's rows are nkv*hd*4 bytes apart, one
+    vb = vals.reshape(-1).view(np.uint8)  # page each, which the hardware prefetcher does not follow
+    row = hd * 4
+    for g in prange(nkv):
+        s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
+        for j in range(lo, pos + 1):
+            ahead = ((min(j + 8, pos) * nkv) + g) * row
+            for c in range(0, row, 64):
+                prefetch(kb, ahead + c)
+            for i in range(group):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += q[g * group + i, d] * keys[j, g, d]
+                s[i, j] = acc / scale
+        for i in range(group):
+            m = s[i, lo]
+            for j in range(lo + 1, pos + 1):
+                m = max(m, s[i, j])
+            tot = np.float32(0.0)
+            for j in range(lo, pos + 1):
+                s[i, j] = np.exp(s[i, j] - m)
+                tot += s[i, j]
+            for j in range(lo, pos + 1):
+                s[i, j] = s[i, j] / tot
+            out[g * group + i, :] = 0.0
+        for j in range(lo, pos + 1):
+            ahead = ((min(j + 8, pos) * nkv) + g) * row
+            for c in range(0, row, 64):
+                prefetch(vb, ahead + c)
+            for i in range(group):
+                p = s[i, j]
+                for d in range(hd):
+                    out[g * group + i, d] += p * vals[j, g, d]
+
+
+def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
+    """q (n, nh, hd) at positions pos over keys/vals (T, nkv, hd) -> (n, nh * hd), in numpy."""
+    n, nh, hd = q.shape
+    nkv, total = keys.shape[1], keys.shape[0]
+    group = nh // nkv
+    qg = q.reshape(n, nkv, group, hd).transpose(1, 2, 0, 3)  # (nkv, group, n, hd)
+    scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd))  # (nkv, group, n, T)
+    j = np.arange(total)[None, :]
+    allowed = j <= pos[:, None]  # causal (n, T)
+    if window > 0:
+        allowed &= j > pos[:, None] - window
+    scores = np.where(allowed, scores, np.float32(-np.inf))
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, hd)
+    return out.transpose(2, 0, 1, 3).reshape(n, nh * hd)
+
+
+def attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
+    """The kernel for one new token, numpy for several; keys/vals hold exactly positions 0..pos[-1]."""
+    n, nh, hd = q.shape
+    if n == 1:
+        out = np.empty((nh, hd), np.float32)
+        attend_one(np.ascontiguousarray(q[0]), keys, vals, int(pos[0]), window, out)
+        return out.reshape(1, nh * hd)
+    return attend_numpy(q, keys, vals, pos, window)

@@ -1,0 +1,26 @@
+"""What callers may plug into a model, given once to `Engine.open` (never patched on afterwards):
+a routing trace, a routing override (I/O benchmarks) and a prefetcher of their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .prefetch import Prefetcher, RouterFn
+
+# (positions (n,), layer, chosen experts (n, k), their weights (n, k))
+TraceFn = Callable[[np.ndarray, int, np.ndarray, np.ndarray], None]
+# (layer, positions (n,)) -> experts (n, k): replaces the router's choice (the weights stay the
+# router's probabilities of those experts). For I/O benchmarks: random-weight checkpoints route
+# almost every token to the same experts, which flatters any cache.
+RoutingOverride = Callable[[int, np.ndarray], np.ndarray]
+# the model's lookahead router -> a prefetcher (for benchmarks that replay or record guesses)
+PrefetcherFactory = Callable[[RouterFn], Prefetcher]
+
+
+@dataclass(frozen=True)
+class ModelHooks:
+    trace: TraceFn | None = None
+    routing_override: RoutingOverride | None = None

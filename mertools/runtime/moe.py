@@ -1,0 +1,71 @@
+"""The family-agnostic streaming MoE block: route, read the chosen experts through the cache (each once
+per step, whatever number of tokens chose it), compute, and start reading the next layer's guesses."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..families.base import Family
+from ..families.weights import LayerWeights
+from ..kernels.matmul import swiglu_expert
+from ..layout.config import ModelConfig
+from .batch import Batch
+from .cache import ExpertCache
+from .hooks import ModelHooks
+from .ops import RuntimeOps
+from .prefetch import Prefetcher
+from .store import ExpertStore
+
+ROLES = ("gate", "up", "down")
+
+
+class StreamingMoE:
+    def __init__(self, family: Family, cfg: ModelConfig, cache: ExpertCache, store: ExpertStore, hooks: ModelHooks) -> None:
+        self.family, self.cfg, self.cache, self.store, self.hooks = family, cfg, cache, store, hooks
+
+    def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
+                 prefetcher: Prefetcher) -> np.ndarray:
+        """h (N, d_model): the layer's normalised hidden states; x: its input (for the prefetch guess)."""
+        cfg, pieces = self.cfg, self.family.pieces
+        scores = pieces.router_scores(cfg, w, h, ops)  # (N, n_experts)
+        override = None
+        if self.hooks.routing_override is not None:  # benchmarks replay recorded or synthetic routing
+            override = np.asarray(self.hooks.routing_override(layer, batch.positions), np.int64).reshape(len(h), -1)
+        chosen, weights = pieces.select_experts(cfg, scores, override)  # (N, k) each
+        weights = weights.astype(np.float32)
+        if self.hooks.trace is not None:
+            self.hooks.trace(batch.positions, layer, chosen, weights)
+        self.cache.record_routing(layer, chosen.ravel())
+        prefetcher.observe(layer, chosen)
+        keys = [(layer, int(e)) for e in np.unique(chosen)]
+        pending = self.cache.acquire(keys)  # demand reads start now, before the speculative ones
+        # no guesses for a next layer without experts (a dense-MLP layer)
+        guess = prefetcher.guess(layer, chosen, x, chosen.shape[1]) if cfg.is_moe_layer(layer + 1) else []
+        if guess:
+            self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
+        # per (token, choice) outputs summed in a fixed order afterwards, so the order in which
+        # experts arrive from disk can never change the result
+        contrib = np.zeros((h.shape[0], chosen.shape[1], cfg.d_model), np.float32)
+        for key, slot in pending:
+            try:
+                self._expert(key, slot, h, chosen, weights, batch, contrib)
+            finally:
+                self.cache.release(key)
+        out = contrib.sum(axis=1)
+        shared = pieces.shared_expert(cfg, w, h, ops)
+        return out if shared is None else out + shared
+
+    def _expert(self, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
+                batch: Batch, contrib: np.ndarray) -> None:
+        """One resident expert applied to the rows that chose it, sequence by sequence: read once,
+        computed per sequence, so a sequence's result never depends on its neighbours."""
+        entry = self.store.manifest.expert(*key)
+        g, u, d = (self.store.tensor(slot, key, r) for r in ROLES)
+        dg, du, dd = (entry.tensors[r].dtype for r in ROLES)  # each tensor's own type
+        for s in batch.seqs:
+            tok, which = np.nonzero(chosen[s.rows] == key[1])
+            if len(tok) == 0:
+                continue
+            tok = tok + s.start
+            y = swiglu_expert(np.ascontiguousarray(h[tok]), g, u, d, dg, du, dd, self.cfg.d_ff, self.cfg.d_model)
+            contrib[tok, which] = y * weights[tok, which][:, None]

@@ -1,0 +1,57 @@
+"""The runtime's arithmetic for the family pieces: float32, model matrices kept as GGML bytes and
+multiplied by the numba kernels, every product computed on each sequence's own rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..families.weights import Mlp
+from ..kernels.matmul import matmul, swiglu_expert
+from .batch import Batch
+
+
+@dataclass(frozen=True)
+class Linear:
+    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight
+    dtype: str
+    rows: int
+    cols: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
+        return matmul(x, self.raw, self.dtype, self.rows, self.cols)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def swiglu(m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
+    g, u, d = m.gate, m.up, m.down
+    return swiglu_expert(x, g.raw, u.raw, d.raw, g.dtype, u.dtype, d.dtype, g.rows, g.cols)
+
+
+class RuntimeOps:
+    """`families.pieces.Ops` for a batch: kernels may take another path (and round differently) for
+    another number of rows, so each sequence's rows are computed apart and a request's output never
+    depends on its batch. Without a batch (prefetch guesses) the rows are taken together."""
+
+    def __init__(self, batch: Batch | None = None) -> None:
+        self.batch = batch
+
+    def _rows(self, fn, x: np.ndarray) -> np.ndarray:  # noqa: ANN001 - (n, k) array -> (n, m) array
+        return fn(x) if self.batch is None else self.batch.per_seq(fn, x)
+
+    def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
+        return self._rows(w, x)
+
+    def dense(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return self._rows(lambda rows: rows @ a.T, x)
+
+    def mlp(self, m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
+        return self._rows(lambda rows: swiglu(m, rows), x)
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        return rms_norm(x, w, eps)
