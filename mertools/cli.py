@@ -101,14 +101,11 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.engine import Engine
     from .runtime.report import format_stats
+    from .runtime.trace import TraceWriter
 
-    with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads) as engine:
-        tracer = None
-        if trace_out:
-            from .runtime.trace import TraceWriter
-
-            tracer = engine.model.trace = TraceWriter(trace_out)
-        try:
+    tracer = TraceWriter(trace_out) if trace_out else None
+    try:
+        with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer) as engine:
             click.echo(prompt, nl=False)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
@@ -117,15 +114,15 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
                 sys.stdout.flush()
                 finish = tok.finish_reason
             click.echo()
-        finally:
-            if tracer is not None:
-                tracer.close()
-        stats = engine.stats()
-        stats["finish_reason"] = finish
-        click.echo(format_stats(stats), err=True)
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(stats, f, indent=1)
+            stats = engine.stats()
+    finally:
+        if tracer is not None:
+            tracer.close()
+    stats["finish_reason"] = finish
+    click.echo(format_stats(stats), err=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(stats, f, indent=1)
 
 
 @main.command()

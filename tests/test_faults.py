@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.fuzz import time_limit
 from mertools.convert.pipeline import ConvertOptions, convert
@@ -32,8 +33,8 @@ PROMPT = [1, 45, 300, 22, 17, 99, 250, 3]
 
 
 @pytest.fixture(scope="module")
-def base(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tiny["hf"], tmp_path_factory.mktemp("faults") / "tiny-q4", ConvertOptions(dtype="q4_0", progress=False)).out
+def base(tiny_q4_0: Path) -> Path:
+    return tiny_q4_0
 
 
 @pytest.fixture()
@@ -193,8 +194,9 @@ def test_server_fails_one_request_naming_the_file_and_serves_the_next(lay: Path)
             p.write_bytes(d)
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == solo
-        metrics = httpx.get(srv.url + "/metrics").text
-        assert 'mertools_generations_finished_total{reason="error"} 3' in metrics
+        finished = {s.labels["reason"]: s.value for f in text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
+                    for s in f.samples if s.name == "mertools_generations_finished_total"}
+        assert finished["error"] == 3, finished
     finally:
         srv.stop()
 

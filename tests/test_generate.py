@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from mertools.cli import main
-from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.layout import Layout
 from mertools.runtime.engine import Engine
+from mertools.runtime.prefetch import Prefetcher
 from mertools.runtime.sampling import Sampler, SamplingParams
 from mertools.runtime.trace import read_trace, routing_summary
 
@@ -20,13 +21,13 @@ PROMPT = "The old lighthouse keeper"
 
 
 @pytest.fixture(scope="module")
-def layout(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tiny["hf"], tmp_path_factory.mktemp("gen") / "q4_0", ConvertOptions(dtype="q4_0", progress=False)).out
+def layout(tiny_q4_0: Path) -> Path:
+    return tiny_q4_0
 
 
 @pytest.fixture(scope="module")
-def gguf_layout(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tiny["q4_0"], tmp_path_factory.mktemp("gen") / "gguf", ConvertOptions(progress=False)).out
+def gguf_layout(tiny_layout: Callable[..., Path]) -> Path:
+    return tiny_layout("q4_0")
 
 
 def slot_mb(layout: Path) -> float:
@@ -70,6 +71,38 @@ def test_stop_string_ends_generation_before_it(layout: Path) -> None:
     assert out[-1][2] == "stop" and stop not in text and full.startswith(text) and text == full[:full.find(stop)]
 
 
+def test_engine_open_takes_the_hooks_and_a_prefetcher_factory(layout: Path) -> None:
+    class Counting(Prefetcher):
+        mode = "counting"
+
+        def __init__(self) -> None:
+            self.guesses = 0
+
+        def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+            self.guesses += 1
+            return []
+
+    made: list[Counting] = []
+    routes: list[tuple[int, list[list[int]]]] = []
+
+    def factory(router: object) -> Counting:
+        made.append(Counting())
+        return made[-1]
+
+    def trace(pos: np.ndarray, layer: int, chosen: np.ndarray, weights: np.ndarray) -> None:
+        routes.append((layer, chosen.tolist()))
+
+    def override(layer: int, pos: np.ndarray) -> np.ndarray:
+        return np.tile([3, 1], (len(pos), 1))
+
+    with Engine.open(layout, prefetch=factory, trace=trace, routing_override=override) as eng:
+        assert len(list(eng.generate(PROMPT, max_tokens=3))) == 3
+        assert eng.model.prefetcher is made[0] and made[0].guesses > 0
+        assert eng.stats()["prefetch"] == "counting"
+    assert {layer for layer, _ in routes} == {0, 1}
+    assert all(row == [3, 1] for _, rows in routes for row in rows)  # the trace sees the override's choice
+
+
 def test_sampler_rules() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=50).astype(np.float32)
@@ -100,6 +133,13 @@ def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
     for word in ("prefill", "decode", "hit rate", "latency p50/p95/p99", "O_DIRECT yes", "prefetch", "peak RSS"):
         assert word in res.stderr, word
     stats = json.loads(js.read_text())
+    assert list(stats) == [  # the --json schema
+        "prompt_tokens", "prefill_tok_s", "generated_tokens", "decode_tok_s", "ttft_s", "expert_lookups", "expert_hits",
+        "expert_misses", "hit_rate", "bytes_read", "read_mb_s", "read_latency_ms", "read_wait_share", "prefetch_issued",
+        "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "read_retries", "cache_slots", "cache_mb", "prefetch",
+        "o_direct", "peak_rss_mb", "finish_reason"]
+    assert list(stats["read_latency_ms"]) == ["50", "95", "99"] and stats["read_mb_s"] > 0
+    assert 0 < stats["read_latency_ms"]["50"] <= stats["read_latency_ms"]["95"] <= stats["read_latency_ms"]["99"]
     assert stats["generated_tokens"] == 12 and stats["cache_slots"] == 3 and stats["bytes_read"] > 0
     assert stats["expert_hits"] + stats["expert_misses"] == stats["expert_lookups"] > 0
     records = list(read_trace(trace))

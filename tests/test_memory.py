@@ -15,6 +15,7 @@ import pytest
 from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.layout import Layout
 from mertools.runtime.engine import Engine
+from mertools.runtime.hooks import RoutingOverride
 from mertools.runtime.memory import peak_rss_bytes
 
 # Python, numpy, numba and LLVM, the compiled kernels, the tokenizer, KV cache and activations.
@@ -36,24 +37,24 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _diverse(eng: Engine, seed: int = 0) -> None:
+def _diverse(layout: Path, seed: int = 0) -> RoutingOverride:
+    """Random routing for Engine.open: a random-weight checkpoint routes almost every token alike."""
     rng = np.random.default_rng(seed)
-    cfg = eng.config
+    cfg = Layout.open(layout).manifest.config
     table = {}
 
     def route(layer: int, pos: np.ndarray) -> np.ndarray:
         return np.array([table.setdefault((int(p), layer), rng.choice(cfg.n_experts, cfg.n_experts_used, replace=False))
                          for p in pos])
 
-    eng.model.routing_override = route
+    return route
 
 
 def test_cache_never_exceeds_its_budget(big: Path) -> None:
     m = Layout.open(big).manifest
     slot = max(e.nbytes for e in m.experts)
     budget = 5 * slot
-    with Engine.open(big, cache_mb=budget / 2**20, prefetch="lookahead") as eng:
-        _diverse(eng)
+    with Engine.open(big, cache_mb=budget / 2**20, prefetch="lookahead", routing_override=_diverse(big)) as eng:
         assert eng.cache.n_slots * eng.store.slot_bytes <= budget
         assert len(eng.store.arena) == eng.cache.n_slots * slot  # the only expert memory, mapped once
         seen = 0
@@ -98,8 +99,7 @@ def test_run_rss_stays_within_budget_plus_dense_plus_overhead(big: Path, tmp_pat
 def test_engine_rss_does_not_grow_with_tokens(big: Path) -> None:
     m = Layout.open(big).manifest
     slot = max(e.nbytes for e in m.experts)
-    with Engine.open(big, cache_mb=4 * slot / 2**20) as eng:
-        _diverse(eng, seed=1)
+    with Engine.open(big, cache_mb=4 * slot / 2**20, routing_override=_diverse(big, seed=1)) as eng:
         eng.forward([1, 2])
         for t in range(8):
             eng.forward([3 + t])

@@ -23,14 +23,15 @@ import openai
 import pytest
 import uvicorn
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
-from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.layout import Layout
 from mertools.runtime.chat import encode_chat
 from mertools.runtime.engine import Engine
 from mertools.runtime.sampling import SamplingParams
+from mertools.runtime.text import GenerationText, TextAssembler
 from mertools.server.app import ServerConfig, create_app
-from mertools.server.scheduler import Event, GenerationRequest, NotReady, QueueFull, Scheduler, TextAssembler
+from mertools.server.scheduler import Event, GenerationRequest, NotReady, QueueFull, Scheduler
 
 KEY = "sk-test-123"
 PROMPTS = ["The old lighthouse keeper", "Once upon a time", "In a hole in the ground", "It was a bright cold day",
@@ -39,8 +40,8 @@ PROMPTS = ["The old lighthouse keeper", "Once upon a time", "In a hole in the gr
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def layout(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tiny["hf"], tmp_path_factory.mktemp("serve") / "tiny-q4", ConvertOptions(dtype="q4_0", progress=False)).out
+def layout(tiny_q4_0: Path) -> Path:
+    return tiny_q4_0
 
 
 def cache_mb(layout: Path) -> float:
@@ -317,6 +318,30 @@ def test_metrics_contents(srv: Running, client: OpenAI) -> None:
     assert "# TYPE mertools_inter_token_latency_seconds histogram" in r.text
 
 
+def test_metrics_parse_and_match_the_documented_list_and_the_engine(srv: Running, client: OpenAI) -> None:
+    client.completions.create(model="tiny-q4", prompt="Hi", max_tokens=4)
+    text = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    # exposed names: a counter's samples carry "_total", a histogram's "_bucket", "_sum", "_count"
+    exposed = {f.name + "_total" if f.type == "counter" else f.name for f in families.values()}
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "SERVER.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`(mertools_[a-z_]+)", docs.split("## Metrics", 1)[1]))
+    assert exposed == documented, (exposed ^ documented)
+    assert {f.type for f in families.values()} == {"counter", "gauge", "histogram"}
+    assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
+    labels = {f.name: {k for s in f.samples for k in s.labels if k != "le"} for f in families.values()}
+    assert labels["mertools_requests"] == {"endpoint", "status"} and labels["mertools_generations_finished"] == {"reason"}
+    # the engine's figures are its own totals, read at scrape time (nothing in flight now)
+    engine = srv.app.state.scheduler.engine
+    value = {s.name + str(sorted(s.labels.items())): s.value for f in families.values() for s in f.samples}
+    assert value["mertools_expert_lookups_total[]"] == engine.cache.stats.lookups > 0
+    assert value["mertools_expert_bytes_read_total[]"] == engine.store.bytes_read
+    reads = engine.store.read_latency
+    assert value["mertools_expert_read_latency_seconds_count[]"] == reads.count > 0
+    assert value["mertools_expert_read_latency_seconds_bucket[('le', '+Inf')]"] == reads.count
+    assert value["mertools_expert_read_latency_seconds_sum[]"] == pytest.approx(reads.sum)
+
+
 # ---------------------------------------------------------------------- loading, queue limit, disconnects
 class SlowEngine:
     """The real engine, each step made slow enough that a request is surely still running when the
@@ -567,3 +592,44 @@ def test_text_assembler_cuts_at_the_first_stop_and_holds_back_only_what_may_be_o
                 want, want_stop = text[:min(hits)], True
                 break
         assert out == want and stopped == want_stop, (text, stops)
+
+
+def test_text_assembler_with_stop_strings_split_across_tokens() -> None:
+    def run(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:
+        asm = TextAssembler(SimpleNamespace(feed=pieces.__getitem__, flush=lambda: ""), stops)
+        out = []
+        for i in range(len(pieces)):
+            got, stopped = asm.feed(i)
+            out.append(got)
+            if stopped:
+                return out, True
+        got, stopped = asm.finish()
+        return [*out, got], stopped
+
+    # "world!" arrives over three tokens: "wo" is held from the second, nothing of it is ever shown
+    assert run(["Hel", "lo wo", "rld", "! E", "ND"], ["world!", "END"]) == (["Hel", "lo ", "", ""], True)
+    # a held tail that turns out not to be a stop string comes out with the token that decides it
+    assert run(["a wor", "m", "s"], ["world"]) == (["a ", "worm", "s", ""], False)
+    # only the longest tail that is really a prefix is held: "xab" holds "ab" of "abc", not "xab"
+    assert run(["xab", "d"], ["abc", "zzzz"]) == (["x", "abd", ""], False)
+    # a stop string inside one token cuts the text where it starts
+    assert run(["one STOP two"], ["STOP"]) == (["one "], True)
+    # at the end, held text is released (or cut, when the flushed rest completes a stop string)
+    asm = TextAssembler(SimpleNamespace(feed=["ab"].__getitem__, flush=lambda: "c!"), ["abc"])
+    assert asm.feed(0) == ("", False) and asm.finish() == ("", True)
+    asm = TextAssembler(SimpleNamespace(feed=["ab"].__getitem__, flush=lambda: ""), ["abc"])
+    assert asm.feed(0) == ("", False) and asm.finish() == ("ab", False)
+
+
+def test_generation_text_ends_at_eos_stop_or_length() -> None:
+    def dec() -> Any:
+        return SimpleNamespace(feed=lambda i: "xyz"[i % 3], flush=lambda: "")
+
+    g = GenerationText(dec(), ["yz"], eos_ids={9}, max_tokens=10)
+    assert [g.push(i) for i in (0, 1, 2)] == [("x", None), ("", None), ("", "stop")]
+    g = GenerationText(dec(), [], eos_ids={9}, max_tokens=10)
+    assert [g.push(i) for i in (0, 9)] == [("x", None), ("", "stop")] and g.generated == 2
+    g = GenerationText(dec(), ["zx"], eos_ids={9}, max_tokens=3)
+    assert [g.push(i) for i in (0, 1, 2)] == [("x", None), ("y", None), ("z", "length")]
+    with pytest.raises(ValueError, match="max_tokens"):
+        GenerationText(dec(), [], eos_ids=(), max_tokens=0)

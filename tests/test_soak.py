@@ -20,8 +20,8 @@ SECONDS = float(os.environ.get("MERTOOLS_SOAK_SECONDS", "20"))
 
 
 @pytest.fixture(scope="module")
-def layout(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tiny["hf"], tmp_path_factory.mktemp("soak") / "tiny-q4", ConvertOptions(dtype="q4_0", progress=False)).out
+def layout(tiny_q4_0: Path) -> Path:
+    return tiny_q4_0
 
 
 def test_soak_short_form(layout: Path) -> None:

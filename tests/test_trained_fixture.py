@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from mertools.cli import main
 from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.layout import Layout
 from mertools.runtime.engine import Engine
 from mertools.runtime.trace import read_trace
 
@@ -85,14 +86,13 @@ def test_greedy_generation_is_readable(q8: Path) -> None:
 
 
 def test_routing_on_held_out_text_uses_every_expert(q8: Path) -> None:
-    with Engine.open(q8, cache_mb=8, prefetch="none") as eng:
-        n_layers, n_experts = eng.model.cfg.n_layers, eng.model.cfg.n_experts
-        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+    cfg = Layout.open(q8).manifest.config
+    counts = np.zeros((cfg.n_layers, cfg.n_experts), dtype=np.int64)
 
-        def hook(pos: np.ndarray, layer: int, chosen: np.ndarray, weights: np.ndarray) -> None:
-            counts[layer] += np.bincount(np.asarray(chosen).ravel(), minlength=n_experts)
+    def hook(pos: np.ndarray, layer: int, chosen: np.ndarray, weights: np.ndarray) -> None:
+        counts[layer] += np.bincount(np.asarray(chosen).ravel(), minlength=cfg.n_experts)
 
-        eng.model.trace = hook
+    with Engine.open(q8, cache_mb=8, prefetch="none", trace=hook) as eng:
         ids = eng.tokenizer.encode(SNIPPET)
         eng.forward(ids)
     share = counts / len(ids)  # share of the layer's tokens that chose each expert (top-2: sums to 2)

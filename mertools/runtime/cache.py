@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from .stats import LatencyHistogram
+
 Key = tuple[int, int]  # (layer, expert)
 # loader(key, slot, cancel): fill `slot` with expert `key`; `cancel` (set when a speculative load is
 # proved unneeded) may be honoured by raising LoadCancelled, or ignored
@@ -36,7 +38,7 @@ class CacheStats:
     prefetch_wasted: int = 0  # evicted (or never used) without a lookup
     prefetch_cancelled: int = 0  # still loading when its layer routed elsewhere, and stopped early
     wait_seconds: float = 0.0  # time lookups spent blocked on loads
-    load_seconds: list[float] = field(default_factory=list)
+    load_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # loads that completed
 
     @property
     def hit_rate(self) -> float:
@@ -143,13 +145,17 @@ class ExpertCache:
                 self.stats.prefetch_cancelled += 1  # counted only if the loader really stopped early
                 self._drop(key, slot)
             return
-        except BaseException as exc:  # the store already retried; a lookup waiting on it must see the error
+        except BaseException as exc:  # the store already retried
             with self.lock:
-                self.failed[key] = exc
+                entry = self.entries.get(key)
+                # kept only for a lookup holding the entry, which pops it: nobody else would, and an
+                # unwanted prefetch's failure is no error (a later lookup loads afresh)
+                if entry is not None and entry.slot == slot and entry.pins > 0:
+                    self.failed[key] = exc
                 self._drop(key, slot)
             return
+        self.stats.load_latency.observe(time.perf_counter() - t0)
         with self.lock:
-            self.stats.load_seconds.append(time.perf_counter() - t0)
             self.speculative.discard(key)
             entry = self.entries.get(key)
             if entry is not None and entry.slot == slot:

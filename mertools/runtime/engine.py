@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..errors import MertoolsError
 from ..layout.reader import Layout
 from .cache import ExpertCache
+from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
 from .model import KVCache, MoEModel
-from .prefetch import PREFETCH_MODES, Prefetcher, make_prefetcher
+from .prefetch import PREFETCH_MODES
 from .sampling import Sampler, SamplingParams
+from .stats import RunStats, RunTimes
 from .store import ExpertStore
+from .text import GenerationText, PromptError, check_ids, check_prompt
 
 MARGIN = 1 << 30  # left for the KV cache, activations, Python and numba when cache_mb is not given
 
 
 class RuntimeConfigError(MertoolsError):
     """A runtime option does not fit the layout or the machine (cache too small, prompt too long...)."""
+
+
+T = TypeVar("T")
+
+
+def _checked(check: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """A text.py check, its PromptError raised as the RuntimeConfigError the engine's callers catch."""
+    try:
+        return check(*args, **kw)
+    except PromptError as e:
+        raise RuntimeConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -42,17 +56,18 @@ class Engine:
         self.prefetch_mode = prefetch
         self.threads = threads
         self._tokenizer = None
-        self._times = {"prefill_s": 0.0, "decode_s": 0.0, "forward_s": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
-                       "ttft_s": None}
+        self.times = RunTimes()
 
     @classmethod
-    def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str = "lookahead",
+    def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str | PrefetcherFactory = "lookahead",
              threads: int | None = None, *, policy: str = "lfd", direct: bool = True, verify: bool = True,
-             io_depth: int = 8) -> Engine:
+             io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None) -> Engine:
+        """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
+        every layer's routing, `routing_override` replaces the router's choices (benchmarks)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         cfg = m.config
-        if prefetch not in PREFETCH_MODES:
+        if isinstance(prefetch, str) and prefetch not in PREFETCH_MODES:
             raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
         if threads is not None:
             import numba
@@ -74,9 +89,9 @@ class Engine:
         store = ExpertStore(layout, slots, direct=direct, verify=verify, io_depth=io_depth)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
-        model = MoEModel(layout, cache, store, Prefetcher())
-        model.prefetcher = make_prefetcher(prefetch, model.lookahead_router, cfg.n_layers, cfg.n_experts)
-        return cls(layout, store, cache, model, prefetch, threads)
+        hooks = ModelHooks(trace=trace, routing_override=routing_override)
+        model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks)
+        return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads)
 
     # ------------------------------------------------------------------ API
     @property
@@ -98,20 +113,13 @@ class Engine:
         try:
             return self.model.forward(ids, all_logits=all_logits)
         finally:
-            self._times["forward_s"] += time.perf_counter() - t0
+            self.times.forward_s += time.perf_counter() - t0
 
     def reset(self) -> None:
         self.model.reset()
 
     def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise RuntimeConfigError("a forward step needs a non-empty list of token ids")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise RuntimeConfigError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        if kv.length + len(ids) > self.config.context_length:
-            raise RuntimeConfigError(f"{kv.length + len(ids)} tokens exceed the model's context of {self.config.context_length}")
-        return ids
+        return _checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)
 
     # ------------------------------------------------------------------ batching (the server's API)
     def new_sequence(self) -> KVCache:
@@ -127,79 +135,64 @@ class Engine:
         try:
             return [out[-1] for out in self.model.forward_batch(batch, all_logits=False)]
         finally:
-            self._times["forward_s"] += time.perf_counter() - t0
+            self.times.forward_s += time.perf_counter() - t0
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
                  add_bos: bool | None = None) -> Iterator[GeneratedToken]:
         """Reset, prefill the prompt, then yield tokens as they are sampled."""
-        tok = self.tokenizer
+        tok, cfg, t = self.tokenizer, self.config, self.times
         ids = tok.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise RuntimeConfigError("empty prompt")
-        if len(ids) + 1 > self.config.context_length:
-            raise RuntimeConfigError(f"prompt of {len(ids)} tokens exceeds the context of {self.config.context_length}")
-        max_tokens = min(max_tokens, self.config.context_length - len(ids))
+        ids, max_tokens = _checked(check_prompt, ids, cfg.vocab_size, cfg.context_length, max_tokens)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        out = GenerationText(tok.stream(), stop, tok.eos_ids, max_tokens)
         self.reset()
         t0 = time.perf_counter()
         logits = self.forward(ids, all_logits=False)[-1]
-        t1 = time.perf_counter()
-        self._times["prefill_s"] += t1 - t0
-        self._times["prompt_tokens"] += len(ids)
-        decoder = tok.stream()
-        text, emitted, next_id = "", 0, -1
-        stops = [s for s in stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be completing
+        t.prefill_s += time.perf_counter() - t0
+        t.prompt_tokens += len(ids)
+        next_id = -1
         for i in range(max_tokens):
             if i:
-                t = time.perf_counter()
+                t1 = time.perf_counter()
                 logits = self.forward([next_id], all_logits=False)[-1]
-                self._times["decode_s"] += time.perf_counter() - t
+                t.decode_s += time.perf_counter() - t1
             next_id = sampler(logits)
-            self._times["generated_tokens"] += 1
-            if self._times["ttft_s"] is None:
-                self._times["ttft_s"] = time.perf_counter() - t0
-            if next_id in tok.eos_ids:
-                yield GeneratedToken(next_id, text[emitted:] + decoder.flush(), "stop")
+            t.generated_tokens += 1
+            if t.ttft_s is None:
+                t.ttft_s = time.perf_counter() - t0
+            text, reason = out.push(next_id)
+            yield GeneratedToken(next_id, text, reason)
+            if reason is not None:
                 return
-            text += decoder.feed(next_id)
-            # text before `emitted` was checked already: an occurrence must start at or after it
-            hits = [j for j in (text.find(s, emitted) for s in stops) if j >= 0]
-            if hits:
-                yield GeneratedToken(next_id, text[emitted:min(hits)], "stop")
-                return
-            if i == max_tokens - 1:
-                text += decoder.flush()
-                yield GeneratedToken(next_id, text[emitted:], "length")
-                return
-            safe = max(emitted, len(text) - hold)
-            yield GeneratedToken(next_id, text[emitted:safe])
-            emitted = safe
+
+    def run_stats(self) -> RunStats:
+        c, s, t = self.cache.stats, self.store, self.times
+        lat = s.read_latency
+        gen = t.generated_tokens
+        return RunStats(
+            prompt_tokens=t.prompt_tokens,
+            prefill_tok_s=t.prompt_tokens / t.prefill_s if t.prefill_s else 0.0,
+            generated_tokens=gen,
+            decode_tok_s=(gen - 1) / t.decode_s if t.decode_s and gen > 1 else 0.0,
+            ttft_s=t.ttft_s,
+            expert_lookups=c.lookups, expert_hits=c.hits, expert_misses=c.misses, hit_rate=c.hit_rate,
+            bytes_read=s.bytes_read,
+            read_mb_s=s.bytes_read / 1e6 / lat.sum if lat.sum else 0.0,
+            read_latency_ms={p: lat.percentile(p) * 1e3 for p in (50, 95, 99)},
+            read_wait_share=c.wait_seconds / t.forward_s if t.forward_s else 0.0,
+            prefetch_issued=c.prefetch_issued, prefetch_used=c.prefetch_used, prefetch_wasted=c.prefetch_wasted,
+            prefetch_cancelled=c.prefetch_cancelled,
+            read_retries=s.retried,
+            cache_slots=self.cache.n_slots, cache_mb=self.cache.n_slots * s.slot_bytes / 2**20,
+            prefetch=self.prefetch_mode, o_direct=s.o_direct,
+            peak_rss_mb=peak_rss_bytes() / 2**20,
+        )
 
     def stats(self) -> dict[str, Any]:
-        c, s, t = self.cache.stats, self.store, self._times
-        lat = np.array(s.read_seconds) if s.read_seconds else np.zeros(1)
-        busy = t["forward_s"]
-        gen = t["generated_tokens"]
-        return {
-            "prompt_tokens": t["prompt_tokens"],
-            "prefill_tok_s": t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] else 0.0,
-            "generated_tokens": gen,
-            "decode_tok_s": (gen - 1) / t["decode_s"] if t["decode_s"] and gen > 1 else 0.0,
-            "ttft_s": t["ttft_s"],
-            "expert_lookups": c.lookups, "expert_hits": c.hits, "expert_misses": c.misses, "hit_rate": c.hit_rate,
-            "bytes_read": s.bytes_read,
-            "read_mb_s": s.bytes_read / 1e6 / sum(s.read_seconds) if s.read_seconds else 0.0,
-            "read_latency_ms": {p: float(np.percentile(lat, p)) * 1e3 for p in (50, 95, 99)},
-            "read_wait_share": c.wait_seconds / busy if busy else 0.0,
-            "prefetch_issued": c.prefetch_issued, "prefetch_used": c.prefetch_used, "prefetch_wasted": c.prefetch_wasted,
-            "prefetch_cancelled": c.prefetch_cancelled,
-            "read_retries": s.retried,
-            "cache_slots": self.cache.n_slots, "cache_mb": self.cache.n_slots * s.slot_bytes / 2**20,
-            "prefetch": self.prefetch_mode, "o_direct": s.o_direct,
-            "peak_rss_mb": peak_rss_bytes() / 2**20,
-        }
+        """The figures `mertools run` prints and writes with --json (read latencies estimated from a
+        fixed-size histogram: see stats.LatencyHistogram)."""
+        return self.run_stats().to_dict()
 
     def close(self) -> None:
         self.cache.executor.shutdown(wait=True)

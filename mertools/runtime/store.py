@@ -13,23 +13,29 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import xxhash
 
 from ..errors import ChecksumError, ExpertReadError
 from ..layout.constants import ALIGNMENT
+from ..layout.manifest import ExpertEntry
 from ..layout.reader import Layout
 from .cache import LoadCancelled
+from .stats import LatencyHistogram
 
 # pread-like: (fd, buffer view, offset) -> bytes read. Tests inject faults through this seam.
 ReadFn = Callable[[int, memoryview, int], int]
-# One expert is read as several chunks in flight: the disk wants queue depth > 1. A small expert
-# (Qwen3-MoE: 2.65 MB in q4_0) is then one read; splitting it further did not measurably help on our
-# disk (docs/BENCHMARKS.md, "Small experts"), so `chunk_bytes` is only an option.
+# One expert is read as several chunks in flight: the disk wants queue depth > 1. An expert smaller
+# than a chunk is one read; splitting it further is only an option (`chunk_bytes`): docs/BENCHMARKS.md,
+# "Small experts", has the measurements.
 CHUNK = 4 << 20
+# descriptors kept open, least recently used closed first: a layout may hold more expert files than
+# the process may open (RLIMIT_NOFILE), and reopening costs one open() per read of a closed file
+MAX_OPEN_FILES = 256
 
 
 def _preadv(fd: int, view: memoryview, offset: int) -> int:
@@ -39,7 +45,8 @@ def _preadv(fd: int, view: memoryview, offset: int) -> int:
 class ExpertStore:
     def __init__(self, layout: Layout, n_slots: int, *, direct: bool = True, verify: bool = True,
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
-                 notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None) -> None:
+                 notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
+                 max_open_files: int = MAX_OPEN_FILES) -> None:
         self.layout = layout
         self.manifest = layout.manifest
         self.slot_bytes = max(e.nbytes for e in self.manifest.experts)
@@ -53,7 +60,11 @@ class ExpertStore:
         self.want_direct, self.verify, self.retries, self.read_fn = direct, verify, retries, read_fn
         self.notice = notice or (lambda msg: print(f"mertools: {msg}", file=sys.stderr))
         self.o_direct: bool | None = None  # known after the first open
-        self._fds: dict[str, int] = {}
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        self.max_open_files = max_open_files
+        self._fds: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._fd_users: dict[str, int] = {}  # files being read now: their descriptors are never closed
         self._fd_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=io_depth, thread_name_prefix="mertools-read")
         if chunk_bytes is not None and (chunk_bytes <= 0 or chunk_bytes % ALIGNMENT):
@@ -61,42 +72,69 @@ class ExpertStore:
         self.io_depth, self.chunk_bytes = io_depth, chunk_bytes
         self._stat_lock = threading.Lock()
         self.bytes_read = 0
-        self.read_seconds: list[float] = []  # per expert load
+        self.read_latency = LatencyHistogram()  # per complete expert load: fixed size, whatever the reads
         self.retried = 0
 
     # ------------------------------------------------------------------ files
     def _open(self, rel: str) -> int:
+        """A descriptor of `rel`, held until `_release(rel)`."""
         with self._fd_lock:
             fd = self._fds.get(rel)
-            if fd is not None:
-                return fd
-            path = self.layout.root / rel
-            fd = -1
-            if self.want_direct and self.o_direct is not False:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                    self.o_direct = True
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise ExpertReadError(f"{path}: cannot open ({e.strerror})") from None
-                    self.o_direct = False
-                    self.notice(f"{self.layout.root}: the filesystem refuses O_DIRECT; using buffered reads "
-                                "with POSIX_FADV_DONTNEED (the page cache is not used as a second cache)")
-            if fd < 0:
-                if self.o_direct is None:
-                    self.o_direct = False
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise ExpertReadError(f"{path}: cannot open ({e.strerror})") from None
-            self._fds[rel] = fd
+            if fd is None:
+                fd = self._open_new(rel)
+                self._fds[rel] = fd
+                self._close_idle()
+            else:
+                self._fds.move_to_end(rel)
+            self._fd_users[rel] = self._fd_users.get(rel, 0) + 1
             return fd
+
+    def _release(self, rel: str) -> None:
+        with self._fd_lock:
+            n = self._fd_users.pop(rel, 0) - 1
+            if n > 0:
+                self._fd_users[rel] = n
+            self._close_idle()
+
+    def _close_idle(self) -> None:
+        """Under the lock: close least recently used descriptors nobody reads from, down to the bound."""
+        if len(self._fds) <= self.max_open_files:
+            return
+        idle = [rel for rel in self._fds if rel not in self._fd_users]
+        for rel in idle[:len(self._fds) - self.max_open_files]:
+            os.close(self._fds.pop(rel))
+
+    def _open_new(self, rel: str) -> int:
+        """Under the lock: open `rel`, with O_DIRECT unless the filesystem refuses it."""
+        path = self.layout.root / rel
+        fd = -1
+        if self.want_direct and self.o_direct is not False:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self.o_direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise ExpertReadError(f"{path}: cannot open ({e.strerror})") from None
+                self.o_direct = False
+                self.notice(f"{self.layout.root}: the filesystem refuses O_DIRECT; using buffered reads "
+                            "with POSIX_FADV_DONTNEED (the page cache is not used as a second cache)")
+        if fd < 0:
+            if self.o_direct is None:
+                self.o_direct = False
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise ExpertReadError(f"{path}: cannot open ({e.strerror})") from None
+        return fd
 
     def fd_flags(self, rel: str) -> int:
         """fcntl flags of the descriptor the store reads `rel` with (tests check O_DIRECT on it)."""
         import fcntl
 
-        return fcntl.fcntl(self._open(rel), fcntl.F_GETFL)
+        try:
+            return fcntl.fcntl(self._open(rel), fcntl.F_GETFL)
+        finally:
+            self._release(rel)
 
     def _forget(self, rel: str) -> None:
         with self._fd_lock:
@@ -141,25 +179,7 @@ class ExpertStore:
         for attempt in range(self.retries + 1):
             t0 = time.perf_counter()
             try:
-                fd = self._open(entry.file)
-                step = self.chunk_size(entry.nbytes)
-                chunks = [(o, min(step, entry.nbytes - o)) for o in range(0, entry.nbytes, step)]
-                if len(chunks) == 1:
-                    self._read_range(fd, view, 0)
-                else:
-                    futures = [self._pool.submit(self._read_chunk, fd, view[o:o + n], o, cancel) for o, n in chunks]
-                    done = sum(f.result() for f in futures)
-                    if done < entry.nbytes:  # called off: count what the disk really delivered
-                        with self._stat_lock:
-                            self.bytes_read += done
-                        raise LoadCancelled(key)
-                if self.o_direct is False:
-                    os.posix_fadvise(fd, 0, entry.nbytes, os.POSIX_FADV_DONTNEED)
-                if self.verify and xxhash.xxh3_64(view).hexdigest() != entry.xxh3:
-                    raise ChecksumError(
-                        f"{self.layout.root / entry.file}: layer {layer} expert {expert}: xxh3 "
-                        f"{xxhash.xxh3_64(view).hexdigest()} differs from the manifest's {entry.xxh3}"
-                    )
+                self._read_once(key, entry, view, cancel)
             except (OSError, ChecksumError, ExpertReadError) as e:
                 last = e
                 self._forget(entry.file)  # reopen: the file may have been replaced
@@ -168,9 +188,9 @@ class ExpertStore:
                         self.retried += 1
                     time.sleep(0.01 * 2**attempt)
                 continue
+            self.read_latency.observe(time.perf_counter() - t0)
             with self._stat_lock:
                 self.bytes_read += entry.nbytes
-                self.read_seconds.append(time.perf_counter() - t0)
             return
         path = self.layout.root / entry.file
         if isinstance(last, ChecksumError):
@@ -180,8 +200,32 @@ class ExpertStore:
             f"{path}: layer {layer} expert {expert}: read failed after {self.retries + 1} attempts ({detail})"
         )
 
+    def _read_once(self, key: tuple[int, int], entry: ExpertEntry, view: memoryview, cancel: threading.Event | None) -> None:
+        """One attempt at a load: read every chunk, then check the xxh3."""
+        fd = self._open(entry.file)
+        try:
+            step = self.chunk_size(entry.nbytes)
+            chunks = [(o, min(step, entry.nbytes - o)) for o in range(0, entry.nbytes, step)]
+            if len(chunks) == 1:
+                self._read_range(fd, view, 0)
+            else:
+                futures = [self._pool.submit(self._read_chunk, fd, view[o:o + n], o, cancel) for o, n in chunks]
+                wait(futures)  # no chunk may still use the descriptor or the slot once this attempt ends
+                done = sum(f.result() for f in futures)
+                if done < entry.nbytes:  # called off: count what the disk really delivered
+                    with self._stat_lock:
+                        self.bytes_read += done
+                    raise LoadCancelled(key)
+            if self.o_direct is False:
+                os.posix_fadvise(fd, 0, entry.nbytes, os.POSIX_FADV_DONTNEED)
+            if self.verify and (got := xxhash.xxh3_64(view).hexdigest()) != entry.xxh3:
+                raise ChecksumError(f"{self.layout.root / entry.file}: layer {key[0]} expert {key[1]}: xxh3 {got} "
+                                    f"differs from the manifest's {entry.xxh3}")
+        finally:
+            self._release(entry.file)
+
     def chunk_size(self, nbytes: int) -> int:
-        """Bytes per read of an expert file of `nbytes` (the same for every file today)."""
+        """Bytes per read of an expert file of `nbytes` (the same for every size, for now)."""
         return self.chunk_bytes or CHUNK
 
     def tensor(self, slot: int, key: tuple[int, int], role: str) -> np.ndarray:

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MertoolsError
 from ..runtime.sampling import SamplingParams
+from ..runtime.text import PromptError, check_prompt
 from . import protocol as P
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .scheduler import Event, GenerationRequest, Handle, NotReady, QueueFull, Scheduler
@@ -63,7 +64,8 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
 
             return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads)
 
-    metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting)
+    metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
+                            engine=lambda: scheduler.engine)
     scheduler = Scheduler(load, max_running=cfg.max_concurrency, max_waiting=cfg.max_queue,
                           prefill_chunk=cfg.prefill_chunk, metrics=metrics, on_load_error=on_load_error)
     created = P.now()
@@ -117,7 +119,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
-        return PlainTextResponse(metrics.render(scheduler.engine), media_type=CONTENT_TYPE)
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     def card() -> dict[str, Any]:
         eng = scheduler.engine
@@ -165,15 +167,13 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
             prompts = await run_in_threadpool(prompts_of, req, engine.tokenizer)
         except MertoolsError as e:  # e.g. the chat template refuses the messages (raise_exception)
             raise P.RequestError(str(e), param="messages") from None
+        param = "messages" if kind == "chat" else "prompt"
         for ids in prompts:
-            if not ids:
-                raise P.RequestError("the prompt is empty", param="prompt")
-            if len(ids) >= ctx:
-                raise P.RequestError(f"This model's maximum context length is {ctx} tokens; the prompt has {len(ids)} "
-                                     "tokens, leaving no room to generate", code="context_length_exceeded",
-                                     param="messages" if kind == "chat" else "prompt")
-            if min(ids) < 0 or max(ids) >= vocab:
-                raise P.RequestError(f"token ids must lie in 0..{vocab - 1}", param="prompt")
+            try:  # the scheduler checks again (runtime.text): here for OpenAI's error codes
+                check_prompt(ids, vocab, ctx, 1)
+            except PromptError as e:
+                raise P.RequestError(str(e), code="context_length_exceeded" if e.rule == "context" else None,
+                                     param=param) from None
         if req.max_new is not None and req.max_new > ctx:
             raise P.RequestError(f"max_tokens {req.max_new} exceeds the model's context length of {ctx}",
                                  param="max_tokens")
@@ -327,7 +327,7 @@ class _Gate:
                 return
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.inc(endpoint=endpoint, status=status)
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         scheme, _, token = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")

@@ -1,206 +1,103 @@
-"""Prometheus text exposition (format 0.0.4) without a client library: counters, gauges, histograms.
+"""The server's Prometheus metrics, with prometheus_client.
 
-Everything is updated from two threads (the scheduler's and the event loop's), so each metric has a
-lock; rendering takes a consistent copy of each metric, not of all of them at once.
+Each app has a registry of its own (tests and embedders create many apps in one process). Request
+figures are pushed by the app and the scheduler into prometheus_client's thread-safe metrics; the
+engine's figures (expert cache, disk reads) stay where the engine keeps them and are read at scrape
+time by `EngineCollector`, so nothing is copied, accumulated twice or kept per read here.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 # seconds: from sub-millisecond (tiny models, cached experts) to a minute (a huge prompt behind a queue)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# bounds of the store's own histogram (mertools.runtime.stats.BOUNDS), so these counts are exact
 READ_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-Labels = tuple[str, ...]
+
+class EngineCollector(Collector):
+    """The engine's totals at scrape time: expert cache lookups, hits and misses, bytes read and the
+    store's read-latency histogram. Reads plain attributes only (ints, and one locked snapshot of the
+    histogram), so it is safe beside the scheduler thread; zeros while the engine is loading."""
+
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self._engine = engine
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self._engine()))
+
+    @staticmethod
+    def _families(engine: Any) -> Iterator[Metric]:
+        stats = getattr(getattr(engine, "cache", None), "stats", None)
+        store = getattr(engine, "store", None)
+        for name, attr, doc in (("mertools_expert_lookups", "lookups", "Expert cache lookups."),
+                                ("mertools_expert_cache_hits", "hits", "Expert cache hits."),
+                                ("mertools_expert_cache_misses", "misses", "Expert cache misses.")):
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr, 0))
+        yield CounterMetricFamily("mertools_expert_bytes_read", "Bytes of expert files read from disk.",
+                                  value=getattr(store, "bytes_read", 0))
+        hist = getattr(store, "read_latency", None)
+        counts, total, n = hist.cumulative(READ_BUCKETS) if hist is not None else ([0] * len(READ_BUCKETS), 0.0, 0)
+        buckets = [(floatToGoString(b), c) for b, c in zip(READ_BUCKETS, counts, strict=True)] + [("+Inf", n)]
+        yield HistogramMetricFamily("mertools_expert_read_latency_seconds", "Time to read (and checksum) one expert file.",
+                                    buckets=buckets, sum_value=total)
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _WithoutCreated:
+    """The registry minus prometheus_client's `*_created` series: they would double the series of
+    every counter and histogram, and the documented metric list has none."""
 
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
 
-def _fmt(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
-        self.name, self.help, self.label_names = name, help, tuple(labels)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, Any]) -> Labels:
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
-        return tuple(str(labels[n]) for n in self.label_names)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def render(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labels)
-        self._values: dict[Labels, float] = {} if labels else {(): 0.0}
-
-    def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def set_total(self, total: float, **labels: Any) -> None:
-        """For totals kept elsewhere (the engine's own counters), copied in at scrape time."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = max(self._values.get(key, 0.0), float(total))
-
-    def value(self, **labels: Any) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in items]
-
-
-class Gauge(_Metric):
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, read: Callable[[], float] | None = None) -> None:
-        super().__init__(name, help)
-        self._read = read
-        self._value = 0.0
-
-    def set(self, v: float) -> None:
-        with self._lock:
-            self._value = float(v)
-
-    def value(self) -> float:
-        if self._read is not None:
-            return float(self._read())
-        with self._lock:
-            return self._value
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name} {_fmt(self.value())}"]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        super().__init__(name, help)
-        self.buckets = tuple(sorted(buckets))
-        self._counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self._sum = 0.0
-        self._n = 0
-
-    def observe(self, v: float) -> None:
-        i = bisect.bisect_left(self.buckets, v)  # le= is inclusive
-        with self._lock:
-            self._counts[i] += 1
-            self._sum += v
-            self._n += 1
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return self._n
-
-    def render(self) -> list[str]:
-        with self._lock:
-            counts, total, n = list(self._counts), self._sum, self._n
-        lines, acc = self.header(), 0
-        for le, c in zip((*self.buckets, math.inf), counts, strict=True):
-            acc += c
-            lines.append(f'{self.name}_bucket{{le="{_fmt(le)}"}} {acc}')
-        return lines + [f"{self.name}_sum {_fmt(total)}", f"{self.name}_count {n}"]
-
-
-class Registry:
-    def __init__(self) -> None:
-        self.metrics: list[_Metric] = []
-
-    def add(self, metric: _Metric) -> Any:
-        self.metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        return "\n".join(line for m in self.metrics for line in m.render()) + "\n"
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class ServerMetrics:
-    """The server's metrics. Request-level figures are pushed by the app and the scheduler; the
-    engine's (expert cache, disk reads) are pulled from it at scrape time by `collect_engine`."""
+    """The server's metrics. `running`, `waiting` and `engine` are read at scrape time."""
 
-    def __init__(self, running: Callable[[], float] = lambda: 0, waiting: Callable[[], float] = lambda: 0) -> None:
-        r = self.registry = Registry()
-        self.requests = r.add(Counter("mertools_requests_total", "HTTP requests by endpoint and status code.",
-                                      ("endpoint", "status")))
-        self.finished = r.add(Counter("mertools_generations_finished_total",
-                                      "Generations (one per choice) by how they ended: stop, length, cancelled, error.",
-                                      ("reason",)))
-        self.prompt_tokens = r.add(Counter("mertools_prompt_tokens_total", "Prompt tokens prefilled."))
-        self.generated_tokens = r.add(Counter("mertools_generation_tokens_total", "Tokens generated (sampled)."))
-        self.ttft = r.add(Histogram("mertools_time_to_first_token_seconds",
-                                    "From a request's arrival in the queue to its first generated token."))
-        self.itl = r.add(Histogram("mertools_inter_token_latency_seconds",
-                                   "Between consecutive generated tokens of one request."))
-        self.e2e = r.add(Histogram("mertools_request_duration_seconds",
-                                   "From a generation's arrival in the queue to its last token."))
-        self.running = r.add(Gauge("mertools_requests_running", "Sequences in the running batch.", running))
-        self.waiting = r.add(Gauge("mertools_requests_waiting", "Sequences queued for a batch slot.", waiting))
-        self.steps = r.add(Counter("mertools_engine_steps_total", "Batched engine forward steps."))
-        self.step_tokens = r.add(Counter("mertools_engine_step_tokens_total",
-                                         "Tokens fed through engine steps (prompt chunks plus decoded tokens)."))
-        self.lookups = r.add(Counter("mertools_expert_lookups_total", "Expert cache lookups."))
-        self.hits = r.add(Counter("mertools_expert_cache_hits_total", "Expert cache hits."))
-        self.misses = r.add(Counter("mertools_expert_cache_misses_total", "Expert cache misses."))
-        self.bytes_read = r.add(Counter("mertools_expert_bytes_read_total", "Bytes of expert files read from disk."))
-        self.read_latency = r.add(Histogram("mertools_expert_read_latency_seconds",
-                                            "Time to read (and checksum) one expert file.", READ_BUCKETS))
-        self._reads_seen = 0
-        self._collect_lock = threading.Lock()
+    def __init__(self, running: Callable[[], float] = lambda: 0, waiting: Callable[[], float] = lambda: 0,
+                 engine: Callable[[], Any] = lambda: None) -> None:
+        r = self.registry = CollectorRegistry()
+        # prometheus_client appends "_total" to a counter's name in the exposition
+        self.requests = Counter("mertools_requests", "HTTP requests by endpoint and status code.",
+                                ("endpoint", "status"), registry=r)
+        self.finished = Counter("mertools_generations_finished",
+                                "Generations (one per choice) by how they ended: stop, length, cancelled, error.",
+                                ("reason",), registry=r)
+        self.prompt_tokens = Counter("mertools_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generated_tokens = Counter("mertools_generation_tokens", "Tokens generated (sampled).", registry=r)
+        self.ttft = Histogram("mertools_time_to_first_token_seconds",
+                              "From a request's arrival in the queue to its first generated token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("mertools_inter_token_latency_seconds", "Between consecutive generated tokens of one request.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("mertools_request_duration_seconds", "From a generation's arrival in the queue to its last token.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("mertools_requests_running", "Sequences in the running batch.", registry=r)
+        self.running.set_function(running)
+        self.waiting = Gauge("mertools_requests_waiting", "Sequences queued for a batch slot.", registry=r)
+        self.waiting.set_function(waiting)
+        self.steps = Counter("mertools_engine_steps", "Batched engine forward steps.", registry=r)
+        self.step_tokens = Counter("mertools_engine_step_tokens",
+                                   "Tokens fed through engine steps (prompt chunks plus decoded tokens).", registry=r)
+        r.register(EngineCollector(engine))
+        self._exposed = _WithoutCreated(r)
 
-    def collect_engine(self, engine: Any) -> None:
-        """Copy the engine's counters in. Only reads plain attributes (ints, a list that only grows),
-        so it is safe beside the scheduler thread without calling into the engine."""
-        stats, store = engine.cache.stats, engine.store
-        self.lookups.set_total(stats.lookups)
-        self.hits.set_total(stats.hits)
-        self.misses.set_total(stats.misses)
-        self.bytes_read.set_total(store.bytes_read)
-        with self._collect_lock:  # feed each new read once into the histogram
-            reads = store.read_seconds
-            n = len(reads)
-            for s in reads[self._reads_seen:n]:
-                self.read_latency.observe(s)
-            self._reads_seen = n
-
-    def render(self, engine: Any | None = None) -> str:
-        if engine is not None:
-            self.collect_engine(engine)
-        return self.registry.render()
+    def render(self) -> str:
+        """The Prometheus text exposition (format 0.0.4)."""
+        return generate_latest(self._exposed).decode("utf-8")  # type: ignore[arg-type]

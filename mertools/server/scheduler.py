@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..runtime.sampling import Sampler, SamplingParams
+from ..runtime.text import GenerationText, check_prompt
 from .metrics import ServerMetrics
 
 log = logging.getLogger("mertools.server")
@@ -63,8 +64,9 @@ class Handle:
     """One submitted generation. `cancel()` (any thread) makes the scheduler drop it at the next
     token boundary; no more events are sent after that."""
 
-    def __init__(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> None:
+    def __init__(self, request: GenerationRequest, on_event: Callable[[Event], None], max_tokens: int) -> None:
         self.request = request
+        self.max_tokens = max_tokens  # the request's, clamped to the room its prompt leaves in the context
         self._on_event = on_event
         self._cancelled = threading.Event()
         self.submitted = time.perf_counter()
@@ -84,65 +86,23 @@ class Handle:
             self.cancel()
 
 
-class TextAssembler:
-    """Token ids in, text out, holding back any tail that could be the start of a stop string and
-    cutting the text before the first stop string (the logic of `Engine.generate`, with the hold
-    narrowed to the longest tail that really is a prefix of some stop string)."""
-
-    def __init__(self, decoder: Any, stops: Sequence[str]) -> None:
-        self._dec = decoder
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.emitted = 0  # text[:emitted] was handed out, and holds no stop string
-
-    def feed(self, token_id: int) -> tuple[str, bool]:
-        """(text now safe to hand out, whether a stop string was reached)."""
-        self.text += self._dec.feed(token_id)
-        return self._advance(final=False)
-
-    def finish(self) -> tuple[str, bool]:
-        """The rest of the text (a pending partial character becomes U+FFFD)."""
-        self.text += self._dec.flush()
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> tuple[str, bool]:
-        text, start = self.text, self.emitted
-        # an occurrence cannot start before `emitted`: it would have been held back (or found) then
-        hits = [j for j in (text.find(s, start) for s in self.stops) if j >= 0]
-        if hits:
-            self.emitted = len(text)
-            return text[start:min(hits)], True
-        safe = len(text) if final else len(text) - self._partial(text, start)
-        self.emitted = max(start, safe)
-        return text[start:self.emitted], False
-
-    def _partial(self, text: str, start: int) -> int:
-        """Length of the longest tail of text[start:] that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text) - start), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-
 @dataclass
 class _Seq:
     handle: Handle
     kv: Any
     sampler: Sampler
-    text: TextAssembler
-    max_tokens: int
-    eos_ids: frozenset[int]
+    text: GenerationText
     fed: int = 0  # prompt tokens already in the KV cache
-    generated: int = 0
     last_id: int = -1
     last_time: float = 0.0
 
     @property
     def prompt(self) -> tuple[int, ...]:
         return self.handle.request.prompt_ids
+
+    @property
+    def generated(self) -> int:
+        return self.text.generated
 
 
 class Scheduler:
@@ -189,21 +149,14 @@ class Scheduler:
         return len(self._waiting)
 
     def submit(self, requests: Sequence[GenerationRequest], on_event: Sequence[Callable[[Event], None]]) -> list[Handle]:
-        """Queue generations (all or none). Raises NotReady, QueueFull, or ValueError for a request
-        the engine cannot run (the app validates first, with friendlier messages)."""
+        """Queue generations (all or none). Raises NotReady, QueueFull, or PromptError (a ValueError) for
+        a request the engine cannot run: the checks of runtime.text, which the app runs first to answer
+        with OpenAI's error codes."""
         if self._state != "ready":
             raise NotReady(self.load_error or f"the model is {self._state}")
-        ctx, vocab = self.engine.config.context_length, self.engine.config.vocab_size
-        for r in requests:
-            if not r.prompt_ids:
-                raise ValueError("the prompt is empty")
-            if len(r.prompt_ids) >= ctx:
-                raise ValueError(f"the prompt has {len(r.prompt_ids)} tokens; the model's context is {ctx}")
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab:
-                raise ValueError(f"token ids must lie in 0..{vocab - 1}")
-            if r.max_tokens < 1:
-                raise ValueError("max_tokens must be >= 1")
-        handles = [Handle(r, cb) for r, cb in zip(requests, on_event, strict=True)]
+        cfg = self.engine.config
+        handles = [Handle(r, cb, check_prompt(r.prompt_ids, cfg.vocab_size, cfg.context_length, r.max_tokens)[1])
+                   for r, cb in zip(requests, on_event, strict=True)]
         with self._cond:
             if self._closing:
                 raise NotReady("the server is shutting down")
@@ -289,11 +242,10 @@ class Scheduler:
     def _new_seq(self, h: Handle) -> _Seq:
         r, eng = h.request, self.engine
         tok = eng.tokenizer
-        max_tokens = min(r.max_tokens, eng.config.context_length - len(r.prompt_ids))
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-        return _Seq(h, eng.new_sequence(), Sampler(r.sampling), TextAssembler(tok.stream(skip_special=r.skip_special), r.stop),
-                    max_tokens, tok.eos_ids)
+        text = GenerationText(tok.stream(skip_special=r.skip_special), r.stop, tok.eos_ids, h.max_tokens)
+        return _Seq(h, eng.new_sequence(), Sampler(r.sampling), text)
 
     def _step(self) -> None:
         chunk = self.prefill_chunk
@@ -337,7 +289,7 @@ class Scheduler:
                     self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
 
     def _on_token(self, s: _Seq, tid: int, now: float) -> None:
-        s.generated += 1
+        text, reason = s.text.push(tid)
         s.last_id = tid
         m = self.metrics
         if m:
@@ -347,16 +299,6 @@ class Scheduler:
             else:
                 m.itl.observe(now - s.last_time)
         s.last_time = now
-        if tid in s.eos_ids:
-            text, _ = s.text.finish()
-            reason: str | None = "stop"
-        else:
-            text, stopped = s.text.feed(tid)
-            reason = "stop" if stopped else None
-            if reason is None and s.generated >= s.max_tokens:
-                rest, stopped = s.text.finish()
-                text += rest
-                reason = "stop" if stopped else "length"
         if reason is None:
             if text:
                 s.handle.emit(Event(text))
@@ -374,4 +316,4 @@ class Scheduler:
 
     def _count_finish(self, reason: str) -> None:
         if self.metrics:
-            self.metrics.finished.inc(reason=reason)
+            self.metrics.finished.labels(reason=reason).inc()

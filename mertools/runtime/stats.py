@@ -1,0 +1,125 @@
+"""The runtime's figures in fixed-size, typed form: a latency histogram (instead of one float per read
+kept for the life of the process), the engine's timers and the figures `Engine.stats()` reports."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# 20 bounds per decade, 10**(k/20) rounded to two significant digits so that the 1-2.5-5 bounds of
+# Prometheus-style buckets are exact members; neighbours differ by a factor 1.08-1.18
+_MANTISSAS = ("1.0", "1.1", "1.3", "1.4", "1.6", "1.8", "2.0", "2.2", "2.5", "2.8",
+              "3.2", "3.5", "4.0", "4.5", "5.0", "5.6", "6.3", "7.1", "7.9", "8.9")
+# seconds, 10 us to 100 s: a cached expert's checksum to a disk that has all but stopped
+BOUNDS: tuple[float, ...] = (*(float(f"{m}e{e}") for e in range(-5, 2) for m in _MANTISSAS), 100.0)
+
+
+class LatencyHistogram:
+    """Count, sum, min, max and per-bucket counts of durations (seconds) over BOUNDS: a fixed size
+    whatever the number of observations. Bucket i holds BOUNDS[i-1] < v <= BOUNDS[i]; the last one
+    everything above 100 s. Percentiles are estimated by interpolating geometrically inside the bucket
+    where the rank falls, clamped to the observed min and max, so an estimate lies within one bucket
+    (8-18%) of the true value. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(BOUNDS) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        i = bisect.bisect_left(BOUNDS, seconds)
+        with self._lock:
+            self._counts[i] += 1
+            self.count += 1
+            self.sum += seconds
+            self.min = min(self.min, seconds)
+            self.max = max(self.max, seconds)
+
+    def percentile(self, p: float) -> float:
+        """Estimated p-th percentile (0 <= p <= 100) in seconds; 0.0 before any observation."""
+        if not 0 <= p <= 100:
+            raise ValueError(f"percentile must lie in 0..100, got {p}")
+        with self._lock:
+            counts, n, lo_seen, hi_seen = list(self._counts), self.count, self.min, self.max
+        if n == 0:
+            return 0.0
+        rank = max(1.0, p / 100 * n)  # the rank-th smallest observation, fractional
+        below = 0
+        for i, c in enumerate(counts):
+            if c and below + c >= rank:
+                lo = max(BOUNDS[i - 1] if i else lo_seen, lo_seen)
+                hi = min(BOUNDS[i] if i < len(BOUNDS) else hi_seen, hi_seen)
+                frac = (rank - below) / c
+                return lo * (hi / lo) ** frac if lo > 0 else hi * frac
+            below += c
+        return hi_seen
+
+    def cumulative(self, bounds: Sequence[float]) -> tuple[list[int], float, int]:
+        """(observations <= each bound, sum, count) in one consistent snapshot, for a Prometheus
+        histogram whose bucket bounds are members of BOUNDS (so the counts are exact)."""
+        idx = []
+        for b in bounds:
+            i = bisect.bisect_left(BOUNDS, b)
+            if i == len(BOUNDS) or BOUNDS[i] != b:
+                raise ValueError(f"bucket bound {b} is not one of the histogram's bounds (10 us .. 100 s, 20 a decade)")
+            idx.append(i)
+        with self._lock:
+            counts, total, n = list(self._counts), self.sum, self.count
+        running, acc, out = 0, 0, []
+        for i in idx:
+            while running <= i:
+                acc += counts[running]
+                running += 1
+            out.append(acc)
+        return out, total, n
+
+
+@dataclass
+class RunTimes:
+    """What the engine accumulates over its generations and forward steps."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    forward_s: float = 0.0  # every forward step, generate's and the server's
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float | None = None  # of the first generation
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """`Engine.stats()` in typed form; `to_dict()` gives the keys `mertools run --json` writes."""
+
+    prompt_tokens: int
+    prefill_tok_s: float
+    generated_tokens: int
+    decode_tok_s: float
+    ttft_s: float | None
+    expert_lookups: int
+    expert_hits: int
+    expert_misses: int
+    hit_rate: float
+    bytes_read: int
+    read_mb_s: float  # bytes read / time spent reading, per read (reads overlap)
+    read_latency_ms: dict[int, float]  # {50: p50, 95: p95, 99: p99}
+    read_wait_share: float
+    prefetch_issued: int
+    prefetch_used: int
+    prefetch_wasted: int
+    prefetch_cancelled: int
+    read_retries: int
+    cache_slots: int
+    cache_mb: float
+    prefetch: str
+    o_direct: bool | None
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
