@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the main job on the bundled fixture) and `make test` (the whole suite).
+# Two entry points: `make demo` (the main job on the bundled fixture) and `make test` (the whole suite);
+# `make test-fast` leaves out the tests marked slow (soak, interrupts, memory bounds; see tests/conftest.py).
 # Each creates .venv with the Python it finds and installs what it needs (torch from the CPU build, for
 # the HF transformers cross-checks); nothing else is required.
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo-out
 
-.PHONY: demo test lint clean bench-quant bench-convert bench-decode bench-beyond-ram
+.PHONY: demo test test-fast lint clean bench-quant bench-convert bench-decode bench-beyond-ram
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check mertools tests fixtures benchmarks
 	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed
+	$(BIN)/ruff check mertools tests fixtures benchmarks
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-quant: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_quant.py

@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import machine_description, write_section  # noqa: E402
-from benchmarks.disk import dd_read, drop_caches, first_touch_s_per_gib, odirect_read, store_load  # noqa: E402
+from benchmarks import _common as common  # noqa: E402
+from benchmarks.disk import dd_read, first_touch_s_per_gib, odirect_read, store_load  # noqa: E402
 from benchmarks.routing import (  # noqa: E402
     Replay,
+    RoutingRecorder,
     belady,
     best_online,
     lookahead_accuracy,
@@ -41,12 +39,12 @@ from benchmarks.routing import (  # noqa: E402
 )
 
 N_PROMPT = 8  # prompt tokens before the timed decode steps
-CGROUP = Path("/sys/fs/cgroup/memory/mertools-bench")
 
 
 def child_mertools(layout: str, cache_mb: float, prefetch: str, ids_path: str, routing: str) -> None:
     """Prefill N_PROMPT ids, then decode the rest one by one (forced, so both tools see the same tokens).
     routing "-": the checkpoint's own router; else a recorded routing (and lookahead guesses) replayed."""
+    from mertools.layout import Layout
     from mertools.runtime.engine import Engine
 
     ids = json.loads(Path(ids_path).read_text())
@@ -54,90 +52,46 @@ def child_mertools(layout: str, cache_mb: float, prefetch: str, ids_path: str, r
     if routing != "-":
         rec = json.loads(Path(routing).read_text())
         replay = Replay(rec["trace"], rec["guesses"])
-    own = replay is None or prefetch != "lookahead"
-    eng = Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch if own else "none")
-    if replay is not None:
-        eng.model.routing_override = replay.override
-        if not own:  # the trained model's own lookahead guesses, recorded beside its routing
-            eng.model.prefetcher = replay.prefetcher()
-    chosen: dict[int, list[list[int]]] = {}
+    recorder = RoutingRecorder(Layout.open(layout).manifest.config.n_layers)  # the routing actually used, reported
+    # replayed lookahead: the trained model's own guesses, recorded beside its routing
+    mode = replay.prefetcher if replay is not None and prefetch == "lookahead" else prefetch
+    eng = Engine.open(layout, cache_mb=cache_mb, prefetch=mode, trace=recorder,
+                      routing_override=replay.override if replay is not None else None)
 
-    def trace(pos, layer, experts, weights) -> None:  # noqa: ANN001 - the routing actually used, reported
-        for q, row in zip(pos.tolist(), experts.tolist(), strict=True):
-            chosen.setdefault(q, [[] for _ in range(eng.config.n_layers)])[layer] = row
+    def step(tokens: list[int]) -> None:
+        eng.forward(tokens, all_logits=False)
 
-    eng.model.trace = trace
-    t0 = time.perf_counter()
-    eng.forward(ids[:N_PROMPT], all_logits=False)
-    t1 = time.perf_counter()
-    c = eng.cache.stats
-    before = (eng.store.bytes_read, c.wait_seconds, c.misses, c.prefetch_issued, c.prefetch_used, c.lookups,
-              c.prefetch_cancelled)
-    for tok in ids[N_PROMPT:]:
-        eng.forward([tok], all_logits=False)
-    t2 = time.perf_counter()
+    def counters() -> list[float]:
+        c = eng.cache.stats
+        return [eng.store.bytes_read, c.wait_seconds, c.misses, c.prefetch_issued, c.prefetch_used, c.lookups,
+                c.prefetch_cancelled]
+
+    before: list[float] = []
+    prefill_s, decode_s = common.forced_decode(step, ids, N_PROMPT, after_prefill=lambda: before.extend(counters()))
     s = eng.stats()
-    after = (eng.store.bytes_read, c.wait_seconds, c.misses, c.prefetch_issued, c.prefetch_used, c.lookups,
-             c.prefetch_cancelled)
-    d = [b - a for a, b in zip(before, after, strict=True)]
-    s.update(decode_tok_s=(len(ids) - N_PROMPT) / (t2 - t1), prefill_s=t1 - t0, decode_s=t2 - t1, decode_bytes=d[0],
+    d = [b - a for a, b in zip(before, counters(), strict=True)]
+    s.update(decode_tok_s=(len(ids) - N_PROMPT) / decode_s, prefill_s=prefill_s, decode_s=decode_s, decode_bytes=d[0],
              decode_wait_s=d[1], decode_misses=d[2], decode_prefetch_issued=d[3], decode_prefetch_used=d[4],
              decode_lookups=d[5], decode_prefetch_cancelled=d[6], slot_bytes=eng.store.slot_bytes,
-             trace=[chosen[q] for q in sorted(chosen)])
+             trace=recorder.trace())
     if eng.cache.n_slots >= len(eng.layout.manifest.experts):  # all fit: the same stream again, warm
-        eng.model.trace = None
+        recorder.active = False
         eng.reset()
-        eng.forward(ids[:N_PROMPT], all_logits=False)
-        t3 = time.perf_counter()
-        for tok in ids[N_PROMPT:]:
-            eng.forward([tok], all_logits=False)
-        s.update(warm_decode_s=time.perf_counter() - t3)
+        s.update(warm_decode_s=common.forced_decode(step, ids, N_PROMPT)[1])
+    eng.close()
     print(json.dumps(s))
 
 
 def child_llama(gguf: str, ids_path: str, threads: int) -> None:
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    default = low.llama_model_default_params
-
-    def no_repack():  # noqa: ANN202 - repacking copies weights out of the mmap; we measure mmap
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = no_repack  # Llama() reads the low-level module's function
+    """The same forced stream through llama.cpp (mmap, repacking off), cold then warm."""
     ids = json.loads(Path(ids_path).read_text())
-    llm = llama_cpp.Llama(gguf, n_threads=threads, n_threads_batch=threads, n_ctx=256, use_mmap=True, verbose=False)
+    llm = common.open_llama(gguf, threads, repack=False, n_ctx=256, use_mmap=True)  # repacking copies weights out of the mmap
     llm.reset()
-    llm.eval(ids[:N_PROMPT])
-    t1 = time.perf_counter()
-    for tok in ids[N_PROMPT:]:
-        llm.eval([tok])
-    t2 = time.perf_counter()
-    from mertools.runtime.memory import peak_rss_bytes
-
+    cold = common.forced_decode(llm.eval, ids, N_PROMPT)[1]
     llm.reset()  # the same stream again: whatever the page cache kept is now warm
-    llm.eval(ids[:N_PROMPT])
-    t3 = time.perf_counter()
-    for tok in ids[N_PROMPT:]:
-        llm.eval([tok])
-    t4 = time.perf_counter()
-    rss_mb = peak_rss_bytes() / 2**20
+    warm = common.forced_decode(llm.eval, ids, N_PROMPT)[1]
     n = len(ids) - N_PROMPT
-    print(json.dumps({"decode_tok_s": n / (t2 - t1), "warm_decode_tok_s": n / (t4 - t3), "peak_rss_mb": rss_mb}))
-
-
-def run_child(args: list[str], cgroup_bytes: int | None = None, python: str = sys.executable) -> dict:
-    cmd = [python, __file__, *args]
-    if cgroup_bytes is not None:
-        CGROUP.mkdir(exist_ok=True)
-        (CGROUP / "memory.limit_in_bytes").write_text(str(cgroup_bytes))
-        cmd = ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs; exec "$@"', "sh", *cmd]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    print(json.dumps({"decode_tok_s": n / cold, "warm_decode_tok_s": n / warm, "peak_rss_mb": common.peak_rss_mb()}))
 
 
 def main() -> None:
@@ -145,7 +99,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default="/tmp/mertools-bench")
+    ap.add_argument("--workdir", default=common.WORKDIR)
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python", help="a Python with llama-cpp-python")
     ap.add_argument("--child-mertools", nargs=5)
     ap.add_argument("--child-llama", nargs=2)
@@ -157,30 +111,24 @@ def main() -> None:
         return child_llama(a.child_llama[0], a.child_llama[1], os.cpu_count() or 2)
 
     from benchmarks.router_calibration import diverse_checkpoint
-    from fixtures.tiny_mixtral import synth_mixtral_gguf
     from mertools.convert.pipeline import ConvertOptions, convert
     from mertools.layout import Layout
 
     work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    base = work / f"mixtral-{a.layers}L-q4_0.gguf"
-    if not base.exists():
-        synth_mixtral_gguf(base, n_layers=a.layers, seed=0)
+    base = common.synth_gguf(work, a.layers)
     # the random routers send every token to 2 experts per layer: recalibrate them (router_calibration.py)
     gguf, lay_dir = work / f"mixtral-{a.layers}L-q4_0-diverse.gguf", work / f"layout-{a.layers}L-diverse"
-    vocab = 32000
-    calib_ids = [int(i) for i in np.random.default_rng(a.seed).integers(3, vocab, 256)]
     if not gguf.exists() or not (lay_dir / "manifest.json").exists():
-        diverse_checkpoint(base, gguf, lay_dir, calib_ids, a.seed)
+        diverse_checkpoint(base, gguf, lay_dir, common.random_ids(256, a.seed, common.MIXTRAL.vocab), a.seed)
     ids_path = work / "decode-ids.json"  # the same forced token stream for both tools, unseen in calibration
-    ids_path.write_text(json.dumps([int(i) for i in np.random.default_rng(a.seed + 1).integers(3, vocab, N_PROMPT + a.tokens)]))
+    ids_path.write_text(json.dumps(common.random_ids(N_PROMPT + a.tokens, a.seed + 1, common.MIXTRAL.vocab)))
     lay = Layout.open(lay_dir)
     m = lay.manifest
     cfg = m.config
     expert_bytes = sum(e.nbytes for e in m.experts)
     dense_bytes = sum(t.nbytes for t in m.dense.values())
     slot = m.experts[0].nbytes
-    out = [f"Machine: {machine_description()}", "",
+    out = [f"Machine: {common.machine_description()}", "",
            f"Command: `python benchmarks/bench_beyond_ram.py --layers {a.layers} --tokens {a.tokens}`", "",
            f"Checkpoint: synthetic Mixtral-shaped (d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.n_experts} experts, "
            f"top-{cfg.n_experts_used}), {cfg.n_layers} layers, Q4_0: experts {expert_bytes / 1e9:.2f} GB "
@@ -190,16 +138,16 @@ def main() -> None:
 
     # 1. disk
     files = sorted((lay_dir / "experts").rglob("*.bin"))
-    cold = drop_caches()
+    cold = common.drop_caches()
     raw = {}
     for depth in (1, 2, 4, 8, 16):
-        drop_caches()
+        common.drop_caches()
         raw[depth] = odirect_read(files, depth)
-    drop_caches()
+    common.drop_caches()
     dd = dd_read(files[0])
     store = {}
     for c in (1, 2, 4):
-        drop_caches()
+        common.drop_caches()
         store[c] = store_load(lay_dir, c)
     best_raw = max(raw.values())
     out += ["### 1. Disk (O_DIRECT, page cache dropped before each: " + ("yes" if cold else "NO - not root") + ")", "",
@@ -215,7 +163,7 @@ def main() -> None:
     # prefetch mode, and the trained fixture's recorded routing replayed (its lookahead guesses included)
     trained = work / "trained-f16"
     if not (trained / "manifest.json").exists():
-        convert(ROOT / "fixtures/trained/tiny-shakespeare-moe", trained, ConvertOptions(force=True, progress=False))
+        convert(common.ROOT / "fixtures/trained/tiny-shakespeare-moe", trained, ConvertOptions(force=True, progress=False))
     rec = record_trained_routing(trained, 400, a.seed)
     routing = work / "routing-trained.json"
     routing.write_text(json.dumps(rec))
@@ -223,16 +171,18 @@ def main() -> None:
     plan = [(f, "own", "lookahead") for f in (0.25, 0.5, 1.0)] + [(0.25, "own", m) for m in ("markov", "none")]
     plan += [(0.25, "trained", m) for m in ("lookahead", "markov", "none")]
     for frac, src, prefetch in plan:
-        drop_caches()
-        runs[(frac, src, prefetch)] = run_child(["--child-mertools", str(lay_dir), str(expert_bytes * frac / 2**20 + 1),
-                                                 prefetch, str(ids_path), "-" if src == "own" else str(routing)])
+        common.drop_caches()
+        args = ["--child-mertools", str(lay_dir), str(expert_bytes * frac / 2**20 + 1), prefetch, str(ids_path),
+                "-" if src == "own" else str(routing)]
+        runs[(frac, src, prefetch)] = common.run_child(__file__, args)
     llama = {}
     for frac in (0.25, 0.5, 1.0):
         r = runs[(frac, "own", "lookahead")]
         cap = int(r.get("peak_rss_mb", 0) * 2**20) if "peak_rss_mb" in r else None
         if Path(a.llama_python).exists() and cap and os.geteuid() == 0:
-            drop_caches()
-            llama[frac] = run_child(["--child-llama", str(gguf), str(ids_path)], cgroup_bytes=cap, python=a.llama_python)
+            common.drop_caches()
+            llama[frac] = common.run_child(__file__, ["--child-llama", str(gguf), str(ids_path)], cgroup_bytes=cap,
+                                           python=a.llama_python, timeout=3600)
 
     # 3. routing realism
     own_trace = runs[(1.0, "own", "lookahead")].get("trace")
@@ -343,9 +293,7 @@ def main() -> None:
     out += ["", "Replayed: the trained model's routing and its recorded lookahead guesses drive the checkpoint's "
             "read path; markov learns transitions online. Recall: prefetched experts used / (those + demand misses). "
             "Read time hidden: 1 - time waiting on reads / (bytes read / the store's one-in-flight GB/s)."]
-    text = "## Beyond RAM\n\n" + "\n".join(out)
-    print(text)
-    write_section("beyond_ram", text)
+    common.publish("beyond_ram", "Beyond RAM", "\n".join(out))
 
 
 if __name__ == "__main__":

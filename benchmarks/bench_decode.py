@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHAPES = ((14336, 4096), (4096, 14336))  # Mixtral expert gate/up and down: (rows, cols)
+from benchmarks import _common as common  # noqa: E402
+
 DTYPES = ("q4_0", "q4_k", "q8_0", "f16", "f32")
 ROTATE_BYTES = 320 * 2**20  # each call reads the next of several copies of W: bytes come from DRAM
 PROMPT_SEED = 0
@@ -32,32 +32,8 @@ WARM = 4  # decode tokens run before the timed ones
 
 
 def prompt_ids(n: int) -> list[int]:
-    """BOS then n - 1 seeded ids of the 32000-token vocabulary (only ids matter to both engines)."""
-    return [1] + [int(i) for i in np.random.default_rng(PROMPT_SEED).integers(3, 32000, n - 1)]
-
-
-def _cpu_busy(seconds: float = 2.0) -> float:
-    """Share of all CPUs busy over `seconds` (from /proc/stat; we are idle meanwhile, so: others)."""
-    def sample() -> tuple[int, int]:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(f), f[3] + f[4]  # total, idle + iowait
-
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.1) -> bool:
-    """Wait (up to max_wait s) until other processes use under `threshold` of the CPUs for 3 checks
-    in a row: the machine is shared, and two busy cores make every parallel region wait for a
-    descheduled thread. Returns whether it got quiet."""
-    end, calm = time.monotonic() + max_wait, 0
-    while time.monotonic() < end:
-        calm = calm + 1 if _cpu_busy() < threshold else 0
-        if calm >= 3:
-            return True
-    return False
+    """BOS then n - 1 seeded ids of the synthetic checkpoint's vocabulary (only ids matter to both engines)."""
+    return common.random_ids(n, PROMPT_SEED, bos=True)
 
 
 # ---------------------------------------------------------------- children (one engine per process)
@@ -94,20 +70,9 @@ def child_mertools(layout: str, n_prompt: int, tokens: int, threads: int) -> dic
 
 
 def child_llama(gguf: str, n_prompt: int, tokens: int, threads: int, repack: bool) -> dict:
-    import llama_cpp
-    import llama_cpp.llama_cpp as lc  # llama.Llama reads the defaults through this module
-
-    default = lc.llama_model_default_params
-
-    def params():  # noqa: ANN202 - ctypes struct
-        p = default()
-        p.use_extra_bufts = repack  # False: no CPU_REPACK buffer, the q4_0 blocks are used as in the file
-        return p
-
-    lc.llama_model_default_params = params
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + tokens + 16,
-                          n_batch=n_prompt, n_ubatch=n_prompt, use_mmap=False, verbose=False)
+    llm = common.open_llama(gguf, threads, repack=repack, n_ctx=n_prompt + tokens + 16, n_batch=n_prompt,
+                            n_ubatch=n_prompt, use_mmap=False)
     t_open = time.perf_counter() - t0
     ids = prompt_ids(n_prompt)
     llm.eval(ids[:2])
@@ -126,18 +91,7 @@ def child_llama(gguf: str, n_prompt: int, tokens: int, threads: int, repack: boo
         llm.eval([tok])
         tok = int(np.argmax(last_logits()))
         times.append(time.perf_counter() - t)
-    import resource
-
-    return {"prefill_s": prefill_s, "token_s": times[WARM:], "open_s": t_open,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def run_child(python: str, args: list[str], env: dict | None = None) -> dict:
-    res = subprocess.run([python, __file__, *args], capture_output=True, text=True, timeout=7200, env=env)
-    if res.returncode != 0:
-        tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
-        return {"error": tail}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return {"prefill_s": prefill_s, "token_s": times[WARM:], "open_s": t_open, "peak_rss_mb": common.peak_rss_mb()}
 
 
 # ---------------------------------------------------------------- bandwidth and matvecs
@@ -186,20 +140,12 @@ class Bandwidth:
 
         before = numba.get_num_threads()
         numba.set_num_threads(threads)
-        out = {name: self.a.nbytes / min(_times(fn, repeat)) / 1e9 for name, fn in self.fns.items()}
+        out = {name: self.a.nbytes / min(common.timings(lambda _, f=fn: f(), repeat, warmup=False)) / 1e9
+               for name, fn in self.fns.items()}
         numba.set_num_threads(before)
         if threads == before:
             self.samples += out.values()
         return out
-
-
-def _times(fn, repeat: int) -> list[float]:  # noqa: ANN001
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _time_matvec(x: np.ndarray, ws: list[np.ndarray], dtype: str, rows: int, cols: int, repeat: int) -> list[float]:
@@ -207,13 +153,7 @@ def _time_matvec(x: np.ndarray, ws: list[np.ndarray], dtype: str, rows: int, col
     from mertools.kernels.matmul import matmul
 
     out = np.empty((1, rows), np.float32)
-    matmul(x, ws[-1], dtype, rows, cols, out)
-    times = []
-    for i in range(repeat):
-        t = time.perf_counter()
-        matmul(x, ws[i % len(ws)], dtype, rows, cols, out)
-        times.append(time.perf_counter() - t)
-    return times
+    return common.timings(lambda i: matmul(x, ws[i % len(ws)], dtype, rows, cols, out), repeat)
 
 
 def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
@@ -224,7 +164,7 @@ def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
     rng = np.random.default_rng(0)
     threads = numba.get_num_threads()
     rows_out = []
-    for rows, cols in SHAPES:
+    for rows, cols in common.MIXTRAL.expert_matrices:
         w32 = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
         x = rng.standard_normal((1, cols)).astype(np.float32)
         for dtype in DTYPES:
@@ -261,18 +201,13 @@ def decode_bytes(layout: Path) -> float:
 
 
 def ensure_model(workdir: Path, layers: int) -> tuple[Path, Path]:
-    gguf = workdir / f"mixtral-{layers}L-q4_0.gguf"
+    """The shared synthetic GGUF and its layout, converted in a child (its memory is not this process's)."""
+    gguf = common.synth_gguf(workdir, layers)
     layout = workdir / f"mixtral-{layers}L-q4_0-layout"
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if not gguf.exists():
-        print(f"building {gguf} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "fixtures.tiny_mixtral", "--synth", str(gguf), "--layers", str(layers)],
-                       check=True, cwd=ROOT, env=env)
     if not (layout / "manifest.json").exists():
         print(f"converting to {layout} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "mertools.cli", "convert", str(gguf), str(layout), "--force", "--quiet"],
-                       check=True, cwd=ROOT, env=env)
+                       check=True, cwd=common.ROOT, env={**os.environ, "PYTHONPATH": str(common.ROOT)})
     return gguf, layout
 
 
@@ -281,7 +216,7 @@ def startup(layout: Path, threads: int) -> dict[str, float]:
     kernel compiled) and then with it filled (every kernel loaded)."""
     out = {}
     with tempfile.TemporaryDirectory() as cache_dir:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir, "PYTHONPATH": str(common.ROOT)}
         cmd = [sys.executable, "-m", "mertools.cli", "run", str(layout), "-p", "Hello", "-n", "1",
                "--threads", str(threads), "--prefetch", "none"]
         for name in ("cold", "warm", "warm2"):
@@ -296,7 +231,7 @@ def startup(layout: Path, threads: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workdir", default="/tmp/mertools-bench")
+    ap.add_argument("--workdir", default=common.WORKDIR)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens timed per run")
     ap.add_argument("--prompt", type=int, default=512, help="prefill prompt tokens")
@@ -322,7 +257,7 @@ def main() -> None:
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     gguf, layout = ensure_model(Path(a.workdir), a.layers)
     noisy = 0
-    noisy += not wait_quiet(a.wait_quiet)
+    noisy += not common.wait_quiet(a.wait_quiet)
     probe = Bandwidth()
     bw = {f"{k}_{t}": v for t in (a.threads, 1) for k, v in probe.measure(t, 7).items()}
     mv = matvec_table(a.repeat, probe)
@@ -342,9 +277,10 @@ def main() -> None:
         for e in engines:
             path = str(layout if e == "mertools" else gguf)
             py = sys.executable if e == "mertools" else a.llama_python
-            noisy += not wait_quiet(a.wait_quiet)
-            e2e[e].append(run_child(py, ["--child", e, path, str(a.prompt), str(a.tokens), str(a.threads)]))
-    noisy += not wait_quiet(a.wait_quiet)
+            noisy += not common.wait_quiet(a.wait_quiet)
+            args = ["--child", e, path, str(a.prompt), str(a.tokens), str(a.threads)]
+            e2e[e].append(common.run_child(__file__, args, python=py))
+    noisy += not common.wait_quiet(a.wait_quiet)
     su = startup(layout, a.threads)
 
     best = {}
@@ -358,19 +294,13 @@ def main() -> None:
                    "prefill": max(a.prompt / r["prefill_s"] for r in ok),
                    "rss": max(r["peak_rss_mb"] for r in ok), "misses": max(r.get("misses", 0) for r in ok)}
     text = report(a, mv, bw, ref_bw, best, su, have_llama, decode_bytes(layout), noisy)
-    print(text)
-    if not a.no_write:
-        from benchmarks._report import write_section
-
-        write_section("decode", "## Decode: matvec bandwidth and end-to-end tokens/s beside llama.cpp\n\n" + text)
+    common.publish("decode", "Decode: matvec bandwidth and end-to-end tokens/s beside llama.cpp", text, write=not a.no_write)
 
 
 def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str:  # noqa: ANN001
-    from benchmarks._report import machine_description
-
     t = a.threads
     lines = [
-        f"Machine: {machine_description()}",
+        f"Machine: {common.machine_description()}",
         "",
         f"Command: `python benchmarks/bench_decode.py --layers {a.layers} --tokens {a.tokens} --prompt {a.prompt}`",
         "",
@@ -440,36 +370,12 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
 
     lines += [
         "",
-        "Reading it:",
-        f"- Q4_0 and Q4_K decode are compute-bound on one core (one thread from DRAM reaches about what the L2 "
-        f"column shows: {span(q40, 'l2')} GB/s for Q4_0, {span(q4k, 'l2')} for Q4_K), so two cores top out near "
+        f"Reading it: Q4_0 and Q4_K decode are compute-bound on one core (one thread from DRAM reaches about what the "
+        f"L2 column shows: {span(q40, 'l2')} GB/s for Q4_0, {span(q4k, 'l2')} for Q4_K), so two cores top out near "
         f"twice that, whatever the memory can give: here {span(q40, 'med', 100 / ref_bw)}% of the bandwidth for "
-        f"Q4_0 and {span(q4k, 'med', 100 / ref_bw)}% for Q4_K (median calls). This shared host's bandwidth "
-        "varies from run to run (between ~47 and ~75 GB/s on 2 threads in our runs); at ~50 GB/s the same "
-        "kernels measured 81-91% (Q4_0) and 70-78% (Q4_K). Q8_0, F16 and F32 have fewer weights per byte and "
-        "stay memory-bound. The kernels (`mertools/kernels/matvec_kernels.py`) decode a block with a "
-        "per-block 16-entry table (k - 8)·d indexed by the nibbles with vpermps (the exact weights of "
-        "`dequantize`), share every load of x between 4 rows, and prefetch the next 4 rows' bytes: about 9 "
-        "vector instructions a block and row, which run at ~3.5 a cycle (~2.6 cycles a block, measured with "
-        "process time). Variants measured no faster: mask/convert/multiply instead of the table "
-        "(25% slower), float bit tricks with the scale applied per block sum, and scales converted 16 blocks "
-        "at a time with a gather.",
-        "- The first kernels (previous version of this file: 11-30% of the bandwidth) split nibbles in float "
-        "arithmetic, and their 4096x14336 (down) matvecs were slower than 14336x4096 ones though both cost the "
-        "same with W in cache. Measured on their Q4_0 matvec, one thread: 14.3 GB/s from DRAM for 14336x4096 "
-        "against 7.1 for 4096x14336, and 14.9 / 15.4 with W in cache. The cause: a 14336-wide row's x (57 KB) "
-        "does not fit the 48 KB L1 and streams from L2 beside the weights, and the hardware prefetcher then "
-        "falls behind on the weight stream; software prefetch alone brought such a matvec from 6.4 to "
-        "16.1 GB/s. Sharing x between 4 rows and prefetching make the two shapes equal here.",
-        "- Decode end to end: the Q4_0 matvecs set the pace (above); beside them run, while the cores "
-        "wait, attention over the context (a numba kernel; the KV cache comes from DRAM, evicted by the weight "
-        f"stream: ~0.25 ms a layer at {a.prompt} tokens) and Python/numpy per layer (router, RoPE, cache "
-        "bookkeeping: ~1 ms a token).",
-        "- Prefill: mertools keeps activations in float32 (8-bit activations, as llama.cpp's q8_0 with "
-        "integer VNNI dot products, would break the tolerances of tests/test_matmul.py and "
-        "tests/test_engine.py); its GEMM (`gemm_kernels.py`: tiles decoded exactly into L1, 4 rows x 64 "
-        "inputs in 16 vector accumulators, each input's sums in a fixed order) does 16 multiply-adds per "
-        "instruction. How llama.cpp spends its prefill time on this model was not profiled.",
+        f"Q4_0 and {span(q4k, 'med', 100 / ref_bw)}% for Q4_K (median calls). Q8_0, F16 and F32 have fewer weights "
+        "per byte and stay memory-bound. How the kernels get there, what was tried, earlier kernels and where decode "
+        "time goes: \"Decode: notes\" below this section.",
     ]
     lines += ["", f"Start-up, `mertools run LAYOUT -p Hello -n 1` wall time (process start to exit, one token; "
               f"includes reading the experts it routes to from disk): with an empty numba cache directory "

@@ -22,8 +22,8 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants  # noqa: E402
 
 from benchmarks._report import machine_description, write_section  # noqa: E402
+from mertools.dtypes.q4_k import quantize_reference as numpy_q4_k  # noqa: E402
 from mertools.kernels import dequantize, quantize  # noqa: E402
-from mertools.kernels.q4k_reference import quantize_q4_k as numpy_q4_k  # noqa: E402
 
 GGUF_TYPE = {"f16": T.F16, "q4_0": T.Q4_0, "q8_0": T.Q8_0, "q4_k": T.Q4_K}
 

@@ -22,19 +22,16 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import machine_description, write_section  # noqa: E402
-from benchmarks._server import start_server  # noqa: E402
+from benchmarks._common import SMALL_MIXTRAL, machine_description, publish, start_server, synth_gguf  # noqa: E402
 
 PROMPTS = ["x", "The old lighthouse keeper", "In a hole in the ground", "It was a bright cold day", "Call me Ishmael",
            "A screaming comes across the sky", "Many years later", "The sky above the port", "Hi", "Once upon a time"]
-SYNTH_DIMS = dict(d_model=512, d_ff=1408, n_expert=8, n_head=8, n_kv=4, vocab=1024)
 
 
 def build_layouts(work: Path, synth_layers: int) -> list[tuple[str, Path]]:
-    from fixtures.tiny_mixtral import build_all, synth_mixtral_gguf
+    from fixtures.tiny_mixtral import build_all
     from mertools.convert.pipeline import ConvertOptions, convert
 
     out = []
@@ -45,10 +42,9 @@ def build_layouts(work: Path, synth_layers: int) -> list[tuple[str, Path]]:
     if synth_layers:
         synth = work / f"synth-{synth_layers}L"
         if not synth.exists():
-            gguf = synth_mixtral_gguf(work / f"synth-{synth_layers}L.gguf", synth_layers, seed=0, **SYNTH_DIMS)
-            convert(gguf, synth, ConvertOptions(progress=False))
-        d = SYNTH_DIMS
-        out.append((f"synthetic ({synth_layers} layers, {d['n_expert']} experts, d {d['d_model']}, ff {d['d_ff']})", synth))
+            convert(synth_gguf(work, synth_layers, SMALL_MIXTRAL), synth, ConvertOptions(progress=False))
+        d = SMALL_MIXTRAL
+        out.append((f"synthetic ({synth_layers} layers, {d.n_expert} experts, d {d.d_model}, ff {d.d_ff})", synth))
     return out
 
 
@@ -177,8 +173,6 @@ def main() -> None:
         a for a in (f"--synth-layers {args.synth_layers}", f"--levels {args.levels}", f"--requests {args.requests}",
                     f"--max-tokens {args.max_tokens}", f"--repeat {args.repeat}", "--write" if args.write else ""))
     lines = [
-        "## Serving (continuous batching)",
-        "",
         f"Machine: {machine_description()}",
         "",
         f"Command: `{cmd.strip()}`",
@@ -200,9 +194,7 @@ def main() -> None:
         lines.append(f"| {label}, cache {cache_mb:.1f} MiB | {r['clients']} | {r['requests']} | {r['tokens']} | "
                      f"{r['tok_s']:,.1f} | {r['ttft_mean_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_mean_ms']:.1f} | "
                      f"{r['itl_p95_ms']:.1f} | {r['mb_read_per_token']:.2f} | {r['tokens_per_step']:.1f} |")
-    print("\n".join(lines))
-    if args.write:
-        write_section("serve", "\n".join(lines))
+    publish("serve", "Serving (continuous batching)", "\n".join(lines), write=args.write)
 
 
 if __name__ == "__main__":

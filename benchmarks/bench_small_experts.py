@@ -6,7 +6,7 @@
 
 Writes two synthetic Q4_0 layouts (random bytes; the store checks only xxh3), drops the page cache
 before every measurement (needs root; otherwise says so), and writes the "small-experts" section of
-docs/BENCHMARKS.md. About 1.5 GB per layout; a couple of minutes on a ~1 GB/s disk.
+docs/BENCHMARKS.md. About 1.5 GB per layout.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import machine_description, write_section  # noqa: E402
-from benchmarks.disk import drop_caches, store_load_stats  # noqa: E402
+from benchmarks._common import MIXTRAL, drop_caches, machine_description, publish  # noqa: E402
+from benchmarks.disk import store_load_stats  # noqa: E402
 from mertools.layout.config import ModelConfig  # noqa: E402
 from mertools.layout.constants import ALIGNMENT  # noqa: E402
 from mertools.layout.writer import EncodedTensor, LayoutWriter  # noqa: E402
@@ -32,9 +32,9 @@ SHAPES = {
     "qwen3-moe": ModelConfig(arch="qwen3_moe", vocab_size=151936, d_model=2048, d_ff=768, n_layers=4, n_heads=32,
                              n_kv_heads=4, head_dim=128, n_experts=128, n_experts_used=8, context_length=40960,
                              qk_norm="head"),
-    "mixtral": ModelConfig(arch="mixtral", vocab_size=32000, d_model=4096, d_ff=14336, n_layers=2, n_heads=32,
-                           n_kv_heads=8, head_dim=128, n_experts=8, n_experts_used=2, context_length=32768),
+    "mixtral": MIXTRAL.model_config(n_layers=2),
 }
+LABELS = {"qwen3-moe": "Qwen3-MoE", "mixtral": "Mixtral"}
 DEPTHS = (1, 2, 4, 8, 16)  # experts loading at once (the engine's loader pool has 4 workers)
 FIXED = 4 << 20  # the store's chunk (mertools.runtime.store.CHUNK)
 IO_DEPTH, MIN_SPLIT = 8, 256 << 10  # the split tried: io_depth pieces of at least 256 KiB
@@ -59,11 +59,6 @@ def write_layout(out: Path, cfg: ModelConfig, seed: int = 0) -> Path:
                                           for r, s in shapes.items()})
         w.commit(cfg, {"kind": "hf", "files": []}, {"kind": "synthetic"})
     return out
-
-
-def store_load(layout_dir: Path, concurrent: int, chunk_bytes: int | None) -> tuple[float, float]:
-    """(GB/s, mean ms per expert) of ExpertStore.load over every expert (benchmarks/disk.py)."""
-    return store_load_stats(layout_dir, concurrent, chunk_bytes=chunk_bytes, io_depth=IO_DEPTH)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat):  # interleaved, so a noisy neighbour hits both alike
                     for k, chunk in enumerate(modes):
                         dropped = drop_caches() and dropped
-                        runs[k].append(store_load(layout, depth, chunk))
+                        runs[k].append(store_load_stats(layout, depth, chunk_bytes=chunk, io_depth=IO_DEPTH))
                 figs = [tuple(float(np.median([r[i] for r in rk])) for i in range(2)) for rk in runs]
                 n_fixed, n_new = -(-size // FIXED), -(-size // adaptive)
                 rows.append((name, size, len(m.experts), depth, n_fixed, figs[0], n_new, figs[1]))
@@ -108,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.dir, ignore_errors=True)
     ratios = {s: [r[7][0] / r[5][0] for r in rows if r[0] == s] for s in args.shapes}
     lines = [
-        "## Small experts: expert-store load throughput",
-        "",
         f"`python benchmarks/bench_small_experts.py` on {machine_description()}; page cache "
         + ("dropped before every measurement." if dropped else "NOT dropped (not root): O_DIRECT reads only."),
-        "Synthetic Q4_0 layouts: Qwen3-MoE-shaped experts (d_model 2048, width 768: 2.65 MB a file, 4 layers x 128)",
-        "and Mixtral-shaped ones (d_model 4096, width 14336: 99 MB a file, 2 layers x 8). Every expert is loaded",
-        "once through `ExpertStore.load` (O_DIRECT, xxh3 checked), N experts in flight as the cache's loader",
-        "pool issues them (the engine uses 4). *4 MiB*: the store's chunks (a small expert is one read);",
+        "Synthetic Q4_0 layouts: " + " and ".join(
+            f"{LABELS[name]}-shaped experts (d_model {c.d_model}, width {c.d_ff}: "
+            f"{3 * q4_0_bytes(c.d_ff, c.d_model) / 1e6:.3g} MB a file, {c.n_layers} layers x {c.n_experts})"
+            for name, c in SHAPES.items() if name in args.shapes) + ".",
+        "Every expert is loaded once through `ExpertStore.load` (O_DIRECT, xxh3 checked), N experts in flight as",
+        "the cache's loader pool issues them (the engine uses 4). *4 MiB*: the store's chunks (a small expert is one read);",
         "*split*: each file split into io_depth (8) reads of >= 256 KiB (`ExpertStore(chunk_bytes=...)`).",
         f"Medians of {args.repeat} runs each, the two chunkings interleaved (the machine is shared: expect noise).",
         "",
@@ -128,15 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Split / 4 MiB throughput, per shape: " + "; ".join(
         f"{s} {min(r):.2f}-{max(r):.2f}x" for s, r in ratios.items() if r) + ". Mixtral's files are split into 4 MiB",
         "reads either way, so its two columns measure the same thing twice: their spread is this shared disk's noise.",
-        "The store keeps 4 MiB chunks: no effect of splitting stands out from the noise. With 3-run medians the split",
-        "looked up to 1.8x faster in one run and 2x slower in another (the virtio disk's host-side cache and other",
-        "jobs on the machine); with 9-run medians (`--shapes qwen3-moe --depths 1 4 --repeat 9`) the two were within",
-        "4% of each other at 1 and at 4 experts in flight (1.21 vs 1.17 and 1.71 vs 1.65 GB/s). The kernel already",
-        "splits one large O_DIRECT read into several device requests; `chunk_bytes` lets another disk try again."]
-    body = "\n".join(lines)
-    print(body)
-    if not args.no_doc:
-        write_section("small-experts", body)
+        "Earlier runs, and why the store keeps 4 MiB chunks: \"Small experts: notes\" below this section."]
+    publish("small-experts", "Small experts: expert-store load throughput", "\n".join(lines), write=not args.no_doc)
     return 0
 
 

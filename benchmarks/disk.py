@@ -1,5 +1,6 @@
-"""Raw disk figures for the beyond-RAM benchmark: O_DIRECT reads at queue depths 1-16, dd, and the
-expert store's own load throughput, each after dropping the page cache."""
+"""Raw disk figures for the beyond-RAM and small-experts benchmarks: O_DIRECT reads at queue depths 1-16,
+dd, the expert store's own load throughput, and the first-touch cost of fresh cache memory. The callers
+drop the page cache (benchmarks._common.drop_caches) before each."""
 
 from __future__ import annotations
 
@@ -12,15 +13,6 @@ import time
 from pathlib import Path
 
 CHUNK = 4 << 20
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def odirect_read(files: list[Path], depth: int, chunk: int = CHUNK) -> float:
@@ -104,7 +96,8 @@ def store_load_stats(layout_dir: Path, concurrent: int, **store_options: int | N
         for f in [pool.submit(load, k) for k in keys]:
             f.result()
     dt = time.perf_counter() - t0
-    gbs, ms = store.bytes_read / 1e9 / dt, 1e3 * sum(store.read_seconds) / max(1, len(store.read_seconds))
+    lat = store.read_latency  # per complete expert load
+    gbs, ms = store.bytes_read / 1e9 / dt, 1e3 * lat.sum / max(1, lat.count)
     store.close()
     return gbs, ms
 

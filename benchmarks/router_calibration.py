@@ -4,9 +4,11 @@ running the checkpoint's own router on the same token stream, see the same reali
 Random routers on random weights send every token to the same two experts per layer: the hidden
 states share a large common component, and random router rows mostly see that. Here, layer by layer,
 the hidden states entering the router are sampled over diverse tokens (through mertools' own forward
-pass, earlier layers already recalibrated), and each expert's router row is set to a random mix of the
-*centred* states, orthogonal to their mean, scaled so router logits vary by `logit_std` across tokens.
-The new rows are written into the GGUF in place (same shape, F32), then the layout is converted again.
+pass, earlier layers already recalibrated: the model hands each MoE layer's input to a prefetcher of
+ours, given to `Engine.open`, and it is normalised here as the runtime does), and each expert's router
+row is set to a random mix of the *centred* states, orthogonal to their mean, scaled so router logits
+vary by `logit_std` across tokens. The new rows are written into the GGUF in place (same shape, F32),
+then the layout is converted again.
 """
 
 from __future__ import annotations
@@ -15,9 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mertools.runtime.prefetch import Prefetcher
 
-class _Captured(Exception):
-    """Raised from the router hook once layer `layer`'s inputs are captured: the rest is not needed."""
+
+class _InputCapture(Prefetcher):
+    """A prefetcher (given to `Engine.open` as its factory) that guesses nothing and keeps the MoE input x
+    (n, d_model) of layer `layer`: the model hands every MoE layer's input to its prefetcher."""
+
+    def __init__(self) -> None:
+        self.layer, self.x = -1, None
+
+    def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+        if layer == self.layer:
+            self.x = np.array(hidden, dtype=np.float32)
+        return []
 
 
 def calibrate_routers(gguf_path: Path, layout_dir: Path, ids: list[int], seed: int = 0,
@@ -25,39 +38,31 @@ def calibrate_routers(gguf_path: Path, layout_dir: Path, ids: list[int], seed: i
     """New router matrices (n_experts, d_model) per layer, computed over the token ids `ids`."""
     from mertools.runtime.engine import Engine
 
-    eng = Engine.open(layout_dir, prefetch="none")
-    model, cfg = eng.model, eng.config
+    capture = _InputCapture()
     rng = np.random.default_rng(seed)
-    original = model.router_probs
     routers = []
-    for layer in range(cfg.n_layers):
-        got: dict[str, np.ndarray] = {}
-
-        def hook(la: int, h: np.ndarray, layer: int = layer, got: dict = got) -> np.ndarray:
-            if la == layer:
-                got["h"] = np.array(h, dtype=np.float64)  # (n, d_model) normalised router inputs
-                raise _Captured
-            return original(la, h)
-
-        model.router_probs = hook
-        eng.reset()
-        try:
-            eng.forward(ids, all_logits=False)
-        except _Captured:
-            pass
-        h = got["h"]
-        mean = h.mean(axis=0)
-        hc = h - mean  # (n, d)
-        w = rng.standard_normal((cfg.n_experts, len(ids))) @ hc / len(ids)  # (E, d) mixes of centred states
-        unit = mean / np.linalg.norm(mean)
-        w -= np.outer(w @ unit, unit)  # blind to the common component
-        logits = hc @ w.T  # (n, E)
-        w *= logit_std / logits.std(axis=0)[:, None]
-        w = w.astype(np.float32)
-        model.layers[layer]["router"] = w  # later layers are calibrated on this layer's new routing
-        routers.append(w)
-    model.router_probs = original
-    eng.close()
+    with Engine.open(layout_dir, prefetch=lambda router: capture) as eng:
+        cfg = eng.config
+        for layer in range(cfg.n_layers):
+            capture.layer, capture.x = layer, None
+            eng.reset()
+            eng.forward(ids, all_logits=False)  # the whole stack: hooks cannot stop a forward half way
+            if capture.x is None:
+                raise RuntimeError(f"layer {layer}: the model gave its prefetcher no input to capture")
+            # the router's input, normalised as the runtime's rms_norm does (float32 mean of squares)
+            x, norm = capture.x, eng.model.layers[layer].ffn_norm
+            var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+            h = ((x / np.sqrt(var + np.float32(cfg.norm_eps))) * norm).astype(np.float64)  # (n, d_model)
+            mean = h.mean(axis=0)
+            hc = h - mean  # (n, d)
+            w = rng.standard_normal((cfg.n_experts, len(ids))) @ hc / len(ids)  # (E, d) mixes of centred states
+            unit = mean / np.linalg.norm(mean)
+            w -= np.outer(w @ unit, unit)  # blind to the common component
+            logits = hc @ w.T  # (n, E)
+            w *= logit_std / logits.std(axis=0)[:, None]
+            w = w.astype(np.float32)
+            eng.model.layers[layer].router[...] = w  # in place: later layers are calibrated on this layer's routing
+            routers.append(w)
     return routers
 
 

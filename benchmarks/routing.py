@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mertools.runtime.cache import ExpertCache
-from mertools.runtime.prefetch import Prefetcher
+from mertools.runtime.prefetch import Prefetcher, RouterFn, make_prefetcher
 
 Trace = list[list[list[int]]]  # token -> layer -> experts chosen
 
@@ -140,37 +140,63 @@ def best_online(trace: Trace, n_experts: int, slots: int) -> float:
     return _drive(Oracle(slots, n_layers, n_experts, lambda key, slot, cancel: None, _Instant()), trace)
 
 
+class RoutingRecorder:
+    """A trace hook (`Engine.open(trace=...)`): per position, each layer's chosen experts. Switched off with
+    `active = False` (a benchmark's second, timed pass over the same stream need not pay for it)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.n_layers, self.active, self.pos = n_layers, True, 0
+        self.chosen: dict[int, list[list[int]]] = {}
+
+    def __call__(self, pos: np.ndarray, layer: int, experts: np.ndarray, weights: np.ndarray) -> None:
+        if not self.active:
+            return
+        for p, row in zip(pos.tolist(), experts.tolist(), strict=True):
+            self.chosen.setdefault(p, [[] for _ in range(self.n_layers)])[layer] = row
+        self.pos = int(pos[-1])
+
+    def trace(self) -> Trace:
+        return [self.chosen[p] for p in sorted(self.chosen)]
+
+
+class GuessRecorder(Prefetcher):
+    """Wraps a prefetcher and keeps its guesses of decode steps, per position (from `recorder`) and layer;
+    prefill guesses are unions over the prompt, so not kept."""
+
+    def __init__(self, inner: Prefetcher, recorder: RoutingRecorder) -> None:
+        self.inner, self.recorder, self.mode = inner, recorder, inner.mode
+        self.guesses: dict[int, list[list[int]]] = {}
+
+    def observe(self, layer: int, chosen: np.ndarray) -> None:
+        self.inner.observe(layer, chosen)
+
+    def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
+        g = self.inner.guess(layer, chosen, hidden, k)
+        if len(chosen) == 1:
+            self.guesses.setdefault(self.recorder.pos, [[] for _ in range(self.recorder.n_layers)])[layer] = list(g)
+        return g
+
+
 def record_trained_routing(layout_dir: str | Path, n_tokens: int, seed: int, prompt: str = "ROMEO:") -> dict:
     """Generate `n_tokens` with the trained fixture (sampled, temperature 1) and record, per position and
     layer, the experts its router chose and the experts its lookahead prefetcher guessed for the next
     layer (the next layer's router applied to this layer's hidden state)."""
+    from mertools.layout import Layout
     from mertools.runtime.engine import Engine
 
-    eng = Engine.open(layout_dir, prefetch="lookahead")
-    cfg = eng.config
-    chosen: dict[int, list[list[int]]] = {}
-    guesses: dict[int, list[list[int]]] = {}
-    at = {"pos": 0}
+    cfg = Layout.open(layout_dir).manifest.config
+    recorder = RoutingRecorder(cfg.n_layers)
+    made: list[GuessRecorder] = []
 
-    def trace(pos, layer, experts, weights) -> None:  # noqa: ANN001
-        for p, row in zip(pos.tolist(), experts.tolist(), strict=True):
-            chosen.setdefault(p, [[] for _ in range(cfg.n_layers)])[layer] = row
-        at["pos"] = int(pos[-1])
+    def lookahead(router: RouterFn) -> Prefetcher:
+        made.append(GuessRecorder(make_prefetcher("lookahead", router, cfg.n_layers, cfg.n_experts), recorder))
+        return made[-1]
 
-    guess = eng.model.prefetcher.guess
-
-    def recording_guess(layer, ch, hidden, k):  # noqa: ANN001, ANN202
-        g = guess(layer, ch, hidden, k)
-        if len(ch) == 1:  # decode steps only: prefill guesses are unions over the prompt
-            guesses.setdefault(at["pos"], [[] for _ in range(cfg.n_layers)])[layer] = list(g)
-        return g
-
-    eng.model.trace = trace
-    eng.model.prefetcher.guess = recording_guess
-    text = "".join(t.text for t in eng.generate(prompt, max_tokens=n_tokens, temperature=1.0, seed=seed))
-    eng.close()
-    positions = sorted(chosen)
-    return {"trace": [chosen[p] for p in positions],
+    with Engine.open(layout_dir, prefetch=lookahead, trace=recorder) as eng:
+        text = "".join(t.text for t in eng.generate(prompt, max_tokens=n_tokens, temperature=1.0, seed=seed))
+    guesses = made[0].guesses
+    positions = sorted(recorder.chosen)
+    return {"trace": recorder.trace(),
             "guesses": [guesses.get(p, [[] for _ in range(cfg.n_layers)]) for p in positions],
             "text": text}
 
@@ -190,8 +216,9 @@ def lookahead_accuracy(trace: Trace, guesses: list[list[list[int]]]) -> tuple[fl
 
 
 class Replay:
-    """Drives a benchmark engine with recorded routing: `override` for model.routing_override, and a
-    prefetcher that returns the guesses recorded for the same position and layer."""
+    """Drives a benchmark engine with recorded routing: `override` is a routing override
+    (`Engine.open(routing_override=...)`) and `prefetcher` a prefetcher factory (`Engine.open(prefetch=...)`)
+    whose guesses are the ones recorded for the same position and layer."""
 
     def __init__(self, trace: Trace, guesses: list[list[list[int]]] | None = None) -> None:
         self.trace, self.guesses, self.pos = trace, guesses, 0
@@ -200,7 +227,8 @@ class Replay:
         self.pos = int(pos[-1])
         return np.array([self.trace[int(p) % len(self.trace)][layer % len(self.trace[0])] for p in pos])
 
-    def prefetcher(self) -> Prefetcher:
+    def prefetcher(self, router: RouterFn | None = None) -> Prefetcher:
+        """A factory: the model's own router is not used, the recorded guesses stand in for it."""
         replay = self
 
         class Recorded(Prefetcher):

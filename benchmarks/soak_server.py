@@ -29,10 +29,9 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._server import start_server  # noqa: E402
+from benchmarks._common import start_server  # noqa: E402
 
 KEY = "sk-soak"
 MODEL = "tiny-q4"  # the served layout directory's name; soak() sets it

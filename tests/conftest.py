@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the fixtures/ generators live at the repo root
 
+# Modules whose tests run long (a server soak, conversions killed at many points, a checkpoint many
+# times its cache): all their tests are marked `slow`, so `make test-fast` (-m "not slow") leaves them out.
+SLOW_MODULES = frozenset({"test_soak", "test_interrupt", "test_memory"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -16,3 +27,45 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from fixtures.tiny_mixtral import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+TinyLayout = Callable[..., Path]
+# the HF q4_0 layout's directory name is the model id `mertools serve` gives it, which the server tests ask for
+_DIR_NAMES = {("hf", "q4_0"): "tiny-q4"}
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> TinyLayout:
+    """`tiny_layout(source="hf", dtype="auto") -> Path`: the `tiny` source ("hf", "f16", "f16_per_expert",
+    "q4_0", "q8_0") converted with `ConvertOptions(dtype=dtype)`, once per session for each pair.
+
+    Shared by every module that asks for the same pair: treat it as read-only, and copy it
+    (`shutil.copytree(tiny_layout(...), tmp_path / "lay")`) before truncating, corrupting or rewriting anything.
+    """
+    from mertools.convert.pipeline import ConvertOptions, convert
+
+    built: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("tiny-layouts")
+
+    def get(source: str = "hf", dtype: str = "auto") -> Path:
+        if source not in tiny:
+            raise KeyError(f"no tiny source {source!r}; known: {sorted(tiny)}")
+        if (source, dtype) not in built:
+            out = root / _DIR_NAMES.get((source, dtype), f"{source}-{dtype}")
+            built[(source, dtype)] = convert(tiny[source], out, ConvertOptions(dtype=dtype, progress=False)).out
+        return built[(source, dtype)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_0(tiny_layout: TinyLayout) -> Path:
+    """The HF directory converted to q4_0, in a directory named `tiny-q4` (so served as model "tiny-q4"): the
+    layout most runtime, server and fault tests use (read-only)."""
+    return tiny_layout("hf", "q4_0")
+
+
+@pytest.fixture(scope="session")
+def tiny_dtypes(tiny_layout: TinyLayout) -> dict[str, Path]:
+    """dtype -> the HF directory converted to it, for f16, q8_0, q4_0 and q4_k (read-only)."""
+    return {dtype: tiny_layout("hf", dtype) for dtype in ("f16", "q8_0", "q4_0", "q4_k")}

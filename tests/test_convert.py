@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +21,10 @@ DTYPES = ("f16", "q8_0", "q4_0", "q4_k")
 
 
 @pytest.fixture(scope="module")
-def layouts(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+def layouts(tiny_layout: Callable[..., Path]) -> dict[tuple[str, str], Path]:
     """(source key, dtype) -> layout, for every source and target dtype."""
-    out = tmp_path_factory.mktemp("layouts")
-    result = {}
-    for src in ("hf", "f16", "f16_per_expert", "q4_0", "q8_0"):
-        for dtype in DTYPES:
-            if src in ("q4_0", "q8_0") and dtype not in (src, "q4_k"):
-                continue
-            result[(src, dtype)] = convert(
-                tiny[src], out / f"{src}-{dtype}", ConvertOptions(dtype=dtype, progress=False)
-            ).out
-    return result
+    return {(src, dtype): tiny_layout(src, dtype) for src in ("hf", "f16", "f16_per_expert", "q4_0", "q8_0") for dtype in DTYPES
+            if src not in ("q4_0", "q8_0") or dtype in (src, "q4_k")}
 
 
 def _expert_bytes(layout: Path) -> dict[str, bytes]:

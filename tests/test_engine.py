@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.errors import ChecksumError, ExpertReadError, LayoutError
 from mertools.layout import Layout
 from mertools.reference.forward import ReferenceModel
@@ -21,12 +20,8 @@ PROMPT = [1, 45, 300, 22, 17, 99, 250, 3, 7, 400, 12, 88, 5, 260, 31, 77]
 
 
 @pytest.fixture(scope="module")
-def layouts(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("engine-layouts")
-    return {
-        dtype: convert(tiny["hf"], out / dtype, ConvertOptions(dtype=dtype, progress=False)).out
-        for dtype in ("f16", "q8_0", "q4_0", "q4_k")
-    }
+def layouts(tiny_dtypes: dict[str, Path]) -> dict[str, Path]:
+    return tiny_dtypes
 
 
 def _slot_mb(layout: Path) -> float:

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from safetensors import safe_open
 
-from fixtures.gguf_common import permute_qk, unpermute_qk
+from fixtures.gguf_common import hf_to_gguf, permute_qk, unpermute_qk
 from fixtures.make_tokenizer import SAMPLES, TOKENIZER_DIR, tokenizer_config, train_sentencepiece
 from fixtures.safetensors_io import read_hf_weights
 from fixtures.tiny_mixtral import TinyConfig, build_all, build_gguf, build_hf, hf_tensor_specs, main
@@ -238,6 +238,29 @@ def test_per_expert_and_merged_hold_identical_expert_bytes(tiny: dict[str, Path]
     shared = set(merged) & set(split)
     assert len(shared) == 3 + 7 * 2
     assert all(np.asarray(merged[n].data).tobytes() == np.asarray(split[n].data).tobytes() for n in shared)
+
+
+def test_hf_names_map_through_gguf_py() -> None:
+    """hf_to_gguf names tensors through gguf-py's TensorNameMap for the arch, merges a layer's experts in the
+    given order once the last one arrives (or names them per expert), and refuses what it cannot place."""
+    mt = gguf.MODEL_TENSOR
+    x1, x2 = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    experts = {f"model.layers.1.mlp.experts.{e}.{w}.weight": x1 if e == 0 else x2
+               for e in range(2) for w in ("gate_proj", "up_proj", "down_proj")}
+    weights = {"model.embed_tokens.weight": x1, "model.layers.0.self_attn.q_proj.bias": x1[0], **experts,
+               "model.layers.1.mlp.gate_proj.weight": x1}  # a dense-MLP layer: gguf-py's generic ffn_gate
+    got = list(hf_to_gguf(weights, gguf.MODEL_ARCH.QWEN3MOE, 2, 2, ("down_proj", "gate_proj", "up_proj")))
+    assert [(t, name) for t, name, _ in got] == [
+        (mt.TOKEN_EMBD, "token_embd.weight"), (mt.ATTN_Q, "blk.0.attn_q.bias"),
+        (mt.FFN_DOWN_EXP, "blk.1.ffn_down_exps.weight"), (mt.FFN_GATE_EXP, "blk.1.ffn_gate_exps.weight"),
+        (mt.FFN_UP_EXP, "blk.1.ffn_up_exps.weight"), (mt.FFN_GATE, "blk.1.ffn_gate.weight")]
+    assert got[2][2].shape == (2, 2, 3) and np.array_equal(got[2][2][1], x2)  # expert outermost
+    per = [name for _, name, _ in hf_to_gguf(experts, gguf.MODEL_ARCH.QWEN3MOE, 2, 2, (), per_expert=True)]
+    assert per[:3] == ["blk.1.ffn_gate.0.weight", "blk.1.ffn_up.0.weight", "blk.1.ffn_down.0.weight"]
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        list(hf_to_gguf({"model.layers.0.mystery.weight": x1}, gguf.MODEL_ARCH.LLAMA, 1, 2, ()))
+    with pytest.raises(ValueError, match="incomplete experts"):
+        list(hf_to_gguf(dict(list(experts.items())[:4]), gguf.MODEL_ARCH.QWEN3MOE, 2, 2, ("down_proj",)))
 
 
 def test_build_gguf_rejects_bad_arguments(tiny: dict[str, Path], tmp_path: Path) -> None:

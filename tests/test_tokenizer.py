@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import lzma
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from hypothesis import strategies as st
 from sentencepiece import SentencePieceProcessor
 from tokenizers import Tokenizer as HFTokenizer
 
-from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.errors import LayoutError
 from mertools.layout import Layout
 from mertools.runtime.chat import FALLBACK_TEMPLATE, encode_chat, render_chat
@@ -52,10 +52,8 @@ def hf_ref() -> HFTokenizer:
 
 
 @pytest.fixture(scope="module")
-def layouts(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("tok-layouts")
-    return {kind: convert(tiny[src], out / kind, ConvertOptions(dtype="f16", progress=False)).out
-            for kind, src in (("hf", "hf"), ("gguf", "f16"))}
+def layouts(tiny_layout: Callable[..., Path]) -> dict[str, Path]:
+    return {"hf": tiny_layout("hf", "f16"), "gguf": tiny_layout("f16", "f16")}
 
 
 @pytest.fixture(scope="module")

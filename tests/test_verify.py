@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from mertools.cli import main
-from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.layout import Layout
 
 
 @pytest.fixture(scope="module")
-def base(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(tiny["hf"], tmp_path_factory.mktemp("verify") / "q4_k", ConvertOptions(dtype="q4_k", progress=False)).out
+def base(tiny_layout: Callable[..., Path]) -> Path:
+    return tiny_layout("hf", "q4_k")
 
 
 @pytest.fixture()
@@ -133,11 +133,9 @@ def test_not_a_layout_is_unusable_input(tmp_path: Path, tiny: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def layouts(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("verify-num")
-    lays = {(src, dt): convert(tiny[src], out / f"{src}-{dt}", ConvertOptions(dtype=dt, progress=False)).out
-            for src in ("hf", "f16") for dt in ("f16", "q8_0", "q4_0", "q4_k")}
-    lays[("q4_0", "q4_0")] = convert(tiny["q4_0"], out / "gguf-q4_0", ConvertOptions(progress=False)).out
+def layouts(tiny_layout: Callable[..., Path]) -> dict:
+    lays = {(src, dt): tiny_layout(src, dt) for src in ("hf", "f16") for dt in ("f16", "q8_0", "q4_0", "q4_k")}
+    lays[("q4_0", "q4_0")] = tiny_layout("q4_0")
     return lays
 
 
