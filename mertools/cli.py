@@ -37,7 +37,13 @@ def main() -> None:
     """Run Mixture-of-Experts models larger than RAM by streaming experts from disk."""
 
 
-DTYPE = click.Choice(["auto", "q4_0", "q4_k", "q8_0", "f16"])
+def _dtype_choices() -> list[str]:
+    from .dtypes import CONVERT_CHOICES
+
+    return list(CONVERT_CHOICES)
+
+
+DTYPE = click.Choice(_dtype_choices())
 
 
 @main.command()
@@ -145,7 +151,7 @@ def verify(layout: str, reference: str | None, prompt: str | None, text_file: st
     from dataclasses import replace
 
     from .verify.integrity import check_integrity
-    from .verify.numerics import DEFAULT_THRESHOLDS, check_numerics
+    from .verify.numerics import DEFAULT_THRESHOLDS, check_numerics, expert_dtype
 
     if prompt and text_file:
         raise click.UsageError("give --prompt or --text-file, not both")
@@ -158,8 +164,7 @@ def verify(layout: str, reference: str | None, prompt: str | None, text_file: st
     if ok and reference:
         from .layout.reader import Layout
 
-        dtype = Layout.open(layout).manifest.experts[0].tensors["gate"].dtype
-        limits = DEFAULT_THRESHOLDS[dtype]
+        limits = DEFAULT_THRESHOLDS[expert_dtype(Layout.open(layout).manifest)]
         overrides = {k: v for k, v in (("kl_mean", max_kl), ("top1", min_top1), ("ppl_ratio", max_ppl_ratio)) if v is not None}
         text = open(text_file, encoding="utf-8").read() if text_file else prompt
         num = check_numerics(layout, reference, text=text, max_tokens=max_tokens, engine=reference_engine,

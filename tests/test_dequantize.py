@@ -13,18 +13,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numba import njit
 
+from mertools.dtypes import DTYPES
 from mertools.errors import QuantizationError
-from mertools.kernels import dequantize, quantize, reference
-from mertools.kernels.quantize_kernels import f16_bits_to_f32
+from mertools.kernels import dequantize, quantize
+from mertools.kernels.common import f16_bits_to_f32
 
-GGUF_TYPE = {"f16": T.F16, "q4_0": T.Q4_0, "q8_0": T.Q8_0, "q4_k": T.Q4_K}
-REF = {
-    "f16": reference.dequantize_f16,
-    "q4_0": reference.dequantize_q4_0,
-    "q8_0": reference.dequantize_q8_0,
-    "q4_k": reference.dequantize_q4_k,
-}
-GEOMETRY = {"f16": (1, 2), "q4_0": (32, 18), "q8_0": (32, 34), "q4_k": (256, 144)}  # (weights, bytes)
+NAMES = tuple(DTYPES)
+GGUF_TYPE = {name: T(t.ggml_type) for name, t in DTYPES.items()}
+REF = {name: t.dequantize_reference for name, t in DTYPES.items()}
+GEOMETRY = {name: (t.block_size, t.type_size) for name, t in DTYPES.items()}  # (weights, bytes)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -43,15 +40,15 @@ def random_blocks(dtype: str, n_blocks: int, seed: int, finite_scales: bool) -> 
     _, tb = GEOMETRY[dtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n_blocks, tb), dtype=np.uint8)
-    if finite_scales and dtype != "f16":
-        n_scales = 2 if dtype == "q4_k" else 1
-        d = (rng.standard_normal((n_blocks, n_scales)) * 0.01).astype(np.float16)
-        raw[:, : 2 * n_scales] = d.view(np.uint8).reshape(n_blocks, -1)
+    if finite_scales:
+        for o in DTYPES[dtype].scale_offsets:
+            d = (rng.standard_normal(n_blocks) * 0.01).astype("<f2")
+            raw[:, o : o + 2] = d.view(np.uint8).reshape(n_blocks, 2)
     return raw
 
 
 @pytest.mark.parametrize("finite_scales", [True, False])
-@pytest.mark.parametrize("dtype", ["f16", "q4_0", "q8_0", "q4_k"])
+@pytest.mark.parametrize("dtype", NAMES)
 def test_random_bytes_match_gguf_and_reference(dtype: str, finite_scales: bool) -> None:
     bs, tb = GEOMETRY[dtype]
     cols = 4096
@@ -64,7 +61,7 @@ def test_random_bytes_match_gguf_and_reference(dtype: str, finite_scales: bool) 
     np.testing.assert_array_equal(bits(REF[dtype](raw.reshape(-1)).reshape(64, cols)), bits(expected))
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q4_0", "q8_0", "q4_k"])
+@pytest.mark.parametrize("dtype", NAMES)
 def test_round_trip_matches_gguf(dtype: str) -> None:
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((32, 512)) * 0.05).astype(np.float32)
@@ -110,7 +107,7 @@ def test_dequantize_errors() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(["f16", "q4_0", "q8_0", "q4_k"]), st.integers(1, 4), st.data())
+@given(st.sampled_from(NAMES), st.integers(1, 4), st.data())
 def test_property_random_blocks(dtype: str, n_blocks: int, data: st.DataObject) -> None:
     bs, tb = GEOMETRY[dtype]
     raw = data.draw(arrays(np.uint8, (n_blocks * tb,)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from functools import lru_cache
@@ -11,20 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mertools import dtypes as registry
 from mertools.errors import QuantizationError
-from mertools.kernels import dequantize, gemm_kernels, quantize
-from mertools.kernels import matmul_kernels as kernels
+from mertools.kernels import common, dequantize, dispatch, gemm_kernels, quantize
 from mertools.kernels import matmul_reference as ref
 from mertools.kernels.matmul import get_rows, matmul, swiglu_expert
 
-DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
-BLOCK = {"f32": 1, "f16": 1, "q4_0": 32, "q8_0": 32, "q4_k": 256}
+DTYPES = tuple(registry.DTYPES)
+BLOCK = {d: t.block_size for d, t in registry.DTYPES.items()}
 NS = (1, 2, 7, 17, 64)  # 1: the matvec; 2, 7: the tiled kernel; 17, 64: the GEMM (16 inputs per vector)
 # (rows, cols): the tiny fixture's matrices, then rows that are no multiple of the 4-row blocking or
 # of the 16-row tile, and widths that leave a partial 512-column tile
 SHAPES = [(512, 256), (256, 512), (256, 256), (128, 256), (37, 512), (131, 768), (3, 256), (21, 1280)]
-SHAPES_32 = [(19, 352), (45, 1056)]  # q4_0/q8_0/f16/f32 only (not multiples of 256)
-SHAPES_1 = [(13, 100), (29, 531)]  # f16/f32 only (not multiples of 16 or 32)
+SHAPES_32 = [(19, 352), (45, 1056)]  # types with blocks of at most 32 (not multiples of 256)
+SHAPES_1 = [(13, 100), (29, 531)]  # float types only (not multiples of 16 or 32)
 TOL = 1e-4  # |ours - reference| <= TOL * (|x| @ |W|.T), elementwise
 
 
@@ -50,8 +51,8 @@ def check(x: np.ndarray, w: np.ndarray, dtype: str, rows: int, cols: int, y: np.
 
 def cases() -> list[tuple[str, int, int]]:
     out = [(d, r, c) for d in DTYPES for r, c in SHAPES]
-    out += [(d, r, c) for d in ("f32", "f16", "q4_0", "q8_0") for r, c in SHAPES_32]
-    out += [(d, r, c) for d in ("f32", "f16") for r, c in SHAPES_1]
+    out += [(d, r, c) for d in DTYPES if 32 % BLOCK[d] == 0 for r, c in SHAPES_32]
+    out += [(d, r, c) for d in DTYPES if BLOCK[d] == 1 for r, c in SHAPES_1]
     return out
 
 
@@ -100,8 +101,8 @@ def test_zero_inputs_and_zero_blocks(dtype: str) -> None:
         check(x, wz, dtype, rows, cols, matmul(x, wz, dtype, rows, cols))
 
 
-KIND = {"f32": kernels.F32, "f16": kernels.F16, "q4_0": kernels.Q4_0, "q8_0": kernels.Q8_0, "q4_k": kernels.Q4_K}
-BYTES = {"f32": 4, "f16": 2, "q4_0": 18, "q8_0": 34, "q4_k": 144}
+KIND = registry.KIND
+BYTES = {d: t.type_size for d, t in registry.DTYPES.items()}
 
 
 def same_floats(a: np.ndarray, b: np.ndarray) -> None:
@@ -120,12 +121,12 @@ def test_decode_tile_is_dequantize_on_random_bytes(dtype: str) -> None:
     if dtype == "f32":  # random bytes are mostly ordinary floats; plant inf and NaN
         raw.view(np.float32)[:2, :3] = [[np.inf, -np.inf, np.nan], [0.0, -0.0, 1e-45]]
     full = dequantize(raw, dtype, (rows, cols))
-    buf = np.full((kernels.RB, kernels.KC), np.nan, np.float32)
-    for r0 in range(0, rows, kernels.RB):
-        rb = min(kernels.RB, rows - r0)
-        for k0 in range(0, cols, kernels.KC):
-            kc = min(kernels.KC, cols - k0)
-            kernels.decode_tile(KIND[dtype], raw, r0, rb, k0, kc, buf)
+    buf = np.full((common.RB, common.KC), np.nan, np.float32)
+    for r0 in range(0, rows, common.RB):
+        rb = min(common.RB, rows - r0)
+        for k0 in range(0, cols, common.KC):
+            kc = min(common.KC, cols - k0)
+            dispatch.decode_tile(KIND[dtype], raw, r0, rb, k0, kc, buf)
             same_floats(buf[:rb, :kc], full[r0 : r0 + rb, k0 : k0 + kc])
 
 
@@ -136,11 +137,11 @@ def test_nonfinite_weights_propagate(dtype: str, n: int) -> None:
     rows, cols = 6, 512
     w = weight(dtype, rows, cols).copy()
     half = {"inf": 0x7C00, "-inf": 0xFC00, "nan": 0x7E00}
-    if dtype in ("f32", "f16"):
-        vals = w.view(np.float32 if dtype == "f32" else np.float16)
+    if registry.DTYPES[dtype].float_dtype:
+        vals = w.view(registry.DTYPES[dtype].float_dtype)
         vals[0, 5], vals[1, 7], vals[2, 9], vals[2, 10] = np.inf, np.nan, np.inf, -np.inf
-    else:  # the scale of the second block of rows 0-2
-        o = BYTES[dtype]
+    else:  # the (first) scale of the second block of rows 0-2
+        o = BYTES[dtype] + registry.DTYPES[dtype].scale_offsets[0]
         for r, h in enumerate(half.values()):
             w[r, o : o + 2] = [h & 0xFF, h >> 8]
     x = inputs(n, cols)
@@ -277,8 +278,15 @@ def test_get_rows_is_dequantize(dtype: str) -> None:
             get_rows(w, dtype, np.array([1, bad]), cols)
 
 
-@pytest.mark.parametrize("n", [1, 7])
-@pytest.mark.parametrize(("dg", "du", "dd"), [("q4_0", "q4_0", "q4_0"), ("q4_k", "q8_0", "f16"), ("f32", "q4_k", "q8_0")])
+def swiglu_cases() -> list[tuple[str, str, str, int]]:
+    """n = 1 (gate and up fused in one pass) for every combination of types; n = 7 (three separate
+    products) for each type alone and two cycles of mixed types."""
+    k = len(DTYPES)
+    mixed = [(DTYPES[i], DTYPES[i - 1], DTYPES[i - j]) for j in (2, 3) for i in range(k)]
+    return [(*t, 1) for t in itertools.product(DTYPES, repeat=3)] + [(d, d, d, 7) for d in DTYPES] + [(*t, 7) for t in mixed]
+
+
+@pytest.mark.parametrize(("dg", "du", "dd", "n"), swiglu_cases())
 def test_swiglu_expert(dg: str, du: str, dd: str, n: int) -> None:
     d_model, d_ff = 256, 512  # the tiny fixture's expert
     gate, up, down = weight(dg, d_ff, d_model), weight(du, d_ff, d_model, 1), weight(dd, d_model, d_ff, 2)
@@ -297,7 +305,7 @@ def test_swiglu_expert(dg: str, du: str, dd: str, n: int) -> None:
 def test_gemm_rows_do_not_depend_on_n(dtype: str) -> None:
     """Past GEMM_MIN_N inputs each input's sums run in a fixed order over its own row of x: an input
     gives the same bits whatever else is in the call (the tiled kernel for fewer inputs may not)."""
-    rows, cols = 45, 768 if dtype != "q4_k" else 1024
+    rows, cols = 45, 768 if 768 % BLOCK[dtype] == 0 else 1024
     w = weight(dtype, rows, cols)
     x = inputs(150, cols)
     full = matmul(x, w, dtype, rows, cols)
@@ -323,7 +331,7 @@ def test_matvec_is_deterministic_across_threads(dtype: str) -> None:
         numba.set_num_threads(before)
 
 
-@pytest.mark.parametrize("dtype", ["q4_0", "q4_k", "q8_0", "f16"])
+@pytest.mark.parametrize("dtype", registry.EXPERT_DTYPES)
 def test_swiglu_decode_at_mixtral_shape(dtype: str) -> None:
     """n = 1 takes the fused gate/up/SwiGLU pass, then the down matvec; rows 14336 wide included."""
     d_model, d_ff = 256, 1536  # down rows are d_ff = 1536 wide; gate/up have 1536 rows (not a multiple of 64)

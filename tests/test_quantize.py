@@ -14,13 +14,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numba import njit
 
+from mertools.dtypes import DTYPES, QUANT_TYPES, q4_k
 from mertools.errors import QuantizationError
-from mertools.kernels import q4k_reference, quantize, reference
-from mertools.kernels.quantize_kernels import f32_to_f16_bits, nearest_int, quantize_q4_k
+from mertools.kernels import dequantize, quantize
+from mertools.kernels.common import f32_to_f16_bits
 
-GGUF_TYPE = {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "q4_k": T.Q4_K}
-REF = {"q4_0": reference.quantize_q4_0, "q8_0": reference.quantize_q8_0, "q4_k": q4k_reference.quantize_q4_k}
-BLOCK = {"q4_0": 32, "q8_0": 32, "q4_k": 256}
+QUANTIZED = tuple(d for d in QUANT_TYPES if DTYPES[d].quantize is not None)  # block types with a quantizer
+GGUF_TYPE = {name: T(DTYPES[name].ggml_type) for name in QUANTIZED}
+REF = {name: DTYPES[name].quantize_reference for name in QUANTIZED}
+BLOCK = {name: DTYPES[name].block_size for name in QUANTIZED}
 F32 = np.float32
 
 
@@ -28,6 +30,17 @@ def gguf_quantize(x: np.ndarray, dtype: str) -> np.ndarray:
     with warnings.catch_warnings():  # gguf casts NaN/Inf (from an infinite 1/d) to ints
         warnings.simplefilter("ignore", RuntimeWarning)
         return quants.quantize(x, GGUF_TYPE[dtype])
+
+
+def gguf_has_quantizer(dtype: str) -> bool:
+    try:
+        quants.quantize(np.zeros(BLOCK[dtype], F32), GGUF_TYPE[dtype])
+    except NotImplementedError:
+        return False
+    return True
+
+
+GGUF_QUANTIZED = tuple(d for d in QUANTIZED if gguf_has_quantizer(d))  # types gguf-py can quantize too
 
 
 def random_weights(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -50,7 +63,7 @@ def edge_blocks(bs: int) -> np.ndarray:
     z = np.zeros(bs, F32)
     rows = [z, -z]
     neg_first = z.copy()
-    neg_first[0] = -0.0  # gguf and C disagree on d's sign here (see reference.quantize_q4_0)
+    neg_first[0] = -0.0  # gguf and C disagree on d's sign here (see dtypes.q4_0.quantize_reference)
     rows.append(neg_first)
     for c in (1.0, -1.0, 3.5, -1e-3, 7e30, -7e30, 1e-40, -1e-40, 2.5e-38, -5e-38, 1e-45, 65504, 65520, 1e5):
         rows.append(np.full(bs, c, F32))  # constant blocks
@@ -119,63 +132,56 @@ def weights() -> dict[str, np.ndarray]:
     return random_weights(1 << 18, seed=0)  # 5 distributions x 262144 = 1.3M weights
 
 
-@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
-def test_q4_0_q8_0_random_match_gguf(weights: dict[str, np.ndarray], dtype: str) -> None:
+@pytest.mark.parametrize("dtype", GGUF_QUANTIZED)
+def test_random_match_gguf(weights: dict[str, np.ndarray], dtype: str) -> None:
     for kind, x in weights.items():
         m = x.reshape(-1, 1024)
         ours = quantize(m, dtype, name=kind)
-        assert ours.shape == (256, 1024 // 32 * (18 if dtype == "q4_0" else 34))
+        assert ours.shape == (256, DTYPES[dtype].row_bytes(1024))
         expected = gguf_quantize(m, dtype)
         assert np.array_equal(ours, expected), kind
         assert np.array_equal(REF[dtype](m).reshape(ours.shape), expected), kind
 
 
-def test_q4_k_random_numba_matches_numpy(weights: dict[str, np.ndarray]) -> None:
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_random_numba_matches_numpy(weights: dict[str, np.ndarray], dtype: str) -> None:
     for kind, x in weights.items():
         m = x.reshape(-1, 4096)
-        ours = quantize(m, "q4_k", name=kind)
-        assert ours.shape == (64, 16 * 144)
-        np.testing.assert_array_equal(ours.reshape(-1, 144), q4k_reference.quantize_q4_k(m), err_msg=kind)
+        ours = quantize(m, dtype, name=kind)
+        assert ours.shape == (64, DTYPES[dtype].row_bytes(4096))
+        np.testing.assert_array_equal(ours.reshape(-1, DTYPES[dtype].type_size), REF[dtype](m), err_msg=kind)
 
 
-@pytest.mark.parametrize("dtype", ["q4_0", "q8_0", "q4_k"])
+@pytest.mark.parametrize("dtype", QUANTIZED)
 def test_edge_cases(dtype: str) -> None:
     x = edge_blocks(BLOCK[dtype])
     ours = quantize(x, dtype)
     ref = REF[dtype](x).reshape(ours.shape)
     np.testing.assert_array_equal(ours, ref)
-    if dtype != "q4_k":
+    if dtype in GGUF_QUANTIZED:
         np.testing.assert_array_equal(ours, gguf_quantize(x, dtype))
 
 
 @pytest.mark.parametrize("kind", ["uniform", "heavy", "blockscale"])
-@pytest.mark.parametrize("dtype", ["q4_0", "q8_0", "q4_k"])
+@pytest.mark.parametrize("dtype", QUANTIZED)
 def test_matches_ggml_c_reference(kind: str, dtype: str) -> None:
     x = det_data(1 << 16, kind).reshape(16, -1)
     for out in (quantize(x, dtype), REF[dtype](x)):
         assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest() == C_REFERENCE_SHA256[kind, dtype]
 
 
-@pytest.mark.parametrize("offset", [0.0, 1.0, 7.5, 100.0])
-def test_q4_k_round_trip_within_ggml_threshold(offset: float) -> None:
+@pytest.mark.parametrize("offset", [0.0, 0.5, 1.0, 7.5, 100.0])
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_round_trip_within_ggml_threshold(dtype: str, offset: float) -> None:
     # tests/test-quantize-fns.cpp: data 0.1 + 2*cos(i + offset), 4096 values, limit 0.002
     x = (0.1 + 2 * np.cos(np.arange(4096, dtype=np.float64) + offset)).astype(F32)
-    raw = quantize(x, "q4_k")
-    y = quants.dequantize(raw, T.Q4_K).reshape(-1)
+    raw = quantize(x, dtype)
+    y = quants.dequantize(raw, GGUF_TYPE[dtype]).reshape(-1)
     err = np.sqrt(np.sum((y.astype(np.float64) - x) ** 2)) / x.size
     assert err <= 0.002
-    np.testing.assert_array_equal(raw.reshape(-1, 144), q4k_reference.quantize_q4_k(x))
+    np.testing.assert_array_equal(raw.reshape(-1, DTYPES[dtype].type_size), REF[dtype](x))
     # and the numba dequantizer reproduces gguf's
-    from mertools.kernels import dequantize
-
-    assert np.array_equal(dequantize(raw, "q4_k", (4096,)).view(np.uint32), y.view(np.uint32))
-
-
-@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
-def test_4bit_8bit_round_trip_threshold(dtype: str) -> None:
-    x = (0.1 + 2 * np.cos(np.arange(4096, dtype=np.float64) + 0.5)).astype(F32)
-    y = quants.dequantize(quantize(x, dtype), GGUF_TYPE[dtype]).reshape(-1)
-    assert np.sqrt(np.sum((y.astype(np.float64) - x) ** 2)) / x.size <= 0.002
+    assert np.array_equal(dequantize(raw, dtype, (4096,)).view(np.uint32), y.view(np.uint32))
 
 
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
@@ -186,9 +192,9 @@ finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_su
     arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])), elements=finite_f32),
     st.floats(min_value=1e-38, max_value=1e30),
 )
-def test_property_q4_0_q8_0(x: np.ndarray, scale: float) -> None:
+def test_property_gguf_quantized(x: np.ndarray, scale: float) -> None:
     for arr in (x, (x / F32(np.abs(x).max() or 1) * F32(scale)).astype(F32)):
-        for dtype in ("q4_0", "q8_0"):
+        for dtype in GGUF_QUANTIZED:
             ours = quantize(arr, dtype)
             expected = gguf_quantize(arr, dtype)
             assert np.array_equal(ours, expected)
@@ -197,17 +203,18 @@ def test_property_q4_0_q8_0(x: np.ndarray, scale: float) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.float32, (256,), elements=finite_f32), st.sampled_from([1.0, 1e-3, 1e-20, 1e20]))
-def test_property_q4_k(x: np.ndarray, scale: float) -> None:
+def test_property_numba_matches_numpy(x: np.ndarray, scale: float) -> None:
     small = (x / F32(np.abs(x).max() or 1) * F32(scale)).astype(F32)
     for arr in (x, small):
-        np.testing.assert_array_equal(quantize(arr, "q4_k").reshape(-1, 144), q4k_reference.quantize_q4_k(arr))
+        for dtype in QUANTIZED:
+            np.testing.assert_array_equal(quantize(arr, dtype).reshape(-1, DTYPES[dtype].type_size), REF[dtype](arr))
 
 
 def test_nearest_int_bit_trick_out_of_range() -> None:
     vals = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 4194303.0, 4194304.0, -4194305.0, 1e9, -1e9, 3e38,
                      np.inf, -np.inf, np.nan, 1e-45, 7.4999995], dtype=F32)
-    ours = np.array([nearest_int(v) for v in vals])
-    np.testing.assert_array_equal(ours, q4k_reference.nearest_int(vals))
+    ours = np.array([q4_k.nearest_int(v) for v in vals])
+    np.testing.assert_array_equal(ours, q4_k.nearest_int_reference(vals))
     np.testing.assert_array_equal(ours[:5], [0, 2, 2, 0, -2])  # round half to even, as 1.5*2^23 does
 
 
@@ -249,7 +256,7 @@ def test_f16_and_f32_outputs() -> None:
 
 def test_wrong_cols_raises_with_name() -> None:
     x = np.zeros((2, 48), F32)
-    for dtype, bs in (("q4_0", 32), ("q8_0", 32), ("q4_k", 256)):
+    for dtype, bs in BLOCK.items():
         with pytest.raises(QuantizationError) as e:
             quantize(x, dtype, name="blk.0.ffn_up.weight")
         msg = str(e.value)
@@ -257,7 +264,7 @@ def test_wrong_cols_raises_with_name() -> None:
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("dtype", ["f32", "f16", "q4_0", "q8_0", "q4_k"])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_non_finite_raises_with_name_and_index(bad: float, dtype: str) -> None:
     x = np.ones((3, 256), F32)
     x[2, 17] = bad
@@ -286,4 +293,4 @@ def test_unknown_dtype_and_bad_input() -> None:
 
 def test_parallel_kernel_handles_partial_chunks() -> None:
     x = random_weights(256 * 37, seed=3)["normal"]  # 37 super-blocks: not a multiple of the chunk
-    np.testing.assert_array_equal(quantize_q4_k(x).reshape(-1, 144), q4k_reference.quantize_q4_k(x))
+    np.testing.assert_array_equal(q4_k.quantize(x).reshape(-1, 144), q4_k.quantize_reference(x))

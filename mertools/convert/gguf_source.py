@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import LayoutError, SourceError
-from ..layout.constants import GGML_TYPE_TO_DTYPE
 from ..families import family_for_gguf, supported
 from ..families.base import ConfigKey, DenseSpec, build_config, fmt
+from ..layout.constants import GGML_TYPE_TO_DTYPE
 from .source import Source, SourceTensor
 
 _PER_EXPERT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")

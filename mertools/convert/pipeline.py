@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import CONVERT_CHOICES, DTYPES, auto_dtype
 from ..errors import ConversionError, QuantizationError
-from ..layout.constants import DTYPES, EXPERT_DTYPES
-from ..layout.writer import EncodedTensor, LayoutWriter
 from ..families.base import KEEP_F32_ROLES, DenseSpec
+from ..layout.writer import EncodedTensor, LayoutWriter
 from .source import SourceTensor, open_source
 
-DTYPE_CHOICES = ("auto", *EXPERT_DTYPES)
+DTYPE_CHOICES = CONVERT_CHOICES
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,6 @@ class ConvertSummary:
             "dtypes": self.dtypes, "mb_per_s_in": round(self.bytes_in / 1e6 / max(self.seconds, 1e-9), 1),
             "mb_per_s_out": round(self.bytes_out / 1e6 / max(self.seconds, 1e-9), 1), "notes": self.notes,
         }
-
-
-def auto_dtype(src_dtype: str) -> str:
-    """The layout dtype that loses nothing (or least) relative to the source type."""
-    if src_dtype in EXPERT_DTYPES:
-        return src_dtype
-    if src_dtype in ("f32", "bf16"):
-        return "f16"
-    return "q8_0"  # another GGML quantization (q6_k, q5_k, ...): 8 bits keep it nearly exactly
 
 
 def expert_dtype(t: SourceTensor, opts: ConvertOptions) -> str:
@@ -101,20 +92,19 @@ def encode(t: SourceTensor, dtype: str, name: str) -> tuple[EncodedTensor, bool]
     return EncodedTensor(data, dtype, shape), False
 
 
-# bytes of f16 scales at the start of each block (q4_k: d and dmin): NaN/Inf there spoils the whole block
-_SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4_k": 4}
-
-
 def _check_finite(raw: np.ndarray, dtype: str, t: SourceTensor) -> None:
-    """Refuse NaN/Inf weights, and quantized blocks whose f16 scales are NaN/Inf (copied or computed)."""
+    """Refuse NaN/Inf weights, and quantized blocks whose f16 scales are NaN/Inf (copied or computed):
+    a NaN/Inf scale spoils its whole block."""
+    dt = DTYPES[dtype]
     flat = raw.reshape(-1)  # uint8
-    if dtype in ("f16", "f32"):
-        bad = np.flatnonzero(~np.isfinite(flat.view(np.float16 if dtype == "f16" else np.float32)))
+    if dt.float_dtype is not None:
+        bad = np.flatnonzero(~np.isfinite(flat.view(dt.float_dtype)))
         if bad.size:
             raise QuantizationError(f"{t.path}: tensor {t.name} holds NaN or Inf (first at flat index {bad[0]})")
         return
-    blocks = flat.reshape(-1, DTYPES[dtype].type_size)  # (n_blocks, type_size)
-    scales = np.ascontiguousarray(blocks[:, :_SCALE_BYTES[dtype]]).view(np.float16)  # (n_blocks, 1 or 2)
+    blocks = flat.reshape(-1, dt.type_size)  # (n_blocks, type_size)
+    at = np.array([[o, o + 1] for o in dt.scale_offsets], dtype=np.intp).reshape(-1)  # bytes of every scale
+    scales = np.ascontiguousarray(blocks[:, at]).view("<f2")  # (n_blocks, number of scales)
     bad = np.flatnonzero(~np.isfinite(scales).all(axis=1))
     if bad.size:
         raise QuantizationError(

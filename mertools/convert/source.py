@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import SourceError
+from ..families.base import DenseSpec, Family, fmt, resolve_shape
 from ..layout.config import ModelConfig
 from ..layout.constants import DTYPES
-from ..families.base import DenseSpec, Family, fmt, resolve_shape
 
 # Source dtypes we read directly; any other GGML type is dequantized with gguf-py.
 FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
@@ -26,7 +26,7 @@ class SourceTensor:
     path: Path
     offset: int  # absolute byte offset of the data in `path`
     nbytes: int
-    dtype: str  # "f32" "f16" "bf16" "q4_0" "q8_0" "q4_k", or another GGML type name (e.g. "q6_k")
+    dtype: str  # a layout dtype (mertools.dtypes), "bf16", or another GGML type name (e.g. "q6_k")
     shape: tuple[int, ...]  # numpy/HF orientation: (rows, cols) or (n,)
     ggml_type: int | None = None  # for GGML types we do not handle natively
     row_perm: tuple[int, int] | None = None  # (n_head, rows): undo llama.cpp's q/k permutation

@@ -3,35 +3,35 @@
     quantize(x, dtype, name=...)   float rows -> GGML block bytes, uint8 (rows, row_bytes)
     dequantize(raw, dtype, shape)  GGML block bytes -> float32 array of `shape`
 
-The raw numba kernels live in `quantize_kernels` / `dequantize_kernels`, each beside its plain-numpy
-reference (`reference`, `q4k_reference`).
+Each type's kernels live in its module of `mertools.dtypes`, beside its plain-numpy reference; this
+package holds the intrinsics (`simd`), what the type modules share (`common`), and the matmul kernels.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from mertools import dtypes as _registry  # used at call time: the registry imports this package's intrinsics
 from mertools.errors import QuantizationError
-from mertools.kernels import dequantize_kernels as _dq
-from mertools.kernels import quantize_kernels as _q
-from mertools.layout.constants import DTYPES
+from mertools.kernels.common import first_not_below
 
 __all__ = ["quantize", "dequantize", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
-_QUANTIZERS = {"q4_0": _q.quantize_q4_0, "q8_0": _q.quantize_q8_0, "q4_k": _q.quantize_q4_k}
-_DEQUANTIZERS = {
-    "f16": _dq.dequantize_f16,
-    "q4_0": _dq.dequantize_q4_0,
-    "q8_0": _dq.dequantize_q8_0,
-    "q4_k": _dq.dequantize_q4_k,
-}
+
+def __getattr__(name: str) -> Any:
+    # derived from the registry on first use, as the registry may still be importing when this runs
+    if name == "SUPPORTED_DTYPES":
+        return tuple(_registry.DTYPES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _dtype(dtype: str, what: str):
-    if dtype not in SUPPORTED_DTYPES:
-        raise QuantizationError(f"{what}: unknown dtype {dtype!r}; expected one of {', '.join(SUPPORTED_DTYPES)}")
-    return DTYPES[dtype]
+def _dtype(dtype: str, what: str) -> _registry.DType:
+    dt = _registry.DTYPES.get(dtype)
+    if dt is None:
+        raise QuantizationError(f"{what}: unknown dtype {dtype!r}; expected one of {', '.join(_registry.DTYPES)}")
+    return dt
 
 
 def quantize(x: np.ndarray, dtype: str, *, name: str = "tensor") -> np.ndarray:
@@ -43,6 +43,8 @@ def quantize(x: np.ndarray, dtype: str, *, name: str = "tensor") -> np.ndarray:
     values, or (f16) finite values too large for a half.
     """
     dt = _dtype(dtype, name)
+    if dt.quantize is None:
+        raise QuantizationError(f"{name}: {dtype} has no quantizer (a layout can only copy it from a source)")
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.floating):
         raise QuantizationError(f"{name}: expected float32 or float16 weights, got {arr.dtype}")
@@ -57,22 +59,18 @@ def quantize(x: np.ndarray, dtype: str, *, name: str = "tensor") -> np.ndarray:
         )
     # numba takes no float16 arrays; float32 holds every float16 exactly
     flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)  # (rows*cols,)
-    # one parallel scan finds NaN/Inf and, for f16, finite values that round to inf in half precision
-    limit = np.float32(65520.0 if dtype == "f16" else np.inf)
-    bad = int(_q.first_not_below(flat, limit)) if flat.size else -1
+    # one parallel scan finds NaN/Inf and finite values the type cannot hold (f16: those that round to inf)
+    bad = int(first_not_below(flat, np.float32(dt.limit))) if flat.size else -1
     if bad >= 0:
         v = flat[bad]
         if np.isfinite(v):
+            fd = np.dtype(dt.float_dtype or np.float32)
             raise QuantizationError(
-                f"{name}: value {v} at flat index {bad} overflows float16 (max 65504); use f32 or a quant type"
+                f"{name}: value {v} at flat index {bad} overflows {fd.name} (max {np.finfo(fd).max:g}); "
+                "use f32 or a quant type"
             )
         raise QuantizationError(f"{name}: non-finite value {v} at flat index {bad}; cannot quantize")
-    out_shape = (*arr.shape[:-1], dt.row_bytes(cols))
-    if dtype == "f32":
-        return flat.astype("<f4").view(np.uint8).reshape(out_shape)
-    if dtype == "f16":
-        return flat.astype("<f2").view(np.uint8).reshape(out_shape)  # round to nearest even
-    return _QUANTIZERS[dtype](flat).reshape(out_shape)
+    return dt.quantize(flat).reshape(*arr.shape[:-1], dt.row_bytes(cols))
 
 
 def dequantize(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -91,6 +89,4 @@ def dequantize(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarra
     expected = dt.nbytes(shape)
     if data.size != expected:
         raise QuantizationError(f"dequantize: {dtype} {shape} needs {expected} bytes, got {data.size}")
-    if dtype == "f32":
-        return data.view("<f4").astype(np.float32).reshape(shape)  # a copy, never aliasing raw
-    return _DEQUANTIZERS[dtype](data).reshape(shape)
+    return dt.dequantize(data).reshape(shape)  # always a new array, never aliasing raw

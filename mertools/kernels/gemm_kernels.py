@@ -1,7 +1,7 @@
 """Prefill kernel for many inputs (n >= GEMM_MIN_N): out = x @ W.T as a register-blocked GEMM.
 
 Each parallel task owns TASK_ROWS weight rows, in tiles of RB rows x KC columns decoded exactly
-(`matmul_kernels.decode_tile`, bit-identical to `dequantize`) into an L1 buffer. The inputs are
+(`dispatch.decode_tile`, bit-identical to `dequantize`) into an L1 buffer. The inputs are
 rearranged once per call into panels of 16 inputs stored column by column (`panels`; n is zero
 padded to NP, a multiple of 16), so that a tile column k meets 16 inputs in one vector load and a
 microkernel step reads 4 contiguous runs. The microkernel computes 4 weight rows x 64 inputs
@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mertools.kernels.matmul_kernels import KC, RB, decode_tile
+from mertools.kernels.common import KC, RB
+from mertools.kernels.dispatch import decode_tile
 from mertools.kernels.simd import vadd, vfma, vload, vsplat, vstore, vzero
 
 _JIT = {"nogil": True, "cache": True}

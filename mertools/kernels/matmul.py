@@ -9,24 +9,24 @@ W is `rows x cols` in HF orientation (rows = output features) and arrives as raw
 decode blocks inside the dot product and release the GIL; `matmul_reference` is the numpy definition
 the tests hold them to.
 
-Decode (n == 1) runs `matvec_kernels` (4 rows per group sharing x, exact dequantization through
-vpermps tables, software prefetch); prefill (n > 1) the tiled kernel of `matmul_kernels`.
+Decode (n == 1) runs `matvec_kernels` (4 rows per group sharing x, blocks dequantized in vectors,
+software prefetch); prefill (n > 1) the tiled kernel of `matmul_kernels`, or the GEMM of `gemm_kernels`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from mertools.dtypes import DTYPES, KIND
 from mertools.errors import QuantizationError
 from mertools.kernels import gemm_kernels as _g
 from mertools.kernels import matmul_kernels as _k
 from mertools.kernels import matvec_kernels as _mv
-from mertools.layout.constants import DTYPES
 
 __all__ = ["MATMUL_DTYPES", "matmul", "get_rows", "swiglu_expert"]
 
-MATMUL_DTYPES = ("f32", "f16", "q4_0", "q8_0", "q4_k")
-_KIND = {"f32": _k.F32, "f16": _k.F16, "q4_0": _k.Q4_0, "q8_0": _k.Q8_0, "q4_k": _k.Q4_K}
+MATMUL_DTYPES = tuple(KIND)  # every registered type has its decoders in `dispatch`
+_KIND = KIND
 
 
 def _check_weight(w: np.ndarray, dtype: str, rows: int, cols: int, what: str) -> np.ndarray:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mertools.dtypes import DTYPES
 from mertools.kernels import dequantize
-from mertools.layout.constants import DTYPES
 
 
 def weight(w: np.ndarray, dtype: str, rows: int, cols: int) -> np.ndarray:

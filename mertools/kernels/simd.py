@@ -1,8 +1,8 @@
-"""SIMD vectors for numba kernels: a 16-lane float32 / int32 vector type and LLVM-IR intrinsics on it.
+"""LLVM-IR intrinsics for the numba kernels: 16-lane vectors, block decoders into float32 buffers.
 
 numba has no vector types, and its auto-vectoriser turns block-decoding loops into scalar or gather
-code. These intrinsics give the decode kernels explicit <16 x float> / <16 x i32> values (one AVX-512
-register, or two AVX2 registers) that numba keeps in SSA registers like any scalar:
+code at 1-2 cycles a weight. These intrinsics give the kernels explicit <16 x float> / <16 x i32>
+values (one AVX-512 register, or two AVX2 registers) that numba keeps in SSA registers like any scalar:
 
     vload(x, i)              x[i:i+16] of a float32 array          vstore(out, i, v)
     vsplat(f), vzero()       broadcast / zeros                      vfma(a, b, c) = a*b + c, fused
@@ -13,11 +13,16 @@ register, or two AVX2 registers) that numba keeps in SSA registers like any scal
     half16(w, o)             16 little-endian halves at byte o, widened to float32 (vcvtph2ps)
     half_at(w, o)            one half at byte o as float32
 
+and, for the prefill tile (`decode_tile`), decoders that write a run of weights into a float32 buffer:
+decode_nibbles16/32 (4-bit quants times a scale, minus a min), decode_i8_32 (int8 times a scale),
+decode_f16_16 and copy_f32_16. They compute exactly what `dequantize` does (no fused multiply-add).
+
 Every intrinsic indexes raw data pointers without bounds checks: callers compute offsets from
-validated shapes. numba's on-disk cache (cache=True) is keyed on the kernel module's own source file,
-not on this one: after editing this file, touch the kernel modules (or delete their __pycache__/*.nbi)
-so that they are recompiled. Everything here is exact (no approximations): conversions are exact, and only
-`vfma`, `vadd` and `vhsum` round, as IEEE operations in a fixed order.
+validated shapes, and the tests compare every path with the reference. numba's on-disk cache
+(cache=True) is keyed on each kernel's own source file, not on this one: after editing this file,
+touch the modules that use it (or delete their __pycache__/*.nbi) so that they are recompiled.
+Everything here is exact (no approximations): conversions are exact, and only `vfma`, `vadd` and
+`vhsum` round, as IEEE operations in a fixed order.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.elem).get_value_type(), LANES))
 
 
-def _vty(elem: ir.Type, n: int = LANES) -> ir.VectorType:
+def vty(elem: ir.Type, n: int = LANES) -> ir.VectorType:
     return ir.VectorType(elem, n)
 
 
@@ -76,23 +81,36 @@ def _data(context, builder, arrty, arr):
     return context.make_array(arrty)(context, builder, arr).data
 
 
-def _at(context, builder, arrty, arr, offset, pty: ir.Type):
+def ptr_at(context, builder, arrty, arr, offset, pty: ir.Type):
     """Pointer to element `offset` of a contiguous array, cast to pty*."""
     return builder.bitcast(builder.gep(_data(context, builder, arrty, arr), [offset]), pty.as_pointer())
 
 
 def _splat(builder, value, n: int = LANES):
-    vty = _vty(value.type, n)
-    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(_vty(_I32, n), [0] * n))
+    t = vty(value.type, n)
+    v = builder.insert_element(ir.Constant(t, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(t, ir.Undefined), ir.Constant(vty(_I32, n), [0] * n))
 
 
-def _carray(t, dtype=None) -> bool:
+def is_carray(t, dtype=None) -> bool:
     return isinstance(t, types.Array) and t.layout == "C" and (dtype is None or t.dtype == dtype)
 
 
-def _int(t) -> bool:
+def is_int(t) -> bool:
     return isinstance(t, types.Integer)
+
+
+def _ints(*ts) -> bool:
+    return all(is_int(t) for t in ts)
+
+
+def _f32s(*ts) -> bool:
+    return all(t == types.float32 for t in ts)
+
+
+def _src_dst_ok(src, src_dtype, dst) -> bool:
+    """src a C array of src_dtype, dst a float32 C array (a tile decoder's operands)."""
+    return is_carray(src, src_dtype) and is_carray(dst, types.float32)
 
 
 def _call(builder, name: str, ret: ir.Type, args: list):
@@ -108,7 +126,7 @@ def _call(builder, name: str, ret: ir.Type, args: list):
 @intrinsic
 def vzero(typingctx):
     def codegen(context, builder, sig, args):
-        return ir.Constant(_vty(_F32), [0.0] * LANES)
+        return ir.Constant(vty(_F32), [0.0] * LANES)
 
     return F32x16(), codegen
 
@@ -127,11 +145,11 @@ def vsplat(typingctx, f):
 @intrinsic
 def vload(typingctx, arr, i):
     """arr[i:i+16] of a float32 C array (unaligned)."""
-    if not (_carray(arr, types.float32) and _int(i)):
+    if not (is_carray(arr, types.float32) and is_int(i)):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(_at(context, builder, sig.args[0], args[0], args[1], _vty(_F32)), align=4)
+        return builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_F32)), align=4)
 
     return F32x16(arr, i), codegen
 
@@ -139,39 +157,26 @@ def vload(typingctx, arr, i):
 @intrinsic
 def vstore(typingctx, arr, i, v):
     """arr[i:i+16] = v for a float32 C array."""
-    if not (_carray(arr, types.float32) and _int(i) and v == F32x16):
+    if not (is_carray(arr, types.float32) and is_int(i) and v == F32x16):
         return None
 
     def codegen(context, builder, sig, args):
-        builder.store(args[2], _at(context, builder, sig.args[0], args[0], args[1], _vty(_F32)), align=4)
+        builder.store(args[2], ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_F32)), align=4)
         return context.get_dummy_value()
 
     return types.void(arr, i, v), codegen
 
 
 @intrinsic
-def half_at(typingctx, w, o):
-    """The little-endian half at byte o of a uint8 C array, as float32 (exact)."""
-    if not (_carray(w, types.uint8) and _int(o)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        h = builder.load(_at(context, builder, sig.args[0], args[0], args[1], ir.HalfType()), align=1)
-        return builder.fpext(h, _F32)
-
-    return types.float32(w, o), codegen
-
-
-@intrinsic
 def half_splat(typingctx, w, o):
     """The half at byte o of a uint8 C array in every lane, as float32 (vpbroadcastw + vcvtph2ps: no
     scalar insert, which would make a false dependency on a register the loop carries)."""
-    if not (_carray(w, types.uint8) and _int(o)):
+    if not (is_carray(w, types.uint8) and is_int(o)):
         return None
 
     def codegen(context, builder, sig, args):
-        h = builder.load(_at(context, builder, sig.args[0], args[0], args[1], ir.HalfType()), align=1)
-        return builder.fpext(_splat(builder, h), _vty(_F32))
+        h = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], ir.HalfType()), align=1)
+        return builder.fpext(_splat(builder, h), vty(_F32))
 
     return F32x16(w, o), codegen
 
@@ -180,11 +185,11 @@ def half_splat(typingctx, w, o):
 def prefetch(typingctx, w, o):
     """Prefetch the cache line holding byte o of a uint8 C array (any rank) into all cache levels.
     A hint only: it never faults, but callers keep o inside the array anyway."""
-    if not (_carray(w, types.uint8) and _int(o)):
+    if not (is_carray(w, types.uint8) and is_int(o)):
         return None
 
     def codegen(context, builder, sig, args):
-        p = _at(context, builder, sig.args[0], args[0], args[1], ir.IntType(8))
+        p = ptr_at(context, builder, sig.args[0], args[0], args[1], ir.IntType(8))
         fnty = ir.FunctionType(ir.VoidType(), [p.type, _I32, _I32, _I32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
@@ -193,52 +198,39 @@ def prefetch(typingctx, w, o):
     return types.void(w, o), codegen
 
 
-@intrinsic
-def f32x16_at(typingctx, w, o):
-    """16 little-endian float32 at byte o of a uint8 C array (unaligned)."""
-    if not (_carray(w, types.uint8) and _int(o)):
-        return None
+def _load_at(elem: ir.Type, n: int):
+    """Intrinsic (w, o) -> the n little-endian `elem`s at byte o of a uint8 C array (unaligned), as
+    float32 (a scalar for n = 1, else an F32x16); halves are widened exactly (vcvtph2ps)."""
 
-    def codegen(context, builder, sig, args):
-        return builder.load(_at(context, builder, sig.args[0], args[0], args[1], _vty(_F32)), align=1)
+    @intrinsic
+    def load(typingctx, w, o):
+        if not (is_carray(w, types.uint8) and is_int(o)):
+            return None
 
-    return F32x16(w, o), codegen
+        def codegen(context, builder, sig, args):
+            v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], elem if n == 1 else vty(elem, n)), align=1)
+            return v if elem == _F32 else builder.fpext(v, _F32 if n == 1 else vty(_F32, n))
 
+        return (types.float32 if n == 1 else F32x16)(w, o), codegen
 
-@intrinsic
-def f32_at(typingctx, w, o):
-    """The little-endian float32 at byte o of a uint8 C array."""
-    if not (_carray(w, types.uint8) and _int(o)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_at(context, builder, sig.args[0], args[0], args[1], _F32), align=1)
-
-    return types.float32(w, o), codegen
+    return load
 
 
-@intrinsic
-def half16(typingctx, w, o):
-    """16 little-endian halves at byte o of a uint8 C array, as float32 lanes (exact: vcvtph2ps)."""
-    if not (_carray(w, types.uint8) and _int(o)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        h = builder.load(_at(context, builder, sig.args[0], args[0], args[1], _vty(ir.HalfType())), align=1)
-        return builder.fpext(h, _vty(_F32))
-
-    return F32x16(w, o), codegen
+half_at = _load_at(ir.HalfType(), 1)  # one half at byte o
+half16 = _load_at(ir.HalfType(), LANES)  # 16 halves at byte o
+f32_at = _load_at(_F32, 1)  # one float32 at byte o
+f32x16_at = _load_at(_F32, LANES)  # 16 float32 at byte o
 
 
 def _bytes16(signed: bool):
     @intrinsic
     def load(typingctx, w, o):
-        if not (_carray(w, types.uint8) and _int(o)):
+        if not (is_carray(w, types.uint8) and is_int(o)):
             return None
 
         def codegen(context, builder, sig, args):
-            v = builder.load(_at(context, builder, sig.args[0], args[0], args[1], _vty(ir.IntType(8))), align=1)
-            return (builder.sext if signed else builder.zext)(v, _vty(_I32))
+            v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(ir.IntType(8))), align=1)
+            return (builder.sext if signed else builder.zext)(v, vty(_I32))
 
         return I32x16(w, o), codegen
 
@@ -278,7 +270,7 @@ def vfma(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.fma.v16f32", _vty(_F32), list(args))
+        return _call(builder, "llvm.fma.v16f32", vty(_F32), list(args))
 
     return F32x16(a, b, c), codegen
 
@@ -294,8 +286,8 @@ def vhsum(typingctx, v):
         n = LANES
         while n > 1:
             n //= 2
-            lo = builder.shuffle_vector(x, x, ir.Constant(_vty(_I32, n), list(range(n))))
-            hi = builder.shuffle_vector(x, x, ir.Constant(_vty(_I32, n), list(range(n, 2 * n))))
+            lo = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n))))
+            hi = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n, 2 * n))))
             x = builder.fadd(lo, hi)
         return builder.extract_element(x, ir.Constant(_I32, 0))
 
@@ -327,7 +319,7 @@ def vtof(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.sitofp(args[0], _vty(_F32))
+        return builder.sitofp(args[0], vty(_F32))
 
     return F32x16(v), codegen
 
@@ -342,21 +334,21 @@ def vlut16(typingctx, table, idx):
     def codegen(context, builder, sig, args):
         t, i = args
         if AVX512:
-            return _call(builder, "llvm.x86.avx512.permvar.sf.512", _vty(_F32), [t, i])
+            return _call(builder, "llvm.x86.avx512.permvar.sf.512", vty(_F32), [t, i])
         if AVX2:
-            v8 = _vty(_F32, 8)
-            lo_t = builder.shuffle_vector(t, t, ir.Constant(_vty(_I32, 8), list(range(8))))
-            hi_t = builder.shuffle_vector(t, t, ir.Constant(_vty(_I32, 8), list(range(8, 16))))
+            v8 = vty(_F32, 8)
+            lo_t = builder.shuffle_vector(t, t, ir.Constant(vty(_I32, 8), list(range(8))))
+            hi_t = builder.shuffle_vector(t, t, ir.Constant(vty(_I32, 8), list(range(8, 16))))
             high = builder.icmp_unsigned("!=", builder.and_(i, ir.Constant(i.type, [8] * LANES)),
                                          ir.Constant(i.type, [0] * LANES))
             halves = []
             for h in range(2):
-                ih = builder.shuffle_vector(i, i, ir.Constant(_vty(_I32, 8), list(range(8 * h, 8 * h + 8))))
+                ih = builder.shuffle_vector(i, i, ir.Constant(vty(_I32, 8), list(range(8 * h, 8 * h + 8))))
                 a = _call(builder, "llvm.x86.avx2.permps", v8, [lo_t, ih])
                 b = _call(builder, "llvm.x86.avx2.permps", v8, [hi_t, ih])
-                mh = builder.shuffle_vector(high, high, ir.Constant(_vty(_I32, 8), list(range(8 * h, 8 * h + 8))))
+                mh = builder.shuffle_vector(high, high, ir.Constant(vty(_I32, 8), list(range(8 * h, 8 * h + 8))))
                 halves.append(builder.select(mh, b, a))
-            return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vty(_I32, 16), list(range(16))))
+            return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 16), list(range(16))))
         i = builder.and_(i, ir.Constant(i.type, [15] * LANES))
         out = _splat(builder, builder.extract_element(t, ir.Constant(_I32, 0)))
         for k in range(1, 16):
@@ -369,20 +361,20 @@ def vlut16(typingctx, table, idx):
 
 @intrinsic
 def viota_minus8(typingctx):
-    """The float lanes -8, -7, ..., 7 (Q4_0's q - 8 for q = lane)."""
+    """The float lanes -8, -7, ..., 7 (q - 8 for q = lane: the values of a signed 4-bit quant)."""
 
     def codegen(context, builder, sig, args):
-        return ir.Constant(_vty(_F32), [float(k - 8) for k in range(LANES)])
+        return ir.Constant(vty(_F32), [float(k - 8) for k in range(LANES)])
 
     return F32x16(), codegen
 
 
 @intrinsic
 def viota(typingctx):
-    """The float lanes 0, 1, ..., 15 (Q4_K's q for q = lane)."""
+    """The float lanes 0, 1, ..., 15 (q for q = lane: the values of an unsigned 4-bit quant)."""
 
     def codegen(context, builder, sig, args):
-        return ir.Constant(_vty(_F32), [float(k) for k in range(LANES)])
+        return ir.Constant(vty(_F32), [float(k) for k in range(LANES)])
 
     return F32x16(), codegen
 
@@ -390,7 +382,7 @@ def viota(typingctx):
 @intrinsic
 def vlane(typingctx, v, j):
     """Lane j of v in every lane (a constant j after unrolling becomes one vpermps/vbroadcastss)."""
-    if not (v == F32x16 and _int(j)):
+    if not (v == F32x16 and is_int(j)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -400,42 +392,109 @@ def vlane(typingctx, v, j):
     return F32x16(v, j), codegen
 
 
-# ---------------------------------------------------------------- GGML Q4_K scales
+# ---------------------------------------------------------------- tile decoders (into a float32 buffer)
 
-# The 12 bytes s[0..11] at offset 4 of a Q4_K super-block pack 8 six-bit scales sc_j and mins m_j
-# (ggml get_scale_min_k4). Lane l < 8 computes sc_l, lane 8 + l computes m_l, as
-# ((s[P] >> SH) & M1) | ((s[Q] >> 2) & M2) (the M2 term adds the top two bits for j >= 4).
-_P = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]
-_Q = [0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7]
-_SH = [0] * 12 + [4] * 4
-_M1 = [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4
-_M2 = [0] * 4 + [0x30] * 4 + [0] * 4 + [0x30] * 4
+
+def _nibble_decoder(nbytes: int, bias: int):
+    """Intrinsic dst[do:do+n] = (lo-bias)*dl - ml, dst[do+n:do+2n] = (hi-bias)*dh - mh, n bytes at src[so:].
+
+    lo/hi are the low/high nibbles; src uint8, dst float32, offsets in elements. The bias is taken in
+    integers, as the reference does (ml = mh = 0 then changes nothing, not even a -0).
+    """
+
+    @intrinsic
+    def decode(typingctx, src, so, dl, ml, dh, mh, dst, do):
+        if not (_src_dst_ok(src, types.uint8, dst) and _ints(so, do) and _f32s(dl, ml, dh, mh)):
+            return None
+        sig = types.void(src, so, dl, ml, dh, mh, dst, do)
+
+        def codegen(context, builder, signature, args):
+            s, so_, dl_, ml_, dh_, mh_, d, do_ = args
+            v8 = builder.load(ptr_at(context, builder, signature.args[0], s, so_, vty(ir.IntType(8), nbytes)), align=1)
+            v32 = builder.zext(v8, vty(_I32, nbytes))
+            lo = builder.and_(v32, ir.Constant(v32.type, [15] * nbytes))
+            hi = builder.lshr(v32, ir.Constant(v32.type, [4] * nbytes))
+            fty = vty(_F32, nbytes)
+            for part, nib, sc, mn in ((0, lo, dl_, ml_), (nbytes, hi, dh_, mh_)):
+                nib = builder.sub(nib, ir.Constant(v32.type, [bias] * nbytes))
+                scaled = builder.fmul(builder.sitofp(nib, fty), _splat(builder, sc, nbytes))
+                val = builder.fsub(scaled, _splat(builder, mn, nbytes))
+                off = builder.add(do_, ir.Constant(do_.type, part))
+                builder.store(val, ptr_at(context, builder, signature.args[6], d, off, fty), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return decode
+
+
+decode_nibbles16 = _nibble_decoder(16, 8)  # 32 signed 4-bit quants (q - 8) * d from 16 bytes
+decode_nibbles32 = _nibble_decoder(32, 0)  # 64 unsigned 4-bit quants, a scale and a min per 32
 
 
 @intrinsic
-def q4k_scales(typingctx, w, o):
-    """[d*sc_0 .. d*sc_7, -dmin*m_0 .. -dmin*m_7] of the Q4_K super-block at byte o of a uint8 C
-    array, each product rounded once as the reference rounds it (the minus is exact). Reads the 16
-    bytes at o + 4 (the scales and 4 bytes of quants, which always follow)."""
-    if not (_carray(w, types.uint8) and _int(o)):
+def decode_i8_32(typingctx, src, so, d, dst, do):
+    """dst[do:do+32] = int8(src[so:so+32]) * d."""
+    if not (_src_dst_ok(src, types.uint8, dst) and _ints(so, do) and _f32s(d)):
         return None
+    sig = types.void(src, so, d, dst, do)
 
-    def codegen(context, builder, sig, args):
-        arrty, arr, off = sig.args[0], args[0], args[1]
-        i32v = _vty(_I32)
+    def codegen(context, builder, signature, args):
+        s, so_, d_, dd, do_ = args
+        v8 = builder.load(ptr_at(context, builder, signature.args[0], s, so_, vty(ir.IntType(8), 32)), align=1)
+        fty = vty(_F32, 32)
+        val = builder.fmul(builder.sitofp(v8, fty), _splat(builder, d_, 32))
+        builder.store(val, ptr_at(context, builder, signature.args[3], dd, do_, fty), align=4)
+        return context.get_dummy_value()
 
-        def const(vals):
-            return ir.Constant(i32v, vals)
+    return sig, codegen
 
-        at4 = builder.add(off, ir.Constant(off.type, 4))
-        s = builder.zext(builder.load(_at(context, builder, arrty, arr, at4, _vty(ir.IntType(8))), align=1), i32v)
-        p = builder.shuffle_vector(s, s, const(_P))
-        q = builder.shuffle_vector(s, s, const(_Q))
-        lane = builder.and_(builder.lshr(p, const(_SH)), const(_M1))
-        lane = builder.or_(lane, builder.and_(builder.lshr(q, const([2] * LANES)), const(_M2)))
-        two = builder.load(_at(context, builder, arrty, arr, off, _vty(ir.HalfType(), 2)), align=1)  # d, dmin
-        scale = builder.fpext(builder.shuffle_vector(two, two, const([0] * 8 + [1] * 8)), _vty(_F32))
-        sign = ir.Constant(_vty(_F32), [1.0] * 8 + [-1.0] * 8)
-        return builder.fmul(builder.sitofp(lane, _vty(_F32)), builder.fmul(scale, sign))
 
-    return F32x16(w, o), codegen
+def _widen16(src_dtype, elem: ir.Type):
+    """Intrinsic dst[do:do+16] = float32(src[so:so+16]) for a src of `src_dtype` (exact: fpext or copy)."""
+
+    @intrinsic
+    def widen(typingctx, src, so, dst, do):
+        if not (_src_dst_ok(src, src_dtype, dst) and _ints(so, do)):
+            return None
+        sig = types.void(src, so, dst, do)
+
+        def codegen(context, builder, signature, args):
+            s, so_, dd, do_ = args
+            v = builder.load(ptr_at(context, builder, signature.args[0], s, so_, vty(elem, 16)), align=1)
+            fty = vty(_F32, 16)
+            if elem != _F32:
+                v = builder.fpext(v, fty)
+            builder.store(v, ptr_at(context, builder, signature.args[2], dd, do_, fty), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return widen
+
+
+decode_f16_16 = _widen16(types.uint16, ir.HalfType())  # src: the half bits viewed as uint16
+copy_f32_16 = _widen16(types.float32, _F32)
+
+
+# ---------------------------------------------------------------- scalar bit casts
+
+
+def _bitcast(src: types.Type, dst: types.Type, dst_ir: ir.Type):
+    """Intrinsic reinterpreting the bits of a `src` scalar as `dst` (C memcpy)."""
+
+    @intrinsic
+    def cast(typingctx, x):
+        if x != src:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], dst_ir)
+
+        return dst(src), codegen
+
+    return cast
+
+
+f32_bits = _bitcast(types.float32, types.int32, _I32)
+bits_f32 = _bitcast(types.int32, types.float32, _F32)

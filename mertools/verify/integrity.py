@@ -12,9 +12,9 @@ from typing import Any
 
 import xxhash
 
+from ..errors import LayoutError
 from ..families import FAMILIES
 from ..families.base import fmt, resolve_shape
-from ..errors import LayoutError
 from ..layout.constants import FORMAT_NAME, MANIFEST_NAME
 from ..layout.reader import Layout, read_manifest_json
 

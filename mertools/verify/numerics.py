@@ -3,50 +3,38 @@ pass of the source checkpoint; the figures llama.cpp users know from `llama-perp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..dtypes import DTYPES, Thresholds
 from ..errors import MertoolsError
 from ..layout.config import ModelConfig
+from ..layout.manifest import Manifest
 
 DEFAULT_TEXT = (
     "It was a bright cold day in April, and the clocks were striking thirteen. The harbour lay quiet under a "
     "grey sky, and the fishermen mended their nets beside the old stone wall, talking of the weather, of the "
     "price of herring, and of the stranger who had come to the inn the night before with a heavy trunk and no name."
 )
-COMPARED_FIELDS = ("arch", "vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "n_experts",
-                   "n_experts_used", "rope_theta", "norm_eps", "sliding_window", "norm_topk_prob", "qk_norm", "attn_bias",
-                   "dense_layers", "d_ff_dense", "d_ff_shared", "shared_expert_gate")
+# Config fields that do not tell models apart: how much context a source declares, its rotary
+# pairing convention and whether lm_head is tied are how one model is stored, which may differ
+# between its HF directory and a GGUF of it.
+NOT_COMPARED = frozenset({"context_length", "rope_style", "tie_embeddings"})
+COMPARED_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name not in NOT_COMPARED)
 
 
 class ReferenceMismatch(MertoolsError):
     """The reference is not the model the layout was made from."""
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    kl_mean: float  # mean KL(reference || layout), nats per token
-    top1: float  # minimum share of positions whose argmax agrees
-    ppl_ratio: float  # maximum layout/reference perplexity ratio (and minimum 1/ratio)
-
-    def __post_init__(self) -> None:
-        if not (self.kl_mean >= 0 and 0 <= self.top1 <= 1 and self.ppl_ratio >= 1):
-            raise ValueError(f"thresholds out of range: {self}")
-
-
-# Defaults by expert dtype. f16 differs from the source only by float32 rounding; q8_0 is close to
-# lossless; 4-bit types lose visibly (llama.cpp reports KL ~0.01-0.05 for Q4 on real 7B models).
-# Mean KL is the primary figure: top-1 agreement flips easily wherever the top two logits are close,
-# so its limits sit well below what real models reach (~99% q8_0, ~90% Q4) yet far above chance.
-DEFAULT_THRESHOLDS = {
-    "f16": Thresholds(kl_mean=1e-5, top1=0.99, ppl_ratio=1.001),
-    "q8_0": Thresholds(kl_mean=2e-3, top1=0.90, ppl_ratio=1.01),
-    "q4_k": Thresholds(kl_mean=0.05, top1=0.85, ppl_ratio=1.05),
-    "q4_0": Thresholds(kl_mean=0.08, top1=0.80, ppl_ratio=1.08),
-}
+# Defaults by expert dtype, each set in its type module. Mean KL is the primary figure: top-1
+# agreement flips easily wherever the top two logits are close, so its limits sit well below what
+# real models reach yet far above chance.
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {t.name: t.verify for t in DTYPES.values() if t.verify is not None}
 
 
 @dataclass
@@ -102,6 +90,15 @@ class NumericsReport:
         ]
         lines.append("  verdict     " + ("OK" if self.ok else "FAILED: " + "; ".join(self.failures)))
         return "\n".join(lines)
+
+
+def expert_dtype(manifest: Manifest) -> str:
+    """The dtype whose limits apply to a layout: the most common among its expert tensors (ties: the
+    first one met), so a few tensors stored otherwise (a down projection kept at 8 bits) do not decide."""
+    counts = Counter(t.dtype for e in manifest.experts for t in e.tensors.values())
+    if not counts:
+        raise MertoolsError("the layout has no expert tensors to compare")
+    return counts.most_common(1)[0][0]
 
 
 def check_same_model(layout_cfg: ModelConfig, ref_cfg: ModelConfig, layout: str, reference: str) -> None:
@@ -168,7 +165,7 @@ def check_numerics(layout: str | Path, source: str | Path, *, text: str | None =
             raise MertoolsError(f"{layout}: the text gives {len(ids)} token(s); perplexity needs at least 2")
         got = eng.forward(ids)
     ref, _ = reference_logits(source, ids, engine)
-    dtype = lay.manifest.experts[0].tensors["gate"].dtype
+    dtype = expert_dtype(lay.manifest)
     figures = compare_logits(ids, got, ref)
     return NumericsReport(layout=str(layout), reference=str(source), reference_engine=engine, dtype=dtype,
                           tokens=len(ids), thresholds=thresholds or DEFAULT_THRESHOLDS[dtype], **figures)

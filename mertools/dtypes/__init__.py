@@ -1,0 +1,45 @@
+"""The registry of tensor types: one module per type, and every table that derives from them.
+
+A type module (`f32`, `f16`, `q4_0`, ...) holds all that is known about its type: block geometry,
+where its scales sit, its plain-numpy quantize / dequantize references, its numba quantizer,
+dequantizer and matmul decoders, and verify's default limits; its `TYPE` describes it (`DType`).
+Adding a type: write its module, list it in `_MODULES` and give it a branch in `kernels.dispatch`.
+
+`mertools.layout` reads only the geometry from here (re-exported by `layout.constants`); importing
+the registry still loads numba, as the type modules define their kernels (nothing is compiled).
+"""
+
+from __future__ import annotations
+
+from . import f16, f32, q4_0, q4_k, q8_0
+from .base import DType, Thresholds
+
+__all__ = [
+    "CONVERT_CHOICES", "DTYPES", "DType", "EXPERT_DTYPES", "GGML_TYPE_TO_DTYPE", "KIND", "QUANT_TYPES", "TYPES",
+    "Thresholds", "auto_dtype",
+]  # fmt: skip
+
+_MODULES = (f32, f16, q4_0, q8_0, q4_k)  # in ggml type order
+TYPES: tuple[DType, ...] = tuple(m.TYPE for m in _MODULES)
+DTYPES: dict[str, DType] = {t.name: t for t in TYPES}
+GGML_TYPE_TO_DTYPE: dict[int, str] = {t.ggml_type: t.name for t in TYPES}
+if len(DTYPES) != len(TYPES) or len(GGML_TYPE_TO_DTYPE) != len(TYPES):
+    raise ValueError("mertools.dtypes: two types share a name or a ggml type")
+
+# dtypes an expert tensor may have in a layout, smallest first (the order `convert --dtype` lists them)
+EXPERT_DTYPES: tuple[str, ...] = tuple(t.name for t in sorted((t for t in TYPES if t.expert), key=lambda t: t.bits_per_weight))
+# `convert --dtype` / `--dense-dtype`: the expert dtypes that can be quantized to
+CONVERT_CHOICES: tuple[str, ...] = ("auto", *(d for d in EXPERT_DTYPES if DTYPES[d].quantize is not None))
+QUANT_TYPES: tuple[str, ...] = tuple(t.name for t in TYPES if t.block_size > 1)  # block types
+# the kernels' dispatch code of each type: its ggml type number, which never changes, so that numba's
+# cached dispatch (constants frozen at compile time) cannot go stale when types are added
+KIND: dict[str, int] = {t.name: t.ggml_type for t in TYPES}
+
+
+def auto_dtype(src_dtype: str) -> str:
+    """`convert --dtype auto`: the layout dtype that loses nothing (or least) relative to the source type."""
+    if src_dtype in EXPERT_DTYPES:
+        return src_dtype
+    if src_dtype in ("f32", "bf16"):  # floats an expert cannot hold: half precision loses only rounding
+        return f16.TYPE.name
+    return q8_0.TYPE.name  # another GGML quantization (q6_k, q5_k, ...): 8 bits keep it nearly exactly

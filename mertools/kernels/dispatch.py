@@ -1,0 +1,52 @@
+"""The kernels' one dispatch over tensor types: the only kernel module that names them.
+
+A kernel serves every type with one compiled body, so the type arrives as a code (`kind`, the
+type's ggml type number, `mertools.dtypes.KIND`) and the branch below picks the type module's
+decoder, once per tile row (prefill) or per group of rows (decode). numba needs the chain of
+branches written out inside jitted code: a new type adds one branch to each function.
+
+numba's on-disk cache is keyed on this file only: after editing a type module, touch this file
+(or delete __pycache__/dispatch.*.nbi) so that the kernels calling it are recompiled.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from mertools.dtypes import f16, f32, q4_0, q4_k, q8_0
+from mertools.kernels.common import MATVEC_JIT, TILE_JIT
+
+F32, F16, Q4_0, Q8_0, Q4_K = (m.TYPE.ggml_type for m in (f32, f16, q4_0, q8_0, q4_k))
+
+
+@njit(**TILE_JIT)
+def decode_tile(kind, w, r0, rb, k0, kc, buf):
+    """buf[r, :kc] = W[r0 + r, k0:k0+kc] for r < rb, bit-identical to `dequantize`.
+    w: uint8 (rows, row_bytes) of type code `kind`; buf: float32 (RB, KC)."""
+    for r in range(rb):
+        wr = w[r0 + r]
+        if kind == Q4_0:
+            q4_0.tile_row(wr, k0, kc, buf, r)
+        elif kind == Q8_0:
+            q8_0.tile_row(wr, k0, kc, buf, r)
+        elif kind == Q4_K:
+            q4_k.tile_row(wr, k0, kc, buf, r)
+        elif kind == F16:
+            f16.tile_row(wr, k0, kc, buf, r)
+        else:
+            f32.tile_row(wr, k0, kc, buf, r)
+
+
+@njit(**MATVEC_JIT)
+def matvec_group(kind, x, w, r0, out):
+    """out[r0:r0+4] = W[r0:r0+4] @ x (fewer rows past the end). w: uint8 (rows, row_bytes) of type code `kind`."""
+    if kind == Q4_0:
+        q4_0.matvec_group(x, w, r0, out)
+    elif kind == Q4_K:
+        q4_k.matvec_group(x, w, r0, out)
+    elif kind == Q8_0:
+        q8_0.matvec_group(x, w, r0, out)
+    elif kind == F16:
+        f16.matvec_group(x, w, r0, out)
+    else:
+        f32.matvec_group(x, w, r0, out)
