@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from benchmarks._report import machine_description, write_section  # noqa: E402
+from benchmarks._common import MIXTRAL, machine_description, timings, write_section  # noqa: E402
+from mertools.dtypes import EXPERT_DTYPES  # noqa: E402
 from mertools.kernels import quantize  # noqa: E402
 from mertools.kernels.matmul import matmul  # noqa: E402
 
-SHAPES = ((14336, 4096), (4096, 14336))  # Mixtral gate/up and down: (rows, cols)
-DTYPES = ("q4_0", "q4_k", "q8_0", "f16", "f32")
+SHAPES = MIXTRAL.expert_matrices  # gate/up and down: (rows, cols)
+DTYPES = (*EXPERT_DTYPES, "f32")  # every expert type, and f32 as the float baseline
 ROTATE_BYTES = 256 * 2**20  # cycle through copies of a weight totalling this much, so reads come from DRAM
 
 
@@ -37,28 +36,17 @@ def _parallel_sum(a: np.ndarray) -> float:
     return s
 
 
-def times(fn: Callable[[int], object], repeat: int) -> list[float]:
-    """Wall times of `repeat` calls fn(0), fn(1), ... after one warm-up call (compile / cache load)."""
-    fn(0)
-    out = []
-    for i in range(repeat):
-        t = time.perf_counter()
-        fn(i)
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def time_matmul(x: np.ndarray, copies: list[np.ndarray], dtype: str, rows: int, cols: int, repeat: int) -> list[float]:
     """Times of x @ W.T, call i on copy i % len(copies) of the weight bytes."""
     out = np.empty((x.shape[0], rows), np.float32)
-    return times(lambda i: matmul(x, copies[i % len(copies)], dtype, rows, cols, out), repeat)
+    return timings(lambda i: matmul(x, copies[i % len(copies)], dtype, rows, cols, out), repeat)
 
 
 def memory_bandwidth(repeat: int) -> tuple[float, float]:
     """(numpy sum, numba prange sum) over a 1 GiB float32 array, best GB/s."""
     a = np.ones(2**28, dtype=np.float32)
-    np_best = min(times(lambda _: a.sum(), repeat))
-    nb_best = min(times(lambda _: _parallel_sum(a), repeat))
+    np_best = min(timings(lambda _: a.sum(), repeat))
+    nb_best = min(timings(lambda _: _parallel_sum(a), repeat))
     return a.nbytes / np_best / 1e9, a.nbytes / nb_best / 1e9
 
 

@@ -21,7 +21,7 @@ import numba  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants  # noqa: E402
 
-from benchmarks._report import machine_description, write_section  # noqa: E402
+from benchmarks._common import machine_description, write_section  # noqa: E402
 from mertools.dtypes.q4_k import quantize_reference as numpy_q4_k  # noqa: E402
 from mertools.kernels import dequantize, quantize  # noqa: E402
 

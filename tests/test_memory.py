@@ -19,7 +19,7 @@ from mertools.runtime.hooks import RoutingOverride
 from mertools.runtime.memory import peak_rss_bytes
 
 # Python, numpy, numba and LLVM, the compiled kernels, the tokenizer, KV cache and activations.
-# Documented in README ("Memory"); measured at ~150-250 MiB for the fixtures.
+# The measured overhead is in README ("Memory").
 OVERHEAD = 512 << 20
 ROOT = Path(__file__).resolve().parent.parent
 
