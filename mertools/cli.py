@@ -50,7 +50,7 @@ DTYPE = click.Choice(_dtype_choices())
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--dtype", type=DTYPE, default="auto", show_default=True,
-              help="Expert dtype; auto keeps the source's type (f32/bf16 become f16).")
+              help="Expert dtype; auto keeps each tensor's source type (f32 becomes f16).")
 @click.option("--dense-dtype", type=DTYPE, default="auto", show_default=True,
               help="Dtype of big dense matrices (embeddings, attention, lm_head); norms and routers stay f32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing layout.")

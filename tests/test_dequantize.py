@@ -61,7 +61,7 @@ def test_random_bytes_match_gguf_and_reference(dtype: str, finite_scales: bool) 
     np.testing.assert_array_equal(bits(REF[dtype](raw.reshape(-1)).reshape(64, cols)), bits(expected))
 
 
-@pytest.mark.parametrize("dtype", NAMES)
+@pytest.mark.parametrize("dtype", [d for d in NAMES if DTYPES[d].quantize is not None])
 def test_round_trip_matches_gguf(dtype: str) -> None:
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((32, 512)) * 0.05).astype(np.float32)

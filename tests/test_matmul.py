@@ -33,8 +33,24 @@ TOL = 1e-4  # |ours - reference| <= TOL * (|x| @ |W|.T), elementwise
 def weight(dtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """Raw bytes uint8 (rows, row_bytes) of random weights whose rows have different scales."""
     rng = np.random.default_rng([seed, rows, cols, DTYPES.index(dtype)])
+    if registry.DTYPES[dtype].quantize is None:  # a type layouts only copy: random blocks, scales by row
+        return random_blocks(dtype, rows, cols, rng, np.exp(rng.uniform(-3, 0, (rows, 1))))
     w = rng.standard_normal((rows, cols)).astype(np.float32) * np.exp(rng.uniform(-3, 0, (rows, 1))).astype(np.float32)
     return quantize(w, dtype)
+
+
+def random_blocks(dtype: str, rows: int, cols: int, rng: np.random.Generator, row_scale: np.ndarray) -> np.ndarray:
+    """uint8 (rows, row_bytes) of random bytes whose f16 scales are ordinary: ~1e-3 * row_scale (rows, 1)."""
+    t = registry.DTYPES[dtype]
+    nb = cols // t.block_size
+    raw = rng.integers(0, 256, (rows, nb, t.type_size), dtype=np.uint8)
+    for o in t.scale_offsets:
+        if t.scale_format == "e8m0":  # an exponent byte: weights up to 12 * 2^(e-128), ~1e-3 * row_scale
+            raw[:, :, o] = np.clip(np.round(np.log2(1e-4 * row_scale)) + 128 + rng.integers(-2, 1, (rows, nb)), 1, 250)
+            continue
+        d = (rng.uniform(-1e-3, 1e-3, (rows, nb)) * row_scale).astype("<f2")
+        raw[:, :, o : o + 2] = d.view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * t.type_size)
 
 
 def inputs(n: int, cols: int, seed: int = 1) -> np.ndarray:
@@ -90,12 +106,17 @@ def test_zero_inputs_and_zero_blocks(dtype: str) -> None:
     for n in (1, 5):
         assert not matmul(np.zeros((n, cols), np.float32), w, dtype, rows, cols).any()
     # zero weights (all-zero blocks, d = 0) give exactly zero; a few zero blocks in real rows are fine
-    w0 = quantize(np.zeros((rows, cols), np.float32), dtype)
+    copied = registry.DTYPES[dtype].quantize is None  # a type layouts only copy: zero bytes are zero blocks
+    w0 = np.zeros_like(w) if copied else quantize(np.zeros((rows, cols), np.float32), dtype)
     for n in (1, 5):
         assert not matmul(inputs(n, cols), w0, dtype, rows, cols).any()
-    dense = dequantize(w, dtype, (rows, cols))
-    dense[::3, :256] = 0.0
-    wz = quantize(dense, dtype)
+    if copied:
+        wz = w.copy()
+        wz[::3, : registry.DTYPES[dtype].row_bytes(256)] = 0
+    else:
+        dense = dequantize(w, dtype, (rows, cols))
+        dense[::3, :256] = 0.0
+        wz = quantize(dense, dtype)
     for n in (1, 5):
         x = inputs(n, cols)
         check(x, wz, dtype, rows, cols, matmul(x, wz, dtype, rows, cols))
@@ -137,9 +158,15 @@ def test_nonfinite_weights_propagate(dtype: str, n: int) -> None:
     rows, cols = 6, 512
     w = weight(dtype, rows, cols).copy()
     half = {"inf": 0x7C00, "-inf": 0xFC00, "nan": 0x7E00}
-    if registry.DTYPES[dtype].float_dtype:
-        vals = w.view(registry.DTYPES[dtype].float_dtype)
+    t = registry.DTYPES[dtype]
+    if t.float_dtype:
+        vals = t.floats(w).reshape(rows, cols)
         vals[0, 5], vals[1, 7], vals[2, 9], vals[2, 10] = np.inf, np.nan, np.inf, -np.inf
+        w = np.asarray(t.quantize(vals.reshape(-1))).reshape(rows, -1)  # a float type's quantize keeps inf/NaN
+    elif t.scale_format == "e8m0":  # no exponent byte is NaN: 2^126 times table values >= 8 overflow to inf
+        for r in range(3):
+            w[r, BYTES[dtype] + t.scale_offsets[0]] = 254
+            w[r, BYTES[dtype] + 1 : BYTES[dtype] + 17] |= 0x77  # every weight of the block is 12 or -12
     else:  # the (first) scale of the second block of rows 0-2
         o = BYTES[dtype] + registry.DTYPES[dtype].scale_offsets[0]
         for r, h in enumerate(half.values()):
@@ -186,8 +213,8 @@ def test_errors_name_dtype_and_shapes() -> None:
         matmul(inputs(2, 255), w, "q4_0", 8, 256)
     with pytest.raises(QuantizationError, match=r"x must be"):
         matmul(x[0], w, "q4_0", 8, 256)  # 1-D x
-    with pytest.raises(QuantizationError, match="unknown dtype 'q5_k'"):
-        matmul(x, w, "q5_k", 8, 256)
+    with pytest.raises(QuantizationError, match="unknown dtype 'iq2_xs'"):
+        matmul(x, w, "iq2_xs", 8, 256)
     with pytest.raises(QuantizationError, match="must be uint8"):
         matmul(x, w.view(np.int8), "q4_0", 8, 256)
     with pytest.raises(QuantizationError, match=r"out must be float32 C-contiguous \(2, 8\)"):

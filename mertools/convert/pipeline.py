@@ -98,14 +98,11 @@ def _check_finite(raw: np.ndarray, dtype: str, t: SourceTensor) -> None:
     dt = DTYPES[dtype]
     flat = raw.reshape(-1)  # uint8
     if dt.float_dtype is not None:
-        bad = np.flatnonzero(~np.isfinite(flat.view(dt.float_dtype)))
+        bad = np.flatnonzero(~np.isfinite(dt.floats(flat)))
         if bad.size:
             raise QuantizationError(f"{t.path}: tensor {t.name} holds NaN or Inf (first at flat index {bad[0]})")
         return
-    blocks = flat.reshape(-1, dt.type_size)  # (n_blocks, type_size)
-    at = np.array([[o, o + 1] for o in dt.scale_offsets], dtype=np.intp).reshape(-1)  # bytes of every scale
-    scales = np.ascontiguousarray(blocks[:, at]).view("<f2")  # (n_blocks, number of scales)
-    bad = np.flatnonzero(~np.isfinite(scales).all(axis=1))
+    bad = np.flatnonzero(dt.bad_blocks(flat.reshape(-1, dt.type_size)))  # blocks with a NaN/Inf scale
     if bad.size:
         raise QuantizationError(
             f"{t.path}: tensor {t.name}: {dtype} block {bad[0]} has a NaN or Inf scale (its weights would be NaN/Inf)"

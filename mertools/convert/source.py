@@ -26,7 +26,7 @@ class SourceTensor:
     path: Path
     offset: int  # absolute byte offset of the data in `path`
     nbytes: int
-    dtype: str  # a layout dtype (mertools.dtypes), "bf16", or another GGML type name (e.g. "q6_k")
+    dtype: str  # a layout dtype (mertools.dtypes), "bf16", or another GGML type name (e.g. "iq2_xxs")
     shape: tuple[int, ...]  # numpy/HF orientation: (rows, cols) or (n,)
     ggml_type: int | None = None  # for GGML types we do not handle natively
     row_perm: tuple[int, int] | None = None  # (n_head, rows): undo llama.cpp's q/k permutation

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Codec = Callable[[np.ndarray], np.ndarray]
+SCALE_BYTES = {"f16": 2, "e8m0": 1}  # bytes of one block scale in each scale format
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,10 @@ class DType:
     ggml_type: int  # GGMLQuantizationType value; also the kernels' dispatch code (it never changes)
     block_size: int  # weights per block
     type_size: int  # bytes per block
-    float_dtype: str | None = None  # numpy dtype of a float type's elements ("<f2"); None for block types
-    scale_offsets: tuple[int, ...] = ()  # byte offsets of a block's f16 scales: NaN/Inf there spoils the block
+    float_dtype: str | None = None  # numpy dtype of a float type's elements ("<f2"), "bf16" (numpy has none:
+    # read values with `floats`); None for block types
+    scale_offsets: tuple[int, ...] = ()  # byte offsets of a block's scales: NaN/Inf there spoils the block
+    scale_format: str = "f16"  # how those scales are stored: "f16", or "e8m0" (one exponent byte, mxfp4)
     expert: bool = True  # an expert tensor may have this type in a layout
     limit: float = math.inf  # quantize refuses |x| >= limit (a float type: values that would round to inf)
     verify: Thresholds | None = None  # verify's default limits for a layout whose experts have this type
@@ -49,8 +52,28 @@ class DType:
             raise ValueError(f"{self.name}: block_size, type_size must be positive and ggml_type >= 0")
         if (self.float_dtype is None) == (self.block_size == 1):
             raise ValueError(f"{self.name}: exactly the types with blocks of one weight are float types")
-        if any(not 0 <= o <= self.type_size - 2 for o in self.scale_offsets):
+        if self.scale_format not in SCALE_BYTES:
+            raise ValueError(f"{self.name}: scale format {self.scale_format!r} is not one of {', '.join(SCALE_BYTES)}")
+        if any(not 0 <= o <= self.type_size - SCALE_BYTES[self.scale_format] for o in self.scale_offsets):
             raise ValueError(f"{self.name}: scale offsets {self.scale_offsets} outside a {self.type_size}-byte block")
+
+    def floats(self, raw: np.ndarray) -> np.ndarray:
+        """A float type's raw little-endian bytes (uint8, any shape) -> its values, float32 (n,) (exact)."""
+        flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        if self.float_dtype == "bf16":
+            return (flat.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        return flat.view(self.float_dtype).astype(np.float32)
+
+    def bad_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """uint8 (n_blocks, type_size) -> bool (n_blocks,): blocks a scale spoils. An f16 scale that is
+        NaN/Inf; an E8M0 exponent >= 253, where ggml's weights (table values up to 12 times 2^(e-128))
+        may overflow to inf (255 is also OCP's NaN)."""
+        if self.scale_format == "e8m0":
+            at = np.array(self.scale_offsets, dtype=np.intp)
+            return (blocks[:, at] >= 253).any(axis=1)
+        at = np.array([[o, o + 1] for o in self.scale_offsets], dtype=np.intp).reshape(-1)  # bytes of every scale
+        scales = np.ascontiguousarray(blocks[:, at]).view("<f2")  # (n_blocks, number of scales)
+        return ~np.isfinite(scales).all(axis=1)
 
     @property
     def bits_per_weight(self) -> float:

@@ -14,9 +14,7 @@ tolerance; inf/NaN scales give inf/NaN alike), in exchange for a faster kernel.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from mertools.kernels.common import (
     EXACT_JIT,
@@ -32,15 +30,10 @@ from mertools.kernels.common import (
     prefetch_lines,
 )
 from mertools.kernels.simd import (
-    LANES,
-    F32x16,
     decode_nibbles32,
     f32_bits,
     half_at,
-    is_carray,
-    is_int,
     nib16,
-    ptr_at,
     vadd,
     vfma,
     vhsum,
@@ -49,10 +42,10 @@ from mertools.kernels.simd import (
     vload,
     vlut16,
     vshr4,
-    vty,
     vzero,
 )
 
+from ._blocks256 import block_scales, scale_min_k4, unpack_scale_min_k4
 from .base import DType, Thresholds, f16_from_bytes
 
 BYTES = 144
@@ -179,7 +172,7 @@ def quantize_reference(x: np.ndarray) -> np.ndarray:
         d16 = (max_scale / _F32(63.0)).astype(np.float16)
         dmin16 = (max_min / _F32(63.0)).astype(np.float16)
 
-        sc, m = _unpack_scale_min_k4(packed)
+        sc, m = unpack_scale_min_k4(packed)
         d = d16.astype(np.float32)[:, None] * sc.astype(np.float32)  # (nb, 8)
         dm = dmin16.astype(np.float32)[:, None] * m.astype(np.float32)
         requant = np.clip(nearest_int_reference((xs + dm[:, :, None]) / d[:, :, None]), 0, 15)
@@ -192,27 +185,12 @@ def quantize_reference(x: np.ndarray) -> np.ndarray:
     return np.concatenate([head, packed, qs], axis=1)
 
 
-def _unpack_scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml get_scale_min_k4 for all 8 sub-blocks: scales uint8 (nb, 12) -> sc, m int32 (nb, 8)."""
-    q = scales.astype(np.int32)
-    sc = np.empty((q.shape[0], 8), dtype=np.int32)
-    m = np.empty((q.shape[0], 8), dtype=np.int32)
-    for j in range(8):
-        if j < 4:
-            sc[:, j] = q[:, j] & 63
-            m[:, j] = q[:, j + 4] & 63
-        else:
-            sc[:, j] = (q[:, j + 4] & 0xF) | ((q[:, j - 4] >> 6) << 4)
-            m[:, j] = (q[:, j + 4] >> 4) | ((q[:, j] >> 6) << 4)
-    return sc, m
-
-
 def dequantize_reference(raw: np.ndarray) -> np.ndarray:
     """raw: uint8 (n_blocks*144,) -> float32 (n_blocks*256,). x = d*sc*q - dmin*m per sub-block."""
     b = np.asarray(raw, dtype=np.uint8).reshape(-1, BYTES)
     d = f16_from_bytes(b[:, 0:2])  # (nb, 1)
     dmin = f16_from_bytes(b[:, 2:4])  # (nb, 1)
-    sc, m = _unpack_scale_min_k4(b[:, 4:16])  # (nb, 8)
+    sc, m = unpack_scale_min_k4(b[:, 4:16])  # (nb, 8)
     qs = b[:, 16:].reshape(-1, 4, 32)  # (nb, 4 chunks, 32)
     q = np.stack([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)  # sub-block 2c = low, 2c+1 = high
     with np.errstate(invalid="ignore"):
@@ -398,16 +376,6 @@ def dequantize(raw):
 # ---------------------------------------------------------------- matmul decoders
 
 
-@njit(**TILE_JIT)
-def scale_min_k4(wr, s, j):
-    """ggml get_scale_min_k4: 6-bit (scale, min) of sub-block j from the 12 bytes at wr[s:]."""
-    if j < 4:
-        return np.int64(wr[s + j]) & 63, np.int64(wr[s + j + 4]) & 63
-    sc = (np.int64(wr[s + j + 4]) & 0xF) | ((np.int64(wr[s + j - 4]) >> 6) << 4)
-    m = (np.int64(wr[s + j + 4]) >> 4) | ((np.int64(wr[s + j]) >> 6) << 4)
-    return sc, m
-
-
 @njit(inline="always", **TILE_JIT)  # numba inlines it: LLVM may leave a call in decode_tile's row loop
 def tile_row(wr, k0, kc, buf, r):
     """buf[r, :kc] = the row's weights k0:k0+kc (wr: the row's uint8 bytes), exactly `dequantize`'s."""
@@ -424,47 +392,6 @@ def tile_row(wr, k0, kc, buf, r):
                 d * np.float32(sc0), dmin * np.float32(m0), d * np.float32(sc1), dmin * np.float32(m1),
                 buf, at + 256 * b + 64 * c,
             )  # fmt: skip
-
-
-# The 12 bytes s[0..11] at offset 4 of a super-block pack 8 six-bit scales sc_j and mins m_j
-# (ggml get_scale_min_k4). Lane l < 8 computes sc_l, lane 8 + l computes m_l, as
-# ((s[P] >> SH) & M1) | ((s[Q] >> 2) & M2) (the M2 term adds the top two bits for j >= 4).
-_P = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]
-_Q = [0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7]
-_SH = [0] * 12 + [4] * 4
-_M1 = [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4
-_M2 = [0] * 4 + [0x30] * 4 + [0] * 4 + [0x30] * 4
-_IR_I32 = ir.IntType(32)
-_IR_F32 = ir.FloatType()
-
-
-@intrinsic
-def block_scales(typingctx, w, o):
-    """[d*sc_0 .. d*sc_7, -dmin*m_0 .. -dmin*m_7] of the super-block at byte o of a uint8 C
-    array, each product rounded once as the reference rounds it (the minus is exact). Reads the 16
-    bytes at o + 4 (the scales and 4 bytes of quants, which always follow)."""
-    if not (is_carray(w, types.uint8) and is_int(o)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        arrty, arr, off = sig.args[0], args[0], args[1]
-        i32v = vty(_IR_I32)
-
-        def const(vals):
-            return ir.Constant(i32v, vals)
-
-        at4 = builder.add(off, ir.Constant(off.type, 4))
-        s = builder.zext(builder.load(ptr_at(context, builder, arrty, arr, at4, vty(ir.IntType(8))), align=1), i32v)
-        p = builder.shuffle_vector(s, s, const(_P))
-        q = builder.shuffle_vector(s, s, const(_Q))
-        lane = builder.and_(builder.lshr(p, const(_SH)), const(_M1))
-        lane = builder.or_(lane, builder.and_(builder.lshr(q, const([2] * LANES)), const(_M2)))
-        two = builder.load(ptr_at(context, builder, arrty, arr, off, vty(ir.HalfType(), 2)), align=1)  # d, dmin
-        scale = builder.fpext(builder.shuffle_vector(two, two, const([0] * 8 + [1] * 8)), vty(_IR_F32))
-        sign = ir.Constant(vty(_IR_F32), [1.0] * 8 + [-1.0] * 8)
-        return builder.fmul(builder.sitofp(lane, vty(_IR_F32)), builder.fmul(scale, sign))
-
-    return F32x16(w, o), codegen
 
 
 @njit(**MATVEC_JIT)

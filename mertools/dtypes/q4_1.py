@@ -1,0 +1,128 @@
+"""q4_1: blocks of 32 weights in 20 bytes, x = d * q + m with q a 4-bit quant, d and m f16.
+
+Block: d (f16, bytes 0-1), m (f16, bytes 2-3), then 16 bytes whose low nibbles are weights 0-15 and
+high nibbles 16-31. The dequantizer is bit-exact with ggml and gguf-py (d * q rounded, then + m).
+No quantizer yet: a layout copies q4_1 from a source.
+
+Decode (matvec): a 16-entry table d * k + m (k = 0..15, the reference's two roundings) per block,
+indexed by the nibbles with `vlut16`, so the weights are exactly `dequantize`'s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from mertools.kernels.common import (
+    EXACT_JIT,
+    EXACT_PJIT,
+    KC,
+    MATVEC_JIT,
+    TILE_JIT,
+    R,
+    f16_bits_to_f32,
+    group_rows,
+    group_store,
+    prefetch_lines,
+)
+from mertools.kernels.simd import half_splat, nib16, vadd, vfma, vhsum, viota, vload, vlut16, vshr4, vstore, vzero
+
+from ._blocks32 import vaffine
+from .base import DType, Thresholds, f16_from_bytes
+
+BYTES = 20
+
+
+# ---------------------------------------------------------------- numpy reference
+
+
+def dequantize_reference(raw: np.ndarray) -> np.ndarray:
+    """raw: uint8 (n_blocks*20,) -> float32 (n_blocks*32,). x = d * q + m."""
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, BYTES)
+    d = f16_from_bytes(b[:, 0:2])  # (nb, 1)
+    m = f16_from_bytes(b[:, 2:4])
+    qs = b[:, 4:]  # (nb, 16)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32)  # (nb, 32)
+    with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf, inf - inf: NaN as in C
+        return (d * q + m).reshape(-1)
+
+
+# ---------------------------------------------------------------- numba dequantizer
+
+
+@njit(**EXACT_JIT)
+def _plus(p, m, m_first):
+    """p + m with numpy's (gguf-py's) NaN payload: LLVM may commute an fadd, so the order is explicit.
+    numpy's d * q + m keeps p's payload when both are NaN, but m's for a lone block (m_first: its
+    broadcast m then takes the first operand's place)."""
+    if m_first and m != m:
+        return m + m  # m, made quiet
+    return p if p != p else p + m
+
+
+@njit(**EXACT_PJIT)
+def dequantize(raw):
+    """raw: uint8 (n_blocks*20,) -> float32 (n_blocks*32,). x = d * q + m."""
+    nb = raw.size // BYTES
+    out = np.empty(nb * 32, dtype=np.float32)
+    single = nb == 1  # see _plus
+    for b in prange(nb):
+        o = b * BYTES
+        d = f16_bits_to_f32(np.int64(raw[o]) | (np.int64(raw[o + 1]) << 8))
+        m = f16_bits_to_f32(np.int64(raw[o + 2]) | (np.int64(raw[o + 3]) << 8))
+        for j in range(16):
+            q = np.int64(raw[o + 4 + j])
+            out[b * 32 + j] = _plus(np.float32(q & 0xF) * d, m, single)
+            out[b * 32 + 16 + j] = _plus(np.float32(q >> 4) * d, m, single)
+    return out
+
+
+# ---------------------------------------------------------------- matmul decoders
+
+
+@njit(inline="always", **TILE_JIT)  # numba inlines it: LLVM may leave a call in decode_tile's row loop
+def tile_row(wr, k0, kc, buf, r):
+    """buf[r, :kc] = the row's weights k0:k0+kc (wr: the row's uint8 bytes), exactly `dequantize`'s."""
+    at = r * KC  # flat offset of buf row r
+    iota = viota()
+    for b in range(kc // 32):
+        o = (k0 // 32 + b) * BYTES
+        t = vaffine(iota, half_splat(wr, o), half_splat(wr, o + 2))  # d * k + m, k = 0..15
+        q = nib16(wr, o + 4)
+        vstore(buf, at + 32 * b, vlut16(t, q))
+        vstore(buf, at + 32 * b + 16, vlut16(t, vshr4(q)))
+
+
+@njit(**MATVEC_JIT)
+def _block(wr, o, iota, xl, xh, a, b):
+    """One row's share of the block at byte o: (a, b) += its weights 0-15 * xl, 16-31 * xh."""
+    t = vaffine(iota, half_splat(wr, o), half_splat(wr, o + 2))
+    q = nib16(wr, o + 4)
+    return vfma(vlut16(t, q), xl, a), vfma(vlut16(t, vshr4(q)), xh, b)
+
+
+@njit(**MATVEC_JIT)
+def matvec_group(x, w, r0, out):
+    """out[r0:r0+4] = W[r0:r0+4] @ x, prefetching the next group's bytes at the same pace."""
+    w0, w1, w2, w3 = group_rows(w, r0)
+    iota = viota()
+    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = vzero()
+    ahead = (r0 + R) * w.shape[1]  # the next group's first byte
+    for blk in range(x.size // 32):
+        o = BYTES * blk
+        prefetch_lines(w, ahead + 4 * o, 4 * BYTES)
+        xl = vload(x, 32 * blk)
+        xh = vload(x, 32 * blk + 16)
+        a0, b0 = _block(w0, o, iota, xl, xh, a0, b0)
+        a1, b1 = _block(w1, o, iota, xl, xh, a1, b1)
+        a2, b2 = _block(w2, o, iota, xl, xh, a2, b2)
+        a3, b3 = _block(w3, o, iota, xl, xh, a3, b3)
+    group_store(out, r0, vhsum(vadd(a0, b0)), vhsum(vadd(a1, b1)), vhsum(vadd(a2, b2)), vhsum(vadd(a3, b3)))
+
+
+TYPE = DType(
+    "q4_1", 3, 32, BYTES, scale_offsets=(0, 2),
+    # provisional until calibrated on the trained fixture: 5 bits a weight, a little better than the 4.5-bit type
+    verify=Thresholds(kl_mean=0.06, top1=0.82, ppl_ratio=1.06),
+    dequantize=dequantize, dequantize_reference=dequantize_reference,
+)
