@@ -101,8 +101,7 @@ def test_auto_dtype() -> None:
         assert auto_dtype(d) == d
     for src in (s for s in ("f32", "bf16") if s not in EXPERT_DTYPES):  # floats no expert may hold: the expert float type
         assert auto_dtype(src) not in ("f32", "bf16") and DTYPES[auto_dtype(src)].float_dtype
-    q = auto_dtype("iq2_xxs")  # a GGML quantization the layout lacks: an 8-bit type
-    assert q in EXPERT_DTYPES and DTYPES[q].bits_per_weight > 8
+    assert auto_dtype("iq2_xxs") is None  # a GGML quantization no layout holds: refused, never requantized silently
 
 
 def test_dtype_validation() -> None:

@@ -51,10 +51,16 @@ def random_blocks(qtype: T, shape: tuple[int, ...], std: float, rng: np.random.G
     return raw.reshape(*shape[:-1], shape[-1] // t.block_size * t.type_size)
 
 
-@pytest.fixture(scope="module")
-def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Mixtral as a GGUF whose experts (and output, attn_v) have the K types."""
-    root = tmp_path_factory.mktemp("k-types")
+def iq2_xxs_blocks(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random IQ2_XXS bytes (a type no layout holds: 66-byte super-blocks, f16 d first)."""
+    nb = int(np.prod(shape)) // 256
+    raw = rng.integers(0, 256, (nb, 66), dtype=np.uint8)
+    raw[:, :2] = np.full(nb, 0.01, "<f2").view(np.uint8).reshape(nb, 2)
+    return raw.reshape(*shape[:-1], shape[-1] // 256 * 66)
+
+
+def write_gguf(root: Path, expert_types: dict) -> Path:
+    """The tiny Mixtral as a GGUF whose experts have the given types (output and attn_v: q6_k)."""
     hf = build_hf(root / "tiny-mixtral", seed=3, dtype="float16", shards=1)
     cfg = TinyConfig.from_hf_config(json.loads((hf / "config.json").read_text(encoding="utf-8")))
     out = root / "tiny-mixtral-k.gguf"
@@ -62,8 +68,10 @@ def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w = gguf.GGUFWriter(out, "llama")
     for t, name, x in _gguf_tensors(read_hf_weights(hf), cfg, "merged"):
         layer = int(name.split(".")[1]) if name.startswith("blk.") else None
-        qt = EXPERT_TYPES.get((layer, t), DENSE_TYPES.get(t))
-        if qt is not None:
+        qt = expert_types.get((layer, t), DENSE_TYPES.get(t))
+        if qt == T.IQ2_XXS:
+            w.add_tensor(name, iq2_xxs_blocks(x.shape, rng), raw_dtype=qt)
+        elif qt is not None:
             w.add_tensor(name, random_blocks(qt, x.shape, float(x.std()), rng), raw_dtype=qt)
         else:
             qt = T.F32 if stays_f32(t, name, x) else T.F16
@@ -80,6 +88,31 @@ def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Mixtral as a GGUF whose experts (and output, attn_v) have the K types."""
+    return write_gguf(tmp_path_factory.mktemp("k-types"), EXPERT_TYPES)
+
+
+def test_a_type_no_layout_holds_is_refused_under_auto_and_requantized_on_request(tmp_path: Path) -> None:
+    """--dtype auto never requantizes silently: one line names the file, tensor and type, and suggests
+    --dtype; with --dtype q8_0 the tensor is dequantized (gguf-py) and requantized, and the layout runs."""
+    from click.testing import CliRunner
+
+    from mertools.cli import main
+
+    src = write_gguf(tmp_path, {**EXPERT_TYPES, (1, MT.FFN_DOWN_EXP): T.IQ2_XXS})
+    res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "auto"), "--quiet"])
+    assert res.exit_code == 2, res.output
+    err = [line for line in res.output.splitlines() if line.startswith("mertools: error")]
+    assert len(err) == 1 and "blk.1.ffn_down_exps.weight" in err[0] and "iq2_xxs" in err[0] and "--dtype" in err[0]
+    assert str(src) in err[0]
+    assert not (tmp_path / "auto").exists() and not (tmp_path / "auto.partial").exists()
+    lay = convert(src, tmp_path / "q8", ConvertOptions(dtype="q8_0", progress=False)).out
+    with Engine.open(lay) as eng:
+        assert np.isfinite(eng.forward(PROMPT[:4])).all()
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,15 @@ class ConvertSummary:
 
 
 def expert_dtype(t: SourceTensor, opts: ConvertOptions) -> str:
-    return auto_dtype(t.dtype) if opts.dtype == "auto" else opts.dtype
+    if opts.dtype != "auto":
+        return opts.dtype
+    kept = auto_dtype(t.dtype)
+    if kept is None:
+        raise QuantizationError(
+            f"{t.path}: tensor {t.name} is {t.dtype}, a type layouts do not hold; convert with --dtype "
+            f"({', '.join(c for c in CONVERT_CHOICES if c != 'auto')}) to requantize it"
+        )
+    return kept
 
 
 def dense_dtype(t: SourceTensor, spec: DenseSpec, opts: ConvertOptions, notes: list[str], name: str) -> str:

@@ -37,10 +37,11 @@ QUANT_TYPES: tuple[str, ...] = tuple(t.name for t in TYPES if t.block_size > 1) 
 KIND: dict[str, int] = {t.name: t.ggml_type for t in TYPES}
 
 
-def auto_dtype(src_dtype: str) -> str:
-    """`convert --dtype auto`: the layout dtype that loses nothing (or least) relative to the source type."""
+def auto_dtype(src_dtype: str) -> str | None:
+    """`convert --dtype auto`: the layout dtype that loses nothing relative to the source type, or None
+    for a type no layout holds (the converter refuses it rather than requantize it silently)."""
     if src_dtype in EXPERT_DTYPES:
         return src_dtype
     if src_dtype in ("f32", "bf16"):  # floats an expert cannot hold: half precision loses only rounding
         return f16.TYPE.name
-    return q8_0.TYPE.name  # another GGML quantization (iq2_xxs, ...): 8 bits keep it nearly exactly
+    return None
