@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _common as common  # noqa: E402
 
-DTYPES = ("q4_0", "q4_k", "q8_0", "f16", "f32")
 ROTATE_BYTES = 320 * 2**20  # each call reads the next of several copies of W: bytes come from DRAM
 PROMPT_SEED = 0
 WARM = 4  # decode tokens run before the timed ones
@@ -156,9 +155,26 @@ def _time_matvec(x: np.ndarray, ws: list[np.ndarray], dtype: str, rows: int, col
     return common.timings(lambda i: matmul(x, ws[i % len(ws)], dtype, rows, cols, out), repeat)
 
 
+def random_blocks(dtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (rows, row_bytes) of a type layouts only copy (no quantizer): random codes, ordinary scales
+    (weights ~1e-2), so the kernel does the same work as on a real checkpoint's blocks."""
+    from mertools.dtypes import DTYPES
+
+    t = DTYPES[dtype]
+    nb = cols // t.block_size
+    raw = rng.integers(0, 256, (rows, nb, t.type_size), dtype=np.uint8)
+    for o in t.scale_offsets:
+        if t.scale_format == "e8m0":  # an exponent byte: 2^(e-128) scales
+            raw[:, :, o] = 121
+        else:
+            raw[:, :, o:o + 2] = np.full((rows, nb), 1e-3, "<f2").view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * t.type_size)
+
+
 def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
     import numba
 
+    from mertools.dtypes import DTYPES, EXPERT_DTYPES
     from mertools.kernels import quantize
 
     rng = np.random.default_rng(0)
@@ -167,9 +183,9 @@ def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
     for rows, cols in common.MIXTRAL.expert_matrices:
         w32 = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
         x = rng.standard_normal((1, cols)).astype(np.float32)
-        for dtype in DTYPES:
+        for dtype in (*EXPERT_DTYPES, "f32"):  # every type a layout holds, and f32 as the float baseline
             bw.measure(threads, 3)  # the host's bandwidth drifts: sample it beside every row
-            w = quantize(w32, dtype)
+            w = quantize(w32, dtype) if DTYPES[dtype].quantize is not None else random_blocks(dtype, rows, cols, rng)
             copies = [w] + [w.copy() for _ in range(max(1, -(-ROTATE_BYTES // w.nbytes) - 1))]
             t2 = _time_matvec(x, copies, dtype, rows, cols, repeat)
             numba.set_num_threads(1)
