@@ -166,7 +166,9 @@ def test_interrupted_conversion_leaves_no_layout_and_rerun_succeeds(tmp_path: Pa
     src = _slow_source(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mertools.cli", "convert", str(src), str(out), "--dtype", "q4_k", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # a shell that starts the suite in the background hands its children SIGINT ignored; Ctrl-C is what is tested
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = out.with_name("out.partial")
     deadline = time.monotonic() + 120
     while not any(partial.glob("experts/layer_001/*.bin")) and time.monotonic() < deadline and proc.poll() is None:

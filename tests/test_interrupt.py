@@ -59,7 +59,9 @@ finally:
 
 def run_hooked(k: int, sig: str, src: Path, out: Path) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-c", HOOKED, str(k), sig, "convert", str(src), str(out), "--quiet"]
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    # a shell that starts the suite in the background hands its children SIGINT ignored; Ctrl-C is what is tested
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def assert_nothing_passes_as_a_layout(out: Path) -> bool:
