@@ -31,7 +31,8 @@ def inspect_layout(layout: Layout) -> dict[str, Any]:
         "kind": "layout", "path": str(layout.root), "format": m.format, "version": m.version, "arch": m.arch,
         "config": m.config.to_dict(), "tensor_count": len(m.dense) + 3 * len(m.experts),
         "dtypes": dict(sorted(dtypes.items())), "dense_bytes": sum(t.nbytes for t in m.dense.values()),
-        "expert_bytes": expert_bytes, "bytes_per_expert": m.experts[0].nbytes if m.experts else 0,
+        # the largest expert file (types may differ by layer): a cache slot's size
+        "expert_bytes": expert_bytes, "bytes_per_expert": max((e.nbytes for e in m.experts), default=0),
         "expert_files": len(m.experts), "tokenizer": {k: v for k, v in m.tokenizer.items() if k != "files"},
         "source": m.source,
     }

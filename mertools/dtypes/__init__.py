@@ -42,6 +42,6 @@ def auto_dtype(src_dtype: str) -> str | None:
     for a type no layout holds (the converter refuses it rather than requantize it silently)."""
     if src_dtype in EXPERT_DTYPES:
         return src_dtype
-    if src_dtype in ("f32", "bf16"):  # floats an expert cannot hold: half precision loses only rounding
+    if src_dtype == "f32":  # the one float an expert does not hold: half precision loses only rounding
         return f16.TYPE.name
     return None

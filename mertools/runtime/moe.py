@@ -22,6 +22,8 @@ ROLES = ("gate", "up", "down")
 class StreamingMoE:
     def __init__(self, family: Family, cfg: ModelConfig, cache: ExpertCache, store: ExpertStore, hooks: ModelHooks) -> None:
         self.family, self.cfg, self.cache, self.store, self.hooks = family, cfg, cache, store, hooks
+        # each expert tensor's own type (files mix them layer by layer and role by role), looked up once
+        self.dtypes = {(e.layer, e.expert): tuple(e.tensors[r].dtype for r in ROLES) for e in store.manifest.experts}
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
                  prefetcher: Prefetcher) -> np.ndarray:
@@ -59,9 +61,8 @@ class StreamingMoE:
                 batch: Batch, contrib: np.ndarray) -> None:
         """One resident expert applied to the rows that chose it, sequence by sequence: read once,
         computed per sequence, so a sequence's result never depends on its neighbours."""
-        entry = self.store.manifest.expert(*key)
         g, u, d = (self.store.tensor(slot, key, r) for r in ROLES)
-        dg, du, dd = (entry.tensors[r].dtype for r in ROLES)  # each tensor's own type
+        dg, du, dd = self.dtypes[key]
         for s in batch.seqs:
             tok, which = np.nonzero(chosen[s.rows] == key[1])
             if len(tok) == 0:
