@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numba import njit
 
+from fixtures.ggml_oracle import DET_KINDS, det_data
 from mertools.dtypes import DTYPES, QUANT_TYPES, q4_k
 from mertools.errors import QuantizationError
 from mertools.kernels import dequantize, quantize
@@ -96,35 +99,10 @@ def edge_blocks(bs: int) -> np.ndarray:
     return np.stack(rows)
 
 
-def det_data(n: int, kind: str) -> np.ndarray:
-    """Platform-independent data from an integer hash (exact float32 ops only): float32 (n,)."""
-    i = np.arange(n, dtype=np.uint64)
-    h = i * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(29)
-    v = (h >> np.uint64(40)).astype(F32) / F32(2**23) - F32(1.0)
-    if kind == "uniform":
-        return v
-    if kind == "heavy":
-        return v * v * v * F32(50.0)
-    e = ((h[::32] >> np.uint64(8)) % np.uint64(241)).astype(np.int32) - 120
-    return np.ldexp(v, np.repeat(e, 32)).astype(F32)
-
-
-# SHA-256 of ggml's quantize_row_*_ref output (ggml-quants.c from llama-cpp-python 0.3.36, gcc -O2
-# -ffp-contract=off, x86-64) on det_data(65536, kind).
-C_REFERENCE_SHA256 = {
-    ("uniform", "q4_0"): "1e26ff509d29a186ddeb7f2c6663334f6935f2b67af9ef8cde835751aa2d50a4",
-    ("uniform", "q8_0"): "31605c352f9ec013c664e7f6e8a93c5818b4baba88ef5a826eca6b76019dbbe8",
-    ("uniform", "q4_k"): "a1a7241e9878f347dbe130be2f93960b6de2083b740e3c62140713d1b2ed5b52",
-    ("heavy", "q4_0"): "ea96f6f94aedc2a7535b1a57586ae6287663dec2c2d047a9a1d1ecaa39f2d165",
-    ("heavy", "q8_0"): "62677f84a323332ad3ce030a6a3a212aac3425f705b0b6c6667638abaa708183",
-    ("heavy", "q4_k"): "f07794e52f136efd41e3319523f9bd73971e4bb88aaf56927cafad8a8e418b55",
-    ("blockscale", "q4_0"): "74e3135570515f2d800ceb3a5d20c72986b03f611d7585adfc455e77f09e9742",
-    ("blockscale", "q8_0"): "e14b329e6d2db008b3fac2e5ce6d9c8fd7449e74d464e763df48a18a26b78487",
-    ("blockscale", "q4_k"): "6c94010daf9cf6b0fa2aaeb823efb4b4181401444d8d86fbeded06a1cacf6c4f",
-}
+# SHA-256 of ggml's output (ggml_quantize_chunk -> quantize_row_*_ref, libggml-base of llama-cpp-python
+# 0.3.36; the same as ggml-quants.c built with gcc -O2 -ffp-contract=off) on det_data(65536, kind) as 16
+# rows, for every block type; written by `python -m fixtures.ggml_oracle --write-sha`.
+C_REFERENCE_SHA256 = json.loads((Path(__file__).parent / "data" / "ggml_quant_sha256.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +140,12 @@ def test_edge_cases(dtype: str) -> None:
         np.testing.assert_array_equal(ours, gguf_quantize(x, dtype))
 
 
-@pytest.mark.parametrize("kind", ["uniform", "heavy", "blockscale"])
+@pytest.mark.parametrize("kind", DET_KINDS)
 @pytest.mark.parametrize("dtype", QUANTIZED)
 def test_matches_ggml_c_reference(kind: str, dtype: str) -> None:
     x = det_data(1 << 16, kind).reshape(16, -1)
     for out in (quantize(x, dtype), REF[dtype](x)):
-        assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest() == C_REFERENCE_SHA256[kind, dtype]
+        assert hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest() == C_REFERENCE_SHA256[f"{kind}/{dtype}"]
 
 
 @pytest.mark.parametrize("offset", [0.0, 0.5, 1.0, 7.5, 100.0])
