@@ -35,6 +35,18 @@ def gguf_quantize(x: np.ndarray, dtype: str) -> np.ndarray:
         return quants.quantize(x, GGUF_TYPE[dtype])
 
 
+def zero_sign_free(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Block bytes (n_blocks, type_size) with the sign of every zero f16 scale cleared. gguf-py and C
+    disagree on it (numpy's min/max/argmax may pick a -0.0 where C's scan keeps +0.0 or the first
+    zero): q4_0 follows gguf-py there, the other quantizers C (ggml's SHA table holds C's)."""
+    t = DTYPES[dtype]
+    b = np.array(raw, dtype=np.uint8).reshape(-1, t.type_size)
+    if t.scale_format == "f16":
+        for o in t.scale_offsets:
+            b[(b[:, o] == 0) & ((b[:, o + 1] & 0x7F) == 0), o + 1] = 0
+    return b
+
+
 def gguf_has_quantizer(dtype: str) -> bool:
     try:
         quants.quantize(np.zeros(BLOCK[dtype], F32), GGUF_TYPE[dtype])
@@ -137,7 +149,7 @@ def test_edge_cases(dtype: str) -> None:
     ref = REF[dtype](x).reshape(ours.shape)
     np.testing.assert_array_equal(ours, ref)
     if dtype in GGUF_QUANTIZED:
-        np.testing.assert_array_equal(ours, gguf_quantize(x, dtype))
+        np.testing.assert_array_equal(zero_sign_free(ours, dtype), zero_sign_free(gguf_quantize(x, dtype), dtype))
 
 
 @pytest.mark.parametrize("kind", DET_KINDS)
@@ -151,17 +163,18 @@ def test_matches_ggml_c_reference(kind: str, dtype: str) -> None:
 @pytest.mark.parametrize("offset", [0.0, 0.5, 1.0, 7.5, 100.0])
 @pytest.mark.parametrize("dtype", QUANTIZED)
 def test_round_trip_within_ggml_threshold(dtype: str, offset: float) -> None:
-    # tests/test-quantize-fns.cpp: data 0.1 + 2*cos(i + offset), 4096 values, limit 0.002
+    # tests/test-quantize-fns.cpp: data 0.1 + 2*cos(i + offset), 4096 values, its limit per type
     x = (0.1 + 2 * np.cos(np.arange(4096, dtype=np.float64) + offset)).astype(F32)
     raw = quantize(x, dtype)
     y = quants.dequantize(raw, GGUF_TYPE[dtype]).reshape(-1)
     err = np.sqrt(np.sum((y.astype(np.float64) - x) ** 2)) / x.size
-    assert err <= 0.002
+    assert err <= ROUND_TRIP_LIMIT.get(dtype, 0.002)
     np.testing.assert_array_equal(raw.reshape(-1, DTYPES[dtype].type_size), REF[dtype](x))
     # and the numba dequantizer reproduces gguf's
     assert np.array_equal(dequantize(raw, dtype, (4096,)).view(np.uint32), y.view(np.uint32))
 
 
+ROUND_TRIP_LIMIT = {"q2_k": 0.0075, "q3_k": 0.0040}  # ggml's _2BITS and _3BITS limits; 0.002 otherwise
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
 
 
@@ -173,10 +186,9 @@ finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_su
 def test_property_gguf_quantized(x: np.ndarray, scale: float) -> None:
     for arr in (x, (x / F32(np.abs(x).max() or 1) * F32(scale)).astype(F32)):
         for dtype in GGUF_QUANTIZED:
-            ours = quantize(arr, dtype)
-            expected = gguf_quantize(arr, dtype)
-            assert np.array_equal(ours, expected)
-            assert np.array_equal(REF[dtype](arr).reshape(ours.shape), expected)
+            expected = zero_sign_free(gguf_quantize(arr, dtype), dtype)
+            assert np.array_equal(zero_sign_free(quantize(arr, dtype), dtype), expected)
+            assert np.array_equal(zero_sign_free(REF[dtype](arr), dtype), expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -264,7 +276,7 @@ def test_f16_overflow_raises(big: float) -> None:
 
 def test_unknown_dtype_and_bad_input() -> None:
     with pytest.raises(QuantizationError):
-        quantize(np.zeros((1, 32), F32), "q5_0")
+        quantize(np.zeros((1, 32), F32), "q7_0")
     with pytest.raises(QuantizationError):
         quantize(np.zeros((1, 32), np.int32), "q4_0")
 

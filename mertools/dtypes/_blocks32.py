@@ -11,16 +11,24 @@
                          by the 16 nibble bytes; the high bits go through a lane mask (a kmov and a
                          masked or on AVX-512) rather than per-lane shifts
 
+and the scalar pieces of their numba quantizers:
+
+    c_byte(v)            C's (uint8_t)/(int8_t) cast of a float as x86 code does it: a byte 0..255
+    c_int8(v)            the same byte read as a signed int8_t, -128..127
+    put_f16(out, o, v)   out[o:o+2] = GGML_FP32_TO_FP16(v), little-endian
+
 numba's on-disk cache is keyed on each kernel's own source file: after editing this file, delete the
 type modules' and `kernels/dispatch`'s caches (*.nbi, *.nbc).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
+from mertools.kernels.common import EXACT_JIT, f32_to_f16_bits
 from mertools.kernels.simd import LANES, F32x16, I32x16, is_carray, is_int, ptr_at, vty
 
 _I32 = ir.IntType(32)
@@ -100,3 +108,30 @@ q5_lo16 = _q5_16(False, 0)
 q5_hi16 = _q5_16(True, 0)
 q5_lo16_signed = _q5_16(False, 16)  # q5_0: q - 16
 q5_hi16_signed = _q5_16(True, 16)
+
+
+# ---------------------------------------------------------------- scalar quantizer pieces
+
+
+@njit(**EXACT_JIT)
+def c_byte(v):
+    """A float32 cast to uint8_t/int8_t by gcc on x86 (cvttss2si, then the low byte): NaN, Inf and
+    values outside int32 give 0x80000000, so byte 0 (numpy's casts agree: `base.cast_low_byte`)."""
+    if v != v or v >= np.float32(2147483648.0) or v < np.float32(-2147483648.0):
+        return 0
+    return np.int64(v) & 0xFF  # truncates toward zero
+
+
+@njit(**EXACT_JIT)
+def c_int8(v):
+    """(int8_t)v as a signed value: C's MIN(15, (int8_t)...) compares it signed."""
+    b = c_byte(v)
+    return b - 256 if b >= 128 else b
+
+
+@njit(**EXACT_JIT)
+def put_f16(out, o, v):
+    """out[o], out[o+1] = the half of float32 v (round to nearest even), little-endian."""
+    h = f32_to_f16_bits(v)
+    out[o] = h & 0xFF
+    out[o + 1] = h >> 8

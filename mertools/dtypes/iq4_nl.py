@@ -2,8 +2,9 @@
 non-linear table K (ggml's kvalues_iq4nl) and d an f16 scale.
 
 Block: d (f16, bytes 0-1), then 16 bytes whose low nibbles index weights 0-15 and high nibbles
-16-31 (the 32-weight 4-bit layout). The dequantizer is bit-exact with ggml and gguf-py. No quantizer yet: a
-layout copies iq4_nl from a source.
+16-31 (the 32-weight 4-bit layout). The dequantizer is bit-exact with ggml and gguf-py; the quantizer
+(`_iq4`: a weighted scale search) with what ggml_quantize_chunk writes without an importance matrix
+(quantize_iq4_nl; gguf-py has none).
 
 Decode (matvec): the 16-entry table K * d is built per block (one multiply) and indexed by the
 nibbles with `vlut16`, as the other 4-bit tables do; the weights are exactly `dequantize`'s.
@@ -28,10 +29,10 @@ from mertools.kernels.common import (
 from mertools.kernels.simd import half_splat, nib16, vadd, vfma, vhsum, vload, vlut16, vshr4, vstore, vzero
 
 from ._blocks32 import const16, vexact_mul
+from ._iq4 import KVALUES, quantize_nl, quantize_nl_reference  # KVALUES: ggml kvalues_iq4nl
 from .base import DType, Thresholds, f16_from_bytes
 
 BYTES = 18
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml kvalues_iq4nl
 _K = np.array(KVALUES, dtype=np.float32)
 _table = const16(KVALUES)
 
@@ -115,5 +116,6 @@ TYPE = DType(
     "iq4_nl", 20, 32, BYTES, scale_offsets=(0,),
     # provisional until calibrated on the trained fixture: 4.5 bits, a better grid than a uniform one
     verify=Thresholds(kl_mean=0.07, top1=0.81, ppl_ratio=1.07),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize_nl, dequantize=dequantize,
+    quantize_reference=quantize_nl_reference, dequantize_reference=dequantize_reference,
 )

@@ -5,7 +5,9 @@ Super-block: d (f16, bytes 0-1); scales_h (uint16, bytes 2-3: 2 high bits per su
 at bits 2j..2j+1); scales_l (bytes 4-7: the low nibbles, sub-block j in byte j//2, low nibble first);
 128 bytes of codes, sub-block j in bytes 8+16j..8+16j+15 (low nibbles: its weights 0-15, high
 nibbles: 16-31). x = (d * (ls_j - 32)) * KVALUES[q] (ggml's dequantize_row_iq4_xs and gguf-py: the
-product d*ls rounded first). No quantizer yet (a layout only copies iq4_xs from a source).
+product d*ls rounded first). The quantizer (`_iq4`: a weighted scale search per sub-block, then the
+6-bit scales) is bit-exact with what ggml_quantize_chunk writes without an importance matrix
+(quantize_iq4_xs; gguf-py has none).
 
 Decode (matvec): a 16-entry table (d*ls) * KVALUES[k] per sub-block (one multiply, as the
 reference) indexed by the nibbles with vpermps (`vlut16`): the weights are exactly `dequantize`'s.
@@ -50,10 +52,10 @@ from mertools.kernels.simd import (
     vzero,
 )
 
+from ._iq4 import KVALUES, quantize_xs, quantize_xs_reference  # KVALUES: ggml kvalues_iq4nl
 from .base import DType, Thresholds, f16_from_bytes
 
 BYTES = 136
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 _F32 = np.float32
 
 
@@ -205,5 +207,6 @@ TYPE = DType(
     "iq4_xs", 23, 256, BYTES, scale_offsets=(0,),
     # provisional until calibrated on the trained fixture: 4.25 bits, the limits of the 4-bit K-quant
     verify=Thresholds(kl_mean=0.05, top1=0.85, ppl_ratio=1.05),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize_xs, dequantize=dequantize,
+    quantize_reference=quantize_xs_reference, dequantize_reference=dequantize_reference,
 )

@@ -4,13 +4,21 @@ Block: e (one E8M0 exponent byte, byte 0), then 16 bytes whose low nibbles index
 high nibbles 16-31 into ggml's doubled E2M1 table K = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ..., -12}; the
 halving is folded into the scale (ggml_e8m0_to_fp32_half: 2^(e - 128), subnormal for e < 2). Every
 weight is exact (a small integer times a power of two); e >= 253 can overflow to inf, and no byte
-gives NaN (ggml ignores OCP's NaN at e = 255). The dequantizer is bit-exact with ggml and gguf-py.
-No quantizer yet: a layout copies mxfp4 from a source. Blocks are 17 bytes: rows are unaligned.
+gives NaN (ggml ignores OCP's NaN at e = 255). Quantizer and dequantizer are bit-exact with ggml
+(quantize_row_mxfp4_ref) and gguf-py. Blocks are 17 bytes: rows are unaligned.
+
+Quantizer: e = (uint8_t)(floor(log2f(amax)) + 125) (so amax < 2^-125 wraps to a large e, as in C), each
+weight the table entry nearest to it (first of equal errors). log2f is taken as log2 in double rounded
+to float32: checked against ggml on every float32 amax at the top of its binade (where log2f rounds up
+to the next integer), the double result is never within a relative 2e-10 of a float32 rounding
+boundary, so any faithful double log2 gives ggml's bytes.
 
 Decode (matvec): the table K * 2^(e - 128) per block (exact), indexed by the nibbles with `vlut16`.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -19,11 +27,12 @@ from mertools.kernels.common import EXACT_JIT, EXACT_PJIT, KC, MATVEC_JIT, TILE_
 from mertools.kernels.simd import bits_f32, nib16, vadd, vfma, vhsum, vload, vlut16, vshr4, vsplat, vstore, vzero
 
 from ._blocks32 import const16, vexact_mul
-from .base import DType, Thresholds
+from .base import DType, Thresholds, cast_low_byte
 
 BYTES = 17
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values doubled (kvalues_mxfp4)
 _K = np.array(KVALUES, dtype=np.float32)
+_F32 = np.float32
 _table = const16(KVALUES)
 
 
@@ -35,6 +44,19 @@ def e8m0_half_reference(e: np.ndarray) -> np.ndarray:
     e = np.asarray(e).astype(np.uint32)
     bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23)).astype(np.uint32)
     return bits.view(np.float32)
+
+
+def quantize_reference(x: np.ndarray) -> np.ndarray:
+    """x: float32 (..., cols) with cols % 32 == 0 -> uint8 (n_blocks, 17)."""
+    xb = np.asarray(x, dtype=np.float32).reshape(-1, 32)  # (nb, 32)
+    amax = np.abs(xb).max(axis=1)  # (nb,)
+    with np.errstate(all="ignore"):
+        lg = np.floor(np.log2(amax.astype(np.float64)).astype(np.float32))  # floorf(log2f(amax))
+        e = np.where(amax > 0, cast_low_byte(lg - _F32(2.0) + _F32(127.0)), 0).astype(np.uint8)
+        d = e8m0_half_reference(e)[:, None, None]  # (nb, 1, 1)
+        err = np.abs(d * _K - xb[:, :, None])  # (nb, 32, 16): fabsf(K[i]*d - x)
+    q = err.argmin(axis=2).astype(np.uint8)  # the first of equal errors, as C's strict `<`
+    return np.concatenate([e[:, None], q[:, :16] | (q[:, 16:] << 4)], axis=1)
 
 
 def dequantize_reference(raw: np.ndarray) -> np.ndarray:
@@ -56,6 +78,47 @@ def e8m0_half(e):
     e = np.int64(e)
     bits = (np.int64(0x00200000) << e) if e < 2 else ((e - 1) << 23)
     return bits_f32(np.int32(bits))
+
+
+@njit(**EXACT_JIT)
+def _nearest(v, d, k):
+    """best_index_mxfp4: the first i with the least fabsf(K[i]*d - v). Only 8 entries can win: for
+    v >= 0 a negative entry's error |K|d + v is never below the positive one's, which comes first; for
+    v < 0 the positive entries' errors K d + |v| are never below entry 0's |v|, and entry 8 (also 0)
+    ties with it, so the scan covers 0..7 or 0, 9..15."""
+    s = 0 if v >= np.float32(0.0) else 8
+    best = 0
+    best_err = abs(k[0] * d - v)
+    for i in range(1, 8):
+        err = abs(k[s + i] * d - v)
+        if err < best_err:
+            best = s + i
+            best_err = err
+    return best
+
+
+@njit(**EXACT_PJIT)
+def quantize(x):
+    """x: float32 (n_blocks*32,) -> uint8 (n_blocks*17,)."""
+    nb = x.size // 32
+    out = np.empty(nb * BYTES, dtype=np.uint8)
+    k = _K
+    for b in prange(nb):
+        base = b * 32
+        amax = np.float32(0.0)
+        for j in range(32):
+            if amax < abs(x[base + j]):
+                amax = abs(x[base + j])
+        e = 0
+        if amax > np.float32(0.0):
+            lg = np.floor(np.float32(math.log2(np.float64(amax))))  # an integer, -149..128
+            e = (np.int64(lg) + 125) & 0xFF  # (uint8_t)(lg - 2 + 127): gcc's cast keeps the low byte
+        d = e8m0_half(e)
+        o = b * BYTES
+        out[o] = e
+        for j in range(16):
+            out[o + 1 + j] = _nearest(x[base + j], d, k) | (_nearest(x[base + 16 + j], d, k) << 4)
+    return out
 
 
 @njit(**EXACT_PJIT)
@@ -121,5 +184,6 @@ TYPE = DType(
     "mxfp4", 39, 32, BYTES, scale_offsets=(0,), scale_format="e8m0",
     # provisional until calibrated on the trained fixture: 4.25 bits, a coarse grid: the 4.5-bit type's limits
     verify=Thresholds(kl_mean=0.08, top1=0.80, ppl_ratio=1.08),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize, dequantize=dequantize,
+    quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )

@@ -1,8 +1,10 @@
 """q4_1: blocks of 32 weights in 20 bytes, x = d * q + m with q a 4-bit quant, d and m f16.
 
 Block: d (f16, bytes 0-1), m (f16, bytes 2-3), then 16 bytes whose low nibbles are weights 0-15 and
-high nibbles 16-31. The dequantizer is bit-exact with ggml and gguf-py (d * q rounded, then + m).
-No quantizer yet: a layout copies q4_1 from a source.
+high nibbles 16-31. Quantizer and dequantizer are bit-exact with ggml (quantize_row_q4_1_ref, what
+ggml_quantize_chunk writes without an importance matrix) and gguf-py, except that gguf-py's m may
+differ in the sign of a zero min (C keeps the first of equal zeros, numpy's min either); the
+dequantizer rounds d * q, then adds m.
 
 Decode (matvec): a 16-entry table d * k + m (k = 0..15, the reference's two roundings) per block,
 indexed by the nibbles with `vlut16`, so the weights are exactly `dequantize`'s.
@@ -27,13 +29,44 @@ from mertools.kernels.common import (
 )
 from mertools.kernels.simd import half_splat, nib16, vadd, vfma, vhsum, viota, vload, vlut16, vshr4, vstore, vzero
 
-from ._blocks32 import vaffine
-from .base import DType, Thresholds, f16_from_bytes
+from ._blocks32 import c_int8, put_f16, vaffine
+from .base import DType, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
 
 BYTES = 20
+_F32 = np.float32
 
 
-# ---------------------------------------------------------------- numpy reference
+# ---------------------------------------------------------------- numpy references
+
+
+def signed_byte_reference(v: np.ndarray) -> np.ndarray:
+    """float32 (...) -> int64 (...): C's (int8_t)v on x86, -128..127 (NaN/Inf/out of range: 0)."""
+    b = cast_low_byte(v)
+    return np.where(b >= 128, b - 256, b)
+
+
+def min_max_reference(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (nb, 32) -> min, max float32 (nb, 1) as C's `if (v < min)` scan finds them (the first
+    of equal values wins, which fixes the sign of a zero; numpy's min/max may pick either)."""
+    mn = xb[:, 0].copy()  # C starts from +-FLT_MAX: the same for finite x
+    mx = xb[:, 0].copy()
+    for j in range(1, xb.shape[1]):
+        mn = np.where(xb[:, j] < mn, xb[:, j], mn)
+        mx = np.where(xb[:, j] > mx, xb[:, j], mx)
+    return mn[:, None], mx[:, None]
+
+
+def quantize_reference(x: np.ndarray) -> np.ndarray:
+    """x: float32 (..., cols) with cols % 32 == 0 -> uint8 (n_blocks, 20)."""
+    xb = np.asarray(x, dtype=np.float32).reshape(-1, 32)  # (nb, 32)
+    mn, mx = min_max_reference(xb)
+    with np.errstate(all="ignore"):
+        d = (mx - mn) / _F32(15.0)  # may overflow to inf: then id = 0 and x - min = inf gives NaN, byte 0
+        inv = np.where(d != 0, _F32(1.0) / np.where(d != 0, d, _F32(1.0)), _F32(0.0)).astype(np.float32)
+        # C: MIN(15, (int8_t)(v + 0.5f)), a signed comparison (negative bytes cannot occur: v <= ~15)
+        q = np.minimum(signed_byte_reference((xb - mn) * inv + _F32(0.5)), 15) & 0xFF  # (nb, 32)
+    qs = (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)  # byte j: element j low, element j+16 high
+    return np.concatenate([f16_bytes(d.ravel()), f16_bytes(mn.ravel()), qs], axis=1)
 
 
 def dequantize_reference(raw: np.ndarray) -> np.ndarray:
@@ -47,7 +80,34 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
         return (d * q + m).reshape(-1)
 
 
-# ---------------------------------------------------------------- numba dequantizer
+# ---------------------------------------------------------------- numba quantizer and dequantizer
+
+
+@njit(**EXACT_PJIT)
+def quantize(x):
+    """x: float32 (n_blocks*32,) -> uint8 (n_blocks*20,)."""
+    nb = x.size // 32
+    out = np.empty(nb * BYTES, dtype=np.uint8)
+    for b in prange(nb):
+        base = b * 32
+        mn = x[base]  # C starts from FLT_MAX / -FLT_MAX: the same for finite input
+        mx = x[base]
+        for j in range(1, 32):
+            v = x[base + j]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = (mx - mn) / np.float32(15.0)
+        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+        o = b * BYTES
+        put_f16(out, o, d)
+        put_f16(out, o + 2, mn)
+        for j in range(16):
+            q0 = min(c_int8((x[base + j] - mn) * inv + np.float32(0.5)), 15) & 0xFF
+            q1 = min(c_int8((x[base + 16 + j] - mn) * inv + np.float32(0.5)), 15) & 0xFF
+            out[o + 4 + j] = (q0 | (q1 << 4)) & 0xFF
+    return out
 
 
 @njit(**EXACT_JIT)
@@ -124,5 +184,6 @@ TYPE = DType(
     "q4_1", 3, 32, BYTES, scale_offsets=(0, 2),
     # provisional until calibrated on the trained fixture: 5 bits a weight, a little better than the 4.5-bit type
     verify=Thresholds(kl_mean=0.06, top1=0.82, ppl_ratio=1.06),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize, dequantize=dequantize,
+    quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )

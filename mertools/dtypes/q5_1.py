@@ -2,8 +2,9 @@
 
 Block: d (f16, bytes 0-1), m (f16, bytes 2-3), qh (4 bytes, a little-endian uint32 whose bit j is
 the high bit of weight j), then 16 bytes whose low nibbles are the low 4 bits of weights 0-15 and
-high nibbles those of 16-31. The dequantizer is bit-exact with ggml and gguf-py (d * q rounded, then
-+ m). No quantizer yet: a layout copies q5_1 from a source.
+high nibbles those of 16-31. Quantizer and dequantizer are bit-exact with ggml (quantize_row_q5_1_ref,
+what ggml_quantize_chunk writes without an importance matrix) and gguf-py (but for the sign of a zero
+min, see q4_1); the dequantizer rounds d * q, then adds m.
 
 Decode (matvec): the 5-bit quants are assembled in int32 lanes (`q5_lo16`/`q5_hi16`), converted
 (exact), then d * q + m with the reference's two roundings (`vaffine`): exactly `dequantize`'s.
@@ -28,14 +29,27 @@ from mertools.kernels.common import (
 )
 from mertools.kernels.simd import half_splat, vadd, vfma, vhsum, vload, vstore, vtof, vzero
 
-from ._blocks32 import q5_hi16, q5_lo16, vaffine
-from .base import DType, Thresholds, f16_from_bytes
-from .q5_0 import quants5_reference
+from ._blocks32 import c_byte, put_f16, q5_hi16, q5_lo16, vaffine
+from .base import DType, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
+from .q4_1 import min_max_reference
+from .q5_0 import pack5_reference, put_q5, put_u32, quants5_reference
 
 BYTES = 24
+_F32 = np.float32
 
 
-# ---------------------------------------------------------------- numpy reference
+# ---------------------------------------------------------------- numpy references
+
+
+def quantize_reference(x: np.ndarray) -> np.ndarray:
+    """x: float32 (..., cols) with cols % 32 == 0 -> uint8 (n_blocks, 24)."""
+    xb = np.asarray(x, dtype=np.float32).reshape(-1, 32)  # (nb, 32)
+    mn, mx = min_max_reference(xb)  # (nb, 1) each
+    with np.errstate(all="ignore"):
+        d = (mx - mn) / _F32(31.0)
+        inv = np.where(d != 0, _F32(1.0) / np.where(d != 0, d, _F32(1.0)), _F32(0.0)).astype(np.float32)
+        q = cast_low_byte((xb - mn) * inv + _F32(0.5))  # C: (uint8_t)(v + 0.5f), no clamp
+    return np.concatenate([f16_bytes(d.ravel()), f16_bytes(mn.ravel()), pack5_reference(q)], axis=1)
 
 
 def dequantize_reference(raw: np.ndarray) -> np.ndarray:
@@ -48,7 +62,36 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
         return (d * q + m).reshape(-1)
 
 
-# ---------------------------------------------------------------- numba dequantizer
+# ---------------------------------------------------------------- numba quantizer and dequantizer
+
+
+@njit(**EXACT_PJIT)
+def quantize(x):
+    """x: float32 (n_blocks*32,) -> uint8 (n_blocks*24,)."""
+    nb = x.size // 32
+    out = np.empty(nb * BYTES, dtype=np.uint8)
+    for b in prange(nb):
+        base = b * 32
+        mn = x[base]  # C starts from FLT_MAX / -FLT_MAX: the same for finite input
+        mx = x[base]
+        for j in range(1, 32):
+            v = x[base + j]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = (mx - mn) / np.float32(31.0)
+        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+        o = b * BYTES
+        put_f16(out, o, d)
+        put_f16(out, o + 2, mn)
+        qh = np.int64(0)
+        for j in range(16):
+            q0 = c_byte((x[base + j] - mn) * inv + np.float32(0.5))
+            q1 = c_byte((x[base + 16 + j] - mn) * inv + np.float32(0.5))
+            qh = put_q5(out, o + 8, q0, q1, j, qh)
+        put_u32(out, o + 4, qh)
+    return out
 
 
 @njit(**EXACT_JIT)
@@ -128,5 +171,6 @@ TYPE = DType(
     "q5_1", 7, 32, BYTES, scale_offsets=(0, 2),
     # provisional until calibrated on the trained fixture: 6 bits a weight, between the 4- and 8-bit types
     verify=Thresholds(kl_mean=0.03, top1=0.86, ppl_ratio=1.04),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize, dequantize=dequantize,
+    quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )
