@@ -18,8 +18,6 @@ from fixtures.safetensors_io import read_hf_weights
 from fixtures.tiny_mixtral import TinyConfig, _gguf_tensors, build_hf
 from mertools import dtypes as registry
 from mertools.convert.pipeline import ConvertOptions, convert
-from mertools.errors import QuantizationError
-from mertools.kernels import quantize
 from mertools.layout import Layout
 from mertools.reference.forward import ReferenceModel
 from mertools.runtime.engine import Engine
@@ -160,15 +158,12 @@ def test_engine_matches_the_reference_of_the_gguf(mixed_gguf: Path, mixed_layout
         assert (got.argmax(1) == ref.argmax(1)).all()
 
 
-def test_types_without_a_quantizer_are_copy_only() -> None:
+def test_k_types_are_kept_under_auto_and_are_conversion_targets() -> None:
     for name in K_TYPES:
         t = registry.DTYPES[name]
-        assert t.quantize is None and t.expert and registry.auto_dtype(name) == name
-        assert name in registry.EXPERT_DTYPES and name not in registry.CONVERT_CHOICES
-        with pytest.raises(QuantizationError, match="no quantizer"):
-            quantize(np.zeros((1, 256), np.float32), name)
-        with pytest.raises(ValueError, match="dtype must be one of"):
-            ConvertOptions(dtype=name)
+        assert t.quantize is not None and t.expert and registry.auto_dtype(name) == name
+        assert name in registry.EXPERT_DTYPES and name in registry.CONVERT_CHOICES
+        assert ConvertOptions(dtype=name).dtype == name
 
 
 @pytest.mark.parametrize("avx512", [True, False])

@@ -5,8 +5,11 @@ Super-block: hmask (32 bytes of high bits), qs (64 bytes of 2-bit codes), 12 byt
 (l < 32) has low bits (qs[32h + l] >> 2s) & 3 and high bit (hmask[l] >> (4h + s)) & 1, and
 q = low - (high bit clear ? 4 : 0). Scale k (of the 16-weight group k): low nibble
 (scales[k % 8] >> 4(k // 8)) & 15, high bits (scales[8 + k % 4] >> 2(k // 4)) & 3, minus 32.
-x = (d * sc_k) * q (ggml's dequantize_row_q3_K and gguf-py: d*sc rounded first). No quantizer yet
-(a layout only copies q3_k from a source).
+x = (d * sc_k) * q (ggml's dequantize_row_q3_K and gguf-py: d*sc rounded first). The quantizer is
+ggml's quantize_row_q3_K_ref bit for bit (what llama-quantize writes without an importance matrix):
+per group make_q3_quants(16, 4, x, L, true) (levels from -4/max, then up to 5 passes moving single
+levels while the weighted fit improves), 6-bit scales nearest_int(-32/max_scale * scale) (the int
+truncated to int8 first), d = f16(1/iscale), then every weight requantized with the stored d*sc.
 
 Decode (matvec): 8-entry tables (d*sc) * (k - 4) (one multiply, as the reference), two groups that
 share their 16 bytes of codes in one 16-lane table, indexed by code | 8(group) with vpermps (`vlut16`):
@@ -21,12 +24,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from mertools.kernels.common import (
+    EXACT_JIT,
     EXACT_PJIT,
     KC,
     MATVEC_JIT,
     TILE_JIT,
     R,
     f16_bits_to_f32,
+    f32_to_f16_bits,
     group_rows,
     group_store,
     prefetch_lines,
@@ -49,14 +54,82 @@ from mertools.kernels.simd import (
     vzero,
 )
 
-from ._blocks256 import iand, ior, iors, ishl, ishr
-from .base import DType, Thresholds, f16_from_bytes
+from ._blocks256 import iand, ior, iors, ishl, ishr, nearest_int, nearest_int_reference, signed_absmax, signed_absmax_reference
+from .base import DType, Thresholds, f16_bytes, f16_from_bytes
 
 BYTES = 110
+_CHUNK = 16  # super-blocks per parallel quantizer task, so the scratch arrays are allocated once per task
 _F32 = np.float32
+_EPS = _F32(1e-15)  # ggml's GROUP_MAX_EPS: a group whose max |x| is below it is all zero
 
 
 # ---------------------------------------------------------------- numpy reference
+
+
+def _make_q3_quants_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(16, 4, x, L, true) for S groups: x float32 (S, 16) -> (scale float32 (S,),
+    L int64 (S, 16) in 0..7). w*x*l is (w*x)*l, w*l*l is (w*l)*l; each group stops after a pass
+    that changes nothing (`active`)."""
+    amax, mx = signed_absmax_reference(x)
+    zero = amax < _EPS
+    w = x * x
+    wx = w * x
+    L = np.clip(nearest_int_reference((_F32(-4.0) / mx)[:, None] * x), -4, 3)
+    lf = L.astype(np.float32)
+    sumlx = np.zeros_like(amax)
+    suml2 = np.zeros_like(amax)
+    for i in range(16):
+        sumlx = sumlx + wx[:, i] * lf[:, i]
+        suml2 = suml2 + (w[:, i] * lf[:, i]) * lf[:, i]
+    active = ~zero
+    for _ in range(5):
+        changed = np.zeros_like(active)
+        for i in range(16):
+            li = L[:, i]
+            lf = li.astype(np.float32)
+            slx = sumlx - wx[:, i] * lf
+            sl2 = suml2 - (w[:, i] * lf) * lf
+            new = np.clip(nearest_int_reference((x[:, i] * sl2) / slx), -4, 3)
+            nf = new.astype(np.float32)
+            slx = slx + wx[:, i] * nf  # only used where slx > 0 held before
+            sl2 = sl2 + (w[:, i] * nf) * nf
+            ok = active & (sumlx - wx[:, i] * lf > 0) & (new != li) & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+            L[:, i] = np.where(ok, new, li)
+            sumlx = np.where(ok, slx, sumlx)
+            suml2 = np.where(ok, sl2, suml2)
+            changed |= ok
+        active &= changed
+    scale = np.where(suml2 > 0, sumlx / suml2, _F32(0.0))
+    return np.where(zero, _F32(0.0), scale).astype(np.float32), np.where(zero[:, None], 0, L + 4)
+
+
+def quantize_reference(x: np.ndarray) -> np.ndarray:
+    """x: float32 (..., cols) with cols % 256 == 0 -> uint8 (n_blocks, 110) Q3_K blocks."""
+    xs = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 16, 16)  # (nb, 16 groups, 16)
+    nb = xs.shape[0]
+    with np.errstate(all="ignore"):  # values computed under a false mask are discarded
+        scales, L = _make_q3_quants_reference(xs.reshape(-1, 16))
+        scales = scales.reshape(nb, 16)
+        L = L.reshape(nb, 16, 16)
+        max_scale = signed_absmax_reference(scales)[1]
+        nz = max_scale != 0
+        iscale = _F32(-32.0) / max_scale
+        lq = nearest_int_reference(iscale[:, None] * scales)
+        lq = ((lq & 0xFF) ^ 0x80) - 0x80  # int8_t l = nearest_int(...)
+        lq = np.where(nz[:, None], np.clip(lq, -32, 31) + 32, 0)  # (nb, 16) in 0..63; all 0 when max_scale is 0
+        d16 = f16_bytes(np.where(nz, _F32(1.0) / iscale, _F32(0.0)).astype(np.float32))  # (nb, 2)
+        d = d16.view("<f2").astype(np.float32) * (lq - 32).astype(np.float32)  # (nb, 16)
+        requant = np.clip(nearest_int_reference(xs / d[:, :, None]), -4, 3) + 4
+        L = np.where((d != 0)[:, :, None], requant, L).reshape(nb, 8, 32)  # `if (!d) continue;`
+    packed = np.zeros((nb, 12), dtype=np.int64)
+    for j in range(16):  # low nibbles: bytes 0..7 (groups 8.. in the high nibble); high 2 bits: bytes 8..11
+        packed[:, j % 8] |= (lq[:, j] & 15) << (4 * (j // 8))
+        packed[:, 8 + j % 4] |= (lq[:, j] >> 4) << (2 * (j // 4))
+    high = L > 3  # (nb, 8, 32): weight 32k + m sets bit k of hmask[m]
+    hmask = (high.astype(np.int64) << np.arange(8).reshape(1, 8, 1)).sum(axis=1)  # distinct bits: sum = OR
+    Lr = np.where(high, L - 4, L).reshape(nb, 2, 4, 32)
+    qs = (Lr[:, :, 0] | (Lr[:, :, 1] << 2) | (Lr[:, :, 2] << 4) | (Lr[:, :, 3] << 6)).reshape(nb, 64)
+    return np.concatenate([hmask, qs, packed, d16], axis=1).astype(np.uint8)
 
 
 def _scales(b: np.ndarray) -> np.ndarray:
@@ -82,7 +155,117 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
         return (dl * q).reshape(-1)
 
 
-# ---------------------------------------------------------------- numba dequantizer
+# ---------------------------------------------------------------- numba quantizer and dequantizer
+
+
+@njit(**EXACT_JIT)
+def _make_q3_quants(x, base, L, lbase, w, wx):
+    """make_q3_quants(16, 4, x + base, L + lbase, true) -> scale (float32); L int64 (0..7);
+    w, wx float32 (16,) scratch for x*x and (x*x)*x."""
+    amax, mx = signed_absmax(x, base, 16)
+    if amax < _EPS:
+        for i in range(16):
+            L[lbase + i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(-4.0) / mx
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(16):
+        xi = x[base + i]
+        w[i] = xi * xi
+        wx[i] = w[i] * xi
+        li = min(max(nearest_int(iscale * xi), -4), 3)
+        L[lbase + i] = li
+        lf = np.float32(li)
+        sumlx += wx[i] * lf
+        suml2 += w[i] * lf * lf
+    for _ in range(5):
+        n_changed = 0
+        for i in range(16):
+            li = L[lbase + i]
+            lf = np.float32(li)
+            slx = sumlx - wx[i] * lf
+            if slx > np.float32(0.0):
+                sl2 = suml2 - w[i] * lf * lf
+                new = min(max(nearest_int(x[base + i] * sl2 / slx), -4), 3)
+                if new != li:
+                    nf = np.float32(new)
+                    slx += wx[i] * nf
+                    sl2 += w[i] * nf * nf
+                    if sl2 > np.float32(0.0) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[lbase + i] = new
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(16):
+        L[lbase + i] += 4
+    return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(**EXACT_JIT)
+def _q3_k_block(x, base, out, o, L, scales, w, wx, lq):
+    """quantize_row_q3_K_ref for one super-block: x[base:base+256] -> out[o:o+110]; lq int64 (16,)."""
+    amax = np.float32(0.0)
+    max_scale = np.float32(0.0)
+    for j in range(16):
+        s = _make_q3_quants(x, base + 16 * j, L, 16 * j, w, wx)
+        scales[j] = s
+        if abs(s) > amax:
+            amax = abs(s)
+            max_scale = s
+    for k in range(12):
+        out[o + 96 + k] = 0
+    hd = 0  # GGML_FP32_TO_FP16(0.f)
+    for j in range(16):
+        lq[j] = 0
+    if max_scale != np.float32(0.0):
+        iscale = np.float32(-32.0) / max_scale
+        for j in range(16):
+            v = nearest_int(iscale * scales[j]) & 0xFF  # int8_t l = nearest_int(...)
+            v = min(max(v - 256 if v >= 128 else v, -32), 31) + 32
+            lq[j] = v
+            out[o + 96 + j % 8] |= (v & 15) << (4 * (j // 8))
+            out[o + 104 + j % 4] |= (v >> 4) << (2 * (j // 4))
+        hd = f32_to_f16_bits(np.float32(1.0) / iscale)
+    d_all = f16_bits_to_f32(hd)
+    for j in range(16):
+        d = d_all * np.float32(lq[j] - 32)
+        if d == np.float32(0.0):
+            continue  # keeps make_q3_quants' L (a NaN d requantizes, as in C)
+        for i in range(16):
+            L[16 * j + i] = min(max(nearest_int(x[base + 16 * j + i] / d), -4), 3) + 4
+    for m in range(32):  # bit k of hmask[m]: the high bit of weight 32k + m
+        h = 0
+        for k in range(8):
+            if L[32 * k + m] > 3:
+                h |= 1 << k
+                L[32 * k + m] -= 4
+        out[o + m] = h
+    for hh in range(2):
+        for i in range(32):
+            t = 128 * hh + i
+            out[o + 32 + 32 * hh + i] = L[t] | (L[t + 32] << 2) | (L[t + 64] << 4) | (L[t + 96] << 6)
+    out[o + 108] = hd & 0xFF
+    out[o + 109] = hd >> 8
+
+
+@njit(**EXACT_PJIT)
+def quantize(x):
+    """x: float32 (n_blocks*256,) -> uint8 (n_blocks*110,)."""
+    nb = x.size // 256
+    out = np.empty(nb * BYTES, dtype=np.uint8)
+    n_tasks = (nb + _CHUNK - 1) // _CHUNK
+    for t in prange(n_tasks):
+        L = np.empty(256, dtype=np.int64)
+        scales = np.empty(16, dtype=np.float32)
+        w = np.empty(16, dtype=np.float32)
+        wx = np.empty(16, dtype=np.float32)
+        lq = np.empty(16, dtype=np.int64)
+        for b in range(t * _CHUNK, min(nb, (t + 1) * _CHUNK)):
+            _q3_k_block(x, b * 256, out, b * BYTES, L, scales, w, wx, lq)
+    return out
 
 
 @njit(**EXACT_PJIT)
@@ -270,5 +453,6 @@ TYPE = DType(
     "q3_k", 11, 256, BYTES, scale_offsets=(108,),
     # provisional until calibrated on the trained fixture: 3.44 bits, looser than the 4-bit types' limits
     verify=Thresholds(kl_mean=0.12, top1=0.75, ppl_ratio=1.12),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize, dequantize=dequantize,
+    quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )

@@ -4,7 +4,9 @@ Super-block: d and dmin (f16, bytes 0-1 and 2-3); 12 bytes of scales and mins pa
 (get_scale_min_k4); qh, 32 bytes of fifth bits (bit j of qh[i] is weight i of sub-block j); 128
 bytes of low nibbles, chunk c (32 bytes) holding sub-block 2c in its low nibbles and 2c+1 in its
 high ones. x = (d*sc_j)*q - dmin*m_j with q = nibble | fifth bit << 4 (ggml's dequantize_row_q5_K
-and gguf-py). No quantizer yet (a layout only copies q5_k from a source).
+and gguf-py). The quantizer is ggml's quantize_row_q5_K_ref bit for bit (what llama-quantize writes
+without an importance matrix): the 4-bit K type's algorithm (`_blocks256.k4_levels`) with
+make_qkx2_quants(32, 31, .., -0.5f, 0.1f, 15, false), the fifth bits split off into qh.
 
 Decode (matvec): two 16-entry tables fma(k, d*sc, -dmin*m) per sub-block (k = 0..15 and 16..31),
 indexed by the 5-bit codes with one vpermi2ps (`vlut32`): one rounding where the reference rounds
@@ -25,6 +27,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from mertools.kernels.common import (
+    EXACT_JIT,
     EXACT_PJIT,
     KC,
     MATVEC_JIT,
@@ -59,14 +62,39 @@ from mertools.kernels.simd import (
     vzero,
 )
 
-from ._blocks256 import block_scales, iand, ior, ishl, ishr, scale_min_k4, unpack_scale_min_k4
+from ._blocks256 import (
+    block_scales,
+    iand,
+    ior,
+    ishl,
+    ishr,
+    k4_levels,
+    k4_levels_reference,
+    scale_min_k4,
+    unpack_scale_min_k4,
+)
 from .base import DType, Thresholds, f16_from_bytes
 
 BYTES = 176
+_CHUNK = 16  # super-blocks per parallel quantizer task, so the scratch arrays are allocated once per task
 _F32 = np.float32
 
 
 # ---------------------------------------------------------------- numpy reference
+
+
+def quantize_reference(x: np.ndarray) -> np.ndarray:
+    """x: float32 (..., cols) with cols % 256 == 0 -> uint8 (n_blocks, 176) Q5_K blocks."""
+    xs = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, 8, 32)  # (nb, 8 sub-blocks, 32)
+    nb = xs.shape[0]
+    with np.errstate(all="ignore"):  # values computed under a false mask are discarded
+        head, L = k4_levels_reference(xs, 31, -0.5, 15)  # make_qkx2_quants(32, 31, .., -0.5f, 0.1f, 15, false)
+    qh = np.zeros((nb, 32), dtype=np.uint8)
+    for j in range(8):  # bit j of qh[i]: the fifth bit of weight i of sub-block j
+        qh |= (L[:, j] >> 4) << j
+    Lc = (L & 15).reshape(nb, 4, 2, 32)  # 64-weight chunks: low nibble = first 32, high = next 32
+    qs = (Lc[:, :, 0, :] | (Lc[:, :, 1, :] << 4)).reshape(nb, 128)
+    return np.concatenate([head, qh, qs], axis=1)
 
 
 def dequantize_reference(raw: np.ndarray) -> np.ndarray:
@@ -86,7 +114,40 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
         return (d1 * q - m1).reshape(-1)
 
 
-# ---------------------------------------------------------------- numba dequantizer
+# ---------------------------------------------------------------- numba quantizer and dequantizer
+
+
+@njit(**EXACT_JIT)
+def _q5_k_block(x, base, out, o, L, laux, weights, scales, mins, sc, mq):
+    """quantize_row_q5_K_ref for one super-block: x[base:base+256] -> out[o:o+176]."""
+    k4_levels(x, base, out, o, 31, np.float32(-0.5), 15, L, laux, weights, scales, mins, sc, mq)
+    for i in range(32):
+        h = 0
+        for j in range(8):  # bit j of qh[i]: the fifth bit of weight i of sub-block j
+            h |= (np.int64(L[32 * j + i]) >> 4) << j
+        out[o + 16 + i] = h
+    for c in range(4):  # each 64-weight chunk: low nibbles = first 32, high nibbles = next 32
+        for i in range(32):
+            out[o + 48 + 32 * c + i] = (L[64 * c + i] & 15) | ((L[64 * c + 32 + i] & 15) << 4)
+
+
+@njit(**EXACT_PJIT)
+def quantize(x):
+    """x: float32 (n_blocks*256,) -> uint8 (n_blocks*176,)."""
+    nb = x.size // 256
+    out = np.empty(nb * BYTES, dtype=np.uint8)
+    n_tasks = (nb + _CHUNK - 1) // _CHUNK
+    for t in prange(n_tasks):
+        L = np.empty(256, dtype=np.uint8)
+        laux = np.empty(32, dtype=np.uint8)
+        weights = np.empty(32, dtype=np.float32)
+        scales = np.empty(8, dtype=np.float32)
+        mins = np.empty(8, dtype=np.float32)
+        sc = np.empty(8, dtype=np.int64)
+        mq = np.empty(8, dtype=np.int64)
+        for b in range(t * _CHUNK, min(nb, (t + 1) * _CHUNK)):
+            _q5_k_block(x, b * 256, out, b * BYTES, L, laux, weights, scales, mins, sc, mq)
+    return out
 
 
 @njit(**EXACT_PJIT)
@@ -264,5 +325,6 @@ TYPE = DType(
     "q5_k", 13, 256, BYTES, scale_offsets=(0, 2),
     # provisional until calibrated on the trained fixture: 5.5 bits, between the 4-bit and 8-bit types' limits
     verify=Thresholds(kl_mean=0.02, top1=0.87, ppl_ratio=1.03),
-    dequantize=dequantize, dequantize_reference=dequantize_reference,
+    quantize=quantize, dequantize=dequantize,
+    quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )
