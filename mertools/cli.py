@@ -37,22 +37,28 @@ def main() -> None:
     """Run Mixture-of-Experts models larger than RAM by streaming experts from disk."""
 
 
-def _dtype_choices() -> list[str]:
-    from .dtypes import CONVERT_CHOICES
+def _convert_choices() -> tuple[list[str], list[str], list[str]]:
+    """(--dtype choices, --dense-dtype choices, the presets among the first)."""
+    from .convert.pipeline import DENSE_DTYPE_CHOICES, DTYPE_CHOICES, PRESET_CHOICES
 
-    return list(CONVERT_CHOICES)
+    return list(DTYPE_CHOICES), list(DENSE_DTYPE_CHOICES), list(PRESET_CHOICES)
 
 
-DTYPE = click.Choice(_dtype_choices())
+_DTYPES, _DENSE_DTYPES, _PRESETS = _convert_choices()
 
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--dtype", type=DTYPE, default="auto", show_default=True,
-              help="Expert dtype; auto keeps each tensor's source type (f32 becomes f16).")
-@click.option("--dense-dtype", type=DTYPE, default="auto", show_default=True,
-              help="Dtype of big dense matrices (embeddings, attention, lm_head); norms and routers stay f32.")
+@click.option("--dtype", type=click.Choice(_DTYPES, case_sensitive=False), default="auto", show_default=True,
+              metavar="DTYPE",
+              help="auto keeps each tensor's source type (f32 experts become f16). A llama-quantize preset (any case) "
+                   f"({', '.join(_PRESETS)}) gives every tensor the type llama-quantize gives it (no imatrix). "
+                   f"A type ({', '.join(d for d in _DTYPES if d != 'auto' and d not in _PRESETS)}) is the experts' "
+                   "type and the big dense matrices' where their width fits its blocks (else f16).")
+@click.option("--dense-dtype", type=click.Choice(_DENSE_DTYPES), default="auto", show_default=True,
+              help="One dtype for every big dense matrix (embeddings, attention, lm_head), overriding --dtype "
+                   "and its preset; norms and routers stay f32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing layout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the summary as JSON to this file.")

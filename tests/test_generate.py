@@ -27,7 +27,7 @@ def layout(tiny_q4_0: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def gguf_layout(tiny_layout: Callable[..., Path]) -> Path:
-    return tiny_layout("q4_0")
+    return tiny_layout("f16", "q4_0")  # the f16 GGUF through the same Q4_0 preset as the HF layout
 
 
 def slot_mb(layout: Path) -> float:
@@ -46,7 +46,7 @@ def test_greedy_is_identical_across_runs_cache_sizes_and_sources(layout: Path, g
     assert generate(layout, max_tokens=24) == want
     for slots in (2, 3, 6):
         assert generate(layout, cache_slots=slots, max_tokens=24) == want, slots
-    # the same model converted from its q4_0 GGUF (a different tokenizer path) generates the same
+    # the same model converted from its GGUF (a different tokenizer path) generates the same
     assert [t[0] for t in generate(gguf_layout, max_tokens=24)] == [t[0] for t in want]
 
 

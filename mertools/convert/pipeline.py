@@ -12,24 +12,39 @@ import numpy as np
 
 from ..dtypes import CONVERT_CHOICES, DTYPES, auto_dtype
 from ..errors import ConversionError, QuantizationError
-from ..families.base import KEEP_F32_ROLES, DenseSpec
+from ..families.base import KEEP_F32_ROLES, DenseSpec, Family
+from ..layout.config import ModelConfig
 from ..layout.writer import EncodedTensor, LayoutWriter
+from .presets import PRESETS, ModelFacts, Plan, Preset, model_tensors, plan
 from .source import SourceTensor, open_source
 
-DTYPE_CHOICES = CONVERT_CHOICES
+# `--dtype`: "auto"; each of llama-quantize's presets whose types all have quantizers, which then choose
+# every tensor's type as llama-quantize does (a preset's name wins over the tensor type of the same name:
+# `q4_0` is llama.cpp's Q4_0 mix, its output.weight Q6_K); and each other type we can quantize to,
+# meaning that type for the experts and the big dense matrices
+PRESET_CHOICES = tuple(name for name, p in PRESETS.items() if p.available)
+PLAIN_CHOICES = tuple(d for d in CONVERT_CHOICES if d != "auto" and d not in PRESET_CHOICES)
+DTYPE_CHOICES = ("auto", *PLAIN_CHOICES, *PRESET_CHOICES)
+DENSE_DTYPE_CHOICES = CONVERT_CHOICES  # never a preset: one type for every big dense matrix
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    dtype: str = "auto"  # experts; "auto" keeps the source's type when a layout dtype has it
-    dense_dtype: str = "auto"  # big dense matrices; "auto" follows --dtype where the shape allows
+    dtype: str = "auto"  # a preset (PRESET_CHOICES), a type for the experts, or "auto" (the source's type)
+    # big dense matrices: "auto" follows --dtype (the preset's choice, or the type where the shape allows);
+    # a type overrides even a preset's choice, as llama-quantize's --tensor-type would
+    dense_dtype: str = "auto"
     force: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("dtype", "dense_dtype"):
-            if getattr(self, name) not in DTYPE_CHOICES:
-                raise ValueError(f"{name} must be one of {DTYPE_CHOICES}, got {getattr(self, name)!r}")
+        for name, choices in (("dtype", DTYPE_CHOICES), ("dense_dtype", DENSE_DTYPE_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    @property
+    def preset(self) -> Preset | None:
+        return PRESETS[self.dtype] if self.dtype in PRESET_CHOICES else None
 
 
 @dataclass
@@ -53,7 +68,10 @@ class ConvertSummary:
         }
 
 
-def expert_dtype(t: SourceTensor, opts: ConvertOptions) -> str:
+def expert_dtype(t: SourceTensor, opts: ConvertOptions, planned: str | None = None) -> str:
+    """`planned`: the preset's type for the tensor (None without a preset)."""
+    if planned is not None:
+        return planned
     if opts.dtype != "auto":
         return opts.dtype
     kept = auto_dtype(t.dtype)
@@ -65,9 +83,12 @@ def expert_dtype(t: SourceTensor, opts: ConvertOptions) -> str:
     return kept
 
 
-def dense_dtype(t: SourceTensor, spec: DenseSpec, opts: ConvertOptions, notes: list[str], name: str) -> str:
+def dense_dtype(t: SourceTensor, spec: DenseSpec, opts: ConvertOptions, notes: list[str], name: str,
+                planned: str | None = None) -> str:
     if spec.role in KEEP_F32_ROLES:
         return "f32"
+    if planned is not None and opts.dense_dtype == "auto":
+        return planned
     want = opts.dense_dtype if opts.dense_dtype != "auto" else expert_dtype(t, opts)
     if t.shape[-1] % DTYPES[want].block_size:
         if opts.dense_dtype != "auto":
@@ -132,6 +153,7 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
     expert_tensors = {k: src.expert_tensors(*k) for k in experts}
     total_in = sum(t.nbytes for _, _, t in dense) + sum(t.nbytes for ts in expert_tensors.values() for t in ts.values())
     tok_section, tok_files = src.tokenizer_files()
+    pl = _plan(opts, src.arch, cfg, dense, summary.notes)
 
     def note(enc: EncodedTensor, copied: bool, t: SourceTensor) -> None:
         summary.tensors += 1
@@ -141,9 +163,10 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
         bar.update(t.nbytes)
 
     def encode_expert(key: tuple[int, int]) -> dict[str, tuple[EncodedTensor, bool, SourceTensor]]:
-        return {
-            role: (*encode(t, expert_dtype(t, opts), t.name), t) for role, t in expert_tensors[key].items()
-        }
+        def dtype(role: str, t: SourceTensor) -> str:
+            return expert_dtype(t, opts, pl.expert(src.arch, key[0], role) if pl else None)
+
+        return {role: (*encode(t, dtype(role, t), t.name), t) for role, t in expert_tensors[key].items()}
 
     with (
         LayoutWriter(out, force=opts.force) as writer,
@@ -151,7 +174,7 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
              disable=not opts.progress, dynamic_ncols=True) as bar,
     ):
         for name, spec, t in dense:
-            enc, copied = encode(t, dense_dtype(t, spec, opts, summary.notes, name), name)
+            enc, copied = encode(t, dense_dtype(t, spec, opts, summary.notes, name, pl.types[name] if pl else None), name)
             writer.write_dense(name, enc)
             note(enc, copied, t)
         # one worker encodes the next expert while this thread writes the current one
@@ -172,9 +195,23 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
         if src.kind == "gguf":
             source["expert_layout"] = "merged" if getattr(src, "merged", False) else "per_expert"
         source["requested"] = {"dtype": opts.dtype, "dense_dtype": opts.dense_dtype}
+        if pl is not None:
+            source["requested"]["llama_ftype"] = pl.preset.ftype  # whose choices the tensor types follow
         if cfg.arch != src.arch.name:
             raise ConversionError(f"{src.path}: config arch {cfg.arch} disagrees with {src.arch.name}")
         writer.commit(cfg, tok_section, source)
         summary.bytes_out = writer.bytes_written
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _plan(opts: ConvertOptions, family: Family, cfg: ModelConfig, dense: list[tuple[str, DenseSpec, SourceTensor]],
+          notes: list[str]) -> Plan | None:
+    """The preset's type for every tensor (None without a preset); its fallbacks go to the notes, but
+    not for dense tensors whose type --dense-dtype sets."""
+    if opts.preset is None:
+        return None
+    pl = plan(opts.preset, model_tensors(cfg, family, {name: t.shape for name, _, t in dense}), ModelFacts.of(cfg, family))
+    dense_names = {name for name, _, _ in dense}
+    notes.extend(msg for name, msg in pl.notes.items() if opts.dense_dtype == "auto" or name not in dense_names)
+    return pl
