@@ -11,9 +11,11 @@ logit, as in test_reference_forward.py.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import replace
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -284,3 +286,37 @@ def test_store_reads_small_experts_in_chunks(models: dict) -> None:
         assert store.bytes_read == sum(e.nbytes for e in layout.manifest.experts[:10])
     finally:
         store.close()
+
+
+def _squeeze_gguf_tensors(src: Path, dst: Path, suffix: str) -> int:
+    """Copy a GGUF, rewriting the tensor infos whose name ends with `suffix` from 2-D [d, 1] (ggml order)
+    to 1-D [d], as llama-quantize writes Qwen2-MoE's shared-expert gate; the data is copied unchanged."""
+    r = gguf.GGUFReader(src)
+    raw = src.read_bytes()
+    infos, n = b"", 0
+    for t in r.tensors:
+        f = t.field
+        end = f.offset + sum(int(p.nbytes) for p in f.parts)
+        if t.name.endswith(suffix):
+            dims = [int(d) for d in t.shape.tolist() if d != 1]
+            name = t.name.encode()
+            infos += struct.pack(f"<Q{len(name)}sI", len(name), name, len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+            infos += struct.pack("<IQ", int(t.tensor_type), int(t.data_offset) - r.data_offset)
+            n += 1
+        else:
+            infos += raw[f.offset : end]
+    head = raw[: r.tensors[0].field.offset] + infos
+    align = 32  # general.alignment's default; the fixtures do not set it
+    dst.write_bytes(head + b"\0" * (-len(head) % align) + raw[r.data_offset :])
+    return n
+
+
+def test_a_one_dimensional_shared_expert_gate_loads(models: dict, tmp_path: Path) -> None:
+    """llama-quantize writes blk.N.ffn_gate_inp_shexp.weight as [d_model]; the config implies (1, d_model)."""
+    src = tmp_path / "squeezed.gguf"
+    assert _squeeze_gguf_tensors(models["qwen2_moe"]["gguf_f16"], src, "ffn_gate_inp_shexp.weight") == 3
+    assert {tuple(t.shape) for t in gguf.GGUFReader(src).tensors if t.name.endswith("gate_inp_shexp.weight")} == {(128,)}
+    lay = convert(src, tmp_path / "lay", ConvertOptions(dtype="f16", progress=False)).out
+    a, b = Layout.open(lay), Layout.open(models["qwen2_moe"]["layout_gguf"])
+    assert {n: t.to_dict() for n, t in a.manifest.dense.items()} == {n: t.to_dict() for n, t in b.manifest.dense.items()}
+    assert (a.root / "dense.bin").read_bytes() == (b.root / "dense.bin").read_bytes()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,10 @@ class Source(ABC):
                 if not spec.optional:
                     raise SourceError(f"{self.path}: missing tensor {fmt(spec.name, layer)}")
                 continue
-            self.check_shape(t, resolve_shape(spec.shape, self.config))
+            want = resolve_shape(spec.shape, self.config)
+            if tuple(t.shape) != tuple(want) and _squeezed(t.shape) == _squeezed(want):
+                t = replace(t, shape=tuple(want))  # llama-quantize writes Qwen2-MoE's (1, d) gate vector as [d]
+            self.check_shape(t, want)
             out.append((fmt(spec.name, layer), spec, t))
         return out
 
@@ -175,6 +178,10 @@ class Source(ABC):
             raise SourceError(
                 f"{t.path}: tensor {t.name} has shape {list(t.shape)}, the config implies {list(want)}"
             )
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
 
 
 def open_source(path: str | Path) -> Source:
