@@ -52,7 +52,7 @@ def matvec_group(x, w, r0, out):
 TYPE = DType(
     "f16", 1, 1, 2, float_dtype="<f2",
     limit=65520.0,  # the smallest float32 that rounds to inf in half precision
-    # differs from the source only by float32 rounding
-    verify=Thresholds(kl_mean=1e-5, top1=0.99, ppl_ratio=1.001),
+    # calibrated on the trained fixture (benchmarks/bench_types.py; figures and rule in docs/BENCHMARKS.md)
+    verify=Thresholds(kl_mean=1e-06, top1=0.90, ppl_ratio=1.001),
     quantize=quantize, dequantize=dequantize, quantize_reference=quantize, dequantize_reference=dequantize_reference,
 )

@@ -201,8 +201,8 @@ def matvec_group(x, w, r0, out):
 
 TYPE = DType(
     "q4_k", 12, 256, BYTES, scale_offsets=(0, 2),
-    # 4 bits lose visibly (llama.cpp reports KL ~0.01-0.05 for Q4 types on real 7B models)
-    verify=Thresholds(kl_mean=0.05, top1=0.85, ppl_ratio=1.05),
+    # calibrated on the trained fixture (benchmarks/bench_types.py; figures and rule in docs/BENCHMARKS.md)
+    verify=Thresholds(kl_mean=0.05, top1=0.80, ppl_ratio=1.047),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )
