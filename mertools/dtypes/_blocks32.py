@@ -135,3 +135,20 @@ def put_f16(out, o, v):
     h = f32_to_f16_bits(v)
     out[o] = h & 0xFF
     out[o + 1] = h >> 8
+
+
+@njit(**EXACT_JIT)
+def min_scale(x, base, levels):
+    """The head of C's quantize_row_q4_1/q5_1_ref for the 32 weights at x[base]: (min, d = (max - min) /
+    levels, 1/d or 0). C starts its scan from FLT_MAX / -FLT_MAX: the same as the first weight for
+    finite input."""
+    mn = x[base]
+    mx = x[base]
+    for j in range(1, 32):
+        v = x[base + j]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+    d = (mx - mn) / levels
+    return mn, d, (np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0))

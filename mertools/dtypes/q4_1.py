@@ -29,7 +29,7 @@ from mertools.kernels.common import (
 )
 from mertools.kernels.simd import half_splat, nib16, vadd, vfma, vhsum, viota, vload, vlut16, vshr4, vstore, vzero
 
-from ._blocks32 import c_int8, put_f16, vaffine
+from ._blocks32 import c_int8, min_scale, put_f16, vaffine
 from .base import DType, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
 
 BYTES = 20
@@ -90,16 +90,7 @@ def quantize(x):
     out = np.empty(nb * BYTES, dtype=np.uint8)
     for b in prange(nb):
         base = b * 32
-        mn = x[base]  # C starts from FLT_MAX / -FLT_MAX: the same for finite input
-        mx = x[base]
-        for j in range(1, 32):
-            v = x[base + j]
-            if v < mn:
-                mn = v
-            if v > mx:
-                mx = v
-        d = (mx - mn) / np.float32(15.0)
-        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+        mn, d, inv = min_scale(x, base, np.float32(15.0))
         o = b * BYTES
         put_f16(out, o, d)
         put_f16(out, o + 2, mn)
