@@ -51,7 +51,27 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     if cfg.get("dense_layers"):
         layers = cfg["dense_layers"]
         out.append(("dense layers", f"{len(layers)} without experts {list(layers)} (SwiGLU width {cfg['d_ff_dense']})"))
+    routing = _routing(cfg)
+    if routing:
+        out.append(("routing", routing))
+    if cfg.get("rope_dim"):
+        out.append(("rotary", f"partial: the first {cfg['rope_dim']} of {cfg['head_dim']} dims of each head"))
     return out
+
+
+def _routing(cfg: dict[str, Any]) -> str:
+    """How experts are chosen and weighted, when not the plain softmax top-k."""
+    parts = []
+    if cfg.get("gating_func", "softmax") != "softmax":
+        parts.append(f"{cfg['gating_func']} scores")
+    if cfg.get("expert_bias"):
+        parts.append("correction bias for choosing (not weighting)")
+    if cfg.get("n_groups", 1) > 1:
+        parts.append(f"best {cfg['n_groups_used']} of {cfg['n_groups']} expert groups")
+    if cfg.get("routed_scaling", 1.0) != 1.0:
+        parts.append(f"weights x {cfg['routed_scaling']:g}"
+                     + (" after renormalising" if cfg.get("norm_topk_prob", True) else ""))
+    return "; ".join(parts)
 
 
 def _hf_class(name: str) -> str:
@@ -80,7 +100,9 @@ def format_report(info: dict[str, Any]) -> str:
         f"  rope          theta {cfg['rope_theta']:g}, style {cfg['rope_style']}; context {cfg['context_length']}; "
         f"norm eps {cfg['norm_eps']:g}" + (f"; sliding window {cfg['sliding_window']}" if cfg["sliding_window"] else "")
     )
-    lines.append(f"  tensors       {info['tensor_count']} ({', '.join(f'{k}: {v}' for k, v in info['dtypes'].items())})")
+    lines.append(f"  tensors       {info['tensor_count']} ({', '.join(f'{k}: {v}' for k, v in info['dtypes'].items())})"
+                 + (f"; {info['unused_tensors']} more of layers past the model's (MTP), not converted"
+                    if info.get("unused_tensors") else ""))
     lines.append(f"  dense bytes   {_mb(info['dense_bytes'])}")
     lines.append(f"  expert bytes  {_mb(info['expert_bytes'])} ({_mb(info['bytes_per_expert'])} per expert)")
     if info["kind"] == "layout":

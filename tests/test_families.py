@@ -1,4 +1,4 @@
-"""Qwen3-MoE, OLMoE and Qwen2-MoE end to end: tiny random models built with transformers' own config
+"""Qwen3-MoE, OLMoE, Qwen2-MoE and GLM-4.5 end to end: tiny random models built with transformers' own config
 and model classes (fixtures/tiny_families.py), converted from their HF directories and from GGUFs
 with llama.cpp's names, run by the streaming runtime and compared with transformers' forward.
 
@@ -36,7 +36,7 @@ from mertools.runtime.engine import Engine  # noqa: E402
 from mertools.verify.numerics import compare_logits  # noqa: E402
 
 REL_BOUND = 1e-5  # max |diff| / max |logit| against transformers (measured <= 8e-7)
-FAMILY_NAMES = ["qwen3_moe", "olmoe", "qwen2_moe"]
+FAMILY_NAMES = ["qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe"]
 # what each tiny model must come out as (the family's pieces, read from HF config and GGUF alike)
 EXPECTED = {
     "qwen3_moe": dict(qk_norm="head", attn_bias=False, dense_layers=(1,), d_ff_dense=192, d_ff_shared=0,
@@ -45,6 +45,9 @@ EXPECTED = {
                   shared_expert_gate=False, norm_topk_prob=False, d_ff=64),
     "qwen2_moe": dict(qk_norm="none", attn_bias=True, dense_layers=(), d_ff_dense=0, d_ff_shared=96,
                       shared_expert_gate=True, norm_topk_prob=False, d_ff=64),
+    "glm4_moe": dict(qk_norm="head", attn_bias=True, dense_layers=(0,), d_ff_dense=192, d_ff_shared=64,
+                     shared_expert_gate=False, norm_topk_prob=True, d_ff=64, gating_func="sigmoid", expert_bias=True,
+                     routed_scaling=2.5, n_groups=1, n_groups_used=1, rope_dim=16),
 }
 
 
@@ -140,7 +143,9 @@ def test_tables_agree_with_gguf_py(fam: str) -> None:
                                                                gguf.MODEL_TENSOR.FFN_DOWN)}
     for spec in arch.dense:
         want = fmt(spec.name, 2)
-        got = tmap.get_name(fmt(spec.hf, 2), try_suffixes=(".weight", ".bias"))
+        # llama.cpp's converter renames it first (ModelBase.filter_tensors), for the ".bias" suffix
+        hf = fmt(spec.hf, 2).replace("e_score_correction_bias", "e_score_correction.bias")
+        got = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if got is None and spec.layers == "dense":
             assert want.rsplit(".", 1)[0] in generic, want
             continue
@@ -214,7 +219,7 @@ def test_cli_inspect_and_verify(models: dict, fam: str) -> None:
     runner = CliRunner()
     r = runner.invoke(main, ["inspect", str(models[fam]["layout_gguf"])])
     assert r.exit_code == 0 and f"arch          {fam}" in r.output and "v2" in r.output, r.output
-    label = {"qwen3_moe": "dense layers", "olmoe": "q/k norm", "qwen2_moe": "shared expert"}[fam]
+    label = {"qwen3_moe": "dense layers", "olmoe": "q/k norm", "qwen2_moe": "shared expert", "glm4_moe": "routing"}[fam]
     assert label in r.output
     for src in ("hf", "gguf_f16"):
         r = runner.invoke(main, ["inspect", "--json", str(models[fam][src])])

@@ -138,6 +138,8 @@ def _every_tensor_config(family: str) -> ModelConfig:
     """A small config of `family` with every optional tensor it can have."""
     extra = {"qwen2_moe": dict(attn_bias=True, d_ff_shared=96, shared_expert_gate=True, dense_layers=(1,), d_ff_dense=192),
              "qwen3_moe": dict(qk_norm="head", dense_layers=(1,), d_ff_dense=192), "olmoe": dict(qk_norm="full"),
+             "glm4_moe": dict(qk_norm="head", attn_bias=True, d_ff_shared=64, dense_layers=(0,), d_ff_dense=192,
+                              gating_func="sigmoid", expert_bias=True),
              "mixtral": {}}[family]
     return ModelConfig(arch=family, vocab_size=512, d_model=128, d_ff=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32,
                        n_experts=8, n_experts_used=2, context_length=512, **extra)

@@ -4,6 +4,7 @@ pread, so conversion memory is bounded by one tensor, never by the model."""
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,8 @@ from ..layout.constants import DTYPES
 
 # Source dtypes we read directly; any other GGML type is dequantized with gguf-py.
 FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+# a tensor's layer in HF ("model.layers.N.") and GGUF ("blk.N.") names
+_LAYER = re.compile(r"(?:^blk|\.layers)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,10 @@ class Source(ABC):
     def is_expert_name(self, name: str) -> bool: ...
 
     def summary(self) -> dict[str, Any]:
-        """Facts for `inspect`: tensor count, dtypes, bytes of dense and expert weights."""
-        tensors = self.all_tensors()
+        """Facts for `inspect`: tensor count, dtypes, bytes of dense and expert weights. Tensors of layers
+        past n_layers (GLM's multi-token-prediction layers) are not the model's: counted apart."""
+        every = self.all_tensors()
+        tensors = [t for t in every if (m := _LAYER.search(t.name)) is None or int(m.group(1)) < self.config.n_layers]
         dtypes: dict[str, int] = {}
         expert_bytes = dense_bytes = 0
         for t in tensors:
@@ -128,6 +133,7 @@ class Source(ABC):
             "kind": self.kind, "path": str(self.path), "arch": self.arch.name, "config": self.config.to_dict(),
             "tensor_count": len(tensors), "dtypes": dict(sorted(dtypes.items())),
             "dense_bytes": dense_bytes, "expert_bytes": expert_bytes, "bytes_per_expert": expert_bytes // max(n, 1),
+            "unused_tensors": len(every) - len(tensors),
         }
 
     tensors: dict[str, SourceTensor]

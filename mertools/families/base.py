@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..layout.config import ModelConfig
+from ..layout.config import ModelConfig, QKNorm
 from .pieces import STANDARD, Pieces
 
 # Roles of dense tensors. Norms, biases and routers (the shared expert's gate is one) are small and
@@ -25,6 +25,8 @@ CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
     "attn_bias": lambda c: c.attn_bias,
     "shared_expert": lambda c: c.d_ff_shared > 0,
     "shared_expert_gate": lambda c: c.shared_expert_gate,
+    "qk_norm": lambda c: c.qk_norm is not QKNorm.NONE,
+    "expert_bias": lambda c: c.expert_bias,
 }
 
 
@@ -70,7 +72,8 @@ class ExpertSpec:
 @dataclass(frozen=True)
 class ConfigKey:
     """Where a ModelConfig field comes from. `hf` keys may be dotted paths into nested objects;
-    `gguf` keys use `{arch}` for general.architecture."""
+    `gguf` keys use `{arch}` for general.architecture. A field named "_x" is no config field: a raw
+    value only the family's finish_config reads (e.g. a factor it turns into a field), dropped after it."""
 
     field: str
     hf: tuple[str, ...] = ()
@@ -160,4 +163,4 @@ def build_config(arch: Family, lookup: Callable[[ConfigKey], Any], raw: Mapping[
     if arch.dense_mlp_layers and has_router is not None and isinstance(values.get("n_layers"), int):
         values["dense_layers"] = tuple(la for la in range(values["n_layers"]) if not has_router(la))
     arch.finish_config(values, raw)
-    return ModelConfig(**values)
+    return ModelConfig(**{k: v for k, v in values.items() if not k.startswith("_")})

@@ -3,19 +3,21 @@
 Each piece takes the config, a layer's `LayerWeights` and an `Ops` backend: the runtime's (float32,
 GGML bytes multiplied by the numba kernels, each sequence of a batch on its own rows) or the
 reference's (float64 numpy on dequantized weights). What a family varies is chosen by config fields
-(`qk_norm`, biases present, a shared expert and its gate, `norm_topk_prob`); a family whose attention or
-routing is of another kind brings its own functions in its module and names them in its `Pieces`.
+(`qk_norm`, biases present, a shared expert and its gate, `norm_topk_prob`, the gating function, a
+correction bias, expert groups, routed scaling, partial rotary); a family whose attention or routing is
+of another kind brings its own functions in its module and names them in its `Pieces`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..layout.config import ModelConfig, QKNorm
+from ..layout.config import GatingFunc, ModelConfig, QKNorm
 
 if TYPE_CHECKING:
     from .weights import LayerWeights, Mlp
@@ -58,20 +60,72 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def softmax_scores(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) -> np.ndarray:
-    """Router probabilities (n, n_experts) of normalised hidden states h: softmax over every expert."""
-    return softmax(ops.dense(h, w.router))
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) in x's own precision; exp(-x) = inf for very negative x gives 0, as it should."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
-def top_k(cfg: ModelConfig, scores: np.ndarray, chosen: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(experts (n, k), weights (n, k)), best first. Exact ties go to the lower index (a stable sort);
-    `chosen` replaces the choice (benchmarks replay routing) and keeps the router's weights of it."""
+def router_scores(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) -> np.ndarray:
+    """Router scores (n, n_experts) of normalised hidden states h: softmax over every expert, or each
+    expert's own sigmoid, as `cfg.gating_func` says."""
+    logits = ops.dense(h, w.router)
+    return softmax(logits) if cfg.gating_func is GatingFunc.SOFTMAX else sigmoid(logits)
+
+
+def choice_scores(cfg: ModelConfig, w: LayerWeights, scores: np.ndarray) -> np.ndarray:
+    """What experts are chosen by (n, n_experts): the scores plus the layer's correction bias (when it has
+    one), and with expert groups, -inf outside each token's best `n_groups_used` groups, a group scored by
+    the sum of its best two (DeepSeek-V3's rule, which GLM-4.5 shares)."""
+    choice = scores if w.expert_bias is None else scores + w.expert_bias.astype(scores.dtype)
+    if cfg.n_groups > 1:
+        n = choice.shape[0]
+        groups = choice.reshape(n, cfg.n_groups, -1)  # (n, groups, experts per group)
+        group_score = np.sort(groups, axis=-1)[..., -2:].sum(axis=-1)  # (n, groups)
+        keep = np.argsort(-group_score, axis=1, kind="stable")[:, :cfg.n_groups_used]
+        kept = np.zeros(group_score.shape, dtype=bool)
+        np.put_along_axis(kept, keep, True, axis=1)
+        choice = np.where(kept[:, :, None], groups, -np.inf).reshape(n, -1)
+    return choice
+
+
+def top_k(cfg: ModelConfig, w: LayerWeights, scores: np.ndarray, chosen: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(experts (n, k), weights (n, k)), best first. Experts are chosen by `choice_scores` (exact ties go
+    to the lower index: a stable sort); weights are the unbiased scores of the chosen, renormalised when
+    `norm_topk_prob`, then times `routed_scaling` (transformers' order). `chosen` replaces the choice
+    (benchmarks replay routing) and keeps the router's weights of it."""
     if chosen is None:
-        chosen = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.n_experts_used]
+        chosen = np.argsort(-choice_scores(cfg, w, scores), axis=1, kind="stable")[:, :cfg.n_experts_used]
     weights = np.take_along_axis(scores, chosen, axis=1)
-    if cfg.norm_topk_prob:
-        weights = weights / weights.sum(axis=1, keepdims=True)
+    if cfg.norm_topk_prob:  # + 1e-20 as transformers' sigmoid routers: all-zero sigmoid weights stay finite
+        weights = weights / (weights.sum(axis=1, keepdims=True) + 1e-20)
+    if cfg.routed_scaling != 1.0:
+        weights = weights * cfg.routed_scaling
     return chosen, weights
+
+
+def rotary(cfg: ModelConfig, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rotate-half rotary (q/k rows in HF order) on x (n, heads, head_dim) at positions pos (n,), over the
+    first `cfg.rotary_dim` dims of each head; the rest pass unchanged (partial rotary, as HF's
+    apply_rotary_pos_emb). Angles in float64; cos, sin and the products in x's precision."""
+    rd = cfg.rotary_dim
+    ang = pos[:, None].astype(np.float64) * _inv_freq(cfg.rope_theta, rd)[None, :]  # (n, rd/2)
+    cos, sin = np.cos(ang).astype(x.dtype)[:, None, :], np.sin(ang).astype(x.dtype)[:, None, :]
+    half = rd // 2
+    x1, x2 = x[..., :half], x[..., half:rd]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rd < x.shape[-1]:
+        parts.append(x[..., rd:])
+    return np.concatenate(parts, axis=-1)
+
+
+@lru_cache(maxsize=8)
+def _inv_freq(theta: float, rd: int) -> np.ndarray:
+    """1 / theta^(arange(0, rd, 2) / rd), (rd/2,) float64; cached: every layer's q and k use it every step."""
+    out = 1.0 / theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)
+    out.flags.writeable = False
+    return out
 
 
 def shared_expert(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) -> np.ndarray | None:
@@ -89,9 +143,21 @@ def shared_expert(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) ->
 @dataclass(frozen=True)
 class Pieces:
     attention_inputs: Callable[..., tuple[np.ndarray, ...]] = attention_inputs
-    router_scores: Callable[..., np.ndarray] = softmax_scores  # (cfg, w, h, ops) -> (n, n_experts)
-    select_experts: Callable[..., tuple[np.ndarray, np.ndarray]] = top_k  # (cfg, scores, chosen) -> experts, weights
+    rotary: Callable[..., np.ndarray] = rotary  # (cfg, x (n, heads, hd), positions (n,)) -> x rotated
+    router_scores: Callable[..., np.ndarray] = router_scores  # (cfg, w, h, ops) -> (n, n_experts)
+    select_experts: Callable[..., tuple[np.ndarray, np.ndarray]] = top_k  # (cfg, w, scores, chosen) -> experts, weights
     shared_expert: Callable[..., np.ndarray | None] = shared_expert
+
+    def lookahead(self, cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) -> np.ndarray:
+        """A prefetch guess's ranking (n, n_experts) of a layer's experts, positive for the wanted: its scores
+        when they choose directly; with a correction bias or groups, the chosen experts' weights (0 elsewhere)."""
+        scores = self.router_scores(cfg, w, h, ops)
+        if w.expert_bias is None and cfg.n_groups == 1:
+            return scores
+        chosen, weights = self.select_experts(cfg, w, scores)
+        out = np.zeros_like(scores)
+        np.put_along_axis(out, chosen, weights.astype(out.dtype), axis=1)
+        return out
 
 
 STANDARD = Pieces()

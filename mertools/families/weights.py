@@ -44,6 +44,7 @@ class LayerWeights(Generic[M]):
     q_norm: np.ndarray | None = None  # (head_dim,) per head, or (n_heads * head_dim,) over the projection
     k_norm: np.ndarray | None = None  # (head_dim,) or (n_kv_heads * head_dim,)
     router: np.ndarray | None = None  # (n_experts, d_model); None in a dense-MLP layer
+    expert_bias: np.ndarray | None = None  # (n_experts,): added to the scores for choosing experts only
     mlp: Mlp[M] | None = None  # a dense-MLP layer's MLP (d_ff_dense wide)
     shared: Mlp[M] | None = None  # an always-resident shared expert (d_ff_shared wide)
     shared_gate: np.ndarray | None = None  # (1, d_model): the shared expert is scaled by sigmoid(x . w)

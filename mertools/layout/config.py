@@ -21,11 +21,23 @@ class QKNorm(StrEnum):
 
 
 QK_NORMS = tuple(q.value for q in QKNorm)
+
+
+class GatingFunc(StrEnum):
+    """How router logits become the scores experts are chosen by and weighted with."""
+
+    SOFTMAX = "softmax"  # over every expert
+    SIGMOID = "sigmoid"  # each expert on its own (GLM-4.5, DeepSeek-V3)
+
+
+GATING_FUNCS = tuple(g.value for g in GatingFunc)
+
 # Fields added after format version 1, with the value that means "absent": a config whose extension
 # fields all hold these is a version-1 config and is written without them (old readers still read it).
 EXTENSION_DEFAULTS: dict[str, Any] = {
     "qk_norm": "none", "attn_bias": False, "dense_layers": (), "d_ff_dense": 0, "d_ff_shared": 0,
-    "shared_expert_gate": False,
+    "shared_expert_gate": False, "gating_func": "softmax", "expert_bias": False, "routed_scaling": 1.0,
+    "n_groups": 1, "n_groups_used": 1, "rope_dim": 0,
 }
 
 
@@ -54,6 +66,12 @@ class ModelConfig:
     d_ff_dense: int = 0  # width of those dense MLPs; > 0 exactly when dense_layers is not empty
     d_ff_shared: int = 0  # width of an always-resident shared expert in every MoE layer; 0 = none
     shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w)
+    gating_func: GatingFunc = GatingFunc.SOFTMAX  # router logits -> scores
+    expert_bias: bool = False  # MoE layers add a bias to the scores for choosing experts only (not to their weights)
+    routed_scaling: float = 1.0  # the chosen experts' weights are multiplied by it (after any renormalisation)
+    n_groups: int = 1  # experts split in n_groups equal groups; only the best n_groups_used groups may be chosen
+    n_groups_used: int = 1
+    rope_dim: int = 0  # rotary on the first rope_dim dims of each head only (partial rotary); 0 = all head_dim
 
     def __post_init__(self) -> None:
         positive = (
@@ -106,6 +124,44 @@ class ModelConfig:
             raise ValueError(f"config.d_ff_dense ({self.d_ff_dense}) must be > 0 exactly when dense_layers is set ({list(dl)})")
         if self.shared_expert_gate and not self.d_ff_shared:
             raise ValueError("config.shared_expert_gate needs a shared expert (d_ff_shared > 0)")
+        self._check_routing()
+        rd = self.rope_dim
+        if not isinstance(rd, int) or isinstance(rd, bool) or rd < 0 or rd % 2 or rd > self.head_dim:
+            raise ValueError(f"config.rope_dim must be 0 (whole head) or an even number <= head_dim ({self.head_dim}), "
+                             f"got {rd!r}")
+        if rd == self.head_dim:  # the whole head is the default: one spelling, so HF and GGUF configs compare equal
+            object.__setattr__(self, "rope_dim", 0)
+
+    def _check_routing(self) -> None:
+        if self.gating_func not in GATING_FUNCS:
+            raise ValueError(f"config.gating_func must be one of {GATING_FUNCS}, got {self.gating_func!r}")
+        object.__setattr__(self, "gating_func", GatingFunc(self.gating_func))
+        if not isinstance(self.expert_bias, bool):
+            raise ValueError(f"config.expert_bias must be true or false, got {self.expert_bias!r}")
+        rs = self.routed_scaling
+        if not isinstance(rs, int | float) or isinstance(rs, bool) or not (0 < rs < float("inf")):
+            raise ValueError(f"config.routed_scaling must be a positive number, got {rs!r}")
+        object.__setattr__(self, "routed_scaling", float(rs))
+        for name in ("n_groups", "n_groups_used"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+        g, used = self.n_groups, self.n_groups_used
+        if g == 1:
+            if used != 1:
+                raise ValueError(f"config.n_groups_used must be 1 without expert groups, got {used}")
+            return
+        # DeepSeek-V3's rule scores a group by its best two experts, and top-k must find k experts in the kept groups
+        if self.n_experts % g or self.n_experts // g < 2:
+            raise ValueError(f"config.n_groups ({g}) must split n_experts ({self.n_experts}) into groups of >= 2")
+        if used > g or self.n_experts_used > used * (self.n_experts // g):
+            raise ValueError(f"config.n_groups_used ({used}) must be <= n_groups ({g}) and keep at least "
+                             f"n_experts_used ({self.n_experts_used}) experts")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each q/k head are rotated."""
+        return self.rope_dim or self.head_dim
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -127,6 +183,7 @@ class ModelConfig:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
         d["qk_norm"] = self.qk_norm.value
+        d["gating_func"] = self.gating_func.value
         for k, v in EXTENSION_DEFAULTS.items():
             if getattr(self, k) == v:
                 del d[k]

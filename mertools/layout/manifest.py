@@ -206,7 +206,8 @@ def _parse_manifest(d: Any) -> Manifest:
     if cfg.arch != arch:
         raise ManifestError(f"manifest: arch {arch!r} disagrees with config.arch {cfg.arch!r}")
     if version < 2 and cfg.uses_extensions:
-        raise ManifestError("manifest.config: uses fields of format version 2 (q/k norm, biases, shared or dense MLPs) "
+        raise ManifestError("manifest.config: uses fields of format version 2 (q/k norm, biases, shared or dense MLPs, "
+                            "sigmoid/biased/grouped routing, partial rotary) "
                             f"in a version {version} manifest")
     tok = _get(d, "tokenizer", dict, "manifest")
     kind = _get(tok, "kind", str, "manifest.tokenizer")

@@ -9,8 +9,9 @@ attention inputs, routing and shared experts) on a numpy backend; HF transformer
 class, stays the independent oracle in the tests. What is written here follows HF's decoders:
 
 - RMSNorm: `w * (x * rsqrt(mean(x^2) + eps))`;
-- rotary embeddings on HF-ordered q/k (rotate-half, `inv_freq = 1 / theta^(arange(0, hd, 2) / hd)`,
-  positions 0..n-1);
+- rotary embeddings on HF-ordered q/k (rotate-half, `inv_freq = 1 / theta^(arange(0, rd, 2) / rd)`,
+  positions 0..n-1) over the first rd = `rotary_dim` dims of each head (the family's `rotary` piece;
+  rd < head_dim is HF's partial rotary);
 - grouped-query attention (query head h reads kv head h // (n_heads / n_kv_heads)) with a causal
   mask and, when `sliding_window` is set, HF's window: query i sees keys j with i - window < j <= i;
 - experts chosen by the family's routing; exact ties go to the lower expert index (torch.topk's
@@ -158,22 +159,14 @@ class ReferenceModel:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         c, dt = self.config, self.compute_dtype
         x = self.weights.embed[ids].astype(dt)  # (T, d_model)
-        cos, sin = self.rope_tables(len(ids))  # (T, head_dim) each
+        pos = np.arange(len(ids))
         mask = self.attention_mask(len(ids))  # (T, T) bool, True = may attend
         for n, lw in enumerate(self.layers):
-            x = x + self.attention(rms_norm(x, lw.attn_norm, c.norm_eps), lw, cos, sin, mask)
+            x = x + self.attention(rms_norm(x, lw.attn_norm, c.norm_eps), lw, pos, mask)
             h = rms_norm(x, lw.ffn_norm, c.norm_eps)
             x = x + (self.ops.mlp(lw.mlp, h) if lw.mlp is not None else self.moe(h, lw, self.layer_experts[n]))
         x = rms_norm(x, self.weights.output_norm, c.norm_eps)
         return (x @ self.lm_head.T.astype(dt, copy=False)).astype(np.float32)  # (T, vocab)
-
-    def rope_tables(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (n, head_dim) as HF builds them: angles pos * inv_freq, the half repeated twice."""
-        hd = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))  # (hd/2,)
-        freqs = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]  # (n, hd/2)
-        emb = np.concatenate([freqs, freqs], axis=-1)  # (n, hd)
-        return np.cos(emb).astype(self.compute_dtype), np.sin(emb).astype(self.compute_dtype)
 
     def attention_mask(self, n: int) -> np.ndarray:
         """(n, n) bool: causal, and within the sliding window (kv > q - window, as HF's overlay)."""
@@ -184,14 +177,13 @@ class ReferenceModel:
             allowed &= kv > q - self.config.sliding_window
         return allowed
 
-    def attention(self, h: np.ndarray, lw: LayerWeights, cos: np.ndarray, sin: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """h (T, d_model) -> (T, d_model)."""
-        c = self.config
+    def attention(self, h: np.ndarray, lw: LayerWeights, pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """h (T, d_model) at positions pos (T,) -> (T, d_model)."""
+        c, pieces = self.config, self.family.pieces
         T, hd = h.shape[0], c.head_dim
-        q, k, v = self.family.pieces.attention_inputs(c, lw, h, self.ops)  # (T, H, hd), (T, KV, hd) x2
+        q, k, v = pieces.attention_inputs(c, lw, h, self.ops)  # (T, H, hd), (T, KV, hd) x2
+        q, k = pieces.rotary(c, q, pos), pieces.rotary(c, k, pos)
         q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # heads first
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         # repeat_kv: kv head j serves query heads j*rep .. j*rep + rep - 1
         rep = c.n_heads // c.n_kv_heads
         k = np.repeat(k, rep, axis=0)  # (H, T, hd)
@@ -205,7 +197,7 @@ class ReferenceModel:
     def route(self, h: np.ndarray, lw: LayerWeights) -> tuple[np.ndarray, np.ndarray]:
         """h (T, d_model) -> (experts (T, k) int, weights (T, k)), best expert first."""
         pieces = self.family.pieces
-        return pieces.select_experts(self.config, pieces.router_scores(self.config, lw, h, self.ops))
+        return pieces.select_experts(self.config, lw, pieces.router_scores(self.config, lw, h, self.ops))
 
     def moe(self, h: np.ndarray, lw: LayerWeights, experts: list[Mlp]) -> np.ndarray:
         """h (T, d_model) -> (T, d_model): weighted sum of the chosen experts' outputs, plus the shared expert."""
@@ -224,14 +216,6 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, d) -> w * (x * rsqrt(mean(x^2) + eps)), in HF's RMSNorm order (weight applied last)."""
     var = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
     return w.astype(x.dtype) * (x * (1.0 / np.sqrt(var + eps)))
-
-
-def rotate_half(x: np.ndarray) -> np.ndarray:
-    """(..., hd) -> (..., hd): [-x2, x1] where x1, x2 are the two halves (HF's rotate_half)."""
-    half = x.shape[-1] // 2
-    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 
 
 def silu(x: np.ndarray) -> np.ndarray:

@@ -52,33 +52,24 @@ class MoEModel:
         self.output = self.weights.output or self.weights.embed  # tied: the logits reuse the embedding
         self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks)
         self.kv = KVCache(cfg)
-        half = cfg.head_dim // 2
-        self.inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)  # (hd/2,)
         self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)
                            if isinstance(prefetch, str) else prefetch(self.lookahead_router))
 
     # ------------------------------------------------------------------ pieces
     def lookahead_router(self, layer: int, x: np.ndarray) -> np.ndarray:
-        """Layer `layer`'s router scores (n, n_experts) for hidden states x (a prefetch guess)."""
+        """Layer `layer`'s ranking (n, n_experts) of its experts for hidden states x (a prefetch guess)."""
         w = self.layers[layer]
         if w.router is None:  # a dense-MLP layer: nothing to guess
             return np.zeros((x.shape[0], self.cfg.n_experts))
         h = rms_norm(x, w.ffn_norm, self.cfg.norm_eps)
-        return self.family.pieces.router_scores(self.cfg, w, h, RuntimeOps())
-
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Rotate-half rotary (the layout's q/k rows are in HF order) on (n, heads, hd) at positions pos (n,)."""
-        ang = pos[:, None].astype(np.float64) * self.inv_freq[None, :]  # (n, hd/2)
-        cos, sin = np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return self.family.pieces.lookahead(self.cfg, w, h, RuntimeOps())
 
     def _attention(self, layer: int, h: np.ndarray, batch: Batch, ops: RuntimeOps) -> np.ndarray:
         """h (N, d_model) normalised -> (N, d_model); each sequence attends over its own cache."""
         cfg, w = self.cfg, self.layers[layer]
         q, k, v = self.family.pieces.attention_inputs(cfg, w, h, ops)  # (N, nh, hd), (N, nkv, hd) x2
-        q, k = self._rope(q, batch.positions), self._rope(k, batch.positions)
+        rotary = self.family.pieces.rotary  # over the first rotary_dim dims of each head (partial rotary)
+        q, k = rotary(cfg, q, batch.positions), rotary(cfg, k, batch.positions)
         out = np.empty((h.shape[0], cfg.n_heads * cfg.head_dim), np.float32)
         for s in batch.seqs:
             r = s.rows

@@ -33,7 +33,7 @@ class StreamingMoE:
         override = None
         if self.hooks.routing_override is not None:  # benchmarks replay recorded or synthetic routing
             override = np.asarray(self.hooks.routing_override(layer, batch.positions), np.int64).reshape(len(h), -1)
-        chosen, weights = pieces.select_experts(cfg, scores, override)  # (N, k) each
+        chosen, weights = pieces.select_experts(cfg, w, scores, override)  # (N, k) each
         weights = weights.astype(np.float32)
         if self.hooks.trace is not None:
             self.hooks.trace(batch.positions, layer, chosen, weights)
