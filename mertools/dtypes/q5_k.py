@@ -10,9 +10,11 @@ make_qkx2_quants(32, 31, .., -0.5f, 0.1f, 15, false), the fifth bits split off i
 
 Decode (matvec): two 16-entry tables fma(k, d*sc, -dmin*m) per sub-block (k = 0..15 and 16..31),
 indexed by the 5-bit codes with one vpermi2ps (`vlut32`): one rounding where the reference rounds
-(d*sc)*q and then the difference, as the 4-bit K-quant's table (the same single-fma liberty). The codes are put
-together on 16 bytes (`index5`) before widening, and each 64-weight chunk is inlined with its
-constant shifts (together 25% faster than 16-lane integer ops in a loop).
+(d*sc)*q and then the difference, as the 4-bit K-quant's table (the same single-fma liberty). As
+fast per byte as q4_k on AVX-512 (Zen 4, where FMAs and shuffles share ports) because the codes of a
+sub-block's 32 weights are put together on 32 bytes (`codes32`) and the 6-bit scales on 16 before
+widening, and the scales are read back from the stack as {1to16} operands (`spilled_scales`,
+`table_args`), not broadcast by shuffles.
 
 Prefill (tile): (d*sc)*q - dmin*m in vectors. d*sc has at most 17 significant bits and q 5, so the
 product is exact in float32 and LLVM fusing it with the subtraction (the tile's fastmath) changes
@@ -24,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mertools.kernels.common import (
@@ -51,7 +54,6 @@ from mertools.kernels.simd import (
     vfma,
     vhsum,
     viota,
-    vlane,
     vload,
     vmul,
     vsplat,
@@ -63,7 +65,6 @@ from mertools.kernels.simd import (
 )
 
 from ._blocks256 import (
-    block_scales,
     iand,
     ior,
     ishl,
@@ -174,6 +175,15 @@ def dequantize(raw):
 
 # ---------------------------------------------------------------- matmul decoders
 
+_F = ir.FloatType()
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_FP = types.CPointer(types.float32)
+
+
+def _splat(builder, v, n=16):
+    x = builder.insert_element(ir.Constant(vty(v.type, n), ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(x, ir.Constant(vty(v.type, n), ir.Undefined), ir.Constant(vty(_I32, n), [0] * n))
+
 
 @intrinsic
 def vlut32(typingctx, lo, hi, idx):
@@ -184,57 +194,129 @@ def vlut32(typingctx, lo, hi, idx):
 
     def codegen(context, builder, sig, args):
         t0, t1, i = args
-        i32 = ir.IntType(32)
         if AVX512:
-            fnty = ir.FunctionType(vty(ir.FloatType()), [t0.type, i.type, t1.type])
+            fnty = ir.FunctionType(vty(_F), [t0.type, i.type, t1.type])
             fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpermi2var.ps.512", fnty=fnty)
             return builder.call(fn, [t0, i, t1])
         i = builder.and_(i, ir.Constant(i.type, [31] * 16))
-        out = ir.Constant(vty(ir.FloatType()), [0.0] * 16)
+        out = ir.Constant(vty(_F), [0.0] * 16)
         for k in range(32):
-            src = t0 if k < 16 else t1
-            val = builder.extract_element(src, ir.Constant(i32, k % 16))
-            splat = builder.insert_element(ir.Constant(vty(ir.FloatType()), ir.Undefined), val, ir.Constant(i32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(vty(i32), [0] * 16))
-            hit = builder.icmp_unsigned("==", i, ir.Constant(i.type, [k] * 16))
-            out = builder.select(hit, splat, out)
+            val = _splat(builder, builder.extract_element(t0 if k < 16 else t1, ir.Constant(_I32, k % 16)))
+            out = builder.select(builder.icmp_unsigned("==", i, ir.Constant(i.type, [k] * 16)), val, out)
         return out
 
     return F32x16(lo, hi, idx), codegen
 
 
 @intrinsic
-def index5(typingctx, w, qlo, qho, j):
-    """The 5-bit codes of sub-block j for the 16 weights whose nibble bytes are at qlo and fifth-bit bytes
-    (qh) at qho of a uint8 C array: bits 0-3 the nibble (low for even j, high for odd j), bit 4 bit j
-    of qh, as int32 lanes whose bits above 4 are junk (vlut32 ignores them). Built on the 16 bytes
-    (xmm), where 16-bit shifts place every byte's bit 4 right, then widened: fewer full-width ops."""
+def codes32(typingctx, w, qlo, qho, j):
+    """The 5-bit codes of sub-block j's 32 weights, whose nibble bytes are at qlo (low nibbles for even
+    j, high for odd j) and fifth-bit bytes (qh, bit j) at qho of a uint8 C array: two int32 vectors
+    (weights 0-15, 16-31) whose bits above 4 are junk (vlut32 ignores them). Built on the 32 bytes,
+    where 16-bit shifts put every byte's bit j on bit 4 and one ternlog merges it, then widened."""
     if not (is_carray(w, types.uint8) and is_int(qlo) and is_int(qho) and is_int(j)):
         return None
+    rty = types.UniTuple(I32x16, 2)
 
     def codegen(context, builder, sig, args):
         arrty, arr, ql_at, qh_at, jj = sig.args[0], args[0], args[1], args[2], args[3]
-        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        b16, h8 = vty(i8, 16), vty(i16, 8)
-        ql = builder.bitcast(builder.load(ptr_at(context, builder, arrty, arr, ql_at, b16), align=1), h8)
-        qh = builder.bitcast(builder.load(ptr_at(context, builder, arrty, arr, qh_at, b16), align=1), h8)
-        j16 = builder.trunc(jj, i16)
-
-        def splat(v):
-            x = builder.insert_element(ir.Constant(h8, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(x, ir.Constant(h8, ir.Undefined), ir.Constant(vty(i32, 8), [0] * 8))
-
-        odd = builder.icmp_unsigned("!=", builder.and_(j16, ir.Constant(i16, 1)), ir.Constant(i16, 0))
-        nib = builder.select(odd, builder.lshr(ql, ir.Constant(h8, [4] * 8)), ql)  # byte bits 0-3: the nibble
-        four = ir.Constant(i16, 4)
-        left = builder.shl(qh, splat(builder.sub(four, j16)))  # j <= 4: bit j of each byte to bit 4
-        right = builder.lshr(qh, splat(builder.sub(j16, four)))  # j > 4
+        b32, h16, d8 = vty(_I8, 32), vty(_I16, 16), vty(_I32, 8)
+        ql = builder.bitcast(builder.load(ptr_at(context, builder, arrty, arr, ql_at, b32), align=1), h16)
+        qh = builder.bitcast(builder.load(ptr_at(context, builder, arrty, arr, qh_at, b32), align=1), h16)
+        j16 = builder.trunc(jj, _I16)
+        odd = builder.icmp_unsigned("!=", builder.and_(j16, ir.Constant(_I16, 1)), ir.Constant(_I16, 0))
+        nib = builder.select(odd, builder.lshr(ql, ir.Constant(h16, [4] * 16)), ql)  # byte bits 0-3: the nibble
+        four = ir.Constant(_I16, 4)
+        left = builder.shl(qh, _splat(builder, builder.sub(four, j16)))  # j <= 4: bit j of each byte to bit 4
+        right = builder.lshr(qh, _splat(builder, builder.sub(j16, four)))  # j > 4
         high = builder.select(builder.icmp_unsigned("<=", j16, four), left, right)
-        m = ir.Constant(h8, [0x1010] * 8)
-        idx = builder.or_(builder.and_(high, m), builder.and_(nib, ir.Constant(h8, [~0x1010 & 0xFFFF] * 8)))
-        return builder.zext(builder.bitcast(idx, b16), vty(i32))
+        m = ir.Constant(h16, [0x1010] * 16)
+        if AVX512:  # one vpternlogd bit-select (LLVM makes two ops of it, knowing the nibble's top bits)
+            fnty = ir.FunctionType(d8, [d8, d8, d8, _I32])
+            fn = builder.module.declare_intrinsic("llvm.x86.avx512.pternlog.d.256", fnty=fnty)
+            idx = builder.call(fn, [builder.bitcast(v, d8) for v in (nib, high, m)] + [ir.Constant(_I32, 0xD8)])
+        else:
+            idx = builder.or_(builder.and_(high, m), builder.and_(nib, ir.Constant(h16, [~0x1010 & 0xFFFF] * 16)))
+        idx = builder.bitcast(idx, b32)
+        halves = [builder.shuffle_vector(idx, idx, ir.Constant(vty(_I32, 16), list(range(h, h + 16)))) for h in (0, 16)]
+        return context.make_tuple(builder, rty, [builder.zext(v, vty(_I32)) for v in halves])
 
-    return I32x16(w, qlo, qho, j), codegen
+    return rty(w, qlo, qho, j), codegen
+
+
+# get_scale_min_k4 on the 16 bytes at o + 4 (12 of scales): lane l < 8 is sc_l, lane 8 + l is m_l, as
+# ((s[_P] >> _SH) & _M1) | ((s[_Q] >> 2) & 0x30) in 16-bit lanes (_Q 16: a zero byte).
+_P = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]
+_Q = [16] * 4 + [0, 1, 2, 3] + [16] * 4 + [4, 5, 6, 7]
+_SH = [0] * 6 + [4] * 2
+_M1 = [63 * 257] * 2 + [15 * 257] * 2 + [63 * 257] * 2 + [15 * 257] * 2
+
+
+@intrinsic
+def spilled_scales(typingctx, w, o):
+    """[d*sc_0 .. d*sc_7, dmin*m_0 .. dmin*m_7] of the super-block at byte o of a uint8 C array (each
+    product rounded once as the reference rounds it), unpacked on bytes and stored on the stack; two
+    pointers to it that LLVM cannot see through (empty asm), so it keeps every read of a lane a load
+    that its user takes as a {1to16} operand, instead of a shuffle (the port vpermi2ps needs)."""
+    if not (is_carray(w, types.uint8) and is_int(o)):
+        return None
+    rty = types.UniTuple(_FP, 2)
+
+    def codegen(context, builder, sig, args):
+        arrty, arr, off = sig.args[0], args[0], args[1]
+        b16, h8 = vty(_I8, 16), vty(_I16, 8)
+        b = builder.load(ptr_at(context, builder, arrty, arr, builder.add(off, ir.Constant(off.type, 4)), b16), align=1)
+        p = builder.bitcast(builder.shuffle_vector(b, b, ir.Constant(vty(_I32, 16), _P)), h8)
+        q = builder.bitcast(builder.shuffle_vector(b, ir.Constant(b16, [0] * 16), ir.Constant(vty(_I32, 16), _Q)), h8)
+        p = builder.and_(builder.lshr(p, ir.Constant(h8, _SH)), ir.Constant(h8, _M1))
+        q = builder.and_(builder.lshr(q, ir.Constant(h8, [2] * 8)), ir.Constant(h8, [0x3030] * 8))
+        lane = builder.uitofp(builder.zext(builder.bitcast(builder.or_(p, q), b16), vty(_I32)), vty(_F))
+        two = builder.load(ptr_at(context, builder, arrty, arr, off, vty(ir.HalfType(), 2)), align=1)  # d, dmin
+        scale = builder.fpext(builder.shuffle_vector(two, two, ir.Constant(vty(_I32), [0] * 8 + [1] * 8)), vty(_F))
+        slot = cgutils.alloca_once(builder, vty(_F))
+        builder.store(builder.fmul(lane, scale), slot, align=4)
+        ptr = builder.bitcast(slot, _F.as_pointer())
+        fnty = ir.FunctionType(ptr.type, [ptr.type])  # the second asm has side effects: LLVM keeps both
+        pa, pb = (builder.asm(fnty, "", "=r,0", [ptr], side_effect=e) for e in (False, True))
+        return context.make_tuple(builder, rty, [pa, pb])
+
+    return rty(w, o), codegen
+
+
+@intrinsic
+def opaque(typingctx, v):
+    """v, as a value LLVM does not know (AVX-512 only): a zero it cannot fold (`table_args`), or a copy
+    an fma may overwrite (vfmadd213ps with a {1to16} addend) where LLVM would broadcast the addend."""
+    if v != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if not AVX512:
+            return args[0]
+        return builder.asm(ir.FunctionType(args[0].type, [args[0].type]), "", "=v,0", [args[0]], side_effect=False)
+
+    return F32x16(v), codegen
+
+
+@intrinsic
+def table_args(typingctx, p, j, zero):
+    """(d*sc_j, -dmin*m_j, -dmin*m_j) in every lane, from the scales spilled at p = (pa, pb): the first
+    as zero | pa[j] (zero = opaque(vzero())), one vpord with a {1to16} operand on AVX-512 that any
+    vector port runs (vbroadcastss takes the shuffle port); the others through pa and pb, each the
+    {1to16} operand of one table's vfmsub."""
+    if not (p == types.UniTuple(_FP, 2) and is_int(j) and zero == F32x16):
+        return None
+    rty = types.UniTuple(F32x16, 3)
+
+    def codegen(context, builder, sig, args):
+        pa, pb = cgutils.unpack_tuple(builder, args[0], 2)
+        j, j8 = args[1], builder.add(args[1], ir.Constant(args[1].type, 8))
+        s, ma, mb = (_splat(builder, builder.load(builder.gep(q, [i]), align=4)) for q, i in ((pa, j), (pa, j8), (pb, j8)))
+        if AVX512:
+            s = builder.bitcast(builder.or_(builder.bitcast(s, vty(_I32)), builder.bitcast(args[2], vty(_I32))), vty(_F))
+        return context.make_tuple(builder, rty, [s, builder.fneg(ma), builder.fneg(mb)])
+
+    return rty(p, j, zero), codegen
 
 
 @njit(**MATVEC_JIT)
@@ -266,34 +348,33 @@ def tile_row(wr, k0, kc, buf, r):
 
 
 @njit(inline="always", **MATVEC_JIT)
-def _chunk(wr, o, c, dm, iota, iota16, xa, xb, xc, xd, a, b):
-    """Chunk c (64 weights: sub-block 2c in the low nibbles of 32 bytes, 2c+1 in the high ones) of the
-    super-block at o, whose scales dm = block_scales(wr, o). The 5-bit index of vlut32 takes the
-    nibble's bits 0-3 and the fifth bit at bit 4 (bits above are ignored): one bit-select each."""
-    j = 2 * c
-    s0 = vlane(dm, j)
-    m0 = vlane(dm, 8 + j)
-    s1 = vlane(dm, j + 1)
-    m1 = vlane(dm, 9 + j)
-    ql = o + 48 + 32 * c
-    a = vfma(vlut32(vfma(iota, s0, m0), vfma(iota16, s0, m0), index5(wr, ql, o + 16, j)), xa, a)
-    b = vfma(vlut32(vfma(iota, s0, m0), vfma(iota16, s0, m0), index5(wr, ql + 16, o + 32, j)), xb, b)
-    a = vfma(vlut32(vfma(iota, s1, m1), vfma(iota16, s1, m1), index5(wr, ql, o + 16, j + 1)), xc, a)
-    b = vfma(vlut32(vfma(iota, s1, m1), vfma(iota16, s1, m1), index5(wr, ql + 16, o + 32, j + 1)), xd, b)
-    return a, b
+def _sub(p, j, k, ca, cb, xa, xb, a, b):
+    """Sub-block j (codes ca, cb; scales at p; k = iota, iota + 16, opaque zero) times xa, xb into a, b."""
+    iota, iota16, zero = k
+    s, ma, mb = table_args(p, j, zero)
+    lo = vfma(iota, opaque(s), ma)  # a copy of s, that this vfmsub overwrites, for the {1to16} operand
+    hi = vfma(iota16, s, mb)
+    return vfma(vlut32(lo, hi, ca), xa, a), vfma(vlut32(lo, hi, cb), xb, b)
 
 
 @njit(inline="always", **MATVEC_JIT)
-def _chunk4(x, xo, w0, w1, w2, w3, o, c, dm0, dm1, dm2, dm3, iota, iota16, a0, b0, a1, b1, a2, b2, a3, b3):
+def _chunk(xs, wr, o, c, p, k, a, b):
+    """Chunk c (64 weights: sub-block 2c in the low nibbles of 32 bytes, 2c+1 in the high ones)."""
+    e0, e1 = codes32(wr, o + 48 + 32 * c, o + 16, 2 * c)
+    d0, d1 = codes32(wr, o + 48 + 32 * c, o + 16, 2 * c + 1)
+    a, b = _sub(p, 2 * c, k, e0, e1, xs[0], xs[1], a, b)
+    return _sub(p, 2 * c + 1, k, d0, d1, xs[2], xs[3], a, b)
+
+
+@njit(inline="always", **MATVEC_JIT)
+def _chunk4(x, xo, w0, w1, w2, w3, o, c, p0, p1, p2, p3, k, acc):
     """Chunk c of the 4 rows, sharing the loads of x (inlined with a constant c: constant shifts)."""
-    xa = vload(x, xo)
-    xb = vload(x, xo + 16)
-    xc = vload(x, xo + 32)
-    xd = vload(x, xo + 48)
-    a0, b0 = _chunk(w0, o, c, dm0, iota, iota16, xa, xb, xc, xd, a0, b0)
-    a1, b1 = _chunk(w1, o, c, dm1, iota, iota16, xa, xb, xc, xd, a1, b1)
-    a2, b2 = _chunk(w2, o, c, dm2, iota, iota16, xa, xb, xc, xd, a2, b2)
-    a3, b3 = _chunk(w3, o, c, dm3, iota, iota16, xa, xb, xc, xd, a3, b3)
+    xs = vload(x, xo), vload(x, xo + 16), vload(x, xo + 32), vload(x, xo + 48)
+    a0, b0, a1, b1, a2, b2, a3, b3 = acc
+    a0, b0 = _chunk(xs, w0, o, c, p0, k, a0, b0)
+    a1, b1 = _chunk(xs, w1, o, c, p1, k, a1, b1)
+    a2, b2 = _chunk(xs, w2, o, c, p2, k, a2, b2)
+    a3, b3 = _chunk(xs, w3, o, c, p3, k, a3, b3)
     return a0, b0, a1, b1, a2, b2, a3, b3
 
 
@@ -302,29 +383,26 @@ def matvec_group(x, w, r0, out):
     """out[r0:r0+4] = W[r0:r0+4] @ x, prefetching the next group's bytes at the same pace."""
     w0, w1, w2, w3 = group_rows(w, r0)
     iota = viota()
-    iota16 = vadd(iota, vsplat(np.float32(16.0)))
-    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = vzero()
+    k = iota, vadd(iota, vsplat(np.float32(16.0))), opaque(vzero())
+    z = vzero()
+    acc = z, z, z, z, z, z, z, z  # (a, b) per row: weights 0-15 and 16-31 of each sub-block
     ahead = (r0 + R) * w.shape[1]
     for blk in range(x.size // 256):
         o = BYTES * blk
         prefetch_lines(w, ahead + 4 * o, 4 * BYTES)
-        dm0, dm1, dm2, dm3 = block_scales(w0, o), block_scales(w1, o), block_scales(w2, o), block_scales(w3, o)
-        xo = 256 * blk
-        a0, b0, a1, b1, a2, b2, a3, b3 = _chunk4(x, xo, w0, w1, w2, w3, o, 0, dm0, dm1, dm2, dm3, iota, iota16,
-                                                 a0, b0, a1, b1, a2, b2, a3, b3)
-        a0, b0, a1, b1, a2, b2, a3, b3 = _chunk4(x, xo + 64, w0, w1, w2, w3, o, 1, dm0, dm1, dm2, dm3, iota, iota16,
-                                                 a0, b0, a1, b1, a2, b2, a3, b3)
-        a0, b0, a1, b1, a2, b2, a3, b3 = _chunk4(x, xo + 128, w0, w1, w2, w3, o, 2, dm0, dm1, dm2, dm3, iota, iota16,
-                                                 a0, b0, a1, b1, a2, b2, a3, b3)
-        a0, b0, a1, b1, a2, b2, a3, b3 = _chunk4(x, xo + 192, w0, w1, w2, w3, o, 3, dm0, dm1, dm2, dm3, iota, iota16,
-                                                 a0, b0, a1, b1, a2, b2, a3, b3)
+        p0, p1, p2, p3 = spilled_scales(w0, o), spilled_scales(w1, o), spilled_scales(w2, o), spilled_scales(w3, o)
+        acc = _chunk4(x, 256 * blk, w0, w1, w2, w3, o, 0, p0, p1, p2, p3, k, acc)
+        acc = _chunk4(x, 256 * blk + 64, w0, w1, w2, w3, o, 1, p0, p1, p2, p3, k, acc)
+        acc = _chunk4(x, 256 * blk + 128, w0, w1, w2, w3, o, 2, p0, p1, p2, p3, k, acc)
+        acc = _chunk4(x, 256 * blk + 192, w0, w1, w2, w3, o, 3, p0, p1, p2, p3, k, acc)
+    a0, b0, a1, b1, a2, b2, a3, b3 = acc
     group_store(out, r0, vhsum(vadd(a0, b0)), vhsum(vadd(a1, b1)), vhsum(vadd(a2, b2)), vhsum(vadd(a3, b3)))
 
 
 TYPE = DType(
     "q5_k", 13, 256, BYTES, scale_offsets=(0, 2),
-    # provisional until calibrated on the trained fixture: 5.5 bits, between the 4-bit and 8-bit types' limits
-    verify=Thresholds(kl_mean=0.02, top1=0.87, ppl_ratio=1.03),
+    # calibrated on the trained fixture (benchmarks/bench_types.py; figures and rule in docs/BENCHMARKS.md)
+    verify=Thresholds(kl_mean=0.02, top1=0.84, ppl_ratio=1.161),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
 )
