@@ -29,7 +29,7 @@ def inspect_layout(layout: Layout) -> dict[str, Any]:
     expert_bytes = sum(e.nbytes for e in m.experts)
     return {
         "kind": "layout", "path": str(layout.root), "format": m.format, "version": m.version, "arch": m.arch,
-        "config": m.config.to_dict(), "tensor_count": len(m.dense) + 3 * len(m.experts),
+        "config": m.config.to_dict(), "tensor_count": len(m.dense) + sum(len(e.tensors) for e in m.experts),
         "dtypes": dict(sorted(dtypes.items())), "dense_bytes": sum(t.nbytes for t in m.dense.values()),
         # the largest expert file (types may differ by layer): a cache slot's size
         "expert_bytes": expert_bytes, "bytes_per_expert": max((e.nbytes for e in m.experts), default=0),
@@ -43,8 +43,16 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     if cfg.get("qk_norm", "none") != "none":
         out.append(("q/k norm", "RMSNorm per head" if cfg["qk_norm"] == "head" else "RMSNorm over the whole projection"))
-    if cfg.get("attn_bias"):
-        out.append(("attn bias", "q, k and v projections"))
+    if cfg.get("attn_bias") or cfg.get("attn_o_bias"):
+        which = (["q", "k", "v"] if cfg.get("attn_bias") else []) + (["output"] if cfg.get("attn_o_bias") else [])
+        out.append(("attn bias", ", ".join(which[:-1]) + (" and " if len(which) > 1 else "") + which[-1] + " projections"))
+    if cfg.get("attn_sinks"):
+        out.append(("attn sinks", "a learned logit per head in each softmax's denominator"))
+    if cfg.get("full_attention_layers"):
+        full = cfg["full_attention_layers"]
+        sliding = [i for i in range(cfg["n_layers"]) if i not in full]
+        out.append(("attention", f"sliding window {cfg['sliding_window']} in layers {_layers(sliding)}, "
+                                 f"full in {_layers(full)}"))
     if cfg.get("d_ff_shared"):
         gate = ", gated by sigmoid(shared_expert_gate)" if cfg.get("shared_expert_gate") else ""
         out.append(("shared expert", f"width {cfg['d_ff_shared']}, resident{gate}"))
@@ -56,7 +64,34 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("routing", routing))
     if cfg.get("rope_dim"):
         out.append(("rotary", f"partial: the first {cfg['rope_dim']} of {cfg['head_dim']} dims of each head"))
+    if cfg.get("rope_scaling", "none") == "yarn":
+        out.append(("rotary", f"YaRN x{cfg.get('rope_factor', 1.0):g} from {cfg['rope_original_context']} positions "
+                              f"(beta {cfg.get('yarn_beta_fast', 32.0):g}/{cfg.get('yarn_beta_slow', 1.0):g}"
+                              f", truncate {str(cfg.get('yarn_truncate', True)).lower()}); "
+                              f"cos/sin x {cfg.get('rope_attn_factor', 1.0):.4g}"))
+    glu = _expert_glu(cfg)
+    if glu:
+        out.append(("expert GLU", glu))
     return out
+
+
+def _layers(layers: list[int]) -> str:
+    """[0, 2, 4, ...] as "0, 2, ..., 22 (12)": the first few of a long list, and how many."""
+    shown = ", ".join(map(str, layers[:4])) + (f", ..., {layers[-1]}" if len(layers) > 4 else "")
+    return f"{shown} ({len(layers)})"
+
+
+def _expert_glu(cfg: dict[str, Any]) -> str:
+    """The routed experts' activation and biases, when not plain silu(gate) * up."""
+    alpha, limit, offset = cfg.get("swiglu_alpha", 1.0), cfg.get("swiglu_limit", 0.0), cfg.get("swiglu_up_offset", 0.0)
+    parts = []
+    if (alpha, limit, offset) != (1.0, 0.0, 0.0):
+        up = f"(up + {offset:g})" if offset else "up"
+        parts.append(f"{up} * gate * sigmoid({alpha:g} * gate)" + (f", clamped at {limit:g} (gate above, up both sides)"
+                                                                  if limit else ""))
+    if cfg.get("expert_mlp_bias"):
+        parts.append("biases on gate, up and down, in each expert's file")
+    return "; ".join(parts)
 
 
 def _routing(cfg: dict[str, Any]) -> str:
@@ -64,6 +99,10 @@ def _routing(cfg: dict[str, Any]) -> str:
     parts = []
     if cfg.get("gating_func", "softmax") != "softmax":
         parts.append(f"{cfg['gating_func']} scores")
+    if cfg.get("router_bias"):
+        parts.append("router logits biased")
+    if cfg.get("router_bias") and cfg.get("norm_topk_prob", True) and cfg.get("gating_func", "softmax") == "softmax":
+        parts.append(f"weights: softmax over the chosen {cfg['n_experts_used']} logits")
     if cfg.get("expert_bias"):
         parts.append("correction bias for choosing (not weighting)")
     if cfg.get("n_groups", 1) > 1:

@@ -1,8 +1,8 @@
-"""Qwen3-MoE, OLMoE, Qwen2-MoE and GLM-4.5 end to end: tiny random models built with transformers' own config
+"""Qwen3-MoE, OLMoE, Qwen2-MoE, GLM-4.5 and gpt-oss end to end: tiny random models built with transformers' own config
 and model classes (fixtures/tiny_families.py), converted from their HF directories and from GGUFs
 with llama.cpp's names, run by the streaming runtime and compared with transformers' forward.
 
-Measured (3 layers, d_model 128, 8 experts top-2, 24-token prompts; float32 transformers vs the
+Measured (3 layers, d_model 128, 8 experts top-2 (gpt-oss: top-4), 24-token prompts; float32 transformers vs the
 runtime's float32 kernels): max |logit diff| <= 3.6e-6 with |logits| <= 4.5, top-1 identical at every
 position, for f16 layouts from HF and from GGUF alike. The bound used is 1e-5 relative to the largest
 logit, as in test_reference_forward.py.
@@ -36,7 +36,7 @@ from mertools.runtime.engine import Engine  # noqa: E402
 from mertools.verify.numerics import compare_logits  # noqa: E402
 
 REL_BOUND = 1e-5  # max |diff| / max |logit| against transformers (measured <= 8e-7)
-FAMILY_NAMES = ["qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe"]
+FAMILY_NAMES = ["qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "gpt_oss"]
 # what each tiny model must come out as (the family's pieces, read from HF config and GGUF alike)
 EXPECTED = {
     "qwen3_moe": dict(qk_norm="head", attn_bias=False, dense_layers=(1,), d_ff_dense=192, d_ff_shared=0,
@@ -48,6 +48,10 @@ EXPECTED = {
     "glm4_moe": dict(qk_norm="head", attn_bias=True, dense_layers=(0,), d_ff_dense=192, d_ff_shared=64,
                      shared_expert_gate=False, norm_topk_prob=True, d_ff=64, gating_func="sigmoid", expert_bias=True,
                      routed_scaling=2.5, n_groups=1, n_groups_used=1, rope_dim=16),
+    "gpt_oss": dict(qk_norm="none", attn_bias=True, dense_layers=(), d_ff_dense=0, d_ff_shared=0,
+                    shared_expert_gate=False, norm_topk_prob=True, d_ff=64, attn_o_bias=True, attn_sinks=True,
+                    sliding_window=4, full_attention_layers=(1,), router_bias=True, expert_mlp_bias=True,
+                    swiglu_limit=7.0, rope_scaling="yarn"),
 }
 
 
@@ -101,7 +105,8 @@ def test_config_from_hf_and_gguf(models: dict, fam: str) -> None:
     hf, gg = open_source(models[fam]["hf"]).config, open_source(models[fam]["gguf_f16"]).config
     assert hf == gg and hf.arch == fam
     assert {k: getattr(hf, k) for k in EXPECTED[fam]} == EXPECTED[fam]
-    assert (hf.n_experts, hf.n_experts_used, hf.n_layers, hf.head_dim) == (8, 2, 3, 32)
+    top_k = FAMILIES[fam][2].get("num_experts_per_tok", 2)  # gpt-oss's is 4
+    assert (hf.n_experts, hf.n_experts_used, hf.n_layers, hf.head_dim) == (8, top_k, 3, 32)
 
 
 @pytest.mark.parametrize("fam", FAMILY_NAMES)
@@ -125,7 +130,8 @@ def test_q8_0_gguf_is_copied_byte_for_byte(models: dict) -> None:
         src, lay = open_source(models[fam]["gguf_q8_0"]), Layout.open(models[fam]["layout_q8_0"])
         for e in lay.manifest.experts:
             for role, t in src.expert_tensors(e.layer, e.expert).items():
-                assert t.dtype == "q8_0" and e.tensors[role].dtype == "q8_0"
+                want = "f32" if role.endswith("_bias") else "q8_0"  # expert biases (gpt-oss) are never quantized
+                assert t.dtype == want and e.tensors[role].dtype == want
                 assert lay.read_expert(e.layer, e.expert, role).tobytes() == t.read_raw().tobytes()
 
 
@@ -145,12 +151,15 @@ def test_tables_agree_with_gguf_py(fam: str) -> None:
         want = fmt(spec.name, 2)
         # llama.cpp's converter renames it first (ModelBase.filter_tensors), for the ".bias" suffix
         hf = fmt(spec.hf, 2).replace("e_score_correction_bias", "e_score_correction.bias")
+        hf += ".weight" if hf.endswith(".sinks") else ""  # GptOssModel.filter_tensors appends it
         got = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if got is None and spec.layers == "dense":
             assert want.rsplit(".", 1)[0] in generic, want
             continue
         assert got == want, (spec.hf, got, want)
     for spec in arch.experts:  # llama.cpp merges a layer's experts first, then maps the merged name
+        if spec.hf_merged is not None:  # already merged (gpt-oss): test_gpt_oss runs llama.cpp's converter itself
+            continue
         merged = fmt(spec.hf.replace(".{E}", ""), 2)  # model.layers.2.mlp.experts.gate_proj.weight
         assert tmap.get_name(merged, try_suffixes=(".weight",)) == fmt(spec.gguf_merged, 2)
 
@@ -219,7 +228,8 @@ def test_cli_inspect_and_verify(models: dict, fam: str) -> None:
     runner = CliRunner()
     r = runner.invoke(main, ["inspect", str(models[fam]["layout_gguf"])])
     assert r.exit_code == 0 and f"arch          {fam}" in r.output and "v2" in r.output, r.output
-    label = {"qwen3_moe": "dense layers", "olmoe": "q/k norm", "qwen2_moe": "shared expert", "glm4_moe": "routing"}[fam]
+    label = {"qwen3_moe": "dense layers", "olmoe": "q/k norm", "qwen2_moe": "shared expert", "glm4_moe": "routing",
+             "gpt_oss": "attn sinks"}[fam]
     assert label in r.output
     for src in ("hf", "gguf_f16"):
         r = runner.invoke(main, ["inspect", "--json", str(models[fam][src])])

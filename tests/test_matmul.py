@@ -396,15 +396,22 @@ def test_simd_table_lookup_paths(path: str, monkeypatch: pytest.MonkeyPatch) -> 
         np.testing.assert_array_equal(out, table[idx & 15])
 
 
+@pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_attention_kernel_matches_the_numpy_path(window: int) -> None:
-    """The n = 1 attention kernel (kernels.attention.attend_one) against its numpy definition."""
+def test_decode_attention_kernel_matches_the_numpy_path(window: int, sinks: bool) -> None:
+    """The n = 1 attention kernel (kernels.attention.attend_one) against its numpy definition, with and
+    without attention sinks (gpt-oss: one more logit per head in the denominator)."""
     from mertools.kernels.attention import attend_numpy, attend_one
 
     rng = np.random.default_rng(window)
     keys, vals = rng.standard_normal((2, 40, 2, 128)).astype(np.float32)
     q = rng.standard_normal((2, 8, 128)).astype(np.float32)
+    sk = (3 * rng.standard_normal(8)).astype(np.float32) if sinks else None
     one = np.empty((8, 128), np.float32)
-    attend_one(np.ascontiguousarray(q[1]), keys, vals, 39, window, one)  # the kernel
-    two = attend_numpy(q, keys, vals, np.array([38, 39]), window)  # numpy, for positions 38 and 39
+    kernel_sinks = sk if sinks else np.full(8, -np.inf, np.float32)
+    attend_one(np.ascontiguousarray(q[1]), keys, vals, 39, window, kernel_sinks, one)  # the kernel
+    two = attend_numpy(q, keys, vals, np.array([38, 39]), window, sk)  # numpy, for positions 38 and 39
     np.testing.assert_allclose(one.reshape(1, -1), two[1:], rtol=0, atol=1e-6)
+    if sinks:  # the sinks take probability mass away: the output is not what plain attention gives
+        plain = attend_numpy(q, keys, vals, np.array([38, 39]), window)
+        assert np.abs(plain - two).max() > 1e-2

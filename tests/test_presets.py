@@ -140,6 +140,8 @@ def _every_tensor_config(family: str) -> ModelConfig:
              "qwen3_moe": dict(qk_norm="head", dense_layers=(1,), d_ff_dense=192), "olmoe": dict(qk_norm="full"),
              "glm4_moe": dict(qk_norm="head", attn_bias=True, d_ff_shared=64, dense_layers=(0,), d_ff_dense=192,
                               gating_func="sigmoid", expert_bias=True),
+             "gpt_oss": dict(attn_bias=True, attn_o_bias=True, attn_sinks=True, router_bias=True, expert_mlp_bias=True,
+                             sliding_window=4, full_attention_layers=(1,)),
              "mixtral": {}}[family]
     return ModelConfig(arch=family, vocab_size=512, d_model=128, d_ff=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32,
                        n_experts=8, n_experts_used=2, context_length=512, **extra)
@@ -153,7 +155,9 @@ def test_what_llama_cpp_never_quantizes_is_what_layouts_keep_f32(family: str) ->
     pl = plan("q4_k_m", presets.model_tensors(cfg, fam, {n: shape for n, (_, shape) in dense.items()}), ModelFacts.of(cfg, fam))
     for name, (spec, _) in dense.items():
         assert (pl.types[name] == "f32") == (spec.role in KEEP_F32_ROLES), name
-    assert all(pl.expert(fam, layer, e.role) != "f32" for layer in cfg.moe_layers for e in fam.experts)
+    # experts' matrices are quantized, their biases (gpt-oss) never
+    assert all((pl.expert(fam, layer, e.role) == "f32") == e.role.endswith("_bias")
+               for layer in cfg.moe_layers for e in fam.expert_specs(cfg))
 
 
 def test_names_that_kept_their_meaning() -> None:
@@ -314,7 +318,7 @@ def _family(family: str, root: Path) -> tuple[Path, Path]:
     return hf, tiny_families.build_gguf(hf, root / "f16.gguf", "f16")
 
 
-MODELS = ("m16", "m8x160", "m200", "m80", "qwen3_moe", "qwen2_moe", "olmoe")
+MODELS = ("m16", "m8x160", "m200", "m80", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
 # the 80-layer model only where attn_v can be Q3_K/Q4_K (the 70B rule), to keep the test short
 M80_PRESETS = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "q4_0")
 
@@ -345,6 +349,7 @@ def _compare_with_gguf(lay: Layout, path: Path, permuted_qk: bool) -> None:
         block = t.name.split(".")[-2]
         if block.endswith("_exps"):
             layer, role = int(t.name.split(".")[1]), block[len("ffn_"):-len("_exps")]
+            role += "_bias" if t.name.endswith(".bias") else ""  # an expert's bias (gpt-oss), in its file too
             for e in range(cfg.n_experts):
                 assert lay.manifest.expert(layer, e).tensors[role].dtype == kind, (path.name, t.name)
                 assert lay.read_expert(layer, e, role).tobytes() == np.asarray(t.data[e]).tobytes(), (path.name, t.name, e)

@@ -124,7 +124,7 @@ class GGUFSource(Source):
             return self._require(fmt(spec.gguf_split, layer, expert))
         t = self._require(fmt(spec.gguf_merged, layer))
         n = self.config.n_experts
-        if len(t.shape) != 3 or t.shape[0] != n or t.nbytes % n:
+        if len(t.shape) != 1 + len(spec.shape) or t.shape[0] != n or t.nbytes % n:  # matrices, or expert biases
             raise SourceError(f"{self.path}: tensor {t.name} has shape {list(t.shape)}, expected {n} experts outermost")
         if not 0 <= expert < n:
             raise SourceError(f"{self.path}: tensor {t.name} has no expert {expert}")
@@ -161,7 +161,7 @@ class GGUFSource(Source):
         return list(self.tensors.values())
 
     def is_expert_name(self, name: str) -> bool:
-        return name.endswith("_exps.weight") or bool(_PER_EXPERT.search(name))
+        return name.endswith(("_exps.weight", "_exps.bias")) or bool(_PER_EXPERT.search(name))
 
 
 def _check_header(path: Path) -> None:

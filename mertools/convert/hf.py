@@ -8,15 +8,56 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import SourceError
 from ..families import family_for_hf, supported
-from ..families.base import ConfigKey, DenseSpec, build_config, fmt
+from ..families.base import ConfigKey, DenseSpec, ExpertSpec, build_config, fmt
 from .source import FLOAT_ITEMSIZE, Source, SourceTensor
 
-SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+@dataclass(frozen=True)
+class CutTensor(SourceTensor):
+    """One expert's tensor cut from an HF tensor holding a layer's experts (families.base.HFMerged): the
+    expert's slice is read (offset, nbytes: `stored` elements), transposed if so stored, then every `step`-th
+    row from `start`. With `scales`, the slice is OpenAI's MXFP4 blocks (out, in/32, 16), repacked with the
+    scales into ggml's mxfp4 blocks, bit for bit (the codes and exponents are the same numbers)."""
+
+    stored: tuple[int, ...] = ()
+    transposed: bool = False
+    start: int = 0
+    step: int = 1
+    scales: SourceTensor | None = None
+
+    def read_raw(self) -> np.ndarray:
+        buf = SourceTensor.read_raw(replace(self, row_perm=None, shape=(self.nbytes,))).reshape(-1)  # the stored slice
+        if self.scales is not None:
+            blocks = buf.reshape(self.stored)[self.start::self.step]  # (rows, in/32, 16)
+            scales = self.scales.read_raw().reshape(self.stored[:2])[self.start::self.step]  # (rows, in/32)
+            return mxfp4_from_openai(blocks, scales).reshape(self.rows, -1)
+        x = buf.view(_UINT[FLOAT_ITEMSIZE[self.dtype]]).reshape(self.stored)
+        x = (x.T if self.transposed else x)[self.start::self.step]
+        return np.ascontiguousarray(x).view(np.uint8).reshape(self.rows, -1)
+
+
+def mxfp4_from_openai(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OpenAI's MXFP4 (OpenAI's checkpoints: byte i of a 32-weight block holds weight 2i in its low nibble and
+    2i + 1 in its high one; one E8M0 byte per block beside) -> ggml's block_mxfp4 (the E8M0 byte, then byte j
+    holding weight j low and j + 16 high), (..., G, 16) + (..., G) -> (..., G * 17). Only bits move: both index
+    the same E2M1 table (ggml's doubled, its scale halved) with the same exponent byte."""
+    lo, hi = blocks & 0x0F, blocks >> 4
+    w = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)  # the 4-bit codes in weight order
+    qs = w[..., :16] | (w[..., 16:] << 4)
+    return np.concatenate([scales[..., None], qs], axis=-1).reshape(*blocks.shape[:-2], -1)
+
+SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "U8": "u8"}  # u8: MXFP4 blocks and scales
+ITEMSIZE = {**FLOAT_ITEMSIZE, "u8": 1}
 MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
 MAX_JSON = 64 << 20  # config.json and the shard index are a few KB; never read an endless "file" whole
 # pickle-based checkpoints: loading them runs arbitrary code, so they are never opened, only named
@@ -58,12 +99,12 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
         except (KeyError, TypeError, ValueError, OverflowError):
             raise SourceError(f"{path}: tensor {name}: malformed header entry {repr(info)[:200]}") from None
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise SourceError(f"{path}: tensor {name}: unsupported dtype {dtype} (supported: F32, F16, BF16)")
+            raise SourceError(f"{path}: tensor {name}: unsupported dtype {dtype} (supported: F32, F16, BF16, U8)")
         ours = SAFETENSORS_DTYPES[dtype]
         numel = 1
         for s in shape:
             numel *= s
-        if not (0 <= begin <= end <= data_size) or end - begin != numel * FLOAT_ITEMSIZE[ours] or any(s < 0 for s in shape):
+        if not (0 <= begin <= end <= data_size) or end - begin != numel * ITEMSIZE[ours] or any(s < 0 for s in shape):
             raise SourceError(
                 f"{path}: tensor {name}: data [{begin}, {end}) does not fit shape {list(shape)} {dtype} "
                 f"in the file's {data_size} data bytes (truncated or corrupt)"
@@ -160,7 +201,40 @@ class HFSource(Source):
         return self.tensors.get(name) if spec.optional else self._require(name)
 
     def expert_tensor(self, layer: int, expert: int, role: str) -> SourceTensor:
-        return self._require(fmt(self.arch.expert(role).hf, layer, expert))
+        spec = self.arch.expert(role)
+        if spec.hf_merged is None:
+            return self._require(fmt(spec.hf, layer, expert))
+        return self._cut(spec, layer, expert)
+
+    def _cut(self, spec: ExpertSpec, layer: int, expert: int) -> SourceTensor:
+        """Expert `expert`'s slice of a merged HF tensor, or of its MXFP4 `_blocks` / `_scales` pair."""
+        name, cut, n = fmt(spec.hf, layer), spec.hf_merged, self.config.n_experts
+        assert cut is not None
+        if name not in self.tensors and name + "_blocks" in self.tensors:
+            blocks, scales = self._require(name + "_blocks"), self._require(name + "_scales")
+            out = blocks.shape[1] if len(blocks.shape) == 4 else -1
+            if (len(blocks.shape) != 4 or blocks.shape[0] != n or blocks.shape[3] != 16 or blocks.dtype != "u8"
+                    or tuple(scales.shape) != tuple(blocks.shape[:3]) or scales.dtype != "u8"):
+                raise SourceError(f"{blocks.path}: {blocks.name} {blocks.dtype} {list(blocks.shape)} / {scales.name} "
+                                  f"{scales.dtype} {list(scales.shape)}: expected u8 ({n}, rows, cols/32, 16) and "
+                                  f"({n}, rows, cols/32)")
+            rows = len(range(cut.start, out, cut.step))
+            s_per = scales.nbytes // n
+            sc = replace(scales, name=f"{scales.name}[{expert}]", offset=scales.offset + expert * s_per, nbytes=s_per,
+                         shape=(s_per,))
+            per = blocks.nbytes // n
+            return CutTensor(f"{blocks.name}[{expert}]", blocks.path, blocks.offset + expert * per, per, "mxfp4",
+                             (rows, blocks.shape[2] * 32), stored=tuple(blocks.shape[1:]), start=cut.start,
+                             step=cut.step, scales=sc)
+        t = self._require(name)
+        if len(t.shape) < 2 or t.shape[0] != n or t.dtype not in FLOAT_ITEMSIZE:
+            raise SourceError(f"{t.path}: tensor {t.name} is {t.dtype} {list(t.shape)}, expected {n} experts outermost")
+        stored = tuple(t.shape[1:])
+        logical = stored[::-1] if cut.transposed else stored
+        shape = (len(range(cut.start, logical[0], cut.step)), *logical[1:])
+        per = t.nbytes // n
+        return CutTensor(f"{t.name}[{expert}]", t.path, t.offset + expert * per, per, t.dtype, shape, stored=stored,
+                         transposed=cut.transposed, start=cut.start, step=cut.step)
 
     def tokenizer_files(self) -> tuple[dict[str, Any], dict[str, bytes]]:
         files = {f"tokenizer/{n}": (self.path / n).read_bytes() for n in TOKENIZER_FILES if (self.path / n).is_file()}

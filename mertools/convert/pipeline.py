@@ -14,6 +14,7 @@ from ..dtypes import CONVERT_CHOICES, DTYPES, auto_dtype
 from ..errors import ConversionError, QuantizationError
 from ..families.base import KEEP_F32_ROLES, DenseSpec, Family
 from ..layout.config import ModelConfig
+from ..layout.manifest import EXPERT_BIAS_ROLES
 from ..layout.writer import EncodedTensor, LayoutWriter
 from .presets import PRESETS, ModelFacts, Plan, Preset, model_tensors, plan
 from .source import SourceTensor, open_source
@@ -164,6 +165,8 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
 
     def encode_expert(key: tuple[int, int]) -> dict[str, tuple[EncodedTensor, bool, SourceTensor]]:
         def dtype(role: str, t: SourceTensor) -> str:
+            if role in EXPERT_BIAS_ROLES:  # an expert's biases stay f32, as every bias does
+                return "f32"
             return expert_dtype(t, opts, pl.expert(src.arch, key[0], role) if pl else None)
 
         return {role: (*encode(t, dtype(role, t), t.name), t) for role, t in expert_tensors[key].items()}

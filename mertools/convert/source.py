@@ -67,6 +67,8 @@ class SourceTensor:
             out = raw.view(np.float16).astype(np.float32)
         elif self.dtype == "bf16":
             out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif self.dtype == "u8":  # MXFP4 blocks or scales, never a tensor's values on their own
+            raise SourceError(f"{self.path}: tensor {self.name} is u8 (MXFP4 blocks or scales) where weights belong")
         elif self.dtype in DTYPES:
             from ..kernels import dequantize
 
@@ -173,7 +175,7 @@ class Source(ABC):
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, SourceTensor]:
         out = {}
-        for spec in self.arch.experts:
+        for spec in self.arch.expert_specs(self.config):  # with expert_mlp_bias, its biases too
             t = self.expert_tensor(layer, expert, spec.role)
             self.check_shape(t, resolve_shape(spec.shape, self.config))
             out[spec.role] = t

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layout.config import ModelConfig, QKNorm
+from ..layout.manifest import expert_roles
 from .pieces import STANDARD, Pieces
 
 # Roles of dense tensors. Norms, biases and routers (the shared expert's gate is one) are small and
@@ -27,6 +28,9 @@ CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
     "shared_expert_gate": lambda c: c.shared_expert_gate,
     "qk_norm": lambda c: c.qk_norm is not QKNorm.NONE,
     "expert_bias": lambda c: c.expert_bias,
+    "attn_o_bias": lambda c: c.attn_o_bias,
+    "attn_sinks": lambda c: c.attn_sinks,
+    "router_bias": lambda c: c.router_bias,
 }
 
 
@@ -61,12 +65,34 @@ class DenseSpec:
 
 
 @dataclass(frozen=True)
+class HFMerged:
+    """How an expert's tensor is cut from an HF tensor holding every expert of a layer (expert outermost), as
+    OpenAI's open-weight MoE stores them: expert E's slice, transposed when stored (in, out) (a Parameter
+    used as x @ W), then every `step`-th output feature from `start` (gate and up interleaved in one tensor).
+    OpenAI's MXFP4 checkpoints hold `<hf>_blocks` (E, out, in/32, 16) and `<hf>_scales` (E, out, in/32)
+    instead, never transposed."""
+
+    transposed: bool = False
+    start: int = 0
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.step:
+            raise ValueError(f"HFMerged: start {self.start} must lie in [0, step {self.step})")
+
+
+@dataclass(frozen=True)
 class ExpertSpec:
-    role: str  # "gate" | "up" | "down"
+    role: str  # "gate" | "up" | "down", or with config.expert_mlp_bias "gate_bias" | "up_bias" | "down_bias"
     hf: str  # "model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight"
     gguf_merged: str  # "blk.{L}.ffn_gate_exps.weight": all experts, expert as the outer dimension
     gguf_split: str  # "blk.{L}.ffn_gate.{E}.weight": the older one-tensor-per-expert layout ("" if never written)
-    shape: tuple[str, str]
+    shape: tuple[str, ...]
+    hf_merged: HFMerged | None = None  # `hf` (no {E}) holds the whole layer's experts
+
+    def __post_init__(self) -> None:
+        if (self.hf_merged is None) != ("{E}" in self.hf):
+            raise ValueError(f"expert {self.role}: {self.hf!r} must name expert {{E}} exactly when not merged")
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,11 @@ class Family:
 
     def global_specs(self, cfg: ModelConfig) -> list[DenseSpec]:
         return [s for s in self.dense if not s.per_layer and s.applies(cfg, None)]
+
+    def expert_specs(self, cfg: ModelConfig) -> list[ExpertSpec]:
+        """The expert tensors each expert of this config has (its biases only with expert_mlp_bias)."""
+        roles = expert_roles(cfg)
+        return [e for e in self.experts if e.role in roles]
 
     def expert(self, role: str) -> ExpertSpec:
         for e in self.experts:

@@ -4,12 +4,15 @@ Each piece takes the config, a layer's `LayerWeights` and an `Ops` backend: the 
 GGML bytes multiplied by the numba kernels, each sequence of a batch on its own rows) or the
 reference's (float64 numpy on dequantized weights). What a family varies is chosen by config fields
 (`qk_norm`, biases present, a shared expert and its gate, `norm_topk_prob`, the gating function, a
-correction bias, expert groups, routed scaling, partial rotary); a family whose attention or routing is
-of another kind brings its own functions in its module and names them in its `Pieces`.
+correction bias, expert groups, routed scaling, partial rotary, YaRN, the routed experts' GLU); a family
+whose attention or routing is of another kind brings its own functions in its module and names them in
+its `Pieces`. (Attention itself, with its per-layer window and sinks, is the runtime's kernel and the
+reference's numpy.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..layout.config import GatingFunc, ModelConfig, QKNorm
+from ..layout.config import GatingFunc, ModelConfig, QKNorm, RopeScaling
 
 if TYPE_CHECKING:
     from .weights import LayerWeights, Mlp
@@ -70,6 +73,8 @@ def router_scores(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) ->
     """Router scores (n, n_experts) of normalised hidden states h: softmax over every expert, or each
     expert's own sigmoid, as `cfg.gating_func` says."""
     logits = ops.dense(h, w.router)
+    if w.router_bias is not None:  # a router that is a Linear with a bias
+        logits = logits + w.router_bias.astype(logits.dtype)
     return softmax(logits) if cfg.gating_func is GatingFunc.SOFTMAX else sigmoid(logits)
 
 
@@ -108,10 +113,17 @@ def top_k(cfg: ModelConfig, w: LayerWeights, scores: np.ndarray, chosen: np.ndar
 def rotary(cfg: ModelConfig, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Rotate-half rotary (q/k rows in HF order) on x (n, heads, head_dim) at positions pos (n,), over the
     first `cfg.rotary_dim` dims of each head; the rest pass unchanged (partial rotary, as HF's
-    apply_rotary_pos_emb). Angles in float64; cos, sin and the products in x's precision."""
+    apply_rotary_pos_emb). With YaRN, its frequencies and cos/sin times `rope_attn_factor` (mscale).
+    Angles in float64; cos, sin and the products in x's precision."""
     rd = cfg.rotary_dim
-    ang = pos[:, None].astype(np.float64) * _inv_freq(cfg.rope_theta, rd)[None, :]  # (n, rd/2)
-    cos, sin = np.cos(ang).astype(x.dtype)[:, None, :], np.sin(ang).astype(x.dtype)[:, None, :]
+    yarn = None
+    if cfg.rope_scaling is RopeScaling.YARN:
+        yarn = (cfg.rope_factor, cfg.rope_original_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow, cfg.yarn_truncate)
+    ang = pos[:, None].astype(np.float64) * _inv_freq(cfg.rope_theta, rd, yarn)[None, :]  # (n, rd/2)
+    cos, sin = np.cos(ang), np.sin(ang)
+    if cfg.rope_attn_factor != 1.0:
+        cos, sin = cos * cfg.rope_attn_factor, sin * cfg.rope_attn_factor
+    cos, sin = cos.astype(x.dtype)[:, None, :], sin.astype(x.dtype)[:, None, :]
     half = rd // 2
     x1, x2 = x[..., :half], x[..., half:rd]
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
@@ -121,9 +133,23 @@ def rotary(cfg: ModelConfig, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _inv_freq(theta: float, rd: int) -> np.ndarray:
-    """1 / theta^(arange(0, rd, 2) / rd), (rd/2,) float64; cached: every layer's q and k use it every step."""
+def _inv_freq(theta: float, rd: int, yarn: tuple[float, int, float, float, bool] | None = None) -> np.ndarray:
+    """1 / theta^(arange(0, rd, 2) / rd), (rd/2,) float64; cached: every layer's q and k use it every step.
+    `yarn` = (factor, original context, beta_fast, beta_slow, truncate): transformers' _compute_yarn_parameters,
+    the frequencies below the correction range divided by factor, a linear ramp across it."""
     out = 1.0 / theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)
+    if yarn is not None:
+        factor, original, fast, slow, truncate = yarn
+
+        def dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in the original context
+            return rd * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim(fast), dim(slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rd - 1)
+        ramp = np.clip((np.arange(rd // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0.0, 1.0)
+        out = out / factor * ramp + out * (1.0 - ramp)  # ramp 0: extrapolate (keep), 1: interpolate (/ factor)
     out.flags.writeable = False
     return out
 
@@ -140,6 +166,33 @@ def shared_expert(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) ->
     return y
 
 
+def attention_output(cfg: ModelConfig, w: LayerWeights, out: np.ndarray, ops: Ops) -> np.ndarray:
+    """The heads' outputs (n, n_heads * head_dim) -> (n, d_model): the output projection, plus its bias."""
+    y = ops.linear(w.attn_o, out)
+    return y if w.o_bias is None else y + w.o_bias.astype(y.dtype)
+
+
+def glu(cfg: ModelConfig, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """A routed expert's gated activation of its gate and up pre-activations (n, d_ff), in their precision:
+    (u + offset) * g * sigmoid(alpha * g), g clamped above and u on both sides at `swiglu_limit` (when > 0).
+    The defaults give silu(g) * u; alpha 1.702, limit 7, offset 1 is transformers' GptOssExperts._apply_gate."""
+    if cfg.swiglu_limit:
+        g, u = np.minimum(g, cfg.swiglu_limit), np.clip(u, -cfg.swiglu_limit, cfg.swiglu_limit)
+    return (u + cfg.swiglu_up_offset) * (g * sigmoid(cfg.swiglu_alpha * g))
+
+
+def expert_mlp(cfg: ModelConfig, m: Mlp, x: np.ndarray, ops: Ops) -> np.ndarray:
+    """A routed expert on x (n, d_model) -> (n, d_model): the backend's SwiGLU when the experts are plain,
+    else gate and up with their biases, `glu`, down with its bias."""
+    if cfg.plain_swiglu:
+        return ops.mlp(m, x)
+    g, u = ops.linear(m.gate, x), ops.linear(m.up, x)
+    if m.gate_bias is not None:
+        g, u = g + m.gate_bias.astype(g.dtype), u + m.up_bias.astype(u.dtype)
+    y = ops.linear(m.down, glu(cfg, g, u))
+    return y if m.down_bias is None else y + m.down_bias.astype(y.dtype)
+
+
 @dataclass(frozen=True)
 class Pieces:
     attention_inputs: Callable[..., tuple[np.ndarray, ...]] = attention_inputs
@@ -147,6 +200,8 @@ class Pieces:
     router_scores: Callable[..., np.ndarray] = router_scores  # (cfg, w, h, ops) -> (n, n_experts)
     select_experts: Callable[..., tuple[np.ndarray, np.ndarray]] = top_k  # (cfg, w, scores, chosen) -> experts, weights
     shared_expert: Callable[..., np.ndarray | None] = shared_expert
+    attention_output: Callable[..., np.ndarray] = attention_output  # (cfg, w, heads' out, ops) -> (n, d_model)
+    expert_mlp: Callable[..., np.ndarray] = expert_mlp  # (cfg, expert Mlp, x, ops) -> (n, d_model)
 
     def lookahead(self, cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) -> np.ndarray:
         """A prefetch guess's ranking (n, n_experts) of a layer's experts, positive for the wanted: its scores

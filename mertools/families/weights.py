@@ -21,11 +21,14 @@ M = TypeVar("M")  # a matrix: runtime Linear (raw bytes) or reference float32 ar
 
 @dataclass(frozen=True)
 class Mlp(Generic[M]):
-    """A SwiGLU MLP: down(silu(gate x) * up x)."""
+    """A SwiGLU MLP: down(silu(gate x) * up x); an expert may add biases (and its GLU may differ, pieces.glu)."""
 
     gate: M  # (d_ff, d_model)
     up: M  # (d_ff, d_model)
     down: M  # (d_model, d_ff)
+    gate_bias: np.ndarray | None = None  # (d_ff,)
+    up_bias: np.ndarray | None = None  # (d_ff,)
+    down_bias: np.ndarray | None = None  # (d_model,)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class LayerWeights(Generic[M]):
     mlp: Mlp[M] | None = None  # a dense-MLP layer's MLP (d_ff_dense wide)
     shared: Mlp[M] | None = None  # an always-resident shared expert (d_ff_shared wide)
     shared_gate: np.ndarray | None = None  # (1, d_model): the shared expert is scaled by sigmoid(x . w)
+    o_bias: np.ndarray | None = None  # (d_model,): the output projection's bias
+    attn_sinks: np.ndarray | None = None  # (n_heads,): each head's extra softmax logit (attention sinks)
+    router_bias: np.ndarray | None = None  # (n_experts,): added to the router's logits
 
 
 @dataclass(frozen=True)

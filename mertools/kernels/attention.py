@@ -1,13 +1,17 @@
 """Grouped-query attention of new tokens over a sequence's cached keys and values (float32).
 
-    attend(q, keys, vals, pos, window)   q (n, nh, hd) at positions pos (n,) over keys/vals (T, nkv, hd)
-                                         -> (n, nh * hd); causal, and a sliding window when window > 0
+    attend(q, keys, vals, pos, window, sinks)   q (n, nh, hd) at positions pos (n,) over keys/vals (T, nkv, hd)
+                                                -> (n, nh * hd); causal, and a sliding window when window > 0;
+                                                sinks (nh,): each head's extra logit in the softmax's
+                                                denominator, weighing no value, or None
 
 One new token (decode) runs `attend_one`, a numba kernel; several (prefill) run the numpy path, which
 is also the kernel's plain definition (the tests hold them together).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
@@ -16,9 +20,10 @@ from .simd import prefetch
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-def attend_one(q, keys, vals, pos, window, out):
+def attend_one(q, keys, vals, pos, window, sinks, out):
     """Decode attention of one new token: q (nh, hd) at position pos over keys/vals (pos + 1, nkv, hd)
-    -> out (nh, hd): what `attend` computes for n = 1 (causal; sliding window if window > 0)
+    -> out (nh, hd): what `attend` computes for n = 1 (causal; sliding window if window > 0; sinks (nh,)
+    float32 join each head's denominator, -inf for none)
     in one parallel pass over kv heads, each key and value row read once for its group of query
     heads. fastmath without nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
     nh, hd = q.shape
@@ -41,10 +46,11 @@ def attend_one(q, keys, vals, pos, window, out):
                     acc += q[g * group + i, d] * keys[j, g, d]
                 s[i, j] = acc / scale
         for i in range(group):
-            m = s[i, lo]
+            sink = sinks[g * group + i]
+            m = max(s[i, lo], sink)
             for j in range(lo + 1, pos + 1):
                 m = max(m, s[i, j])
-            tot = np.float32(0.0)
+            tot = np.exp(sink - m)  # 0 for a sink of -inf
             for j in range(lo, pos + 1):
                 s[i, j] = np.exp(s[i, j] - m)
                 tot += s[i, j]
@@ -61,7 +67,8 @@ def attend_one(q, keys, vals, pos, window, out):
                     out[g * group + i, d] += p * vals[j, g, d]
 
 
-def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
+def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
+                 sinks: np.ndarray | None = None) -> np.ndarray:
     """q (n, nh, hd) at positions pos over keys/vals (T, nkv, hd) -> (n, nh * hd), in numpy."""
     n, nh, hd = q.shape
     nkv, total = keys.shape[1], keys.shape[0]
@@ -73,17 +80,31 @@ def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndar
     if window > 0:
         allowed &= j > pos[:, None] - window
     scores = np.where(allowed, scores, np.float32(-np.inf))
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    scores /= scores.sum(axis=-1, keepdims=True)
+    if sinks is None:
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+    else:  # the sink joins the max and the denominator, then is dropped (transformers' eager_attention_forward)
+        sink = sinks.astype(np.float32).reshape(nkv, group, 1, 1)
+        m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
+        scores = np.exp(scores - m)
+        scores /= scores.sum(axis=-1, keepdims=True) + np.exp(sink - m)
     out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, hd)
     return out.transpose(2, 0, 1, 3).reshape(n, nh * hd)
 
 
-def attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
+def attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
+           sinks: np.ndarray | None = None) -> np.ndarray:
     """The kernel for one new token, numpy for several; keys/vals hold exactly positions 0..pos[-1]."""
     n, nh, hd = q.shape
     if n == 1:
         out = np.empty((nh, hd), np.float32)
-        attend_one(np.ascontiguousarray(q[0]), keys, vals, int(pos[0]), window, out)
+        sk = _no_sinks(nh) if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
+        attend_one(np.ascontiguousarray(q[0]), keys, vals, int(pos[0]), window, sk, out)
         return out.reshape(1, nh * hd)
-    return attend_numpy(q, keys, vals, pos, window)
+    return attend_numpy(q, keys, vals, pos, window, sinks)
+
+
+@lru_cache(maxsize=8)
+def _no_sinks(nh: int) -> np.ndarray:
+    """The kernel's "no sinks": -inf for every head (exp gives 0), allocated once per head count (never written)."""
+    return np.full(nh, -np.inf, np.float32)

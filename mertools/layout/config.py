@@ -32,12 +32,31 @@ class GatingFunc(StrEnum):
 
 GATING_FUNCS = tuple(g.value for g in GatingFunc)
 
+
+class RopeScaling(StrEnum):
+    """How rotary frequencies are stretched past the trained context."""
+
+    NONE = "none"
+    YARN = "yarn"  # YaRN (transformers' _compute_yarn_parameters)
+
+
+ROPE_SCALINGS = tuple(r.value for r in RopeScaling)
+# the YaRN fields, with the values that mean "no YaRN" (a config without scaling must hold exactly these)
+YARN_DEFAULTS: dict[str, Any] = {
+    "rope_factor": 1.0, "rope_original_context": 0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0,
+    "yarn_truncate": True, "rope_attn_factor": 1.0,
+}
+
 # Fields added after format version 1, with the value that means "absent": a config whose extension
 # fields all hold these is a version-1 config and is written without them (old readers still read it).
 EXTENSION_DEFAULTS: dict[str, Any] = {
     "qk_norm": "none", "attn_bias": False, "dense_layers": (), "d_ff_dense": 0, "d_ff_shared": 0,
     "shared_expert_gate": False, "gating_func": "softmax", "expert_bias": False, "routed_scaling": 1.0,
     "n_groups": 1, "n_groups_used": 1, "rope_dim": 0,
+    # attention sinks, per-layer windows, biases everywhere, a clamped GLU, YaRN (OpenAI's open-weight MoE)
+    "attn_o_bias": False, "attn_sinks": False, "full_attention_layers": (), "router_bias": False,
+    "expert_mlp_bias": False, "swiglu_alpha": 1.0, "swiglu_limit": 0.0, "swiglu_up_offset": 0.0,
+    "rope_scaling": "none", **YARN_DEFAULTS,
 }
 
 
@@ -72,6 +91,22 @@ class ModelConfig:
     n_groups: int = 1  # experts split in n_groups equal groups; only the best n_groups_used groups may be chosen
     n_groups_used: int = 1
     rope_dim: int = 0  # rotary on the first rope_dim dims of each head only (partial rotary); 0 = all head_dim
+    attn_o_bias: bool = False  # the output projection carries a bias
+    attn_sinks: bool = False  # a learned logit per head joins each softmax's denominator
+    full_attention_layers: tuple[int, ...] = ()  # layers that ignore sliding_window (the others use it)
+    router_bias: bool = False  # the router's logits carry a bias
+    expert_mlp_bias: bool = False  # each expert's gate, up and down carry biases, stored in its file
+    # routed experts: (up + offset) * gate * sigmoid(alpha * gate), gate <= limit and |up| <= limit (0: no clamp)
+    swiglu_alpha: float = 1.0
+    swiglu_limit: float = 0.0
+    swiglu_up_offset: float = 0.0
+    rope_scaling: RopeScaling = RopeScaling.NONE
+    rope_factor: float = 1.0  # YaRN: context stretch factor
+    rope_original_context: int = 0  # YaRN: the context the model was pretrained with
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_truncate: bool = True  # the correction range is floored/ceiled to whole dims
+    rope_attn_factor: float = 1.0  # cos and sin are multiplied by it (YaRN's mscale)
 
     def __post_init__(self) -> None:
         positive = (
@@ -131,6 +166,48 @@ class ModelConfig:
                              f"got {rd!r}")
         if rd == self.head_dim:  # the whole head is the default: one spelling, so HF and GGUF configs compare equal
             object.__setattr__(self, "rope_dim", 0)
+        self._check_sinks_glu_yarn()
+
+    def _check_sinks_glu_yarn(self) -> None:
+        for name in ("attn_o_bias", "attn_sinks", "router_bias", "expert_mlp_bias", "yarn_truncate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.full_attention_layers, list):  # from JSON
+            object.__setattr__(self, "full_attention_layers", tuple(self.full_attention_layers))
+        fl = self.full_attention_layers
+        if not isinstance(fl, tuple) or not all(isinstance(x, int) and not isinstance(x, bool) for x in fl) or (
+                list(fl) != sorted(set(fl)) or (fl and not 0 <= fl[0] <= fl[-1] < self.n_layers)):
+            raise ValueError(f"config.full_attention_layers must be increasing layer numbers below {self.n_layers}, got {fl!r}")
+        if fl and self.sliding_window is None:
+            raise ValueError("config.full_attention_layers needs a sliding_window (for the other layers)")
+        # alpha > 0, limit >= 0 (0: no clamp), the offset any finite number
+        for name, ok in (("swiglu_alpha", lambda v: v > 0), ("swiglu_limit", lambda v: v >= 0),
+                         ("swiglu_up_offset", lambda v: True)):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not abs(v) < float("inf") or not ok(v):
+                raise ValueError(f"config.{name}: {v!r} is not allowed (alpha > 0, limit >= 0, finite numbers)")
+            object.__setattr__(self, name, float(v))
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"config.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        object.__setattr__(self, "rope_scaling", RopeScaling(self.rope_scaling))
+        for name in ("rope_factor", "yarn_beta_fast", "yarn_beta_slow", "rope_attn_factor"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not (0 < v < float("inf")):
+                raise ValueError(f"config.{name} must be a positive number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        oc = self.rope_original_context
+        if not isinstance(oc, int) or isinstance(oc, bool) or oc < 0:
+            raise ValueError(f"config.rope_original_context must be a non-negative integer, got {oc!r}")
+        if self.rope_scaling is RopeScaling.NONE:
+            odd = {k: getattr(self, k) for k, v in YARN_DEFAULTS.items() if getattr(self, k) != v}
+            if odd:
+                raise ValueError(f"config.rope_scaling is 'none' but YaRN fields are set: {odd}")
+        elif not oc or self.rope_factor < 1.0:
+            raise ValueError(f"config: YaRN needs rope_original_context > 0 and rope_factor >= 1, got "
+                             f"{oc!r} and {self.rope_factor!r}")
 
     def _check_routing(self) -> None:
         if self.gating_func not in GATING_FUNCS:
@@ -163,6 +240,18 @@ class ModelConfig:
         """How many leading dims of each q/k head are rotated."""
         return self.rope_dim or self.head_dim
 
+    def window(self, layer: int) -> int:
+        """The sliding window of layer `layer`'s attention; 0 = none (full causal attention)."""
+        if self.sliding_window is None or layer in self.full_attention_layers:
+            return 0
+        return self.sliding_window
+
+    @property
+    def plain_swiglu(self) -> bool:
+        """The routed experts are silu(gate) * up with no biases (the fused kernel's case)."""
+        return (not self.expert_mlp_bias and self.swiglu_alpha == 1.0 and self.swiglu_limit == 0.0
+                and self.swiglu_up_offset == 0.0)
+
     @property
     def moe_layers(self) -> tuple[int, ...]:
         """Layers with routed experts (every layer but the dense ones), in order."""
@@ -184,6 +273,8 @@ class ModelConfig:
         d["dense_layers"] = list(self.dense_layers)
         d["qk_norm"] = self.qk_norm.value
         d["gating_func"] = self.gating_func.value
+        d["full_attention_layers"] = list(self.full_attention_layers)
+        d["rope_scaling"] = self.rope_scaling.value
         for k, v in EXTENSION_DEFAULTS.items():
             if getattr(self, k) == v:
                 del d[k]

@@ -15,6 +15,21 @@ from .config import ModelConfig
 from .constants import ALIGNMENT, DTYPES, EXPERT_DTYPES, FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS
 
 EXPERT_ROLES = ("gate", "up", "down")
+# with config.expert_mlp_bias, each expert file also holds its own biases: f32 vectors read with the
+# expert, so they are streamed like its matrices rather than kept resident for every expert
+EXPERT_BIAS_ROLES = ("gate_bias", "up_bias", "down_bias")
+ALL_EXPERT_ROLES = EXPERT_ROLES + EXPERT_BIAS_ROLES
+
+
+def expert_roles(cfg: ModelConfig) -> tuple[str, ...]:
+    """The tensors each expert file of a layout with this config holds, in file order."""
+    return ALL_EXPERT_ROLES if cfg.expert_mlp_bias else EXPERT_ROLES
+
+
+def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """role -> the shape the config implies (HF orientation: gate/up (d_ff, d_model), down (d_model, d_ff))."""
+    return {"gate": (cfg.d_ff, cfg.d_model), "up": (cfg.d_ff, cfg.d_model), "down": (cfg.d_model, cfg.d_ff),
+            "gate_bias": (cfg.d_ff,), "up_bias": (cfg.d_ff,), "down_bias": (cfg.d_model,)}
 _HEX64 = re.compile(r"^[0-9a-f]{16}$")
 TOKENIZER_KINDS = ("hf", "gguf")
 
@@ -50,7 +65,7 @@ class ExpertEntry:
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer, "expert": self.expert, "file": self.file, "nbytes": self.nbytes,
-            "xxh3": self.xxh3, "tensors": {r: self.tensors[r].to_dict() for r in EXPERT_ROLES},
+            "xxh3": self.xxh3, "tensors": {r: self.tensors[r].to_dict() for r in ALL_EXPERT_ROLES if r in self.tensors},
         }
 
 
@@ -174,14 +189,17 @@ def _parse_expert(d: Any, where: str, cfg: ModelConfig) -> ExpertEntry:
     if nbytes <= 0 or nbytes % ALIGNMENT:
         raise ManifestError(f"{where}.nbytes: file size {nbytes} is not a positive multiple of {ALIGNMENT}")
     raw = _get(d, "tensors", dict, where)
-    if sorted(raw) != sorted(EXPERT_ROLES):
-        raise ManifestError(f"{where}.tensors: expected exactly {list(EXPERT_ROLES)}, got {sorted(raw)}")
-    tensors = {r: _parse_tensor(raw[r], f"{where}.{r}", with_file=False) for r in EXPERT_ROLES}
-    expected = {"gate": (cfg.d_ff, cfg.d_model), "up": (cfg.d_ff, cfg.d_model), "down": (cfg.d_model, cfg.d_ff)}
+    roles = expert_roles(cfg)
+    if sorted(raw) != sorted(roles):
+        raise ManifestError(f"{where}.tensors: expected exactly {list(roles)}, got {sorted(raw)}")
+    tensors = {r: _parse_tensor(raw[r], f"{where}.{r}", with_file=False) for r in roles}
+    expected = expert_shapes(cfg)
     for role, t in tensors.items():
         if t.shape != expected[role]:
             raise ManifestError(f"{where}.{role}: shape {list(t.shape)} disagrees with config, expected {list(expected[role])}")
-        if t.dtype not in EXPERT_DTYPES:
+        if role in EXPERT_BIAS_ROLES and t.dtype != "f32":
+            raise ManifestError(f"{where}.{role}: dtype {t.dtype}, expected f32 (biases are never quantized)")
+        if role in EXPERT_ROLES and t.dtype not in EXPERT_DTYPES:
             raise ManifestError(f"{where}.{role}: dtype {t.dtype} is not an expert dtype ({', '.join(EXPERT_DTYPES)})")
         if t.offset + t.nbytes > nbytes:
             raise ManifestError(f"{where}.{role}: [{t.offset}, {t.offset + t.nbytes}) lies beyond the file's {nbytes} bytes")
@@ -207,7 +225,7 @@ def _parse_manifest(d: Any) -> Manifest:
         raise ManifestError(f"manifest: arch {arch!r} disagrees with config.arch {cfg.arch!r}")
     if version < 2 and cfg.uses_extensions:
         raise ManifestError("manifest.config: uses fields of format version 2 (q/k norm, biases, shared or dense MLPs, "
-                            "sigmoid/biased/grouped routing, partial rotary) "
+                            "sigmoid/biased/grouped routing, partial rotary, sinks, expert biases, a clamped GLU, YaRN) "
                             f"in a version {version} manifest")
     tok = _get(d, "tokenizer", dict, "manifest")
     kind = _get(tok, "kind", str, "manifest.tokenizer")

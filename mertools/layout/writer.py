@@ -19,7 +19,7 @@ import xxhash
 from ..errors import ConversionError
 from .config import ModelConfig
 from .constants import ALIGNMENT, DENSE_FILE, DTYPES, EXPERTS_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, align_up
-from .manifest import EXPERT_ROLES, ExpertEntry, FileEntry, Manifest, TensorEntry
+from .manifest import ALL_EXPERT_ROLES, EXPERT_BIAS_ROLES, EXPERT_ROLES, ExpertEntry, FileEntry, Manifest, TensorEntry
 
 PARTIAL_MARKER = ".mertools-partial"
 _ZEROS = bytes(ALIGNMENT)
@@ -148,12 +148,13 @@ class LayoutWriter:
 
     # -------------------------------------------------------------- content
     def write_expert(self, layer: int, expert: int, tensors: dict[str, EncodedTensor]) -> ExpertEntry:
-        if sorted(tensors) != sorted(EXPERT_ROLES):
-            raise ValueError(f"expert tensors must be {EXPERT_ROLES}, got {sorted(tensors)}")
+        roles = ALL_EXPERT_ROLES if len(tensors) > len(EXPERT_ROLES) else EXPERT_ROLES  # with biases or without
+        if sorted(tensors) != sorted(roles):
+            raise ValueError(f"expert tensors must be {EXPERT_ROLES} (and {EXPERT_BIAS_ROLES}), got {sorted(tensors)}")
         rel = expert_path(layer, expert)
         f = _AlignedFile(self.partial / rel)
         try:
-            entries = {role: f.add(tensors[role]) for role in EXPERT_ROLES}
+            entries = {role: f.add(tensors[role]) for role in roles}
         finally:
             fe = f.close()
         entry = ExpertEntry(layer, expert, rel, fe.nbytes, fe.xxh3, entries)

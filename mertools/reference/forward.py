@@ -13,11 +13,13 @@ class, stays the independent oracle in the tests. What is written here follows H
   positions 0..n-1) over the first rd = `rotary_dim` dims of each head (the family's `rotary` piece;
   rd < head_dim is HF's partial rotary);
 - grouped-query attention (query head h reads kv head h // (n_heads / n_kv_heads)) with a causal
-  mask and, when `sliding_window` is set, HF's window: query i sees keys j with i - window < j <= i;
+  mask and, in layers with a window (`cfg.window(layer)`), HF's: query i sees keys j with
+  i - window < j <= i; attention sinks as HF's eager_attention_forward: one more logit per
+  head in the softmax, dropped after it;
 - experts chosen by the family's routing; exact ties go to the lower expert index (torch.topk's
   choice among exact ties is unspecified, so nothing can match it there; exact ties need degenerate
-  router weights, e.g. zero rows); SwiGLU experts `(silu(x @ G.T) * (x @ U.T)) @ D.T`; final norm;
-  lm_head or tied embeddings.
+  router weights, e.g. zero rows); SwiGLU experts `(silu(x @ G.T) * (x @ U.T)) @ D.T`, or the family's
+  `expert_mlp` piece (expert biases, a clamped GLU); final norm; lm_head or tied embeddings.
 
 Weights are held as float32 (exactly the dequantized values). Everything is in RAM: tiny models only.
 """
@@ -143,7 +145,7 @@ class ReferenceModel:
             if name in self.dense and self.dense[name].shape != resolve_shape(spec.shape, c):
                 raise ValueError(f"{name} has shape {self.dense[name].shape}, the config implies {resolve_shape(spec.shape, c)}")
         for (layer, e), tensors in self.experts.items():
-            for spec in self.family.experts:
+            for spec in self.family.expert_specs(c):
                 want = resolve_shape(spec.shape, c)
                 if tensors[spec.role].shape != want:
                     raise ValueError(f"layer {layer} expert {e} {spec.role} has shape {tensors[spec.role].shape}, "
@@ -160,21 +162,23 @@ class ReferenceModel:
         c, dt = self.config, self.compute_dtype
         x = self.weights.embed[ids].astype(dt)  # (T, d_model)
         pos = np.arange(len(ids))
-        mask = self.attention_mask(len(ids))  # (T, T) bool, True = may attend
         for n, lw in enumerate(self.layers):
+            mask = self.attention_mask(len(ids), n)  # (T, T) bool, True = may attend
             x = x + self.attention(rms_norm(x, lw.attn_norm, c.norm_eps), lw, pos, mask)
             h = rms_norm(x, lw.ffn_norm, c.norm_eps)
             x = x + (self.ops.mlp(lw.mlp, h) if lw.mlp is not None else self.moe(h, lw, self.layer_experts[n]))
         x = rms_norm(x, self.weights.output_norm, c.norm_eps)
         return (x @ self.lm_head.T.astype(dt, copy=False)).astype(np.float32)  # (T, vocab)
 
-    def attention_mask(self, n: int) -> np.ndarray:
-        """(n, n) bool: causal, and within the sliding window (kv > q - window, as HF's overlay)."""
+    def attention_mask(self, n: int, layer: int = 0) -> np.ndarray:
+        """(n, n) bool for layer `layer`: causal, and within its sliding window if it has one (kv > q - window,
+        as HF's overlay)."""
+        window = self.config.window(layer)
         q = np.arange(n)[:, None]
         kv = np.arange(n)[None, :]
         allowed = kv <= q
-        if self.config.sliding_window is not None:
-            allowed &= kv > q - self.config.sliding_window
+        if window > 0:
+            allowed &= kv > q - window
         return allowed
 
     def attention(self, h: np.ndarray, lw: LayerWeights, pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -190,9 +194,13 @@ class ReferenceModel:
         v = np.repeat(v, rep, axis=0)  # (H, T, hd)
         scores = (q @ k.transpose(0, 2, 1)) * (hd ** -0.5)  # (H, T, T)
         scores = np.where(mask[None], scores, -np.inf)
-        probs = softmax(scores)  # (H, T, T); the diagonal is always allowed, so no row is all -inf
+        if lw.attn_sinks is not None:  # each head's sink: one more column in its softmax, dropped after it
+            sink = np.broadcast_to(lw.attn_sinks.astype(scores.dtype)[:, None, None], (c.n_heads, T, 1))
+            probs = softmax(np.concatenate([scores, sink], axis=-1))[..., :-1]
+        else:
+            probs = softmax(scores)  # (H, T, T); the diagonal is always allowed, so no row is all -inf
         out = (probs @ v).transpose(1, 0, 2).reshape(T, c.n_heads * hd)  # (T, H*hd)
-        return self.ops.linear(lw.attn_o, out)  # (T, d_model)
+        return pieces.attention_output(c, lw, out, self.ops)  # (T, d_model)
 
     def route(self, h: np.ndarray, lw: LayerWeights) -> tuple[np.ndarray, np.ndarray]:
         """h (T, d_model) -> (experts (T, k) int, weights (T, k)), best expert first."""
@@ -207,7 +215,7 @@ class ReferenceModel:
             tok, slot = np.nonzero(top == e)  # tokens that chose expert e, and in which top-k slot
             if tok.size == 0:
                 continue
-            np.add.at(out, tok, self.ops.mlp(ex, h[tok]) * w[tok, slot][:, None])
+            np.add.at(out, tok, self.family.pieces.expert_mlp(self.config, ex, h[tok], self.ops) * w[tok, slot][:, None])
         shared = self.family.pieces.shared_expert(self.config, lw, h, self.ops)
         return out if shared is None else out + shared
 

@@ -28,12 +28,14 @@ class KVCache:
         new = max(total, 2 * cap)
         self.k, self.v = _grown(self.k, new), _grown(self.v, new)
 
-    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
-        """Store k/v (n, nkv, hd) at positions pos (consecutive), then q (n, nh, hd) attends -> (n, nh * hd)."""
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int,
+               sinks: np.ndarray | None = None) -> np.ndarray:
+        """Store k/v (n, nkv, hd) at positions pos (consecutive), then q (n, nh, hd) attends -> (n, nh * hd)
+        (a sliding window when window > 0; sinks (nh,): attention sinks, or None)."""
         start, total = int(pos[0]), int(pos[-1]) + 1
         self.k[layer, start:total] = k
         self.v[layer, start:total] = v
-        return attend(q, self.k[layer, :total], self.v[layer, :total], pos, window)
+        return attend(q, self.k[layer, :total], self.v[layer, :total], pos, window, sinks)
 
 
 def _grown(old: np.ndarray, capacity: int) -> np.ndarray:

@@ -71,10 +71,11 @@ class MoEModel:
         rotary = self.family.pieces.rotary  # over the first rotary_dim dims of each head (partial rotary)
         q, k = rotary(cfg, q, batch.positions), rotary(cfg, k, batch.positions)
         out = np.empty((h.shape[0], cfg.n_heads * cfg.head_dim), np.float32)
+        window = cfg.window(layer)  # per layer: some models alternate sliding and full attention
         for s in batch.seqs:
             r = s.rows
-            out[r] = s.kv.attend(layer, q[r], k[r], v[r], batch.positions[r], cfg.sliding_window or 0)
-        return ops.linear(w.attn_o, out)
+            out[r] = s.kv.attend(layer, q[r], k[r], v[r], batch.positions[r], window, w.attn_sinks)
+        return self.family.pieces.attention_output(cfg, w, out, ops)
 
     def _ffn(self, layer: int, x: np.ndarray, batch: Batch, ops: RuntimeOps) -> np.ndarray:
         """The layer's feed-forward block: streamed experts, or a resident dense MLP in a layer without them."""

@@ -6,17 +6,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..families.base import Family
-from ..families.weights import LayerWeights
+from ..families.weights import LayerWeights, Mlp
 from ..kernels.matmul import swiglu_expert
 from ..layout.config import ModelConfig
 from .batch import Batch
 from .cache import ExpertCache
 from .hooks import ModelHooks
-from .ops import RuntimeOps
+from .ops import Linear, RuntimeOps
 from .prefetch import Prefetcher
 from .store import ExpertStore
 
 ROLES = ("gate", "up", "down")
+BIAS_ROLES = ("gate_bias", "up_bias", "down_bias")  # with config.expert_mlp_bias, in the same file
 
 
 class StreamingMoE:
@@ -61,12 +62,22 @@ class StreamingMoE:
                 batch: Batch, contrib: np.ndarray) -> None:
         """One resident expert applied to the rows that chose it, sequence by sequence: read once,
         computed per sequence, so a sequence's result never depends on its neighbours."""
+        cfg = self.cfg
         g, u, d = (self.store.tensor(slot, key, r) for r in ROLES)
         dg, du, dd = self.dtypes[key]
+        mlp = None
+        if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on the slot's bytes
+            biases = {r: self.store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
+            mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model), Linear(u, du, cfg.d_ff, cfg.d_model),
+                      Linear(d, dd, cfg.d_model, cfg.d_ff), **biases)
         for s in batch.seqs:
             tok, which = np.nonzero(chosen[s.rows] == key[1])
             if len(tok) == 0:
                 continue
             tok = tok + s.start
-            y = swiglu_expert(np.ascontiguousarray(h[tok]), g, u, d, dg, du, dd, self.cfg.d_ff, self.cfg.d_model)
+            x = np.ascontiguousarray(h[tok])
+            if mlp is None:
+                y = swiglu_expert(x, g, u, d, dg, du, dd, cfg.d_ff, cfg.d_model)
+            else:  # one sequence's rows at a time already: ops without a batch
+                y = self.family.pieces.expert_mlp(cfg, mlp, x, RuntimeOps())
             contrib[tok, which] = y * weights[tok, which][:, None]

@@ -24,9 +24,20 @@ def _state_dict(ref: ReferenceModel, arch: Family) -> dict[str, np.ndarray]:
             sd[fmt(spec.hf, layer)] = ref.dense[name]
         elif not spec.optional:
             raise MertoolsError(f"the reference has no tensor {name} for {arch.name}")
+    cfg = ref.config
     for (layer, e), tensors in ref.experts.items():
-        for spec in arch.experts:
-            sd[fmt(spec.hf, layer, e)] = tensors[spec.role]
+        for spec in arch.expert_specs(cfg):
+            x, cut = tensors[spec.role], spec.hf_merged
+            if cut is None:
+                sd[fmt(spec.hf, layer, e)] = x
+                continue
+            # a layer's experts in one tensor (families.base.HFMerged): expert e's rows start::step of the (out, in) slice,
+            # stored transposed when the family says so (the inverse of the converter's cut)
+            logical = (x.shape[0] * cut.step, *x.shape[1:])
+            name = fmt(spec.hf, layer)
+            if name not in sd:
+                sd[name] = np.zeros((cfg.n_experts, *(logical[::-1] if cut.transposed else logical)), np.float32)
+            (sd[name][e].T if cut.transposed else sd[name][e])[cut.start::cut.step] = x
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
 
 

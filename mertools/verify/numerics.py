@@ -13,7 +13,7 @@ import numpy as np
 from ..dtypes import DTYPES, Thresholds
 from ..errors import MertoolsError
 from ..layout.config import ModelConfig
-from ..layout.manifest import Manifest
+from ..layout.manifest import EXPERT_ROLES, Manifest
 
 DEFAULT_TEXT = (
     "It was a bright cold day in April, and the clocks were striking thirteen. The harbour lay quiet under a "
@@ -95,7 +95,7 @@ class NumericsReport:
 def expert_dtype(manifest: Manifest) -> str:
     """The dtype whose limits apply to a layout: the most common among its expert tensors (ties: the
     first one met), so a few tensors stored otherwise (a down projection kept at 8 bits) do not decide."""
-    counts = Counter(t.dtype for e in manifest.experts for t in e.tensors.values())
+    counts = Counter(t.dtype for e in manifest.experts for r, t in e.tensors.items() if r in EXPERT_ROLES)  # not biases
     if not counts:
         raise MertoolsError("the layout has no expert tensors to compare")
     return counts.most_common(1)[0][0]
