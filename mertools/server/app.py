@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MertoolsError
+from ..runtime.harmony import REASONING, HarmonyParser, is_harmony, split_reply
 from ..runtime.sampling import SamplingParams
 from ..runtime.text import PromptError, check_prompt
 from . import protocol as P
@@ -182,6 +183,10 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
         top_k = req.top_k if req.top_k and req.top_k > 0 else 0
         temperature = 1.0 if req.temperature is None else req.temperature
         n = req.n or 1
+        # a harmony (gpt-oss) chat: its control tokens are decoded, then split into content and reasoning;
+        # skip_special_tokens=false asks for the raw text instead
+        harmony = (kind == "chat" and req.skip_special_tokens is not False
+                   and is_harmony(getattr(engine.tokenizer, "chat_template", None)))
         gens = []
         for ids in prompts:
             for j in range(n):
@@ -190,7 +195,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
                 gens.append(GenerationRequest(
                     tuple(ids), req.max_new or default_max,
                     SamplingParams(temperature, top_k, 1.0 if req.top_p is None else req.top_p, seed),
-                    req.stop, req.skip_special_tokens is not False))
+                    req.stop, not harmony and req.skip_special_tokens is not False))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
 
@@ -215,10 +220,10 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
                     h.cancel()
 
             return StreamingResponse(
-                stream(kind, rid, model_name, t, handles, queue, req.include_usage, prompt_tokens),
+                stream(kind, rid, model_name, t, handles, queue, req.include_usage, prompt_tokens, harmony),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(cancel_all))
-        return await collect(request, kind, rid, model_name, t, handles, queue, prompt_tokens)
+        return await collect(request, kind, rid, model_name, t, handles, queue, prompt_tokens, harmony)
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length", "")
@@ -235,7 +240,8 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
         return b"".join(parts)
 
     async def collect(request: Request, kind: str, rid: str, model_name: str, t: int, handles: list[Handle],
-                      queue: asyncio.Queue[tuple[int, Event | None]], prompt_tokens: int) -> Response:
+                      queue: asyncio.Queue[tuple[int, Event | None]], prompt_tokens: int,
+                      harmony: bool = False) -> Response:
         texts: list[list[str]] = [[] for _ in handles]
         finish: list[str | None] = [None] * len(handles)
         completion = 0
@@ -261,13 +267,27 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
             for h in handles:
                 h.cancel()  # a no-op for finished ones
         choices = [("".join(x), f or "stop") for x, f in zip(texts, finish, strict=True)]
-        return JSONResponse(P.response(kind, rid, model_name, t, choices, P.usage(prompt_tokens, completion)))
+        reasoning = None
+        if harmony:
+            parts = [split_reply(text) for text, _ in choices]
+            choices = [(content, f) for (content, _), (_, f) in zip(parts, choices, strict=True)]
+            reasoning = [r for _, r in parts]
+        return JSONResponse(P.response(kind, rid, model_name, t, choices, P.usage(prompt_tokens, completion),
+                                       reasoning))
 
     async def stream(kind: str, rid: str, model_name: str, t: int, handles: list[Handle],
                      queue: asyncio.Queue[tuple[int, Event | None]], include_usage: bool,
-                     prompt_tokens: int) -> AsyncIterator[str]:
+                     prompt_tokens: int, harmony: bool = False) -> AsyncIterator[str]:
         # if the client disconnects, Starlette cancels this generator: `finally` cancels the generations
         left, completion = set(range(len(handles))), 0
+        parsers = [HarmonyParser() for _ in handles] if harmony else None
+
+        def pieces(i: int, events: list[tuple[str, str]]) -> Iterator[str]:
+            for channel, text in events:
+                thinking = channel == REASONING
+                yield P.sse(P.chunk(kind, rid, model_name, t, i, None if thinking else text, None, include_usage,
+                                    reasoning=text if thinking else None))
+
         try:
             if kind == "chat":
                 for i in range(len(handles)):
@@ -278,9 +298,15 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
                 if ev.error:
                     yield P.sse(P.error_body(ev.error, "server_error", "generation_failed"))
                     break
-                if ev.text:
+                if ev.text and parsers is not None:
+                    for piece in pieces(i, parsers[i].feed(ev.text)):
+                        yield piece
+                elif ev.text:
                     yield P.sse(P.chunk(kind, rid, model_name, t, i, ev.text, None, include_usage))
                 if ev.finish_reason:
+                    if parsers is not None:
+                        for piece in pieces(i, parsers[i].flush()):
+                            yield piece
                     left.discard(i)
                     completion += ev.completion_tokens
                     yield P.sse(P.chunk(kind, rid, model_name, t, i, None, ev.finish_reason, include_usage))

@@ -200,11 +200,14 @@ def model_card(name: str, created: int, context_length: int | None) -> dict[str,
 
 
 def response(kind: str, rid: str, model: str, created: int, choices: list[tuple[str, str]],
-             use: dict[str, int]) -> dict[str, Any]:
-    """A whole (non-streamed) completion; choices are (text, finish_reason)."""
+             use: dict[str, int], reasoning: list[str | None] | None = None) -> dict[str, Any]:
+    """A whole (non-streamed) completion; choices are (text, finish_reason). `reasoning` (chat only, one per
+    choice) adds `message.reasoning_content`, as vLLM and llama.cpp's server write a model's thinking."""
     if kind == "chat":
         out = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
                for i, (t, f) in enumerate(choices)]
+        for c, r in zip(out, reasoning or (), strict=False):
+            c["message"]["reasoning_content"] = r  # type: ignore[index]
         obj = "chat.completion"
     else:
         out = [{"index": i, "text": t, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(choices)]
@@ -213,12 +216,16 @@ def response(kind: str, rid: str, model: str, created: int, choices: list[tuple[
 
 
 def chunk(kind: str, rid: str, model: str, created: int, index: int, text: str | None,
-          finish_reason: str | None, with_usage: bool, role: bool = False) -> dict[str, Any]:
-    """One streamed piece. For chat, `role` makes the opening delta and text None an empty delta."""
+          finish_reason: str | None, with_usage: bool, role: bool = False,
+          reasoning: str | None = None) -> dict[str, Any]:
+    """One streamed piece. For chat, `role` makes the opening delta and text None an empty delta;
+    `reasoning` is a piece of the model's thinking (`delta.reasoning_content`)."""
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text is not None and not role:
             delta["content"] = text
+        if reasoning is not None and not role:
+            delta["reasoning_content"] = reasoning
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
