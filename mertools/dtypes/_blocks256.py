@@ -418,3 +418,13 @@ def k4_levels(x, base, out, o, nmax, rmin, nstep, L, laux, weights, scales, mins
         dm = dmin_all * np.float32(mq[j])
         for i in range(32):
             L[32 * j + i] = min(max(nearest_int((x[base + 32 * j + i] + dm) / d), 0), nmax)
+
+
+@njit(**EXACT_JIT)
+def pack_2bit(L, out, at):
+    """q2_k/q3_k's 2-bit code packing: 256 codes L (low 2 bits used) -> 64 bytes at out[at:], byte i of
+    half h holding codes 128h + i, +32, +64, +96 in bits 0-1, 2-3, 4-5, 6-7."""
+    for h in range(2):
+        for i in range(32):
+            t = 128 * h + i
+            out[at + 32 * h + i] = L[t] | (L[t + 32] << 2) | (L[t + 64] << 4) | (L[t + 96] << 6)

@@ -54,7 +54,16 @@ from mertools.kernels.simd import (
     vzero,
 )
 
-from ._blocks256 import iand, iors, ishr, make_qkx2_quants, make_qkx2_quants_reference, nearest_int, nearest_int_reference
+from ._blocks256 import (
+    iand,
+    iors,
+    ishr,
+    make_qkx2_quants,
+    make_qkx2_quants_reference,
+    nearest_int,
+    nearest_int_reference,
+    pack_2bit,
+)
 from .base import DType, Thresholds, f16_bytes, f16_from_bytes
 
 BYTES = 84
@@ -152,10 +161,7 @@ def _q2_k_block(x, base, out, o, L, laux, weights, scales, mins):
         dm = dmin_all * np.float32(sb >> 4)
         for i in range(16):
             L[16 * j + i] = min(max(nearest_int((x[base + 16 * j + i] + dm) / d), 0), 3)
-    for h in range(2):
-        for i in range(32):
-            t = 128 * h + i
-            out[o + 16 + 32 * h + i] = L[t] | (L[t + 32] << 2) | (L[t + 64] << 4) | (L[t + 96] << 6)
+    pack_2bit(L, out, o + 16)
     out[o + 80] = hd & 0xFF
     out[o + 81] = hd >> 8
     out[o + 82] = hm & 0xFF

@@ -54,7 +54,18 @@ from mertools.kernels.simd import (
     vzero,
 )
 
-from ._blocks256 import iand, ior, iors, ishl, ishr, nearest_int, nearest_int_reference, signed_absmax, signed_absmax_reference
+from ._blocks256 import (
+    iand,
+    ior,
+    iors,
+    ishl,
+    ishr,
+    nearest_int,
+    nearest_int_reference,
+    pack_2bit,
+    signed_absmax,
+    signed_absmax_reference,
+)
 from .base import DType, Thresholds, f16_bytes, f16_from_bytes
 
 BYTES = 110
@@ -243,10 +254,7 @@ def _q3_k_block(x, base, out, o, L, scales, w, wx, lq):
                 h |= 1 << k
                 L[32 * k + m] -= 4
         out[o + m] = h
-    for hh in range(2):
-        for i in range(32):
-            t = 128 * hh + i
-            out[o + 32 + 32 * hh + i] = L[t] | (L[t + 32] << 2) | (L[t + 64] << 4) | (L[t + 96] << 6)
+    pack_2bit(L, out, o + 32)
     out[o + 108] = hd & 0xFF
     out[o + 109] = hd >> 8
 
