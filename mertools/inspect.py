@@ -62,6 +62,8 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     routing = _routing(cfg)
     if routing:
         out.append(("routing", routing))
+    if cfg.get("kv_lora_rank"):
+        out += _latent_attention(cfg)
     if cfg.get("rope_dim"):
         out.append(("rotary", f"partial: the first {cfg['rope_dim']} of {cfg['head_dim']} dims of each head"))
     if cfg.get("rope_scaling", "none") == "yarn":
@@ -73,6 +75,27 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     if glu:
         out.append(("expert GLU", glu))
     return out
+
+
+def _latent_attention(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """Multi-head latent attention: its shapes, and the KV cache it needs per token against full keys and values."""
+    from .families.mla import kv_bytes_per_token
+    from .layout.config import ModelConfig
+
+    rope, rank, q = cfg["qk_rope_dim"], cfg["kv_lora_rank"], cfg.get("q_lora_rank", 0)
+    latent, full = kv_bytes_per_token(ModelConfig.from_dict(cfg))
+    out = [("attention", f"multi-head latent: q {'through rank ' + str(q) if q else 'one projection'}, k/v from a "
+                         f"{rank}-wide latent; q/k heads {cfg['head_dim'] - rope} + {rope} rotary (adjacent pairs), "
+                         f"v heads {cfg['v_head_dim']}"),
+           ("KV cache", f"{_kb(latent)} per token ({rope + rank} floats per layer), full keys and values would "
+                        f"take {_kb(full)} ({full / latent:.1f}x)")]
+    if cfg.get("attn_scale", 1.0) != 1.0:
+        out.append(("softmax scale", f"x {cfg['attn_scale']:.4g} (YaRN mscale^2)"))
+    return out
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
 
 
 def _layers(layers: list[int]) -> str:
@@ -106,18 +129,25 @@ def _routing(cfg: dict[str, Any]) -> str:
     if cfg.get("expert_bias"):
         parts.append("correction bias for choosing (not weighting)")
     if cfg.get("n_groups", 1) > 1:
-        parts.append(f"best {cfg['n_groups_used']} of {cfg['n_groups']} expert groups")
+        by = "best expert" if cfg.get("group_score") == "max" else "best two experts"
+        parts.append(f"best {cfg['n_groups_used']} of {cfg['n_groups']} expert groups (scored by their {by})")
     if cfg.get("routed_scaling", 1.0) != 1.0:
         parts.append(f"weights x {cfg['routed_scaling']:g}"
                      + (" after renormalising" if cfg.get("norm_topk_prob", True) else ""))
     return "; ".join(parts)
 
 
-def _hf_class(name: str) -> str:
+def _hf_class(name: str, cfg: dict[str, Any]) -> str:
     from .families import FAMILIES
+    from .layout.config import ModelConfig
 
     family = FAMILIES.get(name)
-    return family.hf_architectures[0] if family else "unknown family"
+    if family is None:
+        return "unknown family"
+    try:
+        return family.hf_architectures[family.hf_class(ModelConfig.from_dict(cfg))]
+    except ValueError:
+        return family.hf_architectures[0]
 
 
 def _mb(n: int) -> str:
@@ -127,7 +157,7 @@ def _mb(n: int) -> str:
 def format_report(info: dict[str, Any]) -> str:
     cfg = info["config"]
     lines = [f"{info['path']}: {info['kind']}" + (f" (format {info['format']} v{info['version']})" if "format" in info else "")]
-    lines.append(f"  arch          {info['arch']} ({_hf_class(info['arch'])})")
+    lines.append(f"  arch          {info['arch']} ({_hf_class(info['arch'], cfg)})")
     lines.append(
         f"  model         {cfg['n_layers']} layers, d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, "
         f"{cfg['n_heads']} heads ({cfg['n_kv_heads']} kv, head_dim {cfg['head_dim']}), vocab {cfg['vocab_size']}"

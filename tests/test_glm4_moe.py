@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +28,8 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch", reason="torch is not installed (the `reference` extra)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the `reference` extra)")
+
+from family_checks import LLAMA_CPP, assert_close, assert_engine_matches, cache_mb, chat_once, llama_convert, prompts, spoil  # noqa: E402
 
 from fixtures.tiny_families import build_gguf, build_hf  # noqa: E402
 from mertools.cli import main  # noqa: E402
@@ -50,13 +48,7 @@ from mertools.runtime.ops import RuntimeOps  # noqa: E402
 from mertools.runtime.prefetch import LookaheadPrefetcher  # noqa: E402
 
 REL_BOUND = 1e-5
-LLAMA_CPP = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 VARIANTS = {"main": {}, "grouped": dict(n_group=4, topk_group=2, use_qk_norm=False)}
-
-
-def prompts(n: int = 2, length: int = 24) -> list[list[int]]:
-    rng = np.random.default_rng(7)
-    return [[1] + rng.integers(3, 512, length - 1).tolist() for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +76,6 @@ def hf_logits(glm: dict):  # noqa: ANN201 - (variant, ids) -> logits
             return models[v](torch.tensor([ids])).logits[0].float().numpy()
 
     return run
-
-
-def _cache_mb(layout: Path, slots: int) -> float:
-    return slots * max(e.nbytes for e in Layout.open(layout).manifest.experts) / 2**20
 
 
 # ---------------------------------------------------------------- config, MTP layer
@@ -183,18 +171,10 @@ def test_a_bad_routing_field_in_a_manifest_is_refused(glm: dict, tmp_path: Path)
 @pytest.mark.parametrize("which", ["layout_hf", "layout_gguf"])
 def test_runtime_matches_transformers(glm: dict, hf_logits, v: str, which: str) -> None:  # noqa: ANN001
     layout = glm[v][which]
-    with Engine.open(layout, cache_mb=_cache_mb(layout, 2)) as eng:  # 2 slots: top-2 of one layer, no more
+    with Engine.open(layout, cache_mb=cache_mb(layout, 2)) as eng:  # 2 slots: top-2 of one layer, no more
         for ids in prompts():
             want = hf_logits(v, ids)
-            eng.reset()
-            got = eng.forward(ids)
-            assert np.abs(got - want).max() <= REL_BOUND * np.abs(want).max(), (v, which, np.abs(got - want).max())
-            np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-            eng.reset()
-            steps = [eng.forward(ids[:4])] + [eng.forward([t]) for t in ids[4:]]  # decode one token at a time
-            got = np.concatenate(steps)
-            assert np.abs(got - want).max() <= REL_BOUND * np.abs(want).max(), (v, which, np.abs(got - want).max())
-            np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+            assert_engine_matches(eng, ids, want, REL_BOUND, (v, which))
         assert eng.stats()["expert_misses"] > 0
 
 
@@ -203,16 +183,7 @@ def test_numpy_reference_matches_transformers(glm: dict, hf_logits, v: str) -> N
     for src in ("hf", "gguf", "layout_gguf"):
         ref = ReferenceModel.from_layout(glm[v][src]) if src.startswith("layout") else ReferenceModel.from_source(glm[v][src])
         for ids in prompts():
-            want, got = hf_logits(v, ids), ref.forward(ids)
-            assert np.abs(got - want).max() <= REL_BOUND * np.abs(want).max()
-            np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-
-
-def _spoil(ref: ReferenceModel, cfg: dict | None = None, layer=None) -> ReferenceModel:  # noqa: ANN001
-    ref.config = replace(ref.config, **(cfg or {}))
-    if layer is not None:
-        ref.layers = [layer(lw) for lw in ref.layers]
-    return ref
+            assert_close(ref.forward(ids), hf_logits(v, ids), REL_BOUND, (v, src))
 
 
 SPOILS = {
@@ -236,19 +207,19 @@ def test_each_piece_matters(glm: dict, hf_logits, piece: str) -> None:  # noqa: 
     want = hf_logits(v, ids)
     ref = ReferenceModel.from_source(glm[v]["hf"])
     assert np.abs(ref.forward(ids) - want).max() <= REL_BOUND * np.abs(want).max()
-    assert np.abs(_spoil(ref, cfg, layer).forward(ids) - want).max() > 1e-3 * np.abs(want).max(), piece
+    assert np.abs(spoil(ref, cfg, layer).forward(ids) - want).max() > 1e-3 * np.abs(want).max(), piece
 
 
 def test_correction_bias_and_groups_change_the_choice(glm: dict) -> None:
     """The fixtures' bias is large enough to change which experts are chosen (it is in the weights, not just
     in the logits), and so are the groups."""
-    for v, cfg, spoil in (("main", {}, lambda lw: replace(lw, expert_bias=None)),
+    for v, cfg, unbias in (("main", {}, lambda lw: replace(lw, expert_bias=None)),
                           ("grouped", dict(n_groups=1, n_groups_used=1), lambda lw: lw)):
         ref = ReferenceModel.from_source(glm[v]["hf"])
         h = np.random.default_rng(3).standard_normal((512, 128))
         lw = ref.layers[1]
         a, _ = ref.route(h, lw)
-        b, _ = top_k(replace(ref.config, **cfg), spoil(lw), ref.family.pieces.router_scores(ref.config, lw, h, ref.ops))
+        b, _ = top_k(replace(ref.config, **cfg), unbias(lw), ref.family.pieces.router_scores(ref.config, lw, h, ref.ops))
         changed = np.mean([set(x) != set(y) for x, y in zip(a, b, strict=True)])
         assert changed > 0.1, (v, changed)  # measured: 84% (bias), 18% (groups)
 
@@ -337,7 +308,7 @@ def test_lookahead_across_the_leading_dense_layer(glm: dict) -> None:
     layout = glm["main"]["layout_hf"]
     chosen: list[tuple[int, np.ndarray]] = []
     trace = lambda pos, layer, c, w: chosen.append((layer, c.copy()))  # noqa: E731
-    with Engine.open(layout, cache_mb=_cache_mb(layout, 8), prefetch=factory, trace=trace) as eng:
+    with Engine.open(layout, cache_mb=cache_mb(layout, 8), prefetch=factory, trace=trace) as eng:
         ids = prompts(1)[0]
         eng.forward(ids[:4])
         for t in ids[4:]:
@@ -354,31 +325,16 @@ def test_lookahead_across_the_leading_dense_layer(glm: dict) -> None:
 
 
 # ---------------------------------------------------------------- llama.cpp's converter
-_DRIVE = """
-import runpy, sys
-from pathlib import Path
-src = Path(sys.argv[1])
-sys.path[:0] = [str(src), str(src / "gguf-py")]
-import conversion.glm as glm
-from conversion.base import TextModel
-# the tiny model has the fixture's SentencePiece tokenizer, not GLM's BPE one its converter expects
-glm.Glm4MoeModel.set_vocab = TextModel._set_vocab_sentencepiece
-sys.argv = [str(src / "convert_hf_to_gguf.py"), *sys.argv[2:]]
-runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
-"""
-
-
 @pytest.mark.skipif(not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file(),
                     reason=f"llama.cpp's converter is not at {LLAMA_CPP} (set LLAMA_CPP_SRC)")
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_llama_cpp_converter_agrees(glm: dict, tmp_path: Path, qtype: str) -> None:
-    """llama.cpp's Glm4MoeModel (vocabulary step swapped, see _DRIVE) writes the tensors (names, shapes,
+    """llama.cpp's Glm4MoeModel (vocabulary step swapped: family_checks.llama_convert) writes the tensors (names, shapes,
     types and bytes; the MTP layer as blk.3.*) and keys the fixture's GGUF writer writes: the same file.
     Unswapped, it stops at the vocabulary: GLM's BPE pre-tokenizer is not the fixture's SentencePiece."""
     ref = tmp_path / f"llama-{qtype}.gguf"
     ours = build_gguf(glm["main"]["hf"], tmp_path / f"ours-{qtype}.gguf", qtype)
-    subprocess.run([sys.executable, "-c", _DRIVE, str(LLAMA_CPP), str(glm["main"]["hf"]), "--outtype", qtype,
-                    "--outfile", str(ref)], check=True, capture_output=True, cwd=tmp_path)
+    llama_convert("glm", "Glm4MoeModel", str(glm["main"]["hf"]), qtype, ref)
     a, b = gguf.GGUFReader(ref), gguf.GGUFReader(ours)
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert sorted(ta) == sorted(tb) and "blk.3.exp_probs_b.bias" in ta and "blk.3.nextn.eh_proj.weight" in ta
@@ -407,23 +363,10 @@ def test_cli_inspect_verify_and_run(glm: dict) -> None:
         r = runner.invoke(main, ["verify", layout, "--reference", str(glm["main"]["hf"]), "--reference-engine", engine,
                                  "--max-tokens", "48", "--quiet"])
         assert r.exit_code == 0 and "verdict     OK" in r.output and "100.0% of positions agree" in r.output, r.output
-    r = runner.invoke(main, ["run", layout, "-n", "8", "--cache-mb", str(_cache_mb(Path(layout), 3))])
+    r = runner.invoke(main, ["run", layout, "-n", "8", "--cache-mb", str(cache_mb(Path(layout), 3))])
     assert r.exit_code == 0 and "generated   8 tokens" in r.output, r.output
 
 
 def test_serve_chat(glm: dict) -> None:
     """The chat path (the fixture tokenizer's template) through the real app."""
-    from fastapi.testclient import TestClient
-
-    from mertools.server.app import ServerConfig, create_app
-
-    app = create_app(ServerConfig(str(glm["main"]["layout_hf"]), model_name="glm"))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 60  # the engine loads in the scheduler's thread
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        r = client.post("/v1/chat/completions", json={"model": "glm", "messages": [{"role": "user", "content": "hi"}],
-                                                      "max_tokens": 6, "temperature": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["usage"]["completion_tokens"] == 6 and body["choices"][0]["message"]["role"] == "assistant"
+    chat_once(str(glm["main"]["layout_hf"]), "glm")

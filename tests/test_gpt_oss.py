@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +28,8 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch", reason="torch is not installed (the `reference` extra)")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the `reference` extra)")
+
+from family_checks import LLAMA_CPP, assert_engine_matches, cache_mb, chat_once, llama_convert, prompts  # noqa: E402
 
 from fixtures.tiny_families import build_gguf, build_hf  # noqa: E402
 from fixtures.tiny_gpt_oss import build_hf_mxfp4, ggml_mxfp4, openai_mxfp4  # noqa: E402
@@ -49,12 +47,6 @@ from mertools.reference import ReferenceModel  # noqa: E402
 from mertools.runtime.engine import Engine  # noqa: E402
 
 REL_BOUND = 1e-5
-LLAMA_CPP = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-
-
-def prompts(n: int = 2, length: int = 24) -> list[list[int]]:
-    rng = np.random.default_rng(7)
-    return [[1] + rng.integers(3, 512, length - 1).tolist() for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +78,6 @@ def hf_logits(oss: dict):  # noqa: ANN201 - (checkpoint, ids) -> logits of trans
             return models[which](torch.tensor([ids])).logits[0].float().numpy()
 
     return run
-
-
-def _cache_mb(layout: Path, slots: int) -> float:
-    return slots * max(e.nbytes for e in Layout.open(layout).manifest.experts) / 2**20
 
 
 # ---------------------------------------------------------------- configs and layouts
@@ -162,18 +150,10 @@ def test_openai_mxfp4_repack_matches_transformers_dequantization() -> None:
 @pytest.mark.parametrize("which", ["layout_hf", "layout_gguf", "layout_mxfp4_hf"])
 def test_runtime_matches_transformers(oss: dict, hf_logits, which: str) -> None:  # noqa: ANN001
     layout, ckpt = oss[which], "hf_mxfp4" if "mxfp4" in which else "hf"
-    with Engine.open(layout, cache_mb=_cache_mb(layout, 4)) as eng:  # 4 slots: one layer's top-4, no more
+    with Engine.open(layout, cache_mb=cache_mb(layout, 4)) as eng:  # 4 slots: one layer's top-4, no more
         for ids in prompts():
             want = hf_logits(ckpt, ids)
-            eng.reset()
-            got = eng.forward(ids)
-            assert np.abs(got - want).max() <= REL_BOUND * np.abs(want).max(), (which, np.abs(got - want).max())
-            np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-            eng.reset()
-            steps = [eng.forward(ids[:4])] + [eng.forward([t]) for t in ids[4:]]  # decode past the window
-            got = np.concatenate(steps)
-            assert np.abs(got - want).max() <= REL_BOUND * np.abs(want).max(), (which, np.abs(got - want).max())
-            np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+            assert_engine_matches(eng, ids, want, REL_BOUND, which)
         assert eng.stats()["expert_misses"] > 0
 
 
@@ -337,32 +317,18 @@ def test_manifests_with_wrong_expert_biases_are_refused(oss: dict, tmp_path: Pat
 
 
 # ---------------------------------------------------------------- llama.cpp's converter
-_DRIVE = """
-import runpy, sys
-from pathlib import Path
-src = Path(sys.argv[1])
-sys.path[:0] = [str(src), str(src / "gguf-py")]
-import conversion.gpt_oss as oss
-from conversion.base import TextModel
-# the tiny model has the fixture's SentencePiece tokenizer, not gpt-oss's BPE one its converter expects
-oss.GptOssModel.set_vocab = TextModel._set_vocab_sentencepiece
-sys.argv = [str(src / "convert_hf_to_gguf.py"), *sys.argv[2:]]
-runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
-"""
-
-
 @pytest.mark.skipif(not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file(),
                     reason=f"llama.cpp's converter is not at {LLAMA_CPP} (set LLAMA_CPP_SRC)")
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "mxfp4"])
 def test_llama_cpp_converter_agrees(oss: dict, tmp_path: Path, qtype: str) -> None:
-    """llama.cpp's GptOssModel (vocabulary step swapped, see _DRIVE) writes the fixture's GGUF: the same file for
-    f16 and q8_0; from OpenAI's MXFP4 checkpoint (its repack of *_blocks / *_scales), the same tensors, bytes and
-    keys as the fixture's MXFP4 GGUF of the same weights (general.name comes from the directory's name)."""
+    """llama.cpp's GptOssModel (vocabulary step swapped: family_checks.llama_convert) writes the fixture's GGUF:
+    the same file for f16 and q8_0; from OpenAI's MXFP4 checkpoint (its repack of *_blocks / *_scales), the same
+    tensors, bytes and keys as the fixture's MXFP4 GGUF of the same weights (general.name comes from the
+    directory's name)."""
     ref = tmp_path / f"llama-{qtype}.gguf"
     mx = qtype == "mxfp4"
     ours = oss["gguf_mxfp4"] if mx else build_gguf(oss["hf"], tmp_path / f"ours-{qtype}.gguf", qtype)
-    subprocess.run([sys.executable, "-c", _DRIVE, str(LLAMA_CPP), str(oss["hf_mxfp4" if mx else "hf"]), "--outtype",
-                    "f16" if mx else qtype, "--outfile", str(ref)], check=True, capture_output=True, cwd=tmp_path)
+    llama_convert("gpt_oss", "GptOssModel", str(oss["hf_mxfp4" if mx else "hf"]), "f16" if mx else qtype, ref)
     a, b = gguf.GGUFReader(ref), gguf.GGUFReader(ours)
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     tb = {t.name: t for t in b.tensors}
@@ -401,7 +367,7 @@ def test_cli_inspect_verify_and_run(oss: dict) -> None:
     r = runner.invoke(main, ["verify", str(oss["layout_mxfp4_hf"]), "--reference", str(oss["gguf_mxfp4"]),
                              "--reference-engine", "transformers", "--max-tokens", "48", "--quiet"])
     assert r.exit_code == 0 and "verdict     OK" in r.output, r.output
-    r = runner.invoke(main, ["run", layout, "-n", "8", "--cache-mb", str(_cache_mb(Path(layout), 5))])
+    r = runner.invoke(main, ["run", layout, "-n", "8", "--cache-mb", str(cache_mb(Path(layout), 5))])
     assert r.exit_code == 0 and "generated   8 tokens" in r.output, r.output
 
 
@@ -422,17 +388,4 @@ def test_the_real_harmony_template_renders() -> None:
 
 def test_serve_chat(oss: dict) -> None:
     """The chat path (the fixture tokenizer's template; gpt-oss's own is harmony) through the real app."""
-    from fastapi.testclient import TestClient
-
-    from mertools.server.app import ServerConfig, create_app
-
-    app = create_app(ServerConfig(str(oss["layout_mxfp4_hf"]), model_name="oss"))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 60  # the engine loads in the scheduler's thread
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        r = client.post("/v1/chat/completions", json={"model": "oss", "messages": [{"role": "user", "content": "hi"}],
-                                                      "max_tokens": 6, "temperature": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["usage"]["completion_tokens"] == 6 and body["choices"][0]["message"]["role"] == "assistant"
+    chat_once(str(oss["layout_mxfp4_hf"]), "oss")

@@ -409,9 +409,30 @@ def test_decode_attention_kernel_matches_the_numpy_path(window: int, sinks: bool
     sk = (3 * rng.standard_normal(8)).astype(np.float32) if sinks else None
     one = np.empty((8, 128), np.float32)
     kernel_sinks = sk if sinks else np.full(8, -np.inf, np.float32)
-    attend_one(np.ascontiguousarray(q[1]), keys, vals, 39, window, kernel_sinks, one)  # the kernel
+    attend_one(np.ascontiguousarray(q[1]), keys, vals, 0, 39, window, kernel_sinks, float(np.sqrt(128)), one)  # the kernel
     two = attend_numpy(q, keys, vals, np.array([38, 39]), window, sk)  # numpy, for positions 38 and 39
     np.testing.assert_allclose(one.reshape(1, -1), two[1:], rtol=0, atol=1e-6)
     if sinks:  # the sinks take probability mass away: the output is not what plain attention gives
         plain = attend_numpy(q, keys, vals, np.array([38, 39]), window)
         assert np.abs(plain - two).max() > 1e-2
+
+
+def test_latent_attention_kernel_reads_values_inside_the_keys() -> None:
+    """Latent attention (DeepSeek's MLA, absorbed): one kv head of rope + rank dims whose last `rank` dims are the
+    values, a softmax divisor other than sqrt(head width); the kernel (n = 1) against numpy on an explicit copy."""
+    from mertools.kernels.attention import attend, attend_numpy
+
+    rng = np.random.default_rng(7)
+    rope, rank, nh, total = 16, 64, 4, 33
+    keys = rng.standard_normal((total, 1, rope + rank)).astype(np.float32)
+    q = rng.standard_normal((2, nh, rope + rank)).astype(np.float32)
+    pos, div = np.array([total - 2, total - 1]), 5.3
+    want = attend_numpy(q, keys, np.ascontiguousarray(keys[..., rope:]), pos, 0, None, div)  # (2, nh * rank)
+    one = attend(q[1:], keys, keys, pos[1:], 0, None, div, voff=rope)  # the kernel, values inside the keys
+    both = attend(q, keys, keys, pos, 0, None, div, voff=rope)  # the numpy path
+    assert one.shape == (1, nh * rank)
+    np.testing.assert_allclose(one, want[1:], rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(both, want)
+    # the divisor and the value offset both matter
+    assert np.abs(attend(q[1:], keys, keys, pos[1:], 0, None, None, voff=rope) - want[1:]).max() > 1e-3
+    assert np.abs(attend(q[1:], keys, keys[..., :rank].copy(), pos[1:], 0, None, div) - want[1:]).max() > 1e-3

@@ -109,6 +109,8 @@ class GGUFSource(Source):
 
     def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
         name = fmt(spec.name, layer)
+        if spec.split is not None and name not in self.tensors and fmt(spec.split.gguf, layer) in self.tensors:
+            return self.split_tensor(spec, self.tensors[fmt(spec.split.gguf, layer)])  # an older GGUF's whole tensor
         t = self.tensors.get(name) if spec.optional else self._require(name)
         if t is not None and self.arch.gguf_permutes_qk and spec.role in ("attn_q", "attn_k"):
             n_head = self.config.n_heads if spec.role == "attn_q" else self.config.n_kv_heads

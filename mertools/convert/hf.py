@@ -198,6 +198,8 @@ class HFSource(Source):
 
     def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
         name = fmt(spec.hf, layer)
+        if spec.split is not None:
+            return self.split_tensor(spec, self._require(name))
         return self.tensors.get(name) if spec.optional else self._require(name)
 
     def expert_tensor(self, layer: int, expert: int, role: str) -> SourceTensor:

@@ -81,6 +81,46 @@ class SourceTensor:
         return out.reshape(self.shape)
 
 
+@dataclass(frozen=True)
+class HeadSplitTensor(SourceTensor):
+    """One part of a per-head tensor (families.base.HeadSplit): `whole` (heads * sum(sizes), cols) gives each
+    head's `sizes[part]` rows from row sum(sizes[:part]) of its block, transposed per head when `transposed`.
+    Float sources keep their type and bits; a quantized one (only older GGUFs' attn_kv_b) is dequantized into
+    f32 values, which the converter then treats as any f32 source (`--dtype auto`: f16)."""
+
+    whole: SourceTensor | None = None
+    heads: int = 1
+    sizes: tuple[int, ...] = ()
+    part: int = 0
+    transposed: bool = False
+
+    @classmethod
+    def of(cls, whole: SourceTensor, heads: int, sizes: tuple[int, ...], part: int, transposed: bool) -> HeadSplitTensor:
+        if len(whole.shape) != 2 or whole.shape[0] != heads * sum(sizes):
+            raise SourceError(f"{whole.path}: tensor {whole.name} has shape {list(whole.shape)}, expected "
+                              f"[{heads * sum(sizes)}, cols] ({heads} heads of {' + '.join(map(str, sizes))} rows)")
+        dtype = whole.dtype if whole.dtype in FLOAT_ITEMSIZE else "f32"
+        cols, rows = whole.shape[1], sizes[part]
+        shape = (heads * cols, rows) if transposed else (heads * rows, cols)
+        nbytes = shape[0] * shape[1] * FLOAT_ITEMSIZE[dtype]
+        return cls(f"{whole.name}[part {part} of each head]", whole.path, whole.offset, nbytes, dtype, shape,
+                   whole=whole, heads=heads, sizes=sizes, part=part, transposed=transposed)
+
+    def read_raw(self) -> np.ndarray:
+        w = self.whole
+        assert w is not None
+        if w.dtype in FLOAT_ITEMSIZE:  # move the stored bits
+            x = w.read_raw().view({2: np.uint16, 4: np.uint32}[FLOAT_ITEMSIZE[w.dtype]])
+        else:
+            x = w.to_float32()
+        x = x.reshape(self.heads, sum(self.sizes), -1)
+        lo = sum(self.sizes[:self.part])
+        x = x[:, lo:lo + self.sizes[self.part]]
+        if self.transposed:
+            x = x.transpose(0, 2, 1)
+        return np.ascontiguousarray(x).view(np.uint8).reshape(self.rows, -1)
+
+
 def unpermute_index(n_head: int, rows: int) -> np.ndarray:
     """Row index that maps llama.cpp's permuted q/k rows back to HF order.
 
@@ -103,6 +143,13 @@ class Source(ABC):
     @abstractmethod
     def dense_tensor(self, spec: DenseSpec, layer: int | None) -> SourceTensor | None:
         """The dense tensor, or None when an optional one is absent (tied lm_head)."""
+
+    def split_tensor(self, spec: DenseSpec, whole: SourceTensor) -> HeadSplitTensor:
+        """spec's part of the per-head tensor `whole` (spec.split says which)."""
+        sp = spec.split
+        assert sp is not None
+        sizes = tuple(resolve_shape((p,), self.config)[0] for p in sp.parts)
+        return HeadSplitTensor.of(whole, self.config.n_heads, sizes, sp.part, sp.transposed)
 
     @abstractmethod
     def expert_tensor(self, layer: int, expert: int, role: str) -> SourceTensor: ...
@@ -167,8 +214,11 @@ class Source(ABC):
                     raise SourceError(f"{self.path}: missing tensor {fmt(spec.name, layer)}")
                 continue
             want = resolve_shape(spec.shape, self.config)
-            if tuple(t.shape) != tuple(want) and _squeezed(t.shape) == _squeezed(want):
-                t = replace(t, shape=tuple(want))  # llama-quantize writes Qwen2-MoE's (1, d) gate vector as [d]
+            if tuple(t.shape) != tuple(want) and (_squeezed(t.shape) == _squeezed(want) or (
+                    len(t.shape) == 3 and len(want) == 2 and (t.shape[0] * t.shape[1], t.shape[2]) == tuple(want))):
+                # llama-quantize writes Qwen2-MoE's (1, d) gate vector as [d]; llama.cpp's MLA k_b/v_b are
+                # (heads, rows, cols), the same bytes as the (heads * rows, cols) a layout holds
+                t = replace(t, shape=tuple(want))
             self.check_shape(t, want)
             out.append((fmt(spec.name, layer), spec, t))
         return out

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek2, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Family
 from .weights import check_fields
 
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, gpt_oss)}
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe,
+                                                               gpt_oss, deepseek2)}
 for _family in FAMILIES.values():
     check_fields(_family)
 

@@ -31,7 +31,22 @@ CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
     "attn_o_bias": lambda c: c.attn_o_bias,
     "attn_sinks": lambda c: c.attn_sinks,
     "router_bias": lambda c: c.router_bias,
+    "q_lora": lambda c: c.q_lora_rank > 0,
+    "no_q_lora": lambda c: c.q_lora_rank == 0,
 }
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A dense tensor that checkpoints store as one part of a per-head tensor: the source (heads, sum(parts) rows
+    per head, cols) gives each head's rows of part `part`, transposed per head when `transposed`. MLA's kv_b
+    (HF's kv_b_proj, llama.cpp's older attn_kv_b) holds per head k_b (qk_nope rows) then v_b (v_head_dim rows);
+    llama.cpp now stores k_b transposed per head and v_b as they are, which a layout holds."""
+
+    gguf: str  # the whole tensor's name in older GGUFs (the HF name is the spec's `hf`)
+    parts: tuple[str, ...]  # ModelConfig attributes: rows per head of each part, in order
+    part: int
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,7 @@ class DenseSpec:
     optional: bool = False  # absent when tied (lm_head) or for some checkpoints
     layers: str = "all"  # per-layer tensors: "all", "moe" or "dense" layers (LAYER_KINDS)
     when: str | None = None  # a CONDITIONS name: the tensor exists only when the config says so
+    split: HeadSplit | None = None  # cut from a per-head tensor in HF and older GGUFs
 
     def __post_init__(self) -> None:
         if self.role not in DENSE_ROLES:
@@ -121,6 +137,8 @@ class Family:
     finish_config: Callable[[dict[str, Any], Mapping[str, Any]], None] = field(default=lambda v, raw: None)
     # ModelConfig -> keyword arguments of the transformers config class (for the transformers reference)
     hf_config: Callable[[ModelConfig], dict[str, Any]] | None = None
+    # which of hf_architectures / hf_model_types is transformers' class for a config (DeepSeek: V2 or V3)
+    hf_class: Callable[[ModelConfig], int] = field(default=lambda c: 0)
     # layers may be dense MLPs instead of MoE; a GGUF has no key for it: a layer without a router is one
     dense_mlp_layers: bool = False
     # the forward pieces (attention inputs, routing, shared expert), written once for the runtime and
@@ -168,6 +186,11 @@ def resolve_shape(shape: tuple[str, ...], cfg: ModelConfig) -> tuple[int, ...]:
 DERIVED: dict[str, Callable[[ModelConfig], int]] = {
     "q_dim": lambda c: c.n_heads * c.head_dim,
     "kv_dim": lambda c: c.n_kv_heads * c.head_dim,
+    "o_dim": lambda c: c.n_heads * (c.v_head_dim or c.head_dim),  # the heads' outputs, into the output projection
+    "qk_nope_dim": lambda c: c.head_dim - c.qk_rope_dim,
+    "kv_a_dim": lambda c: c.kv_lora_rank + c.qk_rope_dim,  # MLA's compressed kv: latent, then the rotary key
+    "k_b_rows": lambda c: c.n_heads * c.kv_lora_rank,
+    "v_b_rows": lambda c: c.n_heads * c.v_head_dim,
     "one": lambda c: 1,
 }
 

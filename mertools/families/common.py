@@ -7,6 +7,7 @@ GGUF names are gguf-py's (constants.py TENSOR_NAMES, tensor_mapping.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ def attention(q_norm: tuple[str, ...] | None, k_norm: tuple[str, ...] | None) ->
         per_layer("attn_q.bias", "self_attn.q_proj.bias", "bias", ("q_dim",), "q_bias", when="attn_bias"),
         per_layer("attn_k.bias", "self_attn.k_proj.bias", "bias", ("kv_dim",), "k_bias", when="attn_bias"),
         per_layer("attn_v.bias", "self_attn.v_proj.bias", "bias", ("kv_dim",), "v_bias", when="attn_bias"),
-        per_layer("attn_output.weight", "self_attn.o_proj.weight", "attn_o", ("d_model", "q_dim"), "attn_o"),
+        per_layer("attn_output.weight", "self_attn.o_proj.weight", "attn_o", ("d_model", "o_dim"), "attn_o"),
         per_layer("ffn_norm.weight", "post_attention_layernorm.weight", "norm", ("d_model",), "ffn_norm"),
     ]
     if q_norm is not None and k_norm is not None:
@@ -107,3 +108,37 @@ def hf_dense_layers(raw: Mapping[str, Any], n_layers: int) -> tuple[int, ...]:
     if not isinstance(only, list) or not all(isinstance(x, int) for x in only) or not isinstance(step, int) or step < 1:
         raise ValueError(f"mlp_only_layers {only!r} / decoder_sparse_step {step!r} are malformed")
     return tuple(la for la in range(n_layers) if la in only or (la + 1) % step)
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's attention factor (transformers' get_mscale): 0.1 * m * ln(factor) + 1 above factor 1."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def yarn_from_hf(rope: Mapping[str, Any] | None, context_length: int, family: str) -> dict[str, Any] | None:
+    """The YaRN config fields of an HF rope_parameters / rope_scaling dict (transformers'
+    _compute_yarn_parameters), None for the default rotary; any other kind is refused."""
+    rope = rope or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ValueError(f"rope scaling {kind!r} is not supported for {family} (YaRN is)")
+    original = rope.get("original_max_position_embeddings") or context_length
+    factor = rope.get("factor") or context_length / original
+    attn = rope.get("attention_factor")
+    if attn is None:
+        mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        attn = yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim) if mscale and all_dim else yarn_mscale(factor)
+    return dict(rope_scaling="yarn", rope_factor=float(factor), rope_original_context=int(original),
+                yarn_beta_fast=float(rope.get("beta_fast") or 32.0), yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                yarn_truncate=bool(rope.get("truncate", True)), rope_attn_factor=float(attn))
+
+
+def leading_dense(values: dict[str, Any], lead: int) -> None:
+    """The first `lead` layers are dense MLPs (HF first_k_dense_replace, GGUF leading_dense_block_count)."""
+    if not 0 <= lead < values["n_layers"]:
+        raise ValueError(f"{lead} leading dense layers of {values['n_layers']}: no MoE layer is left")
+    values["dense_layers"] = tuple(range(lead))
+    if not lead:
+        values["d_ff_dense"] = 0

@@ -18,7 +18,7 @@ from typing import Any
 from ..layout.config import ModelConfig
 from .base import ConfigKey, DenseSpec, Family
 from .common import CONFIG_KEYS as COMMON_KEYS
-from .common import DENSE_MLP, EXPERTS, GLOBALS, ROUTER, attention, finish_common, per_layer
+from .common import DENSE_MLP, EXPERTS, GLOBALS, ROUTER, attention, finish_common, leading_dense, per_layer
 
 # GGUF expert_gating_func values (gguf-py's ExpertGatingFuncType)
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
@@ -113,12 +113,7 @@ def _finish(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
         n_shared = 1
     values["d_ff_shared"] = int(n_shared) * values["d_ff"]
     lead = values["_leading_dense"]
-    lead = int(lead) if lead is not None else (1 if hf else 0)
-    if not 0 <= lead < values["n_layers"]:
-        raise ValueError(f"{lead} leading dense layers of {values['n_layers']}: no MoE layer is left")
-    values["dense_layers"] = tuple(range(lead))
-    if not lead:
-        values["d_ff_dense"] = 0
+    leading_dense(values, int(lead) if lead is not None else (1 if hf else 0))
 
 
 def _hf_config(c: ModelConfig) -> dict[str, Any]:

@@ -18,7 +18,6 @@ state, so a GGUF means the model's rule (false) and converts to the config its H
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 from ..layout.config import ModelConfig, RopeScaling
 from .base import ConfigKey, DenseSpec, ExpertSpec, Family, HFMerged
 from .common import CONFIG_KEYS as COMMON_KEYS
-from .common import GLOBALS, ROUTER, attention, finish_common, per_layer
+from .common import GLOBALS, ROUTER, attention, finish_common, per_layer, yarn_from_hf, yarn_mscale
 
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # transformers' GptOssConfig defaults; llama.cpp's constants
 
@@ -90,44 +89,27 @@ _OWN_KEYS = (
 CONFIG_KEYS = (*(k for k in COMMON_KEYS if k.field not in {o.field for o in _OWN_KEYS}), *_OWN_KEYS)
 
 
-def _mscale(factor: float, m: float = 1.0) -> float:
-    """YaRN's attention factor (transformers' get_mscale): 0.1 * m * ln(factor) + 1 above factor 1."""
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
-
 def _yarn(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
     """The YaRN fields from HF's rope_parameters / rope_scaling (transformers' _compute_yarn_parameters) or
     llama.cpp's rope.scaling.* keys."""
     if raw:
-        rope = values["_rope"] or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "default":
-            return
-        if kind != "yarn":
-            raise ValueError(f"rope scaling {kind!r} is not supported for gpt-oss (YaRN is)")
-        original = rope.get("original_max_position_embeddings") or values["context_length"]
-        factor = rope.get("factor") or values["context_length"] / original
-        attn = rope.get("attention_factor")
-        if attn is None:
-            mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-            attn = _mscale(factor, mscale) / _mscale(factor, all_dim) if mscale and all_dim else _mscale(factor)
-        fast, slow, truncate = rope.get("beta_fast") or 32.0, rope.get("beta_slow") or 1.0, rope.get("truncate", True)
-    else:
-        kind = values["_rope_type"] or "none"
-        if kind == "none":
-            return
-        if kind != "yarn":
-            raise ValueError(f"rope scaling {kind!r} is not supported for gpt-oss (YaRN is)")
-        if values["_yarn_unsupported"] is not None:
-            raise ValueError("YaRN attention/extrapolation factors in GGUF metadata are not supported yet")
-        factor, original = values["_rope_factor"], values["_rope_original"]
-        if factor is None or original is None:
-            raise ValueError("YaRN without rope.scaling.factor and original_context_length")
-        fast, slow = values["_beta_fast"] or 32.0, values["_beta_slow"] or 1.0
-        truncate, attn = False, _mscale(float(factor))  # see the module's docstring
+        fields = yarn_from_hf(values["_rope"], values["context_length"], "gpt-oss")
+        if fields is not None:
+            values.update(fields)
+        return
+    kind = values["_rope_type"] or "none"
+    if kind == "none":
+        return
+    if kind != "yarn":
+        raise ValueError(f"rope scaling {kind!r} is not supported for gpt-oss (YaRN is)")
+    if values["_yarn_unsupported"] is not None:
+        raise ValueError("YaRN attention/extrapolation factors in GGUF metadata are not supported yet")
+    factor, original = values["_rope_factor"], values["_rope_original"]
+    if factor is None or original is None:
+        raise ValueError("YaRN without rope.scaling.factor and original_context_length")
     values.update(rope_scaling="yarn", rope_factor=float(factor), rope_original_context=int(original),
-                  yarn_beta_fast=float(fast), yarn_beta_slow=float(slow), yarn_truncate=bool(truncate),
-                  rope_attn_factor=float(attn))
+                  yarn_beta_fast=float(values["_beta_fast"] or 32.0), yarn_beta_slow=float(values["_beta_slow"] or 1.0),
+                  yarn_truncate=False, rope_attn_factor=yarn_mscale(float(factor)))  # truncate: see the docstring
 
 
 def _full_layers(values: dict[str, Any], hf: bool) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..layout.config import GatingFunc, ModelConfig, QKNorm, RopeScaling
+from ..layout.config import GatingFunc, GroupScore, ModelConfig, QKNorm, RopeScaling
 
 if TYPE_CHECKING:
     from .weights import LayerWeights, Mlp
@@ -40,6 +40,10 @@ class Ops(Protocol):
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         """RMSNorm over the last axis, times w."""
+
+    def per_head(self, w: Any, x: np.ndarray) -> np.ndarray:
+        """x (n, heads, cols) -> (n, heads, rows): head h's slice times its own (rows, cols) block of W, a model
+        matrix of (heads * rows, cols) (latent attention's k_b and v_b)."""
 
 
 def attention_inputs(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) -> tuple[np.ndarray, ...]:
@@ -81,12 +85,16 @@ def router_scores(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) ->
 def choice_scores(cfg: ModelConfig, w: LayerWeights, scores: np.ndarray) -> np.ndarray:
     """What experts are chosen by (n, n_experts): the scores plus the layer's correction bias (when it has
     one), and with expert groups, -inf outside each token's best `n_groups_used` groups, a group scored by
-    the sum of its best two (DeepSeek-V3's rule, which GLM-4.5 shares)."""
+    the sum of its best two (DeepSeek-V3's rule, which GLM-4.5 shares) or by its best (DeepSeek-V2's), as
+    `cfg.group_score` says."""
     choice = scores if w.expert_bias is None else scores + w.expert_bias.astype(scores.dtype)
     if cfg.n_groups > 1:
         n = choice.shape[0]
         groups = choice.reshape(n, cfg.n_groups, -1)  # (n, groups, experts per group)
-        group_score = np.sort(groups, axis=-1)[..., -2:].sum(axis=-1)  # (n, groups)
+        if cfg.group_score is GroupScore.MAX:
+            group_score = groups.max(axis=-1)  # (n, groups)
+        else:
+            group_score = np.sort(groups, axis=-1)[..., -2:].sum(axis=-1)
         keep = np.argsort(-group_score, axis=1, kind="stable")[:, :cfg.n_groups_used]
         kept = np.zeros(group_score.shape, dtype=bool)
         np.put_along_axis(kept, keep, True, axis=1)

@@ -36,11 +36,11 @@ class LayerWeights(Generic[M]):
     """One decoder layer's resident weights; None where the family or the layer has no such tensor."""
 
     attn_norm: np.ndarray  # (d_model,)
-    attn_q: M  # (n_heads * head_dim, d_model), HF row order
-    attn_k: M  # (n_kv_heads * head_dim, d_model), HF row order
-    attn_v: M  # (n_kv_heads * head_dim, d_model)
-    attn_o: M  # (d_model, n_heads * head_dim)
+    attn_o: M  # (d_model, n_heads * head_dim), latent attention: (d_model, n_heads * v_head_dim)
     ffn_norm: np.ndarray  # (d_model,)
+    attn_q: M | None = None  # (n_heads * head_dim, d_model), HF row order; None with latent attention's q LoRA
+    attn_k: M | None = None  # (n_kv_heads * head_dim, d_model), HF row order; None with latent attention
+    attn_v: M | None = None  # (n_kv_heads * head_dim, d_model); None with latent attention
     q_bias: np.ndarray | None = None  # (n_heads * head_dim,)
     k_bias: np.ndarray | None = None  # (n_kv_heads * head_dim,)
     v_bias: np.ndarray | None = None  # (n_kv_heads * head_dim,)
@@ -54,6 +54,14 @@ class LayerWeights(Generic[M]):
     o_bias: np.ndarray | None = None  # (d_model,): the output projection's bias
     attn_sinks: np.ndarray | None = None  # (n_heads,): each head's extra softmax logit (attention sinks)
     router_bias: np.ndarray | None = None  # (n_experts,): added to the router's logits
+    # multi-head latent attention (DeepSeek): q through a low-rank bottleneck (or attn_q), k/v from one latent
+    attn_q_a: M | None = None  # (q_lora_rank, d_model)
+    q_a_norm: np.ndarray | None = None  # (q_lora_rank,)
+    attn_q_b: M | None = None  # (n_heads * head_dim, q_lora_rank)
+    attn_kv_a: M | None = None  # (kv_lora_rank + qk_rope_dim, d_model): the latent, then the shared rotary key
+    kv_a_norm: np.ndarray | None = None  # (kv_lora_rank,)
+    attn_k_b: M | None = None  # (n_heads * kv_lora_rank, qk_nope): per head, q_nope -> the latent's space
+    attn_v_b: M | None = None  # (n_heads * v_head_dim, kv_lora_rank): per head, latent -> value
 
 
 @dataclass(frozen=True)

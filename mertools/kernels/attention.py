@@ -1,9 +1,10 @@
 """Grouped-query attention of new tokens over a sequence's cached keys and values (float32).
 
-    attend(q, keys, vals, pos, window, sinks)   q (n, nh, hd) at positions pos (n,) over keys/vals (T, nkv, hd)
-                                                -> (n, nh * hd); causal, and a sliding window when window > 0;
-                                                sinks (nh,): each head's extra logit in the softmax's
-                                                denominator, weighing no value, or None
+    attend(q, keys, vals, pos, window, sinks, divisor, voff)
+        q (n, nh, hd) at positions pos (n,) over keys (T, nkv, hd) and values vals[..., voff:] (T, nkv, dv)
+        -> (n, nh * dv); scores q.k / divisor (default sqrt(hd)); causal, and a sliding window when
+        window > 0; sinks (nh,): each head's extra logit in the softmax's denominator, weighing no value,
+        or None. Values may be a part of the keys (latent attention: vals is keys, voff its rotary width).
 
 One new token (decode) runs `attend_one`, a numba kernel; several (prefill) run the numpy path, which
 is also the kernel's plain definition (the tests hold them together).
@@ -20,20 +21,22 @@ from .simd import prefetch
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-def attend_one(q, keys, vals, pos, window, sinks, out):
-    """Decode attention of one new token: q (nh, hd) at position pos over keys/vals (pos + 1, nkv, hd)
-    -> out (nh, hd): what `attend` computes for n = 1 (causal; sliding window if window > 0; sinks (nh,)
-    float32 join each head's denominator, -inf for none)
+def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
+    """Decode attention of one new token: q (nh, hd) at position pos over keys (pos + 1, nkv, hd) and values
+    vals[:, :, voff:voff + dv] -> out (nh, dv): what `attend` computes for n = 1 (causal; sliding window if
+    window > 0; sinks (nh,) float32 join each head's denominator, -inf for none; scores divided by divisor)
     in one parallel pass over kv heads, each key and value row read once for its group of query
     heads. fastmath without nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
     nh, hd = q.shape
+    dv = out.shape[1]
     nkv = keys.shape[1]
     group = nh // nkv
-    scale = np.float32(np.sqrt(hd))
+    scale = np.float32(divisor)
     lo = max(0, pos - window + 1) if window > 0 else 0
     kb = keys.reshape(-1).view(np.uint8)  # for prefetching: a head's rows are nkv*hd*4 bytes apart, one
     vb = vals.reshape(-1).view(np.uint8)  # page each, which the hardware prefetcher does not follow
     row = hd * 4
+    vrow = vals.shape[2] * 4
     for g in prange(nkv):
         s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
         for j in range(lo, pos + 1):
@@ -58,23 +61,24 @@ def attend_one(q, keys, vals, pos, window, sinks, out):
                 s[i, j] = s[i, j] / tot
             out[g * group + i, :] = 0.0
         for j in range(lo, pos + 1):
-            ahead = ((min(j + 8, pos) * nkv) + g) * row
-            for c in range(0, row, 64):
+            ahead = ((min(j + 8, pos) * nkv) + g) * vrow + voff * 4
+            for c in range(0, dv * 4, 64):
                 prefetch(vb, ahead + c)
             for i in range(group):
                 p = s[i, j]
-                for d in range(hd):
-                    out[g * group + i, d] += p * vals[j, g, d]
+                for d in range(dv):
+                    out[g * group + i, d] += p * vals[j, g, voff + d]
 
 
 def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
-                 sinks: np.ndarray | None = None) -> np.ndarray:
-    """q (n, nh, hd) at positions pos over keys/vals (T, nkv, hd) -> (n, nh * hd), in numpy."""
+                 sinks: np.ndarray | None = None, divisor: float | None = None) -> np.ndarray:
+    """q (n, nh, hd) at positions pos over keys (T, nkv, hd) and vals (T, nkv, dv) -> (n, nh * dv), in numpy."""
     n, nh, hd = q.shape
-    nkv, total = keys.shape[1], keys.shape[0]
+    nkv, total, dv = keys.shape[1], keys.shape[0], vals.shape[2]
     group = nh // nkv
+    div = np.float32(np.sqrt(hd) if divisor is None else divisor)
     qg = q.reshape(n, nkv, group, hd).transpose(1, 2, 0, 3)  # (nkv, group, n, hd)
-    scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd))  # (nkv, group, n, T)
+    scores = qg @ keys.transpose(1, 2, 0)[:, None] / div  # (nkv, group, n, T)
     j = np.arange(total)[None, :]
     allowed = j <= pos[:, None]  # causal (n, T)
     if window > 0:
@@ -88,20 +92,23 @@ def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndar
         m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
         scores = np.exp(scores - m)
         scores /= scores.sum(axis=-1, keepdims=True) + np.exp(sink - m)
-    out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, hd)
-    return out.transpose(2, 0, 1, 3).reshape(n, nh * hd)
+    out = scores @ vals.transpose(1, 0, 2)[:, None]  # (nkv, group, n, dv)
+    return out.transpose(2, 0, 1, 3).reshape(n, nh * dv)
 
 
 def attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
-           sinks: np.ndarray | None = None) -> np.ndarray:
-    """The kernel for one new token, numpy for several; keys/vals hold exactly positions 0..pos[-1]."""
+           sinks: np.ndarray | None = None, divisor: float | None = None, voff: int = 0) -> np.ndarray:
+    """The kernel for one new token, numpy for several; keys/vals hold exactly positions 0..pos[-1]; values
+    are vals[..., voff:] (voff > 0: a part of the keys array itself, as latent attention stores them)."""
     n, nh, hd = q.shape
+    dv = vals.shape[2] - voff
+    div = float(np.float32(np.sqrt(hd))) if divisor is None else divisor
     if n == 1:
-        out = np.empty((nh, hd), np.float32)
+        out = np.empty((nh, dv), np.float32)
         sk = _no_sinks(nh) if sinks is None else np.ascontiguousarray(sinks, dtype=np.float32)
-        attend_one(np.ascontiguousarray(q[0]), keys, vals, int(pos[0]), window, sk, out)
-        return out.reshape(1, nh * hd)
-    return attend_numpy(q, keys, vals, pos, window, sinks)
+        attend_one(np.ascontiguousarray(q[0]), keys, vals, voff, int(pos[0]), window, sk, div, out)
+        return out.reshape(1, nh * dv)
+    return attend_numpy(q, keys, vals[..., voff:], pos, window, sinks, div)
 
 
 @lru_cache(maxsize=8)

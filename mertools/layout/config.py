@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any
 
 # A layout always holds q/k rows in HF order, whose rotary pairs are (i, i + head_dim/2) ("neox",
 # rotate-half); converters undo llama.cpp's permutation for the adjacent-pair convention, so no
-# other style is ever stored.
+# other style is ever stored. (Latent attention's rotary part is DeepSeek's adjacent pairs in HF's and
+# llama.cpp's order alike; its family's attention inputs de-interleave it.)
 ROPE_STYLES = ("neox",)
 
 
@@ -31,6 +33,16 @@ class GatingFunc(StrEnum):
 
 
 GATING_FUNCS = tuple(g.value for g in GatingFunc)
+
+
+class GroupScore(StrEnum):
+    """What an expert group is ranked by when routing is group-limited."""
+
+    TOP2 = "top2"  # the sum of its best two choice scores (DeepSeek-V3, GLM-4.5)
+    MAX = "max"  # its best score (DeepSeek-V2's group_limited_greedy)
+
+
+GROUP_SCORES = tuple(g.value for g in GroupScore)
 
 
 class RopeScaling(StrEnum):
@@ -57,6 +69,8 @@ EXTENSION_DEFAULTS: dict[str, Any] = {
     "attn_o_bias": False, "attn_sinks": False, "full_attention_layers": (), "router_bias": False,
     "expert_mlp_bias": False, "swiglu_alpha": 1.0, "swiglu_limit": 0.0, "swiglu_up_offset": 0.0,
     "rope_scaling": "none", **YARN_DEFAULTS,
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi K2), V2's group rule, a scaled softmax
+    "group_score": "top2", "q_lora_rank": 0, "kv_lora_rank": 0, "qk_rope_dim": 0, "v_head_dim": 0, "attn_scale": 1.0,
 }
 
 
@@ -107,6 +121,14 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     yarn_truncate: bool = True  # the correction range is floored/ceiled to whole dims
     rope_attn_factor: float = 1.0  # cos and sin are multiplied by it (YaRN's mscale)
+    group_score: GroupScore = GroupScore.TOP2
+    # Multi-head latent attention when kv_lora_rank > 0: head_dim is a q/k head (qk_nope + qk_rope_dim wide), k and v
+    # come from one shared latent of kv_lora_rank (plus one shared rotary key of qk_rope_dim), v heads are v_head_dim
+    q_lora_rank: int = 0  # q through a low-rank bottleneck of this width (0: one plain projection)
+    kv_lora_rank: int = 0
+    qk_rope_dim: int = 0  # the rotary part of each q/k head (its last dims in HF's order; adjacent pairs)
+    v_head_dim: int = 0
+    attn_scale: float = 1.0  # the softmax scale is attn_scale / sqrt(head_dim) (DeepSeek's YaRN: mscale^2)
 
     def __post_init__(self) -> None:
         positive = (
@@ -167,6 +189,28 @@ class ModelConfig:
         if rd == self.head_dim:  # the whole head is the default: one spelling, so HF and GGUF configs compare equal
             object.__setattr__(self, "rope_dim", 0)
         self._check_sinks_glu_yarn()
+        self._check_mla()
+
+    def _check_mla(self) -> None:
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_rope_dim", "v_head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"config.{name} must be a non-negative integer, got {v!r}")
+        a = self.attn_scale
+        if not isinstance(a, int | float) or isinstance(a, bool) or not 0 < a < float("inf"):
+            raise ValueError(f"config.attn_scale must be a positive number, got {a!r}")
+        object.__setattr__(self, "attn_scale", float(a))
+        if not self.kv_lora_rank:
+            if self.q_lora_rank or self.qk_rope_dim or self.v_head_dim:
+                raise ValueError("config: q_lora_rank, qk_rope_dim and v_head_dim belong to latent attention (kv_lora_rank > 0)")
+            return
+        rope = self.qk_rope_dim
+        if not rope or rope % 2 or rope >= self.head_dim or not self.v_head_dim:
+            raise ValueError(f"config: latent attention needs an even qk_rope_dim in (0, head_dim {self.head_dim}) and "
+                             f"v_head_dim > 0, got {rope!r} and {self.v_head_dim!r}")
+        if self.n_kv_heads != self.n_heads or self.rope_dim or self.attn_bias or self.qk_norm is not QKNorm.NONE:
+            raise ValueError("config: latent attention has one key per query head (n_kv_heads = n_heads), its own rotary "
+                             "part (rope_dim 0) and no q/k/v biases or q/k norm")
 
     def _check_sinks_glu_yarn(self) -> None:
         for name in ("attn_o_bias", "attn_sinks", "router_bias", "expert_mlp_bias", "yarn_truncate"):
@@ -223,13 +267,16 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"config.group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
+        object.__setattr__(self, "group_score", GroupScore(self.group_score))
         g, used = self.n_groups, self.n_groups_used
         if g == 1:
             if used != 1:
                 raise ValueError(f"config.n_groups_used must be 1 without expert groups, got {used}")
             return
         # DeepSeek-V3's rule scores a group by its best two experts, and top-k must find k experts in the kept groups
-        if self.n_experts % g or self.n_experts // g < 2:
+        if self.n_experts % g or self.n_experts // g < (2 if self.group_score is GroupScore.TOP2 else 1):
             raise ValueError(f"config.n_groups ({g}) must split n_experts ({self.n_experts}) into groups of >= 2")
         if used > g or self.n_experts_used > used * (self.n_experts // g):
             raise ValueError(f"config.n_groups_used ({used}) must be <= n_groups ({g}) and keep at least "
@@ -237,8 +284,19 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """How many leading dims of each q/k head are rotated."""
-        return self.rope_dim or self.head_dim
+        """How many leading dims of each q/k head are rotated (latent attention: its rotary part, which the
+        family's attention inputs put first)."""
+        return self.qk_rope_dim or self.rope_dim or self.head_dim
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention: the KV cache holds one latent and one rotary key per token."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def softmax_divisor(self) -> float:
+        """Attention scores are q.k divided by this: sqrt(head_dim), over attn_scale when that is not 1."""
+        return math.sqrt(self.head_dim) / self.attn_scale
 
     def window(self, layer: int) -> int:
         """The sliding window of layer `layer`'s attention; 0 = none (full causal attention)."""
@@ -275,6 +333,7 @@ class ModelConfig:
         d["gating_func"] = self.gating_func.value
         d["full_attention_layers"] = list(self.full_attention_layers)
         d["rope_scaling"] = self.rope_scaling.value
+        d["group_score"] = self.group_score.value
         for k, v in EXTENSION_DEFAULTS.items():
             if getattr(self, k) == v:
                 del d[k]

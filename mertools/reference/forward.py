@@ -85,6 +85,12 @@ class NumpyOps:
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, w, eps)
 
+    def per_head(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x (n, heads, cols) @ each head's (rows, cols) block of w (heads * rows, cols), transposed -> (n, heads, rows)."""
+        heads = x.shape[1]
+        blocks = w.reshape(heads, -1, w.shape[-1]).astype(self.dtype, copy=False)  # (heads, rows, cols)
+        return np.einsum("nhc,hrc->nhr", x, blocks)
+
 
 class ReferenceModel:
     def __init__(self, config: ModelConfig, dense: dict[str, np.ndarray],
@@ -184,22 +190,22 @@ class ReferenceModel:
     def attention(self, h: np.ndarray, lw: LayerWeights, pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """h (T, d_model) at positions pos (T,) -> (T, d_model)."""
         c, pieces = self.config, self.family.pieces
-        T, hd = h.shape[0], c.head_dim
-        q, k, v = pieces.attention_inputs(c, lw, h, self.ops)  # (T, H, hd), (T, KV, hd) x2
+        T = h.shape[0]
+        q, k, v = pieces.attention_inputs(c, lw, h, self.ops)  # (T, H, hd), (T, KV, hd), (T, KV, dv)
         q, k = pieces.rotary(c, q, pos), pieces.rotary(c, k, pos)
         q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # heads first
-        # repeat_kv: kv head j serves query heads j*rep .. j*rep + rep - 1
-        rep = c.n_heads // c.n_kv_heads
+        # repeat_kv: kv head j serves query heads j*rep .. j*rep + rep - 1 (latent attention: one kv "head")
+        rep = c.n_heads // k.shape[0]
         k = np.repeat(k, rep, axis=0)  # (H, T, hd)
-        v = np.repeat(v, rep, axis=0)  # (H, T, hd)
-        scores = (q @ k.transpose(0, 2, 1)) * (hd ** -0.5)  # (H, T, T)
+        v = np.repeat(v, rep, axis=0)  # (H, T, dv)
+        scores = (q @ k.transpose(0, 2, 1)) / c.softmax_divisor  # (H, T, T)
         scores = np.where(mask[None], scores, -np.inf)
         if lw.attn_sinks is not None:  # each head's sink: one more column in its softmax, dropped after it
             sink = np.broadcast_to(lw.attn_sinks.astype(scores.dtype)[:, None, None], (c.n_heads, T, 1))
             probs = softmax(np.concatenate([scores, sink], axis=-1))[..., :-1]
         else:
             probs = softmax(scores)  # (H, T, T); the diagonal is always allowed, so no row is all -inf
-        out = (probs @ v).transpose(1, 0, 2).reshape(T, c.n_heads * hd)  # (T, H*hd)
+        out = (probs @ v).transpose(1, 0, 2).reshape(T, -1)  # (T, H*dv)
         return pieces.attention_output(c, lw, out, self.ops)  # (T, d_model)
 
     def route(self, h: np.ndarray, lw: LayerWeights) -> tuple[np.ndarray, np.ndarray]:

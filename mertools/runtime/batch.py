@@ -13,29 +13,50 @@ from ..layout.config import ModelConfig
 
 class KVCache:
     """One sequence's keys and values: per layer (capacity, n_kv_heads, head_dim) float32, grown by
-    doubling; `length` positions are filled."""
+    doubling; `length` positions are filled. With latent attention (cfg.mla) only keys are kept, one
+    (qk_rope_dim + kv_lora_rank)-wide vector per token and layer: the rotary key, then the latent, which is
+    also every head's value (families/mla.py)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int = 256) -> None:
         self.length = 0
-        shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.divisor = cfg.softmax_divisor
+        if cfg.mla:
+            self.voff = cfg.qk_rope_dim
+            self.k = np.zeros((cfg.n_layers, capacity, 1, cfg.qk_rope_dim + cfg.kv_lora_rank), np.float32)
+            self.v: np.ndarray | None = None
+        else:
+            self.voff = 0
+            shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
+            self.k = np.zeros(shape, np.float32)
+            self.v = np.zeros(shape, np.float32)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """What one more cached position costs, every layer's keys and values together."""
+        per = self.k[:, 0].nbytes
+        return per if self.v is None else per + self.v[:, 0].nbytes
 
     def ensure(self, total: int) -> None:
         cap = self.k.shape[1]
         if total <= cap:
             return
         new = max(total, 2 * cap)
-        self.k, self.v = _grown(self.k, new), _grown(self.v, new)
+        self.k = _grown(self.k, new)
+        if self.v is not None:
+            self.v = _grown(self.v, new)
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int,
                sinks: np.ndarray | None = None) -> np.ndarray:
-        """Store k/v (n, nkv, hd) at positions pos (consecutive), then q (n, nh, hd) attends -> (n, nh * hd)
-        (a sliding window when window > 0; sinks (nh,): attention sinks, or None)."""
+        """Store k/v (n, nkv, hd) at positions pos (consecutive), then q (n, nh, hd) attends -> (n, nh * dv)
+        (a sliding window when window > 0; sinks (nh,): attention sinks, or None). With latent attention v is
+        the keys' last part and is not stored again."""
         start, total = int(pos[0]), int(pos[-1]) + 1
         self.k[layer, start:total] = k
+        keys = self.k[layer, :total]
+        if self.v is None:
+            return attend(q, keys, keys, pos, window, sinks, self.divisor, self.voff)
         self.v[layer, start:total] = v
-        return attend(q, self.k[layer, :total], self.v[layer, :total], pos, window, sinks)
+        return attend(q, keys, self.v[layer, :total], pos, window, sinks, self.divisor)
 
 
 def _grown(old: np.ndarray, capacity: int) -> np.ndarray:

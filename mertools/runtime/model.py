@@ -67,10 +67,10 @@ class MoEModel:
     def _attention(self, layer: int, h: np.ndarray, batch: Batch, ops: RuntimeOps) -> np.ndarray:
         """h (N, d_model) normalised -> (N, d_model); each sequence attends over its own cache."""
         cfg, w = self.cfg, self.layers[layer]
-        q, k, v = self.family.pieces.attention_inputs(cfg, w, h, ops)  # (N, nh, hd), (N, nkv, hd) x2
+        q, k, v = self.family.pieces.attention_inputs(cfg, w, h, ops)  # (N, nh, hd), (N, nkv, hd), (N, nkv, dv)
         rotary = self.family.pieces.rotary  # over the first rotary_dim dims of each head (partial rotary)
         q, k = rotary(cfg, q, batch.positions), rotary(cfg, k, batch.positions)
-        out = np.empty((h.shape[0], cfg.n_heads * cfg.head_dim), np.float32)
+        out = np.empty((h.shape[0], cfg.n_heads * v.shape[-1]), np.float32)  # v heads may differ from q/k heads
         window = cfg.window(layer)  # per layer: some models alternate sliding and full attention
         for s in batch.seqs:
             r = s.rows

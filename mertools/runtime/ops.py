@@ -55,3 +55,13 @@ class RuntimeOps:
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, w, eps)
+
+    def per_head(self, w: Linear, x: np.ndarray) -> np.ndarray:
+        """x (n, heads, cols) -> (n, heads, rows): each head's rows of W's bytes are one contiguous block."""
+        n, heads, cols = x.shape
+        rows = w.rows // heads
+        out = np.empty((n, heads, rows), np.float32)
+        for h in range(heads):
+            block = Linear(w.raw[h * rows:(h + 1) * rows], w.dtype, rows, cols)
+            out[:, h] = self._rows(block, np.ascontiguousarray(x[:, h]))
+        return out

@@ -1,4 +1,4 @@
-"""HF transformers as a second reference: the family's own model class (its `hf_architectures[0]`)
+"""HF transformers as a second reference: the family's own model class (`hf_architectures[hf_class(config)]`)
 loaded with the same dequantized float32 weights the numpy reference holds, so HF directories and
 GGUFs (quantized ones too) both work. HF names come from the family's tensor tables, the config from
 its `hf_config`."""
@@ -11,20 +11,30 @@ import numpy as np
 
 from ..errors import MertoolsError
 from ..families import get_family
-from ..families.base import Family, fmt
+from ..families.base import Family, fmt, resolve_shape
 from ..reference.forward import ReferenceModel
 
 
 def _state_dict(ref: ReferenceModel, arch: Family) -> dict[str, np.ndarray]:
     """Layout-named weights -> HF-named ones, through the arch's name tables."""
     sd: dict[str, np.ndarray] = {}
-    for spec, layer in arch.dense_names(ref.config):
+    cfg = ref.config
+    merged: dict[str, np.ndarray] = {}
+    for spec, layer in arch.dense_names(cfg):
         name = fmt(spec.name, layer)
-        if name in ref.dense:
+        if name in ref.dense and spec.split is not None:  # one part of a per-head HF tensor (MLA's kv_b)
+            sizes = [resolve_shape((p,), cfg)[0] for p in spec.split.parts]
+            part = ref.dense[name].reshape(cfg.n_heads, -1, ref.dense[name].shape[-1])  # (heads, rows, cols)
+            part = part.transpose(0, 2, 1) if spec.split.transposed else part
+            hf_name = fmt(spec.hf, layer)
+            whole = merged.setdefault(hf_name, np.zeros((cfg.n_heads, sum(sizes), part.shape[-1]), np.float32))
+            lo = sum(sizes[:spec.split.part])
+            whole[:, lo:lo + sizes[spec.split.part]] = part
+            sd[hf_name] = whole.reshape(-1, whole.shape[-1])  # a view: later parts fill it too
+        elif name in ref.dense:
             sd[fmt(spec.hf, layer)] = ref.dense[name]
         elif not spec.optional:
             raise MertoolsError(f"the reference has no tensor {name} for {arch.name}")
-    cfg = ref.config
     for (layer, e), tensors in ref.experts.items():
         for spec in arch.expert_specs(cfg):
             x, cut = tensors[spec.role], spec.hf_merged
@@ -51,10 +61,11 @@ def transformers_logits(ref: ReferenceModel, ids: list[int]) -> np.ndarray:
     arch = get_family(ref.config.arch)
     if arch.hf_config is None:
         raise MertoolsError(f"no transformers reference for architecture {arch.name}")
-    model_cls = getattr(transformers, arch.hf_architectures[0], None)
+    which = arch.hf_class(ref.config)
+    model_cls = getattr(transformers, arch.hf_architectures[which], None)
     if model_cls is None:
-        raise MertoolsError(f"transformers {transformers.__version__} has no {arch.hf_architectures[0]}")
-    hf_cfg = transformers.AutoConfig.for_model(arch.hf_model_types[0], **arch.hf_config(ref.config))
+        raise MertoolsError(f"transformers {transformers.__version__} has no {arch.hf_architectures[which]}")
+    hf_cfg = transformers.AutoConfig.for_model(arch.hf_model_types[which], **arch.hf_config(ref.config))
     # through transformers' real loading path (it renames and fuses expert weights itself), from a
     # checkpoint written in HF's own names
     with tempfile.TemporaryDirectory() as tmp:
