@@ -149,6 +149,43 @@ def test_a_legacy_gguf_with_a_quantized_kv_b_splits_exactly(ds: dict, tmp_path: 
     assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
+def test_fp8_checkpoints_read_as_transformers_dequantizes_them(ds: dict, tmp_path: Path) -> None:
+    """DeepSeek-V3's release form (fixtures/tiny_deepseek.build_hf_fp8): each e4m3 weight with its 128x128 block
+    scales reads as transformers' own _dequantize_fp8_weight gives it, bit for bit (partial blocks included);
+    `--dtype auto` refuses and writes nothing (a layout holds no FP8), `--dtype f16` converts (values rounded once
+    to f16), and the runtime on that layout follows the float64 reference of the FP8 directory (measured: within
+    6.9e-4 of the largest logit; the tiny random model is so sensitive that FP8 itself moved its logits by 33%,
+    a further q8_0 rounding by 31%)."""
+    from safetensors.torch import load_file
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from mertools.errors import QuantizationError, SourceError
+
+    fp8 = tiny_deepseek.build_hf_fp8(ds["v3"]["hf"], tmp_path / "fp8")
+    src = open_source(fp8)
+    assert src.config == open_source(ds["v3"]["hf"]).config
+    stored = load_file(str(fp8 / "model.safetensors"))
+    checked = 0
+    for name, t in src.tensors.items():
+        if t.dtype == "f8_e4m3":
+            want = _dequantize_fp8_weight(stored[name], stored[name + "_scale_inv"], [128, 128], torch.float32).numpy()
+            np.testing.assert_array_equal(t.to_float32(), want, err_msg=name)
+            checked += 1
+    # 5 attention projections in each of 4 layers (the MTP layer's too), the dense layer's MLP, and in 3 MoE
+    # layers 16 experts and the shared one
+    assert checked == 4 * 5 + 3 + 3 * (16 * 3 + 3)
+    lone = replace(src.tensors["model.layers.1.self_attn.o_proj.weight"], fp8_scale=None)  # a scale gone missing
+    with pytest.raises(SourceError, match="o_proj.weight .* has no model.layers.1.self_attn.o_proj.weight_scale_inv"):
+        lone.to_float32()
+    with pytest.raises(QuantizationError, match="f8_e4m3"):
+        convert(fp8, tmp_path / "auto", ConvertOptions(dtype="auto", progress=False))
+    assert not (tmp_path / "auto").exists()
+    out = convert(fp8, tmp_path / "f16", ConvertOptions(dtype="f16", progress=False)).out
+    ids = prompts(1)[0]
+    with Engine.open(out, cache_mb=cache_mb(out, 4)) as eng:
+        assert_close(eng.forward(ids), ReferenceModel.from_source(fp8).forward(ids), 2e-3)
+
+
 # the published config.json files (shapes only)
 _V2_LITE = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
                 moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,

@@ -142,9 +142,13 @@ def _every_tensor_config(family: str) -> ModelConfig:
                               gating_func="sigmoid", expert_bias=True),
              "gpt_oss": dict(attn_bias=True, attn_o_bias=True, attn_sinks=True, router_bias=True, expert_mlp_bias=True,
                              sliding_window=4, full_attention_layers=(1,)),
+             # with q LoRA (V3): V2-Lite's attn_q is the alternative, not an addition
+             "deepseek2": dict(n_kv_heads=4, head_dim=48, kv_lora_rank=64, q_lora_rank=64, qk_rope_dim=16, v_head_dim=32,
+                               d_ff_shared=128, dense_layers=(0,), d_ff_dense=192, gating_func="sigmoid", expert_bias=True),
              "mixtral": {}}[family]
-    return ModelConfig(arch=family, vocab_size=512, d_model=128, d_ff=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32,
-                       n_experts=8, n_experts_used=2, context_length=512, **extra)
+    base = dict(arch=family, vocab_size=512, d_model=128, d_ff=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32,
+                n_experts=8, n_experts_used=2, context_length=512)
+    return ModelConfig(**{**base, **extra})
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -56,8 +56,9 @@ def mxfp4_from_openai(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     qs = w[..., :16] | (w[..., 16:] << 4)
     return np.concatenate([scales[..., None], qs], axis=-1).reshape(*blocks.shape[:-2], -1)
 
-SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "U8": "u8"}  # u8: MXFP4 blocks and scales
-ITEMSIZE = {**FLOAT_ITEMSIZE, "u8": 1}
+# u8: MXFP4 blocks and scales; f8_e4m3: FP8 weights, each with a <name>_scale_inv (convert/fp8.py)
+SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "U8": "u8", "F8_E4M3": "f8_e4m3"}
+ITEMSIZE = {**FLOAT_ITEMSIZE, "u8": 1, "f8_e4m3": 1}
 MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
 MAX_JSON = 64 << 20  # config.json and the shard index are a few KB; never read an endless "file" whole
 # pickle-based checkpoints: loading them runs arbitrary code, so they are never opened, only named
@@ -99,7 +100,7 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
         except (KeyError, TypeError, ValueError, OverflowError):
             raise SourceError(f"{path}: tensor {name}: malformed header entry {repr(info)[:200]}") from None
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise SourceError(f"{path}: tensor {name}: unsupported dtype {dtype} (supported: F32, F16, BF16, U8)")
+            raise SourceError(f"{path}: tensor {name}: unsupported dtype {dtype} (supported: F32, F16, BF16, U8, F8_E4M3)")
         ours = SAFETENSORS_DTYPES[dtype]
         numel = 1
         for s in shape:
@@ -153,7 +154,17 @@ class HFSource(Source):
             self.config = build_config(arch, self._lookup, self.raw_config, str(cfg_path))
         except ValueError as e:
             raise SourceError(f"{cfg_path}: {e}") from None
-        self.tensors = self._index_tensors()
+        self.tensors = self._fp8_scales(self._index_tensors())
+
+    def _fp8_scales(self, tensors: dict[str, SourceTensor]) -> dict[str, SourceTensor]:
+        """Each FP8 weight with its `_scale_inv` and the checkpoint's block size (quantization_config)."""
+        quant = self.raw_config.get("quantization_config")
+        block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+        block = block or [128, 128]
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise SourceError(f"{self.path / 'config.json'}: quantization_config.weight_block_size {block!r} is not [rows, cols]")
+        return {name: replace(t, fp8_scale=tensors.get(name + "_scale_inv"), fp8_block=(block[0], block[1]))
+                if t.dtype == "f8_e4m3" else t for name, t in tensors.items()}
 
     def _lookup(self, key: ConfigKey) -> Any:
         for k in key.hf:

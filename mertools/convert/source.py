@@ -33,6 +33,9 @@ class SourceTensor:
     shape: tuple[int, ...]  # numpy/HF orientation: (rows, cols) or (n,)
     ggml_type: int | None = None  # for GGML types we do not handle natively
     row_perm: tuple[int, int] | None = None  # (n_head, rows): undo llama.cpp's q/k permutation
+    # FP8 (dtype "f8_e4m3"): the float32 per-block scales (rows / bn, cols / bk) and the block (bn, bk)
+    fp8_scale: SourceTensor | None = None
+    fp8_block: tuple[int, int] = (128, 128)
 
     @property
     def rows(self) -> int:
@@ -67,6 +70,18 @@ class SourceTensor:
             out = raw.view(np.float16).astype(np.float32)
         elif self.dtype == "bf16":
             out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif self.dtype == "f8_e4m3":
+            if self.fp8_scale is None or len(self.shape) != 2:
+                raise SourceError(f"{self.path}: FP8 tensor {self.name} {list(self.shape)} has no {self.name}_scale_inv "
+                                  "beside it (2-D weights with per-block scales are what FP8 checkpoints hold)")
+            from .fp8 import dequantize_fp8
+
+            scale = self.fp8_scale.to_float32()
+            try:
+                out = dequantize_fp8(raw, scale.reshape(scale.shape[0], -1) if scale.ndim == 2 else scale,
+                                     self.fp8_block, f"{self.path}: tensor {self.name}")
+            except ValueError as e:
+                raise SourceError(str(e)) from None
         elif self.dtype == "u8":  # MXFP4 blocks or scales, never a tensor's values on their own
             raise SourceError(f"{self.path}: tensor {self.name} is u8 (MXFP4 blocks or scales) where weights belong")
         elif self.dtype in DTYPES:

@@ -118,13 +118,16 @@ class ReferenceModel:
         from ..convert.source import open_source
 
         src = open_source(path)
-        # read_raw() has already undone llama.cpp's q/k row permutation
-        dense = {name: dequantize(t.read_raw(), t.dtype, tuple(t.shape)) for name, _spec, t in src.dense_tensors()}
+        def values(t) -> np.ndarray:  # noqa: ANN001 - read_raw() has already undone llama.cpp's q/k row permutation
+            if t.dtype == "f8_e4m3":  # FP8 with block scales: no GGML type (convert/fp8.py, checked against transformers)
+                return t.to_float32()
+            return dequantize(t.read_raw(), t.dtype, tuple(t.shape))
+
+        dense = {name: values(t) for name, _spec, t in src.dense_tensors()}
         experts = {}
         for layer in src.config.moe_layers:
             for e in range(src.config.n_experts):
-                ts = src.expert_tensors(layer, e)
-                experts[(layer, e)] = {r: dequantize(t.read_raw(), t.dtype, tuple(t.shape)) for r, t in ts.items()}
+                experts[(layer, e)] = {r: values(t) for r, t in src.expert_tensors(layer, e).items()}
         return cls(src.config, dense, experts, compute_dtype)
 
     @classmethod
