@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "__version__"]
+__all__ = ["Approx", "Engine", "__version__"]
 
 if TYPE_CHECKING:
+    from .runtime.approx import Approx
     from .runtime.engine import Engine
 
 
@@ -17,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from .runtime.engine import Engine
 
         return Engine
+    if name == "Approx":  # approximate routing settings, for Engine.open(approx=...)
+        from .runtime.approx import Approx
+
+        return Approx
     raise AttributeError(f"module 'mertools' has no attribute {name!r}")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .errors import MertoolsError
+from .server.cli import approx_options
+
+if TYPE_CHECKING:
+    from .runtime.approx import Approx
 
 
 class _Group(click.Group):
@@ -105,11 +109,14 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--seed", type=int, help="Seed for sampling (reproducible).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
+@click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="What the KV cache holds (f32: exact, twice the bytes).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
+@approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
-        top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None,
-        json_out: str | None, trace_out: str | None) -> None:
+        top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
+        json_out: str | None, trace_out: str | None, approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.engine import Engine
     from .runtime.report import format_stats
@@ -117,7 +124,8 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
 
     tracer = TraceWriter(trace_out) if trace_out else None
     try:
-        with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer) as engine:
+        with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
+                         kv_dtype=kv_type) as engine:
             click.echo(prompt, nl=False)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,

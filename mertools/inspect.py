@@ -64,6 +64,13 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("routing", routing))
     if cfg.get("kv_lora_rank"):
         out += _latent_attention(cfg)
+    else:
+        from .families.mla import kv_bytes_per_token
+        from .layout.config import ModelConfig
+
+        per = kv_bytes_per_token(ModelConfig.from_dict(cfg), 2)[0]
+        out.append(("KV cache", f"{_kb(per)} per token of context in f16 (--kv-type f32: twice), "
+                                f"{per * cfg['context_length'] / 2**30:.2f} GiB at the full {cfg['context_length']}"))
     if cfg.get("rope_dim"):
         out.append(("rotary", f"partial: the first {cfg['rope_dim']} of {cfg['head_dim']} dims of each head"))
     if cfg.get("rope_scaling", "none") == "yarn":
@@ -83,12 +90,12 @@ def _latent_attention(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     from .layout.config import ModelConfig
 
     rope, rank, q = cfg["qk_rope_dim"], cfg["kv_lora_rank"], cfg.get("q_lora_rank", 0)
-    latent, full = kv_bytes_per_token(ModelConfig.from_dict(cfg))
+    latent, full = kv_bytes_per_token(ModelConfig.from_dict(cfg), 2)
     out = [("attention", f"multi-head latent: q {'through rank ' + str(q) if q else 'one projection'}, k/v from a "
                          f"{rank}-wide latent; q/k heads {cfg['head_dim'] - rope} + {rope} rotary (adjacent pairs), "
                          f"v heads {cfg['v_head_dim']}"),
-           ("KV cache", f"{_kb(latent)} per token ({rope + rank} floats per layer), full keys and values would "
-                        f"take {_kb(full)} ({full / latent:.1f}x)")]
+           ("KV cache", f"{_kb(latent)} per token of context in f16 ({rope + rank} values per layer), full keys "
+                        f"and values would take {_kb(full)} ({full / latent:.1f}x)")]
     if cfg.get("attn_scale", 1.0) != 1.0:
         out.append(("softmax scale", f"x {cfg['attn_scale']:.4g} (YaRN mscale^2)"))
     return out

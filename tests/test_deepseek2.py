@@ -245,7 +245,7 @@ def test_config_validation() -> None:
 def test_runtime_matches_transformers(ds: dict, hf_logits, v: str, src: str) -> None:  # noqa: ANN001
     layout = ds[v][f"layout_{src}"]
     k = Layout.open(layout).manifest.config.n_experts_used
-    with Engine.open(layout, cache_mb=cache_mb(layout, k)) as eng:  # one layer's top-k, no more
+    with Engine.open(layout, cache_mb=cache_mb(layout, k), kv_dtype="f32") as eng:  # one layer's top-k, no more
         for ids in prompts():
             want = hf_logits(v, ids)
             assert_engine_matches(eng, ids, want, REL_BOUND, (v, src))
@@ -266,7 +266,7 @@ def test_the_kv_cache_holds_the_latent(ds: dict, hf_logits) -> None:  # noqa: AN
     grown keeps giving transformers' logits."""
     layout = ds["v3"]["layout_hf"]
     ids = prompts(1, 40)[0]
-    with Engine.open(layout, cache_mb=cache_mb(layout, 16)) as eng:
+    with Engine.open(layout, cache_mb=cache_mb(layout, 16), kv_dtype="f32") as eng:
         kv = eng.model.new_kv()
         assert kv.v is None and kv.k.shape[2:] == (1, 16 + 64) and kv.bytes_per_token == 3 * 80 * 4 == 960
         assert mla.kv_bytes_per_token(eng.model.cfg) == (960, 3 * 4 * (48 + 32) * 4)
@@ -283,6 +283,13 @@ def test_the_kv_cache_holds_the_latent(ds: dict, hf_logits) -> None:  # noqa: AN
         eng.model.kv.k[:, :30, :, 16:] *= 0.5
         spoiled = eng.forward(ids[30:31])
         assert np.abs(spoiled - want[30]).max() > 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("v", ["v2", "v3"])
+def test_f16_latent_cache_is_within_verify_f16_limits(ds: dict, v: str) -> None:
+    from family_checks import assert_f16_kv_within_f16_limits
+
+    assert_f16_kv_within_f16_limits(ds[v]["layout_hf"], prompts(1, 48)[0])
 
 
 SPOILS = {
@@ -383,7 +390,8 @@ def test_cli_inspect_verify_and_run(ds: dict) -> None:
     assert r.exit_code == 0, r.output
     assert "deepseek2 (DeepseekV3ForCausalLM)" in r.output
     assert "multi-head latent: q through rank 64, k/v from a 64-wide latent" in r.output
-    assert "KV cache      0.9 KiB per token (80 floats per layer), full keys and values would take 3.8 KiB (4.0x)" in r.output
+    assert "KV cache      0.5 KiB per token of context in f16 (80 values per layer), full keys and values would take " \
+        "1.9 KiB (4.0x)" in r.output
     assert "best 2 of 4 expert groups (scored by their best two experts)" in r.output
     r = runner.invoke(main, ["inspect", str(ds["v2grouped"]["gguf"])])
     assert r.exit_code == 0 and "deepseek2 (DeepseekV2ForCausalLM)" in r.output and "scored by their best expert" in r.output

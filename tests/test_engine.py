@@ -29,7 +29,7 @@ def _slot_mb(layout: Path) -> float:
 
 
 def run_logits(layout: Path, ids: list[int], chunks: tuple[int, ...] = (), **kw) -> tuple[np.ndarray, dict]:
-    with Engine.open(layout, **kw) as eng:
+    with Engine.open(layout, **{"kv_dtype": "f32", **kw}) as eng:  # an exact KV cache: these compare weights
         parts, start = [], 0
         for end in (*chunks, len(ids)):
             parts.append(eng.forward(ids[start:end]))
@@ -133,7 +133,7 @@ def test_reads_use_o_direct_where_supported(layouts: dict) -> None:
 def test_falls_back_to_buffered_reads_where_o_direct_is_refused(layouts: dict, no_direct_dir: Path) -> None:
     dst = Path(shutil.copytree(layouts["q4_0"], no_direct_dir / "lay"))
     notices: list[str] = []
-    with Engine.open(dst, cache_mb=2 * _slot_mb(dst)) as eng:
+    with Engine.open(dst, cache_mb=2 * _slot_mb(dst), kv_dtype="f32") as eng:
         eng.store.notice = notices.append
         got = eng.forward(PROMPT)
         rel = eng.layout.manifest.expert(0, 0).file
@@ -184,7 +184,7 @@ def test_read_errors_are_retried_then_reported_with_the_file(layouts: dict) -> N
         return os.preadv(fd, [view], offset)
 
     want, _ = run_logits(layouts["q4_0"], PROMPT[:4], prefetch="none")
-    with Engine.open(layouts["q4_0"], prefetch="none") as eng:
+    with Engine.open(layouts["q4_0"], prefetch="none", kv_dtype="f32") as eng:
         eng.store.read_fn = flaky  # every other read fails once: retries hide it
         np.testing.assert_array_equal(eng.forward(PROMPT[:4]), want)
         assert eng.stats()["read_retries"] > 0
@@ -287,3 +287,9 @@ def test_store_calls_off_a_chunked_load_and_counts_only_bytes_read(layouts: dict
         assert store.bytes_read == 2 * 4096 + nbytes
     finally:
         store.close()
+
+
+def test_f16_kv_cache_is_within_verify_f16_limits(layouts: dict) -> None:
+    from family_checks import assert_f16_kv_within_f16_limits
+
+    assert_f16_kv_within_f16_limits(layouts["f16"], PROMPT + PROMPT[::-1])

@@ -169,7 +169,7 @@ def test_tables_agree_with_gguf_py(fam: str) -> None:
 @pytest.mark.parametrize("which", ["layout_hf", "layout_gguf"])
 def test_runtime_matches_transformers(models: dict, hf_logits, fam: str, which: str) -> None:  # noqa: ANN001
     layout = models[fam][which]
-    with Engine.open(layout, cache_mb=_cache_mb(layout)) as eng:
+    with Engine.open(layout, cache_mb=_cache_mb(layout), kv_dtype="f32") as eng:
         for ids in prompts():
             want = hf_logits(fam, ids)
             eng.reset()
@@ -201,7 +201,7 @@ def test_numpy_reference_matches_transformers(models: dict, hf_logits, fam: str)
 def test_q8_0_layout_close_to_transformers(models: dict, hf_logits, fam: str) -> None:  # noqa: ANN001
     """q8_0 everywhere (embeddings and lm_head too): close, not exact; limits are verify's q8_0 defaults."""
     layout = models[fam]["layout_q8_0"]
-    with Engine.open(layout, cache_mb=_cache_mb(layout)) as eng:
+    with Engine.open(layout, cache_mb=_cache_mb(layout), kv_dtype="f32") as eng:
         for ids in prompts():
             eng.reset()
             fig = compare_logits(ids, eng.forward(ids), hf_logits(fam, ids))
@@ -335,3 +335,10 @@ def test_a_one_dimensional_shared_expert_gate_loads(models: dict, tmp_path: Path
     a, b = Layout.open(lay), Layout.open(models["qwen2_moe"]["layout_gguf"])
     assert {n: t.to_dict() for n, t in a.manifest.dense.items()} == {n: t.to_dict() for n, t in b.manifest.dense.items()}
     assert (a.root / "dense.bin").read_bytes() == (b.root / "dense.bin").read_bytes()
+
+
+@pytest.mark.parametrize("fam", FAMILY_NAMES)
+def test_f16_kv_cache_is_within_verify_f16_limits(models: dict, fam: str) -> None:
+    from family_checks import assert_f16_kv_within_f16_limits
+
+    assert_f16_kv_within_f16_limits(models[fam]["layout_hf"], list(range(1, 49)))

@@ -150,7 +150,7 @@ def test_openai_mxfp4_repack_matches_transformers_dequantization() -> None:
 @pytest.mark.parametrize("which", ["layout_hf", "layout_gguf", "layout_mxfp4_hf"])
 def test_runtime_matches_transformers(oss: dict, hf_logits, which: str) -> None:  # noqa: ANN001
     layout, ckpt = oss[which], "hf_mxfp4" if "mxfp4" in which else "hf"
-    with Engine.open(layout, cache_mb=cache_mb(layout, 4)) as eng:  # 4 slots: one layer's top-4, no more
+    with Engine.open(layout, cache_mb=cache_mb(layout, 4), kv_dtype="f32") as eng:  # 4 slots: one layer's top-4
         for ids in prompts():
             want = hf_logits(ckpt, ids)
             assert_engine_matches(eng, ids, want, REL_BOUND, which)

@@ -119,7 +119,7 @@ class ScriptedEngine:
         self.config = SimpleNamespace(context_length=64, vocab_size=len(PIECES))
         self.tokenizer = ScriptedTokenizer(template)
 
-    def new_sequence(self) -> Any:
+    def new_sequence(self, context: int | None = None) -> Any:
         return SimpleNamespace()
 
     def step(self, items: list) -> list[np.ndarray]:

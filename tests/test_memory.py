@@ -108,3 +108,33 @@ def test_engine_rss_does_not_grow_with_tokens(big: Path) -> None:
             eng.forward([20 + t])
         # 24 more tokens with all-new expert choices: no new memory beyond the KV cache's growth
         assert peak_rss_bytes() - before < 32 << 20
+
+
+@pytest.mark.slow
+def test_long_context_rss_counts_the_kv_cache(tmp_path: Path) -> None:
+    """A ~4,000-token prompt on a small model whose KV cache is 16 KiB per token (8 layers x 4 kv heads x 128,
+    keys and values, f16): the KV cache is allocated once for prompt + output (no doubling), reported, and RSS
+    stays within cache budget + dense + KV + the stated overhead."""
+    from fixtures.synth import synth_mixtral_gguf
+
+    gguf = synth_mixtral_gguf(tmp_path / "long.gguf", 8, seed=5, d_model=512, d_ff=512, n_expert=8, n_head=4, n_kv=4,
+                              vocab=1024, n_ctx=8192)
+    layout = convert(gguf, tmp_path / "layout", ConvertOptions(progress=False)).out
+    m = Layout.open(layout).manifest
+    dense = sum(t.nbytes for t in m.dense.values())
+    budget_mb = 8
+    js = tmp_path / "run.json"
+    prompt = " ".join(f"w{i % 97} x{i % 13}" for i in range(900))
+    cmd = [sys.executable, "-m", "mertools.cli", "run", str(layout), "-p", prompt, "-n", "4", "--cache-mb",
+           str(budget_mb), "--json", str(js)]
+    for _ in range(2):  # the steady state, as in test_run_rss_stays_within_budget_plus_dense_plus_overhead
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr
+    stats = json.loads(js.read_text())
+    per = 8 * 4 * 128 * 2 * 2
+    assert stats["kv_dtype"] == "f16" and stats["kv_bytes_per_token"] == per and stats["prompt_tokens"] > 3000
+    kv = (stats["prompt_tokens"] + 4) * per
+    assert stats["kv_mb"] * 2**20 == kv  # exactly the context asked for
+    assert "KV cache    f16, 16.0 KiB per token of context" in res.stderr
+    limit = budget_mb * 2**20 + dense + kv + OVERHEAD
+    assert stats["peak_rss_mb"] * 2**20 <= limit, (stats["peak_rss_mb"], limit / 2**20)

@@ -455,7 +455,7 @@ class FakeEngine:
         self.steps: list[list[tuple[int, int]]] = []  # (sequence id, tokens fed)
         self.fail_at, self.closed = fail_at, False
 
-    def new_sequence(self) -> Any:
+    def new_sequence(self, context: int | None = None) -> Any:
         return SimpleNamespace()
 
     def step(self, items: list) -> list[np.ndarray]:

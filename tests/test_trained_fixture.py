@@ -89,3 +89,17 @@ def test_committed_validation_trace() -> None:
     for r in records[:1000]:
         assert len(r["experts"]) == cfg["num_experts_per_tok"] == len(r["weights"])
         assert all(0 <= e < cfg["num_local_experts"] for e in r["experts"])
+
+
+def test_f16_kv_cache_is_within_verify_f16_limits(q8: Path) -> None:
+    """The default f16 KV cache against the exact f32 one on the trained model's own text."""
+    from family_checks import assert_f16_kv_within_f16_limits
+
+    from mertools.layout import Layout
+    from mertools.runtime.tokenizer import load_tokenizer
+
+    lay = Layout.open(q8)
+    ids = load_tokenizer(lay.root, lay.manifest.tokenizer).encode(
+        "ROMEO: But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun.")
+    c = assert_f16_kv_within_f16_limits(q8, ids[:64], slots=16)
+    assert c["top1_agreement"] == 1.0

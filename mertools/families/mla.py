@@ -68,10 +68,11 @@ def mla_attention_output(cfg: ModelConfig, w: LayerWeights, out: np.ndarray, ops
     return y if w.o_bias is None else y + w.o_bias.astype(y.dtype)
 
 
-def kv_bytes_per_token(cfg: ModelConfig) -> tuple[int, int]:
-    """(bytes the runtime's float32 KV cache holds per token, bytes full per-head keys and values would take):
-    with latent attention (rope + rank) per layer against n_heads * (head_dim + v_head_dim)."""
-    full = cfg.n_layers * 4 * cfg.n_kv_heads * (cfg.head_dim + (cfg.v_head_dim or cfg.head_dim))
+def kv_bytes_per_token(cfg: ModelConfig, itemsize: int = 4) -> tuple[int, int]:
+    """(bytes the runtime's KV cache holds per token of context, bytes full per-head keys and values would take),
+    at `itemsize` bytes a value (4: float32, 2: f16): with latent attention (rope + rank) per layer against
+    n_heads * (head_dim + v_head_dim); otherwise both are the keys and values of n_kv_heads."""
+    full = cfg.n_layers * itemsize * cfg.n_kv_heads * (cfg.head_dim + (cfg.v_head_dim or cfg.head_dim))
     if not cfg.mla:
         return full, full
-    return cfg.n_layers * 4 * (cfg.qk_rope_dim + cfg.kv_lora_rank), full
+    return cfg.n_layers * itemsize * (cfg.qk_rope_dim + cfg.kv_lora_rank), full

@@ -1,13 +1,15 @@
-"""Grouped-query attention of new tokens over a sequence's cached keys and values (float32).
+"""Grouped-query attention of new tokens over a sequence's cached keys and values.
 
     attend(q, keys, vals, pos, window, sinks, divisor, voff)
-        q (n, nh, hd) at positions pos (n,) over keys (T, nkv, hd) and values vals[..., voff:] (T, nkv, dv)
-        -> (n, nh * dv); scores q.k / divisor (default sqrt(hd)); causal, and a sliding window when
-        window > 0; sinks (nh,): each head's extra logit in the softmax's denominator, weighing no value,
-        or None. Values may be a part of the keys (latent attention: vals is keys, voff its rotary width).
+        q (n, nh, hd) float32 at positions pos (n,) over keys (T, nkv, hd) and values vals[..., voff:]
+        (T, nkv, dv), stored float32 or as f16 bits (uint16) -> (n, nh * dv) float32; scores q.k / divisor
+        (default sqrt(hd)); causal, and a sliding window when window > 0; sinks (nh,): each head's extra
+        logit in the softmax's denominator, weighing no value, or None. Values may be a part of the keys
+        (latent attention: vals is keys, voff its rotary width).
 
-One new token (decode) runs `attend_one`, a numba kernel; several (prefill) run the numpy path, which
-is also the kernel's plain definition (the tests hold them together).
+One new token (decode) runs `attend_one`, a numba kernel that widens each cached row to float32 as it
+reads it (16 lanes at a time); several (prefill) run the numpy path, which is also the kernel's plain
+definition (the tests hold them together).
 """
 
 from __future__ import annotations
@@ -15,38 +17,81 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from .simd import prefetch
+from .common import f16_bits_to_f32
+from .simd import copy_f32_16, decode_f16_16, prefetch
+
+
+def _widen16(src, so, dst, do):  # noqa: ANN001, ANN202 - dst[do:do+16] = float32(src[so:so+16]); see the overload
+    raise NotImplementedError
+
+
+@overload(_widen16, inline="always")
+def _widen16_impl(src, so, dst, do):  # noqa: ANN001, ANN202
+    if src.dtype == types.uint16:  # f16 bits
+        return lambda src, so, dst, do: decode_f16_16(src, so, dst, do)
+    if src.dtype == types.float32:
+        return lambda src, so, dst, do: copy_f32_16(src, so, dst, do)
+    return None
+
+
+def _widen1(x):  # noqa: ANN001, ANN202 - one stored value as float32; see the overload
+    raise NotImplementedError
+
+
+@overload(_widen1, inline="always")
+def _widen1_impl(x):  # noqa: ANN001, ANN202
+    if x == types.uint16:
+        return lambda x: f16_bits_to_f32(x)
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _row(src, so, n, dst):
+    """dst[:n] = float32(src[so:so + n]) for a flat float32 or f16-bits array (exact)."""
+    n16 = n - n % 16
+    for d in range(0, n16, 16):
+        _widen16(src, so + d, dst, d)
+    for d in range(n16, n):
+        dst[d] = _widen1(src[so + d])
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
     """Decode attention of one new token: q (nh, hd) at position pos over keys (pos + 1, nkv, hd) and values
-    vals[:, :, voff:voff + dv] -> out (nh, dv): what `attend` computes for n = 1 (causal; sliding window if
-    window > 0; sinks (nh,) float32 join each head's denominator, -inf for none; scores divided by divisor)
-    in one parallel pass over kv heads, each key and value row read once for its group of query
-    heads. fastmath without nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
+    vals[:, :, voff:voff + dv] (float32 or f16 bits, C-contiguous) -> out (nh, dv): what `attend` computes for
+    n = 1 (causal; sliding window if window > 0; sinks (nh,) float32 join each head's denominator, -inf for none;
+    scores divided by divisor) in one parallel pass over kv heads, each key and value row read once (and
+    widened once) for its group of query heads. fastmath without nnan/ninf: sums are reassociated
+    (vectorised); inf/NaN still propagate."""
     nh, hd = q.shape
     dv = out.shape[1]
     nkv = keys.shape[1]
+    vw = vals.shape[2]
     group = nh // nkv
     scale = np.float32(divisor)
     lo = max(0, pos - window + 1) if window > 0 else 0
-    kb = keys.reshape(-1).view(np.uint8)  # for prefetching: a head's rows are nkv*hd*4 bytes apart, one
-    vb = vals.reshape(-1).view(np.uint8)  # page each, which the hardware prefetcher does not follow
-    row = hd * 4
-    vrow = vals.shape[2] * 4
+    kf = keys.reshape(-1)
+    vf = vals.reshape(-1)
+    kb = kf.view(np.uint8)  # for prefetching: a head's rows are nkv*hd*itemsize bytes apart, one page each,
+    vb = vf.view(np.uint8)  # which the hardware prefetcher does not follow
+    item = kb.size // max(kf.size, 1)
     for g in prange(nkv):
         s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
+        row = np.empty(max(hd, dv), np.float32)
         for j in range(lo, pos + 1):
-            ahead = ((min(j + 8, pos) * nkv) + g) * row
-            for c in range(0, row, 64):
+            ahead = ((min(j + 8, pos) * nkv) + g) * hd * item
+            for c in range(0, hd * item, 64):
                 prefetch(kb, ahead + c)
+            _row(kf, (j * nkv + g) * hd, hd, row)
             for i in range(group):
                 acc = np.float32(0.0)
                 for d in range(hd):
-                    acc += q[g * group + i, d] * keys[j, g, d]
+                    acc += q[g * group + i, d] * row[d]
                 s[i, j] = acc / scale
         for i in range(group):
             sink = sinks[g * group + i]
@@ -61,18 +106,21 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
                 s[i, j] = s[i, j] / tot
             out[g * group + i, :] = 0.0
         for j in range(lo, pos + 1):
-            ahead = ((min(j + 8, pos) * nkv) + g) * vrow + voff * 4
-            for c in range(0, dv * 4, 64):
+            ahead = (((min(j + 8, pos) * nkv) + g) * vw + voff) * item
+            for c in range(0, dv * item, 64):
                 prefetch(vb, ahead + c)
+            _row(vf, (j * nkv + g) * vw + voff, dv, row)
             for i in range(group):
                 p = s[i, j]
                 for d in range(dv):
-                    out[g * group + i, d] += p * vals[j, g, voff + d]
+                    out[g * group + i, d] += p * row[d]
 
 
 def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
                  sinks: np.ndarray | None = None, divisor: float | None = None) -> np.ndarray:
-    """q (n, nh, hd) at positions pos over keys (T, nkv, hd) and vals (T, nkv, dv) -> (n, nh * dv), in numpy."""
+    """q (n, nh, hd) at positions pos over keys (T, nkv, hd) and vals (T, nkv, dv) -> (n, nh * dv), in numpy
+    (keys and values float32, or f16 bits widened first)."""
+    keys, vals = _float32(keys), _float32(vals)
     n, nh, hd = q.shape
     nkv, total, dv = keys.shape[1], keys.shape[0], vals.shape[2]
     group = nh // nkv
@@ -115,3 +163,7 @@ def attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, w
 def _no_sinks(nh: int) -> np.ndarray:
     """The kernel's "no sinks": -inf for every head (exp gives 0), allocated once per head count (never written)."""
     return np.full(nh, -np.inf, np.float32)
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    return x.view(np.float16).astype(np.float32) if x.dtype == np.uint16 else x

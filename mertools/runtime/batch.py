@@ -7,34 +7,62 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..families import mla
 from ..kernels.attention import attend
 from ..layout.config import ModelConfig
 
+KV_DTYPES = ("f16", "f32")  # what a KV cache may hold: f16 (the default) halves its bytes; f32 is exact
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "f16") -> int:
+    """What a KVCache of `dtype` holds per position of context (every layer)."""
+    return mla.kv_bytes_per_token(cfg, 2 if dtype == "f16" else 4)[0]
+
 
 class KVCache:
-    """One sequence's keys and values: per layer (capacity, n_kv_heads, head_dim) float32, grown by
-    doubling; `length` positions are filled. With latent attention (cfg.mla) only keys are kept, one
-    (qk_rope_dim + kv_lora_rank)-wide vector per token and layer: the rotary key, then the latent, which is
-    also every head's value (families/mla.py)."""
+    """One sequence's keys and values: per layer (capacity, n_kv_heads, head_dim), f16 bits (uint16) or float32,
+    `length` positions filled; sized for the context asked for (`reserve`), grown by doubling past it. With
+    latent attention (cfg.mla) only keys are kept, one (qk_rope_dim + kv_lora_rank)-wide vector per token and
+    layer: the rotary key, then the latent, which is also every head's value (families/mla.py)."""
 
-    def __init__(self, cfg: ModelConfig, capacity: int = 256) -> None:
+    def __init__(self, cfg: ModelConfig, capacity: int = 256, dtype: str = "f16") -> None:
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
         self.length = 0
+        self.dtype = dtype
         self.divisor = cfg.softmax_divisor
+        store = np.uint16 if dtype == "f16" else np.float32
+        capacity = max(1, capacity)
         if cfg.mla:
             self.voff = cfg.qk_rope_dim
-            self.k = np.zeros((cfg.n_layers, capacity, 1, cfg.qk_rope_dim + cfg.kv_lora_rank), np.float32)
+            self.k = np.zeros((cfg.n_layers, capacity, 1, cfg.qk_rope_dim + cfg.kv_lora_rank), store)
             self.v: np.ndarray | None = None
         else:
             self.voff = 0
             shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
-            self.k = np.zeros(shape, np.float32)
-            self.v = np.zeros(shape, np.float32)
+            self.k = np.zeros(shape, store)
+            self.v = np.zeros(shape, store)
 
     @property
     def bytes_per_token(self) -> int:
         """What one more cached position costs, every layer's keys and values together."""
         per = self.k[:, 0].nbytes
         return per if self.v is None else per + self.v[:, 0].nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """What the cache holds now (its capacity, not its length)."""
+        return self.k.nbytes + (0 if self.v is None else self.v.nbytes)
+
+    def reserve(self, total: int) -> None:
+        """Room for exactly `total` positions (a request's prompt and output), grown once if it has less."""
+        if total > self.k.shape[1]:
+            self.k = _grown(self.k, total)
+            if self.v is not None:
+                self.v = _grown(self.v, total)
+
+    def _stored(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float16).view(np.uint16) if self.dtype == "f16" else x
 
     def ensure(self, total: int) -> None:
         cap = self.k.shape[1]
@@ -51,16 +79,16 @@ class KVCache:
         (a sliding window when window > 0; sinks (nh,): attention sinks, or None). With latent attention v is
         the keys' last part and is not stored again."""
         start, total = int(pos[0]), int(pos[-1]) + 1
-        self.k[layer, start:total] = k
+        self.k[layer, start:total] = self._stored(k)
         keys = self.k[layer, :total]
         if self.v is None:
             return attend(q, keys, keys, pos, window, sinks, self.divisor, self.voff)
-        self.v[layer, start:total] = v
+        self.v[layer, start:total] = self._stored(v)
         return attend(q, keys, self.v[layer, :total], pos, window, sinks, self.divisor)
 
 
 def _grown(old: np.ndarray, capacity: int) -> np.ndarray:
-    grown = np.zeros((old.shape[0], capacity, *old.shape[2:]), np.float32)
+    grown = np.zeros((old.shape[0], capacity, *old.shape[2:]), old.dtype)
     grown[:, :old.shape[1]] = old
     return grown
 

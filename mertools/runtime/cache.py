@@ -311,3 +311,9 @@ class ExpertCache:
     def resident(self) -> set[Key]:
         with self.lock:
             return {k for k, e in self.entries.items() if not e.loading}
+
+    def held(self, layer: int) -> list[int]:
+        """The experts of `layer` a lookup now would count as hits (resident, or loading and not called off),
+        sorted; a pure query: no state, clock or statistics change (for cache-aware routing)."""
+        with self.lock:
+            return sorted(k[1] for k, e in self.entries.items() if k[0] == layer and not e.cancelled)

@@ -13,6 +13,8 @@ import numpy as np
 
 from ..errors import MertoolsError
 from ..layout.reader import Layout
+from .approx import Approx
+from .batch import KV_DTYPES, kv_bytes_per_token
 from .cache import ExpertCache
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
@@ -23,7 +25,9 @@ from .stats import RunStats, RunTimes
 from .store import ExpertStore
 from .text import GenerationText, PromptError, check_ids, check_prompt
 
-MARGIN = 1 << 30  # left for the KV cache, activations, Python and numba when cache_mb is not given
+MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
+DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
+PREFILL_CHUNK = 512  # prompt tokens per forward step in generate()
 
 
 class RuntimeConfigError(MertoolsError):
@@ -61,23 +65,35 @@ class Engine:
     @classmethod
     def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str | PrefetcherFactory = "lookahead",
              threads: int | None = None, *, policy: str = "lfd", direct: bool = True, verify: bool = True,
-             io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None) -> Engine:
+             io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
+             kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
-        every layer's routing, `routing_override` replaces the router's choices (benchmarks)."""
+        every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
+        routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
+        holds `kv_dtype` ("f16" or the exact "f32"), sized for `context` positions (default 256, grown as
+        needed); without `cache_mb`, the expert cache gets what is left after the dense weights, that KV
+        cache and a margin."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         cfg = m.config
         if isinstance(prefetch, str) and prefetch not in PREFETCH_MODES:
             raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+        if approx is not None and not isinstance(approx, Approx):
+            raise RuntimeConfigError(f"approx must be an Approx, got {type(approx).__name__}")
         if threads is not None:
             import numba
 
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        if kv_dtype not in KV_DTYPES:
+            raise RuntimeConfigError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        if context is not None and not 0 < context <= cfg.context_length:
+            raise RuntimeConfigError(f"context {context} must lie in [1, the model's {cfg.context_length}]")
+        kv_capacity = context or DEFAULT_CONTEXT
         slot_bytes = max(e.nbytes for e in m.experts)
         need = cfg.n_experts_used
         if cache_mb is None:
             dense = sum(t.nbytes for t in m.dense.values())
-            budget = available_bytes() - dense - MARGIN
+            budget = available_bytes() - dense - MARGIN - kv_capacity * kv_bytes_per_token(cfg, kv_dtype)
             slots = max(need, min(len(m.experts), budget // slot_bytes))
         else:
             slots = min(len(m.experts), int(cache_mb * 2**20) // slot_bytes)
@@ -89,8 +105,8 @@ class Engine:
         store = ExpertStore(layout, slots, direct=direct, verify=verify, io_depth=io_depth)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
-        hooks = ModelHooks(trace=trace, routing_override=routing_override)
-        model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks)
+        hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx)
+        model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity)
         return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads)
 
     # ------------------------------------------------------------------ API
@@ -122,9 +138,9 @@ class Engine:
         return _checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)
 
     # ------------------------------------------------------------------ batching (the server's API)
-    def new_sequence(self) -> KVCache:
-        """A sequence of its own (its KV cache), for `step`; drop it when done."""
-        return self.model.new_kv()
+    def new_sequence(self, context: int | None = None) -> KVCache:
+        """A sequence of its own (its KV cache, room for `context` positions), for `step`; drop it when done."""
+        return self.model.new_kv(context)
 
     def step(self, items: Sequence[tuple[KVCache, Sequence[int]]]) -> list[np.ndarray]:
         """One forward step over several sequences at once (continuous batching): each item appends
@@ -147,8 +163,10 @@ class Engine:
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         out = GenerationText(tok.stream(), stop, tok.eos_ids, max_tokens)
         self.reset()
+        self.model.kv.reserve(len(ids) + max_tokens)  # the context this request asks for, allocated once
         t0 = time.perf_counter()
-        logits = self.forward(ids, all_logits=False)[-1]
+        for i in range(0, len(ids), PREFILL_CHUNK):  # a long prompt in chunks: attention scores stay chunk x context
+            logits = self.forward(ids[i:i + PREFILL_CHUNK], all_logits=False)[-1]
         t.prefill_s += time.perf_counter() - t0
         t.prompt_tokens += len(ids)
         next_id = -1
@@ -187,7 +205,20 @@ class Engine:
             cache_slots=self.cache.n_slots, cache_mb=self.cache.n_slots * s.slot_bytes / 2**20,
             prefetch=self.prefetch_mode, o_direct=s.o_direct,
             peak_rss_mb=peak_rss_bytes() / 2**20,
+            **self._approx_stats(),
+            kv_dtype=self.model.kv_dtype, kv_bytes_per_token=self.model.kv.bytes_per_token,
+            kv_mb=self.model.kv.nbytes / 2**20,
         )
+
+    def _approx_stats(self) -> dict[str, Any]:
+        """RunStats' approximate-routing fields."""
+        moe, cfg = self.model.moe, self.config
+        st = moe.approx_stats
+        return dict(approx=moe.approx.describe(),
+                    expert_choices_per_token=cfg.n_experts_used * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)),
+                    approx_dropped=st.dropped, approx_substituted=st.substituted,
+                    approx_dropped_per_token=st.per_token(st.dropped),
+                    approx_substituted_per_token=st.per_token(st.substituted))
 
     def stats(self) -> dict[str, Any]:
         """The figures `mertools run` prints and writes with --json (read latencies estimated from a

@@ -1,5 +1,6 @@
 """What callers may plug into a model, given once to `Engine.open` (never patched on afterwards):
-a routing trace, a routing override (I/O benchmarks) and a prefetcher of their own."""
+a routing trace, a routing override (I/O benchmarks), a prefetcher of their own, and approximate
+routing settings (approx.py; exact by default)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .approx import Approx
 from .prefetch import Prefetcher, RouterFn
 
 # (positions (n,), layer, chosen experts (n, k), their weights (n, k))
@@ -24,3 +26,4 @@ PrefetcherFactory = Callable[[RouterFn], Prefetcher]
 class ModelHooks:
     trace: TraceFn | None = None
     routing_override: RoutingOverride | None = None
+    approx: Approx | None = None  # None or exact: the family's routing, bit for bit

@@ -42,7 +42,8 @@ def _loaders(layout: Layout):  # noqa: ANN202 - (matrix, vector, present) for fa
 
 class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
-                 prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None) -> None:
+                 prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
+                 kv_dtype: str = "f16", kv_capacity: int = 256) -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
@@ -51,7 +52,8 @@ class MoEModel:
         self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders) for i in range(cfg.n_layers)]
         self.output = self.weights.output or self.weights.embed  # tied: the logits reuse the embedding
         self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks)
-        self.kv = KVCache(cfg)
+        self.kv_dtype, self.kv_capacity = kv_dtype, kv_capacity
+        self.kv = KVCache(cfg, kv_capacity, kv_dtype)
         self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)
                            if isinstance(prefetch, str) else prefetch(self.lookahead_router))
 
@@ -86,8 +88,8 @@ class MoEModel:
         return self.moe(layer, w, h, x, batch, ops, self.prefetcher)
 
     # ------------------------------------------------------------------ forward
-    def new_kv(self) -> KVCache:
-        return KVCache(self.cfg)
+    def new_kv(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.cfg, capacity or self.kv_capacity, self.kv_dtype)
 
     def forward_batch(self, items: Sequence[tuple[KVCache, np.ndarray]], all_logits: bool = False) -> list[np.ndarray]:
         """One step for several sequences: each (kv cache, new ids) appends its ids to its own cache.

@@ -21,5 +21,17 @@ def format_stats(s: dict[str, Any]) -> str:
         f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads",
         f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
         f"{s['prefetch_wasted']} wasted, {s['prefetch_cancelled']} called off while loading",
+        *_approx_lines(s),
         f"memory      peak RSS {s['peak_rss_mb']:.0f} MiB",
+        f"KV cache    {s['kv_dtype']}, {s['kv_bytes_per_token'] / 1024:.1f} KiB per token of context, "
+        f"{s['kv_mb']:.1f} MiB held",
     ])
+
+
+def _approx_lines(s: dict[str, Any]) -> list[str]:
+    """Approximate routing's line, when it is on."""
+    if s.get("approx", "exact") == "exact":
+        return []
+    return [f"approx      {s['approx']}: of {s['expert_choices_per_token']} expert choices per token, "
+            f"{s['approx_dropped_per_token']:.2f} skipped and {s['approx_substituted_per_token']:.2f} replaced by "
+            f"resident experts ({s['approx_dropped']} and {s['approx_substituted']} in all)"]

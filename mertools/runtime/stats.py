@@ -120,6 +120,17 @@ class RunStats:
     prefetch: str
     o_direct: bool | None
     peak_rss_mb: float
+    kv_dtype: str = "f16"
+    kv_bytes_per_token: int = 0  # of context, every layer's keys and values
+    kv_mb: float = 0.0  # what the engine's KV cache holds now (its capacity)
+    # approximate routing (runtime/approx.py): its settings ("exact" when off), the expert choices the router
+    # makes per token (k x MoE layers), and how many of them it skipped and replaced, in all and per token
+    approx: str = "exact"
+    expert_choices_per_token: int = 0
+    approx_dropped: int = 0
+    approx_substituted: int = 0
+    approx_dropped_per_token: float = 0.0
+    approx_substituted_per_token: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

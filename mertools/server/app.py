@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MertoolsError
+from ..runtime.approx import Approx
 from ..runtime.harmony import REASONING, HarmonyParser, is_harmony, split_reply
 from ..runtime.sampling import SamplingParams
 from ..runtime.text import PromptError, check_prompt
@@ -50,6 +51,8 @@ class ServerConfig:
     threads: int | None = None
     prefill_chunk: int = 64
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    kv_dtype: str = "f16"  # what each sequence's KV cache holds
+    approx: Approx | None = None  # approximate routing (runtime/approx.py); None: exact
 
     @property
     def name(self) -> str:
@@ -63,7 +66,8 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
         def load() -> Any:
             from ..runtime.engine import Engine
 
-            return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads)
+            return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
+                               kv_dtype=cfg.kv_dtype, approx=cfg.approx)
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
                             engine=lambda: scheduler.engine)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from ..runtime.approx import Approx
 
 
 def _is_loopback(host: str) -> bool:
@@ -13,6 +19,36 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The approximate-routing flags of `mertools run` and `serve` (runtime/approx.py), handed to the command
+    as one `approx` argument (an Approx; exact unless a flag is given). Invalid settings: a usage error."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, approx_topk_tau: float, approx_resident_delta: float, approx_resident_top1: bool,
+                **kw: Any) -> Any:
+        from ..runtime.approx import Approx
+
+        try:
+            approx = Approx(approx_topk_tau, approx_resident_delta, approx_resident_top1)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        return f(*args, approx=approx, **kw)
+
+    options = [
+        click.option("--approx-topk-tau", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+                     help="Adaptive top-k: skip a chosen expert whose share of the token's routed mixture is below "
+                          "this (0: off). Fewer bytes per token, less fidelity (docs/BENCHMARKS.md)."),
+        click.option("--approx-resident-delta", default=0.0, show_default=True, type=click.FloatRange(0),
+                     help="Cache-aware routing: replace a chosen expert not in memory by a resident one whose router "
+                          "score is within this share of the token's routed mass (0: off)."),
+        click.option("--approx-resident-top1", is_flag=True,
+                     help="Let --approx-resident-delta replace the token's top-1 expert too."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.command()
@@ -27,11 +63,15 @@ def _is_loopback(host: str) -> bool:
               help="Sequences waiting for a batch slot; beyond this, 429 with Retry-After.")
 @click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
+@click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="What the KV cache holds (f32: exact, twice the bytes).")
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
+@approx_options
 def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
-          max_queue: int, prefetch: str, threads: int | None, model_name: str | None, prefill_chunk: int) -> None:
+          max_queue: int, prefetch: str, threads: int | None, kv_type: str, model_name: str | None, prefill_chunk: int,
+          approx: Approx | None = None) -> None:
     """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics), batching concurrent requests into shared forward steps."""
     import uvicorn
@@ -53,7 +93,7 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
 
     cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
                        max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
-                       prefill_chunk=prefill_chunk)
+                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, approx=approx)
     app = create_app(cfg, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     click.echo(f"serving {cfg.name} from {layout} on http://{host}:{port}/v1 (loading the model...)", err=True)

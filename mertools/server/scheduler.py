@@ -245,7 +245,8 @@ class Scheduler:
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(r.prompt_ids))
         text = GenerationText(tok.stream(skip_special=r.skip_special), r.stop, tok.eos_ids, h.max_tokens)
-        return _Seq(h, eng.new_sequence(), Sampler(r.sampling), text)
+        # the KV cache sized once for the context the request can reach
+        return _Seq(h, eng.new_sequence(len(r.prompt_ids) + h.max_tokens), Sampler(r.sampling), text)
 
     def _step(self) -> None:
         chunk = self.prefill_chunk

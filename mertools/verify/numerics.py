@@ -159,7 +159,8 @@ def check_numerics(layout: str | Path, source: str | Path, *, text: str | None =
     check_same_model(cfg, open_source(source).config, str(layout), str(source))
     slot = max(e.nbytes for e in lay.manifest.experts)
     # the streaming path, with a cache of one layer's active experts plus one so reads really happen
-    with Engine.open(layout, cache_mb=(cfg.n_experts_used + 1) * slot / 2**20) as eng:
+    # an exact (f32) KV cache: verify judges the layout's weights, not the runtime's KV storage
+    with Engine.open(layout, cache_mb=(cfg.n_experts_used + 1) * slot / 2**20, kv_dtype="f32") as eng:
         ids = eng.tokenizer.encode(text or DEFAULT_TEXT)[:max_tokens]
         if len(ids) < 2:
             raise MertoolsError(f"{layout}: the text gives {len(ids)} token(s); perplexity needs at least 2")
