@@ -111,21 +111,24 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes).")
+@click.option("--io", "io_mode", type=click.Choice(["direct", "auto", "buffered"]), default="direct", show_default=True,
+              help="Expert reads: O_DIRECT, or buffered keeping the pages for the next run; auto: buffered when the "
+                   "whole layout fits in memory beside the caches.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
-        json_out: str | None, trace_out: str | None, approx: Approx | None = None) -> None:
+        io_mode: str, json_out: str | None, trace_out: str | None, approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
-    from .runtime.engine import Engine
+    from .runtime.engine import IO_MODES, Engine
     from .runtime.report import format_stats
     from .runtime.trace import TraceWriter
 
     tracer = TraceWriter(trace_out) if trace_out else None
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
-                         kv_dtype=kv_type) as engine:
+                         kv_dtype=kv_type, direct=IO_MODES[io_mode]) as engine:
             click.echo(prompt, nl=False)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,

@@ -127,7 +127,7 @@ def test_sampler_rules() -> None:
 def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
     js, trace = tmp_path / "run.json", tmp_path / "trace.zst"
     res = CliRunner().invoke(main, ["run", str(layout), "-p", PROMPT, "-n", "12", "--cache-mb", str(3 * slot_mb(layout)),
-                                    "--json", str(js), "--trace-out", str(trace)])
+                                    "--io", "direct", "--json", str(js), "--trace-out", str(trace)])
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith(PROMPT)
     for word in ("prefill", "decode", "hit rate", "latency p50/p95/p99", "O_DIRECT yes", "prefetch", "peak RSS"):
@@ -137,7 +137,7 @@ def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
         "prompt_tokens", "prefill_tok_s", "generated_tokens", "decode_tok_s", "ttft_s", "expert_lookups", "expert_hits",
         "expert_misses", "hit_rate", "bytes_read", "read_mb_s", "read_latency_ms", "read_wait_share", "prefetch_issued",
         "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "read_retries", "cache_slots", "cache_mb", "prefetch",
-        "o_direct", "peak_rss_mb", "kv_dtype", "kv_bytes_per_token", "kv_mb", "approx", "expert_choices_per_token",
+        "o_direct", "peak_rss_mb", "keep_pages", "kv_dtype", "kv_bytes_per_token", "kv_mb", "approx", "expert_choices_per_token",
         "approx_dropped", "approx_substituted", "approx_dropped_per_token", "approx_substituted_per_token", "finish_reason"]
     assert list(stats["read_latency_ms"]) == ["50", "95", "99"] and stats["read_mb_s"] > 0
     assert 0 < stats["read_latency_ms"]["50"] <= stats["read_latency_ms"]["95"] <= stats["read_latency_ms"]["99"]

@@ -27,6 +27,15 @@ from .text import GenerationText, PromptError, check_ids, check_prompt
 
 MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
+IO_MODES = {"direct": True, "buffered": False, "auto": None}  # --io: Engine.open's `direct`
+
+
+def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
+    """Whether the layout's expert and dense bytes fit in the page cache beside this process (its expert cache,
+    KV cache and margin), within what is available (cgroup limits included): then buffered reads can keep
+    their pages for the next process."""
+    layout_bytes = sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
+    return layout_bytes + cache_bytes + kv_bytes + MARGIN <= available_bytes()
 PREFILL_CHUNK = 512  # prompt tokens per forward step in generate()
 
 
@@ -64,7 +73,7 @@ class Engine:
 
     @classmethod
     def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str | PrefetcherFactory = "lookahead",
-             threads: int | None = None, *, policy: str = "lfd", direct: bool = True, verify: bool = True,
+             threads: int | None = None, *, policy: str = "lfd", direct: bool | None = True, verify: bool = True,
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
@@ -102,7 +111,12 @@ class Engine:
                     f"--cache-mb {cache_mb:g} is smaller than one layer's active experts: {need} x "
                     f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
                 )
-        store = ExpertStore(layout, slots, direct=direct, verify=verify, io_depth=io_depth)
+        if direct is None:  # "auto": buffered reads that keep their pages when the whole layout fits beside us
+            direct = not fits_beside(m, slots * slot_bytes, kv_capacity * kv_bytes_per_token(cfg, kv_dtype))
+            keep = not direct
+        else:
+            keep = False
+        store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx)
@@ -203,7 +217,7 @@ class Engine:
             prefetch_cancelled=c.prefetch_cancelled,
             read_retries=s.retried,
             cache_slots=self.cache.n_slots, cache_mb=self.cache.n_slots * s.slot_bytes / 2**20,
-            prefetch=self.prefetch_mode, o_direct=s.o_direct,
+            prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages,
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kv_bytes_per_token=self.model.kv.bytes_per_token,

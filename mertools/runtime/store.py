@@ -2,7 +2,9 @@
 
 The arena is mapped once (anonymous mmap: page-aligned, committed lazily), so the cache's byte
 budget is a hard bound and nothing is allocated per token. Filesystems that refuse O_DIRECT (tmpfs,
-some network filesystems) get buffered reads followed by POSIX_FADV_DONTNEED, and one notice.
+some network filesystems) get buffered reads followed by POSIX_FADV_DONTNEED, and one notice. Buffered
+reads asked for (`direct=False, keep_pages=True`: a layout that fits in memory beside everything else)
+keep their pages, so a second process starts warm, as mmap readers do.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _preadv(fd: int, view: memoryview, offset: int) -> int:
 
 
 class ExpertStore:
-    def __init__(self, layout: Layout, n_slots: int, *, direct: bool = True, verify: bool = True,
+    def __init__(self, layout: Layout, n_slots: int, *, direct: bool = True, keep_pages: bool = False, verify: bool = True,
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
                  notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
                  max_open_files: int = MAX_OPEN_FILES) -> None:
@@ -58,6 +60,9 @@ class ExpertStore:
             np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
         ]
         self.want_direct, self.verify, self.retries, self.read_fn = direct, verify, retries, read_fn
+        # buffered reads chosen (not forced by the filesystem) may leave their pages in the page cache, where the
+        # next process finds them; a forced fallback drops them (the page cache is not a second cache)
+        self.keep_pages = keep_pages and not direct
         self.notice = notice or (lambda msg: print(f"mertools: {msg}", file=sys.stderr))
         self.o_direct: bool | None = None  # known after the first open
         if max_open_files < 1:
@@ -216,7 +221,7 @@ class ExpertStore:
                     with self._stat_lock:
                         self.bytes_read += done
                     raise LoadCancelled(key)
-            if self.o_direct is False:
+            if self.o_direct is False and not self.keep_pages:
                 os.posix_fadvise(fd, 0, entry.nbytes, os.POSIX_FADV_DONTNEED)
             if self.verify and (got := xxhash.xxh3_64(view).hexdigest()) != entry.xxh3:
                 raise ChecksumError(f"{self.layout.root / entry.file}: layer {key[0]} expert {key[1]}: xxh3 {got} "

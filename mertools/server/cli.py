@@ -65,13 +65,15 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes).")
+@click.option("--io", "io_mode", type=click.Choice(["direct", "auto", "buffered"]), default="direct", show_default=True,
+              help="Expert reads: O_DIRECT, or buffered keeping the pages; auto: buffered when the layout fits beside us.")
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
 @approx_options
 def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
-          max_queue: int, prefetch: str, threads: int | None, kv_type: str, model_name: str | None, prefill_chunk: int,
-          approx: Approx | None = None) -> None:
+          max_queue: int, prefetch: str, threads: int | None, kv_type: str, io_mode: str, model_name: str | None,
+          prefill_chunk: int, approx: Approx | None = None) -> None:
     """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics), batching concurrent requests into shared forward steps."""
     import uvicorn
@@ -93,7 +95,7 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
 
     cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
                        max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
-                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, approx=approx)
+                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, approx=approx)
     app = create_app(cfg, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     click.echo(f"serving {cfg.name} from {layout} on http://{host}:{port}/v1 (loading the model...)", err=True)
