@@ -210,29 +210,15 @@ def write_gguf(path: Path, s: Shape, n_layers: int, seed: int) -> Path:
 # ---------------------------------------------------------------- router calibration (one pass)
 
 
-def router_rows(h: Any, n_experts: int, rng: Any, logit_std: float = 2.0) -> Any:  # noqa: ANN401 - numpy
-    """benchmarks/router_calibration.calibrate_routers' rule for one layer: each expert's row a random mix of
-    the centred normalised states h (n, d_model), orthogonal to their mean, scaled so its logits vary by
-    `logit_std` over the tokens. (That function runs the whole stack once per layer: L forwards of the full
-    model; the pass below gives the same routers in one.)"""
-    import numpy as np
-
-    mean = h.mean(axis=0)
-    hc = h - mean
-    w = rng.standard_normal((n_experts, len(h))) @ hc / len(h)
-    unit = mean / np.linalg.norm(mean)
-    w -= np.outer(w @ unit, unit)
-    w *= logit_std / (hc @ w.T).std(axis=0)[:, None]
-    return w.astype(np.float32)
-
-
 def child_calibrate(layout_dir: str, ids_path: str, out_path: str, seed: int) -> None:
-    """One forward pass of the calibration ids, layer by layer (MoEModel.forward_batch's loop): after a layer's
+    """benchmarks/router_calibration.py's rule (router_rows) in one forward pass instead of one per layer: layer by
+    layer (MoEModel.forward_batch's loop), after a layer's
     attention, its router is replaced by router_rows of the states entering its MoE block, which then routes
     with it, so later layers see calibrated routing. Saves the routers (L, E, d) as .npy; prints routing stats
     of the random routers (on the same states) and of the calibrated ones."""
     import numpy as np
 
+    from benchmarks.router_calibration import router_rows
     from benchmarks.routing import RoutingRecorder, routing_stats
     from mertools.kernels.matmul import get_rows
     from mertools.layout import Layout

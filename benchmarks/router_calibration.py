@@ -33,6 +33,19 @@ class _InputCapture(Prefetcher):
         return []
 
 
+def router_rows(h: np.ndarray, n_experts: int, rng: np.random.Generator, logit_std: float = 2.0) -> np.ndarray:
+    """One layer's calibrated router (n_experts, d_model) float32 from the states h (n, d_model) it routes: each
+    expert's row a random mix of the centred states, blind to their common component, scaled so that its logits
+    vary by `logit_std` across the tokens."""
+    mean = h.mean(axis=0)
+    hc = h - mean  # (n, d)
+    w = rng.standard_normal((n_experts, len(h))) @ hc / len(h)  # (E, d) mixes of centred states
+    unit = mean / np.linalg.norm(mean)
+    w -= np.outer(w @ unit, unit)  # blind to the common component
+    w *= logit_std / (hc @ w.T).std(axis=0)[:, None]
+    return w.astype(np.float32)
+
+
 def calibrate_routers(gguf_path: Path, layout_dir: Path, ids: list[int], seed: int = 0,
                       logit_std: float = 2.0) -> list[np.ndarray]:
     """New router matrices (n_experts, d_model) per layer, computed over the token ids `ids`."""
@@ -53,14 +66,7 @@ def calibrate_routers(gguf_path: Path, layout_dir: Path, ids: list[int], seed: i
             x, norm = capture.x, eng.model.layers[layer].ffn_norm
             var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
             h = ((x / np.sqrt(var + np.float32(cfg.norm_eps))) * norm).astype(np.float64)  # (n, d_model)
-            mean = h.mean(axis=0)
-            hc = h - mean  # (n, d)
-            w = rng.standard_normal((cfg.n_experts, len(ids))) @ hc / len(ids)  # (E, d) mixes of centred states
-            unit = mean / np.linalg.norm(mean)
-            w -= np.outer(w @ unit, unit)  # blind to the common component
-            logits = hc @ w.T  # (n, E)
-            w *= logit_std / logits.std(axis=0)[:, None]
-            w = w.astype(np.float32)
+            w = router_rows(h, cfg.n_experts, rng, logit_std)
             eng.model.layers[layer].router[...] = w  # in place: later layers are calibrated on this layer's routing
             routers.append(w)
     return routers
