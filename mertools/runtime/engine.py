@@ -81,7 +81,8 @@ class Engine:
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
         holds `kv_dtype` ("f16" or the exact "f32"), sized for `context` positions (default 256, grown as
         needed); without `cache_mb`, the expert cache gets what is left after the dense weights, that KV
-        cache and a margin."""
+        cache and a margin. `direct`: O_DIRECT reads (True), buffered reads that keep their pages for the next
+        process (False), or None: buffered when the whole layout fits beside the caches (`fits_beside`)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         cfg = m.config
