@@ -109,8 +109,8 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--seed", type=int, help="Seed for sampling (reproducible).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
-@click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
-              help="What the KV cache holds (f32: exact, twice the bytes).")
+@click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
+              help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
 @click.option("--io", "io_mode", type=click.Choice(["direct", "auto", "buffered"]), default="direct", show_default=True,
               help="Expert reads: O_DIRECT, or buffered keeping the pages for the next run; auto: buffered when the "
                    "whole layout fits in memory beside the caches.")

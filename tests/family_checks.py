@@ -63,9 +63,11 @@ def assert_engine_matches(eng: Any, ids: list[int], want: np.ndarray, rel: float
     assert_close(np.concatenate([eng.forward(ids[:4])] + [eng.forward([t]) for t in ids[4:]]), want, rel, what)
 
 
-def assert_f16_kv_within_f16_limits(layout: Path, ids: list[int], slots: int | None = None) -> dict[str, Any]:
-    """The default f16 KV cache against the exact f32 one, prefill of half the ids then one token at a time: within
-    verify's limits for f16 weights (mean KL, top-1, perplexity ratio). Returns the comparison."""
+def assert_f16_kv_within_f16_limits(layout: Path, ids: list[int], slots: int | None = None, kv: str = "f16"
+                                    ) -> dict[str, Any]:
+    """The default f16 KV cache (or `kv`) against the exact f32 one, prefill of half the ids then one token at a
+    time: within verify's limits for weights of that type (mean KL, top-1, perplexity ratio). Returns the
+    comparison."""
     from mertools.dtypes import DTYPES
     from mertools.runtime.engine import Engine
     from mertools.verify.numerics import compare_logits
@@ -73,14 +75,14 @@ def assert_f16_kv_within_f16_limits(layout: Path, ids: list[int], slots: int | N
     mb = cache_mb(layout, slots or Layout.open(layout).manifest.config.n_experts_used)
     half = len(ids) // 2
     runs = {}
-    for kv in ("f16", "f32"):
-        with Engine.open(layout, cache_mb=mb, kv_dtype=kv) as eng:
-            runs[kv] = np.concatenate([eng.forward(ids[:half])] + [eng.forward([t]) for t in ids[half:]])
-            assert eng.model.kv.dtype == kv
-    c = compare_logits(ids, runs["f16"], runs["f32"])
-    limits = DTYPES["f16"].verify
+    for dtype in (kv, "f32"):
+        with Engine.open(layout, cache_mb=mb, kv_dtype=dtype) as eng:
+            runs[dtype] = np.concatenate([eng.forward(ids[:half])] + [eng.forward([t]) for t in ids[half:]])
+            assert eng.model.kv.dtype == dtype
+    c = compare_logits(ids, runs[kv], runs["f32"])
+    limits = DTYPES[kv].verify
     assert c["kl_mean"] <= limits.kl_mean and c["top1_agreement"] >= limits.top1 and c["ppl_ratio"] <= limits.ppl_ratio, c
-    assert c["max_abs_diff"] > 0  # f16 storage does round
+    assert c["max_abs_diff"] > 0  # the storage does round
     return c
 
 

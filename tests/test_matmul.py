@@ -436,3 +436,28 @@ def test_latent_attention_kernel_reads_values_inside_the_keys() -> None:
     # the divisor and the value offset both matter
     assert np.abs(attend(q[1:], keys, keys, pos[1:], 0, None, None, voff=rope) - want[1:]).max() > 1e-3
     assert np.abs(attend(q[1:], keys, keys[..., :rank].copy(), pos[1:], 0, None, div) - want[1:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_attention_reads_q8_0_keys_and_values(latent: bool) -> None:
+    """A q8_0 KV cache (ggml's blocks: f16 scale + 32 int8, rows of bytes): the decode kernel and the numpy path
+    decode it alike, and agree with attention over the dequantized float32 values."""
+    from mertools.kernels import quantize
+    from mertools.kernels.attention import _float32, attend, attend_numpy
+
+    rng = np.random.default_rng(3)
+    total, nh, nkv, hd = 21, 8, 1 if latent else 2, 96 if latent else 64
+    k = rng.standard_normal((total, nkv, hd)).astype(np.float32)
+    v = k if latent else rng.standard_normal((total, nkv, hd)).astype(np.float32)
+    kq = quantize(k.reshape(-1, hd), "q8_0").reshape(total, nkv, -1)
+    vq = kq if latent else quantize(v.reshape(-1, hd), "q8_0").reshape(total, nkv, -1)
+    voff = 34 if latent else 0  # latent: values from the second block of each key row on
+    q = rng.standard_normal((2, nh, hd)).astype(np.float32)
+    pos = np.array([total - 2, total - 1])
+    kf, vf = _float32(kq), _float32(vq)[..., 32 if latent else 0:]
+    np.testing.assert_allclose(kf, k, atol=0.02)  # q8_0's rounding, no more
+    want = attend_numpy(q, kf, np.ascontiguousarray(vf), pos, 0, None, 7.0)
+    one = attend(q[1:], kq, vq, pos[1:], 0, None, 7.0, voff=voff)  # the kernel
+    both = attend(q, kq, vq, pos, 0, None, 7.0, voff=voff)  # numpy
+    np.testing.assert_allclose(one, want[1:], rtol=0, atol=3e-6)
+    np.testing.assert_allclose(both, want, rtol=0, atol=1e-6)

@@ -91,8 +91,10 @@ def test_committed_validation_trace() -> None:
         assert all(0 <= e < cfg["num_local_experts"] for e in r["experts"])
 
 
-def test_f16_kv_cache_is_within_verify_f16_limits(q8: Path) -> None:
-    """The default f16 KV cache against the exact f32 one on the trained model's own text."""
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_f16_kv_cache_is_within_verify_f16_limits(q8: Path, kv: str) -> None:
+    """The default f16 KV cache (and the q8_0 option) against the exact f32 one on the trained model's own text,
+    within verify's limits for weights of that type."""
     from family_checks import assert_f16_kv_within_f16_limits
 
     from mertools.layout import Layout
@@ -101,5 +103,5 @@ def test_f16_kv_cache_is_within_verify_f16_limits(q8: Path) -> None:
     lay = Layout.open(q8)
     ids = load_tokenizer(lay.root, lay.manifest.tokenizer).encode(
         "ROMEO: But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun.")
-    c = assert_f16_kv_within_f16_limits(q8, ids[:64], slots=16)
-    assert c["top1_agreement"] == 1.0
+    c = assert_f16_kv_within_f16_limits(q8, ids[:64], slots=16, kv=kv)
+    assert c["top1_agreement"] >= (1.0 if kv == "f16" else 0.95)

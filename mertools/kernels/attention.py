@@ -2,7 +2,8 @@
 
     attend(q, keys, vals, pos, window, sinks, divisor, voff)
         q (n, nh, hd) float32 at positions pos (n,) over keys (T, nkv, hd) and values vals[..., voff:]
-        (T, nkv, dv), stored float32 or as f16 bits (uint16) -> (n, nh * dv) float32; scores q.k / divisor
+        (T, nkv, dv), stored float32, as f16 bits (uint16) or as q8_0 blocks (uint8, widths in bytes) ->
+        (n, nh * dv) float32; scores q.k / divisor
         (default sqrt(hd)); causal, and a sliding window when window > 0; sinks (nh,): each head's extra
         logit in the softmax's denominator, weighing no value, or None. Values may be a part of the keys
         (latent attention: vals is keys, voff its rotary width).
@@ -50,14 +51,29 @@ def _widen1_impl(x):  # noqa: ANN001, ANN202
     return None
 
 
-@njit(inline="always", nogil=True, cache=True)
-def _row(src, so, n, dst):
-    """dst[:n] = float32(src[so:so + n]) for a flat float32 or f16-bits array (exact)."""
-    n16 = n - n % 16
-    for d in range(0, n16, 16):
-        _widen16(src, so + d, dst, d)
-    for d in range(n16, n):
-        dst[d] = _widen1(src[so + d])
+def _row(src, so, n, dst):  # noqa: ANN001, ANN202 - dst[:n] = the n values stored from src[so]; see the overload
+    raise NotImplementedError
+
+
+@overload(_row, inline="always")
+def _row_impl(src, so, n, dst):  # noqa: ANN001, ANN202
+    if src.dtype in (types.uint16, types.float32):
+        def widen(src, so, n, dst):  # float32 or f16 bits, 16 lanes at a time (exact)
+            n16 = n - n % 16
+            for d in range(0, n16, 16):
+                _widen16(src, so + d, dst, d)
+            for d in range(n16, n):
+                dst[d] = _widen1(src[so + d])
+        return widen
+    if src.dtype == types.uint8:
+        def q8_0(src, so, n, dst):  # q8_0 blocks from byte `so`: an f16 scale, then 32 int8 values
+            for b in range(n // 32):
+                at = so + b * 34
+                d = f16_bits_to_f32(np.int64(src[at]) | (np.int64(src[at + 1]) << 8))
+                for i in range(32):
+                    dst[b * 32 + i] = d * np.float32(np.int8(src[at + 2 + i]))
+        return q8_0
+    return None
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -71,7 +87,7 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
     nh, hd = q.shape
     dv = out.shape[1]
     nkv = keys.shape[1]
-    vw = vals.shape[2]
+    kw, vw = keys.shape[2], vals.shape[2]  # stored row widths (q8_0: bytes; else values)
     group = nh // nkv
     scale = np.float32(divisor)
     lo = max(0, pos - window + 1) if window > 0 else 0
@@ -84,10 +100,10 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
         s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
         row = np.empty(max(hd, dv), np.float32)
         for j in range(lo, pos + 1):
-            ahead = ((min(j + 8, pos) * nkv) + g) * hd * item
-            for c in range(0, hd * item, 64):
+            ahead = ((min(j + 8, pos) * nkv) + g) * kw * item
+            for c in range(0, kw * item, 64):
                 prefetch(kb, ahead + c)
-            _row(kf, (j * nkv + g) * hd, hd, row)
+            _row(kf, (j * nkv + g) * kw, hd, row)
             for i in range(group):
                 acc = np.float32(0.0)
                 for d in range(hd):
@@ -107,7 +123,7 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
             out[g * group + i, :] = 0.0
         for j in range(lo, pos + 1):
             ahead = (((min(j + 8, pos) * nkv) + g) * vw + voff) * item
-            for c in range(0, dv * item, 64):
+            for c in range(0, (vw - voff) * item, 64):
                 prefetch(vb, ahead + c)
             _row(vf, (j * nkv + g) * vw + voff, dv, row)
             for i in range(group):
@@ -147,9 +163,11 @@ def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndar
 def attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
            sinks: np.ndarray | None = None, divisor: float | None = None, voff: int = 0) -> np.ndarray:
     """The kernel for one new token, numpy for several; keys/vals hold exactly positions 0..pos[-1]; values
-    are vals[..., voff:] (voff > 0: a part of the keys array itself, as latent attention stores them)."""
+    are vals[..., voff:] (voff > 0: a part of the keys array itself, as latent attention stores them; voff and
+    the widths in storage units)."""
     n, nh, hd = q.shape
-    dv = vals.shape[2] - voff
+    dv = vals.shape[2] - voff  # in storage units (q8_0: bytes, 34 a block of 32 values)
+    dv = dv // 34 * 32 if vals.dtype == np.uint8 else dv
     div = float(np.float32(np.sqrt(hd))) if divisor is None else divisor
     if n == 1:
         out = np.empty((nh, dv), np.float32)
@@ -166,4 +184,12 @@ def _no_sinks(nh: int) -> np.ndarray:
 
 
 def _float32(x: np.ndarray) -> np.ndarray:
-    return x.view(np.float16).astype(np.float32) if x.dtype == np.uint16 else x
+    """Stored keys or values (..., width) as float32: f16 bits widened, q8_0 blocks (34 bytes: f16 scale, 32 int8)
+    decoded, float32 as it is."""
+    if x.dtype == np.uint16:
+        return x.view(np.float16).astype(np.float32)
+    if x.dtype == np.uint8:
+        blocks = np.ascontiguousarray(x).reshape(*x.shape[:-1], -1, 34)
+        d = blocks[..., :2].copy().view(np.float16).astype(np.float32)  # (..., nb, 1)
+        return (d * blocks[..., 2:].view(np.int8).astype(np.float32)).reshape(*x.shape[:-1], -1)
+    return x

@@ -11,12 +11,21 @@ from ..families import mla
 from ..kernels.attention import attend
 from ..layout.config import ModelConfig
 
-KV_DTYPES = ("f16", "f32")  # what a KV cache may hold: f16 (the default) halves its bytes; f32 is exact
+# what a KV cache may hold: f16 (the default) halves f32's bytes; q8_0 (blocks of 32: an f16 scale and 32 int8,
+# llama.cpp's --cache-type q8_0) takes 34/64 of f16's; f32 is exact
+KV_DTYPES = ("f16", "f32", "q8_0")
+_BYTES_PER_VALUE = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "f16") -> int:
     """What a KVCache of `dtype` holds per position of context (every layer)."""
-    return mla.kv_bytes_per_token(cfg, 2 if dtype == "f16" else 4)[0]
+    return round(mla.kv_bytes_per_token(cfg, 1)[0] * _BYTES_PER_VALUE[dtype])
+
+
+def _check_q8_0(cfg: ModelConfig) -> None:
+    widths = (cfg.qk_rope_dim, cfg.kv_lora_rank) if cfg.mla else (cfg.head_dim,)
+    if any(w % 32 for w in widths):
+        raise ValueError(f"a q8_0 KV cache needs key/value widths that are multiples of 32, got {widths}")
 
 
 class KVCache:
@@ -28,18 +37,21 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, capacity: int = 256, dtype: str = "f16") -> None:
         if dtype not in KV_DTYPES:
             raise ValueError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+        if dtype == "q8_0":
+            _check_q8_0(cfg)
         self.length = 0
         self.dtype = dtype
         self.divisor = cfg.softmax_divisor
-        store = np.uint16 if dtype == "f16" else np.float32
+        store = {"f16": np.uint16, "f32": np.float32, "q8_0": np.uint8}[dtype]
+        width = (lambda n: n // 32 * 34) if dtype == "q8_0" else (lambda n: n)  # a row's storage units
         capacity = max(1, capacity)
         if cfg.mla:
-            self.voff = cfg.qk_rope_dim
-            self.k = np.zeros((cfg.n_layers, capacity, 1, cfg.qk_rope_dim + cfg.kv_lora_rank), store)
+            self.voff = width(cfg.qk_rope_dim)
+            self.k = np.zeros((cfg.n_layers, capacity, 1, width(cfg.qk_rope_dim + cfg.kv_lora_rank)), store)
             self.v: np.ndarray | None = None
         else:
             self.voff = 0
-            shape = (cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim)
+            shape = (cfg.n_layers, capacity, cfg.n_kv_heads, width(cfg.head_dim))
             self.k = np.zeros(shape, store)
             self.v = np.zeros(shape, store)
 
@@ -62,7 +74,14 @@ class KVCache:
                 self.v = _grown(self.v, total)
 
     def _stored(self, x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float16).view(np.uint16) if self.dtype == "f16" else x
+        if self.dtype == "f16":
+            return x.astype(np.float16).view(np.uint16)
+        if self.dtype == "q8_0":  # ggml's q8_0 of each row (kernels.quantize, bit-exact with ggml)
+            from ..kernels import quantize
+
+            rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+            return quantize(rows, "q8_0").reshape(*x.shape[:-1], -1)
+        return x
 
     def ensure(self, total: int) -> None:
         cap = self.k.shape[1]

@@ -96,6 +96,10 @@ class Engine:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         if kv_dtype not in KV_DTYPES:
             raise RuntimeConfigError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        try:
+            KVCache(cfg, 1, kv_dtype)  # a type the model's head widths allow (q8_0: multiples of 32)
+        except ValueError as e:
+            raise RuntimeConfigError(f"{layout_dir}: {e}") from None
         if context is not None and not 0 < context <= cfg.context_length:
             raise RuntimeConfigError(f"context {context} must lie in [1, the model's {cfg.context_length}]")
         kv_capacity = context or DEFAULT_CONTEXT

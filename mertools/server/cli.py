@@ -63,8 +63,8 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
               help="Sequences waiting for a batch slot; beyond this, 429 with Retry-After.")
 @click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
-@click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
-              help="What the KV cache holds (f32: exact, twice the bytes).")
+@click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
+              help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
 @click.option("--io", "io_mode", type=click.Choice(["direct", "auto", "buffered"]), default="direct", show_default=True,
               help="Expert reads: O_DIRECT, or buffered keeping the pages; auto: buffered when the layout fits beside us.")
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
