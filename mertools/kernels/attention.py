@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .common import f16_bits_to_f32
-from .simd import copy_f32_16, decode_f16_16, prefetch
+from .simd import copy_f32_16, decode_f16_16, decode_i8_32, prefetch
 
 
 def _widen16(src, so, dst, do):  # noqa: ANN001, ANN202 - dst[do:do+16] = float32(src[so:so+16]); see the overload
@@ -66,12 +66,10 @@ def _row_impl(src, so, n, dst):  # noqa: ANN001, ANN202
                 dst[d] = _widen1(src[so + d])
         return widen
     if src.dtype == types.uint8:
-        def q8_0(src, so, n, dst):  # q8_0 blocks from byte `so`: an f16 scale, then 32 int8 values
+        def q8_0(src, so, n, dst):  # q8_0 blocks from byte `so`: an f16 scale, then 32 int8 values (32 lanes at once)
             for b in range(n // 32):
                 at = so + b * 34
-                d = f16_bits_to_f32(np.int64(src[at]) | (np.int64(src[at + 1]) << 8))
-                for i in range(32):
-                    dst[b * 32 + i] = d * np.float32(np.int8(src[at + 2 + i]))
+                decode_i8_32(src, at + 2, f16_bits_to_f32(np.int64(src[at]) | (np.int64(src[at + 1]) << 8)), dst, b * 32)
         return q8_0
     return None
 
