@@ -17,9 +17,7 @@ import numpy as np
 from ..errors import SourceError
 from ..families import family_for_hf, supported
 from ..families.base import ConfigKey, DenseSpec, ExpertSpec, build_config, fmt
-from .source import FLOAT_ITEMSIZE, Source, SourceTensor
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+from .source import FLOAT_BITS, FLOAT_ITEMSIZE, Source, SourceTensor
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class CutTensor(SourceTensor):
             blocks = buf.reshape(self.stored)[self.start::self.step]  # (rows, in/32, 16)
             scales = self.scales.read_raw().reshape(self.stored[:2])[self.start::self.step]  # (rows, in/32)
             return mxfp4_from_openai(blocks, scales).reshape(self.rows, -1)
-        x = buf.view(_UINT[FLOAT_ITEMSIZE[self.dtype]]).reshape(self.stored)
+        x = buf.view(FLOAT_BITS[self.dtype]).reshape(self.stored)
         x = (x.T if self.transposed else x)[self.start::self.step]
         return np.ascontiguousarray(x).view(np.uint8).reshape(self.rows, -1)
 
@@ -222,7 +220,8 @@ class HFSource(Source):
     def _cut(self, spec: ExpertSpec, layer: int, expert: int) -> SourceTensor:
         """Expert `expert`'s slice of a merged HF tensor, or of its MXFP4 `_blocks` / `_scales` pair."""
         name, cut, n = fmt(spec.hf, layer), spec.hf_merged, self.config.n_experts
-        assert cut is not None
+        if cut is None:
+            raise SourceError(f"{self.path}: expert {spec.role} of {self.arch.name} is not cut from a merged tensor")
         if name not in self.tensors and name + "_blocks" in self.tensors:
             blocks, scales = self._require(name + "_blocks"), self._require(name + "_scales")
             out = blocks.shape[1] if len(blocks.shape) == 4 else -1

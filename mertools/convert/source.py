@@ -19,6 +19,8 @@ from ..layout.constants import DTYPES
 
 # Source dtypes we read directly; any other GGML type is dequantized with gguf-py.
 FLOAT_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+# the unsigned integers a float tensor's values are moved as (bits unchanged: transposes, slices)
+FLOAT_BITS = {"f32": np.uint32, "f16": np.uint16, "bf16": np.uint16}
 # a tensor's layer in HF ("model.layers.N.") and GGUF ("blk.N.") names
 _LAYER = re.compile(r"(?:^blk|\.layers)\.(\d+)\.")
 
@@ -76,10 +78,8 @@ class SourceTensor:
                                   "beside it (2-D weights with per-block scales are what FP8 checkpoints hold)")
             from .fp8 import dequantize_fp8
 
-            scale = self.fp8_scale.to_float32()
             try:
-                out = dequantize_fp8(raw, scale.reshape(scale.shape[0], -1) if scale.ndim == 2 else scale,
-                                     self.fp8_block, f"{self.path}: tensor {self.name}")
+                out = dequantize_fp8(raw, self.fp8_scale.to_float32(), self.fp8_block, f"{self.path}: tensor {self.name}")
             except ValueError as e:
                 raise SourceError(str(e)) from None
         elif self.dtype == "u8":  # MXFP4 blocks or scales, never a tensor's values on their own
@@ -123,9 +123,10 @@ class HeadSplitTensor(SourceTensor):
 
     def read_raw(self) -> np.ndarray:
         w = self.whole
-        assert w is not None
-        if w.dtype in FLOAT_ITEMSIZE:  # move the stored bits
-            x = w.read_raw().view({2: np.uint16, 4: np.uint32}[FLOAT_ITEMSIZE[w.dtype]])
+        if w is None:
+            raise ValueError(f"{self.name}: a head split without its whole tensor")
+        if w.dtype in FLOAT_BITS:  # move the stored bits
+            x = w.read_raw().view(FLOAT_BITS[w.dtype])
         else:
             x = w.to_float32()
         x = x.reshape(self.heads, sum(self.sizes), -1)
@@ -162,7 +163,8 @@ class Source(ABC):
     def split_tensor(self, spec: DenseSpec, whole: SourceTensor) -> HeadSplitTensor:
         """spec's part of the per-head tensor `whole` (spec.split says which)."""
         sp = spec.split
-        assert sp is not None
+        if sp is None:
+            raise ValueError(f"{spec.name} is not split from a per-head tensor")
         sizes = tuple(resolve_shape((p,), self.config)[0] for p in sp.parts)
         return HeadSplitTensor.of(whole, self.config.n_heads, sizes, sp.part, sp.transposed)
 

@@ -77,11 +77,11 @@ def _row_impl(src, so, n, dst):  # noqa: ANN001, ANN202
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
     """Decode attention of one new token: q (nh, hd) at position pos over keys (pos + 1, nkv, hd) and values
-    vals[:, :, voff:voff + dv] (float32 or f16 bits, C-contiguous) -> out (nh, dv): what `attend` computes for
-    n = 1 (causal; sliding window if window > 0; sinks (nh,) float32 join each head's denominator, -inf for none;
-    scores divided by divisor) in one parallel pass over kv heads, each key and value row read once (and
-    widened once) for its group of query heads. fastmath without nnan/ninf: sums are reassociated
-    (vectorised); inf/NaN still propagate."""
+    vals[:, :, voff:] (float32, f16 bits or q8_0 blocks, C-contiguous; widths and voff in storage units) ->
+    out (nh, dv): what `attend` computes for n = 1 (causal; sliding window if window > 0; sinks (nh,) float32
+    join each head's denominator, -inf for none; scores divided by divisor) in one parallel pass over kv heads,
+    each key and value row read once (and widened once) for its group of query heads. fastmath without
+    nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
     nh, hd = q.shape
     dv = out.shape[1]
     nkv = keys.shape[1]
@@ -133,7 +133,7 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
 def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,
                  sinks: np.ndarray | None = None, divisor: float | None = None) -> np.ndarray:
     """q (n, nh, hd) at positions pos over keys (T, nkv, hd) and vals (T, nkv, dv) -> (n, nh * dv), in numpy
-    (keys and values float32, or f16 bits widened first)."""
+    (keys and values float32, or stored f16 bits / q8_0 blocks decoded first)."""
     keys, vals = _float32(keys), _float32(vals)
     n, nh, hd = q.shape
     nkv, total, dv = keys.shape[1], keys.shape[0], vals.shape[2]

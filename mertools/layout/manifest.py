@@ -30,6 +30,8 @@ def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """role -> the shape the config implies (HF orientation: gate/up (d_ff, d_model), down (d_model, d_ff))."""
     return {"gate": (cfg.d_ff, cfg.d_model), "up": (cfg.d_ff, cfg.d_model), "down": (cfg.d_model, cfg.d_ff),
             "gate_bias": (cfg.d_ff,), "up_bias": (cfg.d_ff,), "down_bias": (cfg.d_model,)}
+
+
 _HEX64 = re.compile(r"^[0-9a-f]{16}$")
 TOKENIZER_KINDS = ("hf", "gguf")
 

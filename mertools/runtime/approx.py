@@ -226,11 +226,10 @@ def apply(approx: Approx, chosen: np.ndarray, weights: np.ndarray, scores: np.nd
 
 @dataclass
 class ApproxStats:
-    """What approximate routing did over a run: tokens through the model, their expert choices (summed over
-    MoE layers, as the router made them), and how many of those were skipped or replaced."""
+    """What approximate routing did over a run: tokens through the model, and how many of their expert choices
+    (summed over MoE layers) were skipped or replaced."""
 
     tokens: int = 0
-    choices: int = 0
     dropped: int = 0
     substituted: int = 0
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..families import mla
+from ..kernels import quantize
 from ..kernels.attention import attend
 from ..layout.config import ModelConfig
 
@@ -22,23 +23,24 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "f16") -> int:
     return round(mla.kv_bytes_per_token(cfg, 1)[0] * _BYTES_PER_VALUE[dtype])
 
 
-def _check_q8_0(cfg: ModelConfig) -> None:
+def check_kv_dtype(cfg: ModelConfig, dtype: str) -> None:
+    """ValueError unless a KV cache of this model may hold `dtype` (q8_0: key/value widths in whole blocks of 32)."""
+    if dtype not in KV_DTYPES:
+        raise ValueError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
     widths = (cfg.qk_rope_dim, cfg.kv_lora_rank) if cfg.mla else (cfg.head_dim,)
-    if any(w % 32 for w in widths):
+    if dtype == "q8_0" and any(w % 32 for w in widths):
         raise ValueError(f"a q8_0 KV cache needs key/value widths that are multiples of 32, got {widths}")
 
 
 class KVCache:
-    """One sequence's keys and values: per layer (capacity, n_kv_heads, head_dim), f16 bits (uint16) or float32,
+    """One sequence's keys and values: per layer (capacity, n_kv_heads, head_dim) as f16 bits (uint16), float32 or
+    q8_0 blocks (uint8, head_dim / 32 x 34 bytes),
     `length` positions filled; sized for the context asked for (`reserve`), grown by doubling past it. With
     latent attention (cfg.mla) only keys are kept, one (qk_rope_dim + kv_lora_rank)-wide vector per token and
     layer: the rotary key, then the latent, which is also every head's value (families/mla.py)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int = 256, dtype: str = "f16") -> None:
-        if dtype not in KV_DTYPES:
-            raise ValueError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
-        if dtype == "q8_0":
-            _check_q8_0(cfg)
+        check_kv_dtype(cfg, dtype)
         self.length = 0
         self.dtype = dtype
         self.divisor = cfg.softmax_divisor
@@ -77,8 +79,6 @@ class KVCache:
         if self.dtype == "f16":
             return x.astype(np.float16).view(np.uint16)
         if self.dtype == "q8_0":  # ggml's q8_0 of each row (kernels.quantize, bit-exact with ggml)
-            from ..kernels import quantize
-
             rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
             return quantize(rows, "q8_0").reshape(*x.shape[:-1], -1)
         return x

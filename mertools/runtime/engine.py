@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import MertoolsError
 from ..layout.reader import Layout
 from .approx import Approx
-from .batch import KV_DTYPES, kv_bytes_per_token
+from .batch import check_kv_dtype, kv_bytes_per_token
 from .cache import ExpertCache
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
@@ -28,6 +28,7 @@ from .text import GenerationText, PromptError, check_ids, check_prompt
 MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = {"direct": True, "buffered": False, "auto": None}  # --io: Engine.open's `direct`
+PREFILL_CHUNK = 512  # prompt tokens per forward step in generate()
 
 
 def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
@@ -36,7 +37,6 @@ def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN40
     their pages for the next process."""
     layout_bytes = sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
     return layout_bytes + cache_bytes + kv_bytes + MARGIN <= available_bytes()
-PREFILL_CHUNK = 512  # prompt tokens per forward step in generate()
 
 
 class RuntimeConfigError(MertoolsError):
@@ -79,7 +79,7 @@ class Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
-        holds `kv_dtype` ("f16" or the exact "f32"), sized for `context` positions (default 256, grown as
+        holds `kv_dtype` ("f16", "q8_0" or the exact "f32"), sized for `context` positions (default 256, grown as
         needed); without `cache_mb`, the expert cache gets what is left after the dense weights, that KV
         cache and a margin. `direct`: O_DIRECT reads (True), buffered reads that keep their pages for the next
         process (False), or None: buffered when the whole layout fits beside the caches (`fits_beside`)."""
@@ -94,20 +94,19 @@ class Engine:
             import numba
 
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        if kv_dtype not in KV_DTYPES:
-            raise RuntimeConfigError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         try:
-            KVCache(cfg, 1, kv_dtype)  # a type the model's head widths allow (q8_0: multiples of 32)
+            check_kv_dtype(cfg, kv_dtype)
         except ValueError as e:
             raise RuntimeConfigError(f"{layout_dir}: {e}") from None
         if context is not None and not 0 < context <= cfg.context_length:
             raise RuntimeConfigError(f"context {context} must lie in [1, the model's {cfg.context_length}]")
         kv_capacity = context or DEFAULT_CONTEXT
+        kv_bytes = kv_capacity * kv_bytes_per_token(cfg, kv_dtype)
         slot_bytes = max(e.nbytes for e in m.experts)
         need = cfg.n_experts_used
         if cache_mb is None:
             dense = sum(t.nbytes for t in m.dense.values())
-            budget = available_bytes() - dense - MARGIN - kv_capacity * kv_bytes_per_token(cfg, kv_dtype)
+            budget = available_bytes() - dense - MARGIN - kv_bytes
             slots = max(need, min(len(m.experts), budget // slot_bytes))
         else:
             slots = min(len(m.experts), int(cache_mb * 2**20) // slot_bytes)
@@ -117,7 +116,7 @@ class Engine:
                     f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
                 )
         if direct is None:  # "auto": buffered reads that keep their pages when the whole layout fits beside us
-            direct = not fits_beside(m, slots * slot_bytes, kv_capacity * kv_bytes_per_token(cfg, kv_dtype))
+            direct = not fits_beside(m, slots * slot_bytes, kv_bytes)
             keep = not direct
         else:
             keep = False

@@ -85,7 +85,6 @@ class StreamingMoE:
         st = self.approx_stats
         if layer == self._first_moe:
             st.tokens += len(chosen)
-        st.choices += chosen.size
         st.dropped += r.dropped
         st.substituted += r.substituted
         return r.chosen, r.weights, None if r.live.all() else r.live
