@@ -48,7 +48,14 @@ def _convert_choices() -> tuple[list[str], list[str], list[str]]:
     return list(DTYPE_CHOICES), list(DENSE_DTYPE_CHOICES), list(PRESET_CHOICES)
 
 
+def _standin_choices() -> tuple[str, ...]:
+    from .convert.standins import STANDIN_CHOICES
+
+    return STANDIN_CHOICES
+
+
 _DTYPES, _DENSE_DTYPES, _PRESETS = _convert_choices()
+_STANDINS = list(_standin_choices())
 
 
 @main.command()
@@ -63,15 +70,20 @@ _DTYPES, _DENSE_DTYPES, _PRESETS = _convert_choices()
 @click.option("--dense-dtype", type=click.Choice(_DENSE_DTYPES), default="auto", show_default=True,
               help="One dtype for every big dense matrix (embeddings, attention, lm_head), overriding --dtype "
                    "and its preset; norms and routers stay f32.")
+@click.option("--standins", type=click.Choice(_STANDINS), help="Also write a low-bit stand-in of every expert in this "
+              "type, for `run/serve --standin-share` (adds that type's share of the expert bytes to the layout).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing layout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the summary as JSON to this file.")
-def convert(src: str, out: str, dtype: str, dense_dtype: str, force: bool, quiet: bool, json_out: str | None) -> None:
+def convert(src: str, out: str, dtype: str, dense_dtype: str, standins: str | None, force: bool, quiet: bool,
+            json_out: str | None) -> None:
     """Convert a HF directory or GGUF file SRC into a layout directory OUT."""
     from .convert.pipeline import ConvertOptions
     from .convert.pipeline import convert as run
 
     s = run(src, out, ConvertOptions(dtype=dtype, dense_dtype=dense_dtype, force=force, progress=not quiet))
+    if standins:
+        _add_standins(out, standins, quiet)
     d = s.to_dict()
     for n in s.notes:
         click.echo(f"note: {n}", err=True)
@@ -84,6 +96,23 @@ def convert(src: str, out: str, dtype: str, dense_dtype: str, force: bool, quiet
     if json_out:
         with open(json_out, "w") as f:
             json.dump(d, f, indent=1)
+
+
+@main.command("standins")
+@click.argument("layout", type=click.Path(path_type=str))
+@click.argument("dtype", type=click.Choice(_STANDINS))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def standins_cmd(layout: str, dtype: str, quiet: bool) -> None:
+    """Add low-bit stand-ins of DTYPE to an existing LAYOUT (replacing stand-ins of another type)."""
+    _add_standins(layout, dtype, quiet)
+
+
+def _add_standins(layout: str, dtype: str, quiet: bool) -> None:
+    from .convert.standins import add_standins
+
+    s = add_standins(layout, dtype, progress=not quiet)
+    click.echo(f"wrote {s.files} {dtype} stand-ins into {layout}: {s.bytes_out / 1e6:,.1f} MB, {s.ratio:.0%} of the "
+               f"experts' bytes, {s.requantized} tensors requantized, {s.seconds:.2f} s")
 
 
 @main.command()

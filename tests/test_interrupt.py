@@ -43,7 +43,7 @@ def hook(owner, name):
         step()
         return out
     setattr(owner, name, wrapped)
-hook(w._AlignedFile, "_write")
+hook(w.AlignedFile, "_write")
 hook(w.LayoutWriter, "add_file")
 for name in ("replace", "fsync"):
     hook(w.os, name)

@@ -15,12 +15,13 @@ MANIFEST_NAME = "manifest.json"
 # every common device and the page size.
 ALIGNMENT = 4096
 EXPERTS_DIR = "experts"
+STANDINS_DIR = "standins"  # low-bit copies of the experts (optional)
 DENSE_FILE = "dense.bin"
 TOKENIZER_DIR = "tokenizer"
 
 __all__ = [
     "ALIGNMENT", "DENSE_FILE", "DTYPES", "DType", "EXPERTS_DIR", "EXPERT_DTYPES", "FORMAT_NAME", "FORMAT_VERSION",
-    "GGML_TYPE_TO_DTYPE", "MANIFEST_NAME", "READABLE_VERSIONS", "TOKENIZER_DIR", "align_up",
+    "GGML_TYPE_TO_DTYPE", "MANIFEST_NAME", "READABLE_VERSIONS", "STANDINS_DIR", "TOKENIZER_DIR", "align_up",
 ]  # fmt: skip
 
 

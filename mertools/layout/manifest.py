@@ -88,12 +88,21 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)  # provenance only; never read by the runtime
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+    # optional low-bit copies of the experts (`convert --standins`), same grid and order as `experts`;
+    # readers that predate them ignore the key and lose nothing (the full experts are all there)
+    standins: list[ExpertEntry] = field(default_factory=list)
 
     def expert(self, layer: int, expert: int) -> ExpertEntry:
         # entries cover the MoE layers only (dense-MLP layers have no experts), layer-major
         cfg = self.config
         index = cfg.moe_layers.index(layer) if cfg.dense_layers else layer  # ValueError for a dense layer
         return self.experts[index * cfg.n_experts + expert]
+
+    def standin(self, layer: int, expert: int) -> ExpertEntry:
+        """The low-bit copy of an expert; IndexError when the layout carries none."""
+        cfg = self.config
+        index = cfg.moe_layers.index(layer) if cfg.dense_layers else layer
+        return self.standins[index * cfg.n_experts + expert]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +115,7 @@ class Manifest:
             "files": {p: {"nbytes": f.nbytes, "xxh3": f.xxh3} for p, f in sorted(self.files.items())},
             "dense": {n: t.to_dict() for n, t in self.dense.items()},
             "experts": [e.to_dict() for e in self.experts],
+            **({"standins": [e.to_dict() for e in self.standins]} if self.standins else {}),
         }
 
     def to_json(self) -> str:
@@ -182,7 +192,7 @@ def _parse_expert(d: Any, where: str, cfg: ModelConfig) -> ExpertEntry:
         raise ManifestError(f"{where}: expected an object")
     layer = _get(d, "layer", int, where)
     expert = _get(d, "expert", int, where)
-    where = f"expert (layer {layer}, expert {expert})"
+    where = f"{'stand-in' if where.startswith('manifest.standins') else 'expert'} (layer {layer}, expert {expert})"
     file = check_relpath(_get(d, "file", str, where), f"{where}.file")
     nbytes = _get(d, "nbytes", int, where)
     xxh3 = _get(d, "xxh3", str, where)
@@ -267,23 +277,35 @@ def _parse_manifest(d: Any) -> Manifest:
     expert_files = {e.file for e in experts}
     if len(expert_files) != len(experts) or expert_files & set(files):
         raise ManifestError("manifest.experts: two entries share a file, or an expert file is also a dense file")
-    return Manifest(arch, cfg, tok, dense, experts, files, _get(d, "source", dict, "manifest"), fmt, version)
+    standins = []
+    if "standins" in d:
+        standins = [_parse_expert(e, f"manifest.standins[{i}]", cfg) for i, e in enumerate(_get(d, "standins", list, "manifest"))]
+        _check_expert_grid(standins, cfg, "manifest.standins")
+        standin_files = {e.file for e in standins}
+        if len(standin_files) != len(standins) or standin_files & (expert_files | set(files)):
+            raise ManifestError("manifest.standins: two entries share a file, or a stand-in file is also an expert or dense file")
+        for s, e in zip(standins, experts, strict=True):
+            for role, t in s.tensors.items():
+                if DTYPES[t.dtype].bits_per_weight > DTYPES[e.tensors[role].dtype].bits_per_weight:
+                    raise ManifestError(f"manifest.standins: layer {s.layer} expert {s.expert} {role}: {t.dtype} is "
+                                        f"larger than the expert's own {e.tensors[role].dtype}")
+    return Manifest(arch, cfg, tok, dense, experts, files, _get(d, "source", dict, "manifest"), fmt, version, standins)
 
 
-def _check_expert_grid(experts: list[ExpertEntry], cfg: ModelConfig) -> None:
+def _check_expert_grid(experts: list[ExpertEntry], cfg: ModelConfig, where: str = "manifest.experts") -> None:
     """Experts are listed once each, in (layer, expert) order, covering every MoE layer (all layers but
     config.dense_layers) and every expert."""
     n_moe = cfg.n_layers - len(cfg.dense_layers)
     short = n_moe * cfg.n_experts - len(experts)
     if short:  # checked first: the config's counts bound the loops below, and a hostile one could be 2**60
         detail = f"missing {short} entries" if short > 0 else f"{-short} unexpected entries"
-        raise ManifestError(f"manifest.experts: {len(experts)} entries for {n_moe} MoE layers x {cfg.n_experts} "
+        raise ManifestError(f"{where}: {len(experts)} entries for {n_moe} MoE layers x {cfg.n_experts} "
                             f"experts: {detail}")
     seen: set[tuple[int, int]] = set()
     for e in experts:
         key = (e.layer, e.expert)
         if key in seen:
-            raise ManifestError(f"manifest.experts: duplicate entry for layer {e.layer}, expert {e.expert}")
+            raise ManifestError(f"{where}: duplicate entry for layer {e.layer}, expert {e.expert}")
         seen.add(key)
     want = [(layer, x) for layer in cfg.moe_layers for x in range(cfg.n_experts)]
     if [(e.layer, e.expert) for e in experts] != want:
@@ -291,6 +313,6 @@ def _check_expert_grid(experts: list[ExpertEntry], cfg: ModelConfig) -> None:
         extra = sorted(seen - set(want))
         detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}" if extra else "out of order"
         raise ManifestError(
-            f"manifest.experts: expected {len(want)} entries for {len(cfg.moe_layers)} MoE layers x {cfg.n_experts} experts "
+            f"{where}: expected {len(want)} entries for {len(cfg.moe_layers)} MoE layers x {cfg.n_experts} experts "
             f"in order, {detail}"
         )

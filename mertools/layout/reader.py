@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import LayoutError
 from .checksum import range_xxh3
 from .constants import MANIFEST_NAME
-from .manifest import Manifest, ManifestError, TensorEntry
+from .manifest import ExpertEntry, Manifest, ManifestError, TensorEntry
 from .writer import PARTIAL_MARKER
 
 # A manifest of the largest MoE models (thousands of expert files) is a few MB; beyond this it is hostile or broken.
@@ -105,6 +105,7 @@ class Layout:
         real_root = os.path.realpath(self.root)
         want = {p: f.nbytes for p, f in self.manifest.files.items()}
         want.update({e.file: e.nbytes for e in self.manifest.experts})
+        want.update({e.file: e.nbytes for e in self.manifest.standins})
         problems = []
         for rel, nbytes in want.items():
             full = self.root / rel
@@ -165,11 +166,9 @@ class Layout:
             jobs.append((f"file {rel}", rel, 0, f.nbytes, f.xxh3))
         for name, t in self.manifest.dense.items():
             jobs.append((f"dense tensor {name}", t.file, t.offset, t.nbytes, t.xxh3))
-        for e in self.manifest.experts:
-            where = f"expert (layer {e.layer}, expert {e.expert})"
-            jobs.append((f"{where} file", e.file, 0, e.nbytes, e.xxh3))
-            for role, t in e.tensors.items():
-                jobs.append((f"{where} {role}", e.file, t.offset, t.nbytes, t.xxh3))
+        for kind, entries in (("expert", self.manifest.experts), ("stand-in", self.manifest.standins)):
+            for e in entries:
+                jobs.extend(_expert_jobs(kind, e))
         return jobs
 
     def verify_checksums(self) -> list[ChecksumProblem]:
@@ -185,3 +184,10 @@ class Layout:
             if actual != expected:
                 problems.append(ChecksumProblem(what, rel, expected, actual))
         return problems
+
+
+def _expert_jobs(kind: str, e: ExpertEntry) -> list[tuple[str, str, int, int, str]]:
+    """Layout.checksum_jobs' entries of one expert (or stand-in) file: the file, then each tensor."""
+    where = f"{kind} (layer {e.layer}, expert {e.expert})"
+    return [(f"{where} file", e.file, 0, e.nbytes, e.xxh3),
+            *((f"{where} {role}", e.file, t.offset, t.nbytes, t.xxh3) for role, t in e.tensors.items())]

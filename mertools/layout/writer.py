@@ -18,7 +18,17 @@ import xxhash
 
 from ..errors import ConversionError
 from .config import ModelConfig
-from .constants import ALIGNMENT, DENSE_FILE, DTYPES, EXPERTS_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, align_up
+from .constants import (
+    ALIGNMENT,
+    DENSE_FILE,
+    DTYPES,
+    EXPERTS_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    STANDINS_DIR,
+    align_up,
+)
 from .manifest import ALL_EXPERT_ROLES, EXPERT_BIAS_ROLES, EXPERT_ROLES, ExpertEntry, FileEntry, Manifest, TensorEntry
 
 PARTIAL_MARKER = ".mertools-partial"
@@ -45,6 +55,12 @@ def expert_path(layer: int, expert: int) -> str:
     return f"{EXPERTS_DIR}/layer_{layer:03d}/expert_{expert:03d}.bin"
 
 
+def standin_path(dtype: str, layer: int, expert: int) -> str:
+    """Stand-ins of each dtype in a directory of their own: a new set is written beside the old and the
+    manifest switched in one rename, so no reader ever sees a manifest naming half-written files."""
+    return f"{STANDINS_DIR}/{dtype}/layer_{layer:03d}/expert_{expert:03d}.bin"
+
+
 def is_layout_dir(path: Path) -> bool:
     try:
         return json.loads((path / MANIFEST_NAME).read_text()).get("format") == FORMAT_NAME
@@ -52,7 +68,7 @@ def is_layout_dir(path: Path) -> bool:
         return False
 
 
-class _AlignedFile:
+class AlignedFile:
     """Appends tensors at 4 KiB-aligned offsets, hashing each tensor and the whole file."""
 
     def __init__(self, path: Path) -> None:
@@ -102,7 +118,7 @@ class LayoutWriter:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.force = force
-        self._dense: _AlignedFile | None = None
+        self._dense: AlignedFile | None = None
         self._dense_entries: dict[str, TensorEntry] = {}
         self._experts: dict[tuple[int, int], ExpertEntry] = {}
         self._files: dict[str, FileEntry] = {}
@@ -152,7 +168,7 @@ class LayoutWriter:
         if sorted(tensors) != sorted(roles):
             raise ValueError(f"expert tensors must be {EXPERT_ROLES} (and {EXPERT_BIAS_ROLES}), got {sorted(tensors)}")
         rel = expert_path(layer, expert)
-        f = _AlignedFile(self.partial / rel)
+        f = AlignedFile(self.partial / rel)
         try:
             entries = {role: f.add(tensors[role]) for role in roles}
         finally:
@@ -166,7 +182,7 @@ class LayoutWriter:
         if name in self._dense_entries:
             raise ValueError(f"dense tensor {name!r} written twice")
         if self._dense is None:
-            self._dense = _AlignedFile(self.partial / DENSE_FILE)
+            self._dense = AlignedFile(self.partial / DENSE_FILE)
         entry = self._dense.add(t, DENSE_FILE)
         self._dense_entries[name] = entry
         return entry
@@ -195,15 +211,7 @@ class LayoutWriter:
         extra = sorted(set(self._experts) - set(want))
         if extra:
             raise ConversionError(f"{self.out}: experts {extra[:4]} were written for layers that have none")
-        # round-trip through the parser: never publish a manifest our own reader would refuse
-        Manifest.from_dict(json.loads(manifest.to_json()))
-        tmp = self.partial / (MANIFEST_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.partial / MANIFEST_NAME)
-        _fsync_dir(self.partial)
+        write_manifest(self.partial, manifest)
         old = None
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
@@ -217,6 +225,19 @@ class LayoutWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return manifest
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Replace root/manifest.json in one rename, after a round-trip through the parser: never publish a
+    manifest our own reader would refuse, and never a half-written one."""
+    Manifest.from_dict(json.loads(manifest.to_json()))
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST_NAME)
+    _fsync_dir(root)
 
 
 def _fsync_dir(path: Path) -> None:
