@@ -117,24 +117,27 @@ def proc_read_bytes() -> int:
     return 0
 
 
-def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int) -> None:
+def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int, approx: str = "{}") -> None:
+    """`approx`: JSON of Approx's keyword arguments (bench_full_size_modes.py), {} for the exact engine."""
     from benchmarks.routing import RoutingRecorder, routing_stats
     from mertools.layout import Layout
+    from mertools.runtime.approx import Approx
     from mertools.runtime.engine import Engine
 
     ids = json.loads(Path(ids_path).read_text())
     cfg = Layout.open(layout).manifest.config
     rec = RoutingRecorder(cfg.n_layers)
     t0 = time.perf_counter()
-    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec)
+    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**json.loads(approx)))
     open_s = time.perf_counter() - t0
 
     def step(tokens: list[int]) -> None:
         eng.forward(tokens, all_logits=False)
 
     def counters() -> list[int]:
-        c = eng.cache.stats
-        return [eng.store.bytes_read, c.misses, c.hits, c.lookups, c.prefetch_issued, c.prefetch_used, proc_read_bytes()]
+        r = eng.run_stats()  # both tiers' reads and lookups when stand-ins are on
+        return [r.bytes_read, r.expert_misses, r.expert_hits, r.expert_lookups, r.prefetch_issued, r.prefetch_used,
+                proc_read_bytes()]
 
     before: list[int] = []
     prefill_s, decode_s = common.forced_decode(step, ids, n_prompt, after_prefill=lambda: before.extend(counters()))
@@ -488,13 +491,13 @@ def main() -> None:
                     help="before each run, wait up to this many seconds for other processes to leave the CPUs idle")
     ap.add_argument("--no-doc", action="store_true", help="print the section, leave docs/BENCHMARKS.md alone")
     ap.add_argument("--dry-run", action="store_true", help="check the disk, print the estimate, and stop")
-    ap.add_argument("--child-mertools", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--child-mertools", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--child-llama", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--child-calibrate", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_mertools:
-        lay, mb, ids, threads, n_prompt = a.child_mertools
-        return child_mertools(lay, float(mb), ids, int(threads), int(n_prompt))
+        lay, mb, ids, threads, n_prompt, *approx = a.child_mertools
+        return child_mertools(lay, float(mb), ids, int(threads), int(n_prompt), *approx)
     if a.child_llama:
         g, ids, threads, n_prompt, n_dec = a.child_llama
         return child_llama(g, ids, int(threads), int(n_prompt), int(n_dec))

@@ -4,13 +4,14 @@ Pareto table.
 
     python benchmarks/bench_modes.py [--tokens 24] [--fidelity-tokens 128] [--rounds 2] [--workdir /tmp/mertools-bench]
 
-(a) Fidelity: fixtures/trained/tiny-shakespeare-moe converted as it is (f16 experts), read through an
-expert cache of 1/4 of its experts (8 of 32; lookahead prefetch), fed verify's two texts (the built-in
+(a) Fidelity: fixtures/trained/tiny-shakespeare-moe converted to q4_0 (the full-size shape's type) with q2_k
+stand-ins, read through an expert cache of 1/4 of its experts (8 of 32; lookahead prefetch), fed verify's two texts (the built-in
 paragraph and fixtures/trained/held-out-julius-caesar.txt) one token at a time (teacher-forced decode,
 so the cache behaves as in decoding); each setting's logits against the exact engine's: mean KL(exact ||
 mode), top-1 agreement and perplexity ratio (verify's compare_logits), and the expert bytes it read.
 (b) Speed: the synthetic Mixtral-shaped Q4_0 checkpoint of bench_beyond_ram.py (4 layers, routers
-recalibrated so that routing is diverse; built under --workdir if absent, shared with that benchmark),
+recalibrated so that routing is diverse; built under --workdir if absent, shared with that benchmark; q2_k
+stand-ins added if it has none),
 1/4 of its expert bytes as the cache budget, lookahead prefetch, one process per setting, page cache
 dropped before each (as root): an 8-token prompt, then --tokens forced random ids decoded one by one.
 Writes the "modes" section of docs/BENCHMARKS.md (--no-write: print only).
@@ -35,9 +36,10 @@ CHECKPOINT = TRAINED / "tiny-shakespeare-moe"
 N_PROMPT = 8  # prompt tokens before the timed decode steps (as bench_beyond_ram.py)
 BUDGET = 0.25  # of the expert bytes
 
-HEADER = ("| setting | Pareto | tok/s | vs exact | GB read/token | hit rate | skipped / replaced per token | "
-          "mean KL (built-in / held-out) | top-1 | perplexity ratio | trained: MB read/token | trained: skipped / replaced |\n"
-          + "|---" * 12 + "|")
+HEADER = ("| setting | Pareto | tok/s | vs exact | GB read/token | hit rate | skipped / replaced / stand-ins per token | "
+          "mean KL (built-in / held-out) | top-1 | perplexity ratio | trained: MB read/token | "
+          "trained: skipped / replaced / stand-ins |\n" + "|---" * 12 + "|")
+STANDINS = "q2_k"  # the stand-in type, for both checkpoints
 
 # (label, Approx keyword arguments): exact first
 SETTINGS: list[tuple[str, dict]] = [
@@ -47,6 +49,10 @@ SETTINGS: list[tuple[str, dict]] = [
     ("resident δ=0.2, top-1 too", {"resident_delta": 0.2, "resident_top1": True}),
     ("τ=0.1 + δ=0.05", {"topk_tau": 0.1, "resident_delta": 0.05}),
     ("τ=0.2 + δ=0.1", {"topk_tau": 0.2, "resident_delta": 0.1}),
+    *((f"stand-ins σ={v:g}", {"standin_share": v}) for v in (0.3, 0.5, 1.0)),
+    ("stand-ins σ=0.5, cache 0.25", {"standin_share": 0.5, "standin_cache": 0.25}),
+    ("stand-ins σ=0.5 + fill", {"standin_share": 0.5, "standin_fill": True}),
+    ("stand-ins σ=1 + fill", {"standin_share": 1.0, "standin_fill": True}),
 ]
 
 
@@ -64,8 +70,8 @@ def child_speed(layout: str, cache_mb: float, ids_path: str, approx_json: str) -
         eng.forward(tokens, all_logits=False)
 
     def counters() -> list[float]:
-        c, a = eng.cache.stats, eng.model.moe.approx_stats
-        return [eng.store.bytes_read, c.lookups, c.hits, c.misses, a.dropped, a.substituted]
+        r, a = eng.run_stats(), eng.model.moe.approx_stats  # both tiers' reads and lookups
+        return [r.bytes_read, r.expert_lookups, r.expert_hits, r.expert_misses, a.dropped, a.substituted, a.standins]
 
     before: list[float] = []
     _, decode_s = common.forced_decode(step, ids, N_PROMPT, after_prefill=lambda: before.extend(counters()))
@@ -75,6 +81,7 @@ def child_speed(layout: str, cache_mb: float, ids_path: str, approx_json: str) -
     eng.close()
     print(json.dumps({"decode_tok_s": n / decode_s, "gb_per_token": d[0] / n / 1e9, "hit_rate": d[2] / d[1] if d[1] else 0,
                       "misses_per_token": d[3] / n, "dropped_per_token": d[4] / n, "substituted_per_token": d[5] / n,
+                      "standins_per_token": d[6] / n,
                       "cache_mb": s["cache_mb"], "slot_bytes": eng.store.slot_bytes}))
 
 
@@ -104,6 +111,7 @@ def fidelity(layout: Path, texts: dict[str, list[int]], settings: list[tuple[str
             fig.pop("per_position")
             fig.update(mb_per_token=s["bytes_read"] / len(ids) / 1e6, hit_rate=s["hit_rate"],
                        dropped=s["approx_dropped_per_token"], substituted=s["approx_substituted_per_token"],
+                       standins=s["approx_standins_per_token"],
                        slots=s["cache_slots"])
             out[label][name] = fig
         print(f"fidelity {label}: " + ", ".join(f"{n} KL {f['kl_mean']:.4f} top-1 {f['top1_agreement']:.1%}"
@@ -148,6 +156,7 @@ def main() -> None:
 
     from benchmarks.router_calibration import diverse_checkpoint
     from mertools.convert.pipeline import ConvertOptions, convert
+    from mertools.convert.standins import add_standins
     from mertools.layout import Layout
     from mertools.reference.forward import ReferenceModel
     from mertools.runtime.tokenizer import load_tokenizer
@@ -155,10 +164,12 @@ def main() -> None:
 
     t_start = time.perf_counter()
     work = Path(a.workdir)
-    # (a) the trained fixture, f16 as converted by default
-    trained = work / "trained-f16"
+    # (a) the trained fixture, q4_0 with stand-ins
+    trained = work / f"trained-q4_0-{STANDINS}"
     if not (trained / "manifest.json").exists():
-        convert(CHECKPOINT, trained, ConvertOptions(force=True, progress=False))
+        convert(CHECKPOINT, trained, ConvertOptions(dtype="q4_0", force=True, progress=False))
+    if not Layout.open(trained).manifest.standins:
+        add_standins(trained, STANDINS)
     tm = Layout.open(trained).manifest
     tok = load_tokenizer(trained, tm.tokenizer)
     held_out = (TRAINED / "held-out-julius-caesar.txt").read_text(encoding="utf-8")
@@ -179,6 +190,9 @@ def main() -> None:
     gguf, lay_dir = work / f"mixtral-{a.layers}L-q4_0-diverse.gguf", work / f"layout-{a.layers}L-diverse"
     if not gguf.exists() or not (lay_dir / "manifest.json").exists():
         diverse_checkpoint(base, gguf, lay_dir, common.random_ids(256, a.seed, common.MIXTRAL.vocab), a.seed)
+    if not Layout.open(lay_dir).manifest.standins:
+        print(f"writing {STANDINS} stand-ins into {lay_dir} (minutes)", file=sys.stderr, flush=True)
+        add_standins(lay_dir, STANDINS)
     m = Layout.open(lay_dir).manifest
     cfg = m.config
     expert_bytes = sum(e.nbytes for e in m.experts)
@@ -216,11 +230,11 @@ def main() -> None:
             lo, hi = s["tok_s_range"]
             sp = (f"{s['decode_tok_s']:.2f} ({lo:.2f}-{hi:.2f}) | {s['decode_tok_s'] / ex:.2f}x | "
                   f"{s['gb_per_token']:.3f} | {s['hit_rate']:.1%} | "
-                  f"{s['dropped_per_token']:.2f} / {s['substituted_per_token']:.2f} |")
+                  f"{s['dropped_per_token']:.2f} / {s['substituted_per_token']:.2f} / {s['standins_per_token']:.2f} |")
         rows.append(f"| {label} | {'**yes**' if label in front else ''} | {sp} "
                     f"{fb['kl_mean']:.4f} / {fh['kl_mean']:.4f} | {fb['top1_agreement']:.1%} / {fh['top1_agreement']:.1%} | "
                     f"{fb['ppl_ratio']:.4f} / {fh['ppl_ratio']:.4f} | {fh['mb_per_token']:.2f} | "
-                    f"{fh['dropped']:.2f} / {fh['substituted']:.2f} |")
+                    f"{fh['dropped']:.2f} / {fh['substituted']:.2f} / {fh['standins']:.2f} |")
     slot = m.experts[0].nbytes
     busy = (f"other processes kept over 10% of the CPUs busy before {noisy} of the {n_runs} runs, so those speeds are "
             "noisier" if noisy else "the machine was idle before each run")
@@ -233,7 +247,12 @@ def main() -> None:
         "skips a chosen expert whose share of the token's routed mixture (its weight over the sum of the token's "
         "weights) is below τ, the top one always kept; **resident δ** replaces a chosen expert that is neither resident "
         "nor on its way in by a resident one the router nearly chose: choice score within δ x the token's routed mass "
-        "(the sum of its chosen experts' scores), its weight from its own score, never the token's top-1 unless asked "
+        "(the sum of its chosen experts' scores), its weight from its own score, never the token's top-1 unless asked; "
+        f"**stand-ins σ** (`--standin-share S [--standin-cache C] [--standin-fill]`, the layout carrying {STANDINS} "
+        "copies of its experts from `convert --standins`) computes a chosen expert that is not in memory with its "
+        "stand-in when its share is below σ (σ=1: every miss), prefetches the next layer's guesses the same way (by "
+        "their predicted share), keeps stand-ins in a cache of their own (C of the budget, 0.5 by default, all but one "
+        "layer's experts when σ=1 without fill), and with fill also loads the full expert for later tokens "
         "(definitions: mertools/runtime/approx.py).",
         f"Speed: the synthetic Mixtral-shaped checkpoint of the beyond-RAM section (d_model {cfg.d_model}, d_ff "
         f"{cfg.d_ff}, {cfg.n_experts} experts top-{cfg.n_experts_used}, {cfg.n_layers} layers, Q4_0, {slot / 1e6:.1f} MB "
@@ -243,15 +262,17 @@ def main() -> None:
         f"({'yes' if cold else 'NO - not root'}). After one untimed run, {a.rounds} timed runs of each setting, "
         "interleaved (every other round in reverse order): tok/s is their mean (range in brackets), the other figures "
         f"their means; {busy}. The disk is a virtio device whose host caches recently read data, which favours "
-        "re-reads. GB read/token counts every expert read (prefetches included); skipped / replaced: expert choices "
-        f"per token, of {cfg.n_experts_used * cfg.n_layers} ({cfg.n_experts_used} x {cfg.n_layers} layers).",
-        f"Fidelity: the trained fixture (fixtures/trained, f16, the same {cfg.n_layers} x {cfg.n_experts} "
-        f"top-{cfg.n_experts_used} grid) through an expert cache of {BUDGET:g}x ({fid['exact']['held-out']['slots']} "
-        f"of its 32 experts), lookahead prefetch, the built-in verify paragraph ({len(texts['built-in'])} tokens) and "
-        f"the held-out Julius Caesar snippet ({len(texts['held-out'])} tokens) fed one token at a time; each setting's "
-        "logits against the exact engine's (verify's figures: mean KL(exact || mode) in nats, top-1 agreement, "
-        "perplexity ratio mode / exact). For scale, the exact engine against verify's float64 reference of the "
-        f"checkpoint: mean KL {base_kl['built-in']:.2g} / {base_kl['held-out']:.2g}. Substitution depends on what the "
+        "re-reads. GB read/token counts every expert read (prefetches and stand-ins included); skipped / "
+        f"replaced / stand-ins: expert choices per token, of {cfg.n_experts_used * cfg.n_layers} "
+        f"({cfg.n_experts_used} x {cfg.n_layers} layers).",
+        f"Fidelity: the trained fixture (fixtures/trained) converted to q4_0 with {STANDINS} stand-ins (the same "
+        f"{cfg.n_layers} x {cfg.n_experts} top-{cfg.n_experts_used} grid) through an expert cache of {BUDGET:g}x "
+        f"({fid['exact']['held-out']['slots']} of its 32 experts), lookahead prefetch, the built-in verify paragraph "
+        f"({len(texts['built-in'])} tokens) and the held-out Julius Caesar snippet ({len(texts['held-out'])} tokens) "
+        "fed one token at a time; each setting's logits against the exact engine's on the same layout (verify's "
+        "figures: mean KL(exact || mode) in nats, top-1 agreement, "
+        "perplexity ratio mode / exact). For scale, the exact q4_0 engine against verify's float64 reference of the "
+        f"f16 checkpoint: mean KL {base_kl['built-in']:.2g} / {base_kl['held-out']:.2g}. Substitution depends on what the "
         "cache holds, which depends on when loads complete: its figures vary a little between runs.",
         "Pareto: **yes** where no other setting is both faster (full-size tok/s) and closer (held-out mean KL). Speed "
         "differences inside the bracketed ranges are noise, and so are the Pareto marks they decide. The two routers "

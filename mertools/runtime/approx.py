@@ -62,6 +62,12 @@ class Approx:
     topk_tau: float = 0.0  # skip a choice whose share of the token's routed mixture is below this
     resident_delta: float = 0.0  # replace a non-resident choice by a resident expert within this share
     resident_top1: bool = False  # let substitution replace the token's top-1 choice too
+    # a chosen expert that misses (not resident, not on its way) and whose share is below this is computed with
+    # its low-bit stand-in (`convert --standins`); 1 = every miss. `standin_fill`: also load the full expert
+    # in the background, for later tokens
+    standin_share: float = 0.0
+    standin_fill: bool = False
+    standin_cache: float = 0.5  # with stand-ins: the share of the expert cache's budget that holds stand-ins
 
     def __post_init__(self) -> None:
         if not isinstance(self.topk_tau, (int, float)) or not math.isfinite(self.topk_tau) or not 0 <= self.topk_tau < 1:
@@ -73,11 +79,24 @@ class Approx:
             raise ValueError(f"resident_top1 must be a bool, got {self.resident_top1!r}")
         if self.resident_top1 and self.resident_delta == 0:
             raise ValueError("resident_top1 only applies to cache-aware substitution: give resident_delta > 0 too")
+        if not isinstance(self.standin_share, (int, float)) or not 0 <= self.standin_share <= 1:
+            raise ValueError(f"standin_share must lie in [0, 1], got {self.standin_share!r}")
+        if not isinstance(self.standin_fill, bool):
+            raise ValueError(f"standin_fill must be a bool, got {self.standin_fill!r}")
+        if not isinstance(self.standin_cache, (int, float)) or not 0 < self.standin_cache < 1:
+            raise ValueError(f"standin_cache must lie in (0, 1), got {self.standin_cache!r}")
+        if self.standin_fill and self.standin_share == 0:
+            raise ValueError("standin_fill only applies to stand-ins: give standin_share > 0 too")
 
     @property
     def exact(self) -> bool:
         """No mode on: the routing is the family's own, bit for bit."""
-        return self.topk_tau == 0 and self.resident_delta == 0
+        return self.topk_tau == 0 and self.resident_delta == 0 and self.standin_share == 0
+
+    @property
+    def reroutes(self) -> bool:
+        """A mode that changes which experts are used (skips or substitutes), not only how they are read."""
+        return self.topk_tau > 0 or self.resident_delta > 0
 
     def describe(self) -> str:
         """"exact", or the settings that are on ("topk_tau=0.1 resident_delta=0.05 resident_top1")."""
@@ -88,6 +107,9 @@ class Approx:
             parts.append(f"resident_delta={self.resident_delta:g}")
         if self.resident_top1:
             parts.append("resident_top1")
+        if self.standin_share:
+            parts.append(f"standin_share={self.standin_share:g} standin_cache={self.standin_cache:g}"
+                         + (" standin_fill" if self.standin_fill else ""))
         return " ".join(parts)
 
 
@@ -102,6 +124,21 @@ class ApproxRouting:
     live: np.ndarray
     dropped: int
     substituted: int
+
+
+def standin_choices(chosen: np.ndarray, weights: np.ndarray, live: np.ndarray | None, held: np.ndarray,
+                    share: float) -> tuple[list[int], int]:
+    """Which of a step's experts to compute with their stand-ins: those not held (resident or in flight; `held`
+    (E,) bool) whose every live choice has a share below `share` (any share when `share` is 1). Returns the
+    experts (sorted) and the number of (token, choice) pairs they serve."""
+    s = shares(weights)
+    use = np.ones(chosen.shape, bool) if live is None else np.asarray(live, bool)
+    # per expert, its largest share among the live choices of this step
+    top = np.full(held.shape, -1.0)
+    np.maximum.at(top, chosen[use], s[use])
+    below = (top >= 0) & ~held & ((top < share) | (share >= 1))
+    experts = [int(e) for e in np.nonzero(below)[0]]
+    return experts, int(below[chosen[use]].sum())
 
 
 def shares(weights: np.ndarray) -> np.ndarray:
@@ -232,6 +269,7 @@ class ApproxStats:
     tokens: int = 0
     dropped: int = 0
     substituted: int = 0
+    standins: int = 0  # choices computed with a stand-in
 
     def per_token(self, count: int) -> float:
         return count / self.tokens if self.tokens else 0.0

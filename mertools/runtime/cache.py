@@ -44,6 +44,12 @@ class CacheStats:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
+    def plus(self, other: CacheStats) -> CacheStats:
+        """The counts of two caches together (the experts' and the stand-ins'); latencies are this one's."""
+        names = ("lookups", "hits", "misses", "loads", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+                 "prefetch_cancelled", "wait_seconds")
+        return CacheStats(**{n: getattr(self, n) + getattr(other, n) for n in names}, load_latency=self.load_latency)
+
 
 @dataclass
 class _Entry:

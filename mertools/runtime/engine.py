@@ -19,6 +19,7 @@ from .cache import ExpertCache
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
 from .model import KVCache, MoEModel
+from .moe import Tier
 from .prefetch import PREFETCH_MODES
 from .sampling import Sampler, SamplingParams
 from .stats import RunStats, RunTimes
@@ -107,24 +108,48 @@ class Engine:
         if cache_mb is None:
             dense = sum(t.nbytes for t in m.dense.values())
             budget = available_bytes() - dense - MARGIN - kv_bytes
+        else:
+            budget = int(cache_mb * 2**20)
+        standin_slots = standin_bytes = 0
+        if approx is not None and approx.standin_share > 0:
+            if not m.standins:
+                raise RuntimeConfigError(f"{layout_dir}: carries no stand-ins for standin_share; add them with "
+                                         "`mertools convert SRC OUT --standins q2_k` or `mertools standins LAYOUT q2_k`")
+            standin_slot = max(e.nbytes for e in m.standins)
+            # every miss a stand-in and no fill: full experts are never read, so stand-ins get all the main cache spares
+            share = 1.0 if approx.standin_share >= 1 and not approx.standin_fill else approx.standin_cache
+            room = min(int(budget * share), budget - need * slot_bytes)  # the main cache keeps one layer's choices
+            # at least one layer's choices, and no more than there are stand-ins
+            standin_slots = min(len(m.standins), max(need, room // standin_slot))
+            standin_bytes = standin_slots * standin_slot
+            budget -= standin_bytes
+        if cache_mb is None:
             slots = max(need, min(len(m.experts), budget // slot_bytes))
         else:
-            slots = min(len(m.experts), int(cache_mb * 2**20) // slot_bytes)
+            slots = min(len(m.experts), budget // slot_bytes)
             if slots < need:
                 raise RuntimeConfigError(
                     f"--cache-mb {cache_mb:g} is smaller than one layer's active experts: {need} x "
                     f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
+                    + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
         if direct is None:  # "auto": buffered reads that keep their pages when the whole layout fits beside us
-            direct = not fits_beside(m, slots * slot_bytes, kv_bytes)
+            direct = not fits_beside(m, slots * slot_bytes + standin_bytes, kv_bytes)
             keep = not direct
         else:
             keep = False
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
+        standins = None
+        if standin_slots:
+            s_store = ExpertStore(layout, standin_slots, direct=direct, keep_pages=keep, verify=verify,
+                                  io_depth=io_depth, entries=m.standins)
+            s_cache = ExpertCache(standin_slots, cfg.n_layers, cfg.n_experts, s_store.load, pool, policy=policy)
+            standins = Tier.of(s_cache, s_store)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx)
-        model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity)
+        model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
+                         standins=standins)
         return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads)
 
     # ------------------------------------------------------------------ API
@@ -203,7 +228,10 @@ class Engine:
                 return
 
     def run_stats(self) -> RunStats:
-        c, s, t = self.cache.stats, self.store, self.times
+        s, t = self.store, self.times
+        standins = self.model.moe.standins
+        # lookups, hits, prefetches and waits of both tiers: with stand-ins, an expert is served by either cache
+        c = self.cache.stats if standins is None else self.cache.stats.plus(standins.cache.stats)
         lat = s.read_latency
         gen = t.generated_tokens
         return RunStats(
@@ -213,14 +241,17 @@ class Engine:
             decode_tok_s=(gen - 1) / t.decode_s if t.decode_s and gen > 1 else 0.0,
             ttft_s=t.ttft_s,
             expert_lookups=c.lookups, expert_hits=c.hits, expert_misses=c.misses, hit_rate=c.hit_rate,
-            bytes_read=s.bytes_read,
+            bytes_read=s.bytes_read + (standins.store.bytes_read if standins else 0),
+            standin_bytes_read=standins.store.bytes_read if standins else 0,
             read_mb_s=s.bytes_read / 1e6 / lat.sum if lat.sum else 0.0,
             read_latency_ms={p: lat.percentile(p) * 1e3 for p in (50, 95, 99)},
             read_wait_share=c.wait_seconds / t.forward_s if t.forward_s else 0.0,
             prefetch_issued=c.prefetch_issued, prefetch_used=c.prefetch_used, prefetch_wasted=c.prefetch_wasted,
             prefetch_cancelled=c.prefetch_cancelled,
             read_retries=s.retried,
-            cache_slots=self.cache.n_slots, cache_mb=self.cache.n_slots * s.slot_bytes / 2**20,
+            cache_slots=self.cache.n_slots,
+            cache_mb=(self.cache.n_slots * s.slot_bytes + (standins.store.n_slots * standins.store.slot_bytes
+                                                           if standins else 0)) / 2**20,
             prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages,
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
@@ -236,7 +267,8 @@ class Engine:
                     expert_choices_per_token=cfg.n_experts_used * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)),
                     approx_dropped=st.dropped, approx_substituted=st.substituted,
                     approx_dropped_per_token=st.per_token(st.dropped),
-                    approx_substituted_per_token=st.per_token(st.substituted))
+                    approx_substituted_per_token=st.per_token(st.substituted),
+                    approx_standins=st.standins, approx_standins_per_token=st.per_token(st.standins))
 
     def stats(self) -> dict[str, Any]:
         """The figures `mertools run` prints and writes with --json (read latencies estimated from a
@@ -246,6 +278,8 @@ class Engine:
     def close(self) -> None:
         self.cache.executor.shutdown(wait=True)
         self.store.close()
+        if self.model.moe.standins is not None:
+            self.model.moe.standins.store.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -15,7 +15,7 @@ from ..layout.reader import Layout
 from .batch import Batch, KVCache
 from .cache import ExpertCache
 from .hooks import ModelHooks, PrefetcherFactory
-from .moe import StreamingMoE
+from .moe import StreamingMoE, Tier
 from .ops import Linear, RuntimeOps, rms_norm
 from .prefetch import make_prefetcher
 from .store import ExpertStore
@@ -43,7 +43,7 @@ def _loaders(layout: Layout):  # noqa: ANN202 - (matrix, vector, present) for fa
 class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
-                 kv_dtype: str = "f16", kv_capacity: int = 256) -> None:
+                 kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None) -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
@@ -51,7 +51,7 @@ class MoEModel:
         self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
         self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders) for i in range(cfg.n_layers)]
         self.output = self.weights.output or self.weights.embed  # tied: the logits reuse the embedding
-        self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks)
+        self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks, standins)
         self.kv_dtype, self.kv_capacity = kv_dtype, kv_capacity
         self.kv = KVCache(cfg, kv_capacity, kv_dtype)
         self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)

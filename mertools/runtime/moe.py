@@ -2,9 +2,12 @@
 per step, whatever number of tokens chose it), compute, and start reading the next layer's guesses.
 With an `Approx` that is not exact, the family's choice is adjusted (approx.py: skipped choices,
 resident substitutes) before anything is read; the trace, the cache's statistics and the prefetcher see
-the adjusted choice."""
+the adjusted choice. With stand-ins on, a missing expert of small share is read from the stand-ins' own
+tier (a second, smaller store and cache) and computed in its low-bit type."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,15 +29,31 @@ ROLES = ("gate", "up", "down")
 BIAS_ROLES = ("gate_bias", "up_bias", "down_bias")  # with config.expert_mlp_bias, in the same file
 
 
+@dataclass(frozen=True)
+class Tier:
+    """Where a set of expert files is read from and kept: the experts, or their low-bit stand-ins."""
+
+    cache: ExpertCache
+    store: ExpertStore
+    dtypes: dict[tuple[int, int], tuple[str, str, str]]  # each expert's (gate, up, down) types, looked up once
+
+    @classmethod
+    def of(cls, cache: ExpertCache, store: ExpertStore) -> Tier:
+        return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()})
+
+
 class StreamingMoE:
-    def __init__(self, family: Family, cfg: ModelConfig, cache: ExpertCache, store: ExpertStore, hooks: ModelHooks) -> None:
+    def __init__(self, family: Family, cfg: ModelConfig, cache: ExpertCache, store: ExpertStore, hooks: ModelHooks,
+                 standins: Tier | None = None) -> None:
         self.family, self.cfg, self.cache, self.store, self.hooks = family, cfg, cache, store, hooks
         self.approx = hooks.approx or Approx()  # approximate routing; exact settings leave the routing untouched
+        if self.approx.standin_share > 0 and standins is None:
+            raise ValueError("standin_share needs the stand-ins' tier")
         self.approx_stats = ApproxStats()
         # the layer whose calls count tokens for the statistics (the first with experts)
         self._first_moe = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
-        # each expert tensor's own type (files mix them layer by layer and role by role), looked up once
-        self.dtypes = {(e.layer, e.expert): tuple(e.tensors[r].dtype for r in ROLES) for e in store.manifest.experts}
+        self.full = Tier.of(cache, store)  # files mix types layer by layer and role by role
+        self.standins = standins
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
                  prefetcher: Prefetcher) -> np.ndarray:
@@ -46,27 +65,42 @@ class StreamingMoE:
             override = np.asarray(self.hooks.routing_override(layer, batch.positions), np.int64).reshape(len(h), -1)
         chosen, weights = pieces.select_experts(cfg, w, scores, override)  # (N, k) each
         live = None  # (N, k') bool where approximate routing left slots that only pad a row
-        if not self.approx.exact:
+        if self.approx.reroutes:
             chosen, weights, live = self._approximate(layer, w, scores, chosen, weights)
         weights = weights.astype(np.float32)
         if self.hooks.trace is not None:
             self.hooks.trace(batch.positions, layer, chosen, weights)
         self.cache.record_routing(layer, chosen.ravel())
+        if self.standins is not None:  # the stand-ins' cache learns the same usage (its policy's estimates)
+            self.standins.cache.note_layer(layer)
+            self.standins.cache.record_routing(layer, chosen.ravel())
         prefetcher.observe(layer, chosen)
-        keys = [(layer, int(e)) for e in np.unique(chosen)]
-        pending = self.cache.acquire(keys)  # demand reads start now, before the speculative ones
+        experts = [int(e) for e in np.unique(chosen)]
+        low: list[int] = []  # computed with their stand-ins
+        if self.standins is not None:
+            low = self._standins(layer, chosen, weights, live)
+            experts = [e for e in experts if e not in low]
+        keys = [(layer, e) for e in experts]
+        # demand reads start now, before the speculative ones
+        steps = [(self.full, self.cache.acquire(keys))]
+        if low:
+            steps.append((self.standins, self.standins.cache.acquire([(layer, e) for e in low])))
+            if self.approx.standin_fill:  # the full experts for later tokens, as prefetches (called off if unneeded)
+                self.cache.prefetch([(layer, e) for e in low], protect=keys)
         # no guesses for a next layer without experts (a dense-MLP layer)
         guess = prefetcher.guess(layer, chosen, x, chosen.shape[1]) if cfg.is_moe_layer(layer + 1) else []
         if guess:
-            self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
+            self._prefetch(layer + 1, guess, prefetcher.predicted_shares(layer, x, guess, chosen.shape[1])
+                           if self.standins is not None else None, protect=keys)
         # per (token, choice) outputs summed in a fixed order afterwards, so the order in which
         # experts arrive from disk can never change the result
         contrib = np.zeros((h.shape[0], chosen.shape[1], cfg.d_model), np.float32)
-        for key, slot in pending:
-            try:
-                self._expert(key, slot, h, chosen, weights, batch, contrib, live)
-            finally:
-                self.cache.release(key)
+        for tier, pending in steps:
+            for key, slot in pending:
+                try:
+                    self._expert(tier, key, slot, h, chosen, weights, batch, contrib, live)
+                finally:
+                    tier.cache.release(key)
         out = contrib.sum(axis=1)
         shared = pieces.shared_expert(cfg, w, h, ops)
         return out if shared is None else out + shared
@@ -89,16 +123,39 @@ class StreamingMoE:
         st.substituted += r.substituted
         return r.chosen, r.weights, None if r.live.all() else r.live
 
-    def _expert(self, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
+    def _prefetch(self, layer: int, guess: list[int], shares: np.ndarray | None, protect: list[tuple[int, int]]) -> None:
+        """Start reading the guesses for `layer`: each the way it would be read if chosen, the full expert, or its
+        stand-in when its predicted share is below standin_share and the full expert is not held."""
+        if shares is None:
+            self.cache.prefetch([(layer, e) for e in guess], protect=protect)
+            return
+        held = set(self.cache.held(layer))
+        cut = self.approx.standin_share
+        low = [e for e, s in zip(guess, shares, strict=True) if e not in held and (s < cut or cut >= 1)]
+        self.cache.prefetch([(layer, e) for e in guess if e not in low], protect=protect)
+        self.standins.cache.prefetch([(layer, e) for e in low])
+
+    def _standins(self, layer: int, chosen: np.ndarray, weights: np.ndarray, live: np.ndarray | None) -> list[int]:
+        """The experts of this step to compute with their stand-ins (approx.standin_choices), counted."""
+        held = np.zeros(self.cfg.n_experts, bool)
+        held[self.cache.held(layer)] = True
+        low, served = approx_mod.standin_choices(chosen, weights, live, held, self.approx.standin_share)
+        st = self.approx_stats
+        if layer == self._first_moe and not self.approx.reroutes:  # else _approximate counts the tokens
+            st.tokens += len(chosen)
+        st.standins += served
+        return low
+
+    def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
                 batch: Batch, contrib: np.ndarray, live: np.ndarray | None = None) -> None:
         """One resident expert applied to the rows that chose it, sequence by sequence: read once,
         computed per sequence, so a sequence's result never depends on its neighbours."""
-        cfg = self.cfg
-        g, u, d = (self.store.tensor(slot, key, r) for r in ROLES)
-        dg, du, dd = self.dtypes[key]
+        cfg, store = self.cfg, tier.store
+        g, u, d = (store.tensor(slot, key, r) for r in ROLES)
+        dg, du, dd = tier.dtypes[key]
         mlp = None
         if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on the slot's bytes
-            biases = {r: self.store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
+            biases = {r: store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
             mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model), Linear(u, du, cfg.d_ff, cfg.d_model),
                       Linear(d, dd, cfg.d_model, cfg.d_ff), **biases)
         for s in batch.seqs:

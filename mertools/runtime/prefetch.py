@@ -29,6 +29,11 @@ class Prefetcher:
     def observe(self, layer: int, chosen: np.ndarray) -> None:
         """Layer `layer` chose `chosen` (n, top_k)."""
 
+    def predicted_shares(self, layer: int, hidden: np.ndarray, experts: list[int], k: int) -> np.ndarray | None:
+        """Each guessed expert's predicted share of its tokens' mixture at layer `layer + 1` (the largest over the
+        tokens), or None when this prefetcher cannot tell (stand-ins then prefetch the full experts)."""
+        return None
+
 
 class LookaheadPrefetcher(Prefetcher):
     mode = "lookahead"
@@ -46,6 +51,14 @@ class LookaheadPrefetcher(Prefetcher):
         score = np.zeros(probs.shape[1])
         np.add.at(score, order.ravel(), np.take_along_axis(probs, order, axis=1).ravel())
         return [int(e) for e in np.argsort(-score, kind="stable") if score[e] > 0]
+
+    def predicted_shares(self, layer: int, hidden: np.ndarray, experts: list[int], k: int) -> np.ndarray | None:
+        if layer + 1 >= self.n_layers or not experts:
+            return None
+        probs = np.asarray(self.router(layer + 1, hidden), np.float64)  # (n, n_experts)
+        top = -np.sort(-probs, axis=1)[:, :k].sum(axis=1, keepdims=True)  # each token's routed mass
+        share = np.divide(probs, top, out=np.zeros_like(probs), where=top > 0)
+        return share[:, experts].max(axis=0)
 
 
 class MarkovPrefetcher(Prefetcher):

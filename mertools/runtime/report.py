@@ -34,5 +34,7 @@ def _approx_lines(s: dict[str, Any]) -> list[str]:
     if s.get("approx", "exact") == "exact":
         return []
     return [f"approx      {s['approx']}: of {s['expert_choices_per_token']} expert choices per token, "
-            f"{s['approx_dropped_per_token']:.2f} skipped and {s['approx_substituted_per_token']:.2f} replaced by "
-            f"resident experts ({s['approx_dropped']} and {s['approx_substituted']} in all)"]
+            f"{s['approx_dropped_per_token']:.2f} skipped, {s['approx_substituted_per_token']:.2f} replaced by "
+            f"resident experts and {s.get('approx_standins_per_token', 0.0):.2f} computed with stand-ins "
+            f"({s['approx_dropped']}, {s['approx_substituted']} and {s.get('approx_standins', 0)} in all; stand-ins read "
+            f"{s.get('standin_bytes_read', 0) / 2**20:.1f} MiB)"]

@@ -132,6 +132,9 @@ class RunStats:
     approx_substituted: int = 0
     approx_dropped_per_token: float = 0.0
     approx_substituted_per_token: float = 0.0
+    approx_standins: int = 0  # choices computed with a low-bit stand-in (standin_share), in all and per token
+    approx_standins_per_token: float = 0.0
+    standin_bytes_read: int = 0  # of bytes_read, the stand-ins' share
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,10 +48,14 @@ class ExpertStore:
     def __init__(self, layout: Layout, n_slots: int, *, direct: bool = True, keep_pages: bool = False, verify: bool = True,
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
                  notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
-                 max_open_files: int = MAX_OPEN_FILES) -> None:
+                 max_open_files: int = MAX_OPEN_FILES, entries: list[ExpertEntry] | None = None) -> None:
         self.layout = layout
         self.manifest = layout.manifest
-        self.slot_bytes = max(e.nbytes for e in self.manifest.experts)
+        # the files this store reads: the experts, or their stand-ins (`entries`, manifest.standins)
+        self.entries = {(e.layer, e.expert): e for e in (self.manifest.experts if entries is None else entries)}
+        if not self.entries:
+            raise ValueError("the store needs expert entries to read")
+        self.slot_bytes = max(e.nbytes for e in self.entries.values())
         if n_slots < 1:
             raise ValueError("the store needs at least one slot")
         self.n_slots = n_slots
@@ -178,7 +182,7 @@ class ExpertStore:
         load can be called off with `cancel`: chunks not yet started are skipped and LoadCancelled
         raised, so a wrong guess costs the disk only what was read before the routing proved it wrong."""
         layer, expert = key
-        entry = self.manifest.expert(layer, expert)
+        entry = self.entries[key]
         view = memoryview(self.buffers[slot])[: entry.nbytes]
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -235,5 +239,5 @@ class ExpertStore:
 
     def tensor(self, slot: int, key: tuple[int, int], role: str) -> np.ndarray:
         """View (no copy) of one tensor's bytes in a loaded slot: uint8 (nbytes,)."""
-        t = self.manifest.expert(*key).tensors[role]
+        t = self.entries[key].tensors[role]
         return self.buffers[slot][t.offset:t.offset + t.nbytes]

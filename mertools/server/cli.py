@@ -27,11 +27,12 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(f)
     def wrapper(*args: Any, approx_topk_tau: float, approx_resident_delta: float, approx_resident_top1: bool,
-                **kw: Any) -> Any:
+                standin_share: float, standin_fill: bool, standin_cache: float, **kw: Any) -> Any:
         from ..runtime.approx import Approx
 
         try:
-            approx = Approx(approx_topk_tau, approx_resident_delta, approx_resident_top1)
+            approx = Approx(approx_topk_tau, approx_resident_delta, approx_resident_top1, standin_share, standin_fill,
+                            standin_cache)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         return f(*args, approx=approx, **kw)
@@ -45,6 +46,14 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "score is within this share of the token's routed mass (0: off)."),
         click.option("--approx-resident-top1", is_flag=True,
                      help="Let --approx-resident-delta replace the token's top-1 expert too."),
+        click.option("--standin-share", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+                     help="Compute a chosen expert that is not in memory with its low-bit stand-in (`convert --standins`) "
+                          "when its share of the token's mixture is below this (1: every miss; 0: off)."),
+        click.option("--standin-fill", is_flag=True,
+                     help="With --standin-share: also load the full expert in the background, for later tokens."),
+        click.option("--standin-cache", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True,
+                                                                                               max_open=True),
+                     help="With --standin-share: the share of the expert cache's budget that holds stand-ins."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
