@@ -415,3 +415,17 @@ def test_cli_inspect_verify_and_run(ds: dict) -> None:
 def test_serve_chat(ds: dict) -> None:
     """The chat path (the fixture tokenizer's template) through the real app."""
     chat_once(str(ds["v2"]["layout_hf"]), "ds")
+
+
+def test_verification_rows_are_decode_steps(ds: dict) -> None:
+    """Speculative decoding's verification step through latent attention: each row a decode step, bit for bit."""
+    for v in VARIANTS:
+        ids = prompts(1, 20)[0]
+        layout = ds[v]["layout_gguf"]
+        k = Layout.open(layout).manifest.config.n_experts_used
+        with Engine.open(layout, cache_mb=cache_mb(layout, k + 1)) as eng:
+            eng.forward(ids[:12])
+            one = np.concatenate([eng.forward([i]) for i in ids[12:]])
+            eng.reset()
+            eng.forward(ids[:12])
+            assert np.array_equal(eng.model.forward(np.array(ids[12:]), rows_apart=True), one), v

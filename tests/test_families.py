@@ -342,3 +342,16 @@ def test_f16_kv_cache_is_within_verify_f16_limits(models: dict, fam: str) -> Non
     from family_checks import assert_f16_kv_within_f16_limits
 
     assert_f16_kv_within_f16_limits(models[fam]["layout_hf"], list(range(1, 49)))
+
+
+@pytest.mark.parametrize("fam", FAMILY_NAMES)
+def test_verification_rows_are_decode_steps(models: dict, fam: str) -> None:
+    """Speculative decoding's verification step (rows apart) gives each row bit for bit a decode step's logits,
+    whatever the family's attention (sliding windows, sinks, partial rotary, biases) and MoE pieces."""
+    ids = prompts(1, 20)[0]
+    with Engine.open(models[fam]["layout_q8_0"], cache_mb=_cache_mb(models[fam]["layout_q8_0"])) as eng:
+        eng.forward(ids[:12])
+        one = np.concatenate([eng.forward([i]) for i in ids[12:]])
+        eng.reset()
+        eng.forward(ids[:12])
+        assert np.array_equal(eng.model.forward(np.array(ids[12:]), rows_apart=True), one)

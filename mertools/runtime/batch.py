@@ -16,6 +16,7 @@ from ..layout.config import ModelConfig
 # llama.cpp's --cache-type q8_0) takes 34/64 of f16's; f32 is exact
 KV_DTYPES = ("f16", "f32", "q8_0")
 _BYTES_PER_VALUE = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
+PREFILL_CHUNK = 512  # prompt tokens per forward step (generate(), a draft model catching up): scores stay chunk x context
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "f16") -> int:
@@ -93,16 +94,24 @@ class KVCache:
             self.v = _grown(self.v, new)
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, window: int,
-               sinks: np.ndarray | None = None) -> np.ndarray:
+               sinks: np.ndarray | None = None, rows_apart: bool = False) -> np.ndarray:
         """Store k/v (n, nkv, hd) at positions pos (consecutive), then q (n, nh, hd) attends -> (n, nh * dv)
         (a sliding window when window > 0; sinks (nh,): attention sinks, or None). With latent attention v is
-        the keys' last part and is not stored again."""
+        the keys' last part and is not stored again. `rows_apart`: each query alone, over the keys up to its
+        own position, as a decode step computes it (bit for bit)."""
         start, total = int(pos[0]), int(pos[-1]) + 1
         self.k[layer, start:total] = self._stored(k)
+        if self.v is not None:
+            self.v[layer, start:total] = self._stored(v)
+        if rows_apart and len(q) > 1:
+            return np.concatenate([self._attend(layer, q[i:i + 1], pos[i:i + 1], window, sinks) for i in range(len(q))])
+        return self._attend(layer, q, pos, window, sinks)
+
+    def _attend(self, layer: int, q: np.ndarray, pos: np.ndarray, window: int, sinks: np.ndarray | None) -> np.ndarray:
+        total = int(pos[-1]) + 1
         keys = self.k[layer, :total]
         if self.v is None:
             return attend(q, keys, keys, pos, window, sinks, self.divisor, self.voff)
-        self.v[layer, start:total] = self._stored(v)
         return attend(q, keys, self.v[layer, :total], pos, window, sinks, self.divisor)
 
 
@@ -119,6 +128,9 @@ class SeqRows:
     kv: KVCache
     start: int
     n: int
+    # every row computed alone, as a one-token decode step would compute it (bit for bit): speculative decoding's
+    # verification, where each row's logits must be exactly those of decoding that token
+    apart: bool = False
 
     @property
     def rows(self) -> slice:
@@ -132,23 +144,28 @@ class Batch:
     ids: np.ndarray  # (N,) int64 token ids
 
     @classmethod
-    def of(cls, items: Sequence[tuple[KVCache, np.ndarray]]) -> Batch:
-        """Sequences (kv cache, new ids) in order; positions continue each cache."""
+    def of(cls, items: Sequence[tuple[KVCache, np.ndarray]], apart: Sequence[bool] | None = None) -> Batch:
+        """Sequences (kv cache, new ids) in order; positions continue each cache. `apart`: per sequence, whether
+        its rows are computed one by one (SeqRows.apart)."""
         seqs, pos, ids, r0 = [], [], [], 0
-        for kv, new in items:
+        for i, (kv, new) in enumerate(items):
             n = len(new)
             kv.ensure(kv.length + n)
-            seqs.append(SeqRows(kv, r0, n))
+            seqs.append(SeqRows(kv, r0, n, bool(apart[i]) if apart is not None else False))
             pos.append(np.arange(kv.length, kv.length + n))
             ids.append(np.asarray(new, np.int64))
             r0 += n
         return cls(tuple(seqs), np.concatenate(pos), np.concatenate(ids))
 
     def per_seq(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
-        """fn over each sequence's rows of x apart, concatenated."""
-        if len(self.seqs) == 1:
+        """fn over each sequence's rows of x apart (each row alone in a sequence computed `apart`), concatenated."""
+        if len(self.seqs) == 1 and not (self.seqs[0].apart and len(x) > 1):
             return fn(x)
-        return np.concatenate([fn(np.ascontiguousarray(x[s.rows])) for s in self.seqs])
+        parts = []
+        for s in self.seqs:
+            rows = [slice(r, r + 1) for r in range(s.start, s.start + s.n)] if s.apart else [s.rows]
+            parts += [fn(np.ascontiguousarray(x[r])) for r in rows]
+        return np.concatenate(parts)
 
     def commit(self) -> None:
         """The step is done: every sequence's cache now holds its new tokens."""

@@ -76,7 +76,7 @@ class MoEModel:
         window = cfg.window(layer)  # per layer: some models alternate sliding and full attention
         for s in batch.seqs:
             r = s.rows
-            out[r] = s.kv.attend(layer, q[r], k[r], v[r], batch.positions[r], window, w.attn_sinks)
+            out[r] = s.kv.attend(layer, q[r], k[r], v[r], batch.positions[r], window, w.attn_sinks, s.apart)
         return self.family.pieces.attention_output(cfg, w, out, ops)
 
     def _ffn(self, layer: int, x: np.ndarray, batch: Batch, ops: RuntimeOps) -> np.ndarray:
@@ -91,13 +91,16 @@ class MoEModel:
     def new_kv(self, capacity: int | None = None) -> KVCache:
         return KVCache(self.cfg, capacity or self.kv_capacity, self.kv_dtype)
 
-    def forward_batch(self, items: Sequence[tuple[KVCache, np.ndarray]], all_logits: bool = False) -> list[np.ndarray]:
+    def forward_batch(self, items: Sequence[tuple[KVCache, np.ndarray]], all_logits: bool = False,
+                      apart: Sequence[bool] | None = None) -> list[np.ndarray]:
         """One step for several sequences: each (kv cache, new ids) appends its ids to its own cache.
         An expert needed by several sequences is read once; every computation runs on each
         sequence's rows separately, so a sequence gets bit-for-bit the logits it would get alone.
-        Returns per sequence the logits (n, vocab) of every new position, or only of its last."""
+        A sequence whose `apart` is true (speculative verification) has each row computed alone, its logits bit
+        for bit those of a decode step of that token, and gets the logits of every row. Returns per sequence the
+        logits (n, vocab) of every new position, or only of its last."""
         cfg = self.cfg
-        batch = Batch.of(items)
+        batch = Batch.of(items, apart)
         ops = RuntimeOps(batch)
         embed = self.weights.embed
         x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)  # (N, d_model)
@@ -108,13 +111,15 @@ class MoEModel:
         batch.commit()
         out = []
         for s in batch.seqs:
-            rows = x[s.rows] if all_logits else x[s.start + s.n - 1:s.start + s.n]
-            out.append(self.output(np.ascontiguousarray(rms_norm(rows, self.weights.output_norm, cfg.norm_eps))))
+            rows = x[s.rows] if all_logits or s.apart else x[s.start + s.n - 1:s.start + s.n]
+            normed = np.ascontiguousarray(rms_norm(rows, self.weights.output_norm, cfg.norm_eps))
+            out.append(np.concatenate([self.output(normed[i:i + 1]) for i in range(len(normed))]) if s.apart
+                       else self.output(normed))
         return out
 
-    def forward(self, ids: np.ndarray, all_logits: bool = True) -> np.ndarray:
+    def forward(self, ids: np.ndarray, all_logits: bool = True, rows_apart: bool = False) -> np.ndarray:
         """Append `ids` to the engine's own sequence; logits (n, vocab) of every new position (or the last)."""
-        return self.forward_batch([(self.kv, ids)], all_logits=all_logits)[0]
+        return self.forward_batch([(self.kv, ids)], all_logits=all_logits, apart=[rows_apart])[0]
 
     def reset(self) -> None:
         self.kv.length = 0

@@ -164,9 +164,11 @@ class StreamingMoE:
             if len(tok) == 0:
                 continue
             tok = tok + s.start
-            x = np.ascontiguousarray(h[tok])
-            if mlp is None:
-                y = swiglu_expert(x, g, u, d, dg, du, dd, cfg.d_ff, cfg.d_model)
-            else:  # one sequence's rows at a time already: ops without a batch
-                y = self.family.pieces.expert_mlp(cfg, mlp, x, RuntimeOps())
-            contrib[tok, which] = y * weights[tok, which][:, None]
+            # rows apart (speculative verification): each token as its own decode step computes it
+            for t, c in [(tok[i:i + 1], which[i:i + 1]) for i in range(len(tok))] if s.apart else [(tok, which)]:
+                x = np.ascontiguousarray(h[t])
+                if mlp is None:
+                    y = swiglu_expert(x, g, u, d, dg, du, dd, cfg.d_ff, cfg.d_model)
+                else:  # one sequence's rows at a time already: ops without a batch
+                    y = self.family.pieces.expert_mlp(cfg, mlp, x, RuntimeOps())
+                contrib[t, c] = y * weights[t, c][:, None]
