@@ -145,29 +145,38 @@ def inspect(path: str, as_json: bool) -> None:
                    "whole layout fits in memory beside the caches.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
+@click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup) or a small LAYOUT sharing the tokenizer "
+              "(kept in memory). Greedy output is the same; sampled output has the same distribution.")
+@click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Tokens drafted per verification step.")
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
-        io_mode: str, json_out: str | None, trace_out: str | None, approx: Approx | None = None) -> None:
+        io_mode: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
+        approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
-    from .runtime.engine import IO_MODES, Engine
+    from .runtime.engine import IO_MODES, Engine, draft_footprint
     from .runtime.report import format_stats
     from .runtime.trace import TraceWriter
 
     tracer = TraceWriter(trace_out) if trace_out else None
+    drafter = None
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
-                         kv_dtype=kv_type, direct=IO_MODES[io_mode]) as engine:
+                         kv_dtype=kv_type, direct=IO_MODES[io_mode], reserve_bytes=draft_footprint(draft)) as engine:
+            drafter = engine.open_drafter(draft) if draft else None
             click.echo(prompt, nl=False)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, seed=seed, stop=stop):
+                                       top_p=top_p, seed=seed, stop=stop, draft=drafter, draft_tokens=draft_tokens):
                 click.echo(tok.text, nl=False)
                 sys.stdout.flush()
                 finish = tok.finish_reason
             click.echo()
             stats = engine.stats()
     finally:
+        if drafter is not None:
+            drafter.close()
         if tracer is not None:
             tracer.close()
     stats["finish_reason"] = finish

@@ -139,7 +139,8 @@ def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
         "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "read_retries", "cache_slots", "cache_mb", "prefetch",
         "o_direct", "peak_rss_mb", "keep_pages", "kv_dtype", "kv_bytes_per_token", "kv_mb", "approx", "expert_choices_per_token",
         "approx_dropped", "approx_substituted", "approx_dropped_per_token", "approx_substituted_per_token",
-        "approx_standins", "approx_standins_per_token", "standin_bytes_read", "finish_reason"]
+        "approx_standins", "approx_standins_per_token", "standin_bytes_read", "spec_steps", "draft_proposed",
+        "draft_accepted", "draft_acceptance", "tokens_per_step", "finish_reason"]
     assert list(stats["read_latency_ms"]) == ["50", "95", "99"] and stats["read_mb_s"] > 0
     assert 0 < stats["read_latency_ms"]["50"] <= stats["read_latency_ms"]["95"] <= stats["read_latency_ms"]["99"]
     assert stats["generated_tokens"] == 12 and stats["cache_slots"] == 3 and stats["bytes_read"] > 0

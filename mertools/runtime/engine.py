@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import MertoolsError
 from ..layout.reader import Layout
 from .approx import Approx
-from .batch import check_kv_dtype, kv_bytes_per_token
+from .batch import PREFILL_CHUNK, check_kv_dtype, kv_bytes_per_token
 from .cache import ExpertCache
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
@@ -22,6 +22,7 @@ from .model import KVCache, MoEModel
 from .moe import Tier
 from .prefetch import PREFETCH_MODES
 from .sampling import Sampler, SamplingParams
+from .speculative import AdaptiveK, Draft, Drafter, ModelDrafter, NgramDrafter, SpecStats, accept_greedy, accept_sampled
 from .stats import RunStats, RunTimes
 from .store import ExpertStore
 from .text import GenerationText, PromptError, check_ids, check_prompt
@@ -29,7 +30,15 @@ from .text import GenerationText, PromptError, check_ids, check_prompt
 MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = {"direct": True, "buffered": False, "auto": None}  # --io: Engine.open's `direct`
-PREFILL_CHUNK = 512  # prompt tokens per forward step in generate()
+
+
+def draft_footprint(spec: str | None) -> int:
+    """The bytes a draft model (`--draft LAYOUT`) holds beside the target: its dense weights and every expert
+    (0 for "ngram" or none); the target's automatic budget leaves them out (`Engine.open(reserve_bytes=...)`)."""
+    if spec is None or spec == "ngram":
+        return 0
+    m = Layout.open(spec).manifest
+    return sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
 
 
 def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
@@ -71,19 +80,22 @@ class Engine:
         self.threads = threads
         self._tokenizer = None
         self.times = RunTimes()
+        self.spec = SpecStats()  # speculative decoding's counts (generate with a draft)
 
     @classmethod
     def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str | PrefetcherFactory = "lookahead",
              threads: int | None = None, *, policy: str = "lfd", direct: bool | None = True, verify: bool = True,
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
-             kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None) -> Engine:
+             kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
+             reserve_bytes: int = 0) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
         holds `kv_dtype` ("f16", "q8_0" or the exact "f32"), sized for `context` positions (default 256, grown as
         needed); without `cache_mb`, the expert cache gets what is left after the dense weights, that KV
-        cache and a margin. `direct`: O_DIRECT reads (True), buffered reads that keep their pages for the next
-        process (False), or None: buffered when the whole layout fits beside the caches (`fits_beside`)."""
+        cache, a margin and `reserve_bytes` (a draft model's, `draft_footprint`). `direct`: O_DIRECT reads
+        (True), buffered reads that keep their pages for the next process (False), or None: buffered when the
+        whole layout fits beside the caches (`fits_beside`)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         cfg = m.config
@@ -107,7 +119,7 @@ class Engine:
         need = cfg.n_experts_used
         if cache_mb is None:
             dense = sum(t.nbytes for t in m.dense.values())
-            budget = available_bytes() - dense - MARGIN - kv_bytes
+            budget = available_bytes() - dense - MARGIN - kv_bytes - reserve_bytes
         else:
             budget = int(cache_mb * 2**20)
         standin_slots = standin_bytes = 0
@@ -185,40 +197,46 @@ class Engine:
         """A sequence of its own (its KV cache, room for `context` positions), for `step`; drop it when done."""
         return self.model.new_kv(context)
 
-    def step(self, items: Sequence[tuple[KVCache, Sequence[int]]]) -> list[np.ndarray]:
+    def step(self, items: Sequence[tuple[KVCache, Sequence[int]]], verify: Sequence[bool] | None = None
+             ) -> list[np.ndarray]:
         """One forward step over several sequences at once (continuous batching): each item appends
         its new ids (a prompt chunk, or one sampled token) to its own sequence. Returns, per item, the
-        logits (vocab,) float32 of its last new position. Not thread-safe: call from one thread."""
+        logits (vocab,) float32 of its last new position; for an item whose `verify` is true (a token and its
+        drafted successors), the logits (n, vocab) of every row, each computed as a decode step would.
+        Not thread-safe: call from one thread."""
         batch = [(kv, self._check_ids(kv, ids)) for kv, ids in items]
         t0 = time.perf_counter()
         try:
-            return [out[-1] for out in self.model.forward_batch(batch, all_logits=False)]
+            outs = self.model.forward_batch(batch, all_logits=False, apart=verify)
+            return [out if verify is not None and verify[i] else out[-1] for i, out in enumerate(outs)]
         finally:
             self.times.forward_s += time.perf_counter() - t0
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 add_bos: bool | None = None) -> Iterator[GeneratedToken]:
-        """Reset, prefill the prompt, then yield tokens as they are sampled."""
+                 add_bos: bool | None = None, draft: Drafter | None = None,
+                 draft_tokens: int = 4) -> Iterator[GeneratedToken]:
+        """Reset, prefill the prompt, then yield tokens as they are sampled. With a `draft` (speculative.py: an
+        NgramDrafter, or a ModelDrafter from `open_drafter`), up to `draft_tokens` drafted tokens are checked per
+        forward step: greedy output is token for token the same, sampled output has the same distribution."""
         tok, cfg, t = self.tokenizer, self.config, self.times
         ids = tok.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
         ids, max_tokens = _checked(check_prompt, ids, cfg.vocab_size, cfg.context_length, max_tokens)
+        if draft_tokens < 1:
+            raise RuntimeConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         out = GenerationText(tok.stream(), stop, tok.eos_ids, max_tokens)
         self.reset()
-        self.model.kv.reserve(len(ids) + max_tokens)  # the context this request asks for, allocated once
+        self.model.kv.reserve(len(ids) + max_tokens + (draft_tokens if draft else 0))  # allocated once
         t0 = time.perf_counter()
         for i in range(0, len(ids), PREFILL_CHUNK):  # a long prompt in chunks: attention scores stay chunk x context
             logits = self.forward(ids[i:i + PREFILL_CHUNK], all_logits=False)[-1]
         t.prefill_s += time.perf_counter() - t0
         t.prompt_tokens += len(ids)
-        next_id = -1
-        for i in range(max_tokens):
-            if i:
-                t1 = time.perf_counter()
-                logits = self.forward([next_id], all_logits=False)[-1]
-                t.decode_s += time.perf_counter() - t1
-            next_id = sampler(logits)
+        first = sampler(logits)
+        steps = self._plain(first, sampler) if draft is None else self._speculative(ids, first, sampler, draft, draft_tokens,
+                                                                                   max_tokens)
+        for next_id in steps:
             t.generated_tokens += 1
             if t.ttft_s is None:
                 t.ttft_s = time.perf_counter() - t0
@@ -226,6 +244,78 @@ class Engine:
             yield GeneratedToken(next_id, text, reason)
             if reason is not None:
                 return
+
+    def _plain(self, first: int, sampler: Sampler) -> Iterator[int]:
+        """One forward step per token."""
+        next_id = first
+        while True:
+            yield next_id
+            t1 = time.perf_counter()
+            logits = self.forward([next_id], all_logits=False)[-1]
+            self.times.decode_s += time.perf_counter() - t1
+            next_id = sampler(logits)
+
+    def _speculative(self, ids: list[int], first: int, sampler: Sampler, draft: Drafter, k: int,
+                     max_tokens: int) -> Iterator[int]:
+        """Draft (up to k tokens, fewer while drafts fail: AdaptiveK), verify in one step with rows apart (each row's
+        logits those of a decode step), accept by the rule, roll the KV cache back past the rejected rows. The
+        caller stops pulling at EOS, a stop string or the limit."""
+        context, cur, kv, st, adapt = list(ids), first, self.model.kv, self.spec, AdaptiveK(k)
+        yield cur
+        produced = 1
+        while produced < max_tokens:
+            t1 = time.perf_counter()
+            context.append(cur)
+            room = min(adapt.next(), max_tokens - produced - 1, self.config.context_length - len(context))
+            d = draft.propose(context, room, sampler) if room > 0 else Draft([])
+            tokens = d.tokens[:max(room, 0)]
+            logits = self._verify([cur, *tokens])
+            if sampler.params.temperature == 0:
+                j, nxt = accept_greedy(logits, tokens)
+            else:
+                p = np.stack([sampler.distribution(row) for row in logits])
+                j, nxt = accept_sampled(p, Draft(tokens, None if d.q is None else d.q[:len(tokens)]), sampler.rng)
+            kv.length -= len(tokens) - j  # the rejected rows' keys and values are forgotten
+            adapt.update(len(tokens), j)
+            self.times.decode_s += time.perf_counter() - t1
+            st.steps += 1
+            st.drafted += len(tokens)
+            st.accepted += j
+            st.generated += j + 1
+            for t_id in tokens[:j]:
+                context.append(t_id)
+                produced += 1
+                yield t_id
+            produced += 1
+            cur = nxt
+            yield cur
+
+    def open_drafter(self, spec: str) -> Drafter:
+        """`--draft`: "ngram" (prompt lookup), or the path of a small layout sharing this model's tokenizer (opened
+        with every expert resident if it fits, its KV cache in this engine's type)."""
+        if spec == "ngram":
+            return NgramDrafter()
+        m = Layout.open(spec).manifest
+        draft = Engine.open(spec, cache_mb=sum(e.nbytes for e in m.experts) / 2**20 + 1, prefetch="none",
+                            threads=self.threads, kv_dtype=self.model.kv_dtype)  # every expert resident
+        mine, theirs = self.layout.manifest, draft.layout.manifest
+        ours = {p: mine.files[p].xxh3 for p in mine.tokenizer["files"]}
+        other = {p: theirs.files[p].xxh3 for p in theirs.tokenizer["files"]}
+        if mine.config.vocab_size != theirs.config.vocab_size or ours != other:
+            draft.close()
+            raise RuntimeConfigError(f"{spec}: its tokenizer is not {self.layout.root}'s (vocabulary "
+                                     f"{theirs.config.vocab_size} vs {mine.config.vocab_size}, or other tokenizer files); "
+                                     "a draft model must share the target's tokenizer")
+        return ModelDrafter(draft)
+
+    def _verify(self, ids: list[int]) -> np.ndarray:
+        """Logits (len(ids), vocab) of every row, each computed as a one-token decode step would."""
+        checked = self._check_ids(self.model.kv, ids)
+        t0 = time.perf_counter()
+        try:
+            return self.model.forward(checked, all_logits=True, rows_apart=True)
+        finally:
+            self.times.forward_s += time.perf_counter() - t0
 
     def run_stats(self) -> RunStats:
         s, t = self.store, self.times
@@ -257,6 +347,8 @@ class Engine:
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kv_bytes_per_token=self.model.kv.bytes_per_token,
             kv_mb=self.model.kv.nbytes / 2**20,
+            spec_steps=self.spec.steps, draft_proposed=self.spec.drafted, draft_accepted=self.spec.accepted,
+            draft_acceptance=self.spec.acceptance_rate, tokens_per_step=self.spec.tokens_per_step,
         )
 
     def _approx_stats(self) -> dict[str, Any]:

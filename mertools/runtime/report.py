@@ -23,6 +23,9 @@ def format_stats(s: dict[str, Any]) -> str:
         f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
         f"{s['prefetch_wasted']} wasted, {s['prefetch_cancelled']} called off while loading",
         *_approx_lines(s),
+        *([f"speculate   {s['spec_steps']} verification steps: {s['draft_proposed']} tokens drafted, "
+           f"{s['draft_accepted']} accepted ({s['draft_acceptance']:.1%}), {s['tokens_per_step']:.2f} tokens per step"]
+          if s.get("spec_steps") else []),
         f"memory      peak RSS {s['peak_rss_mb']:.0f} MiB",
         f"KV cache    {s['kv_dtype']}, {s['kv_bytes_per_token'] / 1024:.1f} KiB per token of context, "
         f"{s['kv_mb']:.1f} MiB held",

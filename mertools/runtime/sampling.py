@@ -30,9 +30,14 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits (vocab,) float32 -> token id."""
-        p = self.params
-        if p.temperature == 0:
+        if self.params.temperature == 0:
             return int(np.argmax(logits))  # first maximum on ties, deterministic
+        order, probs = self._kept(logits)
+        return int(order[self.rng.choice(len(probs), p=probs)])
+
+    def _kept(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens temperature, top-k and top-p keep, most likely first, and their probabilities."""
+        p = self.params
         z = logits.astype(np.float64) / p.temperature
         order = np.argsort(-z, kind="stable")
         if p.top_k:
@@ -45,4 +50,19 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             probs = probs[:keep] / probs[:keep].sum()
             order = order[:keep]
-        return int(order[self.rng.choice(len(probs), p=probs)])
+        return order, probs
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """(vocab,) float64: the probability this sampler gives each token (one-hot at the argmax when greedy);
+        speculative decoding's acceptance rule compares these."""
+        out = np.zeros(logits.shape[-1], np.float64)
+        if self.params.temperature == 0:
+            out[int(np.argmax(logits))] = 1.0
+            return out
+        order, probs = self._kept(logits)
+        out[order] = probs
+        return out
+
+    def draw(self, probs: np.ndarray) -> int:
+        """A token drawn from a distribution over the vocabulary (this sampler's generator)."""
+        return int(self.rng.choice(len(probs), p=probs / probs.sum()))

@@ -135,6 +135,13 @@ class RunStats:
     approx_standins: int = 0  # choices computed with a low-bit stand-in (standin_share), in all and per token
     approx_standins_per_token: float = 0.0
     standin_bytes_read: int = 0  # of bytes_read, the stand-ins' share
+    # speculative decoding (generate with a draft): verification steps, drafted and accepted tokens, their ratio,
+    # and tokens generated per verification step
+    spec_steps: int = 0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    draft_acceptance: float = 0.0
+    tokens_per_step: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

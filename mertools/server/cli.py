@@ -79,10 +79,14 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
+@click.option("--draft", type=click.Choice(["ngram"]), help="Speculative decoding by prompt lookup (n-grams of each "
+              "request's own text): greedy output is the same, sampled output has the same distribution.")
+@click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Tokens drafted per sequence per verification step.")
 @approx_options
 def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
           max_queue: int, prefetch: str, threads: int | None, kv_type: str, io_mode: str, model_name: str | None,
-          prefill_chunk: int, approx: Approx | None = None) -> None:
+          prefill_chunk: int, draft: str | None, draft_tokens: int, approx: Approx | None = None) -> None:
     """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics), batching concurrent requests into shared forward steps."""
     import uvicorn
@@ -104,7 +108,8 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
 
     cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
                        max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
-                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, approx=approx)
+                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, approx=approx, draft=draft,
+                       draft_tokens=draft_tokens)
     app = create_app(cfg, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     click.echo(f"serving {cfg.name} from {layout} on http://{host}:{port}/v1 (loading the model...)", err=True)

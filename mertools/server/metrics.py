@@ -47,6 +47,11 @@ class EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=getattr(stats, attr, 0))
         yield CounterMetricFamily("mertools_expert_bytes_read", "Bytes of expert files read from disk.",
                                   value=getattr(store, "bytes_read", 0))
+        spec = getattr(engine, "spec", None)  # speculative decoding (serve --draft)
+        yield CounterMetricFamily("mertools_draft_tokens", "Tokens drafted for speculative decoding.",
+                                  value=getattr(spec, "drafted", 0))
+        yield CounterMetricFamily("mertools_draft_accepted_tokens", "Drafted tokens the model accepted.",
+                                  value=getattr(spec, "accepted", 0))
         hist = getattr(store, "read_latency", None)
         counts, total, n = hist.cumulative(READ_BUCKETS) if hist is not None else ([0] * len(READ_BUCKETS), 0.0, 0)
         buckets = [(floatToGoString(b), c) for b, c in zip(READ_BUCKETS, counts, strict=True)] + [("+Inf", n)]

@@ -25,7 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..runtime.sampling import Sampler, SamplingParams
+from ..runtime.speculative import AdaptiveK, Draft, Drafter, accept_greedy, accept_sampled
 from ..runtime.text import GenerationText, check_prompt
 from .metrics import ServerMetrics
 
@@ -95,6 +98,8 @@ class _Seq:
     fed: int = 0  # prompt tokens already in the KV cache
     last_id: int = -1
     last_time: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # generated so far (the n-gram drafter looks them up)
+    adapt: AdaptiveK | None = None  # how many tokens to draft next (with a drafter)
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -108,10 +113,13 @@ class _Seq:
 class Scheduler:
     def __init__(self, load: Callable[[], Any], *, max_running: int = 8, max_waiting: int = 64,
                  prefill_chunk: int = 64, step_token_budget: int = 512, metrics: ServerMetrics | None = None,
-                 on_load_error: Callable[[str], None] | None = None) -> None:
-        if max_running < 1 or max_waiting < 0 or prefill_chunk < 1:
-            raise ValueError("max_running and prefill_chunk must be >= 1, max_waiting >= 0")
+                 on_load_error: Callable[[str], None] | None = None, draft: Drafter | None = None,
+                 draft_tokens: int = 4) -> None:
+        if max_running < 1 or max_waiting < 0 or prefill_chunk < 1 or draft_tokens < 1:
+            raise ValueError("max_running, prefill_chunk and draft_tokens must be >= 1, max_waiting >= 0")
         self._load = load
+        # speculative decoding: a stateless drafter shared by the sequences (n-gram lookup), k tokens per step
+        self.draft, self.draft_tokens = draft, draft_tokens
         self.max_running, self.max_waiting = max_running, max_waiting
         self.prefill_chunk, self.step_token_budget = prefill_chunk, max(step_token_budget, prefill_chunk)
         self.metrics = metrics
@@ -252,29 +260,33 @@ class Scheduler:
         chunk = self.prefill_chunk
         decoding = sum(1 for s in self._running if s.fed == len(s.prompt))
         budget, any_prefill = self.step_token_budget - decoding, False
-        items, fed = [], []
+        items, fed, verify = [], [], []
         for s in self._running:
+            drafted: list[int] = []
             if s.fed < len(s.prompt):
                 ids = s.prompt[s.fed:s.fed + chunk]
                 if any_prefill and len(ids) > budget:
                     continue  # over this step's budget: its next chunk waits one step
                 budget, any_prefill = budget - len(ids), True
             else:
-                ids = (s.last_id,)
+                if self.draft is not None:
+                    drafted = self._propose(s)
+                ids = (s.last_id, *drafted)
             items.append((s.kv, ids))
-            fed.append((s, len(ids)))
+            fed.append((s, len(ids), drafted))
+            verify.append(self.draft is not None and s.fed == len(s.prompt))
         try:
-            logits = self.engine.step(items)
+            logits = self.engine.step(items, verify=verify) if any(verify) else self.engine.step(items)
         except Exception as e:  # e.g. an expert that cannot be read: those sequences end, the rest go on
             log.exception("engine step failed")
-            for s, _ in fed:
+            for s, _, _ in fed:
                 self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
             return
         now = time.perf_counter()
         if self.metrics:
             self.metrics.steps.inc()
-            self.metrics.step_tokens.inc(sum(n for _, n in fed))
-        for (s, n), lg in zip(fed, logits, strict=True):
+            self.metrics.step_tokens.inc(sum(n for _, n, _ in fed))
+        for (s, n, drafted), lg, checked in zip(fed, logits, verify, strict=True):
             if s.fed < len(s.prompt):
                 s.fed += n
                 if s.fed < len(s.prompt):
@@ -283,15 +295,50 @@ class Scheduler:
                 self._finish(s, None, "cancelled")
                 continue
             try:
-                self._on_token(s, s.sampler(lg), now)
+                if checked:
+                    self._accept(s, lg, drafted, now)
+                else:
+                    self._on_token(s, s.sampler(lg), now)
             except Exception as e:  # e.g. NaN logits under sampling: this sequence ends, the batch goes on
                 log.exception("sampling failed")
                 if s in self._running:
                     self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
 
+    def _propose(self, s: _Seq) -> list[int]:
+        """Draft tokens for a decoding sequence, no more than its max_tokens and its KV cache's context allow."""
+        if s.adapt is None:
+            s.adapt = AdaptiveK(self.draft_tokens)
+        room = min(s.adapt.next(), s.handle.max_tokens - s.generated - 1,
+                   self.engine.config.context_length - len(s.prompt) - len(s.tokens) - 1)
+        if room <= 0:
+            return []
+        return self.draft.propose([*s.prompt, *s.tokens], room, s.sampler).tokens[:room]
+
+    def _accept(self, s: _Seq, logits: Any, drafted: list[int], now: float) -> None:  # noqa: ANN401 - (n, vocab)
+        """A verification step's outcome: the accepted drafted tokens and the target's next one, emitted in order
+        (until the sequence ends); the rejected rows' keys and values forgotten."""
+        if s.sampler.params.temperature == 0:
+            j, nxt = accept_greedy(logits, drafted)
+        else:
+            p = np.stack([s.sampler.distribution(row) for row in logits])
+            j, nxt = accept_sampled(p, Draft(drafted), s.sampler.rng)
+        s.kv.length -= len(drafted) - j
+        if s.adapt is not None:
+            s.adapt.update(len(drafted), j)
+        spec = self.engine.spec
+        spec.steps += 1
+        spec.drafted += len(drafted)
+        spec.accepted += j
+        spec.generated += j + 1
+        for tid in [*drafted[:j], nxt]:
+            if s not in self._running:
+                return
+            self._on_token(s, tid, now)
+
     def _on_token(self, s: _Seq, tid: int, now: float) -> None:
         text, reason = s.text.push(tid)
         s.last_id = tid
+        s.tokens.append(tid)
         m = self.metrics
         if m:
             m.generated_tokens.inc()
