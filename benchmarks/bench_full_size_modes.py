@@ -74,7 +74,7 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
              f"{standins['dtype']}, {standins['bytes'] / 1e9:.1f} GB ({standins['ratio']:.0%} of the experts' bytes), "
              f"written by `mertools standins` in {standins['seconds'] / 60:.0f} min. Fidelity of each setting on the "
              "trained fixture: the \"modes\" section (its top-1 and KL columns).", "",
-             "| cap | setting | tok/s | vs mertools exact | vs llama.cpp | GB read/token | hit rate | "
+             "| cap | setting | tok/s | vs mertools exact | vs llama.cpp | GB read/token | no demand read | "
              "peak RSS GiB (within cap) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     ok = True
@@ -100,7 +100,8 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
     busy = sum(1 for run in runs for t in ("mertools", "llama") if not run[t].get("quiet", True))
     busy += sum(1 for rs in modes.values() for r in rs if not r.get("quiet", True))
     lines += ["", "GB read/token: decode steps only (mertools: both tiers' reads, stand-ins included; llama.cpp: "
-              "/proc/self/io read_bytes). Hit rate: lookups served from memory, either cache."
+              "/proc/self/io read_bytes). No demand read: expert lookups found resident or already on their way in "
+              "(a prefetch), either cache."
               + (f" {busy} run(s) started while other processes kept the CPUs busy: their figures may be low." if busy else "")]
     return "\n".join(lines), ok
 

@@ -115,15 +115,15 @@ def full_size_rows(a: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     from benchmarks.full_size_checkpoints import SHAPES
 
     s = SHAPES["mixtral"]
-    a.shape, a.llama_tokens, a.calib_tokens, a.work = "mixtral", None, 256, work
+    # what bench_full_size.build reads: the same checkpoint recipe as the full-size benchmarks
+    a.shape, a.llama_tokens, a.calib_tokens, a.work, a.seed, a.run_timeout = "mixtral", None, 256, work, 0, 1800
     p = fs.paths(s, s.n_layers, work, 0)
-    a.seed = 0
-    fs.build(s, s.n_layers, a, p)
-    sizes = fs.layout_sizes(p["layout"])
     cap = fs.meminfo("MemTotal") // 4
     ids = common.random_ids(64, 1, s.vocab) * 3
     rows, res = [], {}
     try:
+        fs.build(s, s.n_layers, a, p)
+        sizes = fs.layout_sizes(p["layout"])
         for sname, draft in SETTINGS[:2]:
             common.wait_quiet(60)
             common.drop_caches()
