@@ -28,6 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .batch import PREFILL_CHUNK
 
 if TYPE_CHECKING:
+    from .batch import KVCache
     from .engine import Engine
     from .sampling import Sampler
 
@@ -47,6 +48,11 @@ class Drafter(Protocol):
     def propose(self, context: Sequence[int], k: int, sampler: Sampler) -> Draft:
         """Up to k tokens likely to follow `context` (every token so far, the last one not yet in the target's
         KV cache). May propose fewer, or none."""
+        ...
+
+    def for_sequence(self) -> Drafter:
+        """A drafter for one more sequence of a batch (the server: one per running sequence): itself when it keeps
+        no state, else one with state of its own over the same draft model."""
         ...
 
     def close(self) -> None: ...
@@ -76,6 +82,9 @@ class NgramDrafter:
                 return Draft([int(t) for t in ctx[start:start + k]])
         return Draft([])
 
+    def for_sequence(self) -> NgramDrafter:
+        return self  # stateless
+
     def close(self) -> None:
         pass
 
@@ -88,12 +97,21 @@ class ModelDrafter:
 
     name = "model"
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, kv: KVCache | None = None) -> None:
         self.engine = engine
+        self.owner = kv is None  # the first drafter over an engine uses its KV cache and closes it
+        self.kv = engine.model.kv if kv is None else kv
         self.seen: list[int] = []  # the tokens in the draft's KV cache, in order (at most the request's context)
 
+    def for_sequence(self) -> ModelDrafter:
+        """The same draft model with a KV cache of its own (dropped with the drafter)."""
+        return ModelDrafter(self.engine, self.engine.new_sequence())
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        return self.engine.model.forward_batch([(self.kv, ids)], all_logits=False)[0][-1]
+
     def propose(self, context: Sequence[int], k: int, sampler: Sampler) -> Draft:
-        eng, kv = self.engine, self.engine.model.kv
+        eng, kv = self.engine, self.kv
         if not self.seen or len(self.seen) > len(context) or self.seen != list(context[:len(self.seen)]):
             shared = _common_prefix(self.seen, context)  # a new request, or the target rejected what we drafted
             self.seen, kv.length = self.seen[:shared], shared
@@ -107,7 +125,7 @@ class ModelDrafter:
         kv.reserve(len(context) + k)
         new = np.asarray(context[len(self.seen):], np.int64)
         for i in range(0, len(new), PREFILL_CHUNK):  # a long unseen stretch (the prompt) in chunks, as generate()
-            logits = eng.model.forward(new[i:i + PREFILL_CHUNK], all_logits=False)[-1]
+            logits = self._forward(new[i:i + PREFILL_CHUNK])
         self.seen = list(context)
         tokens: list[int] = []
         dists: list[np.ndarray] = []
@@ -119,12 +137,13 @@ class ModelDrafter:
                 dists.append(q)
                 tokens.append(sampler.draw(q))
             if i < k - 1:
-                logits = eng.model.forward(np.asarray(tokens[-1:], np.int64), all_logits=False)[-1]
+                logits = self._forward(np.asarray(tokens[-1:], np.int64))
                 self.seen.append(tokens[-1])
         return Draft(tokens, np.stack(dists) if dists else None)
 
     def close(self) -> None:
-        self.engine.close()
+        if self.owner:
+            self.engine.close()
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

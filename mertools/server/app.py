@@ -29,7 +29,6 @@ from ..errors import MertoolsError
 from ..runtime.approx import Approx
 from ..runtime.harmony import REASONING, HarmonyParser, is_harmony, split_reply
 from ..runtime.sampling import SamplingParams
-from ..runtime.speculative import NgramDrafter
 from ..runtime.text import PromptError, check_prompt
 from . import protocol as P
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -55,7 +54,7 @@ class ServerConfig:
     kv_dtype: str = "f16"  # what each sequence's KV cache holds
     io: str = "direct"  # expert reads: "direct", "buffered" (pages kept) or "auto"
     approx: Approx | None = None  # approximate routing (runtime/approx.py); None: exact
-    draft: str | None = None  # speculative decoding: "ngram" (prompt lookup), or None
+    draft: str | None = None  # speculative decoding: "ngram" (prompt lookup), a draft layout's path, or None
     draft_tokens: int = 4  # tokens drafted per verification step
 
     @property
@@ -68,18 +67,17 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
     """The ASGI app. `load` (default: Engine.open with cfg's options) runs in the scheduler thread."""
     if load is None:
         def load() -> Any:
-            from ..runtime.engine import IO_MODES, Engine
+            from ..runtime.engine import IO_MODES, Engine, draft_footprint
 
             return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
-                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, direct=IO_MODES[cfg.io])
+                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, direct=IO_MODES[cfg.io],
+                               reserve_bytes=draft_footprint(cfg.draft))
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
                             engine=lambda: scheduler.engine)
-    if cfg.draft not in (None, "ngram"):
-        raise ValueError(f"serve drafts with 'ngram' only (a draft model per sequence is not supported yet), got {cfg.draft!r}")
     scheduler = Scheduler(load, max_running=cfg.max_concurrency, max_waiting=cfg.max_queue,
                           prefill_chunk=cfg.prefill_chunk, metrics=metrics, on_load_error=on_load_error,
-                          draft=NgramDrafter() if cfg.draft == "ngram" else None, draft_tokens=cfg.draft_tokens)
+                          draft=cfg.draft, draft_tokens=cfg.draft_tokens)
     created = P.now()
     tok_lock = threading.Lock()  # tokenizers are used from threadpool threads: one at a time
 

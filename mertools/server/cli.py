@@ -79,8 +79,9 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
-@click.option("--draft", type=click.Choice(["ngram"]), help="Speculative decoding by prompt lookup (n-grams of each "
-              "request's own text): greedy output is the same, sampled output has the same distribution.")
+@click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup in each request's own text) or a small "
+              "LAYOUT sharing the tokenizer (kept in memory; a KV cache per sequence). Greedy output is the same, "
+              "sampled output has the same distribution.")
 @click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Tokens drafted per sequence per verification step.")
 @approx_options
@@ -95,6 +96,8 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
     from .app import ServerConfig, create_app
 
     Layout.open(layout)  # a bad layout fails here (exit status 2), before the socket is up
+    if draft not in (None, "ngram"):
+        Layout.open(draft)  # and so does a bad draft layout
     if not _is_loopback(host):
         click.echo(f"note: listening on {host}, not loopback: anyone who can reach it can use the model"
                    + ("" if api_key else " (no --api-key set)"), err=True)

@@ -100,6 +100,7 @@ class _Seq:
     last_time: float = 0.0
     tokens: list[int] = field(default_factory=list)  # generated so far (the n-gram drafter looks them up)
     adapt: AdaptiveK | None = None  # how many tokens to draft next (with a drafter)
+    drafter: Drafter | None = None  # the scheduler's drafter for this sequence (a draft model's KV cache of its own)
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -113,13 +114,15 @@ class _Seq:
 class Scheduler:
     def __init__(self, load: Callable[[], Any], *, max_running: int = 8, max_waiting: int = 64,
                  prefill_chunk: int = 64, step_token_budget: int = 512, metrics: ServerMetrics | None = None,
-                 on_load_error: Callable[[str], None] | None = None, draft: Drafter | None = None,
+                 on_load_error: Callable[[str], None] | None = None, draft: str | None = None,
                  draft_tokens: int = 4) -> None:
         if max_running < 1 or max_waiting < 0 or prefill_chunk < 1 or draft_tokens < 1:
             raise ValueError("max_running, prefill_chunk and draft_tokens must be >= 1, max_waiting >= 0")
         self._load = load
-        # speculative decoding: a stateless drafter shared by the sequences (n-gram lookup), k tokens per step
-        self.draft, self.draft_tokens = draft, draft_tokens
+        # speculative decoding: "ngram" or a draft layout, opened with the engine (engine.open_drafter) in this
+        # scheduler's thread; each sequence drafts through its own `for_sequence()` view
+        self.draft_spec, self.draft_tokens = draft, draft_tokens
+        self.draft: Drafter | None = None
         self.max_running, self.max_waiting = max_running, max_waiting
         self.prefill_chunk, self.step_token_budget = prefill_chunk, max(step_token_budget, prefill_chunk)
         self.metrics = metrics
@@ -188,6 +191,8 @@ class Scheduler:
         try:
             engine = self._load()
             engine.tokenizer  # noqa: B018 - loaded here, before any request can use it
+            if self.draft_spec is not None:
+                self.draft = engine.open_drafter(self.draft_spec)
         except Exception as e:  # any failure to load is reported, never a dead thread nobody notices
             self.load_error = f"cannot load the model: {e}"
             self._state = "failed"
@@ -221,6 +226,8 @@ class Scheduler:
                 self._finish(s, Event(finish_reason="error", error="the server is shutting down"), "error")
             for h in left:
                 h.emit(Event(finish_reason="error", error="the server is shutting down"))
+            if self.draft is not None:
+                self.draft.close()
             engine.close()
 
     def _next_batch(self) -> bool:
@@ -307,12 +314,12 @@ class Scheduler:
     def _propose(self, s: _Seq) -> list[int]:
         """Draft tokens for a decoding sequence, no more than its max_tokens and its KV cache's context allow."""
         if s.adapt is None:
-            s.adapt = AdaptiveK(self.draft_tokens)
+            s.adapt, s.drafter = AdaptiveK(self.draft_tokens), self.draft.for_sequence()
         room = min(s.adapt.next(), s.handle.max_tokens - s.generated - 1,
                    self.engine.config.context_length - len(s.prompt) - len(s.tokens) - 1)
         if room <= 0:
             return []
-        return self.draft.propose([*s.prompt, *s.tokens], room, s.sampler).tokens[:room]
+        return s.drafter.propose([*s.prompt, *s.tokens], room, s.sampler).tokens[:room]
 
     def _accept(self, s: _Seq, logits: Any, drafted: list[int], now: float) -> None:  # noqa: ANN401 - (n, vocab)
         """A verification step's outcome: the accepted drafted tokens and the target's next one, emitted in order
