@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import mertools.runtime.engine as engine_mod
+import mertools.runtime.speculative as speculative
 from mertools.cli import main
 from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.layout import Layout
@@ -72,6 +72,29 @@ def test_sampled_acceptance_edges() -> None:
     for _ in range(20):  # rejected half the time: then from max(0, p - q) = token 0 only
         j, t = accept_sampled(p, Draft([2], q), rng)
         assert (j, t) in ((1, 0), (0, 0))
+
+
+def test_settle_uses_the_drafts_own_distribution() -> None:
+    """The step both the engine and the server settle with: a sampled draft is judged by its own q (here q = p,
+    always accepted; judged as a point mass it would be rejected half the time), the cache rolls back past the
+    rejected rows, the counts add up."""
+    from types import SimpleNamespace
+
+    from mertools.runtime.speculative import AdaptiveK, SpecStats, settle
+
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    logits = np.log(np.array([[0.5, 0.5], [0.5, 0.5]], np.float32))
+    q = np.array([[0.5, 0.5]])
+    stats, adapt = SpecStats(), AdaptiveK(4)
+    for _ in range(50):
+        kv = SimpleNamespace(length=12)  # a target cache that holds the current token and the one drafted row
+        j, _ = settle(logits, Draft([1], q), sampler, kv, adapt, stats)
+        assert j == 1 and kv.length == 12
+    assert (stats.steps, stats.drafted, stats.accepted, stats.tokens_per_step) == (50, 50, 50, 2.0)
+    greedy = Sampler(SamplingParams())
+    kv = SimpleNamespace(length=13)
+    assert settle(np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), Draft([0, 1]), greedy, kv, adapt, stats) == (0, 1)
+    assert kv.length == 11  # both drafted rows forgotten
 
 
 # ---------------------------------------------------------------------- the verification step
@@ -264,7 +287,7 @@ def test_sampling_keeps_the_target_distribution(layouts: dict[str, Path], drafte
             stat, df = _chi_square(good, exact)
             assert stat < df + 5 * np.sqrt(2 * df), (stat, df)  # 5 sigma: chi-square(df) has mean df, variance 2 df
             if drafter == "ngram":  # its drafts are often tokens the sampler never gives: accepting them shows
-                monkeypatch.setattr(engine_mod, "accept_sampled", _accept_all)
+                monkeypatch.setattr(speculative, "accept_sampled", _accept_all)
                 bad = [sample(i) for i in range(n_samples)]
                 stat_bad, df_bad = _chi_square(bad, exact)
                 assert stat_bad > df_bad + 5 * np.sqrt(2 * df_bad), (stat_bad, df_bad)

@@ -98,12 +98,6 @@ class Manifest:
         index = cfg.moe_layers.index(layer) if cfg.dense_layers else layer  # ValueError for a dense layer
         return self.experts[index * cfg.n_experts + expert]
 
-    def standin(self, layer: int, expert: int) -> ExpertEntry:
-        """The low-bit copy of an expert; IndexError when the layout carries none."""
-        cfg = self.config
-        index = cfg.moe_layers.index(layer) if cfg.dense_layers else layer
-        return self.standins[index * cfg.n_experts + expert]
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,

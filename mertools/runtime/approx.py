@@ -1,7 +1,7 @@
 """Approximate routing: opt-in modes that read fewer expert bytes per token, at some cost in fidelity.
 Pure functions on arrays, no I/O (the residency of a layer's experts is handed in by the caller).
 
-Two modes, each off by default (`Approx()` is exact: the runtime then never calls into this module):
+Three modes, each off by default (`Approx()` is exact: the runtime then never calls into this module):
 
 - **adaptive top-k** (`topk_tau` = τ): a chosen expert whose *share* of the token's routed mixture is
   below τ is skipped. A choice's share is its routing weight over the sum of the token's routing weights
@@ -36,6 +36,11 @@ Two modes, each off by default (`Approx()` is exact: the runtime then never call
   substitution whose displaced expert the step still reads for another token is undone, since it would
   save nothing. So substitution, unlike the exact routing, depends on the cache's state and on the
   other sequences of a batch.
+
+- **stand-ins on a miss** (`standin_share` = σ): a chosen expert that is neither resident nor on its way in,
+  and whose share is below σ for every token choosing it (σ = 1: any), is computed with its low-bit copy
+  (`convert --standins`; `standin_choices` picks them). The routing is the family's own; only the weights
+  used for those choices are lower-bit. The stand-ins are read through a tier of their own (runtime/moe.py).
 
 The output keeps a rectangular shape: a token whose choices were skipped has them replaced by its first
 kept expert with weight 0 and `live` False (the MoE block skips them), so traces and prefetchers, which

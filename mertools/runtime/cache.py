@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .stats import LatencyHistogram
 
@@ -46,9 +46,8 @@ class CacheStats:
 
     def plus(self, other: CacheStats) -> CacheStats:
         """The counts of two caches together (the experts' and the stand-ins'); latencies are this one's."""
-        names = ("lookups", "hits", "misses", "loads", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-                 "prefetch_cancelled", "wait_seconds")
-        return CacheStats(**{n: getattr(self, n) + getattr(other, n) for n in names}, load_latency=self.load_latency)
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "load_latency"}
+        return CacheStats(**counts, load_latency=self.load_latency)
 
 
 @dataclass

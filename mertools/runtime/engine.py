@@ -22,7 +22,7 @@ from .model import KVCache, MoEModel
 from .moe import Tier
 from .prefetch import PREFETCH_MODES
 from .sampling import Sampler, SamplingParams
-from .speculative import AdaptiveK, Draft, Drafter, ModelDrafter, NgramDrafter, SpecStats, accept_greedy, accept_sampled
+from .speculative import AdaptiveK, Draft, Drafter, ModelDrafter, NgramDrafter, SpecStats, settle
 from .stats import RunStats, RunTimes
 from .store import ExpertStore
 from .text import GenerationText, PromptError, check_ids, check_prompt
@@ -32,21 +32,22 @@ DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = {"direct": True, "buffered": False, "auto": None}  # --io: Engine.open's `direct`
 
 
+def model_bytes(m: Any) -> int:  # noqa: ANN401 - a Manifest
+    """A layout's expert and dense bytes: what holding the whole model in memory takes."""
+    return sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
+
+
 def draft_footprint(spec: str | None) -> int:
     """The bytes a draft model (`--draft LAYOUT`) holds beside the target: its dense weights and every expert
     (0 for "ngram" or none); the target's automatic budget leaves them out (`Engine.open(reserve_bytes=...)`)."""
-    if spec is None or spec == "ngram":
-        return 0
-    m = Layout.open(spec).manifest
-    return sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
+    return 0 if spec is None or spec == "ngram" else model_bytes(Layout.open(spec).manifest)
 
 
 def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
     """Whether the layout's expert and dense bytes fit in the page cache beside this process (its expert cache,
     KV cache and margin), within what is available (cgroup limits included): then buffered reads can keep
     their pages for the next process."""
-    layout_bytes = sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
-    return layout_bytes + cache_bytes + kv_bytes + MARGIN <= available_bytes()
+    return model_bytes(m) + cache_bytes + kv_bytes + MARGIN <= available_bytes()
 
 
 class RuntimeConfigError(MertoolsError):
@@ -268,21 +269,9 @@ class Engine:
             context.append(cur)
             room = min(adapt.next(), max_tokens - produced - 1, self.config.context_length - len(context))
             d = draft.propose(context, room, sampler) if room > 0 else Draft([])
-            tokens = d.tokens[:max(room, 0)]
-            logits = self._verify([cur, *tokens])
-            if sampler.params.temperature == 0:
-                j, nxt = accept_greedy(logits, tokens)
-            else:
-                p = np.stack([sampler.distribution(row) for row in logits])
-                j, nxt = accept_sampled(p, Draft(tokens, None if d.q is None else d.q[:len(tokens)]), sampler.rng)
-            kv.length -= len(tokens) - j  # the rejected rows' keys and values are forgotten
-            adapt.update(len(tokens), j)
+            j, nxt = settle(self._verify([cur, *d.tokens]), d, sampler, kv, adapt, st)
             self.times.decode_s += time.perf_counter() - t1
-            st.steps += 1
-            st.drafted += len(tokens)
-            st.accepted += j
-            st.generated += j + 1
-            for t_id in tokens[:j]:
+            for t_id in d.tokens[:j]:
                 context.append(t_id)
                 produced += 1
                 yield t_id

@@ -25,10 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..runtime.sampling import Sampler, SamplingParams
-from ..runtime.speculative import AdaptiveK, Draft, Drafter, accept_greedy, accept_sampled
+from ..runtime.speculative import AdaptiveK, Draft, Drafter, settle
 from ..runtime.text import GenerationText, check_prompt
 from .metrics import ServerMetrics
 
@@ -269,7 +267,7 @@ class Scheduler:
         budget, any_prefill = self.step_token_budget - decoding, False
         items, fed, verify = [], [], []
         for s in self._running:
-            drafted: list[int] = []
+            drafted = Draft([])
             if s.fed < len(s.prompt):
                 ids = s.prompt[s.fed:s.fed + chunk]
                 if any_prefill and len(ids) > budget:
@@ -278,7 +276,7 @@ class Scheduler:
             else:
                 if self.draft is not None:
                     drafted = self._propose(s)
-                ids = (s.last_id, *drafted)
+                ids = (s.last_id, *drafted.tokens)
             items.append((s.kv, ids))
             fed.append((s, len(ids), drafted))
             verify.append(self.draft is not None and s.fed == len(s.prompt))
@@ -311,33 +309,19 @@ class Scheduler:
                 if s in self._running:
                     self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
 
-    def _propose(self, s: _Seq) -> list[int]:
+    def _propose(self, s: _Seq) -> Draft:
         """Draft tokens for a decoding sequence, no more than its max_tokens and its KV cache's context allow."""
         if s.adapt is None:
             s.adapt, s.drafter = AdaptiveK(self.draft_tokens), self.draft.for_sequence()
         room = min(s.adapt.next(), s.handle.max_tokens - s.generated - 1,
                    self.engine.config.context_length - len(s.prompt) - len(s.tokens) - 1)
-        if room <= 0:
-            return []
-        return s.drafter.propose([*s.prompt, *s.tokens], room, s.sampler).tokens[:room]
+        return s.drafter.propose([*s.prompt, *s.tokens], room, s.sampler) if room > 0 else Draft([])
 
-    def _accept(self, s: _Seq, logits: Any, drafted: list[int], now: float) -> None:  # noqa: ANN401 - (n, vocab)
-        """A verification step's outcome: the accepted drafted tokens and the target's next one, emitted in order
-        (until the sequence ends); the rejected rows' keys and values forgotten."""
-        if s.sampler.params.temperature == 0:
-            j, nxt = accept_greedy(logits, drafted)
-        else:
-            p = np.stack([s.sampler.distribution(row) for row in logits])
-            j, nxt = accept_sampled(p, Draft(drafted), s.sampler.rng)
-        s.kv.length -= len(drafted) - j
-        if s.adapt is not None:
-            s.adapt.update(len(drafted), j)
-        spec = self.engine.spec
-        spec.steps += 1
-        spec.drafted += len(drafted)
-        spec.accepted += j
-        spec.generated += j + 1
-        for tid in [*drafted[:j], nxt]:
+    def _accept(self, s: _Seq, logits: Any, drafted: Draft, now: float) -> None:  # noqa: ANN401 - (n, vocab)
+        """A verification step's outcome (speculative.settle: the draft's own q under sampling), the accepted
+        drafted tokens and the target's next one emitted in order until the sequence ends."""
+        j, nxt = settle(logits, drafted, s.sampler, s.kv, s.adapt, self.engine.spec)
+        for tid in [*drafted.tokens[:j], nxt]:
             if s not in self._running:
                 return
             self._on_token(s, tid, now)
