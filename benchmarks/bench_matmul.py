@@ -1,7 +1,8 @@
 """Quantized matmul throughput at Mixtral expert shapes: decode matvec (GB/s) and prefill (GFLOP/s).
 
 Run: python benchmarks/bench_matmul.py [--repeat 20 --prefill 64]
-Writes the "matmul" section of docs/BENCHMARKS.md.
+Writes the "matmul" section of docs/BENCHMARKS.md; `--few` instead times a few inputs (n = 1..8) with a
+matvec per input against the tiled kernel, the measurement behind `matmul.MATVEC_ROWS_MAX` ("matmul_few").
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,9 @@ import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from benchmarks._common import MIXTRAL, machine_description, timings, write_section  # noqa: E402
-from mertools.dtypes import EXPERT_DTYPES  # noqa: E402
-from mertools.kernels import quantize  # noqa: E402
-from mertools.kernels.matmul import matmul  # noqa: E402
+from mertools.dtypes import EXPERT_DTYPES, KIND  # noqa: E402
+from mertools.kernels import matmul_kernels, matvec_kernels, quantize  # noqa: E402
+from mertools.kernels.matmul import MATVEC_ROWS_MAX, matmul  # noqa: E402
 
 SHAPES = MIXTRAL.expert_matrices  # gate/up and down: (rows, cols)
 DTYPES = (*EXPERT_DTYPES, "f32")  # every expert type, and f32 as the float baseline
@@ -50,12 +52,51 @@ def memory_bandwidth(repeat: int) -> tuple[float, float]:
     return a.nbytes / np_best / 1e9, a.nbytes / nb_best / 1e9
 
 
+def _median(kernel: Callable[..., None], kind: int, x: np.ndarray, copies: list[np.ndarray], out: np.ndarray,
+            repeat: int) -> float:
+    return statistics.median(timings(lambda i: kernel(kind, x, copies[i % len(copies)], out), repeat))
+
+
+def few_inputs(repeat: int) -> str:
+    """n = 1..8 inputs at the 14336x4096 expert shape: a matvec per input (weights decoded again per input from
+    cache, `matvec_rows`) against the tiled kernel, each on rotating copies so the weights come from DRAM."""
+    rows, cols = SHAPES[0]
+    rng = np.random.default_rng(0)
+    w32 = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    lines = [f"Machine: {machine_description()}", "",
+             f"Command: `python benchmarks/bench_matmul.py --few --repeat {repeat}`", "",
+             f"x (n, {cols}) @ W.T for W {rows}x{cols}, median ms of {repeat} calls on {numba.get_num_threads()} threads, "
+             "each on the next of several copies of W (>= 256 MiB in all). `matmul` uses a matvec per input up to "
+             f"MATVEC_ROWS_MAX = {MATVEC_ROWS_MAX} inputs (each row then has exactly the bits of decoding it alone), "
+             "the tiled kernel above that, the GEMM from 16.", "",
+             "| dtype | n | matvec per input ms | tiled kernel ms | tiled / per input |", "|---|---:|---:|---:|---:|"]
+    for dtype in ("q4_0", "q4_k", "q8_0"):
+        w = quantize(w32, dtype)
+        copies = [w] + [w.copy() for _ in range(max(0, -(-ROTATE_BYTES // w.nbytes) - 1))]
+        kind = KIND[dtype]
+        for n in range(1, 9):
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            out = np.empty((n, rows), np.float32)
+            per = _median(matvec_kernels.matvec_rows, kind, x, copies, out, repeat)
+            tiled = _median(matmul_kernels.matmul_tiled, kind, x, copies, out, repeat)
+            lines.append(f"| {dtype} | {n} | {per * 1e3:.1f} | {tiled * 1e3:.1f} | {tiled / per:.2f}x |")
+        del copies, w
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=64, help="rows of x for the prefill matmul")
     ap.add_argument("--no-write", action="store_true", help="print only, leave docs/BENCHMARKS.md alone")
+    ap.add_argument("--few", action="store_true", help="time n = 1..8 inputs: a matvec each vs the tiled kernel")
     args = ap.parse_args()
+    if args.few:
+        text = few_inputs(args.repeat)
+        print(text)
+        if not args.no_write:
+            write_section("matmul_few", "## A few inputs: a matvec each or the tiled kernel\n\n" + text)
+        return
 
     rng = np.random.default_rng(0)
     bw_before = memory_bandwidth(5)

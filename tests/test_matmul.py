@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from mertools import dtypes as registry
 from mertools.errors import QuantizationError
 from mertools.kernels import common, dequantize, dispatch, gemm_kernels, quantize
+from mertools.kernels import matmul as matmul_mod
 from mertools.kernels import matmul_reference as ref
 from mertools.kernels.matmul import get_rows, matmul, swiglu_expert
 
 DTYPES = tuple(registry.DTYPES)
 BLOCK = {d: t.block_size for d, t in registry.DTYPES.items()}
-NS = (1, 2, 7, 17, 64)  # 1: the matvec; 2, 7: the tiled kernel; 17, 64: the GEMM (16 inputs per vector)
+NS = (1, 2, 7, 17, 64)  # 1: the matvec; 2: a matvec per input; 7: the tiled kernel; 17, 64: the GEMM (16 inputs per vector)
 # (rows, cols): the tiny fixture's matrices, then rows that are no multiple of the 4-row blocking or
 # of the 16-row tile, and widths that leave a partial 512-column tile
 SHAPES = [(512, 256), (256, 512), (256, 256), (128, 256), (37, 512), (131, 768), (3, 256), (21, 1280)]
@@ -339,6 +340,21 @@ def test_gemm_rows_do_not_depend_on_n(dtype: str) -> None:
     for lo, hi in ((0, gemm_kernels.GEMM_MIN_N), (3, 80), (64, 150), (100, 117)):
         np.testing.assert_array_equal(matmul(x[lo:hi], w, dtype, rows, cols), full[lo:hi])
     check(x, w, dtype, rows, cols, full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_few_inputs_are_decode_rows(dtype: str) -> None:
+    """Up to MATVEC_ROWS_MAX inputs each get exactly the bits of a one-input (decode) call: a short prompt's
+    rows are the rows decoding would give; one more input is the tiled kernel's."""
+    rows, cols = 45, 768 if 768 % BLOCK[dtype] == 0 else 1024
+    w = weight(dtype, rows, cols)
+    x = inputs(matmul_mod.MATVEC_ROWS_MAX + 1, cols)
+    for n in range(2, matmul_mod.MATVEC_ROWS_MAX + 1):
+        got = matmul(x[:n], w, dtype, rows, cols)
+        for i in range(n):
+            np.testing.assert_array_equal(got[i], matmul(x[i:i + 1], w, dtype, rows, cols)[0])
+        check(x[:n], w, dtype, rows, cols, got)
+    check(x, w, dtype, rows, cols, matmul(x, w, dtype, rows, cols))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

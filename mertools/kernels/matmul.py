@@ -10,7 +10,9 @@ decode blocks inside the dot product and release the GIL; `matmul_reference` is 
 the tests hold them to.
 
 Decode (n == 1) runs `matvec_kernels` (4 rows per group sharing x, blocks dequantized in vectors,
-software prefetch); prefill (n > 1) the tiled kernel of `matmul_kernels`, or the GEMM of `gemm_kernels`.
+software prefetch), and so do a few inputs (n <= MATVEC_ROWS_MAX: an expert's share of a short prompt or
+of a verification step), each exactly as decode computes it; more inputs the tiled kernel of
+`matmul_kernels`, or the GEMM of `gemm_kernels`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ __all__ = ["MATMUL_DTYPES", "matmul", "get_rows", "swiglu_expert"]
 
 MATMUL_DTYPES = tuple(KIND)  # every registered type has its decoders in `dispatch`
 _KIND = KIND
+# up to this many inputs, a matvec per input (weights decoded again from cache) beat the tiled kernel
+# (docs/BENCHMARKS.md, "A few inputs": `python benchmarks/bench_matmul.py --few`)
+MATVEC_ROWS_MAX = 4
 
 
 def _check_weight(w: np.ndarray, dtype: str, rows: int, cols: int, what: str) -> np.ndarray:
@@ -84,6 +89,8 @@ def matmul(
         return out
     if n == 1:
         _mv.matvec(_KIND[dtype], x2[0], w2, out[0])
+    elif n <= MATVEC_ROWS_MAX:
+        _mv.matvec_rows(_KIND[dtype], x2, w2, out)
     elif n >= _g.GEMM_MIN_N:
         _g.matmul_gemm(_KIND[dtype], _g.panels(x2), n, w2, out)
     else:

@@ -28,7 +28,7 @@ from numba import njit, prange
 from mertools.kernels.common import MATVEC_JIT, R
 from mertools.kernels.dispatch import matvec_group
 
-__all__ = ["R", "matvec", "matvec_group", "matvec_swiglu", "silu_mul_scalar"]
+__all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "silu_mul_scalar"]
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -36,6 +36,15 @@ def matvec(kind, x, w, out):
     """out (rows,) = W @ x. x: float32 (cols,); w: uint8 (rows, row_bytes) of type code `kind`."""
     for g in prange((w.shape[0] + R - 1) // R):
         matvec_group(kind, x, w, R * g, out)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def matvec_rows(kind, x, w, out):
+    """out (n, rows) = x @ W.T for a few rows of x (n = 2..MATVEC_ROWS_MAX), each row exactly as `matvec`
+    computes it: a group's weight bytes come from memory once and are decoded again per row from cache."""
+    for g in prange((w.shape[0] + R - 1) // R):
+        for i in range(x.shape[0]):
+            matvec_group(kind, x[i], w, R * g, out[i])
 
 
 @njit(**MATVEC_JIT)
