@@ -140,9 +140,11 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
-@click.option("--io", "io_mode", type=click.Choice(["direct", "auto", "buffered"]), default="direct", show_default=True,
-              help="Expert reads: O_DIRECT, or buffered keeping the pages for the next run; auto: buffered when the "
-                   "whole layout fits in memory beside the caches.")
+@click.option("--io", "io_mode", type=click.Choice(["auto", "direct", "mmap", "buffered"]), default="auto",
+              show_default=True,
+              help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache "
+                   "shared with the next run); buffered: reads that keep their pages; auto: mmap when the whole layout "
+                   "fits in memory, else O_DIRECT.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
 @click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup) or a small LAYOUT sharing the tokenizer "
@@ -155,7 +157,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
         io_mode: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
         approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
-    from .runtime.engine import IO_MODES, Engine, draft_footprint
+    from .runtime.engine import Engine, draft_footprint
     from .runtime.report import format_stats
     from .runtime.trace import TraceWriter
 
@@ -163,7 +165,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     drafter = None
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
-                         kv_dtype=kv_type, direct=IO_MODES[io_mode], reserve_bytes=draft_footprint(draft)) as engine:
+                         kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft)) as engine:
             drafter = engine.open_drafter(draft) if draft else None
             click.echo(prompt, nl=False)
             finish = None

@@ -293,27 +293,3 @@ def test_f16_kv_cache_is_within_verify_f16_limits(layouts: dict) -> None:
     from family_checks import assert_f16_kv_within_f16_limits
 
     assert_f16_kv_within_f16_limits(layouts["f16"], PROMPT + PROMPT[::-1])
-
-
-def test_io_auto_keeps_a_small_layout_in_the_page_cache(layouts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--io auto: a layout that fits in memory beside the caches is read buffered and its pages are left for the
-    next process (no POSIX_FADV_DONTNEED); one that does not fit is read with O_DIRECT. Results are the same."""
-    import mertools.runtime.engine as engine_mod
-
-    lay = layouts["q4_0"]
-    if _refuses_o_direct(lay):
-        pytest.skip("this filesystem refuses O_DIRECT")
-    dropped: list[int] = []
-    real_fadvise = os.posix_fadvise
-    monkeypatch.setattr(os, "posix_fadvise",
-                        lambda fd, off, n, advice: dropped.append(advice) or real_fadvise(fd, off, n, advice))
-    with Engine.open(lay, cache_mb=2 * _slot_mb(lay), prefetch="none", direct=None, kv_dtype="f32") as eng:
-        got = eng.forward(PROMPT[:6])
-        assert eng.store.o_direct is False and eng.store.keep_pages
-        s = eng.stats()
-        assert s["o_direct"] is False and s["keep_pages"] is True and s["bytes_read"] > 0
-    assert os.POSIX_FADV_DONTNEED not in dropped
-    monkeypatch.setattr(engine_mod, "available_bytes", lambda: 64 << 20)  # now the layout does not fit beside us
-    with Engine.open(lay, cache_mb=2 * _slot_mb(lay), prefetch="none", direct=None, kv_dtype="f32") as eng:
-        np.testing.assert_array_equal(eng.forward(PROMPT[:6]), got)
-        assert eng.store.o_direct is True and not eng.store.keep_pages

@@ -29,7 +29,7 @@ from .text import GenerationText, PromptError, check_ids, check_prompt
 
 MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
-IO_MODES = {"direct": True, "buffered": False, "auto": None}  # --io: Engine.open's `direct`
+IO_MODES = ("direct", "buffered", "mmap", "auto")  # --io: Engine.open's `io`
 
 
 def model_bytes(m: Any) -> int:  # noqa: ANN401 - a Manifest
@@ -45,8 +45,8 @@ def draft_footprint(spec: str | None) -> int:
 
 def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
     """Whether the layout's expert and dense bytes fit in the page cache beside this process (its expert cache,
-    KV cache and margin), within what is available (cgroup limits included): then buffered reads can keep
-    their pages for the next process."""
+    KV cache and margin), within what is available (cgroup limits included): then the expert files can be
+    mapped (or read buffered) and their pages stay for the next process."""
     return model_bytes(m) + cache_bytes + kv_bytes + MARGIN <= available_bytes()
 
 
@@ -85,7 +85,7 @@ class Engine:
 
     @classmethod
     def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str | PrefetcherFactory = "lookahead",
-             threads: int | None = None, *, policy: str = "lfd", direct: bool | None = True, verify: bool = True,
+             threads: int | None = None, *, policy: str = "lfd", io: str = "direct", verify: bool = True,
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
              reserve_bytes: int = 0) -> Engine:
@@ -94,12 +94,15 @@ class Engine:
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
         holds `kv_dtype` ("f16", "q8_0" or the exact "f32"), sized for `context` positions (default 256, grown as
         needed); without `cache_mb`, the expert cache gets what is left after the dense weights, that KV
-        cache, a margin and `reserve_bytes` (a draft model's, `draft_footprint`). `direct`: O_DIRECT reads
-        (True), buffered reads that keep their pages for the next process (False), or None: buffered when the
-        whole layout fits beside the caches (`fits_beside`)."""
+        cache, a margin and `reserve_bytes` (a draft model's, `draft_footprint`). `io`: "direct" (O_DIRECT reads
+        into the cache's arena), "buffered" (reads that keep their pages for the next process), "mmap" (slots
+        map the expert files: nothing copied, the page cache shared with other processes) or "auto": mmap when
+        the whole layout fits in memory beside the KV cache and a margin (`fits_beside`), else direct."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         cfg = m.config
+        if io not in IO_MODES:
+            raise RuntimeConfigError(f"io must be one of {', '.join(IO_MODES)}, got {io!r}")
         if isinstance(prefetch, str) and prefetch not in PREFETCH_MODES:
             raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
         if approx is not None and not isinstance(approx, Approx):
@@ -146,18 +149,17 @@ class Engine:
                     f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
                     + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
-        if direct is None:  # "auto": buffered reads that keep their pages when the whole layout fits beside us
-            direct = not fits_beside(m, slots * slot_bytes + standin_bytes, kv_bytes)
-            keep = not direct
-        else:
-            keep = False
-        store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth)
+        if io == "auto":  # mapped slots cost no memory of their own: only the layout's pages need to fit
+            io = "mmap" if fits_beside(m, 0, kv_bytes) else "direct"
+        direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
+        store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
+                            mapped=mapped)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
         standins = None
         if standin_slots:
             s_store = ExpertStore(layout, standin_slots, direct=direct, keep_pages=keep, verify=verify,
-                                  io_depth=io_depth, entries=m.standins)
+                                  io_depth=io_depth, entries=m.standins, mapped=mapped)
             s_cache = ExpertCache(standin_slots, cfg.n_layers, cfg.n_experts, s_store.load, pool, policy=policy)
             standins = Tier.of(s_cache, s_store)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx)
@@ -331,7 +333,7 @@ class Engine:
             cache_slots=self.cache.n_slots,
             cache_mb=(self.cache.n_slots * s.slot_bytes + (standins.store.n_slots * standins.store.slot_bytes
                                                            if standins else 0)) / 2**20,
-            prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages,
+            prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages, mapped=s.mapped,
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kv_bytes_per_token=self.model.kv.bytes_per_token,

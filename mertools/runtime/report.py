@@ -16,7 +16,8 @@ def format_stats(s: dict[str, Any]) -> str:
         f"experts     {s['expert_lookups']} lookups, {s['expert_hits']} hits, {s['expert_misses']} misses, "
         f"hit rate {s['hit_rate']:.1%}; cache {s['cache_slots']} slots = {s['cache_mb']:.1f} MiB",
         f"reads       {s['bytes_read'] / 2**20:.1f} MiB at {s['read_mb_s']:.0f} MB/s per read, latency p50/p95/p99 "
-        f"{lat[50]:.2f}/{lat[95]:.2f}/{lat[99]:.2f} ms, O_DIRECT {'yes' if s['o_direct'] else 'no'}"
+        f"{lat[50]:.2f}/{lat[95]:.2f}/{lat[99]:.2f} ms, "
+        f"{'mapped (mmap)' if s.get('mapped') else 'O_DIRECT ' + ('yes' if s['o_direct'] else 'no')}"
         f"{' (pages kept for the next run)' if s.get('keep_pages') else ''}, "
         f"retries {s['read_retries']}",
         f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads",

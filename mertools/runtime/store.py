@@ -4,7 +4,9 @@ The arena is mapped once (anonymous mmap: page-aligned, committed lazily), so th
 budget is a hard bound and nothing is allocated per token. Filesystems that refuse O_DIRECT (tmpfs,
 some network filesystems) get buffered reads followed by POSIX_FADV_DONTNEED, and one notice. Buffered
 reads asked for (`direct=False, keep_pages=True`: a layout that fits in memory beside everything else)
-keep their pages, so a second process starts warm, as mmap readers do.
+keep their pages, so a second process starts warm, as mmap readers do. Mapped slots (`mapped=True`, `--io
+mmap`: a layout that fits in memory) read nothing: a slot is the expert file's own page-cache pages, mapped
+read-only, so there is no arena to fill and a second process finds the pages where the first left them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..layout.constants import ALIGNMENT
 from ..layout.manifest import ExpertEntry
 from ..layout.reader import Layout
 from .cache import LoadCancelled
+from .mapped import map_file
 from .stats import LatencyHistogram
 
 # pread-like: (fd, buffer view, offset) -> bytes read. Tests inject faults through this seam.
@@ -48,7 +51,8 @@ class ExpertStore:
     def __init__(self, layout: Layout, n_slots: int, *, direct: bool = True, keep_pages: bool = False, verify: bool = True,
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
                  notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
-                 max_open_files: int = MAX_OPEN_FILES, entries: list[ExpertEntry] | None = None) -> None:
+                 max_open_files: int = MAX_OPEN_FILES, entries: list[ExpertEntry] | None = None,
+                 mapped: bool = False) -> None:
         self.layout = layout
         self.manifest = layout.manifest
         # the files this store reads: the experts, or their stand-ins (`entries`, manifest.standins)
@@ -59,10 +63,16 @@ class ExpertStore:
         if n_slots < 1:
             raise ValueError("the store needs at least one slot")
         self.n_slots = n_slots
-        self.arena = mmap.mmap(-1, n_slots * self.slot_bytes)
-        self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
-            np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
-        ]
+        self.mapped = mapped
+        if mapped:  # a slot is the mapping of the file loaded into it (empty until then)
+            self.arena = None
+            self.buffers = [np.empty(0, np.uint8)] * n_slots
+        else:
+            self.arena = mmap.mmap(-1, n_slots * self.slot_bytes)
+            self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
+                np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
+            ]
+        direct = direct and not mapped
         self.want_direct, self.verify, self.retries, self.read_fn = direct, verify, retries, read_fn
         # buffered reads chosen (not forced by the filesystem) may leave their pages in the page cache, where the
         # next process finds them; a forced fallback drops them (the page cache is not a second cache)
@@ -183,12 +193,14 @@ class ExpertStore:
         raised, so a wrong guess costs the disk only what was read before the routing proved it wrong."""
         layer, expert = key
         entry = self.entries[key]
-        view = memoryview(self.buffers[slot])[: entry.nbytes]
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             t0 = time.perf_counter()
             try:
-                self._read_once(key, entry, view, cancel)
+                if self.mapped:
+                    self._map_once(key, entry, slot)
+                else:
+                    self._read_once(key, entry, memoryview(self.buffers[slot])[: entry.nbytes], cancel)
             except (OSError, ChecksumError, ExpertReadError) as e:
                 last = e
                 self._forget(entry.file)  # reopen: the file may have been replaced
@@ -227,11 +239,25 @@ class ExpertStore:
                     raise LoadCancelled(key)
             if self.o_direct is False and not self.keep_pages:
                 os.posix_fadvise(fd, 0, entry.nbytes, os.POSIX_FADV_DONTNEED)
-            if self.verify and (got := xxhash.xxh3_64(view).hexdigest()) != entry.xxh3:
-                raise ChecksumError(f"{self.layout.root / entry.file}: layer {key[0]} expert {key[1]}: xxh3 {got} "
-                                    f"differs from the manifest's {entry.xxh3}")
+            self._check(key, entry, view)
         finally:
             self._release(entry.file)
+
+    def _map_once(self, key: tuple[int, int], entry: ExpertEntry, slot: int) -> None:
+        """One attempt at a mapped load: map the file (the old mapping of the slot goes with its last view), check
+        the xxh3 over the mapped pages."""
+        fd = self._open(entry.file)
+        try:
+            view = map_file(fd, entry.nbytes)
+        finally:
+            self._release(entry.file)
+        self._check(key, entry, view)
+        self.buffers[slot] = view
+
+    def _check(self, key: tuple[int, int], entry: ExpertEntry, view: memoryview | np.ndarray) -> None:
+        if self.verify and (got := xxhash.xxh3_64(view).hexdigest()) != entry.xxh3:
+            raise ChecksumError(f"{self.layout.root / entry.file}: layer {key[0]} expert {key[1]}: xxh3 {got} "
+                                f"differs from the manifest's {entry.xxh3}")
 
     def chunk_size(self, nbytes: int) -> int:
         """Bytes per read of an expert file of `nbytes` (the same for every size, for now)."""

@@ -52,7 +52,7 @@ class ServerConfig:
     prefill_chunk: int = 64
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     kv_dtype: str = "f16"  # what each sequence's KV cache holds
-    io: str = "direct"  # expert reads: "direct", "buffered" (pages kept) or "auto"
+    io: str = "auto"  # expert reads: "direct", "mmap", "buffered" (pages kept) or "auto" (mmap when the layout fits)
     approx: Approx | None = None  # approximate routing (runtime/approx.py); None: exact
     draft: str | None = None  # speculative decoding: "ngram" (prompt lookup), a draft layout's path, or None
     draft_tokens: int = 4  # tokens drafted per verification step
@@ -67,10 +67,10 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
     """The ASGI app. `load` (default: Engine.open with cfg's options) runs in the scheduler thread."""
     if load is None:
         def load() -> Any:
-            from ..runtime.engine import IO_MODES, Engine, draft_footprint
+            from ..runtime.engine import Engine, draft_footprint
 
             return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
-                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, direct=IO_MODES[cfg.io],
+                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io,
                                reserve_bytes=draft_footprint(cfg.draft))
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
