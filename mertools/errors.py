@@ -31,3 +31,7 @@ class ExpertReadError(MertoolsError):
 
 class ChecksumError(MertoolsError):
     """An expert's bytes do not match the manifest's xxh3: never compute with them."""
+
+
+class RuntimeConfigError(MertoolsError):
+    """A runtime option does not fit the layout or the machine (cache too small, prompt too long...)."""

@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from ..errors import MertoolsError
+from ..errors import RuntimeConfigError
 from ..layout.reader import Layout
+from . import generation
 from .approx import Approx
-from .batch import PREFILL_CHUNK, check_kv_dtype, kv_bytes_per_token
+from .batch import check_kv_dtype, kv_bytes_per_token
 from .cache import ExpertCache
+from .generation import GeneratedToken, checked
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
 from .model import KVCache, MoEModel
 from .moe import Tier
 from .prefetch import PREFETCH_MODES
-from .sampling import Sampler, SamplingParams
-from .speculative import AdaptiveK, Draft, Drafter, ModelDrafter, NgramDrafter, SpecStats, settle
+from .sampling import SamplingParams
+from .speculative import Drafter, ModelDrafter, NgramDrafter, SpecStats
 from .stats import RunStats, RunTimes
 from .store import ExpertStore
-from .text import GenerationText, PromptError, check_ids, check_prompt
+from .text import check_ids
+
+__all__ = ["Engine", "GeneratedToken", "RuntimeConfigError", "IO_MODES", "draft_footprint", "model_bytes"]
 
 MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
@@ -48,28 +51,6 @@ def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN40
     KV cache and margin), within what is available (cgroup limits included): then the expert files can be
     mapped (or read buffered) and their pages stay for the next process."""
     return model_bytes(m) + cache_bytes + kv_bytes + MARGIN <= available_bytes()
-
-
-class RuntimeConfigError(MertoolsError):
-    """A runtime option does not fit the layout or the machine (cache too small, prompt too long...)."""
-
-
-T = TypeVar("T")
-
-
-def _checked(check: Callable[..., T], *args: Any, **kw: Any) -> T:
-    """A text.py check, its PromptError raised as the RuntimeConfigError the engine's callers catch."""
-    try:
-        return check(*args, **kw)
-    except PromptError as e:
-        raise RuntimeConfigError(str(e)) from None
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    id: int
-    text: str  # text that became complete with this token (may be empty mid-character)
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last token
 
 
 class Engine:
@@ -193,7 +174,7 @@ class Engine:
         self.model.reset()
 
     def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
-        return _checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)
+        return checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)
 
     # ------------------------------------------------------------------ batching (the server's API)
     def new_sequence(self, context: int | None = None) -> KVCache:
@@ -222,64 +203,8 @@ class Engine:
         """Reset, prefill the prompt, then yield tokens as they are sampled. With a `draft` (speculative.py: an
         NgramDrafter, or a ModelDrafter from `open_drafter`), up to `draft_tokens` drafted tokens are checked per
         forward step: greedy output is token for token the same, sampled output has the same distribution."""
-        tok, cfg, t = self.tokenizer, self.config, self.times
-        ids = tok.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
-        ids, max_tokens = _checked(check_prompt, ids, cfg.vocab_size, cfg.context_length, max_tokens)
-        if draft_tokens < 1:
-            raise RuntimeConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
-        out = GenerationText(tok.stream(), stop, tok.eos_ids, max_tokens)
-        self.reset()
-        self.model.kv.reserve(len(ids) + max_tokens + (draft_tokens if draft else 0))  # allocated once
-        t0 = time.perf_counter()
-        for i in range(0, len(ids), PREFILL_CHUNK):  # a long prompt in chunks: attention scores stay chunk x context
-            logits = self.forward(ids[i:i + PREFILL_CHUNK], all_logits=False)[-1]
-        t.prefill_s += time.perf_counter() - t0
-        t.prompt_tokens += len(ids)
-        first = sampler(logits)
-        steps = self._plain(first, sampler) if draft is None else self._speculative(ids, first, sampler, draft, draft_tokens,
-                                                                                   max_tokens)
-        for next_id in steps:
-            t.generated_tokens += 1
-            if t.ttft_s is None:
-                t.ttft_s = time.perf_counter() - t0
-            text, reason = out.push(next_id)
-            yield GeneratedToken(next_id, text, reason)
-            if reason is not None:
-                return
-
-    def _plain(self, first: int, sampler: Sampler) -> Iterator[int]:
-        """One forward step per token."""
-        next_id = first
-        while True:
-            yield next_id
-            t1 = time.perf_counter()
-            logits = self.forward([next_id], all_logits=False)[-1]
-            self.times.decode_s += time.perf_counter() - t1
-            next_id = sampler(logits)
-
-    def _speculative(self, ids: list[int], first: int, sampler: Sampler, draft: Drafter, k: int,
-                     max_tokens: int) -> Iterator[int]:
-        """Draft (up to k tokens, fewer while drafts fail: AdaptiveK), verify in one step with rows apart (each row's
-        logits those of a decode step), accept by the rule, roll the KV cache back past the rejected rows. The
-        caller stops pulling at EOS, a stop string or the limit."""
-        context, cur, kv, st, adapt = list(ids), first, self.model.kv, self.spec, AdaptiveK(k)
-        yield cur
-        produced = 1
-        while produced < max_tokens:
-            t1 = time.perf_counter()
-            context.append(cur)
-            room = min(adapt.next(), max_tokens - produced - 1, self.config.context_length - len(context))
-            d = draft.propose(context, room, sampler) if room > 0 else Draft([])
-            j, nxt = settle(self._verify([cur, *d.tokens]), d, sampler, kv, adapt, st)
-            self.times.decode_s += time.perf_counter() - t1
-            for t_id in d.tokens[:j]:
-                context.append(t_id)
-                produced += 1
-                yield t_id
-            produced += 1
-            cur = nxt
-            yield cur
+        return generation.generate(self, prompt, max_tokens, SamplingParams(temperature, top_k, top_p, seed), stop,
+                                   add_bos, draft, draft_tokens)
 
     def open_drafter(self, spec: str) -> Drafter:
         """`--draft`: "ngram" (prompt lookup), or the path of a small layout sharing this model's tokenizer (opened
@@ -299,7 +224,7 @@ class Engine:
                                      "a draft model must share the target's tokenizer")
         return ModelDrafter(draft)
 
-    def _verify(self, ids: list[int]) -> np.ndarray:
+    def verify(self, ids: list[int]) -> np.ndarray:
         """Logits (len(ids), vocab) of every row, each computed as a one-token decode step would."""
         checked = self._check_ids(self.model.kv, ids)
         t0 = time.perf_counter()
