@@ -151,11 +151,14 @@ def inspect(path: str, as_json: bool) -> None:
               "(kept in memory). Greedy output is the same; sampled output has the same distribution.")
 @click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Tokens drafted per verification step.")
+@click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "
+              "(created if absent; e.g. LAYOUT.history.json beside the layout). The experts it saw used most are "
+              "loaded at start and ranked by the cache from the first token; this run's routing is added at exit.")
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
         io_mode: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
-        approx: Approx | None = None) -> None:
+        history: str | None, approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.engine import Engine, draft_footprint
     from .runtime.report import format_stats
@@ -165,7 +168,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     drafter = None
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
-                         kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft)) as engine:
+                         kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history) as engine:
             drafter = engine.open_drafter(draft) if draft else None
             click.echo(prompt, nl=False)
             finish = None

@@ -196,6 +196,15 @@ class ExpertCache:
             self.last_chosen[layer] = chosen
             self.k_seen[layer] = max(1.0, float(len(chosen)))
 
+    def seed(self, freq: list[list[float]], k: list[float]) -> None:
+        """Start the "lfd" policy's usage estimates from a routing history (history.py) instead of nothing:
+        freq (n_layers, n_experts) as decayed choice counts, k per layer the experts chosen per visit; routing
+        that comes in decays them like any other count."""
+        with self.lock:
+            for layer in range(self.n_layers):
+                self.freq[layer] = [float(v) for v in freq[layer]]
+                self.k_seen[layer] = max(1.0, float(k[layer]))
+
     def prefetch(self, keys: Iterable[Key], protect: Iterable[Key] = ()) -> int:
         """Start loading the keys not resident, never evicting pinned, loading or protected entries.
         Returns how many loads were started."""

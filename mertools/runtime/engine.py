@@ -17,6 +17,7 @@ from .approx import Approx
 from .batch import check_kv_dtype, kv_bytes_per_token
 from .cache import ExpertCache
 from .generation import GeneratedToken, checked
+from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
 from .model import KVCache, MoEModel
@@ -55,8 +56,9 @@ def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN40
 
 class Engine:
     def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
-                 prefetch: str, threads: int | None) -> None:
+                 prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0) -> None:
         self.layout, self.store, self.cache, self.model = layout, store, cache, model
+        self.history, self.preloaded = history, preloaded  # the learning cache, experts it had loaded at open
         self.config = layout.manifest.config
         self.prefetch_mode = prefetch
         self.threads = threads
@@ -69,7 +71,7 @@ class Engine:
              threads: int | None = None, *, policy: str = "lfd", io: str = "direct", verify: bool = True,
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
-             reserve_bytes: int = 0) -> Engine:
+             reserve_bytes: int = 0, history: str | Path | None = None) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -78,9 +80,12 @@ class Engine:
         cache, a margin and `reserve_bytes` (a draft model's, `draft_footprint`). `io`: "direct" (O_DIRECT reads
         into the cache's arena), "buffered" (reads that keep their pages for the next process), "mmap" (slots
         map the expert files: nothing copied, the page cache shared with other processes) or "auto": mmap when
-        the whole layout fits in memory beside the KV cache and a margin (`fits_beside`), else direct."""
+        the whole layout fits in memory beside the KV cache and a margin (`fits_beside`), else direct.
+        `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
+        by the cache policy from the first token; this run's routing is added to it when the engine closes."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
+        learned = RoutingHistory.open(history, layout) if history is not None else None
         cfg = m.config
         if io not in IO_MODES:
             raise RuntimeConfigError(f"io must be one of {', '.join(IO_MODES)}, got {io!r}")
@@ -143,10 +148,17 @@ class Engine:
                                   io_depth=io_depth, entries=m.standins, mapped=mapped)
             s_cache = ExpertCache(standin_slots, cfg.n_layers, cfg.n_experts, s_store.load, pool, policy=policy)
             standins = Tier.of(s_cache, s_store)
-        hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx)
+        hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
                          standins=standins)
-        return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads)
+        preloaded = 0
+        if learned is not None and (seed := learned.seed()) is not None:
+            for c in (cache, standins.cache if standins else None):
+                if c is not None:
+                    c.seed(*seed)
+            preloaded = cache.prefetch(learned.hot(slots, need))  # loads in the background while the prompt is read
+        return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads,
+                   learned, preloaded)
 
     # ------------------------------------------------------------------ API
     @property
@@ -263,6 +275,7 @@ class Engine:
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kv_bytes_per_token=self.model.kv.bytes_per_token,
             kv_mb=self.model.kv.nbytes / 2**20,
+            history_preloaded=self.preloaded, history_tokens=self.history.tokens if self.history else 0.0,
             spec_steps=self.spec.steps, draft_proposed=self.spec.drafted, draft_accepted=self.spec.accepted,
             draft_acceptance=self.spec.acceptance_rate, tokens_per_step=self.spec.tokens_per_step,
         )
@@ -284,10 +297,13 @@ class Engine:
         return self.run_stats().to_dict()
 
     def close(self) -> None:
+        """Stop the loaders and close the files; then write the routing history (--history) with this run's."""
         self.cache.executor.shutdown(wait=True)
         self.store.close()
         if self.model.moe.standins is not None:
             self.model.moe.standins.store.close()
+        if self.history is not None:
+            self.history.save()
 
     def __enter__(self) -> Engine:
         return self

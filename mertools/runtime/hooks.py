@@ -1,6 +1,6 @@
 """What callers may plug into a model, given once to `Engine.open` (never patched on afterwards):
-a routing trace, a routing override (I/O benchmarks), a prefetcher of their own, and approximate
-routing settings (approx.py; exact by default)."""
+a routing trace, a routing override (I/O benchmarks), a prefetcher of their own, approximate
+routing settings (approx.py; exact by default) and a routing history to add this run's routing to."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .approx import Approx
+from .history import RoutingHistory
 from .prefetch import Prefetcher, RouterFn
 
 # (positions (n,), layer, chosen experts (n, k), their weights (n, k))
@@ -27,3 +28,4 @@ class ModelHooks:
     trace: TraceFn | None = None
     routing_override: RoutingOverride | None = None
     approx: Approx | None = None  # None or exact: the family's routing, bit for bit
+    history: RoutingHistory | None = None  # the learning cache's file (history.py), saved when the engine closes

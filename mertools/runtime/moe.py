@@ -71,6 +71,8 @@ class StreamingMoE:
         if self.hooks.trace is not None:
             self.hooks.trace(batch.positions, layer, chosen, weights)
         self.cache.record_routing(layer, chosen.ravel())
+        if self.hooks.history is not None:
+            self.hooks.history.record(layer, chosen, live)
         if self.standins is not None:  # the stand-ins' cache learns the same usage (its policy's estimates)
             self.standins.cache.note_layer(layer)
             self.standins.cache.record_routing(layer, chosen.ravel())

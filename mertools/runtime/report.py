@@ -27,6 +27,8 @@ def format_stats(s: dict[str, Any]) -> str:
         *([f"speculate   {s['spec_steps']} verification steps: {s['draft_proposed']} tokens drafted, "
            f"{s['draft_accepted']} accepted ({s['draft_acceptance']:.1%}), {s['tokens_per_step']:.2f} tokens per step"]
           if s.get("spec_steps") else []),
+        *([f"history     {s['history_preloaded']} experts loaded at open from the routing history "
+           f"({s['history_tokens']:.0f} tokens behind it)"] if s.get("history_tokens") else []),
         f"memory      peak RSS {s['peak_rss_mb']:.0f} MiB",
         f"KV cache    {s['kv_dtype']}, {s['kv_bytes_per_token'] / 1024:.1f} KiB per token of context, "
         f"{s['kv_mb']:.1f} MiB held",

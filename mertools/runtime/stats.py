@@ -136,6 +136,9 @@ class RunStats:
     approx_standins: int = 0  # choices computed with a low-bit stand-in (standin_share), in all and per token
     approx_standins_per_token: float = 0.0
     standin_bytes_read: int = 0  # of bytes_read, the stand-ins' share
+    # the learning cache (--history): experts loaded at open from the history, token positions behind it then
+    history_preloaded: int = 0
+    history_tokens: float = 0.0
     # speculative decoding (generate with a draft): verification steps, drafted and accepted tokens, their ratio,
     # and tokens generated per verification step
     spec_steps: int = 0

@@ -56,6 +56,7 @@ class ServerConfig:
     approx: Approx | None = None  # approximate routing (runtime/approx.py); None: exact
     draft: str | None = None  # speculative decoding: "ngram" (prompt lookup), a draft layout's path, or None
     draft_tokens: int = 4  # tokens drafted per verification step
+    history: str | None = None  # the learning cache's routing history file, written when the server stops
 
     @property
     def name(self) -> str:
@@ -71,7 +72,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
 
             return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
                                kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io,
-                               reserve_bytes=draft_footprint(cfg.draft))
+                               reserve_bytes=draft_footprint(cfg.draft), history=cfg.history)
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
                             engine=lambda: scheduler.engine)

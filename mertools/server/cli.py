@@ -87,10 +87,14 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
               "sampled output has the same distribution.")
 @click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Tokens drafted per sequence per verification step.")
+@click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "
+              "(created if absent). Its most used experts are loaded at start; the served routing is added to it "
+              "when the server stops.")
 @approx_options
 def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
           max_queue: int, prefetch: str, threads: int | None, kv_type: str, io_mode: str, model_name: str | None,
-          prefill_chunk: int, draft: str | None, draft_tokens: int, approx: Approx | None = None) -> None:
+          prefill_chunk: int, draft: str | None, draft_tokens: int, history: str | None,
+          approx: Approx | None = None) -> None:
     """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics), batching concurrent requests into shared forward steps."""
     import uvicorn
@@ -98,7 +102,11 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
     from ..layout.reader import Layout
     from .app import ServerConfig, create_app
 
-    Layout.open(layout)  # a bad layout fails here (exit status 2), before the socket is up
+    lay = Layout.open(layout)  # a bad layout fails here (exit status 2), before the socket is up
+    if history:
+        from ..runtime.history import RoutingHistory
+
+        RoutingHistory.open(history, lay)  # and so does a bad, foreign or unwritable routing history
     if draft not in (None, "ngram"):
         Layout.open(draft)  # and so does a bad draft layout
     if not _is_loopback(host):
@@ -115,7 +123,7 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
     cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
                        max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
                        prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, approx=approx, draft=draft,
-                       draft_tokens=draft_tokens)
+                       draft_tokens=draft_tokens, history=history)
     app = create_app(cfg, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
     click.echo(f"serving {cfg.name} from {layout} on http://{host}:{port}/v1 (loading the model...)", err=True)
