@@ -72,16 +72,18 @@ _STANDINS = list(_standin_choices())
                    "and its preset; norms and routers stay f32.")
 @click.option("--standins", type=click.Choice(_STANDINS), help="Also write a low-bit stand-in of every expert in this "
               "type, for `run/serve --standin-share` (adds that type's share of the expert bytes to the layout).")
+@click.option("--mtp", is_flag=True, help="Keep the checkpoint's multi-token-prediction (nextn) layers (DeepSeek-V3, "
+              "GLM-4.5), for `run --draft mtp`.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing layout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the summary as JSON to this file.")
-def convert(src: str, out: str, dtype: str, dense_dtype: str, standins: str | None, force: bool, quiet: bool,
+def convert(src: str, out: str, dtype: str, dense_dtype: str, standins: str | None, mtp: bool, force: bool, quiet: bool,
             json_out: str | None) -> None:
     """Convert a HF directory or GGUF file SRC into a layout directory OUT."""
     from .convert.pipeline import ConvertOptions
     from .convert.pipeline import convert as run
 
-    s = run(src, out, ConvertOptions(dtype=dtype, dense_dtype=dense_dtype, force=force, progress=not quiet))
+    s = run(src, out, ConvertOptions(dtype=dtype, dense_dtype=dense_dtype, force=force, progress=not quiet, mtp=mtp))
     if standins:
         _add_standins(out, standins, quiet)
     d = s.to_dict()
@@ -147,8 +149,9 @@ def inspect(path: str, as_json: bool) -> None:
                    "fits in memory, else O_DIRECT.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
-@click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup) or a small LAYOUT sharing the tokenizer "
-              "(kept in memory). Greedy output is the same; sampled output has the same distribution.")
+@click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup), 'mtp' (the layout's own multi-token-"
+              "prediction block: convert --mtp) or a small LAYOUT sharing the tokenizer (kept in memory). Greedy "
+              "output is the same; sampled output has the same distribution.")
 @click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Tokens drafted per verification step.")
 @click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "

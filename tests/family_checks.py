@@ -111,3 +111,32 @@ def chat_once(layout: Path, name: str) -> dict[str, Any]:
         body = r.json()
     assert body["usage"]["completion_tokens"] == 6 and body["choices"][0]["message"]["role"] == "assistant"
     return body
+
+
+def serve_concurrently(layout: Path, prompts: list[str], max_tokens: int, **config: Any) -> tuple[list[str], str]:
+    """Greedy completions of `prompts` sent at once to the real app (ServerConfig `config`, model "t"): their texts in
+    order, and /metrics' text after them."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from mertools.server.app import ServerConfig, create_app
+
+    app = create_app(ServerConfig(str(layout), model_name="t", **config))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            r = client.post("/v1/completions", json={"model": "t", "prompt": prompts[i], "max_tokens": max_tokens,
+                                                     "temperature": 0, "skip_special_tokens": False})
+            got[i] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return [got.get(i, "") for i in range(len(prompts))], client.get("/metrics").text

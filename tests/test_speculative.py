@@ -314,36 +314,14 @@ def test_run_flags(layouts: dict[str, Path], tmp_path: Path) -> None:
 def test_serve_with_drafts_batches_and_matches(layouts: dict[str, Path], drafter: str) -> None:
     """Concurrent greedy completions through the server with --draft ngram or a draft layout (a KV cache per
     sequence): each the text the engine gives alone, and the drafted and accepted counts on /metrics."""
-    import threading
-    import time
-
-    from fastapi.testclient import TestClient
-
-    from mertools.server.app import ServerConfig, create_app
+    from family_checks import serve_concurrently
 
     prompts = [REPEAT, SNIPPET[:200], REPEAT[:60], "JULIET:\nI will go, I will go"]
     with Engine.open(layouts["q4_0"]) as eng:
         want = ["".join(t.text for t in eng.generate(p, max_tokens=20)) for p in prompts]
     draft = "ngram" if drafter == "ngram" else str(layouts["q2_k"])
-    app = create_app(ServerConfig(str(layouts["q4_0"]), model_name="t", max_concurrency=4, draft=draft, draft_tokens=4))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        got: dict[int, str] = {}
-
-        def one(i: int) -> None:
-            r = client.post("/v1/completions", json={"model": "t", "prompt": prompts[i], "max_tokens": 20,
-                                                     "temperature": 0, "skip_special_tokens": False})
-            got[i] = r.json()["choices"][0]["text"]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        text = client.get("/metrics").text
-    assert [got[i] for i in range(len(prompts))] == want
+    got, text = serve_concurrently(layouts["q4_0"], prompts, 20, max_concurrency=4, draft=draft, draft_tokens=4)
+    assert got == want
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("mertools_draft")}
     assert values["mertools_draft_accepted_tokens_total"] > 0
     assert values["mertools_draft_tokens_total"] >= values["mertools_draft_accepted_tokens_total"]

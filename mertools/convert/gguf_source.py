@@ -18,7 +18,7 @@ from ..errors import LayoutError, SourceError
 from ..families import family_for_gguf, supported
 from ..families.base import ConfigKey, DenseSpec, build_config, fmt
 from ..layout.constants import GGML_TYPE_TO_DTYPE
-from .source import Source, SourceTensor
+from .source import Source, SourceTensor, keep_mtp
 
 _PER_EXPERT = re.compile(r"\.ffn_(gate|up|down)\.\d+\.weight$")
 TOKENIZER_FILE = "tokenizer/vocab.gguf"
@@ -27,7 +27,7 @@ TOKENIZER_FILE = "tokenizer/vocab.gguf"
 class GGUFSource(Source):
     kind = "gguf"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, mtp: bool = False) -> None:
         from gguf import GGUFReader
 
         self.path = path
@@ -53,9 +53,10 @@ class GGUFSource(Source):
         try:
             # no GGUF key says which layers are dense MLPs (HF's mlp_only_layers): a layer without a router is
             router = next(s.name for s in arch.dense if s.role == "router" and s.layers == "moe") if arch.dense_mlp_layers else ""
-            self.config = build_config(arch, self._lookup, {}, str(path), lambda la: fmt(router, la) in self.tensors)
+            config = build_config(arch, self._lookup, {}, str(path), lambda la: fmt(router, la) in self.tensors)
         except ValueError as e:
             raise SourceError(f"{path}: {e}") from None
+        self.config = keep_mtp(config, mtp, path)
         self.merged = any(n.endswith("_exps.weight") for n in self.tensors)
 
     def _field(self, key: str) -> Any:

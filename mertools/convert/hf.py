@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import SourceError
 from ..families import family_for_hf, supported
 from ..families.base import ConfigKey, DenseSpec, ExpertSpec, build_config, fmt
-from .source import FLOAT_BITS, FLOAT_ITEMSIZE, Source, SourceTensor
+from .source import FLOAT_BITS, FLOAT_ITEMSIZE, Source, SourceTensor, keep_mtp
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _read_json(path: Path) -> Any:
 class HFSource(Source):
     kind = "hf"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, mtp: bool = False) -> None:
         self.path = path
         cfg_path = path / "config.json"
         if not cfg_path.exists():
@@ -149,9 +149,10 @@ class HFSource(Source):
             )
         self.arch = arch
         try:
-            self.config = build_config(arch, self._lookup, self.raw_config, str(cfg_path))
+            config = build_config(arch, self._lookup, self.raw_config, str(cfg_path))
         except ValueError as e:
             raise SourceError(f"{cfg_path}: {e}") from None
+        self.config = keep_mtp(config, mtp, cfg_path)
         self.tensors = self._fp8_scales(self._index_tensors())
 
     def _fp8_scales(self, tensors: dict[str, SourceTensor]) -> dict[str, SourceTensor]:

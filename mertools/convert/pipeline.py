@@ -37,6 +37,7 @@ class ConvertOptions:
     dense_dtype: str = "auto"
     force: bool = False
     progress: bool = True
+    mtp: bool = False  # keep the checkpoint's multi-token-prediction blocks (a drafter: `run --draft mtp`)
 
     def __post_init__(self) -> None:
         for name, choices in (("dtype", DTYPE_CHOICES), ("dense_dtype", DENSE_DTYPE_CHOICES)):
@@ -144,13 +145,13 @@ def convert(src_path: str | Path, out: str | Path, opts: ConvertOptions | None =
 
     opts = opts or ConvertOptions()
     t0 = time.perf_counter()
-    src = open_source(src_path)
+    src = open_source(src_path, mtp=opts.mtp)
     cfg = src.config
     out = Path(out)
     summary = ConvertSummary(out)
     dense = src.dense_tensors()
     # validate every expert's names and shapes before writing anything
-    experts = [(la, e) for la in cfg.moe_layers for e in range(cfg.n_experts)]  # dense-MLP layers have none
+    experts = [(la, e) for la in cfg.expert_layers for e in range(cfg.n_experts)]  # dense-MLP layers have none
     expert_tensors = {k: src.expert_tensors(*k) for k in experts}
     total_in = sum(t.nbytes for _, _, t in dense) + sum(t.nbytes for ts in expert_tensors.values() for t in ts.values())
     tok_section, tok_files = src.tokenizer_files()

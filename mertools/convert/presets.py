@@ -223,7 +223,7 @@ def model_tensors(cfg: ModelConfig, family: Family, dense: Mapping[str, tuple[in
     """The model's tensors as llama.cpp sees them: `dense` ({GGUF name: shape}, the tensors present) and
     each MoE layer's merged experts, shape (n_experts, rows, cols)."""
     out = dict(dense)
-    for layer in cfg.moe_layers:
+    for layer in cfg.expert_layers:  # MTP blocks too (nextn_layers)
         for spec in family.expert_specs(cfg):  # expert biases are .bias: llama.cpp never quantizes them
             out[fmt(spec.gguf_merged, layer)] = (cfg.n_experts, *resolve_shape(spec.shape, cfg))
     return out

@@ -255,16 +255,26 @@ class Source(ABC):
             )
 
 
+def keep_mtp(config: ModelConfig, keep: bool, where: Path) -> ModelConfig:
+    """The config with the checkpoint's multi-token-prediction blocks (`convert --mtp`), or without them."""
+    if not keep:
+        return replace(config, nextn_layers=0) if config.nextn_layers else config
+    if not config.nextn_layers:
+        raise SourceError(f"{where}: has no multi-token-prediction (nextn) layers to keep (--mtp)")
+    return config
+
+
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
 
-def open_source(path: str | Path) -> Source:
+def open_source(path: str | Path, *, mtp: bool = False) -> Source:
+    """The checkpoint at `path`; `mtp`: keep its multi-token-prediction blocks (config.nextn_layers)."""
     p = Path(path)
     if p.is_dir():
         from .hf import HFSource
 
-        return HFSource(p)
+        return HFSource(p, mtp=mtp)
     if not p.exists():
         raise SourceError(f"{p}: no such file or directory")
     if not p.is_file():  # a FIFO would block the open below; a device would never end
@@ -274,5 +284,5 @@ def open_source(path: str | Path) -> Source:
     if magic == b"GGUF":
         from .gguf_source import GGUFSource
 
-        return GGUFSource(p)
+        return GGUFSource(p, mtp=mtp)
     raise SourceError(f"{p}: neither a HF model directory nor a GGUF file (magic {magic!r})")

@@ -19,8 +19,9 @@ from .pieces import STANDARD, Pieces
 DENSE_ROLES = ("embedding", "norm", "attn_q", "attn_k", "attn_v", "attn_o", "router", "output", "bias", "ffn")
 KEEP_F32_ROLES = ("norm", "router", "bias")
 REQUIRED = object()
-# Which layers a per-layer tensor exists in: every layer, the MoE layers, or the dense-MLP layers.
-LAYER_KINDS = ("all", "moe", "dense")
+# Which layers a per-layer tensor exists in: every layer, the MoE layers, the dense-MLP layers, or only the
+# multi-token-prediction blocks after the main layers (config.nextn_layers; they also have the "all" and "moe" ones).
+LAYER_KINDS = ("all", "moe", "dense", "mtp")
 # Config conditions a tensor may depend on (DenseSpec.when), as data: name -> predicate.
 CONDITIONS: dict[str, Callable[[ModelConfig], bool]] = {
     "attn_bias": lambda c: c.attn_bias,
@@ -75,7 +76,12 @@ class DenseSpec:
     def applies(self, cfg: ModelConfig, layer: int | None) -> bool:
         if self.when is not None and not CONDITIONS[self.when](cfg):
             return False
-        if layer is None or self.layers == "all":
+        if layer is None:
+            return True
+        mtp = layer >= cfg.n_layers
+        if mtp or self.layers == "mtp":  # an MTP block has its own tensors and an MoE layer's; no other layer has them
+            return mtp and self.layers != "dense"
+        if self.layers == "all":
             return True
         return cfg.is_moe_layer(layer) == (self.layers == "moe")
 
@@ -149,8 +155,8 @@ class Family:
         """Every dense tensor the config implies, as (spec, layer or None)."""
         out: list[tuple[DenseSpec, int | None]] = []
         for spec in self.dense:
-            if spec.per_layer:
-                out.extend((spec, layer) for layer in range(cfg.n_layers) if spec.applies(cfg, layer))
+            if spec.per_layer:  # the MTP blocks after the main layers too
+                out.extend((spec, layer) for layer in range(cfg.n_layers + cfg.nextn_layers) if spec.applies(cfg, layer))
             elif spec.applies(cfg, None):
                 out.append((spec, None))
         # order: globals first (embedding), then layer by layer, then the rest (norm, output)
@@ -192,6 +198,7 @@ DERIVED: dict[str, Callable[[ModelConfig], int]] = {
     "k_b_rows": lambda c: c.n_heads * c.kv_lora_rank,
     "v_b_rows": lambda c: c.n_heads * c.v_head_dim,
     "one": lambda c: 1,
+    "two_d_model": lambda c: 2 * c.d_model,  # an MTP block's input: [embedding; hidden state]
 }
 
 

@@ -16,7 +16,7 @@ from .base import ConfigKey, DenseSpec, ExpertSpec
 L = "model.layers.{L}"
 
 
-def per_layer(gguf: str, hf: str, role: str, shape: tuple[str, ...], field: str, **kw: str) -> DenseSpec:
+def per_layer(gguf: str, hf: str, role: str, shape: tuple[str, ...], field: str, **kw: Any) -> DenseSpec:
     """A per-layer tensor: "attn_q.weight" is blk.{L}.attn_q.weight in GGUF, model.layers.{L}.<hf> in HF."""
     return DenseSpec(f"blk.{{L}}.{gguf}", f"{L}.{hf}", role, shape, field=field, per_layer=True, **kw)
 
@@ -57,6 +57,22 @@ DENSE_MLP = (
     per_layer("ffn_down.weight", "mlp.down_proj.weight", "ffn", ("d_model", "d_ff_dense"), "mlp.down", layers="dense"),
 )
 
+# A multi-token-prediction block (config.nextn_layers; DeepSeek-V3's and GLM-4.5's model.layers.<num_hidden_layers>)
+# is an MoE decoder layer plus these: the next token's embedding and the main model's hidden state, each RMS-normed,
+# concatenated and projected to d_model; its output normed and scored by a head. DeepSeek's checkpoints hold their
+# own copy of the embedding and the head; GLM's use the model's (llama.cpp's nextn tensors)
+MTP = (
+    per_layer("nextn.eh_proj.weight", "eh_proj.weight", "ffn", ("d_model", "two_d_model"), "mtp_eh_proj", layers="mtp"),
+    per_layer("nextn.enorm.weight", "enorm.weight", "norm", ("d_model",), "mtp_enorm", layers="mtp"),
+    per_layer("nextn.hnorm.weight", "hnorm.weight", "norm", ("d_model",), "mtp_hnorm", layers="mtp"),
+    per_layer("nextn.shared_head_norm.weight", "shared_head.norm.weight", "norm", ("d_model",), "mtp_head_norm",
+              layers="mtp"),
+    per_layer("nextn.shared_head_head.weight", "shared_head.head.weight", "output", ("vocab_size", "d_model"),
+              "mtp_head", layers="mtp", optional=True),
+    per_layer("nextn.embed_tokens.weight", "embed_tokens.weight", "embedding", ("vocab_size", "d_model"),
+              "mtp_embed", layers="mtp", optional=True),
+)
+
 _E = f"{L}.mlp.experts.{{E}}"
 # llama.cpp has only ever written these families with merged experts
 EXPERTS = (
@@ -81,6 +97,18 @@ CONFIG_KEYS = (
     # None = not stated: the family decides (transformers' and llama.cpp's defaults may disagree)
     ConfigKey("norm_topk_prob", ("norm_topk_prob",), ("{arch}.expert_weights_norm",), default=None),
 )
+
+# the MTP blocks: HF counts them apart from num_hidden_layers, llama.cpp's GGUFs within block_count
+NEXTN_KEY = ConfigKey("nextn_layers", ("num_nextn_predict_layers",), ("{arch}.nextn_predict_layers",), default=0)
+
+
+def finish_nextn(values: dict[str, Any], hf: bool) -> None:
+    """nextn_layers as an int, and n_layers without the MTP blocks a GGUF's block_count includes."""
+    nextn = values["nextn_layers"] = int(values["nextn_layers"] or 0)
+    if not hf:
+        if not 0 <= nextn < values["n_layers"]:
+            raise ValueError(f"{nextn} MTP (nextn) layers of {values['n_layers']} blocks: no model layer is left")
+        values["n_layers"] -= nextn
 
 
 def finish_common(values: dict[str, Any], raw: Mapping[str, Any]) -> None:

@@ -15,7 +15,8 @@ Where GGUF and HF mean different things the model's rule wins: llama.cpp scores 
 experts even under softmax gating, whereas DeepSeek-V2's rule (transformers' and DeepSeek's own code) is
 the group's best expert, which is what a softmax-gated GGUF means here. GGUF's YaRN log multiplier is 0.1 x
 mscale_all_dim (llama.cpp's converter) and its cos/sin factor 1 (every DeepSeek config has mscale =
-mscale_all_dim). The multi-token-prediction layer (V3's model.layers.61) is never read.
+mscale_all_dim). The multi-token-prediction layer (V3's model.layers.61) is kept only when asked (`convert --mtp`,
+config.nextn_layers): llama.cpp's deepseek2 GGUFs leave it out.
 """
 
 from __future__ import annotations
@@ -27,7 +28,19 @@ from typing import Any
 from ..layout.config import ModelConfig, RopeScaling
 from .base import ConfigKey, Family, HeadSplit
 from .common import CONFIG_KEYS as COMMON_KEYS
-from .common import DENSE_MLP, EXPERTS, GLOBALS, finish_common, leading_dense, per_layer, yarn_from_hf, yarn_mscale
+from .common import (
+    DENSE_MLP,
+    EXPERTS,
+    GLOBALS,
+    MTP,
+    NEXTN_KEY,
+    finish_common,
+    finish_nextn,
+    leading_dense,
+    per_layer,
+    yarn_from_hf,
+    yarn_mscale,
+)
 from .glm4_moe import GATING_FUNCS
 from .glm4_moe import MOE as GLM_MOE  # router, correction bias, shared experts: the same names
 from .mla import mla_attention_inputs, mla_attention_output
@@ -49,7 +62,7 @@ ATTENTION = (
     per_layer("attn_output.weight", f"{_A}.o_proj.weight", "attn_o", ("d_model", "o_dim"), "attn_o"),
     per_layer("ffn_norm.weight", "post_attention_layernorm.weight", "norm", ("d_model",), "ffn_norm"),
 )
-DENSE = (*GLOBALS, *ATTENTION, *GLM_MOE, *DENSE_MLP)
+DENSE = (*GLOBALS, *ATTENTION, *GLM_MOE, *DENSE_MLP, *MTP)
 
 _R = "{arch}.rope.scaling."
 _OWN_KEYS = (
@@ -75,7 +88,7 @@ _OWN_KEYS = (
     ConfigKey("_interleave", ("rope_interleave",), (), default=True),
     ConfigKey("_n_shared", ("n_shared_experts",), ("{arch}.expert_shared_count",), default=None),
     ConfigKey("_leading_dense", ("first_k_dense_replace",), ("{arch}.leading_dense_block_count",), default=None),
-    ConfigKey("_nextn_layers", (), ("{arch}.nextn_predict_layers",), default=0),
+    NEXTN_KEY,
     ConfigKey("_rope", ("rope_parameters", "rope_scaling"), (), default=None),
     ConfigKey("_rope_type", (), (_R + "type",), default=None),
     ConfigKey("_rope_factor", (), (_R + "factor",), default=None),
@@ -148,10 +161,7 @@ def _finish(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
     """HF (raw = config.json) and GGUF (raw empty) give the same config; see the module's docstring."""
     hf = bool(raw)
     finish_common(values, {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_parameters")})
-    nextn = int(values["_nextn_layers"] or 0)
-    if not 0 <= nextn < values["n_layers"]:
-        raise ValueError(f"{nextn} MTP (nextn) layers of {values['n_layers']} blocks: no model layer is left")
-    values["n_layers"] -= nextn
+    finish_nextn(values, hf)
     if hf:
         if values["_qk_nope"] is None:
             raise ValueError("missing hyper-parameter 'qk_nope_head_dim'")

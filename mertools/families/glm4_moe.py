@@ -4,9 +4,9 @@ routed_scaling_factor, DeepSeek-V3's group-limited choice (n_group / topk_group)
 shared expert, leading dense layers (first_k_dense_replace), q/k/v biases, per-head q/k RMSNorm when
 use_qk_norm, rotary on the first partial_rotary_factor of each head.
 
-The multi-token-prediction (MTP, "nextn") layers after num_hidden_layers are not part of the layout:
-HF checkpoints keep them as model.layers.<num_hidden_layers>.*, which are never read; llama.cpp's GGUFs
-count them in block_count and say how many in nextn_predict_layers, which is subtracted.
+The multi-token-prediction (MTP, "nextn") layers after num_hidden_layers (HF's model.layers.<num_hidden_layers>.*;
+llama.cpp's GGUFs count them in block_count and say how many in nextn_predict_layers) are kept only when asked
+(`convert --mtp`: config.nextn_layers, families.common.MTP), as a drafter for speculative decoding.
 """
 
 from __future__ import annotations
@@ -18,7 +18,19 @@ from typing import Any
 from ..layout.config import ModelConfig
 from .base import ConfigKey, DenseSpec, Family
 from .common import CONFIG_KEYS as COMMON_KEYS
-from .common import DENSE_MLP, EXPERTS, GLOBALS, ROUTER, attention, finish_common, leading_dense, per_layer
+from .common import (
+    DENSE_MLP,
+    EXPERTS,
+    GLOBALS,
+    MTP,
+    NEXTN_KEY,
+    ROUTER,
+    attention,
+    finish_common,
+    finish_nextn,
+    leading_dense,
+    per_layer,
+)
 
 # GGUF expert_gating_func values (gguf-py's ExpertGatingFuncType)
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
@@ -50,7 +62,7 @@ MOE = (
               layers="moe", when="shared_expert"),
 )
 
-DENSE = (*GLOBALS, *_attention(), *MOE, *DENSE_MLP)
+DENSE = (*GLOBALS, *_attention(), *MOE, *DENSE_MLP, *MTP)
 
 _OWN_KEYS = (
     ConfigKey("n_experts", ("n_routed_experts", "num_local_experts"), ("{arch}.expert_count",)),
@@ -69,7 +81,7 @@ _OWN_KEYS = (
     ConfigKey("_rotary_factor", ("rope_parameters.partial_rotary_factor", "partial_rotary_factor"), (), default=None),
     ConfigKey("_n_shared", ("n_shared_experts",), ("{arch}.expert_shared_count",), default=None),
     ConfigKey("_leading_dense", ("first_k_dense_replace",), ("{arch}.leading_dense_block_count",), default=None),
-    ConfigKey("_nextn_layers", (), ("{arch}.nextn_predict_layers",), default=0),
+    NEXTN_KEY,
 )
 CONFIG_KEYS = (*(k for k in COMMON_KEYS if k.field not in {o.field for o in _OWN_KEYS}), *_OWN_KEYS)
 
@@ -79,10 +91,7 @@ def _finish(values: dict[str, Any], raw: Mapping[str, Any]) -> None:
     applies to HF and llama.cpp's to GGUF, so each source means what its own runtime would run."""
     hf = bool(raw)
     finish_common(values, raw)
-    nextn = int(values["_nextn_layers"] or 0)
-    if not 0 <= nextn < values["n_layers"]:  # GGUF block_count counts the MTP layers
-        raise ValueError(f"{nextn} MTP (nextn) layers of {values['n_layers']} blocks: no model layer is left")
-    values["n_layers"] -= nextn
+    finish_nextn(values, hf)
     hd = values["head_dim"]
     if hf:  # transformers' GLM default is half the head
         factor = values["_rotary_factor"]

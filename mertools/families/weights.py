@@ -62,6 +62,13 @@ class LayerWeights(Generic[M]):
     kv_a_norm: np.ndarray | None = None  # (kv_lora_rank,)
     attn_k_b: M | None = None  # (n_heads * kv_lora_rank, qk_nope): per head, q_nope -> the latent's space
     attn_v_b: M | None = None  # (n_heads * v_head_dim, kv_lora_rank): per head, latent -> value
+    # a multi-token-prediction block's own (config.nextn_layers; families.common.MTP)
+    mtp_eh_proj: M | None = None  # (d_model, 2 * d_model): [enorm(embedding); hnorm(hidden)] -> the block's input
+    mtp_enorm: np.ndarray | None = None  # (d_model,)
+    mtp_hnorm: np.ndarray | None = None  # (d_model,)
+    mtp_head_norm: np.ndarray | None = None  # (d_model,)
+    mtp_head: M | None = None  # (vocab_size, d_model); None: the model's output
+    mtp_embed: M | None = None  # (vocab_size, d_model); None: the model's embedding
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ EXTENSION_DEFAULTS: dict[str, Any] = {
     "rope_scaling": "none", **YARN_DEFAULTS,
     # multi-head latent attention (DeepSeek-V2/V3, Kimi K2), V2's group rule, a scaled softmax
     "group_score": "top2", "q_lora_rank": 0, "kv_lora_rank": 0, "qk_rope_dim": 0, "v_head_dim": 0, "attn_scale": 1.0,
+    # multi-token-prediction blocks kept after the main layers (DeepSeek-V3, GLM-4.5), a drafter's
+    "nextn_layers": 0,
 }
 
 
@@ -129,6 +131,9 @@ class ModelConfig:
     qk_rope_dim: int = 0  # the rotary part of each q/k head (its last dims in HF's order; adjacent pairs)
     v_head_dim: int = 0
     attn_scale: float = 1.0  # the softmax scale is attn_scale / sqrt(head_dim) (DeepSeek's YaRN: mscale^2)
+    # multi-token-prediction ("nextn") blocks the layout keeps as layers n_layers.. n_layers + nextn_layers - 1: each
+    # an MoE decoder layer fed with [norm(embedding of token t+1), norm(hidden state at t)], predicting token t+2
+    nextn_layers: int = 0
 
     def __post_init__(self) -> None:
         positive = (
@@ -190,6 +195,9 @@ class ModelConfig:
             object.__setattr__(self, "rope_dim", 0)
         self._check_sinks_glu_yarn()
         self._check_mla()
+        nn = self.nextn_layers
+        if not isinstance(nn, int) or isinstance(nn, bool) or nn < 0:
+            raise ValueError(f"config.nextn_layers must be a non-negative integer, got {nn!r}")
 
     def _check_mla(self) -> None:
         for name in ("q_lora_rank", "kv_lora_rank", "qk_rope_dim", "v_head_dim"):
@@ -318,6 +326,16 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
+
+    @property
+    def mtp_layers(self) -> tuple[int, ...]:
+        """The multi-token-prediction blocks after the main layers (MoE layers, never run by the main forward)."""
+        return tuple(range(self.n_layers, self.n_layers + self.nextn_layers))
+
+    @property
+    def expert_layers(self) -> tuple[int, ...]:
+        """Every layer with expert files: the MoE layers, then the MTP blocks."""
+        return self.moe_layers + self.mtp_layers
 
     @property
     def uses_extensions(self) -> bool:

@@ -95,7 +95,7 @@ class Manifest:
     def expert(self, layer: int, expert: int) -> ExpertEntry:
         # entries cover the MoE layers only (dense-MLP layers have no experts), layer-major
         cfg = self.config
-        index = cfg.moe_layers.index(layer) if cfg.dense_layers else layer  # ValueError for a dense layer
+        index = cfg.expert_layers.index(layer) if cfg.dense_layers else layer  # ValueError for a dense layer
         return self.experts[index * cfg.n_experts + expert]
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,8 +288,8 @@ def _parse_manifest(d: Any) -> Manifest:
 
 def _check_expert_grid(experts: list[ExpertEntry], cfg: ModelConfig, where: str = "manifest.experts") -> None:
     """Experts are listed once each, in (layer, expert) order, covering every MoE layer (all layers but
-    config.dense_layers) and every expert."""
-    n_moe = cfg.n_layers - len(cfg.dense_layers)
+    config.dense_layers, then the nextn_layers MTP blocks) and every expert."""
+    n_moe = cfg.n_layers - len(cfg.dense_layers) + cfg.nextn_layers
     short = n_moe * cfg.n_experts - len(experts)
     if short:  # checked first: the config's counts bound the loops below, and a hostile one could be 2**60
         detail = f"missing {short} entries" if short > 0 else f"{-short} unexpected entries"
@@ -301,12 +301,12 @@ def _check_expert_grid(experts: list[ExpertEntry], cfg: ModelConfig, where: str 
         if key in seen:
             raise ManifestError(f"{where}: duplicate entry for layer {e.layer}, expert {e.expert}")
         seen.add(key)
-    want = [(layer, x) for layer in cfg.moe_layers for x in range(cfg.n_experts)]
+    want = [(layer, x) for layer in cfg.expert_layers for x in range(cfg.n_experts)]
     if [(e.layer, e.expert) for e in experts] != want:
         missing = sorted(set(want) - seen)
         extra = sorted(seen - set(want))
         detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}" if extra else "out of order"
         raise ManifestError(
-            f"{where}: expected {len(want)} entries for {len(cfg.moe_layers)} MoE layers x {cfg.n_experts} experts "
+            f"{where}: expected {len(want)} entries for {len(cfg.expert_layers)} MoE layers x {cfg.n_experts} experts "
             f"in order, {detail}"
         )

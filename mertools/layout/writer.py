@@ -199,7 +199,7 @@ class LayoutWriter:
         if self._dense is not None:
             self._files[DENSE_FILE] = fe = self._dense.close()
             self.bytes_written += fe.nbytes
-        want = [(la, e) for la in config.moe_layers for e in range(config.n_experts)]
+        want = [(la, e) for la in config.expert_layers for e in range(config.n_experts)]
         missing = [k for k in want if k not in self._experts]
         if missing:
             raise ConversionError(f"{self.out}: experts {missing[:4]} were never written")

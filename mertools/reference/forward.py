@@ -109,15 +109,19 @@ class ReferenceModel:
         self.layer_experts: list[list[Mlp[np.ndarray]]] = [
             [Mlp(**experts[(n, e)]) for e in range(c.n_experts)] if c.is_moe_layer(n) else [] for n in range(c.n_layers)
         ]
+        # multi-token-prediction blocks (config.nextn_layers): an MoE layer each, plus their own tensors
+        self.mtp_layers = [load_layer(self.family, c, n, *loaders) for n in c.mtp_layers]
+        self.mtp_experts = [[Mlp(**experts[(n, e)]) for e in range(c.n_experts)] for n in c.mtp_layers]
         self._check_shapes()
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_source(cls, path: str | Path, compute_dtype: type = np.float64) -> ReferenceModel:
-        """A HF model directory or a GGUF file (merged or per-expert), every weight as float32."""
+    def from_source(cls, path: str | Path, compute_dtype: type = np.float64, mtp: bool = False) -> ReferenceModel:
+        """A HF model directory or a GGUF file (merged or per-expert), every weight as float32; `mtp`: with its
+        multi-token-prediction blocks."""
         from ..convert.source import open_source
 
-        src = open_source(path)
+        src = open_source(path, mtp=mtp)
         def values(t) -> np.ndarray:  # noqa: ANN001 - read_raw() has already undone llama.cpp's q/k row permutation
             if t.dtype == "f8_e4m3":  # FP8 with block scales: no GGML type (convert/fp8.py, checked against transformers)
                 return t.to_float32()
@@ -125,7 +129,7 @@ class ReferenceModel:
 
         dense = {name: values(t) for name, _spec, t in src.dense_tensors()}
         experts = {}
-        for layer in src.config.moe_layers:
+        for layer in src.config.expert_layers:
             for e in range(src.config.n_experts):
                 experts[(layer, e)] = {r: values(t) for r, t in src.expert_tensors(layer, e).items()}
         return cls(src.config, dense, experts, compute_dtype)
@@ -163,21 +167,51 @@ class ReferenceModel:
     # ------------------------------------------------------------------ forward
     def forward(self, token_ids: list[int]) -> np.ndarray:
         """Logits (len, vocab) float32 of the whole sequence, positions 0..len-1, no cache."""
+        x = rms_norm(self.hidden_states(token_ids), self.weights.output_norm, self.config.norm_eps)
+        return (x @ self.lm_head.T.astype(self.compute_dtype, copy=False)).astype(np.float32)  # (T, vocab)
+
+    def _ids(self, token_ids: list[int]) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError("token_ids must be a non-empty 1-D sequence")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        c, dt = self.config, self.compute_dtype
-        x = self.weights.embed[ids].astype(dt)  # (T, d_model)
+        return ids
+
+    def _layer(self, n: int, lw: LayerWeights, experts: list[Mlp], x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        c = self.config
+        mask = self.attention_mask(len(x), n)  # (T, T) bool, True = may attend
+        x = x + self.attention(rms_norm(x, lw.attn_norm, c.norm_eps), lw, pos, mask)
+        h = rms_norm(x, lw.ffn_norm, c.norm_eps)
+        return x + (self.ops.mlp(lw.mlp, h) if lw.mlp is not None else self.moe(h, lw, experts))
+
+    def hidden_states(self, token_ids: list[int]) -> np.ndarray:
+        """The last layer's output (len, d_model), before the final norm."""
+        ids = self._ids(token_ids)
+        x = self.weights.embed[ids].astype(self.compute_dtype)  # (T, d_model)
         pos = np.arange(len(ids))
         for n, lw in enumerate(self.layers):
-            mask = self.attention_mask(len(ids), n)  # (T, T) bool, True = may attend
-            x = x + self.attention(rms_norm(x, lw.attn_norm, c.norm_eps), lw, pos, mask)
-            h = rms_norm(x, lw.ffn_norm, c.norm_eps)
-            x = x + (self.ops.mlp(lw.mlp, h) if lw.mlp is not None else self.moe(h, lw, self.layer_experts[n]))
-        x = rms_norm(x, self.weights.output_norm, c.norm_eps)
-        return (x @ self.lm_head.T.astype(dt, copy=False)).astype(np.float32)  # (T, vocab)
+            x = self._layer(n, lw, self.layer_experts[n], x, pos)
+        return x
+
+    def mtp(self, token_ids: list[int], block: int = 0) -> np.ndarray:
+        """MTP block `block`'s logits (len - 1, vocab) float32: row p predicts token p + 2 from the model's normed
+        final state at p and the embedding of token p + 1 (zero at position 0, as vLLM's MTP), the block attending
+        over rows 0..p (DeepSeek-V3's multi-token prediction, depth 1)."""
+        c, dt = self.config, self.compute_dtype
+        ids = self._ids(token_ids)
+        if len(ids) < 2:
+            raise ValueError("the MTP block needs at least two tokens")
+        lw = self.mtp_layers[block]
+        h = rms_norm(self.hidden_states(token_ids)[:-1], self.weights.output_norm, c.norm_eps)
+        table = lw.mtp_embed if lw.mtp_embed is not None else self.weights.embed
+        e = table[ids[1:]].astype(dt)
+        e[0] = 0.0
+        both = np.concatenate([rms_norm(e, lw.mtp_enorm, c.norm_eps), rms_norm(h, lw.mtp_hnorm, c.norm_eps)], axis=1)
+        x = self.ops.linear(lw.mtp_eh_proj, both)
+        x = self._layer(c.n_layers + block, lw, self.mtp_experts[block], x, np.arange(len(x)))
+        head = lw.mtp_head if lw.mtp_head is not None else self.lm_head
+        return (rms_norm(x, lw.mtp_head_norm, c.norm_eps) @ head.T.astype(dt, copy=False)).astype(np.float32)
 
     def attention_mask(self, n: int, layer: int = 0) -> np.ndarray:
         """(n, n) bool for layer `layer`: causal, and within its sliding window if it has one (kv > q - window,

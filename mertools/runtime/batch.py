@@ -40,8 +40,10 @@ class KVCache:
     latent attention (cfg.mla) only keys are kept, one (qk_rope_dim + kv_lora_rank)-wide vector per token and
     layer: the rotary key, then the latent, which is also every head's value (families/mla.py)."""
 
-    def __init__(self, cfg: ModelConfig, capacity: int = 256, dtype: str = "f16") -> None:
+    def __init__(self, cfg: ModelConfig, capacity: int = 256, dtype: str = "f16", layers: int | None = None) -> None:
+        """`layers`: how many layers it holds (default the model's; an MTP drafter's cache holds its blocks')."""
         check_kv_dtype(cfg, dtype)
+        n_layers = cfg.n_layers if layers is None else layers
         self.length = 0
         self.dtype = dtype
         self.divisor = cfg.softmax_divisor
@@ -50,11 +52,11 @@ class KVCache:
         capacity = max(1, capacity)
         if cfg.mla:
             self.voff = width(cfg.qk_rope_dim)
-            self.k = np.zeros((cfg.n_layers, capacity, 1, width(cfg.qk_rope_dim + cfg.kv_lora_rank)), store)
+            self.k = np.zeros((n_layers, capacity, 1, width(cfg.qk_rope_dim + cfg.kv_lora_rank)), store)
             self.v: np.ndarray | None = None
         else:
             self.voff = 0
-            shape = (cfg.n_layers, capacity, cfg.n_kv_heads, width(cfg.head_dim))
+            shape = (n_layers, capacity, cfg.n_kv_heads, width(cfg.head_dim))
             self.k = np.zeros(shape, store)
             self.v = np.zeros(shape, store)
 

@@ -22,6 +22,7 @@ from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
 from .model import KVCache, MoEModel
 from .moe import Tier
+from .mtp import MtpDrafter
 from .prefetch import PREFETCH_MODES
 from .sampling import SamplingParams
 from .speculative import Drafter, ModelDrafter, NgramDrafter, SpecStats
@@ -43,8 +44,8 @@ def model_bytes(m: Any) -> int:  # noqa: ANN401 - a Manifest
 
 def draft_footprint(spec: str | None) -> int:
     """The bytes a draft model (`--draft LAYOUT`) holds beside the target: its dense weights and every expert
-    (0 for "ngram" or none); the target's automatic budget leaves them out (`Engine.open(reserve_bytes=...)`)."""
-    return 0 if spec is None or spec == "ngram" else model_bytes(Layout.open(spec).manifest)
+    (0 for "ngram", "mtp" or none); the target's automatic budget leaves them out (`Engine.open(reserve_bytes=...)`)."""
+    return 0 if spec in (None, "ngram", "mtp") else model_bytes(Layout.open(spec).manifest)
 
 
 def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
@@ -141,12 +142,13 @@ class Engine:
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
                             mapped=mapped)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
-        cache = ExpertCache(slots, cfg.n_layers, cfg.n_experts, store.load, pool, policy=policy)
+        layers = cfg.n_layers + cfg.nextn_layers  # the MTP blocks' experts are cached like any layer's
+        cache = ExpertCache(slots, layers, cfg.n_experts, store.load, pool, policy=policy)
         standins = None
         if standin_slots:
             s_store = ExpertStore(layout, standin_slots, direct=direct, keep_pages=keep, verify=verify,
                                   io_depth=io_depth, entries=m.standins, mapped=mapped)
-            s_cache = ExpertCache(standin_slots, cfg.n_layers, cfg.n_experts, s_store.load, pool, policy=policy)
+            s_cache = ExpertCache(standin_slots, layers, cfg.n_experts, s_store.load, pool, policy=policy)
             standins = Tier.of(s_cache, s_store)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
@@ -219,10 +221,16 @@ class Engine:
                                    add_bos, draft, draft_tokens)
 
     def open_drafter(self, spec: str) -> Drafter:
-        """`--draft`: "ngram" (prompt lookup), or the path of a small layout sharing this model's tokenizer (opened
-        with every expert resident if it fits, its KV cache in this engine's type)."""
+        """`--draft`: "ngram" (prompt lookup), "mtp" (the layout's own multi-token-prediction block), or the path of a
+        small layout sharing this model's tokenizer (opened with every expert resident if it fits, its KV cache in this
+        engine's type)."""
         if spec == "ngram":
             return NgramDrafter()
+        if spec == "mtp":
+            if not self.config.nextn_layers:
+                raise RuntimeConfigError(f"{self.layout.root}: has no multi-token-prediction layers for --draft mtp; "
+                                         "convert with --mtp from a checkpoint that has them (DeepSeek-V3, GLM-4.5)")
+            return MtpDrafter(self.model)
         m = Layout.open(spec).manifest
         draft = Engine.open(spec, cache_mb=sum(e.nbytes for e in m.experts) / 2**20 + 1, prefetch="none",
                             threads=self.threads, kv_dtype=self.model.kv_dtype)  # every expert resident

@@ -52,7 +52,10 @@ def generate(eng: Engine, prompt: str | Sequence[int], max_tokens: int, params: 
     eng.model.kv.reserve(len(ids) + max_tokens + (draft_tokens if draft else 0))  # allocated once
     t0 = time.perf_counter()
     for i in range(0, len(ids), PREFILL_CHUNK):  # a long prompt in chunks: attention scores stay chunk x context
-        logits = eng.forward(ids[i:i + PREFILL_CHUNK], all_logits=False)[-1]
+        chunk = ids[i:i + PREFILL_CHUNK]
+        logits = eng.forward(chunk, all_logits=False)[-1]
+        if draft is not None:
+            draft.observe(i, chunk, eng.model.last_x)
     t.prefill_s += time.perf_counter() - t0
     t.prompt_tokens += len(ids)
     first = sampler(logits)
@@ -89,10 +92,12 @@ def _speculative(eng: Engine, ids: list[int], first: int, sampler: Sampler, draf
     produced = 1
     while produced < max_tokens:
         t1 = time.perf_counter()
+        base = kv.length  # cur's position
         context.append(cur)
         room = min(adapt.next(), max_tokens - produced - 1, eng.config.context_length - len(context))
         d = draft.propose(context, room, sampler) if room > 0 else Draft([])
         j, nxt = settle(eng.verify([cur, *d.tokens]), d, sampler, kv, adapt, st)
+        draft.observe(base, [cur, *d.tokens[:j]], eng.model.last_x[:j + 1])  # the rows the target kept
         eng.times.decode_s += time.perf_counter() - t1
         for t_id in d.tokens[:j]:
             context.append(t_id)

@@ -59,7 +59,7 @@ class RoutingHistory:
         """The history at `path` for this layout, or an empty one if there is no file yet."""
         path, manifest = Path(path), layout.manifest
         cfg = manifest.config
-        shape = (cfg.n_layers, cfg.n_experts)
+        shape = (cfg.n_layers + cfg.nextn_layers, cfg.n_experts)  # MTP blocks (a drafter's) route too
         ident = layout_id(manifest)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):

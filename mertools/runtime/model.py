@@ -17,7 +17,7 @@ from .cache import ExpertCache
 from .hooks import ModelHooks, PrefetcherFactory
 from .moe import StreamingMoE, Tier
 from .ops import Linear, RuntimeOps, rms_norm
-from .prefetch import make_prefetcher
+from .prefetch import Prefetcher, make_prefetcher
 from .store import ExpertStore
 
 
@@ -40,6 +40,9 @@ def _loaders(layout: Layout):  # noqa: ANN202 - (matrix, vector, present) for fa
     return matrix, vector, dense.__contains__
 
 
+NO_PREFETCH = Prefetcher()  # an MTP block guesses nothing for a next layer
+
+
 class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
@@ -50,7 +53,10 @@ class MoEModel:
         loaders = _loaders(layout)
         self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
         self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders) for i in range(cfg.n_layers)]
+        # multi-token-prediction blocks (layers n_layers..; a drafter's, never run by forward)
+        self.mtp_layers = [load_layer(self.family, cfg, i, *loaders) for i in cfg.mtp_layers]
         self.output = self.weights.output or self.weights.embed  # tied: the logits reuse the embedding
+        self.last_x: np.ndarray | None = None  # the last forward step's final hidden states (N, d_model), before the norm
         self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks, standins)
         self.kv_dtype, self.kv_capacity = kv_dtype, kv_capacity
         self.kv = KVCache(cfg, kv_capacity, kv_dtype)
@@ -66,9 +72,11 @@ class MoEModel:
         h = rms_norm(x, w.ffn_norm, self.cfg.norm_eps)
         return self.family.pieces.lookahead(self.cfg, w, h, RuntimeOps())
 
-    def _attention(self, layer: int, h: np.ndarray, batch: Batch, ops: RuntimeOps) -> np.ndarray:
-        """h (N, d_model) normalised -> (N, d_model); each sequence attends over its own cache."""
-        cfg, w = self.cfg, self.layers[layer]
+    def _attention(self, layer: int, w: LayerWeights[Linear], h: np.ndarray, batch: Batch, ops: RuntimeOps,
+                   kv_layer: int | None = None) -> np.ndarray:
+        """h (N, d_model) normalised -> (N, d_model); each sequence attends over its own cache (its layer `kv_layer`,
+        by default `layer`)."""
+        cfg = self.cfg
         q, k, v = self.family.pieces.attention_inputs(cfg, w, h, ops)  # (N, nh, hd), (N, nkv, hd), (N, nkv, dv)
         rotary = self.family.pieces.rotary  # over the first rotary_dim dims of each head (partial rotary)
         q, k = rotary(cfg, q, batch.positions), rotary(cfg, k, batch.positions)
@@ -76,16 +84,17 @@ class MoEModel:
         window = cfg.window(layer)  # per layer: some models alternate sliding and full attention
         for s in batch.seqs:
             r = s.rows
-            out[r] = s.kv.attend(layer, q[r], k[r], v[r], batch.positions[r], window, w.attn_sinks, s.apart)
+            out[r] = s.kv.attend(layer if kv_layer is None else kv_layer, q[r], k[r], v[r], batch.positions[r], window,
+                                 w.attn_sinks, s.apart)
         return self.family.pieces.attention_output(cfg, w, out, ops)
 
-    def _ffn(self, layer: int, x: np.ndarray, batch: Batch, ops: RuntimeOps) -> np.ndarray:
+    def _ffn(self, layer: int, w: LayerWeights[Linear], x: np.ndarray, batch: Batch, ops: RuntimeOps,
+             prefetcher: Prefetcher | None = None) -> np.ndarray:
         """The layer's feed-forward block: streamed experts, or a resident dense MLP in a layer without them."""
-        w = self.layers[layer]
         h = rms_norm(x, w.ffn_norm, self.cfg.norm_eps)
         if w.mlp is not None:
             return ops.mlp(w.mlp, h)
-        return self.moe(layer, w, h, x, batch, ops, self.prefetcher)
+        return self.moe(layer, w, h, x, batch, ops, self.prefetcher if prefetcher is None else prefetcher)
 
     # ------------------------------------------------------------------ forward
     def new_kv(self, capacity: int | None = None) -> KVCache:
@@ -106,9 +115,10 @@ class MoEModel:
         x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)  # (N, d_model)
         for layer, w in enumerate(self.layers):
             self.cache.note_layer(layer)
-            x = x + self._attention(layer, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops)
-            x = x + self._ffn(layer, x, batch, ops)
+            x = x + self._attention(layer, w, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops)
+            x = x + self._ffn(layer, w, x, batch, ops)
         batch.commit()
+        self.last_x = x
         out = []
         for s in batch.seqs:
             rows = x[s.rows] if all_logits or s.apart else x[s.start + s.n - 1:s.start + s.n]
@@ -123,3 +133,29 @@ class MoEModel:
 
     def reset(self) -> None:
         self.kv.length = 0
+
+    # ------------------------------------------------------------------ multi-token prediction
+    def new_mtp_kv(self, capacity: int | None = None) -> KVCache:
+        """A KV cache for the MTP blocks alone (one layer each)."""
+        return KVCache(self.cfg, capacity or self.kv_capacity, self.kv_dtype, layers=self.cfg.nextn_layers)
+
+    def mtp_forward(self, kv: KVCache, ids: np.ndarray, hidden: np.ndarray, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """MTP block `block` over consecutive positions continuing `kv` (new_mtp_kv): row i joins the token ids[i] that
+        follows position p_i with `hidden[i]`, the final hidden state at p_i (the main model's, normed by its output
+        norm, or this block's own output when chaining), and predicts the token after ids[i]. Returns the logits
+        (n, vocab) and the block's output hidden states (n, d_model)."""
+        cfg, w = self.cfg, self.mtp_layers[block]
+        layer = cfg.n_layers + block
+        batch = Batch.of([(kv, ids)])
+        ops = RuntimeOps(batch)
+        table = w.mtp_embed or self.weights.embed  # DeepSeek's block holds its own copy; GLM's uses the model's
+        e = get_rows(table.raw, table.dtype, batch.ids, cfg.d_model)
+        e[batch.positions == 0] = 0.0  # position 0 has no token before it (as vLLM's MTP does)
+        both = np.concatenate([rms_norm(e, w.mtp_enorm, cfg.norm_eps), rms_norm(hidden, w.mtp_hnorm, cfg.norm_eps)], axis=1)
+        x = w.mtp_eh_proj(np.ascontiguousarray(both, np.float32))
+        self.cache.note_layer(layer)
+        x = x + self._attention(layer, w, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops, kv_layer=block)
+        x = x + self._ffn(layer, w, x, batch, ops, prefetcher=NO_PREFETCH)
+        batch.commit()
+        head = w.mtp_head or self.output
+        return head(np.ascontiguousarray(rms_norm(x, w.mtp_head_norm, cfg.norm_eps))), x

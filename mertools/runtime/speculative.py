@@ -50,6 +50,11 @@ class Drafter(Protocol):
         KV cache). May propose fewer, or none."""
         ...
 
+    def observe(self, start: int, ids: Sequence[int], x: np.ndarray) -> None:
+        """The target computed positions start.. for tokens `ids`, with final hidden states x (n, d_model) before its
+        output norm (the MTP drafter feeds them to its block; the others ignore them)."""
+        ...
+
     def for_sequence(self) -> Drafter:
         """A drafter for one more sequence of a batch (the server: one per running sequence): itself when it keeps
         no state, else one with state of its own over the same draft model."""
@@ -82,6 +87,9 @@ class NgramDrafter:
                 return Draft([int(t) for t in ctx[start:start + k]])
         return Draft([])
 
+    def observe(self, start: int, ids: Sequence[int], x: np.ndarray) -> None:
+        pass  # the context is all it reads
+
     def for_sequence(self) -> NgramDrafter:
         return self  # stateless
 
@@ -102,6 +110,9 @@ class ModelDrafter:
         self.owner = kv is None  # the first drafter over an engine uses its KV cache and closes it
         self.kv = engine.model.kv if kv is None else kv
         self.seen: list[int] = []  # the tokens in the draft's KV cache, in order (at most the request's context)
+
+    def observe(self, start: int, ids: Sequence[int], x: np.ndarray) -> None:
+        pass  # it runs its own model over the context
 
     def for_sequence(self) -> ModelDrafter:
         """The same draft model with a KV cache of its own (dropped with the drafter)."""

@@ -82,9 +82,10 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
-@click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup in each request's own text) or a small "
-              "LAYOUT sharing the tokenizer (kept in memory; a KV cache per sequence). Greedy output is the same, "
-              "sampled output has the same distribution.")
+@click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup in each request's own text), 'mtp' (the "
+              "layout's own multi-token-prediction block: convert --mtp) or a small LAYOUT sharing the tokenizer "
+              "(kept in memory; a KV cache per sequence). Greedy output is the same, sampled output has the same "
+              "distribution.")
 @click.option("--draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Tokens drafted per sequence per verification step.")
 @click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "
@@ -99,6 +100,7 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
     /health, /metrics), batching concurrent requests into shared forward steps."""
     import uvicorn
 
+    from ..errors import RuntimeConfigError
     from ..layout.reader import Layout
     from .app import ServerConfig, create_app
 
@@ -107,7 +109,10 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
         from ..runtime.history import RoutingHistory
 
         RoutingHistory.open(history, lay)  # and so does a bad, foreign or unwritable routing history
-    if draft not in (None, "ngram"):
+    if draft == "mtp" and not lay.manifest.config.nextn_layers:
+        raise RuntimeConfigError(f"{layout}: has no multi-token-prediction layers for --draft mtp; convert with --mtp "
+                                 "from a checkpoint that has them (DeepSeek-V3, GLM-4.5)")
+    if draft not in (None, "ngram", "mtp"):
         Layout.open(draft)  # and so does a bad draft layout
     if not _is_loopback(host):
         click.echo(f"note: listening on {host}, not loopback: anyone who can reach it can use the model"

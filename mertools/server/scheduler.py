@@ -117,8 +117,8 @@ class Scheduler:
         if max_running < 1 or max_waiting < 0 or prefill_chunk < 1 or draft_tokens < 1:
             raise ValueError("max_running, prefill_chunk and draft_tokens must be >= 1, max_waiting >= 0")
         self._load = load
-        # speculative decoding: "ngram" or a draft layout, opened with the engine (engine.open_drafter) in this
-        # scheduler's thread; each sequence drafts through its own `for_sequence()` view
+        # speculative decoding: "ngram", "mtp" or a draft layout, opened with the engine (engine.open_drafter) in this
+        # scheduler's thread; each sequence drafts through its own `for_sequence()` view, told its rows' states
         self.draft_spec, self.draft_tokens = draft, draft_tokens
         self.draft: Drafter | None = None
         self.max_running, self.max_waiting = max_running, max_waiting
@@ -268,6 +268,8 @@ class Scheduler:
         items, fed, verify = [], [], []
         for s in self._running:
             drafted = Draft([])
+            if self.draft is not None and s.drafter is None:  # from the first step: the MTP drafter reads the prompt's
+                s.adapt, s.drafter = AdaptiveK(self.draft_tokens), self.draft.for_sequence()
             if s.fed < len(s.prompt):
                 ids = s.prompt[s.fed:s.fed + chunk]
                 if any_prefill and len(ids) > budget:
@@ -278,22 +280,28 @@ class Scheduler:
                     drafted = self._propose(s)
                 ids = (s.last_id, *drafted.tokens)
             items.append((s.kv, ids))
-            fed.append((s, len(ids), drafted))
+            fed.append((s, ids, drafted, s.kv.length if self.draft is not None else 0))
             verify.append(self.draft is not None and s.fed == len(s.prompt))
         try:
             logits = self.engine.step(items, verify=verify) if any(verify) else self.engine.step(items)
         except Exception as e:  # e.g. an expert that cannot be read: those sequences end, the rest go on
             log.exception("engine step failed")
-            for s, _, _ in fed:
+            for s, _, _, _ in fed:
                 self._finish(s, Event(finish_reason="error", error=f"generation failed: {e}"), "error")
             return
         now = time.perf_counter()
         if self.metrics:
             self.metrics.steps.inc()
-            self.metrics.step_tokens.inc(sum(n for _, n, _ in fed))
-        for (s, n, drafted), lg, checked in zip(fed, logits, verify, strict=True):
+            self.metrics.step_tokens.inc(sum(len(ids) for _, ids, _, _ in fed))
+        # every item's final hidden states, in order: what the drafters are told (the MTP drafter feeds them)
+        states, row = (self.engine.model.last_x if self.draft is not None else None), 0
+        for (s, ids, drafted, start), lg, checked in zip(fed, logits, verify, strict=True):
+            rows = states[row:row + len(ids)] if states is not None else None
+            row += len(ids)
             if s.fed < len(s.prompt):
-                s.fed += n
+                s.fed += len(ids)
+                if s.drafter is not None:
+                    s.drafter.observe(start, ids, rows)
                 if s.fed < len(s.prompt):
                     continue  # more prompt to read; these logits predict nothing we need
             if s.handle.cancelled:
@@ -301,7 +309,7 @@ class Scheduler:
                 continue
             try:
                 if checked:
-                    self._accept(s, lg, drafted, now)
+                    self._accept(s, lg, drafted, now, start, rows)
                 else:
                     self._on_token(s, s.sampler(lg), now)
             except Exception as e:  # e.g. NaN logits under sampling: this sequence ends, the batch goes on
@@ -311,16 +319,17 @@ class Scheduler:
 
     def _propose(self, s: _Seq) -> Draft:
         """Draft tokens for a decoding sequence, no more than its max_tokens and its KV cache's context allow."""
-        if s.adapt is None:
-            s.adapt, s.drafter = AdaptiveK(self.draft_tokens), self.draft.for_sequence()
         room = min(s.adapt.next(), s.handle.max_tokens - s.generated - 1,
                    self.engine.config.context_length - len(s.prompt) - len(s.tokens) - 1)
         return s.drafter.propose([*s.prompt, *s.tokens], room, s.sampler) if room > 0 else Draft([])
 
-    def _accept(self, s: _Seq, logits: Any, drafted: Draft, now: float) -> None:  # noqa: ANN401 - (n, vocab)
+    def _accept(self, s: _Seq, logits: Any, drafted: Draft, now: float, start: int,  # noqa: ANN401 - (n, vocab)
+                rows: Any) -> None:  # noqa: ANN401 - (n, d_model)
         """A verification step's outcome (speculative.settle: the draft's own q under sampling), the accepted
-        drafted tokens and the target's next one emitted in order until the sequence ends."""
+        drafted tokens and the target's next one emitted in order until the sequence ends; the drafter is told the
+        states of the rows kept."""
         j, nxt = settle(logits, drafted, s.sampler, s.kv, s.adapt, self.engine.spec)
+        s.drafter.observe(start, [s.last_id, *drafted.tokens[:j]], rows[:j + 1])
         for tid in [*drafted.tokens[:j], nxt]:
             if s not in self._running:
                 return
