@@ -110,7 +110,7 @@ def top_k(cfg: ModelConfig, w: LayerWeights, scores: np.ndarray, chosen: np.ndar
     (benchmarks replay routing) and keeps the router's weights of it."""
     if chosen is None:
         chosen = np.argsort(-choice_scores(cfg, w, scores), axis=1, kind="stable")[:, :cfg.n_experts_used]
-    weights = np.take_along_axis(scores, chosen, axis=1)
+    weights = scores[np.arange(len(chosen))[:, None], chosen]  # take_along_axis's values, without its Python
     if cfg.norm_topk_prob:  # + 1e-20 as transformers' sigmoid routers: all-zero sigmoid weights stay finite
         weights = weights / (weights.sum(axis=1, keepdims=True) + 1e-20)
     if cfg.routed_scaling != 1.0:
@@ -127,17 +127,28 @@ def rotary(cfg: ModelConfig, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     yarn = None
     if cfg.rope_scaling is RopeScaling.YARN:
         yarn = (cfg.rope_factor, cfg.rope_original_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow, cfg.yarn_truncate)
-    ang = pos[:, None].astype(np.float64) * _inv_freq(cfg.rope_theta, rd, yarn)[None, :]  # (n, rd/2)
-    cos, sin = np.cos(ang), np.sin(ang)
-    if cfg.rope_attn_factor != 1.0:
-        cos, sin = cos * cfg.rope_attn_factor, sin * cfg.rope_attn_factor
-    cos, sin = cos.astype(x.dtype)[:, None, :], sin.astype(x.dtype)[:, None, :]
+    cos, sin = _cos_sin(cfg.rope_theta, rd, yarn, cfg.rope_attn_factor, np.ascontiguousarray(pos, np.int64).tobytes(),
+                        np.dtype(x.dtype).str)
     half = rd // 2
     x1, x2 = x[..., :half], x[..., half:rd]
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if rd < x.shape[-1]:
         parts.append(x[..., rd:])
     return np.concatenate(parts, axis=-1)
+
+
+@lru_cache(maxsize=16)
+def _cos_sin(theta: float, rd: int, yarn: tuple[float, int, float, float, bool] | None, attn: float, pos: bytes,
+             dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n, 1, rd/2) in `dtype` at positions `pos` (int64 bytes); cached: every layer's q and k of a step
+    share them (a step's positions, a few steps' worth: bounded)."""
+    ang = np.frombuffer(pos, np.int64)[:, None].astype(np.float64) * _inv_freq(theta, rd, yarn)[None, :]  # (n, rd/2)
+    cos, sin = np.cos(ang), np.sin(ang)
+    if attn != 1.0:
+        cos, sin = cos * attn, sin * attn
+    cos, sin = cos.astype(dtype)[:, None, :], sin.astype(dtype)[:, None, :]
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
 
 
 @lru_cache(maxsize=8)

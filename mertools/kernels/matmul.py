@@ -17,6 +17,8 @@ of a verification step), each exactly as decode computes it; more inputs the til
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mertools.dtypes import DTYPES, KIND
@@ -25,10 +27,11 @@ from mertools.kernels import gemm_kernels as _g
 from mertools.kernels import matmul_kernels as _k
 from mertools.kernels import matvec_kernels as _mv
 
-__all__ = ["MATMUL_DTYPES", "matmul", "get_rows", "swiglu_expert"]
+__all__ = ["MATMUL_DTYPES", "Weight", "matmul", "get_rows", "layout_weight", "swiglu_expert", "swiglu_weights", "weight"]
 
 MATMUL_DTYPES = tuple(KIND)  # every registered type has its decoders in `dispatch`
 _KIND = KIND
+_DTYPE_OF = {k: d for d, k in KIND.items()}
 # up to this many inputs, a matvec per input (weights decoded again from cache) beat the tiled kernel
 # (docs/BENCHMARKS.md, "A few inputs": `python benchmarks/bench_matmul.py --few`)
 MATVEC_ROWS_MAX = 4
@@ -87,15 +90,61 @@ def matmul(
     if cols == 0:
         out.fill(0.0)
         return out
+    return _product(_KIND[dtype], x2, w2, out)
+
+
+def _product(kind: int, x2: np.ndarray, w2: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (n, rows) = x2 @ W.T by the kernel for n inputs; every argument already checked."""
+    n = x2.shape[0]
     if n == 1:
-        _mv.matvec(_KIND[dtype], x2[0], w2, out[0])
+        _mv.matvec(kind, x2[0], w2, out[0])
     elif n <= MATVEC_ROWS_MAX:
-        _mv.matvec_rows(_KIND[dtype], x2, w2, out)
+        _mv.matvec_rows(kind, x2, w2, out)
     elif n >= _g.GEMM_MIN_N:
-        _g.matmul_gemm(_KIND[dtype], _g.panels(x2), n, w2, out)
+        _g.matmul_gemm(kind, _g.panels(x2), n, w2, out)
     else:
-        _k.matmul_tiled(_KIND[dtype], x2, w2, out)
+        _k.matmul_tiled(kind, x2, w2, out)
     return out
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight's bytes checked once (`weight`), for the runtime's many calls per token: `matmul` and
+    `swiglu_expert` check their arguments on every call, which a decode step of a small model pays dozens of
+    times; these call the same kernels with the same arguments, so the results are the same bits."""
+
+    w2: np.ndarray  # uint8 (rows, row_bytes)
+    kind: int
+    rows: int
+    cols: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.cols or not x.flags.c_contiguous or not len(x):
+            return matmul(x, self.w2, _DTYPE_OF[self.kind], self.rows, self.cols)
+        return _product(self.kind, x, self.w2, np.empty((x.shape[0], self.rows), np.float32))
+
+
+def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int) -> Weight:
+    """A `Weight` over bytes whose size the layout's manifest has checked against (rows, cols) of `dtype` (an expert
+    slot's tensor): only shaped, as an expert is applied a few times per layer and token."""
+    return Weight(w.reshape(rows, -1), _KIND[dtype], rows, cols)
+
+
+def weight(w: np.ndarray, dtype: str, rows: int, cols: int) -> Weight:
+    """`w` (raw bytes of a (rows, cols) `dtype` weight) checked as `matmul` checks it, for `Weight` calls."""
+    if rows == 0 or cols == 0:
+        raise QuantizationError(f"weight: an empty {dtype} weight ({rows}, {cols}) has no kernel call")
+    return Weight(_check_weight(w, dtype, rows, cols, "weight"), _KIND[dtype], rows, cols)
+
+
+def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
+    """`swiglu_expert` on checked weights (x float32 C-contiguous (n, d_model)): the same kernels, the same bits."""
+    if x.shape[0] != 1:
+        return down(silu_mul(gate(x), up(x)))
+    h = np.empty((1, gate.rows), np.float32)
+    _mv.matvec_swiglu(gate.kind, up.kind, x[0], gate.w2, up.w2, h[0], np.empty(gate.rows, np.float32))
+    return down(h)
 
 
 def get_rows(w: np.ndarray, dtype: str, ids: np.ndarray, cols: int) -> np.ndarray:

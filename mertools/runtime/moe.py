@@ -14,7 +14,7 @@ import numpy as np
 from ..families.base import Family
 from ..families.pieces import choice_scores
 from ..families.weights import LayerWeights, Mlp
-from ..kernels.matmul import swiglu_expert
+from ..kernels.matmul import layout_weight, swiglu_weights
 from ..layout.config import ModelConfig
 from . import approx as approx_mod
 from .approx import Approx, ApproxStats
@@ -160,6 +160,13 @@ class StreamingMoE:
             biases = {r: store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
             mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model), Linear(u, du, cfg.d_ff, cfg.d_model),
                       Linear(d, dd, cfg.d_model, cfg.d_ff), **biases)
+        else:  # the slot's bytes, sized by the manifest: shaped, not checked again per call
+            wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model), layout_weight(u, du, cfg.d_ff, cfg.d_model),
+                          layout_weight(d, dd, cfg.d_model, cfg.d_ff))
+            if len(h) == 1 and live is None:  # one token (decode): the general path below, without its indexing
+                c = chosen[0].tolist().index(key[1])
+                contrib[0, c] = swiglu_weights(np.ascontiguousarray(h, np.float32), wg, wu, wd)[0] * weights[0, c]
+                return
         for s in batch.seqs:
             hit = chosen[s.rows] == key[1]
             tok, which = np.nonzero(hit if live is None else hit & live[s.rows])
@@ -168,9 +175,9 @@ class StreamingMoE:
             tok = tok + s.start
             # rows apart (speculative verification): each token as its own decode step computes it
             for t, c in [(tok[i:i + 1], which[i:i + 1]) for i in range(len(tok))] if s.apart else [(tok, which)]:
-                x = np.ascontiguousarray(h[t])
+                x = np.ascontiguousarray(h[t], np.float32)
                 if mlp is None:
-                    y = swiglu_expert(x, g, u, d, dg, du, dd, cfg.d_ff, cfg.d_model)
+                    y = swiglu_weights(x, wg, wu, wd)
                 else:  # one sequence's rows at a time already: ops without a batch
                     y = self.family.pieces.expert_mlp(cfg, mlp, x, RuntimeOps())
                 contrib[t, c] = y * weights[t, c][:, None]

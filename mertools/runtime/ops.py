@@ -3,12 +3,12 @@ multiplied by the numba kernels, every product computed on each sequence's own r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..families.weights import Mlp
-from ..kernels.matmul import matmul, swiglu_expert
+from ..kernels.matmul import Weight, swiglu_weights, weight
 from .batch import Batch
 
 
@@ -18,19 +18,23 @@ class Linear:
     dtype: str
     rows: int
     cols: int
+    checked: Weight = field(init=False, repr=False, compare=False)  # the bytes checked once, for the kernel calls
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
-        return matmul(x, self.raw, self.dtype, self.rows, self.cols)
+        return self.checked(x)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    # np.mean(x * x, axis=-1, dtype=float32) is this sum divided by the count: the same bits, without its Python
+    var = np.add.reduce(x * x, axis=-1, dtype=np.float32, keepdims=True) / x.shape[-1]
     return (x / np.sqrt(var + np.float32(eps))) * w
 
 
 def swiglu(m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
-    g, u, d = m.gate, m.up, m.down
-    return swiglu_expert(x, g.raw, u.raw, d.raw, g.dtype, u.dtype, d.dtype, g.rows, g.cols)
+    return swiglu_weights(np.ascontiguousarray(x, np.float32), m.gate.checked, m.up.checked, m.down.checked)
 
 
 class RuntimeOps:

@@ -46,6 +46,9 @@ class LookaheadPrefetcher(Prefetcher):
             return []
         probs = self.router(layer + 1, hidden)  # (n, n_experts)
         want = k + self.extra
+        if len(probs) == 1:  # one token (decode): its top choices, most-wanted first (what the union below gives)
+            order = np.argsort(-probs[0], kind="stable")[:want]
+            return [int(e) for e in order if probs[0, e] > 0]
         # for a batch (prefill), the union of each token's top choices, most-wanted first
         order = np.argsort(-probs, axis=1, kind="stable")[:, :want]  # (n, want)
         score = np.zeros(probs.shape[1])
