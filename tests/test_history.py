@@ -193,3 +193,37 @@ def test_cli_run_learns_and_reports(layout: Path, tmp_path: Path) -> None:
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "h.json: routing history field 'format'" in bad.stderr
     assert bad.stdout == ""
+
+
+def test_the_server_writes_its_history_as_it_goes(layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server runs for days: its routing history is written every HISTORY_EVERY seconds (here at once), not only
+    at shutdown, and a history it cannot write is logged without failing requests."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from mertools.server import scheduler as scheduler_mod
+    from mertools.server.app import ServerConfig, create_app
+
+    monkeypatch.setattr(scheduler_mod, "HISTORY_EVERY", 0.0)
+    path = tmp_path / "h.json"
+    with TestClient(create_app(ServerConfig(str(layout), model_name="t", history=str(path)))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = client.post("/v1/completions", json={"model": "t", "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["tokens"] > 0  # written while the server runs
+        for _ in range(200):  # the scheduler may still be writing it after the reply: retry until the directory stays
+            path.unlink(missing_ok=True)
+            try:
+                path.mkdir()  # now it cannot be written (a directory where the file goes): requests still succeed
+                break
+            except FileExistsError:
+                time.sleep(0.05)
+        assert path.is_dir()
+        r = client.post("/v1/completions", json={"model": "t", "prompt": "JULIET:", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"

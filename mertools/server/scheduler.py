@@ -109,6 +109,9 @@ class _Seq:
         return self.text.generated
 
 
+HISTORY_EVERY = 300.0  # seconds between writes of the routing history (--history), besides the one at shutdown
+
+
 class Scheduler:
     def __init__(self, load: Callable[[], Any], *, max_running: int = 8, max_waiting: int = 64,
                  prefill_chunk: int = 64, step_token_budget: int = 512, metrics: ServerMetrics | None = None,
@@ -204,6 +207,7 @@ class Scheduler:
         self.engine = engine
         self._state = "ready"
         self._ready.set()
+        saved = time.monotonic()
         try:
             while True:
                 try:
@@ -211,6 +215,9 @@ class Scheduler:
                         break
                     if self._running:
                         self._step()
+                    if time.monotonic() - saved > HISTORY_EVERY:  # a server runs for days: not only at exit
+                        self._save_history(engine)
+                        saved = time.monotonic()
                 except Exception as e:  # a bug: fail the running batch, keep serving
                     log.exception("scheduler iteration failed")
                     for s in list(self._running):
@@ -226,7 +233,20 @@ class Scheduler:
                 h.emit(Event(finish_reason="error", error="the server is shutting down"))
             if self.draft is not None:
                 self.draft.close()
-            engine.close()
+            try:
+                engine.close()  # files closed first; then the routing history written, which may fail (logged)
+            except Exception as e:
+                log.warning("closing the engine: %s", e)
+
+    def _save_history(self, engine: Any) -> None:  # noqa: ANN401 - an Engine
+        """Write the routing history (--history) now; a failed write is logged and serving goes on."""
+        history = getattr(engine, "history", None)  # None without --history (and on test doubles)
+        if history is None:
+            return
+        try:
+            history.save()
+        except Exception as e:  # a full or read-only disk must not fail requests
+            log.warning("routing history not written: %s", e)
 
     def _next_batch(self) -> bool:
         """Drop cancelled sequences, admit waiting ones; block while there is nothing to do."""
