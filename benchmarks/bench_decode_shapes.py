@@ -1,0 +1,94 @@
+"""Decode in RAM on a many-small-experts shape beside llama.cpp: Qwen3-30B-A3B's layer (d_model 2048, 128 experts of
+width 768, top-8, Q4_K; 48 layers in the real model) for --layers layers, where a token runs 8 experts per layer
+and pays mertools' per-call Python 8 times per layer.
+
+    python benchmarks/bench_decode_shapes.py [--layers 12] [--workdir /tmp/mertools-bench]
+
+The GGUF is written by benchmarks/full_size_checkpoints.py (random weights, llama.cpp's qwen3moe names) and
+converted to a layout; each engine runs in a process of its own with every weight resident (bench_decode.py's
+children: mertools with every expert loaded first, llama.cpp without mmap, repacked as by default and not): a
+--prompt-token prompt, then --tokens decode steps, the median step kept; --rounds processes per engine,
+interleaved, the best kept. Writes the "decode_shapes" section of docs/BENCHMARKS.md (--no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common as common  # noqa: E402
+from benchmarks import bench_decode  # noqa: E402
+from benchmarks.full_size_checkpoints import QWEN3, sizes, write_gguf  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python")
+    ap.add_argument("--workdir", default=common.WORKDIR)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    from mertools.convert.pipeline import ConvertOptions, convert
+
+    t0 = time.perf_counter()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    gguf, lay = work / f"qwen3-{a.layers}L-q4_k.gguf", work / f"layout-qwen3-{a.layers}L"
+    need = sizes(QWEN3, a.layers)["total"] * 2.2  # the GGUF, its layout, and room
+    if not gguf.exists() and os.statvfs(work).f_bavail * os.statvfs(work).f_frsize < need:
+        sys.exit(f"bench_decode_shapes: {work} has less than {need / 1e9:.1f} GB free")
+    if not gguf.exists():
+        write_gguf(gguf.with_name(gguf.name + ".partial"), QWEN3, a.layers, 0).rename(gguf)
+    if not (lay / "manifest.json").exists():
+        convert(gguf, lay, ConvertOptions(force=True, progress=False))
+    engines = [("mertools", "mertools", lay, sys.executable), ("llama.cpp (repacked, its default)", "llama-repack", gguf,
+                                                                   a.llama_python),
+               ("llama.cpp (repacking off)", "llama-norepack", gguf, a.llama_python)]
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in engines}
+    for rnd in range(a.rounds):
+        for label, kind, path, python in engines if rnd % 2 == 0 else engines[::-1]:
+            common.wait_quiet(60)
+            r = common.run_child(bench_decode.__file__, ["--child", kind, str(path), str(a.prompt), str(a.tokens),
+                                                         str(a.threads)], python=python)
+            runs[label].append(r)
+            print(label, {k: v for k, v in r.items() if k != "token_s"}, file=sys.stderr, flush=True)
+    rows = ["| engine | decode tok/s (median step) | vs llama.cpp default | ms per token | prefill tok/s | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    best: dict[str, dict] = {}
+    for label, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        best[label] = max(ok, key=lambda r: 1 / statistics.median(r["token_s"])) if ok else {"error": rs[-1]["error"]}
+    ref = best["llama.cpp (repacked, its default)"]
+    ref_tps = 1 / statistics.median(ref["token_s"]) if "error" not in ref else float("nan")
+    for label, r in best.items():
+        if "error" in r:
+            rows.append(f"| {label} | error: {r['error']} | | | | |")
+            continue
+        tps = 1 / statistics.median(r["token_s"])
+        rows.append(f"| {label} | {tps:.2f} | {tps / ref_tps:.2f}x | {1e3 / tps:.1f} | {a.prompt / r['prefill_s']:.1f} | "
+                    f"{r['peak_rss_mb']:.0f} |")
+    s = sizes(QWEN3, a.layers)
+    body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_decode_shapes.py --layers "
+            f"{a.layers}` (took {(time.perf_counter() - t0) / 60:.0f} min)\n\n"
+            f"{a.layers} layers of Qwen3-30B-A3B's shape (d_model 2048, 128 experts of width 768, top-8, 32 heads / 4 KV "
+            f"heads, vocabulary 151,936; Q4_K, random weights): {s['total'] / 1e9:.2f} GB, every weight resident in both "
+            f"engines, {a.threads} threads, a {a.prompt}-token prompt then {a.tokens} decode steps, the median step; "
+            f"{a.rounds} processes per engine, interleaved, the best kept. A token runs {8 * a.layers} expert calls.\n\n"
+            + "\n".join(rows))
+    common.publish("decode_shapes", "Decode in RAM with many small experts (Qwen3-30B-A3B's shape)", body,
+                   write=not a.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
