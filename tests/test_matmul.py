@@ -357,6 +357,20 @@ def test_a_few_inputs_are_decode_rows(dtype: str) -> None:
     check(x, w, dtype, rows, cols, matmul(x, w, dtype, rows, cols))
 
 
+@pytest.mark.parametrize("dtype", ["q4_0", "q4_k", "q8_0", "mxfp4", "f16"])
+def test_a_few_inputs_through_an_expert_are_decode_rows(dtype: str) -> None:
+    """An expert's SwiGLU on up to MATVEC_ROWS_MAX inputs gives each row the bits of running it alone (the fused
+    decode kernel, whose SiLU is numba's, per row); more inputs take the general path."""
+    d_model, d_ff = 256, 512
+    g, u, d = weight(dtype, d_ff, d_model, 1), weight(dtype, d_ff, d_model, 2), weight(dtype, d_model, d_ff, 3)
+    x = inputs(matmul_mod.MATVEC_ROWS_MAX, d_model)
+    alone = [swiglu_expert(x[i:i + 1], g, u, d, dtype, dtype, dtype, d_ff, d_model)[0] for i in range(len(x))]
+    for n in range(2, matmul_mod.MATVEC_ROWS_MAX + 1):
+        got = swiglu_expert(x[:n], g, u, d, dtype, dtype, dtype, d_ff, d_model)
+        for i in range(n):
+            np.testing.assert_array_equal(got[i], alone[i])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matvec_is_deterministic_across_threads(dtype: str) -> None:
     """Each row's sum is the same sequence of operations whichever thread computes it."""

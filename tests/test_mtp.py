@@ -118,14 +118,17 @@ def test_the_block_matches_the_float64_reference(mtp: dict, fam: str, dtype: str
 
 def test_row_0_reads_no_token(mtp: dict) -> None:
     """Position 0 has no token before it: its embedding is zeroed (as vLLM's MTP does), so token 1 does not move
-    row 0, in the reference and the runtime alike (the rest of the sequence does move)."""
+    row 0 of the reference (the rest of the sequence does move), nor the runtime's beyond rounding."""
     ref = ReferenceModel.from_source(mtp["deepseek_v3"]["hf"], mtp=True)
     other = IDS[:1] + [(IDS[1] + 1) % 512] + IDS[2:]
     a, b = ref.mtp(IDS), ref.mtp(other)
     np.testing.assert_array_equal(a[0], b[0])
     assert np.abs(a[1:] - b[1:]).max() > 0
     with Engine.open(mtp["deepseek_v3"]["f16"], kv_dtype="f32") as eng:
-        np.testing.assert_array_equal(_runtime_mtp(eng, IDS)[0], _runtime_mtp(eng, other)[0])
+        r0, r1 = _runtime_mtp(eng, IDS)[0], _runtime_mtp(eng, other)[0]
+    # within float32 rounding only: the rows sharing an expert with row 0 change with token 1, and how many there
+    # are picks the kernel (a matvec per row, or the tiled one), so the bits may differ
+    assert np.abs(r0 - r1).max() <= 1e-5 * np.abs(r0).max()
 
 
 @pytest.mark.parametrize("piece", ["hnorm", "enorm", "order of the halves", "head norm", "the block's own head"])

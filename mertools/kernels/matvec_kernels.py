@@ -28,7 +28,7 @@ from numba import njit, prange
 from mertools.kernels.common import MATVEC_JIT, R
 from mertools.kernels.dispatch import matvec_group
 
-__all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "silu_mul_scalar"]
+__all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "matvec_swiglu_rows", "silu_mul_scalar"]
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -63,3 +63,16 @@ def matvec_swiglu(kind_g, kind_u, x, wg, wu, h, u):
         matvec_group(kind_u, x, wu, r0, u)
         for r in range(r0, min(r0 + R, h.size)):
             h[r] = silu_mul_scalar(h[r], u[r])
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def matvec_swiglu_rows(kind_g, kind_u, x, wg, wu, h, u):
+    """matvec_swiglu for a few rows of x (n, d_model) -> h (n, d_ff), u (n, d_ff) scratch: each row exactly as the
+    one-row kernel computes it, in one parallel region (an expert's share of a short prompt)."""
+    for g in prange((wg.shape[0] + R - 1) // R):
+        r0 = R * g
+        for i in range(x.shape[0]):
+            matvec_group(kind_g, x[i], wg, r0, h[i])
+            matvec_group(kind_u, x[i], wu, r0, u[i])
+            for r in range(r0, min(r0 + R, h.shape[1])):
+                h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
