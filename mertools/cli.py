@@ -146,7 +146,7 @@ def inspect(path: str, as_json: bool) -> None:
               show_default=True,
               help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache "
                    "shared with the next run); buffered: reads that keep their pages; auto: mmap when the whole layout "
-                   "fits in memory, else O_DIRECT.")
+                   "fits in memory and --cache-mb (if given) holds every expert, else O_DIRECT.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
 @click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup), 'mtp' (the layout's own multi-token-"

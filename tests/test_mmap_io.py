@@ -103,12 +103,15 @@ def test_mapped_expert_shorter_than_its_entry_is_refused_not_a_crash(layout: Pat
             eng.store.load((0, 0), 0)
 
 
-def test_auto_maps_a_layout_that_fits_and_streams_one_that_does_not(layout: Path, direct: np.ndarray,
+def test_auto_maps_a_layout_that_fits_and_streams_one_that_does_not_or_a_smaller_budget(layout: Path, direct: np.ndarray,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import mertools.runtime.engine as engine_mod
 
     got, s = _logits(layout, io="auto")
     assert s["mapped"] and s["cache_slots"] == 8
+    np.testing.assert_array_equal(got, direct)
+    got, s = _logits(layout, io="auto", cache_mb=3 * _slot_mb(layout))  # a budget below the experts: a bound, kept
+    assert not s["mapped"] and s["cache_slots"] == 3
     np.testing.assert_array_equal(got, direct)
     monkeypatch.setattr(engine_mod, "available_bytes", lambda: 64 << 20)  # now the layout does not fit beside us
     got, s = _logits(layout, io="auto", cache_mb=2 * _slot_mb(layout))

@@ -81,7 +81,8 @@ class Engine:
         cache, a margin and `reserve_bytes` (a draft model's, `draft_footprint`). `io`: "direct" (O_DIRECT reads
         into the cache's arena), "buffered" (reads that keep their pages for the next process), "mmap" (slots
         map the expert files: nothing copied, the page cache shared with other processes) or "auto": mmap when
-        the whole layout fits in memory beside the KV cache and a margin (`fits_beside`), else direct.
+        the cache holds every expert and the whole layout fits in memory beside the KV cache and a margin
+        (`fits_beside`), else direct (a budget below the experts is a bound the page cache would not keep).
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
         by the cache policy from the first token; this run's routing is added to it when the engine closes."""
         layout = Layout.open(layout_dir)
@@ -136,8 +137,8 @@ class Engine:
                     f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
                     + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
-        if io == "auto":  # mapped slots cost no memory of their own: only the layout's pages need to fit
-            io = "mmap" if fits_beside(m, 0, kv_bytes) else "direct"
+        if io == "auto":  # mapped slots cost no memory of their own, but a budget below the experts asks for a bound
+            io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) else "direct"
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
                             mapped=mapped)

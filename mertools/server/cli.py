@@ -78,7 +78,7 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
               show_default=True,
               help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache "
                    "shared with the next run); buffered: reads that keep their pages; auto: mmap when the whole layout "
-                   "fits in memory, else O_DIRECT.")
+                   "fits in memory and --cache-mb (if given) holds every expert, else O_DIRECT.")
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
