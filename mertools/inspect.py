@@ -59,6 +59,10 @@ def family_features(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     if cfg.get("dense_layers"):
         layers = cfg["dense_layers"]
         out.append(("dense layers", f"{len(layers)} without experts {list(layers)} (SwiGLU width {cfg['d_ff_dense']})"))
+    if cfg.get("nextn_layers"):
+        n, first = cfg["nextn_layers"], cfg["n_layers"]
+        out.append(("MTP", f"{n} multi-token-prediction block{'s' if n > 1 else ''} after the main layers (layer "
+                           f"{first}{f'..{first + n - 1}' if n > 1 else ''}): run --draft mtp"))
     routing = _routing(cfg)
     if routing:
         out.append(("routing", routing))

@@ -205,6 +205,8 @@ def test_cli_run_and_serve(mtp: dict) -> None:
     drafted = subprocess.run([*run, "--draft", "mtp", "--draft-tokens", "3"], capture_output=True, text=True, timeout=300)
     assert plain.returncode == drafted.returncode == 0, drafted.stderr
     assert drafted.stdout == plain.stdout and "speculate" in drafted.stderr
+    shown = subprocess.run([sys.executable, "-m", "mertools.cli", "inspect", lay], capture_output=True, text=True, timeout=120)
+    assert "1 multi-token-prediction block after the main layers (layer 3): run --draft mtp" in shown.stdout
     bad = subprocess.run([sys.executable, "-m", "mertools.cli", "serve", str(mtp["glm4_moe"]["plain"]), "--draft", "mtp",
                           "--port", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "has no multi-token-prediction layers" in bad.stderr
