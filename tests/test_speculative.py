@@ -306,6 +306,8 @@ def test_run_flags(layouts: dict[str, Path], tmp_path: Path) -> None:
     assert plain.stdout == spec.stdout == model.stdout
     s = json.loads((tmp_path / "b.json").read_text())
     assert s["spec_steps"] > 0 and "speculate" in spec.stderr
+    per_token = s["bytes_read"] / s["generated_tokens"] / 2**20
+    assert f"{per_token:.1f} MiB of experts read per generated token" in spec.stderr
     bad = CliRunner().invoke(main, [*args, "--draft", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "nowhere" in bad.output
 

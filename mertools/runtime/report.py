@@ -25,7 +25,8 @@ def format_stats(s: dict[str, Any]) -> str:
         f"{s['prefetch_wasted']} wasted, {s['prefetch_cancelled']} called off while loading",
         *_approx_lines(s),
         *([f"speculate   {s['spec_steps']} verification steps: {s['draft_proposed']} tokens drafted, "
-           f"{s['draft_accepted']} accepted ({s['draft_acceptance']:.1%}), {s['tokens_per_step']:.2f} tokens per step"]
+           f"{s['draft_accepted']} accepted ({s['draft_acceptance']:.1%}), {s['tokens_per_step']:.2f} tokens per step, "
+           f"{s['bytes_read'] / max(1, s['generated_tokens']) / 2**20:.1f} MiB of experts read per generated token"]
           if s.get("spec_steps") else []),
         *([f"history     {s['history_preloaded']} experts loaded at open from the routing history "
            f"({s['history_tokens']:.0f} tokens behind it)"] if s.get("history_tokens") else []),
