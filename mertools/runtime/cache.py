@@ -184,9 +184,7 @@ class ExpertCache:
     def record_routing(self, layer: int, experts: Iterable[int], decay: float = 0.995) -> None:
         chosen = set(int(e) for e in experts)
         with self.lock:
-            row = self.freq[layer]
-            for i in range(self.n_experts):
-                row[i] *= decay
+            row = self.freq[layer] = [v * decay for v in self.freq[layer]]  # the same products, without index lookups
             for e in chosen:
                 row[e] += 1.0
             last = self.last_chosen[layer]

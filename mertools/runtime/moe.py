@@ -77,7 +77,7 @@ class StreamingMoE:
             self.standins.cache.note_layer(layer)
             self.standins.cache.record_routing(layer, chosen.ravel())
         prefetcher.observe(layer, chosen)
-        experts = [int(e) for e in np.unique(chosen)]
+        experts = sorted(set(chosen.ravel().tolist()))  # np.unique's list, without its Python
         low: list[int] = []  # computed with their stand-ins
         if self.standins is not None:
             low = self._standins(layer, chosen, weights, live)
