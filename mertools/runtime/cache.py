@@ -90,6 +90,7 @@ class ExpertCache:
         self.repeat_hits = [0.0] * n_layers
         self.repeat_total = [0.0] * n_layers
         self.k_seen = [1.0] * n_layers
+        self._sums: list[float | None] = [None] * n_layers  # a victim search's per-layer usage totals
 
     # ------------------------------------------------------------------ policy
     def _score(self, e: _Entry) -> float:
@@ -103,7 +104,10 @@ class ExpertCache:
         layer, expert = e.key
         distance = (layer - self.current_layer) % self.n_layers or self.n_layers
         row = self.freq[layer]
-        share = (row[expert] + 0.5) / (sum(row) + 0.5 * self.n_experts)
+        total = self._sums[layer]
+        if total is None:  # once per layer and victim search, not per candidate (128 experts a layer: Qwen3-MoE)
+            total = self._sums[layer] = sum(row)
+        share = (row[expert] + 0.5) / (total + 0.5 * self.n_experts)
         p = min(1.0, share * self.k_seen[layer])
         if expert in self.last_chosen[layer]:
             # learned repeat rate of the layer, beyond what the expert's share alone predicts
@@ -115,6 +119,7 @@ class ExpertCache:
         candidates = [e for e in self.entries.values() if e.pins == 0 and not e.loading and e.key not in protect]
         if not candidates:
             return None
+        self._sums = [None] * self.n_layers  # usage totals summed afresh for this search
         return min(candidates, key=lambda e: (self._score(e), e.last_use))
 
     def _take_slot(self, protect: set[Key]) -> int | None:
