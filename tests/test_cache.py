@@ -209,3 +209,39 @@ def test_a_called_off_load_that_is_then_needed_is_loaded_afresh() -> None:
     use(cache, loader, [(1, 5)])  # calls off (1, 3) ...
     use(cache, loader, [(1, 3)])  # ... which the next token needs at once: correct bytes, not a stale slot
     assert loader.calls.count((1, 3)) == 2 and cache.stats.prefetch_used == 0
+
+
+@pytest.mark.parametrize("policy", ["lfd", "lru"])
+def test_the_vectorised_victim_search_is_the_entry_by_entry_one(policy: str) -> None:
+    """The victim search scores every candidate at once from slot-indexed arrays; it must pick what min() over the
+    entries with `_score` picks (the first lowest score, then last use), whatever the state: sticky and random
+    routing, ties, protected keys, a seeded history."""
+    rng = np.random.default_rng(11)
+    cache, loader = make(24, n_layers=6, n_experts=16, policy=policy)
+    if policy == "lfd":
+        cache.seed(rng.uniform(0, 5, (6, 16)).tolist(), [2.0] * 6)
+    checked = 0
+    for step in range(300):
+        layer = step % 6
+        chosen = rng.choice(16, 3, replace=False).tolist() if step % 4 else list(cache.last_chosen[layer]) or [0, 1, 2]
+        cache.record_routing(layer, chosen)
+        use(cache, loader, [(layer, e) for e in chosen])
+        with cache.lock:
+            protect = {(layer, e) for e in chosen[:1]}
+            cands = [e for e in cache.entries.values() if e.pins == 0 and not e.loading and e.key not in protect]
+            if len(cands) > 1:
+                want = min(cands, key=lambda e: (cache._score(e), e.last_use))
+                assert cache._victim(protect) is want, (step, want.key)
+                checked += 1
+    assert checked > 250 and cache.stats.evictions > 100
+    # exact ties of the score (the same usage, both chosen last time, one layer) split by last use
+    cache, loader = make(6, n_layers=2, n_experts=8, policy=policy)
+    for a in (0, 2, 4):
+        cache.record_routing(0, [a, a + 1])
+        use(cache, loader, [(0, a)])  # a enters the cache first but is used again last: a + 1 is the older
+        use(cache, loader, [(0, a + 1)])
+        use(cache, loader, [(0, a)])
+    with cache.lock:
+        cands = list(cache.entries.values())
+        want = min(cands, key=lambda e: (cache._score(e), e.last_use))
+        assert cache._victim(set()) is want and want.key == (0, 1)  # (0, 0) has the same score, used later

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from .stats import LatencyHistogram
 
 Key = tuple[int, int]  # (layer, expert)
@@ -85,12 +87,19 @@ class ExpertCache:
         self.current_layer = 0
         # for the "lfd" policy: decayed per-(layer, expert) usage frequency, each layer's last choice,
         # how often a just-used expert is chosen again at the next visit, and experts chosen per visit
-        self.freq = [[0.0] * n_experts for _ in range(n_layers)]
+        self.freq = np.zeros((n_layers, n_experts))
+        self.totals = np.zeros(n_layers)  # each row of freq summed left to right, kept as the rows change
         self.last_chosen: list[set[int]] = [set() for _ in range(n_layers)]
+        self.chosen_last = np.zeros((n_layers, n_experts), bool)  # last_chosen as a mask, for the vectorised score
         self.repeat_hits = [0.0] * n_layers
         self.repeat_total = [0.0] * n_layers
         self.k_seen = [1.0] * n_layers
-        self._sums: list[float | None] = [None] * n_layers  # a victim search's per-layer usage totals
+        # each slot's (layer, expert) and last use, so a victim search reads arrays instead of entries
+        self.slot_layer = np.zeros(n_slots, np.int64)
+        self.slot_expert = np.zeros(n_slots, np.int64)
+        self.slot_last = np.zeros(n_slots, np.int64)
+        # a subclass that redefines `_score` (benchmarks/routing.py's oracle) is searched entry by entry with it
+        self._scalar = type(self)._score is not ExpertCache._score
 
     # ------------------------------------------------------------------ policy
     def _score(self, e: _Entry) -> float:
@@ -103,11 +112,7 @@ class ExpertCache:
             return float(e.last_use)
         layer, expert = e.key
         distance = (layer - self.current_layer) % self.n_layers or self.n_layers
-        row = self.freq[layer]
-        total = self._sums[layer]
-        if total is None:  # once per layer and victim search, not per candidate (128 experts a layer: Qwen3-MoE)
-            total = self._sums[layer] = sum(row)
-        share = (row[expert] + 0.5) / (total + 0.5 * self.n_experts)
+        share = (float(self.freq[layer, expert]) + 0.5) / (float(self.totals[layer]) + 0.5 * self.n_experts)
         p = min(1.0, share * self.k_seen[layer])
         if expert in self.last_chosen[layer]:
             # learned repeat rate of the layer, beyond what the expert's share alone predicts
@@ -119,8 +124,22 @@ class ExpertCache:
         candidates = [e for e in self.entries.values() if e.pins == 0 and not e.loading and e.key not in protect]
         if not candidates:
             return None
-        self._sums = [None] * self.n_layers  # usage totals summed afresh for this search
-        return min(candidates, key=lambda e: (self._score(e), e.last_use))
+        if self._scalar:
+            return min(candidates, key=lambda e: (self._score(e), e.last_use))
+        # `_score` for every candidate at once (the same double arithmetic), then the first lowest (score, last use),
+        # as min() over the entries would pick: thousands of candidates per search with many small experts
+        slots = np.fromiter((e.slot for e in candidates), np.int64, len(candidates))
+        last = self.slot_last[slots]
+        if self.policy == "lru":
+            return candidates[int(np.argmin(last))]
+        layer, expert = self.slot_layer[slots], self.slot_expert[slots]
+        distance = (layer - self.current_layer) % self.n_layers
+        distance[distance == 0] = self.n_layers
+        share = (self.freq[layer, expert] + 0.5) / (self.totals[layer] + 0.5 * self.n_experts)
+        p = np.minimum(1.0, share * np.asarray(self.k_seen)[layer])
+        repeat = (np.asarray(self.repeat_hits) + 1.0) / (np.asarray(self.repeat_total) + 2.0)
+        p = np.where(self.chosen_last[layer, expert], np.maximum(p, repeat[layer]), p)
+        return candidates[int(np.lexsort((last, p / distance))[0])]
 
     def _take_slot(self, protect: set[Key]) -> int | None:
         if self.free:
@@ -137,6 +156,7 @@ class ExpertCache:
     # ------------------------------------------------------------------ loading
     def _start_load(self, key: Key, slot: int, prefetched: bool) -> _Entry:
         # registered before submitting: a loader that completes at once must find its entry
+        self.slot_layer[slot], self.slot_expert[slot], self.slot_last[slot] = key[0], key[1], self.clock
         entry = _Entry(key, slot, prefetched=prefetched, last_use=self.clock,
                        cancel=threading.Event() if prefetched else None)
         self.entries[key] = entry
@@ -189,9 +209,13 @@ class ExpertCache:
     def record_routing(self, layer: int, experts: Iterable[int], decay: float = 0.995) -> None:
         chosen = set(int(e) for e in experts)
         with self.lock:
-            row = self.freq[layer] = [v * decay for v in self.freq[layer]]  # the same products, without index lookups
+            row = self.freq[layer]
+            row *= decay
             for e in chosen:
                 row[e] += 1.0
+            self.totals[layer] = np.cumsum(row)[-1]  # summed left to right, as sum(row) would
+            self.chosen_last[layer] = False
+            self.chosen_last[layer, list(chosen)] = True
             last = self.last_chosen[layer]
             if last:
                 self.repeat_hits[layer] = self.repeat_hits[layer] * decay + len(last & chosen)
@@ -205,7 +229,8 @@ class ExpertCache:
         that comes in decays them like any other count."""
         with self.lock:
             for layer in range(self.n_layers):
-                self.freq[layer] = [float(v) for v in freq[layer]]
+                self.freq[layer] = freq[layer]
+                self.totals[layer] = np.cumsum(self.freq[layer])[-1]
                 self.k_seen[layer] = max(1.0, float(k[layer]))
 
     def prefetch(self, keys: Iterable[Key], protect: Iterable[Key] = ()) -> int:
@@ -283,7 +308,7 @@ class ExpertCache:
                         continue
                     pending.remove(ready)
                     e = self.entries[ready]
-                    e.last_use = self.clock
+                    e.last_use = self.slot_last[e.slot] = self.clock
                     slot = e.slot
                 pinned.discard(ready)  # the caller owns this pin now
                 yield ready, slot
