@@ -135,7 +135,7 @@ def best_online(trace: Trace, n_experts: int, slots: int) -> float:
         def _score(self, e) -> float:  # noqa: ANN001
             layer, expert = e.key
             distance = (layer - self.current_layer) % self.n_layers or self.n_layers
-            return float(q[layer, expert, int(expert in self.last_chosen[layer])]) / distance
+            return float(q[layer, expert, int(self.last_chosen[layer, expert])]) / distance
 
     return _drive(Oracle(slots, n_layers, n_experts, lambda key, slot, cancel: None, _Instant()), trace)
 

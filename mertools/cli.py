@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import MertoolsError
-from .server.cli import approx_options
+from .server.cli import approx_options, io_option
 
 if TYPE_CHECKING:
     from .runtime.approx import Approx
@@ -142,11 +142,7 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
-@click.option("--io", "io_mode", type=click.Choice(["auto", "direct", "mmap", "buffered"]), default="auto",
-              show_default=True,
-              help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache "
-                   "shared with the next run); buffered: reads that keep their pages; auto: mmap when the whole layout "
-                   "fits in memory and --cache-mb (if given) holds every expert, else O_DIRECT.")
+@io_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
 @click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup), 'mtp' (the layout's own multi-token-"

@@ -223,14 +223,15 @@ def test_the_vectorised_victim_search_is_the_entry_by_entry_one(policy: str) -> 
     checked = 0
     for step in range(300):
         layer = step % 6
-        chosen = rng.choice(16, 3, replace=False).tolist() if step % 4 else list(cache.last_chosen[layer]) or [0, 1, 2]
+        sticky = np.flatnonzero(cache.last_chosen[layer]).tolist() or [0, 1, 2]
+        chosen = rng.choice(16, 3, replace=False).tolist() if step % 4 else sticky
         cache.record_routing(layer, chosen)
         use(cache, loader, [(layer, e) for e in chosen])
         with cache.lock:
             protect = {(layer, e) for e in chosen[:1]}
             cands = [e for e in cache.entries.values() if e.pins == 0 and not e.loading and e.key not in protect]
             if len(cands) > 1:
-                want = min(cands, key=lambda e: (cache._score(e), e.last_use))
+                want = min(cands, key=lambda e: (cache._score(e), cache.slot_last[e.slot]))
                 assert cache._victim(protect) is want, (step, want.key)
                 checked += 1
     assert checked > 250 and cache.stats.evictions > 100
@@ -243,5 +244,5 @@ def test_the_vectorised_victim_search_is_the_entry_by_entry_one(policy: str) -> 
         use(cache, loader, [(0, a)])
     with cache.lock:
         cands = list(cache.entries.values())
-        want = min(cands, key=lambda e: (cache._score(e), e.last_use))
+        want = min(cands, key=lambda e: (cache._score(e), cache.slot_last[e.slot]))
         assert cache._victim(set()) is want and want.key == (0, 1)  # (0, 0) has the same score, used later

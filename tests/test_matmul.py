@@ -258,7 +258,7 @@ def test_worker_thread_and_concurrent_calls() -> None:
 def test_kernels_are_nogil_and_parallel() -> None:
     from mertools.kernels import matmul as api
 
-    kernels = [api._mv.matvec, api._mv.matvec_swiglu, api._k.matmul_tiled, api._g.matmul_gemm]
+    kernels = [api._mv.matvec, api._mv.matvec_rows, api._mv.matvec_swiglu, api._k.matmul_tiled, api._g.matmul_gemm]
     for k in kernels:
         assert k.targetoptions["nogil"] and k.targetoptions["parallel"], k
 

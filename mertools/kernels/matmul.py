@@ -139,15 +139,13 @@ def weight(w: np.ndarray, dtype: str, rows: int, cols: int) -> Weight:
 
 
 def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
-    """`swiglu_expert` on checked weights (x float32 C-contiguous (n, d_model)): the same kernels, the same bits."""
+    """float32 (n, d_model) = (silu(x @ G.T) * (x @ U.T)) @ D.T for checked weights and x float32 C-contiguous
+    (n, d_model). Up to MATVEC_ROWS_MAX rows run the fused decode kernel, each row exactly as decoding it alone."""
     n = x.shape[0]
     if n > MATVEC_ROWS_MAX:
         return down(silu_mul(gate(x), up(x)))
     h = np.empty((n, gate.rows), np.float32)
-    if n == 1:
-        _mv.matvec_swiglu(gate.kind, up.kind, x[0], gate.w2, up.w2, h[0], np.empty(gate.rows, np.float32))
-    else:  # each row as decoding it alone would: a short prompt's rows are decode rows
-        _mv.matvec_swiglu_rows(gate.kind, up.kind, x, gate.w2, up.w2, h, np.empty((n, gate.rows), np.float32))
+    _mv.matvec_swiglu(gate.kind, up.kind, x, gate.w2, up.w2, h, np.empty((n, gate.rows), np.float32))
     return down(h)
 
 
@@ -206,19 +204,10 @@ def swiglu_expert(
 
     x: float32 (n, d_model); gate/up: (d_ff, d_model) bytes; down: (d_model, d_ff) bytes.
     """
-    if np.asarray(x).ndim == 2 and 1 <= np.asarray(x).shape[0] <= MATVEC_ROWS_MAX:  # gate, up and SwiGLU in one pass
-        g = _check_weight(gate_w, dtype_gate, d_ff, d_model, "swiglu_expert gate")
-        u = _check_weight(up_w, dtype_up, d_ff, d_model, "swiglu_expert up")
-        x2 = _check_x(x, dtype_gate, d_ff, d_model, "swiglu_expert")
-        n = x2.shape[0]
-        h = np.empty((n, d_ff), np.float32)
-        if not (d_ff and d_model):
-            h.fill(0.0)
-        elif n == 1:
-            _mv.matvec_swiglu(_KIND[dtype_gate], _KIND[dtype_up], x2[0], g, u, h[0], np.empty(d_ff, np.float32))
-        else:  # each row exactly as decoding it alone (a short prompt's rows are decode rows)
-            _mv.matvec_swiglu_rows(_KIND[dtype_gate], _KIND[dtype_up], x2, g, u, h, np.empty((n, d_ff), np.float32))
-        return matmul(h, down_w, dtype_down, d_model, d_ff)
-    g = matmul(x, gate_w, dtype_gate, d_ff, d_model)  # (n, d_ff)
-    u = matmul(x, up_w, dtype_up, d_ff, d_model)  # (n, d_ff)
-    return matmul(silu_mul(g, u), down_w, dtype_down, d_model, d_ff)  # (n, d_model)
+    g = Weight(_check_weight(gate_w, dtype_gate, d_ff, d_model, "swiglu_expert gate"), _KIND[dtype_gate], d_ff, d_model)
+    u = Weight(_check_weight(up_w, dtype_up, d_ff, d_model, "swiglu_expert up"), _KIND[dtype_up], d_ff, d_model)
+    d = Weight(_check_weight(down_w, dtype_down, d_model, d_ff, "swiglu_expert down"), _KIND[dtype_down], d_model, d_ff)
+    x2 = _check_x(x, dtype_gate, d_ff, d_model, "swiglu_expert")
+    if not (d_ff and d_model and len(x2)):  # no kernel call: an empty product is zeros
+        return np.zeros((len(x2), d_model), np.float32)
+    return swiglu_weights(x2, g, u, d)

@@ -28,7 +28,7 @@ from numba import njit, prange
 from mertools.kernels.common import MATVEC_JIT, R
 from mertools.kernels.dispatch import matvec_group
 
-__all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "matvec_swiglu_rows", "silu_mul_scalar"]
+__all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "silu_mul_scalar"]
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -55,20 +55,9 @@ def silu_mul_scalar(g, u):
 
 @njit(parallel=True, **MATVEC_JIT)
 def matvec_swiglu(kind_g, kind_u, x, wg, wu, h, u):
-    """h (d_ff,) = silu(G @ x) * (U @ x); u (d_ff,) is scratch. One parallel region reads x once
-    per group for both matrices and applies the activation to each group as it completes."""
-    for g in prange((wg.shape[0] + R - 1) // R):
-        r0 = R * g
-        matvec_group(kind_g, x, wg, r0, h)
-        matvec_group(kind_u, x, wu, r0, u)
-        for r in range(r0, min(r0 + R, h.size)):
-            h[r] = silu_mul_scalar(h[r], u[r])
-
-
-@njit(parallel=True, **MATVEC_JIT)
-def matvec_swiglu_rows(kind_g, kind_u, x, wg, wu, h, u):
-    """matvec_swiglu for a few rows of x (n, d_model) -> h (n, d_ff), u (n, d_ff) scratch: each row exactly as the
-    one-row kernel computes it, in one parallel region (an expert's share of a short prompt)."""
+    """h (n, d_ff) = silu(x @ G.T) * (x @ U.T) for one or a few rows of x (n, d_model); u (n, d_ff) is scratch.
+    One parallel region reads each row of x once per group for both matrices and applies the activation to each
+    group as it completes; every row is computed alone, the same bits whatever n."""
     for g in prange((wg.shape[0] + R - 1) // R):
         r0 = R * g
         for i in range(x.shape[0]):

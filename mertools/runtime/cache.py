@@ -59,7 +59,6 @@ class _Entry:
     loading: bool = True  # until the loader has filled the slot
     pins: int = 0
     prefetched: bool = False  # loaded by a prefetch and not yet looked up
-    last_use: int = 0
     cancel: threading.Event | None = None  # speculative loads only
     cancelled: bool = False  # called off: a lookup must wait for it to go and load afresh
 
@@ -89,12 +88,12 @@ class ExpertCache:
         # how often a just-used expert is chosen again at the next visit, and experts chosen per visit
         self.freq = np.zeros((n_layers, n_experts))
         self.totals = np.zeros(n_layers)  # each row of freq summed left to right, kept as the rows change
-        self.last_chosen: list[set[int]] = [set() for _ in range(n_layers)]
-        self.chosen_last = np.zeros((n_layers, n_experts), bool)  # last_chosen as a mask, for the vectorised score
-        self.repeat_hits = [0.0] * n_layers
-        self.repeat_total = [0.0] * n_layers
-        self.k_seen = [1.0] * n_layers
-        # each slot's (layer, expert) and last use, so a victim search reads arrays instead of entries
+        self.last_chosen = np.zeros((n_layers, n_experts), bool)
+        self.repeat_hits = np.zeros(n_layers)
+        self.repeat_total = np.zeros(n_layers)
+        self.k_seen = np.ones(n_layers)
+        # each slot's (layer, expert) and the clock at its last use (LRU's order, lfd's tie-break), as arrays so a
+        # victim search reads them for every candidate at once
         self.slot_layer = np.zeros(n_slots, np.int64)
         self.slot_expert = np.zeros(n_slots, np.int64)
         self.slot_last = np.zeros(n_slots, np.int64)
@@ -109,12 +108,12 @@ class ExpertCache:
         (routing is sticky across tokens), else its share of the layer's choices. Its hit rates beside
         LRU and Belady's optimum on recorded routing: benchmarks/bench_beyond_ram.py, section 4."""
         if self.policy == "lru":
-            return float(e.last_use)
+            return float(self.slot_last[e.slot])
         layer, expert = e.key
         distance = (layer - self.current_layer) % self.n_layers or self.n_layers
         share = (float(self.freq[layer, expert]) + 0.5) / (float(self.totals[layer]) + 0.5 * self.n_experts)
         p = min(1.0, share * self.k_seen[layer])
-        if expert in self.last_chosen[layer]:
+        if self.last_chosen[layer, expert]:
             # learned repeat rate of the layer, beyond what the expert's share alone predicts
             r = (self.repeat_hits[layer] + 1.0) / (self.repeat_total[layer] + 2.0)
             p = max(p, r)
@@ -125,7 +124,7 @@ class ExpertCache:
         if not candidates:
             return None
         if self._scalar:
-            return min(candidates, key=lambda e: (self._score(e), e.last_use))
+            return min(candidates, key=lambda e: (self._score(e), self.slot_last[e.slot]))
         # `_score` for every candidate at once (the same double arithmetic), then the first lowest (score, last use),
         # as min() over the entries would pick: thousands of candidates per search with many small experts
         slots = np.fromiter((e.slot for e in candidates), np.int64, len(candidates))
@@ -136,9 +135,9 @@ class ExpertCache:
         distance = (layer - self.current_layer) % self.n_layers
         distance[distance == 0] = self.n_layers
         share = (self.freq[layer, expert] + 0.5) / (self.totals[layer] + 0.5 * self.n_experts)
-        p = np.minimum(1.0, share * np.asarray(self.k_seen)[layer])
-        repeat = (np.asarray(self.repeat_hits) + 1.0) / (np.asarray(self.repeat_total) + 2.0)
-        p = np.where(self.chosen_last[layer, expert], np.maximum(p, repeat[layer]), p)
+        p = np.minimum(1.0, share * self.k_seen[layer])
+        repeat = (self.repeat_hits + 1.0) / (self.repeat_total + 2.0)
+        p = np.where(self.last_chosen[layer, expert], np.maximum(p, repeat[layer]), p)
         return candidates[int(np.lexsort((last, p / distance))[0])]
 
     def _take_slot(self, protect: set[Key]) -> int | None:
@@ -157,7 +156,7 @@ class ExpertCache:
     def _start_load(self, key: Key, slot: int, prefetched: bool) -> _Entry:
         # registered before submitting: a loader that completes at once must find its entry
         self.slot_layer[slot], self.slot_expert[slot], self.slot_last[slot] = key[0], key[1], self.clock
-        entry = _Entry(key, slot, prefetched=prefetched, last_use=self.clock,
+        entry = _Entry(key, slot, prefetched=prefetched,
                        cancel=threading.Event() if prefetched else None)
         self.entries[key] = entry
         if prefetched:
@@ -214,13 +213,12 @@ class ExpertCache:
             for e in chosen:
                 row[e] += 1.0
             self.totals[layer] = np.cumsum(row)[-1]  # summed left to right, as sum(row) would
-            self.chosen_last[layer] = False
-            self.chosen_last[layer, list(chosen)] = True
-            last = self.last_chosen[layer]
-            if last:
-                self.repeat_hits[layer] = self.repeat_hits[layer] * decay + len(last & chosen)
-                self.repeat_total[layer] = self.repeat_total[layer] * decay + len(last)
-            self.last_chosen[layer] = chosen
+            last, now = self.last_chosen[layer], list(chosen)
+            if last.any():
+                self.repeat_hits[layer] = self.repeat_hits[layer] * decay + int(last[now].sum())
+                self.repeat_total[layer] = self.repeat_total[layer] * decay + int(last.sum())
+            last[:] = False
+            last[now] = True
             self.k_seen[layer] = max(1.0, float(len(chosen)))
 
     def seed(self, freq: list[list[float]], k: list[float]) -> None:
@@ -308,7 +306,7 @@ class ExpertCache:
                         continue
                     pending.remove(ready)
                     e = self.entries[ready]
-                    e.last_use = self.slot_last[e.slot] = self.clock
+                    self.slot_last[e.slot] = self.clock
                     slot = e.slot
                 pinned.discard(ready)  # the caller owns this pin now
                 yield ready, slot

@@ -163,10 +163,6 @@ class StreamingMoE:
         else:  # the slot's bytes, sized by the manifest: shaped, not checked again per call
             wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model), layout_weight(u, du, cfg.d_ff, cfg.d_model),
                           layout_weight(d, dd, cfg.d_model, cfg.d_ff))
-            if len(h) == 1 and live is None:  # one token (decode): the general path below, without its indexing
-                c = chosen[0].tolist().index(key[1])
-                contrib[0, c] = swiglu_weights(np.ascontiguousarray(h, np.float32), wg, wu, wd)[0] * weights[0, c]
-                return
         for s in batch.seqs:
             hit = chosen[s.rows] == key[1]
             tok, which = np.nonzero(hit if live is None else hit & live[s.rows])

@@ -21,6 +21,14 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+# `--io` of `mertools run` and `serve`: Engine.open's `io`
+io_option = click.option(
+    "--io", "io_mode", type=click.Choice(["auto", "direct", "mmap", "buffered"]), default="auto", show_default=True,
+    help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache shared with "
+         "the next run); buffered: reads that keep their pages; auto: mmap when the whole layout fits in memory and "
+         "--cache-mb (if given) holds every expert, else O_DIRECT.")
+
+
 def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The approximate-routing flags of `mertools run` and `serve` (runtime/approx.py), handed to the command
     as one `approx` argument (an Approx; exact unless a flag is given). Invalid settings: a usage error."""
@@ -74,11 +82,7 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
-@click.option("--io", "io_mode", type=click.Choice(["auto", "direct", "mmap", "buffered"]), default="auto",
-              show_default=True,
-              help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache "
-                   "shared with the next run); buffered: reads that keep their pages; auto: mmap when the whole layout "
-                   "fits in memory and --cache-mb (if given) holds every expert, else O_DIRECT.")
+@io_option
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
