@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import MertoolsError
-from .server.cli import approx_options, io_option
+from .server.cli import approx_options, io_option, kernels_option
 
 if TYPE_CHECKING:
     from .runtime.approx import Approx
@@ -143,6 +143,7 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
 @io_option
+@kernels_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the run's figures as JSON.")
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Write the routing trace (zstd JSON lines).")
 @click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup), 'mtp' (the layout's own multi-token-"
@@ -156,7 +157,7 @@ def inspect(path: str, as_json: bool) -> None:
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
-        io_mode: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
+        io_mode: str, kernels: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
         history: str | None, approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.engine import Engine, draft_footprint
@@ -167,7 +168,8 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     drafter = None
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
-                         kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history) as engine:
+                         kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
+                         kernels=kernels) as engine:
             drafter = engine.open_drafter(draft) if draft else None
             click.echo(prompt, nl=False)
             finish = None
@@ -201,16 +203,19 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
 @click.option("--max-kl", type=click.FloatRange(0), help="Override the dtype's mean-KL limit.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), help="Override the dtype's top-1 agreement limit.")
 @click.option("--max-ppl-ratio", type=click.FloatRange(1), help="Override the dtype's perplexity-ratio limit.")
+@click.option("--kernels", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
+              help="int8: also run the text through the 8-bit kernels (run/serve's default) and report their KL "
+                   "against the exact kernels (fails above a mean of 0.002).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(layout: str, reference: str | None, prompt: str | None, text_file: str | None, max_tokens: int,
            reference_engine: str, max_kl: float | None, min_top1: float | None, max_ppl_ratio: float | None,
-           json_out: str | None, quiet: bool) -> None:
+           kernels: str, json_out: str | None, quiet: bool) -> None:
     """Prove LAYOUT intact (exit 0) or not (exit 1); with --reference, compare its logits with the source's."""
     from dataclasses import replace
 
     from .verify.integrity import check_integrity
-    from .verify.numerics import DEFAULT_THRESHOLDS, check_numerics, expert_dtype
+    from .verify.numerics import DEFAULT_THRESHOLDS, check_kernels, check_numerics, expert_dtype
 
     if prompt and text_file:
         raise click.UsageError("give --prompt or --text-file, not both")
@@ -231,6 +236,12 @@ def verify(layout: str, reference: str | None, prompt: str | None, text_file: st
         click.echo(num.format())
         result["numerics"] = num.to_dict()
         ok = num.ok
+    if report.ok and kernels != "exact":
+        text = open(text_file, encoding="utf-8").read() if text_file else prompt
+        kr = check_kernels(layout, kernels, text=text, max_tokens=max_tokens)
+        click.echo(kr.format())
+        result["kernels"] = kr.to_dict()
+        ok = ok and kr.ok
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=1)

@@ -429,3 +429,18 @@ def test_verification_rows_are_decode_steps(ds: dict) -> None:
             eng.reset()
             eng.forward(ids[:12])
             assert np.array_equal(eng.model.forward(np.array(ids[12:]), rows_apart=True), one), v
+
+
+@pytest.mark.parametrize("v", ["v2", "v3"])
+def test_int8_kernels_with_latent_attention(ds: dict, v: str, tmp_path: Path) -> None:
+    """The 8-bit kernels on a q8_0 layout of each variant, the per-head k_b / v_b products included (a packed weight's
+    rows taken head by head): within verify's limit of the exact kernels."""
+    from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
+
+    out = convert(ds[v]["gguf"], tmp_path / "q8", ConvertOptions(dtype="q8_0", dense_dtype="q8_0", progress=False)).out
+    rep = check_kernels(out, "int8", max_tokens=64)
+    print(f"{v}: int8 vs exact mean KL {rep.kl_mean:.3g}, max {rep.kl_max:.3g}, top-1 {rep.top1_agreement:.1%}")
+    assert 0 < rep.kl_mean <= KERNELS_KL_LIMIT
+    with Engine.open(out, kernels="int8") as eng:
+        w = eng.model.layers[1]
+        assert w.attn_k_b.checked.packed and w.attn_v_b.checked.packed

@@ -355,3 +355,23 @@ def test_verification_rows_are_decode_steps(models: dict, fam: str) -> None:
         eng.reset()
         eng.forward(ids[:12])
         assert np.array_equal(eng.model.forward(np.array(ids[12:]), rows_apart=True), one)
+
+
+@pytest.mark.parametrize("fam", FAMILY_NAMES)
+def test_int8_kernels_close_to_exact(models: dict, fam: str) -> None:
+    """The 8-bit kernels (run/serve's default) on each family's q8_0 layout: its matrices packed where they can be,
+    the logits within verify's limit of the exact kernels', and each row of a verification step a decode step's."""
+    from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
+
+    lay = models[fam]["layout_q8_0"]
+    rep = check_kernels(lay, "int8", max_tokens=64)
+    print(f"{fam}: int8 vs exact mean KL {rep.kl_mean:.3g}, max {rep.kl_max:.3g}, top-1 {rep.top1_agreement:.1%}")
+    assert 0 < rep.kl_mean <= KERNELS_KL_LIMIT
+    ids = prompts(1, 20)[0]
+    with Engine.open(lay, kernels="int8", cache_mb=_cache_mb(lay)) as eng:
+        assert eng.model.layers[0].attn_o.checked.packed
+        eng.forward(ids[:12])
+        one = np.concatenate([eng.forward([i]) for i in ids[12:]])
+        eng.reset()
+        eng.forward(ids[:12])
+        assert np.array_equal(eng.model.forward(np.array(ids[12:]), rows_apart=True), one)

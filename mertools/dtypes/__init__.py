@@ -12,11 +12,11 @@ the registry still loads numba, as the type modules define their kernels (nothin
 from __future__ import annotations
 
 from . import bf16, f16, f32, iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
-from .base import DType, Thresholds
+from .base import DType, Int8Pack, Thresholds
 
 __all__ = [
     "CONVERT_CHOICES", "DTYPES", "DType", "EXPERT_DTYPES", "GGML_TYPE_TO_DTYPE", "KIND", "QUANT_TYPES", "TYPES",
-    "Thresholds", "auto_dtype",
+    "Int8Pack", "Thresholds", "auto_dtype",
 ]  # fmt: skip
 
 # in ggml type order

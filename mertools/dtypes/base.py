@@ -27,6 +27,19 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class Int8Pack:
+    """How the 8-bit-activation kernels (`mertools.kernels.int8`) take a type with blocks of 32 weights and one
+    f16 scale at byte 0: weight k of a block is d * (u_k - offset) with u_k an unsigned byte (a nibble, or an
+    int8 offset by 128 when packed), its 32 quants in `parts` runs of 16 bytes after the scale."""
+
+    parts: int  # 16-byte runs of quants per block: 1 (two nibbles a byte) or 2 (a byte each)
+    offset: int  # u - offset is the signed quant: 8 for a nibble, 128 for an int8 packed as unsigned
+    flip: int  # XOR applied to each quant byte when packing (0x80 turns an int8 into int8 + 128)
+    # plain numpy: uint8 (rows, row_bytes) -> (signed quants int32 (rows, nb, 32), scales float32 (rows, nb))
+    blocks: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class DType:
     """One tensor type. The geometry comes first (all that `mertools.layout` uses); the functions map
     flat arrays: quantize float32 (n,) -> uint8 (n / block_size * type_size,), dequantize back."""
@@ -42,6 +55,7 @@ class DType:
     expert: bool = True  # an expert tensor may have this type in a layout
     limit: float = math.inf  # quantize refuses |x| >= limit (a float type: values that would round to inf)
     verify: Thresholds | None = None  # verify's default limits for a layout whose experts have this type
+    int8: Int8Pack | None = None  # how the 8-bit-activation kernels take it; None: the exact kernels only
     quantize: Codec | None = field(default=None, compare=False, repr=False)  # numba (or numpy for floats)
     dequantize: Codec | None = field(default=None, compare=False, repr=False)
     quantize_reference: Codec | None = field(default=None, compare=False, repr=False)  # plain numpy

@@ -43,7 +43,7 @@ from mertools.kernels.simd import (
     vzero,
 )
 
-from .base import DType, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
+from .base import DType, Int8Pack, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
 
 BYTES = 18
 _F32 = np.float32
@@ -76,6 +76,14 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
     q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int32) - 8  # (nb, 32)
     with np.errstate(invalid="ignore"):  # 0 * inf = NaN, as in C
         return (q.astype(np.float32) * d).reshape(-1)
+
+
+def int_blocks(w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (rows, nb*18) -> signed quants q - 8, int32 (rows, nb, 32), and scales d, float32 (rows, nb)."""
+    b = np.asarray(w2, dtype=np.uint8).reshape(w2.shape[0], -1, BYTES)
+    qs = b[:, :, 2:].astype(np.int32)  # (rows, nb, 16)
+    d = np.ascontiguousarray(b[:, :, :2]).view("<f2").astype(np.float32)[..., 0]
+    return np.concatenate([qs & 0xF, qs >> 4], axis=2) - 8, d
 
 
 # ---------------------------------------------------------------- numba quantizer and dequantizer
@@ -179,4 +187,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.05, top1=0.86, ppl_ratio=1.14),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
+    int8=Int8Pack(parts=1, offset=8, flip=0, blocks=int_blocks),
 )

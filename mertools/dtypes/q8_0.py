@@ -25,7 +25,7 @@ from mertools.kernels.common import (
 )
 from mertools.kernels.simd import decode_i8_32, half_at, half_splat, sbyte16, vadd, vfma, vhsum, vload, vmul, vtof, vzero
 
-from .base import DType, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
+from .base import DType, Int8Pack, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
 
 BYTES = 34
 _F32 = np.float32
@@ -60,6 +60,13 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
     q = np.ascontiguousarray(b[:, 2:]).view(np.int8)  # (nb, 32)
     with np.errstate(invalid="ignore"):
         return (q.astype(np.float32) * d).reshape(-1)
+
+
+def int_blocks(w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (rows, nb*34) -> signed quants, int32 (rows, nb, 32), and scales d, float32 (rows, nb)."""
+    b = np.asarray(w2, dtype=np.uint8).reshape(w2.shape[0], -1, BYTES)
+    d = np.ascontiguousarray(b[:, :, :2]).view("<f2").astype(np.float32)[..., 0]
+    return np.ascontiguousarray(b[:, :, 2:]).view(np.int8).astype(np.int32), d
 
 
 # ---------------------------------------------------------------- numba quantizer and dequantizer
@@ -156,4 +163,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.02, top1=0.89, ppl_ratio=1.031),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
+    int8=Int8Pack(parts=2, offset=128, flip=0x80, blocks=int_blocks),
 )

@@ -78,7 +78,7 @@ class GlobalWeights(Generic[M]):
     output: M | None = None  # (vocab_size, d_model); None when tied to the embedding
 
 
-Matrix = Callable[[str], Any]  # layout name -> a matrix as the caller holds it
+Matrix = Callable[[str, str], Any]  # (layout name, role) -> a matrix as the caller holds it
 Vector = Callable[[str], np.ndarray]  # layout name -> float32 array of the tensor's shape
 
 
@@ -91,7 +91,7 @@ def _load(specs: list[DenseSpec], layer: int | None, matrix: Matrix, vector: Vec
         name = fmt(spec.name, layer)
         if spec.optional and not present(name):
             continue
-        value = vector(name) if spec.role in KEEP_F32_ROLES else matrix(name)
+        value = vector(name) if spec.role in KEEP_F32_ROLES else matrix(name, spec.role)
         if "." in spec.field:
             group, part = spec.field.split(".", 1)
             groups.setdefault(group, {})[part] = value

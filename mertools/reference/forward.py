@@ -101,7 +101,7 @@ class ReferenceModel:
         self.compute_dtype = compute_dtype
         self.ops = NumpyOps(compute_dtype)
         self.dense, self.experts = dense, experts  # as given, for the transformers reference
-        loaders = (dense.__getitem__, dense.__getitem__, dense.__contains__)
+        loaders = (lambda name, role: dense[name], dense.__getitem__, dense.__contains__)
         self.weights: GlobalWeights[np.ndarray] = load_globals(self.family, c, *loaders)
         # a tied model has no output.weight: the logits reuse the embedding matrix
         self.lm_head = self.weights.output if self.weights.output is not None else self.weights.embed  # (vocab, d_model)

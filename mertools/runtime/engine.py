@@ -21,7 +21,7 @@ from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
 from .memory import available_bytes, peak_rss_bytes
 from .model import KVCache, MoEModel
-from .moe import Tier
+from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
 from .prefetch import PREFETCH_MODES
 from .sampling import SamplingParams
@@ -30,11 +30,12 @@ from .stats import RunStats, RunTimes
 from .store import ExpertStore
 from .text import check_ids
 
-__all__ = ["Engine", "GeneratedToken", "RuntimeConfigError", "IO_MODES", "draft_footprint", "model_bytes"]
+__all__ = ["Engine", "GeneratedToken", "RuntimeConfigError", "IO_MODES", "KERNEL_MODES", "draft_footprint", "model_bytes"]
 
 MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = ("direct", "buffered", "mmap", "auto")  # --io: Engine.open's `io`
+KERNEL_MODES = ("exact", "int8")  # --kernels: Engine.open's `kernels`
 
 
 def model_bytes(m: Any) -> int:  # noqa: ANN401 - a Manifest
@@ -72,7 +73,7 @@ class Engine:
              threads: int | None = None, *, policy: str = "lfd", io: str = "direct", verify: bool = True,
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
-             reserve_bytes: int = 0, history: str | Path | None = None) -> Engine:
+             reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact") -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -84,13 +85,21 @@ class Engine:
         the cache holds every expert and the whole layout fits in memory beside the KV cache and a margin
         (`fits_beside`), else direct (a budget below the experts is a bound the page cache would not keep).
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
-        by the cache policy from the first token; this run's routing is added to it when the engine closes."""
+        by the cache policy from the first token; this run's routing is added to it when the engine closes.
+        `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
+        to 8 bits, integer dot products: kernels/int8.py; weights of the types it takes are packed once, dense ones at
+        open and expert slots as they load, so "auto" io reads into the cache's own memory)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
         cfg = m.config
         if io not in IO_MODES:
             raise RuntimeConfigError(f"io must be one of {', '.join(IO_MODES)}, got {io!r}")
+        if kernels not in KERNEL_MODES:
+            raise RuntimeConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
+        if kernels == "int8" and io == "mmap":
+            raise RuntimeConfigError("kernels int8 packs each expert slot in place after its read; a mapped slot is "
+                                     "the file's own pages: use io direct, buffered or auto")
         if isinstance(prefetch, str) and prefetch not in PREFETCH_MODES:
             raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
         if approx is not None and not isinstance(approx, Approx):
@@ -138,22 +147,23 @@ class Engine:
                     + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
         if io == "auto":  # mapped slots cost no memory of their own, but a budget below the experts asks for a bound
-            io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) else "direct"
+            io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) and kernels == "exact" else "direct"
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
+        prepare = expert_packer(cfg) if kernels == "int8" else None
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
-                            mapped=mapped)
+                            mapped=mapped, prepare=prepare)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         layers = cfg.n_layers + cfg.nextn_layers  # the MTP blocks' experts are cached like any layer's
         cache = ExpertCache(slots, layers, cfg.n_experts, store.load, pool, policy=policy)
         standins = None
         if standin_slots:
             s_store = ExpertStore(layout, standin_slots, direct=direct, keep_pages=keep, verify=verify,
-                                  io_depth=io_depth, entries=m.standins, mapped=mapped)
+                                  io_depth=io_depth, entries=m.standins, mapped=mapped, prepare=prepare)
             s_cache = ExpertCache(standin_slots, layers, cfg.n_experts, s_store.load, pool, policy=policy)
-            standins = Tier.of(s_cache, s_store)
+            standins = Tier.of(s_cache, s_store, cfg)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
-                         standins=standins)
+                         standins=standins, kernels=kernels)
         preloaded = 0
         if learned is not None and (seed := learned.seed()) is not None:
             for c in (cache, standins.cache if standins else None):
@@ -234,7 +244,7 @@ class Engine:
             return MtpDrafter(self.model)
         m = Layout.open(spec).manifest
         draft = Engine.open(spec, cache_mb=sum(e.nbytes for e in m.experts) / 2**20 + 1, prefetch="none",
-                            threads=self.threads, kv_dtype=self.model.kv_dtype)  # every expert resident
+                            threads=self.threads, kv_dtype=self.model.kv_dtype, kernels=self.model.kernels)  # all resident
         mine, theirs = self.layout.manifest, draft.layout.manifest
         ours = {p: mine.files[p].xxh3 for p in mine.tokenizer["files"]}
         other = {p: theirs.files[p].xxh3 for p in theirs.tokenizer["files"]}
@@ -282,7 +292,7 @@ class Engine:
             prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages, mapped=s.mapped,
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
-            kv_dtype=self.model.kv_dtype, kv_bytes_per_token=self.model.kv.bytes_per_token,
+            kv_dtype=self.model.kv_dtype, kernels=self.model.kernels, kv_bytes_per_token=self.model.kv.bytes_per_token,
             kv_mb=self.model.kv.nbytes / 2**20,
             history_preloaded=self.preloaded, history_tokens=self.history.tokens if self.history else 0.0,
             spec_steps=self.spec.steps, draft_proposed=self.spec.drafted, draft_accepted=self.spec.accepted,

@@ -21,12 +21,14 @@ from .prefetch import Prefetcher, make_prefetcher
 from .store import ExpertStore
 
 
-def _loaders(layout: Layout):  # noqa: ANN202 - (matrix, vector, present) for families.weights
+def _loaders(layout: Layout, kernels: str):  # noqa: ANN202 - (matrix, vector, present) for families.weights
     dense = layout.manifest.dense
 
-    def matrix(name: str) -> Linear:
+    def matrix(name: str, role: str) -> Linear:
         t = dense[name]
-        return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1])
+        # an embedding's rows are looked up (get_rows) in the file's layout: never packed
+        pack = kernels == "int8" and role != "embedding"
+        return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], pack=pack)
 
     def vector(name: str) -> np.ndarray:
         t = dense[name]
@@ -46,11 +48,13 @@ NO_PREFETCH = Prefetcher()  # an MTP block guesses nothing for a next layer
 class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
-                 kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None) -> None:
+                 kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None,
+                 kernels: str = "exact") -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
-        loaders = _loaders(layout)
+        self.kernels = kernels
+        loaders = _loaders(layout, kernels)
         self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
         self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders) for i in range(cfg.n_layers)]
         # multi-token-prediction blocks (layers n_layers..; a drafter's, never run by forward)

@@ -7,6 +7,7 @@ tier (a second, smaller store and cache) and computed in its low-bit type."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +15,10 @@ import numpy as np
 from ..families.base import Family
 from ..families.pieces import choice_scores
 from ..families.weights import LayerWeights, Mlp
+from ..kernels import int8
 from ..kernels.matmul import layout_weight, swiglu_weights
 from ..layout.config import ModelConfig
+from ..layout.manifest import ExpertEntry
 from . import approx as approx_mod
 from .approx import Approx, ApproxStats
 from .batch import Batch
@@ -29,6 +32,33 @@ ROLES = ("gate", "up", "down")
 BIAS_ROLES = ("gate_bias", "up_bias", "down_bias")  # with config.expert_mlp_bias, in the same file
 
 
+def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    return {"gate": (cfg.d_ff, cfg.d_model), "up": (cfg.d_ff, cfg.d_model), "down": (cfg.d_model, cfg.d_ff)}
+
+
+def _packed(cfg: ModelConfig, entry: ExpertEntry) -> tuple[bool, bool, bool]:
+    """Which of an expert's (gate, up, down) the 8-bit kernels take (`int8.packable`)."""
+    shapes = _shapes(cfg)
+    return tuple(int8.packable(entry.tensors[r].dtype, *shapes[r]) for r in ROLES)
+
+
+def expert_packer(cfg: ModelConfig) -> Callable[[ExpertEntry, np.ndarray], None] | None:
+    """The store's `prepare` for the 8-bit kernels: each packable tensor of a loaded slot packed in place. None when
+    the family computes experts with its own piece (biases, a clamped GLU), which reads the file's layout."""
+    if not cfg.plain_swiglu:
+        return None
+    shapes = _shapes(cfg)
+
+    def prepare(entry: ExpertEntry, buf: np.ndarray) -> None:
+        for role, packed in zip(ROLES, _packed(cfg, entry), strict=True):
+            if packed:
+                t = entry.tensors[role]
+                w = buf[t.offset:t.offset + t.nbytes].reshape(shapes[role][0], -1)
+                int8.pack(w, t.dtype, out=w)
+
+    return prepare
+
+
 @dataclass(frozen=True)
 class Tier:
     """Where a set of expert files is read from and kept: the experts, or their low-bit stand-ins."""
@@ -36,10 +66,13 @@ class Tier:
     cache: ExpertCache
     store: ExpertStore
     dtypes: dict[tuple[int, int], tuple[str, str, str]]  # each expert's (gate, up, down) types, looked up once
+    packed: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them the store packs for the 8-bit kernels
 
     @classmethod
-    def of(cls, cache: ExpertCache, store: ExpertStore) -> Tier:
-        return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()})
+    def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig) -> Tier:
+        none = (False, False, False)
+        return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()},
+                   {k: _packed(cfg, e) if store.prepare is not None else none for k, e in store.entries.items()})
 
 
 class StreamingMoE:
@@ -52,7 +85,7 @@ class StreamingMoE:
         self.approx_stats = ApproxStats()
         # the layer whose calls count tokens for the statistics (the first with experts)
         self._first_moe = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
-        self.full = Tier.of(cache, store)  # files mix types layer by layer and role by role
+        self.full = Tier.of(cache, store, cfg)  # files mix types layer by layer and role by role
         self.standins = standins
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
@@ -161,8 +194,9 @@ class StreamingMoE:
             mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model), Linear(u, du, cfg.d_ff, cfg.d_model),
                       Linear(d, dd, cfg.d_model, cfg.d_ff), **biases)
         else:  # the slot's bytes, sized by the manifest: shaped, not checked again per call
-            wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model), layout_weight(u, du, cfg.d_ff, cfg.d_model),
-                          layout_weight(d, dd, cfg.d_model, cfg.d_ff))
+            pg, pu, pd = tier.packed[key]
+            wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu),
+                          layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd))
         for s in batch.seqs:
             hit = chosen[s.rows] == key[1]
             tok, which = np.nonzero(hit if live is None else hit & live[s.rows])

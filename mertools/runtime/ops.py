@@ -8,20 +8,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..families.weights import Mlp
+from ..kernels.int8 import GROUP
 from ..kernels.matmul import Weight, swiglu_weights, weight
 from .batch import Batch
 
 
 @dataclass(frozen=True)
 class Linear:
-    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight
+    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight; with pack, packed in place for `checked`
     dtype: str
     rows: int
     cols: int
+    pack: bool = False  # the 8-bit-activation kernels where the type has them (`kernels.int8`)
     checked: Weight = field(init=False, repr=False, compare=False)  # the bytes checked once, for the kernel calls
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols))
+        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols, pack=self.pack))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
         return self.checked(x)
@@ -65,7 +67,9 @@ class RuntimeOps:
         n, heads, cols = x.shape
         rows = w.rows // heads
         out = np.empty((n, heads, rows), np.float32)
+        whole = w.checked.packed and rows % GROUP != 0  # heads that split a packed group: every row, then the head's
         for h in range(heads):
-            block = Linear(w.raw[h * rows:(h + 1) * rows], w.dtype, rows, cols)
-            out[:, h] = self._rows(block, np.ascontiguousarray(x[:, h]))
+            xh = np.ascontiguousarray(x[:, h])
+            out[:, h] = (self._rows(w.checked, xh)[:, h * rows:(h + 1) * rows] if whole
+                         else self._rows(w.checked.row_block(h * rows, rows), xh))
         return out

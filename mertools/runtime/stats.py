@@ -123,6 +123,7 @@ class RunStats:
     keep_pages: bool = False  # buffered reads that leave the layout in the page cache for the next process
     mapped: bool = False  # slots map the expert files (--io mmap): "reads" are mappings of page-cache pages
     kv_dtype: str = "f16"
+    kernels: str = "exact"  # "exact" float kernels, or "int8" (8-bit activations, kernels/int8.py)
     kv_bytes_per_token: int = 0  # of context, every layer's keys and values
     kv_mb: float = 0.0  # what the engine's KV cache holds now (its capacity)
     # approximate routing (runtime/approx.py): its settings ("exact" when off), the expert choices the router

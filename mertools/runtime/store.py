@@ -52,7 +52,7 @@ class ExpertStore:
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
                  notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
                  max_open_files: int = MAX_OPEN_FILES, entries: list[ExpertEntry] | None = None,
-                 mapped: bool = False) -> None:
+                 mapped: bool = False, prepare: Callable[[ExpertEntry, np.ndarray], None] | None = None) -> None:
         self.layout = layout
         self.manifest = layout.manifest
         # the files this store reads: the experts, or their stand-ins (`entries`, manifest.standins)
@@ -64,11 +64,19 @@ class ExpertStore:
             raise ValueError("the store needs at least one slot")
         self.n_slots = n_slots
         self.mapped = mapped
+        if mapped and prepare is not None:
+            raise ValueError("a mapped slot is the file's own pages: it cannot be prepared (packed) in place")
+        # applied to a slot's bytes once read and checked, before the load completes (the 8-bit kernels' packing)
+        self.prepare = prepare
         if mapped:  # a slot is the mapping of the file loaded into it (empty until then)
             self.arena = None
             self.buffers = [np.empty(0, np.uint8)] * n_slots
         else:
-            self.arena = mmap.mmap(-1, n_slots * self.slot_bytes)
+            # private (Python's default, shared, is shmem, which gets no transparent huge pages), and 2 MiB pages
+            # asked for as numpy asks for its large arrays: the kernels stream slots faster (docs/BENCHMARKS.md)
+            self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                self.arena.madvise(mmap.MADV_HUGEPAGE)
             self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
                 np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
             ]
@@ -201,6 +209,8 @@ class ExpertStore:
                     self._map_once(key, entry, slot)
                 else:
                     self._read_once(key, entry, memoryview(self.buffers[slot])[: entry.nbytes], cancel)
+                    if self.prepare is not None:
+                        self.prepare(entry, self.buffers[slot])
             except (OSError, ChecksumError, ExpertReadError) as e:
                 last = e
                 self._forget(entry.file)  # reopen: the file may have been replaced

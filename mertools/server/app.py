@@ -57,6 +57,7 @@ class ServerConfig:
     draft: str | None = None  # speculative decoding: "ngram" (prompt lookup), a draft layout's path, or None
     draft_tokens: int = 4  # tokens drafted per verification step
     history: str | None = None  # the learning cache's routing history file, written when the server stops
+    kernels: str = "exact"  # Engine.open's kernels: "exact" or "int8" (the CLI's default)
 
     @property
     def name(self) -> str:
@@ -71,7 +72,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
             from ..runtime.engine import Engine, draft_footprint
 
             return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
-                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io,
+                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
                                reserve_bytes=draft_footprint(cfg.draft), history=cfg.history)
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,

@@ -29,6 +29,14 @@ io_option = click.option(
          "--cache-mb (if given) holds every expert, else O_DIRECT.")
 
 
+# `--kernels` of `mertools run` and `serve`: Engine.open's `kernels`
+kernels_option = click.option(
+    "--kernels", type=click.Choice(["int8", "exact"]), default="int8", show_default=True,
+    help="int8: activations quantized to 8 bits per block of 32 and integer dot products, as llama.cpp computes "
+         "(Q4_0 and Q8_0 weights; other types run exact), mean KL vs exact about 1e-4 on the trained fixture "
+         "(`mertools verify --kernels int8` measures a layout's); exact: float kernels, bit-exact with ggml's weights.")
+
+
 def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The approximate-routing flags of `mertools run` and `serve` (runtime/approx.py), handed to the command
     as one `approx` argument (an Approx; exact unless a flag is given). Invalid settings: a usage error."""
@@ -83,6 +91,7 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
 @io_option
+@kernels_option
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
@@ -97,7 +106,7 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
               "when the server stops.")
 @approx_options
 def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
-          max_queue: int, prefetch: str, threads: int | None, kv_type: str, io_mode: str, model_name: str | None,
+          max_queue: int, prefetch: str, threads: int | None, kv_type: str, io_mode: str, kernels: str, model_name: str | None,
           prefill_chunk: int, draft: str | None, draft_tokens: int, history: str | None,
           approx: Approx | None = None) -> None:
     """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
@@ -131,7 +140,7 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
 
     cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
                        max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
-                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, approx=approx, draft=draft,
+                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, kernels=kernels, approx=approx, draft=draft,
                        draft_tokens=draft_tokens, history=history)
     app = create_app(cfg, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))

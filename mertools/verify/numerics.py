@@ -170,3 +170,58 @@ def check_numerics(layout: str | Path, source: str | Path, *, text: str | None =
     figures = compare_logits(ids, got, ref)
     return NumericsReport(layout=str(layout), reference=str(source), reference_engine=engine, dtype=dtype,
                           tokens=len(ids), thresholds=thresholds or DEFAULT_THRESHOLDS[dtype], **figures)
+
+
+# The 8-bit kernels' mean KL against the exact ones that verify accepts: their difference is activation rounding
+# (~1e-4 to 1e-3 on the trained fixture and the tiny families: tests/test_int8.py), far below what a quant type's
+# own rounding costs (q4_0's limit against the source is 0.05)
+KERNELS_KL_LIMIT = 2e-3
+
+
+@dataclass
+class KernelsReport:
+    """A layout's logits with `kernels` against its exact kernels' (the model's definition), same tokens."""
+
+    layout: str
+    kernels: str
+    tokens: int
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    ppl_ratio: float
+    limit: float = KERNELS_KL_LIMIT
+
+    @property
+    def ok(self) -> bool:
+        return self.kl_mean <= self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def format(self) -> str:
+        return "\n".join([
+            f"kernels: {self.kernels} vs exact on {self.layout}, {self.tokens} tokens",
+            f"  KL          mean {self.kl_mean:.4g}, p99 {self.kl_p99:.4g}, max {self.kl_max:.4g}   (limit: mean <= "
+            f"{self.limit:g})",
+            f"  top-1       {self.top1_agreement:.1%} of positions agree; perplexity ratio {self.ppl_ratio:.4f}",
+            "  verdict     " + ("OK" if self.ok else f"FAILED: mean KL {self.kl_mean:.3g} > {self.limit:g}"),
+        ])
+
+
+def check_kernels(layout: str | Path, kernels: str = "int8", *, text: str | None = None,
+                  max_tokens: int = 256) -> KernelsReport:
+    """The same text through the layout with `kernels` and with the exact kernels, every expert resident (a KV cache
+    in f32, as check_numerics): what the faster kernels change in the model's output."""
+    from ..runtime.engine import Engine
+
+    logits = {}
+    for k in ("exact", kernels):
+        with Engine.open(layout, kv_dtype="f32", kernels=k) as eng:
+            ids = eng.tokenizer.encode(text or DEFAULT_TEXT)[:max_tokens]
+            if len(ids) < 2:
+                raise MertoolsError(f"{layout}: the text gives {len(ids)} token(s); perplexity needs at least 2")
+            logits[k] = eng.forward(ids)
+    f = compare_logits(ids, logits[kernels], logits["exact"])
+    return KernelsReport(layout=str(layout), kernels=kernels, tokens=len(ids), kl_mean=f["kl_mean"], kl_p99=f["kl_p99"],
+                         kl_max=f["kl_max"], top1_agreement=f["top1_agreement"], ppl_ratio=f["ppl_ratio"])

@@ -1,0 +1,189 @@
+"""The 8-bit-activation kernels: activations quantized per block of 32 as ggml's q8_0, integer dot products.
+
+ggml multiplies a quantized matrix by quantizing the activations too (quantize_row_q8_0: d = max|x| / 127,
+q = roundf(x / d), d stored as f16) and summing weight quants times activation quants in integers, one
+float multiply per block. This module does the same for the types with an `Int8Pack` (dtypes.base):
+
+    pack(w2, dtype, out=None)     the weight's bytes regrouped for these kernels (in place if out is w2)
+    quantize_act(x2)              (xq, dx, nsum) of float32 (n, cols) rows
+    matmul8(x2, wp, dtype, out)   float32 (n, rows) = x2 @ W.T on packed bytes
+    swiglu8(x2, gate, up)         silu(x2 @ G.T) * (x2 @ U.T), packed gate and up
+
+Packing: rows go by groups of 4 (rows % 4 == 0), and for each block the group's 4 f16 scales come
+first, then each 16-byte run of quants for the 4 rows (64 bytes): one load gives a vpdpbusd its 64
+weight bytes, one more the 4 scales (the file's layout needs 4 loads and 4 inserts of each; that
+was slower than the exact kernels). Same size as the file's bytes, so a cache slot is packed in place.
+
+What a row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to it
+bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
+4j..4j+3 and 16+4j..16+4j+3; acc_j += float(S) * (d_w * d_x), in block order; the result is
+(acc_0 + acc_2) + (acc_1 + acc_3). Integer sums are exact, so the instruction set does not matter.
+The exact kernels (`matmul`) stay the definition of the model; this path's difference from them is
+reported by `mertools verify --kernels int8`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from mertools.dtypes import DTYPES, Int8Pack
+from mertools.dtypes.q8_0 import _roundf_low_byte
+from mertools.errors import QuantizationError
+from mertools.kernels.common import MATVEC_JIT, f16_bits_to_f32, f32_to_f16_bits, prefetch_lines
+from mertools.kernels.matvec_kernels import silu_mul_scalar
+from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
+from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, halves4x4, hi4, ishl, ivload4x4, lo4, quad_sum
+
+__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "quantize_act", "swiglu8"]
+
+GROUP = 4  # rows packed together
+INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8 is not None)
+
+
+def packable(dtype: str, rows: int, cols: int) -> bool:
+    """Whether a (rows, cols) weight of `dtype` can take the 8-bit path."""
+    return dtype in INT8_DTYPES and rows > 0 and cols > 0 and rows % GROUP == 0 and cols % 32 == 0
+
+
+def _spec(dtype: str, rows: int, cols: int) -> Int8Pack:
+    if not packable(dtype, rows, cols):
+        raise QuantizationError(f"int8: a {dtype} weight ({rows}, {cols}) has no 8-bit kernel "
+                                f"(types {', '.join(INT8_DTYPES)}, rows a multiple of {GROUP})")
+    return DTYPES[dtype].int8
+
+
+# ---------------------------------------------------------------- packing
+
+
+@njit(**MATVEC_JIT)  # serial: it runs in the store's loader threads, where a parallel region would start a second
+def _pack(w2, out, parts, flip):  # OpenMP team spinning beside the kernels' (all products 5-10x slower, measured)
+    """out (rows/4, 4 * row_bytes) = the packed groups of w2 (rows, row_bytes); out may be w2's own bytes."""
+    rb = w2.shape[1]
+    bsz = 2 + 16 * parts
+    for g in range(out.shape[0]):
+        tmp = w2[GROUP * g:GROUP * g + GROUP].copy()
+        og = out[g]
+        for b in range(rb // bsz):
+            o, po = b * bsz, b * GROUP * bsz
+            for r in range(GROUP):
+                og[po + 2 * r] = tmp[r, o]
+                og[po + 2 * r + 1] = tmp[r, o + 1]
+            for p in range(parts):
+                for r in range(GROUP):
+                    at = po + 2 * GROUP + 64 * p + 16 * r
+                    for k in range(16):
+                        og[at + k] = tmp[r, o + 2 + 16 * p + k] ^ flip
+
+
+def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """The packed bytes of w2 (uint8 (rows, row_bytes), a (rows, 32 * row_bytes / type_size) `dtype` weight), shaped
+    (rows / 4, 4 * row_bytes); into `out` if given (w2 itself packs in place: a cache slot after its load)."""
+    rows, rb = w2.shape
+    dt = DTYPES[dtype]
+    spec = _spec(dtype, rows, rb // dt.type_size * dt.block_size)
+    target = np.empty((rows // GROUP, GROUP * rb), np.uint8) if out is None else out.reshape(rows // GROUP, GROUP * rb)
+    _pack(w2, target, spec.parts, spec.flip)
+    return target
+
+
+# ---------------------------------------------------------------- activations
+
+
+@njit(**MATVEC_JIT)
+def _quantize_rows(x, xq, dx, nsum):
+    """Each row of x (n, cols) as ggml's quantize_row_q8_0: xq the quants (as bytes), dx each block's f16 scale as
+    float32, nsum[4b + j] minus the sum of the block's quants in lane j (weights 4j..4j+3 and 16+4j..16+4j+3)."""
+    for i in range(x.shape[0]):
+        for b in range(x.shape[1] // 32):
+            base = b * 32
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[i, base + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            dx[i, b] = f16_bits_to_f32(f32_to_f16_bits(d))
+            for j in range(4):
+                nsum[i, 4 * b + j] = 0
+            for j in range(32):
+                q = _roundf_low_byte(x[i, base + j] * inv)
+                xq[i, base + j] = q
+                nsum[i, 4 * b + (j % 16) // 4] -= q - 256 if q >= 128 else q
+
+
+def quantize_act(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 C (n, cols), cols % 32 == 0 -> xq uint8 (n, cols), dx float32 (n, cols/32), nsum int32 (n, cols/8)."""
+    n, cols = x2.shape
+    xq = np.empty((n, cols), np.uint8)
+    dx = np.empty((n, cols // 32), np.float32)
+    nsum = np.empty((n, cols // 8), np.int32)
+    _quantize_rows(x2, xq, dx, nsum)
+    return xq, dx, nsum
+
+
+# ---------------------------------------------------------------- products
+
+
+@njit(**MATVEC_JIT)
+def _group(xq, dx, nsum, wp, g, parts, shift, out):
+    """out[4g:4g+4] = the packed group g of wp times one quantized row (xq, dx, nsum)."""
+    wr = wp[g]
+    bb = GROUP * (2 + 16 * parts)  # a block's bytes for the group
+    ahead = (g + 1) * wp.shape[1]
+    acc = vzero()
+    for b in range(dx.size):
+        o = bb * b
+        prefetch_lines(wp, ahead + o, bb)
+        s = vmul(halves4x4(wr, o), vsplat(dx[b]))
+        ai = ishl(ivload4x4(nsum, 4 * b), shift)  # - offset * sum(x): the unsigned quants' bias
+        if parts == 1:
+            q = bytes64(wr, o + 8)
+            ai = dpbusd(ai, lo4(q), bytes16x4(xq, 32 * b))
+            ai = dpbusd(ai, hi4(q), bytes16x4(xq, 32 * b + 16))
+        else:
+            ai = dpbusd(ai, bytes64(wr, o + 8), bytes16x4(xq, 32 * b))
+            ai = dpbusd(ai, bytes64(wr, o + 72), bytes16x4(xq, 32 * b + 16))
+        acc = vadd(acc, vmul(vtof(ai), s))
+    for r in range(GROUP):
+        out[GROUP * g + r] = quad_sum(acc, r)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _matmul8(xq, dx, nsum, wp, parts, shift, out):
+    for g in prange(wp.shape[0]):
+        for i in range(xq.shape[0]):
+            _group(xq[i], dx[i], nsum[i], wp, g, parts, shift, out[i])
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _swiglu8(xq, dx, nsum, wg, pg, sg, wu, pu, su, h, u):
+    for g in prange(wg.shape[0]):
+        for i in range(xq.shape[0]):
+            _group(xq[i], dx[i], nsum[i], wg, g, pg, sg, h[i])
+            _group(xq[i], dx[i], nsum[i], wu, g, pu, su, u[i])
+            for r in range(GROUP * g, GROUP * g + GROUP):
+                h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+
+
+def _shift(spec: Int8Pack) -> int:
+    return spec.offset.bit_length() - 1  # offset is a power of two (8 or 128)
+
+
+def matmul8(x2: np.ndarray, wp: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), wp W's packed bytes (rows / 4, 4 * row_bytes); each row of
+    x2 computed alone (the same bits whatever n)."""
+    spec = DTYPES[dtype].int8
+    xq, dx, nsum = quantize_act(x2)
+    _matmul8(xq, dx, nsum, wp, spec.parts, _shift(spec), out)
+    return out
+
+
+def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, str]) -> np.ndarray:
+    """silu(x2 @ G.T) * (x2 @ U.T), float32 (n, d_ff), for packed gate and up (bytes, dtype) sharing x2's quants."""
+    (wg, dg), (wu, du) = gate, up
+    sg, su = DTYPES[dg].int8, DTYPES[du].int8
+    xq, dx, nsum = quantize_act(x2)
+    n, d_ff = x2.shape[0], wg.shape[0] * GROUP
+    h, u = np.empty((n, d_ff), np.float32), np.empty((n, d_ff), np.float32)
+    _swiglu8(xq, dx, nsum, wg, sg.parts, _shift(sg), wu, su.parts, _shift(su), h, u)
+    return h

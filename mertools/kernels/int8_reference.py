@@ -1,0 +1,31 @@
+"""The numpy definition of the 8-bit-activation path (`int8`): what its kernels compute, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mertools.dtypes import DTYPES, q8_0
+
+
+def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (n, cols) -> activation quants int32 (n, nb, 32) and scales float32 (n, nb): ggml's q8_0 of each row."""
+    n, cols = x.shape
+    raw = q8_0.quantize_reference(x).reshape(n, cols // 32, q8_0.BYTES)
+    dx = np.ascontiguousarray(raw[:, :, :2]).view("<f2").astype(np.float32)[..., 0]
+    return np.ascontiguousarray(raw[:, :, 2:]).view(np.int8).astype(np.int32), dx
+
+
+def matmul8(x: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 (n, rows) = x @ W.T as `int8.matmul8` computes it, from W's file bytes w2 (rows, row_bytes)."""
+    q, d = DTYPES[dtype].int8.blocks(w2)  # (rows, nb, 32), (rows, nb)
+    xq, dx = quantize_act(np.asarray(x, np.float32))
+    rows, nb, _ = q.shape
+    out = np.empty((len(xq), rows), np.float32)
+    for i in range(len(xq)):
+        lanes = (q * xq[i]).reshape(rows, nb, 2, 4, 4).sum(axis=(2, 4))  # (rows, nb, 4): exact integers
+        terms = lanes.astype(np.float32) * (d * dx[i])[..., None]  # float32 products, one rounding each
+        acc = np.zeros((rows, 4), np.float32)
+        for b in range(nb):  # block order, one float32 addition at a time
+            acc += terms[:, b]
+        out[i] = (acc[:, 0] + acc[:, 2]) + (acc[:, 1] + acc[:, 3])
+    return out

@@ -1,0 +1,194 @@
+"""The 8-bit-activation kernels (kernels/int8.py): bit for bit their numpy twin (kernels/int8_reference.py), packing
+in place, the engine's int8 mode beside the exact one on the trained fixture, and the flags that choose it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mertools.cli import main
+from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.dtypes import DTYPES, q8_0
+from mertools.errors import QuantizationError, RuntimeConfigError
+from mertools.kernels import int8
+from mertools.kernels import int8_reference as ref
+from mertools.kernels.matmul import silu_mul, swiglu_weights, weight
+from mertools.runtime.engine import Engine
+from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
+
+TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
+ROOT = Path(__file__).resolve().parent.parent
+INT8 = ("q4_0", "q8_0")
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def _weights(dtype: str, rows: int, cols: int, seed: int, extremes: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(rng.uniform(0.01, 3))
+    if extremes:
+        w[0, :32] = 0.0  # a block of zeros: d = 0
+        w[-1, -32:] *= 1e4  # a block far larger than the rest
+    return DTYPES[dtype].quantize(w.reshape(-1)).reshape(rows, -1)
+
+
+def _inputs(n: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    x[0, 32:64] = 0.0  # an activation block of zeros
+    x[-1, :32] *= 1e3
+    return x
+
+
+def test_activations_are_ggml_q8_0() -> None:
+    x = _inputs(3, 256, 0)
+    xq, dx, nsum = int8.quantize_act(x)
+    raw = q8_0.quantize_reference(x).reshape(3, 8, q8_0.BYTES)
+    assert np.array_equal(xq.reshape(3, 8, 32), raw[:, :, 2:])
+    assert np.array_equal(_bits(dx), _bits(np.ascontiguousarray(raw[:, :, :2]).view("<f2").astype(np.float32)[..., 0]))
+    q = xq.view(np.int8).astype(np.int64).reshape(3, 8, 2, 4, 4)
+    assert np.array_equal(nsum.reshape(3, 8, 4), -q.sum(axis=(2, 4)))
+
+
+@pytest.mark.parametrize("dtype", INT8)
+@pytest.mark.parametrize(("rows", "cols", "n"), [(4, 32, 1), (12, 96, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3)])
+def test_kernel_is_its_numpy_twin_bit_for_bit(dtype: str, rows: int, cols: int, n: int) -> None:
+    w = _weights(dtype, rows, cols, rows + cols)
+    x = _inputs(n, cols, n)
+    got = int8.matmul8(x, int8.pack(w, dtype), dtype, np.empty((n, rows), np.float32))
+    want = ref.matmul8(x, w, dtype)
+    assert np.array_equal(_bits(got), _bits(want))
+    # and the twin is the product of the weights with ggml's q8_0 of x, up to float32 rounding
+    wd = DTYPES[dtype].dequantize(w.reshape(-1)).reshape(rows, cols).astype(np.float64)
+    xd = q8_0.dequantize_reference(q8_0.quantize_reference(x)).reshape(n, cols).astype(np.float64)
+    assert (np.abs(got - xd @ wd.T) <= 1e-5 * (np.abs(xd) @ np.abs(wd).T) + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", INT8)
+def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
+    w = _weights(dtype, 16, 128, 3)
+    packed = int8.pack(w, dtype)
+    assert packed.nbytes == w.nbytes and packed.shape == (4, 4 * w.shape[1])
+    same = w.copy()
+    int8.pack(same, dtype, out=same)
+    assert np.array_equal(same.reshape(-1), packed.reshape(-1))
+    wt = weight(w.copy().reshape(-1), dtype, 16, 128, pack=True)
+    assert wt.packed
+    x = _inputs(4, 128, 9)
+    both = wt(x)
+    for i in range(4):  # a row's result never depends on its neighbours
+        assert np.array_equal(_bits(wt(x[i:i + 1])[0]), _bits(both[i]))
+    block = wt.row_block(8, 4)
+    assert np.array_equal(_bits(block(x)), _bits(both[:, 8:12]))
+    with pytest.raises(QuantizationError, match="whole groups"):
+        wt.row_block(2, 4)
+
+
+def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
+    d_model, d_ff = 64, 128
+    g, u, dn = (_weights(dt, r, c, seed, extremes=False)
+                for dt, r, c, seed in (("q4_0", d_ff, d_model, 1), ("q8_0", d_ff, d_model, 2), ("q4_0", d_model, d_ff, 3)))
+    x = _inputs(3, d_model, 4) / np.float32(1e3)
+    ws = [weight(a.copy(), dt, r, c, pack=True) for a, dt, r, c in
+          ((g, "q4_0", d_ff, d_model), (u, "q8_0", d_ff, d_model), (dn, "q4_0", d_model, d_ff))]
+    got = swiglu_weights(x, *ws)
+    h = silu_mul(ref.matmul8(x, g, "q4_0"), ref.matmul8(x, u, "q8_0"))
+    assert np.array_equal(_bits(got), _bits(ref.matmul8(h, dn, "q4_0")))
+
+
+def test_what_cannot_be_packed_stays_exact() -> None:
+    assert not int8.packable("q4_k", 256, 256) and not int8.packable("q4_0", 6, 64)
+    w = _weights("q4_0", 6, 64, 0)
+    assert not weight(w.copy(), "q4_0", 6, 64, pack=True).packed  # 6 rows: not whole groups of 4
+    with pytest.raises(QuantizationError, match="no 8-bit kernel"):
+        int8.pack(w, "q4_0")
+
+
+def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
+    """The same products compiled for a CPU without AVX-512 (Haswell: AVX2 and F16C, which the half loads need),
+    where simd8's dpbusd is plain IR (widening multiplies and adds)."""
+    code = (
+        "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
+        "from mertools.kernels import int8, int8_reference as ref, simd8\n"
+        "assert not simd8.VNNI\n"
+        "for dt in ('q4_0', 'q8_0'):\n"
+        "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
+        "    got = int8.matmul8(x, int8.pack(w, dt), dt, np.empty((2, 32), np.float32))\n"
+        "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(TRAINED / "tiny-shakespeare-moe", tmp_path_factory.mktemp("int8") / "q4_0",
+                   ConvertOptions(dtype="q4_0", progress=False)).out
+
+
+def test_trained_fixture_within_the_limit(trained: Path) -> None:
+    text = (TRAINED / "held-out-julius-caesar.txt").read_text()
+    rep = check_kernels(trained, "int8", text=text, max_tokens=256)
+    assert rep.ok and rep.kl_mean <= KERNELS_KL_LIMIT
+    assert 0 < rep.kl_mean  # the kernels really differ: activations are rounded
+    assert rep.top1_agreement >= 0.97 and abs(rep.ppl_ratio - 1) < 0.01
+
+
+def test_engine_packs_dense_weights_and_experts(trained: Path) -> None:
+    ids = list(range(1, 30))
+    with Engine.open(trained, kernels="int8", cache_mb=1) as eng:
+        w = eng.model.layers[0]
+        assert w.attn_q.checked.packed and not eng.model.weights.embed.checked.packed  # rows looked up: never packed
+        assert eng.store.prepare is not None and eng.stats()["kernels"] == "int8"
+        small = eng.forward(ids)  # a cache of a few slots: experts loaded, packed, evicted, loaded again
+        assert eng.cache.stats.misses > eng.config.n_experts
+    with Engine.open(trained, kernels="int8") as eng:
+        whole = eng.forward(ids)
+    assert np.array_equal(_bits(small), _bits(whole))
+    with Engine.open(trained, kernels="exact") as eng:
+        exact = eng.forward(ids)
+    assert not np.array_equal(small, exact) and (small.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+
+
+def test_int8_reads_into_the_cache_not_mapped(trained: Path) -> None:
+    with pytest.raises(RuntimeConfigError, match="mapped slot"):
+        Engine.open(trained, kernels="int8", io="mmap")
+    with pytest.raises(RuntimeConfigError, match="kernels must be one of"):
+        Engine.open(trained, kernels="fast")
+    with Engine.open(trained, kernels="int8", io="auto") as eng:
+        assert not eng.store.mapped and eng.store.prepare is not None
+
+
+def test_greedy_speculation_unchanged_with_int8(trained: Path) -> None:
+    prompt = "ROMEO: To be, or not to be. ROMEO: To be, or not to be. ROMEO:"
+    with Engine.open(trained, kernels="int8") as eng:
+        plain = [t.id for t in eng.generate(prompt, max_tokens=32)]
+        spec = [t.id for t in eng.generate(prompt, max_tokens=32, draft=eng.open_drafter("ngram"))]
+        assert eng.spec.drafted > 0  # verification steps of several rows happened
+    assert plain == spec
+
+
+def test_cli_kernels_flags(trained: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["run", str(trained), "-p", "ROMEO:", "-n", "4", "--kernels", "exact",
+                                  "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s.json").read_text())["kernels"] == "exact"
+    r = CliRunner().invoke(main, ["run", str(trained), "-p", "ROMEO:", "-n", "4", "--json", str(tmp_path / "d.json")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "d.json").read_text())["kernels"] == "int8"  # the default
+    r = CliRunner().invoke(main, ["verify", str(trained), "--kernels", "int8", "--quiet", "--json", str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+    assert "kernels: int8 vs exact" in r.output and json.loads((tmp_path / "v.json").read_text())["kernels"]["ok"]
