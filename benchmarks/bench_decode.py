@@ -28,6 +28,7 @@ from benchmarks import _common as common  # noqa: E402
 ROTATE_BYTES = 320 * 2**20  # each call reads the next of several copies of W: bytes come from DRAM
 PROMPT_SEED = 0
 WARM = 4  # decode tokens run before the timed ones
+MERTOOLS = {"mertools": "exact", "mertools-int8": "int8"}  # engine name -> Engine.open's kernels
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -38,11 +39,11 @@ def prompt_ids(n: int) -> list[int]:
 # ---------------------------------------------------------------- children (one engine per process)
 
 
-def child_mertools(layout: str, n_prompt: int, tokens: int, threads: int) -> dict:
+def child_mertools(layout: str, n_prompt: int, tokens: int, threads: int, kernels: str) -> dict:
     t0 = time.perf_counter()
     from mertools import Engine
 
-    eng = Engine.open(layout, cache_mb=1 << 20, threads=threads)
+    eng = Engine.open(layout, cache_mb=1 << 20, threads=threads, kernels=kernels)
     cfg = eng.config
     keys = [(layer, e) for layer in range(cfg.n_layers) for e in range(cfg.n_experts)]
     for key, _ in eng.cache.acquire(keys):  # every expert resident: compute only, like llama.cpp's no-mmap load
@@ -261,8 +262,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         kind, path, n_prompt, tokens, threads = a.child[:5]
-        if kind == "mertools":
-            res = child_mertools(path, int(n_prompt), int(tokens), int(threads))
+        if kind.startswith("mertools"):
+            res = child_mertools(path, int(n_prompt), int(tokens), int(threads), MERTOOLS[kind])
         else:
             res = child_llama(path, int(n_prompt), int(tokens), int(threads), repack=kind == "llama-repack")
         print(json.dumps(res))
@@ -284,15 +285,15 @@ def main() -> None:
     bw["lowest"] = min(probe.samples)
     del probe
 
-    engines = ["mertools"]
+    engines = list(MERTOOLS)
     have_llama = Path(a.llama_python).exists()
     if have_llama:
         engines += ["llama-repack", "llama-norepack"]
     e2e: dict[str, list[dict]] = {e: [] for e in engines}
     for _ in range(a.rounds):
         for e in engines:
-            path = str(layout if e == "mertools" else gguf)
-            py = sys.executable if e == "mertools" else a.llama_python
+            path = str(layout if e in MERTOOLS else gguf)
+            py = sys.executable if e in MERTOOLS else a.llama_python
             noisy += not common.wait_quiet(a.wait_quiet)
             args = ["--child", e, path, str(a.prompt), str(a.tokens), str(a.threads)]
             e2e[e].append(common.run_child(__file__, args, python=py))
@@ -345,7 +346,9 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         f"{a.layers}`: real dimensions, {a.layers} layers, every tensor Q4_0 but norms and routers) and its layout "
         "(`mertools convert`, Q4_0 blocks copied byte for byte). Each engine runs in a fresh process with "
         f"{t} threads: mertools `Engine` with every expert resident in its cache before timing (no disk reads "
-        "while timed), llama.cpp through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read "
+        "while timed), once with its exact float kernels and once with its 8-bit-activation kernels (kernels/int8.py: "
+        "Q4_0 weights packed 4 rows per block at load, activations quantized as ggml's q8_0, vpdpbusd), "
+        "as llama.cpp computes; llama.cpp through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read "
         "into memory at load, so no page faults while timed either), once with "
         "its defaults (`use_extra_bufts` on: Q4_0 weights repacked at load into `q4_0_8x8` for its AVX-512 "
         "kernels) and once with `use_extra_bufts=False` (the file's Q4_0 blocks, as mertools uses them). "
@@ -361,20 +364,22 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         f" A decode token reads {token_bytes / 1e6:,.0f} MB of weights (attention and {a.layers} x 2 active "
         f"experts, output matrix): at {ref_bw:.1f} GB/s, at most **{ref_bw * 1e9 / token_bytes:.1f} tok/s**.")
     lines += ["", "| engine | decode tok/s | of the bandwidth bound | prefill tok/s | peak RSS MB "
-              "| mertools / it: decode | prefill |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    names = {"mertools": "mertools", "llama-repack": "llama.cpp (default, repacked)",
-             "llama-norepack": "llama.cpp (`use_extra_bufts=False`)"}
-    m = best.get("mertools", {})
+              "| mertools exact / it: decode | prefill | mertools int8 / it: decode | prefill |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = {"mertools": "mertools (`kernels=\"exact\"`)", "mertools-int8": "mertools (`kernels=\"int8\"`, run/serve's default)",
+             "llama-repack": "llama.cpp (default, repacked)", "llama-norepack": "llama.cpp (`use_extra_bufts=False`)"}
+
+    def ratios(m: dict, b: dict) -> str:
+        return f"**{m['decode'] / b['decode']:.2f}×** | {m['prefill'] / b['prefill']:.2f}×" if "decode" in m else "— | —"
+
     for e, b in best.items():
         if "error" in b:
-            lines.append(f"| {names[e]} | error: {b['error']} | | | | | |")
+            lines.append(f"| {names[e]} | error: {b['error']} | | | | | | | |")
             continue
-        ratio = (f"**{m['decode'] / b['decode']:.2f}×** | {m['prefill'] / b['prefill']:.2f}×"
-                 if e != "mertools" and "decode" in m else "— | —")
+        cells = " | ".join("— | —" if e in MERTOOLS else ratios(best.get(m, {}), b) for m in MERTOOLS)
         roof = b["decode"] * token_bytes / (ref_bw * 1e9)
         lines.append(f"| {names[e]} | {b['decode']:.1f} ({b['decode_best']:.1f}) | {roof:.0%} | {b['prefill']:.1f} | "
-                     f"{b['rss']:,.0f} | {ratio} |")
+                     f"{b['rss']:,.0f} | {cells} |")
     if not have_llama:
         lines += ["", f"llama.cpp columns left out: no {a.llama_python} (install the `bench` extra there)."]
     q40 = [r for r in mv if r["dtype"] == "q4_0"]

@@ -25,7 +25,8 @@ from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
 
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 ROOT = Path(__file__).resolve().parent.parent
-INT8 = ("q4_0", "q8_0")
+INT8 = ("q4_0", "q8_0", "q4_k")
+PACKED = ("q4_0", "q8_0")
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -51,20 +52,24 @@ def _inputs(n: int, cols: int, seed: int) -> np.ndarray:
 
 def test_activations_are_ggml_q8_0() -> None:
     x = _inputs(3, 256, 0)
-    xq, dx, nsum = int8.quantize_act(x)
+    xq, dx, nsum, xs = int8.quantize_act(x)
     raw = q8_0.quantize_reference(x).reshape(3, 8, q8_0.BYTES)
     assert np.array_equal(xq.reshape(3, 8, 32), raw[:, :, 2:])
     assert np.array_equal(_bits(dx), _bits(np.ascontiguousarray(raw[:, :, :2]).view("<f2").astype(np.float32)[..., 0]))
     q = xq.view(np.int8).astype(np.int64).reshape(3, 8, 2, 4, 4)
     assert np.array_equal(nsum.reshape(3, 8, 4), -q.sum(axis=(2, 4)))
+    assert np.array_equal(_bits(xs), _bits(ref.quantize_act(x)[2]))
 
 
-@pytest.mark.parametrize("dtype", INT8)
-@pytest.mark.parametrize(("rows", "cols", "n"), [(4, 32, 1), (12, 96, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3)])
+SHAPES = [(4, 256, 1), (12, 512, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3), (4, 32, 1), (12, 96, 2), (7, 256, 2)]
+
+
+@pytest.mark.parametrize(("dtype", "rows", "cols", "n"), [(d, *s) for d in INT8 for s in SHAPES
+                                                          if s[1] % DTYPES[d].block_size == 0 and int8.takes(d, *s[:2])])
 def test_kernel_is_its_numpy_twin_bit_for_bit(dtype: str, rows: int, cols: int, n: int) -> None:
     w = _weights(dtype, rows, cols, rows + cols)
     x = _inputs(n, cols, n)
-    got = int8.matmul8(x, int8.pack(w, dtype), dtype, np.empty((n, rows), np.float32))
+    got = int8.matmul8(x, int8.prepare(w.copy(), dtype), dtype, np.empty((n, rows), np.float32))
     want = ref.matmul8(x, w, dtype)
     assert np.array_equal(_bits(got), _bits(want))
     # and the twin is the product of the weights with ggml's q8_0 of x, up to float32 rounding
@@ -75,41 +80,44 @@ def test_kernel_is_its_numpy_twin_bit_for_bit(dtype: str, rows: int, cols: int, 
 
 @pytest.mark.parametrize("dtype", INT8)
 def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
-    w = _weights(dtype, 16, 128, 3)
-    packed = int8.pack(w, dtype)
-    assert packed.nbytes == w.nbytes and packed.shape == (4, 4 * w.shape[1])
-    same = w.copy()
-    int8.pack(same, dtype, out=same)
-    assert np.array_equal(same.reshape(-1), packed.reshape(-1))
-    wt = weight(w.copy().reshape(-1), dtype, 16, 128, pack=True)
-    assert wt.packed
-    x = _inputs(4, 128, 9)
+    w = _weights(dtype, 16, 256, 3)
+    if dtype in PACKED:
+        packed = int8.pack(w, dtype)
+        assert packed.nbytes == w.nbytes and packed.shape == (4, 4 * w.shape[1])
+        same = w.copy()
+        int8.pack(same, dtype, out=same)
+        assert np.array_equal(same.reshape(-1), packed.reshape(-1))
+    wt = weight(w.copy().reshape(-1), dtype, 16, 256, int8=True)
+    assert wt.int8 and wt.packed == (dtype in PACKED)
+    x = _inputs(4, 256, 9)
     both = wt(x)
     for i in range(4):  # a row's result never depends on its neighbours
         assert np.array_equal(_bits(wt(x[i:i + 1])[0]), _bits(both[i]))
     block = wt.row_block(8, 4)
     assert np.array_equal(_bits(block(x)), _bits(both[:, 8:12]))
-    with pytest.raises(QuantizationError, match="whole groups"):
-        wt.row_block(2, 4)
+    if wt.packed:
+        with pytest.raises(QuantizationError, match="whole groups"):
+            wt.row_block(2, 4)
 
 
 def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
-    d_model, d_ff = 64, 128
+    d_model, d_ff = 256, 512
     g, u, dn = (_weights(dt, r, c, seed, extremes=False)
-                for dt, r, c, seed in (("q4_0", d_ff, d_model, 1), ("q8_0", d_ff, d_model, 2), ("q4_0", d_model, d_ff, 3)))
+                for dt, r, c, seed in (("q4_k", d_ff, d_model, 1), ("q8_0", d_ff, d_model, 2), ("q4_0", d_model, d_ff, 3)))
     x = _inputs(3, d_model, 4) / np.float32(1e3)
-    ws = [weight(a.copy(), dt, r, c, pack=True) for a, dt, r, c in
-          ((g, "q4_0", d_ff, d_model), (u, "q8_0", d_ff, d_model), (dn, "q4_0", d_model, d_ff))]
+    ws = [weight(a.copy(), dt, r, c, int8=True) for a, dt, r, c in
+          ((g, "q4_k", d_ff, d_model), (u, "q8_0", d_ff, d_model), (dn, "q4_0", d_model, d_ff))]
     got = swiglu_weights(x, *ws)
-    h = silu_mul(ref.matmul8(x, g, "q4_0"), ref.matmul8(x, u, "q8_0"))
+    h = silu_mul(ref.matmul8(x, g, "q4_k"), ref.matmul8(x, u, "q8_0"))
     assert np.array_equal(_bits(got), _bits(ref.matmul8(h, dn, "q4_0")))
 
 
-def test_what_cannot_be_packed_stays_exact() -> None:
-    assert not int8.packable("q4_k", 256, 256) and not int8.packable("q4_0", 6, 64)
+def test_what_the_kernels_do_not_take_stays_exact() -> None:
+    assert int8.takes("q4_k", 6, 256) and not int8.packable("q4_k", 8, 256)  # read from the file's blocks
+    assert not int8.takes("q5_k", 8, 256) and not int8.takes("q4_0", 6, 64)
     w = _weights("q4_0", 6, 64, 0)
-    assert not weight(w.copy(), "q4_0", 6, 64, pack=True).packed  # 6 rows: not whole groups of 4
-    with pytest.raises(QuantizationError, match="no 8-bit kernel"):
+    assert not weight(w.copy(), "q4_0", 6, 64, int8=True).int8  # 6 rows: not whole groups of 4
+    with pytest.raises(QuantizationError, match="not packed for the 8-bit kernels"):
         int8.pack(w, "q4_0")
 
 
@@ -120,9 +128,9 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
         "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
         "assert not simd8.VNNI\n"
-        "for dt in ('q4_0', 'q8_0'):\n"
+        "for dt in ('q4_0', 'q8_0', 'q4_k'):\n"
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
-        "    got = int8.matmul8(x, int8.pack(w, dt), dt, np.empty((2, 32), np.float32))\n"
+        "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
         "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
         "print('ok')\n"
     )

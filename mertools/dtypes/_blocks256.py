@@ -111,6 +111,34 @@ _IR_I32 = ir.IntType(32)
 _IR_F32 = ir.FloatType()
 
 
+def _scale_min_lanes(context, builder, arrty, arr, off):
+    """The int32 lanes [sc_0 .. sc_7, m_0 .. m_7] of the super-block at byte `off` (reads the 16 bytes at off + 4)."""
+    i32v = vty(_IR_I32)
+
+    def const(vals):
+        return ir.Constant(i32v, vals)
+
+    at4 = builder.add(off, ir.Constant(off.type, 4))
+    s = builder.zext(builder.load(ptr_at(context, builder, arrty, arr, at4, vty(ir.IntType(8))), align=1), i32v)
+    p = builder.shuffle_vector(s, s, const(_P))
+    q = builder.shuffle_vector(s, s, const(_Q))
+    lane = builder.and_(builder.lshr(p, const(_SH)), const(_M1))
+    return builder.or_(lane, builder.and_(builder.lshr(q, const([2] * LANES)), const(_M2)))
+
+
+@intrinsic
+def scale_min_lanes(typingctx, w, o):
+    """[sc_0 .. sc_7, m_0 .. m_7] of the super-block at byte o of a uint8 C array, as int32 lanes (the 8-bit
+    kernels multiply them in integers). Reads the 16 bytes at o + 4, as `block_scales`."""
+    if not (is_carray(w, types.uint8) and is_int(o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _scale_min_lanes(context, builder, sig.args[0], args[0], args[1])
+
+    return I32x16(w, o), codegen
+
+
 @intrinsic
 def block_scales(typingctx, w, o):
     """[d*sc_0 .. d*sc_7, -dmin*m_0 .. -dmin*m_7] of the super-block at byte o of a uint8 C
@@ -121,19 +149,10 @@ def block_scales(typingctx, w, o):
 
     def codegen(context, builder, sig, args):
         arrty, arr, off = sig.args[0], args[0], args[1]
-        i32v = vty(_IR_I32)
-
-        def const(vals):
-            return ir.Constant(i32v, vals)
-
-        at4 = builder.add(off, ir.Constant(off.type, 4))
-        s = builder.zext(builder.load(ptr_at(context, builder, arrty, arr, at4, vty(ir.IntType(8))), align=1), i32v)
-        p = builder.shuffle_vector(s, s, const(_P))
-        q = builder.shuffle_vector(s, s, const(_Q))
-        lane = builder.and_(builder.lshr(p, const(_SH)), const(_M1))
-        lane = builder.or_(lane, builder.and_(builder.lshr(q, const([2] * LANES)), const(_M2)))
+        lane = _scale_min_lanes(context, builder, arrty, arr, off)
         two = builder.load(ptr_at(context, builder, arrty, arr, off, vty(ir.HalfType(), 2)), align=1)  # d, dmin
-        scale = builder.fpext(builder.shuffle_vector(two, two, const([0] * 8 + [1] * 8)), vty(_IR_F32))
+        idx = ir.Constant(vty(_IR_I32), [0] * 8 + [1] * 8)
+        scale = builder.fpext(builder.shuffle_vector(two, two, idx), vty(_IR_F32))
         sign = ir.Constant(vty(_IR_F32), [1.0] * 8 + [-1.0] * 8)
         return builder.fmul(builder.sitofp(lane, vty(_IR_F32)), builder.fmul(scale, sign))
 

@@ -2,24 +2,27 @@
 
 ggml multiplies a quantized matrix by quantizing the activations too (quantize_row_q8_0: d = max|x| / 127,
 q = roundf(x / d), d stored as f16) and summing weight quants times activation quants in integers, one
-float multiply per block. This module does the same for the types with an `Int8Pack` (dtypes.base):
+float multiply per block. This module does the same for the types in INT8_DTYPES:
 
-    pack(w2, dtype, out=None)     the weight's bytes regrouped for these kernels (in place if out is w2)
-    quantize_act(x2)              (xq, dx, nsum) of float32 (n, cols) rows
-    matmul8(x2, wp, dtype, out)   float32 (n, rows) = x2 @ W.T on packed bytes
-    swiglu8(x2, gate, up)         silu(x2 @ G.T) * (x2 @ U.T), packed gate and up
+    takes(dtype, rows, cols)      whether a weight runs here (else the exact kernels)
+    prepare(w2, dtype)            its bytes as these kernels read them (packed in place, or as they are)
+    quantize_act(x2)              the activation rows' quants, scales and sums
+    matmul8(x2, w, dtype, out)    float32 (n, rows) = x2 @ W.T
+    swiglu8(x2, gate, up)         silu(x2 @ G.T) * (x2 @ U.T)
 
-Packing: rows go by groups of 4 (rows % 4 == 0), and for each block the group's 4 f16 scales come
-first, then each 16-byte run of quants for the 4 rows (64 bytes): one load gives a vpdpbusd its 64
-weight bytes, one more the 4 scales (the file's layout needs 4 loads and 4 inserts of each; that
-was slower than the exact kernels). Same size as the file's bytes, so a cache slot is packed in place.
+Q4_0 and Q8_0 (an `Int8Pack`) are packed: rows go by groups of 4 (rows % 4 == 0), and for each block the
+group's 4 f16 scales come first, then each 16-byte run of quants for the 4 rows (64 bytes): one load gives a
+vpdpbusd its 64 weight bytes, one more the 4 scales (the file's 18- or 34-byte blocks need 4 loads and 4
+inserts of each; that was slower than the exact kernels). Same size as the file's bytes, so a cache slot is
+packed in place after its read. Q4_K's super-blocks hold 128 contiguous quant bytes: its kernel reads the
+file's blocks (dtypes/q4_k.py), so its weights are never repacked.
 
-What a row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to it
-bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
+What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
+twin bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
 4j..4j+3 and 16+4j..16+4j+3; acc_j += float(S) * (d_w * d_x), in block order; the result is
-(acc_0 + acc_2) + (acc_1 + acc_3). Integer sums are exact, so the instruction set does not matter.
-The exact kernels (`matmul`) stay the definition of the model; this path's difference from them is
-reported by `mertools verify --kernels int8`.
+(acc_0 + acc_2) + (acc_1 + acc_3). The K types' twins live in their modules. Integer sums are exact, so the
+instruction set does not matter. The exact kernels (`matmul`) stay the definition of the model; this path's
+difference from them is reported by `mertools verify --kernels int8`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mertools.dtypes import DTYPES, Int8Pack
+from mertools.dtypes import DTYPES, KIND, Int8Pack, q4_k
 from mertools.dtypes.q8_0 import _roundf_low_byte
 from mertools.errors import QuantizationError
 from mertools.kernels.common import MATVEC_JIT, f16_bits_to_f32, f32_to_f16_bits, prefetch_lines
@@ -35,21 +38,27 @@ from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, halves4x4, hi4, ishl, ivload4x4, lo4, quad_sum
 
-__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "quantize_act", "swiglu8"]
+__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "quantize_act", "swiglu8", "takes"]
 
 GROUP = 4  # rows packed together
-INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8 is not None)
+INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8 is not None or dt.int8_reference is not None)
+Q4_0, Q8_0, Q4_K = KIND["q4_0"], KIND["q8_0"], KIND["q4_k"]
 
 
 def packable(dtype: str, rows: int, cols: int) -> bool:
-    """Whether a (rows, cols) weight of `dtype` can take the 8-bit path."""
-    return dtype in INT8_DTYPES and rows > 0 and cols > 0 and rows % GROUP == 0 and cols % 32 == 0
+    """Whether a (rows, cols) weight of `dtype` is one these kernels take packed (and `pack` packs)."""
+    return DTYPES[dtype].int8 is not None and rows > 0 and cols > 0 and rows % GROUP == 0 and cols % 32 == 0
+
+
+def takes(dtype: str, rows: int, cols: int) -> bool:
+    """Whether a (rows, cols) weight of `dtype` runs on these kernels: packed, or a type read from the file's blocks."""
+    return packable(dtype, rows, cols) or (DTYPES[dtype].int8_reference is not None and rows > 0 and cols > 0)
 
 
 def _spec(dtype: str, rows: int, cols: int) -> Int8Pack:
     if not packable(dtype, rows, cols):
-        raise QuantizationError(f"int8: a {dtype} weight ({rows}, {cols}) has no 8-bit kernel "
-                                f"(types {', '.join(INT8_DTYPES)}, rows a multiple of {GROUP})")
+        raise QuantizationError(f"int8: a {dtype} weight ({rows}, {cols}) is not packed for the 8-bit kernels "
+                                f"(types {', '.join(d for d in INT8_DTYPES if DTYPES[d].int8)}, rows a multiple of {GROUP})")
     return DTYPES[dtype].int8
 
 
@@ -87,13 +96,19 @@ def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarra
     return target
 
 
+def prepare(w2: np.ndarray, dtype: str) -> np.ndarray:
+    """w2 (rows, row_bytes) as these kernels read it: packed in place, or w2 itself for a type read as it is."""
+    return pack(w2, dtype, out=w2) if DTYPES[dtype].int8 is not None else w2
+
+
 # ---------------------------------------------------------------- activations
 
 
 @njit(**MATVEC_JIT)
-def _quantize_rows(x, xq, dx, nsum):
+def _quantize_rows(x, xq, dx, nsum, xs):
     """Each row of x (n, cols) as ggml's quantize_row_q8_0: xq the quants (as bytes), dx each block's f16 scale as
-    float32, nsum[4b + j] minus the sum of the block's quants in lane j (weights 4j..4j+3 and 16+4j..16+4j+3)."""
+    float32, nsum[4b + j] minus the sum of the block's quants in lane j (weights 4j..4j+3 and 16+4j..16+4j+3),
+    xs[b] = dx[b] * the sum of the block's quants (float32)."""
     for i in range(x.shape[0]):
         for b in range(x.shape[1] // 32):
             base = b * 32
@@ -105,27 +120,33 @@ def _quantize_rows(x, xq, dx, nsum):
             dx[i, b] = f16_bits_to_f32(f32_to_f16_bits(d))
             for j in range(4):
                 nsum[i, 4 * b + j] = 0
+            total = 0
             for j in range(32):
                 q = _roundf_low_byte(x[i, base + j] * inv)
                 xq[i, base + j] = q
-                nsum[i, 4 * b + (j % 16) // 4] -= q - 256 if q >= 128 else q
+                v = q - 256 if q >= 128 else q
+                nsum[i, 4 * b + (j % 16) // 4] -= v
+                total += v
+            xs[i, b] = dx[i, b] * np.float32(total)
 
 
-def quantize_act(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 C (n, cols), cols % 32 == 0 -> xq uint8 (n, cols), dx float32 (n, cols/32), nsum int32 (n, cols/8)."""
+def quantize_act(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float32 C (n, cols), cols % 32 == 0 -> xq uint8 (n, cols), dx float32 (n, cols/32), nsum int32 (n, cols/8),
+    xs float32 (n, cols/32)."""
     n, cols = x2.shape
     xq = np.empty((n, cols), np.uint8)
     dx = np.empty((n, cols // 32), np.float32)
     nsum = np.empty((n, cols // 8), np.int32)
-    _quantize_rows(x2, xq, dx, nsum)
-    return xq, dx, nsum
+    xs = np.empty((n, cols // 32), np.float32)
+    _quantize_rows(x2, xq, dx, nsum, xs)
+    return xq, dx, nsum, xs
 
 
 # ---------------------------------------------------------------- products
 
 
 @njit(**MATVEC_JIT)
-def _group(xq, dx, nsum, wp, g, parts, shift, out):
+def _packed_group(xq, dx, nsum, wp, g, parts, shift, out):
     """out[4g:4g+4] = the packed group g of wp times one quantized row (xq, dx, nsum)."""
     wr = wp[g]
     bb = GROUP * (2 + 16 * parts)  # a block's bytes for the group
@@ -148,42 +169,48 @@ def _group(xq, dx, nsum, wp, g, parts, shift, out):
         out[GROUP * g + r] = quad_sum(acc, r)
 
 
-@njit(parallel=True, **MATVEC_JIT)
-def _matmul8(xq, dx, nsum, wp, parts, shift, out):
-    for g in prange(wp.shape[0]):
-        for i in range(xq.shape[0]):
-            _group(xq[i], dx[i], nsum[i], wp, g, parts, shift, out[i])
+@njit(**MATVEC_JIT)
+def _group(kind, xq, dx, nsum, xs, w, g, out):
+    """Rows 4g..4g+3 (fewer past the end) of W (type code `kind`, as `prepare` left it) times one quantized row."""
+    if kind == Q4_0:
+        _packed_group(xq, dx, nsum, w, g, 1, 3, out)
+    elif kind == Q8_0:
+        _packed_group(xq, dx, nsum, w, g, 2, 7, out)
+    else:
+        q4_k.int8_group(xq, dx, xs, w, GROUP * g, out)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _swiglu8(xq, dx, nsum, wg, pg, sg, wu, pu, su, h, u):
-    for g in prange(wg.shape[0]):
+def _matmul8(kind, xq, dx, nsum, xs, w, groups, out):
+    for g in prange(groups):
         for i in range(xq.shape[0]):
-            _group(xq[i], dx[i], nsum[i], wg, g, pg, sg, h[i])
-            _group(xq[i], dx[i], nsum[i], wu, g, pu, su, u[i])
-            for r in range(GROUP * g, GROUP * g + GROUP):
+            _group(kind, xq[i], dx[i], nsum[i], xs[i], w, g, out[i])
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _swiglu8(xq, dx, nsum, xs, kg, wg, ku, wu, groups, h, u):
+    for g in prange(groups):
+        for i in range(xq.shape[0]):
+            _group(kg, xq[i], dx[i], nsum[i], xs[i], wg, g, h[i])
+            _group(ku, xq[i], dx[i], nsum[i], xs[i], wu, g, u[i])
+            for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 
 
-def _shift(spec: Int8Pack) -> int:
-    return spec.offset.bit_length() - 1  # offset is a power of two (8 or 128)
-
-
-def matmul8(x2: np.ndarray, wp: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
-    """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), wp W's packed bytes (rows / 4, 4 * row_bytes); each row of
-    x2 computed alone (the same bits whatever n)."""
-    spec = DTYPES[dtype].int8
-    xq, dx, nsum = quantize_act(x2)
-    _matmul8(xq, dx, nsum, wp, spec.parts, _shift(spec), out)
+def matmul8(x2: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), w W's bytes as `prepare` left them; each row of x2
+    computed alone (the same bits whatever n)."""
+    acts = quantize_act(x2)
+    _matmul8(KIND[dtype], *acts, w, (out.shape[1] + GROUP - 1) // GROUP, out)
     return out
 
 
-def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, str]) -> np.ndarray:
-    """silu(x2 @ G.T) * (x2 @ U.T), float32 (n, d_ff), for packed gate and up (bytes, dtype) sharing x2's quants."""
+def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, str], d_ff: int) -> np.ndarray:
+    """silu(x2 @ G.T) * (x2 @ U.T), float32 (n, d_ff), for gate and up (bytes as `prepare` left them, dtype) sharing
+    x2's quants."""
     (wg, dg), (wu, du) = gate, up
-    sg, su = DTYPES[dg].int8, DTYPES[du].int8
-    xq, dx, nsum = quantize_act(x2)
-    n, d_ff = x2.shape[0], wg.shape[0] * GROUP
+    acts = quantize_act(x2)
+    n = x2.shape[0]
     h, u = np.empty((n, d_ff), np.float32), np.empty((n, d_ff), np.float32)
-    _swiglu8(xq, dx, nsum, wg, sg.parts, _shift(sg), wu, su.parts, _shift(su), h, u)
+    _swiglu8(*acts, KIND[dg], wg, KIND[du], wu, (d_ff + GROUP - 1) // GROUP, h, u)
     return h

@@ -7,18 +7,20 @@ import numpy as np
 from mertools.dtypes import DTYPES, q8_0
 
 
-def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (n, cols) -> activation quants int32 (n, nb, 32) and scales float32 (n, nb): ggml's q8_0 of each row."""
+def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 (n, cols) -> ggml's q8_0 of each row: quants int32 (n, nb, 32), scales float32 (n, nb), and each
+    block's scale times the sum of its quants, float32 (n, nb)."""
     n, cols = x.shape
     raw = q8_0.quantize_reference(x).reshape(n, cols // 32, q8_0.BYTES)
     dx = np.ascontiguousarray(raw[:, :, :2]).view("<f2").astype(np.float32)[..., 0]
-    return np.ascontiguousarray(raw[:, :, 2:]).view(np.int8).astype(np.int32), dx
+    xq = np.ascontiguousarray(raw[:, :, 2:]).view(np.int8).astype(np.int32)
+    return xq, dx, dx * xq.sum(axis=2).astype(np.float32)
 
 
-def matmul8(x: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 (n, rows) = x @ W.T as `int8.matmul8` computes it, from W's file bytes w2 (rows, row_bytes)."""
+def _packed(xq: np.ndarray, dx: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
+    """The packed types' kernel (int8._packed_group): per block and lane j < 4, the integer sum over weights
+    4j..4j+3 and 16+4j..16+4j+3, times d_w * d_x, summed in block order; then (l0 + l2) + (l1 + l3)."""
     q, d = DTYPES[dtype].int8.blocks(w2)  # (rows, nb, 32), (rows, nb)
-    xq, dx = quantize_act(np.asarray(x, np.float32))
     rows, nb, _ = q.shape
     out = np.empty((len(xq), rows), np.float32)
     for i in range(len(xq)):
@@ -29,3 +31,11 @@ def matmul8(x: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
             acc += terms[:, b]
         out[i] = (acc[:, 0] + acc[:, 2]) + (acc[:, 1] + acc[:, 3])
     return out
+
+
+def matmul8(x: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 (n, rows) = x @ W.T as `int8.matmul8` computes it, from W's file bytes w2 (rows, row_bytes)."""
+    xq, dx, xs = quantize_act(np.asarray(x, np.float32))
+    dt = DTYPES[dtype]
+    with np.errstate(all="ignore"):  # inf/NaN scales propagate as in the kernels
+        return _packed(xq, dx, w2, dtype) if dt.int8 is not None else dt.int8_reference(xq, dx, xs, w2)

@@ -113,18 +113,22 @@ class Weight:
     """A weight's bytes checked once (`weight`), for the runtime's many calls per token: `matmul` and
     `swiglu_expert` check their arguments on every call, which a decode step of a small model pays dozens of
     times; these call the same kernels with the same arguments, so the results are the same bits.
-    A packed weight (`int8.pack`) runs the 8-bit-activation kernels instead, whatever the number of rows."""
+    With `int8`, the 8-bit-activation kernels (`int8`) instead, whatever the number of rows."""
 
-    w2: np.ndarray  # uint8 (rows, row_bytes); packed: (rows / 4, 4 * row_bytes)
+    w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 4, 4 * row_bytes)
     kind: int
     rows: int
     cols: int
-    packed: bool = False
+    int8: bool = False  # the bytes as `int8.prepare` left them, for the 8-bit kernels
+
+    @property
+    def packed(self) -> bool:
+        return self.int8 and DTYPES[_DTYPE_OF[self.kind]].int8 is not None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
         plain = x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == self.cols and x.flags.c_contiguous and len(x)
-        if self.packed:
+        if self.int8:
             x2 = x if plain else _check_x(x, _DTYPE_OF[self.kind], self.rows, self.cols, "matmul")
             return _i8.matmul8(x2, self.w2, _DTYPE_OF[self.kind], np.empty((x2.shape[0], self.rows), np.float32))
         if not plain:
@@ -133,41 +137,41 @@ class Weight:
 
     def row_block(self, start: int, n: int) -> Weight:
         """Rows start..start+n of W (a packed weight: at multiples of 4), sharing the bytes."""
-        if self.packed:
-            if start % _i8.GROUP or n % _i8.GROUP:
-                raise QuantizationError(f"row_block: rows {start}..{start + n} of a packed weight are not whole groups "
-                                        f"of {_i8.GROUP}")
-            return Weight(self.w2[start // _i8.GROUP:(start + n) // _i8.GROUP], self.kind, n, self.cols, True)
-        return Weight(self.w2[start:start + n], self.kind, n, self.cols)
+        if not self.packed:
+            return Weight(self.w2[start:start + n], self.kind, n, self.cols, self.int8)
+        if start % _i8.GROUP or n % _i8.GROUP:
+            raise QuantizationError(f"row_block: rows {start}..{start + n} of a packed weight are not whole groups "
+                                    f"of {_i8.GROUP}")
+        return Weight(self.w2[start // _i8.GROUP:(start + n) // _i8.GROUP], self.kind, n, self.cols, True)
 
 
-def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, packed: bool = False) -> Weight:
+def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) -> Weight:
     """A `Weight` over bytes whose size the layout's manifest has checked against (rows, cols) of `dtype` (an expert
-    slot's tensor): only shaped, as an expert is applied a few times per layer and token. `packed`: the slot's bytes
-    were packed in place (`int8.pack`) after their load."""
-    if packed:
+    slot's tensor): only shaped, as an expert is applied a few times per layer and token. `int8`: the slot's bytes
+    were prepared for the 8-bit kernels (`int8.prepare`: packed in place, for a packed type) after their load."""
+    if int8 and DTYPES[dtype].int8 is not None:
         return Weight(w.reshape(rows // _i8.GROUP, -1), _KIND[dtype], rows, cols, True)
-    return Weight(w.reshape(rows, -1), _KIND[dtype], rows, cols)
+    return Weight(w.reshape(rows, -1), _KIND[dtype], rows, cols, int8)
 
 
-def weight(w: np.ndarray, dtype: str, rows: int, cols: int, pack: bool = False) -> Weight:
-    """`w` (raw bytes of a (rows, cols) `dtype` weight) checked as `matmul` checks it, for `Weight` calls. `pack`: for
-    the 8-bit kernels when the type has them (`int8.packable`), packed in place: `w` then holds the packed bytes."""
+def weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) -> Weight:
+    """`w` (raw bytes of a (rows, cols) `dtype` weight) checked as `matmul` checks it, for `Weight` calls. `int8`: for
+    the 8-bit kernels when they take it (`int8.takes`), prepared in place: a packed type's `w` then holds packed bytes."""
     if rows == 0 or cols == 0:
         raise QuantizationError(f"weight: an empty {dtype} weight ({rows}, {cols}) has no kernel call")
     w2 = _check_weight(w, dtype, rows, cols, "weight")
-    if pack and _i8.packable(dtype, rows, cols):
-        return Weight(_i8.pack(w2, dtype, out=w2), _KIND[dtype], rows, cols, True)
+    if int8 and _i8.takes(dtype, rows, cols):
+        return Weight(_i8.prepare(w2, dtype), _KIND[dtype], rows, cols, True)
     return Weight(w2, _KIND[dtype], rows, cols)
 
 
 def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
     """float32 (n, d_model) = (silu(x @ G.T) * (x @ U.T)) @ D.T for checked weights and x float32 C-contiguous
     (n, d_model). Up to MATVEC_ROWS_MAX rows run the fused decode kernel, each row exactly as decoding it alone;
-    packed gate and up the fused 8-bit kernel, any number of rows."""
+    8-bit gate and up the fused 8-bit kernel, any number of rows."""
     n = x.shape[0]
-    if gate.packed and up.packed:
-        return down(_i8.swiglu8(x, (gate.w2, _DTYPE_OF[gate.kind]), (up.w2, _DTYPE_OF[up.kind])))
+    if gate.int8 and up.int8:
+        return down(_i8.swiglu8(x, (gate.w2, _DTYPE_OF[gate.kind]), (up.w2, _DTYPE_OF[up.kind]), gate.rows))
     if n > MATVEC_ROWS_MAX:
         return down(silu_mul(gate(x), up(x)))
     h = np.empty((n, gate.rows), np.float32)

@@ -12,6 +12,9 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     halves4x4(w, o)          the 4 halves at byte o, each in 4 consecutive float32 lanes
     quad_sum(v, q)           (v[4q] + v[4q+2]) + (v[4q+1] + v[4q+3]), float32
 
+and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
+pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low.
+
 `dpbusd` is one vpdpbusd with AVX-512 VNNI; elsewhere the same sums come from widening multiplies
 (integers: every path gives the same values). As in `simd`, no bounds checks: callers compute offsets
 from validated shapes, and the tests hold every kernel to its numpy twin. After editing this file,
@@ -166,6 +169,108 @@ def quad_sum(typingctx, v, q):
     return types.float32(v, q), codegen
 
 
-__all__ = ["B64", "VNNI", "bytes16x4", "bytes64", "dpbusd", "halves4x4", "hi4", "ishl", "ivload4x4", "lo4", "quad_sum"]
+def _lanes_of(pattern: list[int]):
+    """Intrinsic v -> the int32 lanes v[pattern[i]] (a constant shuffle)."""
+
+    @intrinsic
+    def pick(typingctx, v):
+        if v != I32x16:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.shuffle_vector(args[0], args[0], ir.Constant(vty(_I32), pattern))
+
+        return I32x16(v), codegen
+
+    return pick
+
+
+# a K-quant super-block's [sc_0..sc_7, m_0..m_7] lanes spread over the lanes of the dot products that need them
+pick_0_2 = _lanes_of([0] * 8 + [2] * 8)
+pick_1_3 = _lanes_of([1] * 8 + [3] * 8)
+pick_4_6 = _lanes_of([4] * 8 + [6] * 8)
+pick_5_7 = _lanes_of([5] * 8 + [7] * 8)
+
+
+@intrinsic
+def mins_low(typingctx, v):
+    """Lanes 8..15 of v moved to lanes 0..7, zeros above (a K-quant block's mins), as float32."""
+    if v != I32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(vty(_I32), [0] * 16)
+        m = builder.shuffle_vector(args[0], zero, ir.Constant(vty(_I32), list(range(8, 16)) + [16] * 8))
+        return builder.sitofp(m, vty(_F32))
+
+    return F32x16(v), codegen
+
+
+@intrinsic
+def izero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(vty(_I32), [0] * 16)
+
+    return I32x16(), codegen
+
+
+@intrinsic
+def imul(typingctx, a, b):
+    """a * b lane-wise (int32; callers keep the products in range)."""
+    if not (a == I32x16 and b == I32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.mul(args[0], args[1])
+
+    return I32x16(a, b), codegen
+
+
+@intrinsic
+def bytes32x2(typingctx, w, o1, o2):
+    """The 32 bytes at o1 then the 32 at o2 of a uint8 array."""
+    if not (is_carray(w, types.uint8) and is_int(o1) and is_int(o2)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_I8, 32)), align=1)
+        b = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[2], vty(_I8, 32)), align=1)
+        return builder.shuffle_vector(a, b, ir.Constant(vty(_I32, 64), list(range(64))))
+
+    return B64(w, o1, o2), codegen
+
+
+@intrinsic
+def pair8(typingctx, a, i, j):
+    """[a[i]] * 8 + [a[j]] * 8 of a float32 array."""
+    if not (is_carray(a, types.float32) and is_int(i) and is_int(j)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], _F32), align=4)
+        y = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[2], _F32), align=4)
+        v = builder.insert_element(ir.Constant(vty(_F32, 2), ir.Undefined), x, ir.Constant(_I32, 0))
+        v = builder.insert_element(v, y, ir.Constant(_I32, 1))
+        return builder.shuffle_vector(v, v, ir.Constant(vty(_I32), [0] * 8 + [1] * 8))
+
+    return F32x16(a, i, j), codegen
+
+
+@intrinsic
+def f32x8_low(typingctx, a, i):
+    """a[i:i+8] of a float32 array in lanes 0..7, zeros above."""
+    if not (is_carray(a, types.float32) and is_int(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_F32, 8)), align=4)
+        zero = ir.Constant(vty(_F32, 8), [0.0] * 8)
+        return builder.shuffle_vector(v, zero, ir.Constant(vty(_I32), list(range(16))))
+
+    return F32x16(a, i), codegen
+
+
+__all__ = ["B64", "VNNI", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4", "imul", "ishl",
+           "ivload4x4", "izero", "lo4", "mins_low", "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "quad_sum"]
 
 

@@ -27,8 +27,8 @@ def _loaders(layout: Layout, kernels: str):  # noqa: ANN202 - (matrix, vector, p
     def matrix(name: str, role: str) -> Linear:
         t = dense[name]
         # an embedding's rows are looked up (get_rows) in the file's layout: never packed
-        pack = kernels == "int8" and role != "embedding"
-        return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], pack=pack)
+        int8 = kernels == "int8" and role != "embedding"
+        return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], int8=int8)
 
     def vector(name: str) -> np.ndarray:
         t = dense[name]

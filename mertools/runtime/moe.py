@@ -36,25 +36,25 @@ def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {"gate": (cfg.d_ff, cfg.d_model), "up": (cfg.d_ff, cfg.d_model), "down": (cfg.d_model, cfg.d_ff)}
 
 
-def _packed(cfg: ModelConfig, entry: ExpertEntry) -> tuple[bool, bool, bool]:
-    """Which of an expert's (gate, up, down) the 8-bit kernels take (`int8.packable`)."""
+def _int8(cfg: ModelConfig, entry: ExpertEntry) -> tuple[bool, bool, bool]:
+    """Which of an expert's (gate, up, down) the 8-bit kernels take (`int8.takes`)."""
     shapes = _shapes(cfg)
-    return tuple(int8.packable(entry.tensors[r].dtype, *shapes[r]) for r in ROLES)
+    return tuple(int8.takes(entry.tensors[r].dtype, *shapes[r]) for r in ROLES)
 
 
 def expert_packer(cfg: ModelConfig) -> Callable[[ExpertEntry, np.ndarray], None] | None:
-    """The store's `prepare` for the 8-bit kernels: each packable tensor of a loaded slot packed in place. None when
-    the family computes experts with its own piece (biases, a clamped GLU), which reads the file's layout."""
+    """The store's `prepare` for the 8-bit kernels: each tensor of a loaded slot they take prepared in place (a
+    packed type packed). None when the family computes experts with its own piece (biases, a clamped GLU), which
+    reads the file's layout."""
     if not cfg.plain_swiglu:
         return None
     shapes = _shapes(cfg)
 
     def prepare(entry: ExpertEntry, buf: np.ndarray) -> None:
-        for role, packed in zip(ROLES, _packed(cfg, entry), strict=True):
-            if packed:
+        for role, fast in zip(ROLES, _int8(cfg, entry), strict=True):
+            if fast:
                 t = entry.tensors[role]
-                w = buf[t.offset:t.offset + t.nbytes].reshape(shapes[role][0], -1)
-                int8.pack(w, t.dtype, out=w)
+                int8.prepare(buf[t.offset:t.offset + t.nbytes].reshape(shapes[role][0], -1), t.dtype)
 
     return prepare
 
@@ -66,13 +66,13 @@ class Tier:
     cache: ExpertCache
     store: ExpertStore
     dtypes: dict[tuple[int, int], tuple[str, str, str]]  # each expert's (gate, up, down) types, looked up once
-    packed: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them the store packs for the 8-bit kernels
+    int8: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them run on the 8-bit kernels (store prepared)
 
     @classmethod
     def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig) -> Tier:
         none = (False, False, False)
         return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()},
-                   {k: _packed(cfg, e) if store.prepare is not None else none for k, e in store.entries.items()})
+                   {k: _int8(cfg, e) if store.prepare is not None else none for k, e in store.entries.items()})
 
 
 class StreamingMoE:
@@ -194,7 +194,7 @@ class StreamingMoE:
             mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model), Linear(u, du, cfg.d_ff, cfg.d_model),
                       Linear(d, dd, cfg.d_model, cfg.d_ff), **biases)
         else:  # the slot's bytes, sized by the manifest: shaped, not checked again per call
-            pg, pu, pd = tier.packed[key]
+            pg, pu, pd = tier.int8[key]
             wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu),
                           layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd))
         for s in batch.seqs:

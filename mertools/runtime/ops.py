@@ -15,15 +15,15 @@ from .batch import Batch
 
 @dataclass(frozen=True)
 class Linear:
-    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight; with pack, packed in place for `checked`
+    raw: np.ndarray  # uint8 raw GGML bytes of a (rows, cols) weight; with int8, prepared in place (packed) for `checked`
     dtype: str
     rows: int
     cols: int
-    pack: bool = False  # the 8-bit-activation kernels where the type has them (`kernels.int8`)
+    int8: bool = False  # the 8-bit-activation kernels where they take the weight (`kernels.int8.takes`)
     checked: Weight = field(init=False, repr=False, compare=False)  # the bytes checked once, for the kernel calls
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols, pack=self.pack))
+        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols, int8=self.int8))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
         return self.checked(x)
