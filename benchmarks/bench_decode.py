@@ -176,7 +176,8 @@ def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
     import numba
 
     from mertools.dtypes import DTYPES, EXPERT_DTYPES
-    from mertools.kernels import quantize
+    from mertools.kernels import int8, quantize
+    from mertools.kernels.matmul import weight
 
     rng = np.random.default_rng(0)
     threads = numba.get_num_threads()
@@ -195,9 +196,14 @@ def matvec_table(repeat: int, bw: Bandwidth) -> list[dict]:
             small = [np.ascontiguousarray(w[: max(4, (2**20 // w.shape[1]) // 4 * 4)])]
             tc = _time_matvec(x, small, dtype, small[0].shape[0], cols, 100)
             numba.set_num_threads(threads)
-            rows_out.append({"shape": f"{rows}x{cols}", "dtype": dtype, "mb": w.nbytes / 1e6,
-                             "med": w.nbytes / statistics.median(t2) / 1e9, "best": w.nbytes / min(t2) / 1e9,
-                             "one": w.nbytes / min(t1) / 1e9, "l2": small[0].nbytes / min(tc) / 1e9})
+            row = {"shape": f"{rows}x{cols}", "dtype": dtype, "mb": w.nbytes / 1e6,
+                   "med": w.nbytes / statistics.median(t2) / 1e9, "best": w.nbytes / min(t2) / 1e9,
+                   "one": w.nbytes / min(t1) / 1e9, "l2": small[0].nbytes / min(tc) / 1e9}
+            if int8.takes(dtype, rows, cols):  # the same copies on the 8-bit kernels (packed ones packed first)
+                fast = [weight(c.copy(), dtype, rows, cols, int8=True) for c in copies]
+                t8 = common.timings(lambda i, f=fast, v=x: f[i % len(f)](v), repeat)
+                row["int8"] = w.nbytes / statistics.median(t8) / 1e9
+            rows_out.append(row)
     return rows_out
 
 
@@ -217,10 +223,21 @@ def decode_bytes(layout: Path) -> float:
     return dense + out + cfg.n_layers * cfg.n_experts_used * expert
 
 
-def ensure_model(workdir: Path, layers: int) -> tuple[Path, Path]:
-    """The shared synthetic GGUF and its layout, converted in a child (its memory is not this process's)."""
+def ensure_model(workdir: Path, layers: int, qtype: str, llama_python: str) -> tuple[Path, Path]:
+    """The shared synthetic Q4_0 GGUF, or llama.cpp's quantizer's `qtype` preset of it ("q4_k_m": requantized from
+    the Q4_0 weights by llama_model_quantize, a Q4_K / Q6_K mix as users download), and its layout, converted in a
+    child (its memory is not this process's)."""
     gguf = common.synth_gguf(workdir, layers)
-    layout = workdir / f"mixtral-{layers}L-q4_0-layout"
+    if qtype != "q4_0":
+        from fixtures.llamacpp_presets import quantize
+
+        preset = workdir / f"mixtral-{layers}L-{qtype}.gguf"
+        if not preset.exists():
+            print(f"quantizing {gguf} to {qtype} with llama.cpp ...", file=sys.stderr)
+            quantize(llama_python, gguf, preset.with_name(preset.name + ".partial"), qtype.upper(), requantize=True)
+            preset.with_name(preset.name + ".partial").rename(preset)
+        gguf = preset
+    layout = workdir / f"mixtral-{layers}L-{qtype}-layout"
     if not (layout / "manifest.json").exists():
         print(f"converting to {layout} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "mertools.cli", "convert", str(gguf), str(layout), "--force", "--quiet"],
@@ -257,6 +274,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30, help="matvec calls timed per case")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python")
+    ap.add_argument("--types", default="q4_0,q4_k_m", help="models end to end: q4_0 (synthetic) and llama.cpp presets "
+                    "quantized from it (q4_k_m needs --llama-python)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -272,7 +291,9 @@ def main() -> None:
     import numba
 
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
-    gguf, layout = ensure_model(Path(a.workdir), a.layers)
+    have_llama = Path(a.llama_python).exists()
+    types = [t for t in a.types.split(",") if t == "q4_0" or have_llama]
+    models = {t: ensure_model(Path(a.workdir), a.layers, t, a.llama_python) for t in types}
     noisy = 0
     noisy += not common.wait_quiet(a.wait_quiet)
     probe = Bandwidth()
@@ -286,32 +307,34 @@ def main() -> None:
     del probe
 
     engines = list(MERTOOLS)
-    have_llama = Path(a.llama_python).exists()
     if have_llama:
         engines += ["llama-repack", "llama-norepack"]
-    e2e: dict[str, list[dict]] = {e: [] for e in engines}
-    for _ in range(a.rounds):
-        for e in engines:
-            path = str(layout if e in MERTOOLS else gguf)
-            py = sys.executable if e in MERTOOLS else a.llama_python
-            noisy += not common.wait_quiet(a.wait_quiet)
-            args = ["--child", e, path, str(a.prompt), str(a.tokens), str(a.threads)]
-            e2e[e].append(common.run_child(__file__, args, python=py))
+    best: dict[str, dict[str, dict]] = {}
+    for qtype, (gguf, layout) in models.items():
+        e2e: dict[str, list[dict]] = {e: [] for e in engines}
+        for _ in range(a.rounds):
+            for e in engines:
+                path = str(layout if e in MERTOOLS else gguf)
+                py = sys.executable if e in MERTOOLS else a.llama_python
+                noisy += not common.wait_quiet(a.wait_quiet)
+                args = ["--child", e, path, str(a.prompt), str(a.tokens), str(a.threads)]
+                e2e[e].append(common.run_child(__file__, args, python=py))
+        best[qtype] = {e: _best(runs, a.prompt) for e, runs in e2e.items()}
     noisy += not common.wait_quiet(a.wait_quiet)
-    su = startup(layout, a.threads)
-
-    best = {}
-    for e, runs in e2e.items():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
-            best[e] = {"error": runs[-1].get("error", "?")}
-            continue
-        best[e] = {"decode": max(1 / statistics.median(r["token_s"]) for r in ok),
-                   "decode_best": max(1 / min(r["token_s"]) for r in ok),
-                   "prefill": max(a.prompt / r["prefill_s"] for r in ok),
-                   "rss": max(r["peak_rss_mb"] for r in ok), "misses": max(r.get("misses", 0) for r in ok)}
-    text = report(a, mv, bw, ref_bw, best, su, have_llama, decode_bytes(layout), noisy)
+    su = startup(models["q4_0"][1], a.threads)
+    token_bytes = {t: decode_bytes(lay) for t, (_, lay) in models.items()}
+    text = report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy)
     common.publish("decode", "Decode: matvec bandwidth and end-to-end tokens/s beside llama.cpp", text, write=not a.no_write)
+
+
+def _best(runs: list[dict], prompt: int) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[-1].get("error", "?")}
+    return {"decode": max(1 / statistics.median(r["token_s"]) for r in ok),
+            "decode_best": max(1 / min(r["token_s"]) for r in ok),
+            "prefill": max(prompt / r["prefill_s"] for r in ok),
+            "rss": max(r["peak_rss_mb"] for r in ok), "misses": max(r.get("misses", 0) for r in ok)}
 
 
 def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str:  # noqa: ANN001
@@ -334,24 +357,27 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         "then one thread on a 1 MiB slice of W that stays in L2 (the kernel's compute ceiling per core).",
         "",
         f"| W (rows x cols) | dtype | MB | GB/s {t} threads (median / best) | of bandwidth (median) | GB/s 1 thread "
-        "| GB/s 1 thread, W in L2 |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| GB/s 1 thread, W in L2 | 8-bit kernels: GB/s {t} threads (median) | int8 / exact |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in mv:
+        fast = f"{r['int8']:.1f} | {r['int8'] / r['med']:.2f}×" if "int8" in r else "— | —"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mb']:.1f} | {r['med']:.1f} / {r['best']:.1f} | "
-                     f"{r['med'] / ref_bw:.0%} | {r['one']:.1f} | {r['l2']:.1f} |")
+                     f"{r['med'] / ref_bw:.0%} | {r['one']:.1f} | {r['l2']:.1f} | {fast} |")
     lines += ["", "### End to end", ""]
     lines.append(
         f"The synthetic Mixtral-shaped Q4_0 GGUF (`python -m fixtures.tiny_mixtral --synth OUT.gguf --layers "
         f"{a.layers}`: real dimensions, {a.layers} layers, every tensor Q4_0 but norms and routers) and its layout "
-        "(`mertools convert`, Q4_0 blocks copied byte for byte). Each engine runs in a fresh process with "
-        f"{t} threads: mertools `Engine` with every expert resident in its cache before timing (no disk reads "
-        "while timed), once with its exact float kernels and once with its 8-bit-activation kernels (kernels/int8.py: "
-        "Q4_0 weights packed 4 rows per block at load, activations quantized as ggml's q8_0, vpdpbusd), "
-        "as llama.cpp computes; llama.cpp through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read "
-        "into memory at load, so no page faults while timed either), once with "
-        "its defaults (`use_extra_bufts` on: Q4_0 weights repacked at load into `q4_0_8x8` for its AVX-512 "
-        "kernels) and once with `use_extra_bufts=False` (the file's Q4_0 blocks, as mertools uses them). "
+        "(`mertools convert`, Q4_0 blocks copied byte for byte); "
+        + ("and llama.cpp's Q4_K_M of it (llama_model_quantize with allow_requantize from those Q4_0 weights: the "
+           "Q4_K / Q6_K mix of the preset users download), converted likewise. " if "q4_k_m" in best else "")
+        + f"Each engine runs in a fresh process with {t} threads: mertools `Engine` with every expert resident in its "
+        "cache before timing (no disk reads while timed), once with its exact float kernels and once with its "
+        "8-bit-activation kernels (kernels/int8.py: activations quantized as ggml's q8_0, vpdpbusd; Q4_0 weights "
+        "packed 4 rows per block at load, Q4_K and Q6_K read as they are), as llama.cpp computes; llama.cpp "
+        "through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read into memory at load, so no page "
+        "faults while timed either), once with its defaults (`use_extra_bufts` on: weights repacked at load for its "
+        "AVX-512 kernels, `q4_0_8x8` / `q4_K_8x8`) and once with `use_extra_bufts=False` (the file's blocks). "
         f"Prefill: one {a.prompt}-token prompt in one call (llama.cpp: n_batch = n_ubatch = {a.prompt}). Decode: "
         f"{WARM} untimed then {a.tokens} timed greedy tokens after it, one call each; tok/s = 1 / median token "
         "time (1 / best in brackets). "
@@ -360,26 +386,27 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         + (f" — {noisy} step(s) ran without that, so figures may be low." if noisy else ".")
         + " The random router sends most tokens to the same "
         "experts; with all experts resident that does not change the work per token.")
-    lines[-1] += (
-        f" A decode token reads {token_bytes / 1e6:,.0f} MB of weights (attention and {a.layers} x 2 active "
-        f"experts, output matrix): at {ref_bw:.1f} GB/s, at most **{ref_bw * 1e9 / token_bytes:.1f} tok/s**.")
-    lines += ["", "| engine | decode tok/s | of the bandwidth bound | prefill tok/s | peak RSS MB "
-              "| mertools exact / it: decode | prefill | mertools int8 / it: decode | prefill |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"mertools": "mertools (`kernels=\"exact\"`)", "mertools-int8": "mertools (`kernels=\"int8\"`, run/serve's default)",
              "llama-repack": "llama.cpp (default, repacked)", "llama-norepack": "llama.cpp (`use_extra_bufts=False`)"}
 
     def ratios(m: dict, b: dict) -> str:
         return f"**{m['decode'] / b['decode']:.2f}×** | {m['prefill'] / b['prefill']:.2f}×" if "decode" in m else "— | —"
 
-    for e, b in best.items():
-        if "error" in b:
-            lines.append(f"| {names[e]} | error: {b['error']} | | | | | | | |")
-            continue
-        cells = " | ".join("— | —" if e in MERTOOLS else ratios(best.get(m, {}), b) for m in MERTOOLS)
-        roof = b["decode"] * token_bytes / (ref_bw * 1e9)
-        lines.append(f"| {names[e]} | {b['decode']:.1f} ({b['decode_best']:.1f}) | {roof:.0%} | {b['prefill']:.1f} | "
-                     f"{b['rss']:,.0f} | {cells} |")
+    for qtype, engines in best.items():
+        tb = token_bytes[qtype]
+        lines += ["", f"**{qtype.upper()}**: a decode token reads {tb / 1e6:,.0f} MB of weights (attention and "
+                  f"{a.layers} x 2 active experts, output matrix): at {ref_bw:.1f} GB/s, at most "
+                  f"**{ref_bw * 1e9 / tb:.1f} tok/s**.", "",
+                  "| engine | decode tok/s | of the bandwidth bound | prefill tok/s | peak RSS MB "
+                  "| mertools exact / it: decode | prefill | mertools int8 / it: decode | prefill |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e, b in engines.items():
+            if "error" in b:
+                lines.append(f"| {names[e]} | error: {b['error']} | | | | | | | |")
+                continue
+            cells = " | ".join("— | —" if e in MERTOOLS else ratios(engines.get(m, {}), b) for m in MERTOOLS)
+            lines.append(f"| {names[e]} | {b['decode']:.1f} ({b['decode_best']:.1f}) | {b['decode'] * tb / (ref_bw * 1e9):.0%} "
+                         f"| {b['prefill']:.1f} | {b['rss']:,.0f} | {cells} |")
     if not have_llama:
         lines += ["", f"llama.cpp columns left out: no {a.llama_python} (install the `bench` extra there)."]
     q40 = [r for r in mv if r["dtype"] == "q4_0"]
@@ -395,8 +422,10 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         f"L2 column shows: {span(q40, 'l2')} GB/s for Q4_0, {span(q4k, 'l2')} for Q4_K), so two cores top out near "
         f"twice that, whatever the memory can give: here {span(q40, 'med', 100 / ref_bw)}% of the bandwidth for "
         f"Q4_0 and {span(q4k, 'med', 100 / ref_bw)}% for Q4_K (median calls). Q8_0, F16 and F32 have fewer weights "
-        "per byte and stay memory-bound. How the kernels get there, what was tried, earlier kernels and where decode "
-        "time goes: \"Decode: notes\" below this section.",
+        "per byte and stay memory-bound. The 8-bit kernels multiply bytes, not floats: the same matrices at "
+        f"{span([r for r in q40 if 'int8' in r], 'int8', fmt='{:.1f}')} GB/s for Q4_0 and "
+        f"{span([r for r in q4k if 'int8' in r], 'int8', fmt='{:.1f}')} for Q4_K. How the kernels get there, what was "
+        "tried, earlier kernels and where decode time goes: \"Decode: notes\" below this section.",
     ]
     lines += ["", f"Start-up, `mertools run LAYOUT -p Hello -n 1` wall time (process start to exit, one token; "
               f"includes reading the experts it routes to from disk): with an empty numba cache directory "

@@ -51,8 +51,9 @@ def main() -> int:
         write_gguf(gguf.with_name(gguf.name + ".partial"), QWEN3, a.layers, 0).rename(gguf)
     if not (lay / "manifest.json").exists():
         convert(gguf, lay, ConvertOptions(force=True, progress=False))
-    engines = [("mertools", "mertools", lay, sys.executable), ("llama.cpp (repacked, its default)", "llama-repack", gguf,
-                                                                   a.llama_python),
+    engines = [("mertools (exact kernels)", "mertools", lay, sys.executable),
+               ("mertools (int8 kernels, run/serve's default)", "mertools-int8", lay, sys.executable),
+               ("llama.cpp (repacked, its default)", "llama-repack", gguf, a.llama_python),
                ("llama.cpp (repacking off)", "llama-norepack", gguf, a.llama_python)]
     runs: dict[str, list[dict]] = {label: [] for label, *_ in engines}
     for rnd in range(a.rounds):

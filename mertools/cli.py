@@ -171,6 +171,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
                          kernels=kernels) as engine:
             drafter = engine.open_drafter(draft) if draft else None
+            engine.warmup(prompt)  # never report numba's compilation as the model's speed
             click.echo(prompt, nl=False)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,

@@ -133,8 +133,10 @@ def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
     for word in ("prefill", "decode", "hit rate", "latency p50/p95/p99", "O_DIRECT yes", "prefetch", "peak RSS"):
         assert word in res.stderr, word
     stats = json.loads(js.read_text())
+    assert stats["warmup_s"] > 0 and "warm-up" in res.stderr  # kernels run once before the prompt is timed
     assert list(stats) == [  # the --json schema
-        "prompt_tokens", "prefill_tok_s", "generated_tokens", "decode_tok_s", "ttft_s", "expert_lookups", "expert_hits",
+        "prompt_tokens", "prefill_tok_s", "warmup_s", "generated_tokens", "decode_tok_s", "ttft_s", "expert_lookups",
+        "expert_hits",
         "expert_misses", "hit_rate", "bytes_read", "read_mb_s", "read_latency_ms", "read_wait_share", "prefetch_issued",
         "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "read_retries", "cache_slots", "cache_mb", "prefetch",
         "o_direct", "peak_rss_mb", "keep_pages", "mapped", "kv_dtype", "kernels", "kv_bytes_per_token", "kv_mb", "approx",

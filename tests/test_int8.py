@@ -25,7 +25,7 @@ from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
 
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 ROOT = Path(__file__).resolve().parent.parent
-INT8 = ("q4_0", "q8_0", "q4_k")
+INT8 = ("q4_0", "q8_0", "q4_k", "q6_k")
 PACKED = ("q4_0", "q8_0")
 
 
@@ -128,7 +128,7 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
         "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
         "assert not simd8.VNNI\n"
-        "for dt in ('q4_0', 'q8_0', 'q4_k'):\n"
+        "for dt in ('q4_0', 'q8_0', 'q4_k', 'q6_k'):\n"
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
         "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
         "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
@@ -172,13 +172,22 @@ def test_engine_packs_dense_weights_and_experts(trained: Path) -> None:
     assert not np.array_equal(small, exact) and (small.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
 
 
-def test_int8_reads_into_the_cache_not_mapped(trained: Path) -> None:
-    with pytest.raises(RuntimeConfigError, match="mapped slot"):
-        Engine.open(trained, kernels="int8", io="mmap")
+def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeConfigError, match="kernels must be one of"):
         Engine.open(trained, kernels="fast")
-    with Engine.open(trained, kernels="int8", io="auto") as eng:
+    ids = list(range(1, 20))
+    with Engine.open(trained, kernels="int8", io="auto") as eng:  # q4_0 experts are packed: read, not mapped
         assert not eng.store.mapped and eng.store.prepare is not None
+        want = eng.forward(ids)
+    with Engine.open(trained, kernels="int8", io="mmap") as eng:  # mapped: the q4_0 experts stay exact
+        assert eng.store.mapped and eng.store.prepare is None and not any(any(f) for f in eng.model.moe.full.int8.values())
+        assert (eng.forward(ids).argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    q4k = convert(TRAINED / "tiny-shakespeare-moe", tmp_path / "q4_k", ConvertOptions(dtype="q4_k", progress=False)).out
+    with Engine.open(q4k, kernels="int8", io="auto") as eng:  # q4_k is read as it is: mapped, and on the 8-bit kernels
+        assert eng.store.mapped and all(all(f) for f in eng.model.moe.full.int8.values())
+        mapped = eng.forward(ids)
+    with Engine.open(q4k, kernels="int8", io="direct") as eng:
+        assert np.array_equal(_bits(eng.forward(ids)), _bits(mapped))
 
 
 def test_greedy_speculation_unchanged_with_int8(trained: Path) -> None:

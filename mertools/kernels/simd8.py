@@ -13,7 +13,8 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     quad_sum(v, q)           (v[4q] + v[4q+2]) + (v[4q+1] + v[4q+3]), float32
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
-pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low.
+pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low;
+q6_low / q6_high (Q6_K's codes), bsplat32, ineg, sbytes4x4.
 
 `dpbusd` is one vpdpbusd with AVX-512 VNNI; elsewhere the same sums come from widening multiplies
 (integers: every path gives the same values). As in `simd`, no bounds checks: callers compute offsets
@@ -270,7 +271,68 @@ def f32x8_low(typingctx, a, i):
     return F32x16(a, i), codegen
 
 
+def _six_bits(high: bool):
+    """Intrinsic (ql, qh) -> Q6_K's 6-bit codes of a half super-block's 64 low-nibble bytes and its 32 high-pair bytes
+    given twice: low nibbles (high=False: weights 0-63 of the half) or high ones (64-127), with their 2-bit pairs."""
+    shifts = [4] * 32 + [6] * 32 if high else [0] * 32 + [2] * 32
+
+    @intrinsic
+    def fn(typingctx, ql, qh):
+        if not (ql == B64 and qh == B64):
+            return None
+
+        def codegen(context, builder, sig, args):
+            lo, hi = args
+            t = vty(_I8, 64)
+            nib = builder.lshr(lo, ir.Constant(t, [4] * 64)) if high else builder.and_(lo, ir.Constant(t, [15] * 64))
+            pair = builder.and_(builder.lshr(hi, ir.Constant(t, shifts)), ir.Constant(t, [3] * 64))
+            return builder.or_(nib, builder.shl(pair, ir.Constant(t, [4] * 64)))
+
+        return B64(ql, qh), codegen
+
+    return fn
+
+
+q6_low = _six_bits(False)
+q6_high = _six_bits(True)
+
+
+@intrinsic
+def bsplat32(typingctx):
+    """64 bytes of 32 (Q6_K's code offset)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(vty(_I8, 64), [32] * 64)
+
+    return B64(), codegen
+
+
+@intrinsic
+def ineg(typingctx, v):
+    if v != I32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.neg(args[0])
+
+    return I32x16(v), codegen
+
+
+@intrinsic
+def sbytes4x4(typingctx, w, o):
+    """The 4 int8 at byte o of a uint8 array, sign-extended, each in the 4 int32 lanes of its quarter."""
+    if not (is_carray(w, types.uint8) and is_int(o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.sext(_u8_at(sig, args, context, builder, vty(_I8, 4)), vty(_I32, 4))
+        return builder.shuffle_vector(v, v, ir.Constant(vty(_I32), [i // 4 for i in range(16)]))
+
+    return I32x16(w, o), codegen
+
+
 __all__ = ["B64", "VNNI", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4", "imul", "ishl",
-           "ivload4x4", "izero", "lo4", "mins_low", "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "quad_sum"]
+           "ivload4x4", "izero", "lo4", "mins_low", "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "quad_sum",
+           "bsplat32", "ineg", "q6_high", "q6_low", "sbytes4x4"]
 
 

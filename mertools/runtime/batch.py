@@ -144,11 +144,13 @@ class Batch:
     seqs: tuple[SeqRows, ...]
     positions: np.ndarray  # (N,) int64: each row's position in its sequence
     ids: np.ndarray  # (N,) int64 token ids
+    observed: bool = True  # its routing goes to the trace, the history and the cache's and prefetcher's estimates
 
     @classmethod
-    def of(cls, items: Sequence[tuple[KVCache, np.ndarray]], apart: Sequence[bool] | None = None) -> Batch:
+    def of(cls, items: Sequence[tuple[KVCache, np.ndarray]], apart: Sequence[bool] | None = None,
+           observed: bool = True) -> Batch:
         """Sequences (kv cache, new ids) in order; positions continue each cache. `apart`: per sequence, whether
-        its rows are computed one by one (SeqRows.apart)."""
+        its rows are computed one by one (SeqRows.apart); `observed` False: a warm-up step, not part of the run."""
         seqs, pos, ids, r0 = [], [], [], 0
         for i, (kv, new) in enumerate(items):
             n = len(new)
@@ -157,7 +159,7 @@ class Batch:
             pos.append(np.arange(kv.length, kv.length + n))
             ids.append(np.asarray(new, np.int64))
             r0 += n
-        return cls(tuple(seqs), np.concatenate(pos), np.concatenate(ids))
+        return cls(tuple(seqs), np.concatenate(pos), np.concatenate(ids), observed)
 
     def per_seq(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
         """fn over each sequence's rows of x apart (each row alone in a sequence computed `apart`), concatenated."""

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import DTYPES
 from ..errors import RuntimeConfigError
+from ..kernels.gemm_kernels import GEMM_MIN_N
 from ..layout.reader import Layout
 from . import generation
 from .approx import Approx
@@ -97,9 +99,6 @@ class Engine:
             raise RuntimeConfigError(f"io must be one of {', '.join(IO_MODES)}, got {io!r}")
         if kernels not in KERNEL_MODES:
             raise RuntimeConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
-        if kernels == "int8" and io == "mmap":
-            raise RuntimeConfigError("kernels int8 packs each expert slot in place after its read; a mapped slot is "
-                                     "the file's own pages: use io direct, buffered or auto")
         if isinstance(prefetch, str) and prefetch not in PREFETCH_MODES:
             raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
         if approx is not None and not isinstance(approx, Approx):
@@ -146,10 +145,13 @@ class Engine:
                     f"{slot_bytes / 2**20:.1f} MiB = {need * slot_bytes / 2**20:.1f} MiB"
                     + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
+        # the 8-bit kernels pack some types' slots in place after their read, which a mapping of the file cannot take
+        packs = kernels == "int8" and any(DTYPES[t.dtype].int8 is not None for e in m.experts for t in e.tensors.values())
         if io == "auto":  # mapped slots cost no memory of their own, but a budget below the experts asks for a bound
-            io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) and kernels == "exact" else "direct"
+            io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) and not packs else "direct"
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
-        prepare = expert_packer(cfg) if kernels == "int8" else None
+        # mapped: experts of a packed type stay on the exact kernels (the others read the file's blocks as they are)
+        prepare = expert_packer(cfg) if kernels == "int8" and not mapped else None
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
                             mapped=mapped, prepare=prepare)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
@@ -160,7 +162,7 @@ class Engine:
             s_store = ExpertStore(layout, standin_slots, direct=direct, keep_pages=keep, verify=verify,
                                   io_depth=io_depth, entries=m.standins, mapped=mapped, prepare=prepare)
             s_cache = ExpertCache(standin_slots, layers, cfg.n_experts, s_store.load, pool, policy=policy)
-            standins = Tier.of(s_cache, s_store, cfg)
+            standins = Tier.of(s_cache, s_store, cfg, kernels)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
                          standins=standins, kernels=kernels)
@@ -197,6 +199,22 @@ class Engine:
 
     def reset(self) -> None:
         self.model.reset()
+
+    def warmup(self, prompt: str | Sequence[int] = "Hello") -> float:
+        """Run every kernel path once before anything is timed, on a sequence of its own: numba compiles the kernels
+        on a machine's first run (~10-20 s) and loads them from its cache after (~1 s), which would otherwise land
+        in the first prefill and decode figures. Up to 16 of the prompt's tokens in one step (the GEMM path), then 3,
+        then 1 (the few-row and decode paths), unobserved (no trace, history or estimates learn its routing); the
+        experts read count in the statistics (the prompt's first tokens': its prefill needs them anyway), the time
+        only in `warmup_s`. Returns the seconds taken."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = (ids * 16)[:GEMM_MIN_N] or [0] * GEMM_MIN_N
+        t0 = time.perf_counter()
+        kv = self.model.new_kv(2 * GEMM_MIN_N)
+        for part in (ids, ids[:3], ids[:1]):
+            self.model.forward_batch([(kv, self._check_ids(kv, part))], observed=False)
+        self.times.warmup_s += (took := time.perf_counter() - t0)
+        return took
 
     def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
         return checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)
@@ -273,7 +291,7 @@ class Engine:
         gen = t.generated_tokens
         return RunStats(
             prompt_tokens=t.prompt_tokens,
-            prefill_tok_s=t.prompt_tokens / t.prefill_s if t.prefill_s else 0.0,
+            prefill_tok_s=t.prompt_tokens / t.prefill_s if t.prefill_s else 0.0, warmup_s=t.warmup_s,
             generated_tokens=gen,
             decode_tok_s=(gen - 1) / t.decode_s if t.decode_s and gen > 1 else 0.0,
             ttft_s=t.ttft_s,

@@ -61,7 +61,7 @@ class MoEModel:
         self.mtp_layers = [load_layer(self.family, cfg, i, *loaders) for i in cfg.mtp_layers]
         self.output = self.weights.output or self.weights.embed  # tied: the logits reuse the embedding
         self.last_x: np.ndarray | None = None  # the last forward step's final hidden states (N, d_model), before the norm
-        self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks, standins)
+        self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks, standins, kernels)
         self.kv_dtype, self.kv_capacity = kv_dtype, kv_capacity
         self.kv = KVCache(cfg, kv_capacity, kv_dtype)
         self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)
@@ -105,7 +105,7 @@ class MoEModel:
         return KVCache(self.cfg, capacity or self.kv_capacity, self.kv_dtype)
 
     def forward_batch(self, items: Sequence[tuple[KVCache, np.ndarray]], all_logits: bool = False,
-                      apart: Sequence[bool] | None = None) -> list[np.ndarray]:
+                      apart: Sequence[bool] | None = None, observed: bool = True) -> list[np.ndarray]:
         """One step for several sequences: each (kv cache, new ids) appends its ids to its own cache.
         An expert needed by several sequences is read once; every computation runs on each
         sequence's rows separately, so a sequence gets bit-for-bit the logits it would get alone.
@@ -113,7 +113,7 @@ class MoEModel:
         for bit those of a decode step of that token, and gets the logits of every row. Returns per sequence the
         logits (n, vocab) of every new position, or only of its last."""
         cfg = self.cfg
-        batch = Batch.of(items, apart)
+        batch = Batch.of(items, apart, observed)
         ops = RuntimeOps(batch)
         embed = self.weights.embed
         x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)  # (N, d_model)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dtypes import DTYPES
 from ..families.base import Family
 from ..families.pieces import choice_scores
 from ..families.weights import LayerWeights, Mlp
@@ -69,15 +70,22 @@ class Tier:
     int8: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them run on the 8-bit kernels (store prepared)
 
     @classmethod
-    def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig) -> Tier:
-        none = (False, False, False)
+    def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig, kernels: str = "exact") -> Tier:
+        """`kernels` "int8": each tensor the 8-bit kernels take runs on them, but a packed type's only if the store
+        prepares (packs) the slots: not when they are mappings of the files, nor for a family's own expert piece."""
+        def flags(e: ExpertEntry) -> tuple[bool, bool, bool]:
+            if kernels != "int8":
+                return (False, False, False)
+            return tuple(f and (store.prepare is not None or DTYPES[e.tensors[r].dtype].int8 is None)
+                         for r, f in zip(ROLES, _int8(cfg, e), strict=True))
+
         return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()},
-                   {k: _int8(cfg, e) if store.prepare is not None else none for k, e in store.entries.items()})
+                   {k: flags(e) for k, e in store.entries.items()})
 
 
 class StreamingMoE:
     def __init__(self, family: Family, cfg: ModelConfig, cache: ExpertCache, store: ExpertStore, hooks: ModelHooks,
-                 standins: Tier | None = None) -> None:
+                 standins: Tier | None = None, kernels: str = "exact") -> None:
         self.family, self.cfg, self.cache, self.store, self.hooks = family, cfg, cache, store, hooks
         self.approx = hooks.approx or Approx()  # approximate routing; exact settings leave the routing untouched
         if self.approx.standin_share > 0 and standins is None:
@@ -85,7 +93,7 @@ class StreamingMoE:
         self.approx_stats = ApproxStats()
         # the layer whose calls count tokens for the statistics (the first with experts)
         self._first_moe = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
-        self.full = Tier.of(cache, store, cfg)  # files mix types layer by layer and role by role
+        self.full = Tier.of(cache, store, cfg, kernels)  # files mix types layer by layer and role by role
         self.standins = standins
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
@@ -101,15 +109,10 @@ class StreamingMoE:
         if self.approx.reroutes:
             chosen, weights, live = self._approximate(layer, w, scores, chosen, weights)
         weights = weights.astype(np.float32)
-        if self.hooks.trace is not None:
-            self.hooks.trace(batch.positions, layer, chosen, weights)
-        self.cache.record_routing(layer, chosen.ravel())
-        if self.hooks.history is not None:
-            self.hooks.history.record(layer, chosen, live)
-        if self.standins is not None:  # the stand-ins' cache learns the same usage (its policy's estimates)
+        if batch.observed:  # a warm-up step's routing is no part of the run
+            self._observe(layer, batch, chosen, weights, live, prefetcher)
+        elif self.standins is not None:
             self.standins.cache.note_layer(layer)
-            self.standins.cache.record_routing(layer, chosen.ravel())
-        prefetcher.observe(layer, chosen)
         experts = sorted(set(chosen.ravel().tolist()))  # np.unique's list, without its Python
         low: list[int] = []  # computed with their stand-ins
         if self.standins is not None:
@@ -181,6 +184,19 @@ class StreamingMoE:
         st.standins += served
         return low
 
+    def _observe(self, layer: int, batch: Batch, chosen: np.ndarray, weights: np.ndarray, live: np.ndarray | None,
+                 prefetcher: Prefetcher) -> None:
+        """The step's routing to the trace, the routing history, the caches' and the prefetcher's estimates."""
+        if self.hooks.trace is not None:
+            self.hooks.trace(batch.positions, layer, chosen, weights)
+        self.cache.record_routing(layer, chosen.ravel())
+        if self.hooks.history is not None:
+            self.hooks.history.record(layer, chosen, live)
+        if self.standins is not None:  # the stand-ins' cache learns the same usage (its policy's estimates)
+            self.standins.cache.note_layer(layer)
+            self.standins.cache.record_routing(layer, chosen.ravel())
+        prefetcher.observe(layer, chosen)
+
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
                 batch: Batch, contrib: np.ndarray, live: np.ndarray | None = None) -> None:
         """One resident expert applied to the rows that chose it, sequence by sequence: read once,
@@ -188,13 +204,13 @@ class StreamingMoE:
         cfg, store = self.cfg, tier.store
         g, u, d = (store.tensor(slot, key, r) for r in ROLES)
         dg, du, dd = tier.dtypes[key]
+        pg, pu, pd = tier.int8[key]
         mlp = None
         if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on the slot's bytes
             biases = {r: store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
-            mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model), Linear(u, du, cfg.d_ff, cfg.d_model),
-                      Linear(d, dd, cfg.d_model, cfg.d_ff), **biases)
+            mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model, pg), Linear(u, du, cfg.d_ff, cfg.d_model, pu),
+                      Linear(d, dd, cfg.d_model, cfg.d_ff, pd), **biases)
         else:  # the slot's bytes, sized by the manifest: shaped, not checked again per call
-            pg, pu, pd = tier.int8[key]
             wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu),
                           layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd))
         for s in batch.seqs:

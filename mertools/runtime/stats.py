@@ -91,6 +91,7 @@ class RunTimes:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     ttft_s: float | None = None  # of the first generation
+    warmup_s: float = 0.0  # Engine.warmup: kernels compiled or loaded before anything is timed
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class RunStats:
 
     prompt_tokens: int
     prefill_tok_s: float
+    warmup_s: float
     generated_tokens: int
     decode_tok_s: float
     ttft_s: float | None

@@ -71,9 +71,11 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
         def load() -> Any:
             from ..runtime.engine import Engine, draft_footprint
 
-            return Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
-                               kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
-                               reserve_bytes=draft_footprint(cfg.draft), history=cfg.history)
+            engine = Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
+                                 kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
+                                 reserve_bytes=draft_footprint(cfg.draft), history=cfg.history)
+            engine.warmup()  # the kernels compiled or loaded before the first request, not during it
+            return engine
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
                             engine=lambda: scheduler.engine)
