@@ -32,7 +32,6 @@ from mertools.kernels.common import (
 from mertools.kernels.simd import (
     decode_nibbles32,
     half_at,
-    half_splat,
     nib16,
     vadd,
     vfma,
@@ -41,39 +40,14 @@ from mertools.kernels.simd import (
     vlane,
     vload,
     vlut16,
-    vmul,
     vshr4,
-    vsub,
-    vtof,
     vzero,
 )
-from mertools.kernels.simd8 import (
-    bytes32x2,
-    bytes64,
-    dpbusd,
-    f32x8_low,
-    hi4,
-    imul,
-    izero,
-    lo4,
-    mins_low,
-    pair8,
-    pick_0_2,
-    pick_1_3,
-    pick_4_6,
-    pick_5_7,
-)
 
-from ._blocks256 import (
-    block_scales,
-    k4_levels,
-    k4_levels_reference,
-    scale_min_k4,
-    scale_min_lanes,
-    unpack_scale_min_k4,
-)
+from ._blocks256 import block_scales, k4_levels, k4_levels_reference, scale_min_k4, unpack_scale_min_k4
 from ._blocks256 import nearest_int as nearest_int  # re-exported: tests use q4_k.nearest_int
 from ._blocks256 import nearest_int_reference as nearest_int_reference
+from ._k8 import q4_k_int8_reference
 from .base import DType, Thresholds, f16_from_bytes
 
 BYTES = 144
@@ -226,95 +200,11 @@ def matvec_group(x, w, r0, out):
     group_store(out, r0, vhsum(vadd(a0, b0)), vhsum(vadd(a1, b1)), vhsum(vadd(a2, b2)), vhsum(vadd(a3, b3)))
 
 
-# ---------------------------------------------------------------- the 8-bit-activation kernel (kernels/int8.py)
-# A super-block's 128 quant bytes are two 64-byte vectors: qs[0:64] holds sub-blocks 0 and 2 in its low nibbles
-# (each 32-byte chunk: weights 0-15 then 16-31) and 1 and 3 in its high ones; qs[64:128] likewise 4, 6 and 5, 7.
-# Each nibble vector meets the activation quants of its two sub-blocks in one vpdpbusd (16 int32 lanes: 8 per
-# sub-block), times each lane's 6-bit scale in integers, then d * dx (the activation block's scale) in float32;
-# the mins come off as m_j * (dmin * dx_j * sum of the block's activation quants).
-_INT8_PAIRS = ((0, 2), (1, 3), (4, 6), (5, 7))  # the sub-blocks of lanes 0-7 and 8-15 of each dot product
-
-
-def int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """What `int8_group` computes, in numpy: xq int32 (n, cols/32, 32) activation quants, dx and xs float32
-    (n, cols/32) their scales and dx * sum of quants, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
-    rows = w2.shape[0]
-    b = np.asarray(w2, np.uint8).reshape(rows, -1, BYTES)
-    nb = b.shape[1]
-    d = np.ascontiguousarray(b[..., 0:2]).view("<f2").astype(np.float32)  # (rows, nb, 1)
-    dmin = np.ascontiguousarray(b[..., 2:4]).view("<f2").astype(np.float32)
-    sc, m = (a.reshape(rows, nb, 8) for a in unpack_scale_min_k4(b[..., 4:16].reshape(-1, 12)))
-    qs = b[..., 16:].astype(np.int32)
-    nib = (qs[..., :64] & 15, qs[..., :64] >> 4, qs[..., 64:] & 15, qs[..., 64:] >> 4)
-    mins = np.zeros((rows, nb, 16), np.float32)
-    mins[..., :8] = m
-    out = np.empty((xq.shape[0], rows), np.float32)
-    for i in range(xq.shape[0]):
-        x, dxi = xq[i].reshape(nb, 8, 32), dx[i].reshape(nb, 8)
-        terms = []
-        for v, (a, c) in enumerate(_INT8_PAIRS):
-            lanes = (nib[v] * np.concatenate([x[:, a], x[:, c]], axis=1)).reshape(rows, nb, 16, 4).sum(-1)
-            prod = lanes * np.repeat(sc[..., [a, c]], 8, axis=-1)  # exact int32
-            terms.append(prod.astype(np.float32) * (d * np.repeat(dxi[:, [a, c]], 8, axis=-1)))
-        xsv = np.zeros((nb, 16), np.float32)
-        xsv[:, :8] = xs[i].reshape(nb, 8)
-        off = mins * (dmin * xsv)
-        acc = np.zeros((rows, 16), np.float32)
-        for blk in range(nb):  # block order, the four dot products in turn, then the mins
-            for t in terms:
-                acc = acc + t[:, blk]
-            acc = acc - off[:, blk]
-        out[i] = _vhsum_reference(acc)
-    return out
-
-
-def _vhsum_reference(acc: np.ndarray) -> np.ndarray:
-    """`simd.vhsum` of each row of acc float32 (rows, 16): lanes folded 8+8, 4+4, 2+2, 1+1."""
-    while acc.shape[1] > 1:
-        h = acc.shape[1] // 2
-        acc = acc[:, :h] + acc[:, h:]
-    return acc[:, 0]
-
-
-@njit(**MATVEC_JIT)
-def _row8(wr, o, x0, x1, x2, x3, d0, d1, d2, d3, xsv, acc):
-    """One row's super-block at o against a block's activation vectors (see int8_reference)."""
-    lanes = scale_min_lanes(wr, o)
-    d = half_splat(wr, o)
-    qa = bytes64(wr, o + 16)
-    qb = bytes64(wr, o + 80)
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), lo4(qa), x0), pick_0_2(lanes))), vmul(d, d0)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), hi4(qa), x1), pick_1_3(lanes))), vmul(d, d1)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), lo4(qb), x2), pick_4_6(lanes))), vmul(d, d2)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), hi4(qb), x3), pick_5_7(lanes))), vmul(d, d3)))
-    return vsub(acc, vmul(mins_low(lanes), vmul(half_splat(wr, o + 2), xsv)))
-
-
-@njit(**MATVEC_JIT)
-def int8_group(xq, dx, xs, w, r0, out):
-    """out[r0:r0+4] = W[r0:r0+4] @ x for one quantized activation row (kernels/int8.py), from the file's blocks."""
-    w0, w1, w2, w3 = group_rows(w, r0)
-    a0 = a1 = a2 = a3 = vzero()
-    ahead = (r0 + R) * w.shape[1]
-    for blk in range(xq.size // 256):
-        o, xo, bo = 144 * blk, 256 * blk, 8 * blk
-        prefetch_lines(w, ahead + 4 * o, 576)
-        x0, x1 = bytes32x2(xq, xo, xo + 64), bytes32x2(xq, xo + 32, xo + 96)
-        x2, x3 = bytes32x2(xq, xo + 128, xo + 192), bytes32x2(xq, xo + 160, xo + 224)
-        d0, d1, d2, d3 = pair8(dx, bo, bo + 2), pair8(dx, bo + 1, bo + 3), pair8(dx, bo + 4, bo + 6), pair8(dx, bo + 5, bo + 7)
-        xsv = f32x8_low(xs, bo)
-        a0 = _row8(w0, o, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a0)
-        a1 = _row8(w1, o, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a1)
-        a2 = _row8(w2, o, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a2)
-        a3 = _row8(w3, o, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a3)
-    group_store(out, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
-
-
 TYPE = DType(
     "q4_k", 12, 256, BYTES, scale_offsets=(0, 2),
     # calibrated on the trained fixture (benchmarks/bench_types.py; figures and rule in docs/BENCHMARKS.md)
     verify=Thresholds(kl_mean=0.05, top1=0.80, ppl_ratio=1.047),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
-    int8_reference=int8_reference,
+    int8_reference=q4_k_int8_reference,
 )

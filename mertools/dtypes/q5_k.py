@@ -74,6 +74,7 @@ from ._blocks256 import (
     scale_min_k4,
     unpack_scale_min_k4,
 )
+from ._k8 import q5_k_int8_reference
 from .base import DType, Thresholds, f16_from_bytes
 
 BYTES = 176
@@ -405,4 +406,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.02, top1=0.84, ppl_ratio=1.161),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
+    int8_reference=q5_k_int8_reference,
 )

@@ -52,11 +52,10 @@ from mertools.kernels.simd import (
     vtof,
     vzero,
 )
-from mertools.kernels.simd8 import bsplat32, bytes32x2, bytes64, dpbusd, imul, ineg, izero, pair8, q6_high, q6_low, sbytes4x4
 
 from ._blocks256 import iand, ior, ishl, ishr, isub, nearest_int, nearest_int_reference, signed_absmax, signed_absmax_reference
+from ._k8 import q6_k_int8_reference
 from .base import DType, Thresholds, f16_bytes, f16_from_bytes
-from .q4_k import _vhsum_reference
 
 BYTES = 210
 _CHUNK = 16  # super-blocks per parallel quantizer task, so the scratch arrays are allocated once per task
@@ -347,81 +346,11 @@ def matvec_group(x, w, r0, out):
     group_store(out, r0, vhsum(vadd(a0, b0)), vhsum(vadd(a1, b1)), vhsum(vadd(a2, b2)), vhsum(vadd(a3, b3)))
 
 
-# ---------------------------------------------------------------- the 8-bit-activation kernel (kernels/int8.py)
-# Half h of a super-block is 64 low-nibble bytes and 32 high-pair bytes: its low nibbles with the pairs at shifts 0
-# and 2 are the codes of weights 128h..128h+63, its high nibbles with shifts 4 and 6 those of 128h+64..128h+127, each
-# a 64-byte vector meeting 64 consecutive activation quants in one vpdpbusd (codes unsigned, minus 32 times the
-# activations' sums); lanes times their 16-weight group's int8 scale in integers, then d * dx in float32.
-
-
-def int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """What `int8_group` computes, in numpy: xq int32 (n, cols/32, 32) activation quants, dx float32 (n, cols/32)
-    their scales (xs, the sums, unused: no mins), w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
-    rows = w2.shape[0]
-    b = np.asarray(w2, np.uint8).reshape(rows, -1, BYTES)
-    nb = b.shape[1]
-    d = np.ascontiguousarray(b[..., 208:210]).view("<f2").astype(np.float32)  # (rows, nb, 1)
-    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.int32)  # (rows, nb, 16)
-    codes = []
-    for h in range(2):
-        ql = b[..., 64 * h:64 * h + 64].astype(np.int32)
-        qh = np.tile(b[..., 128 + 32 * h:160 + 32 * h].astype(np.int32), 2)
-        for nib, shifts in ((ql & 15, [0] * 32 + [2] * 32), (ql >> 4, [4] * 32 + [6] * 32)):
-            codes.append(nib | (((qh >> np.array(shifts)) & 3) << 4))
-    out = np.empty((xq.shape[0], rows), np.float32)
-    for i in range(xq.shape[0]):
-        x, dxi = xq[i].reshape(nb, 4, 64), dx[i].reshape(nb, 8)
-        terms = []
-        for v in range(4):
-            lanes = ((codes[v] - 32) * x[:, v]).reshape(rows, nb, 16, 4).sum(-1)  # exact integers
-            prod = lanes * np.repeat(sc[..., 4 * v:4 * v + 4], 4, axis=-1)
-            terms.append(prod.astype(np.float32) * (d * np.repeat(dxi[:, 2 * v:2 * v + 2], 8, axis=-1)))
-        acc = np.zeros((rows, 16), np.float32)
-        for blk in range(nb):
-            for t in terms:
-                acc = acc + t[:, blk]
-        out[i] = _vhsum_reference(acc)
-    return out
-
-
-@njit(**MATVEC_JIT)
-def _row8(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, acc):
-    """One row's super-block at o; c_v = -32 * the lane sums of x_v (the codes' offset)."""
-    d = half_splat(wr, o + 208)
-    ql0, qh0 = bytes64(wr, o), bytes32x2(wr, o + 128, o + 128)
-    ql1, qh1 = bytes64(wr, o + 64), bytes32x2(wr, o + 160, o + 160)
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(c0, q6_low(ql0, qh0), x0), sbytes4x4(wr, o + 192))), vmul(d, d0)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(c1, q6_high(ql0, qh0), x1), sbytes4x4(wr, o + 196))), vmul(d, d1)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(c2, q6_low(ql1, qh1), x2), sbytes4x4(wr, o + 200))), vmul(d, d2)))
-    return vadd(acc, vmul(vtof(imul(dpbusd(c3, q6_high(ql1, qh1), x3), sbytes4x4(wr, o + 204))), vmul(d, d3)))
-
-
-@njit(**MATVEC_JIT)
-def int8_group(xq, dx, w, r0, out):
-    """out[r0:r0+4] = W[r0:r0+4] @ x for one quantized activation row (kernels/int8.py), from the file's blocks."""
-    w0, w1, w2, w3 = group_rows(w, r0)
-    a0 = a1 = a2 = a3 = vzero()
-    ahead = (r0 + R) * w.shape[1]
-    k32 = bsplat32()
-    for blk in range(xq.size // 256):
-        o, xo, bo = BYTES * blk, 256 * blk, 8 * blk
-        prefetch_lines(w, ahead + 4 * o, 4 * BYTES)
-        x0, x1, x2, x3 = bytes64(xq, xo), bytes64(xq, xo + 64), bytes64(xq, xo + 128), bytes64(xq, xo + 192)
-        c0, c1 = ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1))
-        c2, c3 = ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3))
-        d0, d1, d2, d3 = pair8(dx, bo, bo + 1), pair8(dx, bo + 2, bo + 3), pair8(dx, bo + 4, bo + 5), pair8(dx, bo + 6, bo + 7)
-        a0 = _row8(w0, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a0)
-        a1 = _row8(w1, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a1)
-        a2 = _row8(w2, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a2)
-        a3 = _row8(w3, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a3)
-    group_store(out, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
-
-
 TYPE = DType(
     "q6_k", 14, 256, BYTES, scale_offsets=(208,),
     # calibrated on the trained fixture (benchmarks/bench_types.py; figures and rule in docs/BENCHMARKS.md)
     verify=Thresholds(kl_mean=0.02, top1=0.87, ppl_ratio=1.076),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
-    int8_reference=int8_reference,
+    int8_reference=q6_k_int8_reference,
 )

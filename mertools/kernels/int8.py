@@ -14,8 +14,8 @@ Q4_0 and Q8_0 (an `Int8Pack`) are packed: rows go by groups of 4 (rows % 4 == 0)
 group's 4 f16 scales come first, then each 16-byte run of quants for the 4 rows (64 bytes): one load gives a
 vpdpbusd its 64 weight bytes, one more the 4 scales (the file's 18- or 34-byte blocks need 4 loads and 4
 inserts of each; that was slower than the exact kernels). Same size as the file's bytes, so a cache slot is
-packed in place after its read. Q4_K's and Q6_K's super-blocks hold 128 contiguous quant bytes: their kernels
-read the file's blocks (in their type modules), so their weights are never repacked.
+packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes: their kernels
+(dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mertools.dtypes import DTYPES, KIND, Int8Pack, q4_k, q6_k
+from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
 from mertools.dtypes.q8_0 import _roundf_low_byte
 from mertools.errors import QuantizationError
 from mertools.kernels.common import MATVEC_JIT, f16_bits_to_f32, f32_to_f16_bits, prefetch_lines
@@ -42,7 +42,7 @@ __all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "qu
 
 GROUP = 4  # rows packed together
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8 is not None or dt.int8_reference is not None)
-Q4_0, Q8_0, Q4_K, Q6_K = KIND["q4_0"], KIND["q8_0"], KIND["q4_k"], KIND["q6_k"]
+Q4_0, Q8_0, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k"))
 
 
 def packable(dtype: str, rows: int, cols: int) -> bool:
@@ -177,9 +177,9 @@ def _group(kind, xq, dx, nsum, xs, w, g, out):
     elif kind == Q8_0:
         _packed_group(xq, dx, nsum, w, g, 2, 7, out)
     elif kind == Q6_K:
-        q6_k.int8_group(xq, dx, w, GROUP * g, out)
+        _k8.q6_k_group(xq, dx, w, GROUP * g, out)
     else:
-        q4_k.int8_group(xq, dx, xs, w, GROUP * g, out)
+        _k8.k4_group(xq, dx, xs, w, GROUP * g, out, kind == Q5_K)
 
 
 @njit(parallel=True, **MATVEC_JIT)

@@ -14,7 +14,7 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
 pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low;
-q6_low / q6_high (Q6_K's codes), bsplat32, ineg, sbytes4x4.
+q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4.
 
 `dpbusd` is one vpdpbusd with AVX-512 VNNI; elsewhere the same sums come from widening multiplies
 (integers: every path gives the same values). As in `simd`, no bounds checks: callers compute offsets
@@ -298,6 +298,24 @@ q6_high = _six_bits(True)
 
 
 @intrinsic
+def q5_codes(typingctx, nib, qh, k):
+    """Q5_K's 5-bit codes of 64 nibbles (two 32-byte chunks' low or high nibbles: sub-blocks k and k + 2) with their
+    fifth bits, bit k (first 32 bytes) and k + 2 (last 32) of qh (its 32 bytes given twice)."""
+    if not (nib == B64 and qh == B64 and is_int(k)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        n, h, kk = args
+        t = vty(_I8, 64)
+        k8 = builder.trunc(kk, _I8)
+        shift = builder.add(_splat(builder, k8, 64), ir.Constant(t, [0] * 32 + [2] * 32))
+        bit = builder.and_(builder.lshr(h, shift), ir.Constant(t, [1] * 64))
+        return builder.or_(n, builder.shl(bit, ir.Constant(t, [4] * 64)))
+
+    return B64(nib, qh, k), codegen
+
+
+@intrinsic
 def bsplat32(typingctx):
     """64 bytes of 32 (Q6_K's code offset)."""
 
@@ -333,6 +351,6 @@ def sbytes4x4(typingctx, w, o):
 
 __all__ = ["B64", "VNNI", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4", "imul", "ishl",
            "ivload4x4", "izero", "lo4", "mins_low", "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "quad_sum",
-           "bsplat32", "ineg", "q6_high", "q6_low", "sbytes4x4"]
+           "bsplat32", "ineg", "q5_codes", "q6_high", "q6_low", "sbytes4x4"]
 
 
