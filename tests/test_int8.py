@@ -100,6 +100,20 @@ def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
             wt.row_block(2, 4)
 
 
+def test_a_prompt_of_a_type_read_as_it_is_runs_the_float_gemm() -> None:
+    """Q4_K's 8-bit kernel decodes each block again per row: from GEMM_MIN_N rows on, the float GEMM (exact) runs."""
+    from mertools.kernels.gemm_kernels import GEMM_MIN_N
+    from mertools.kernels.matmul import matmul
+
+    w = _weights("q4_k", 64, 512, 5, extremes=False)
+    wt = weight(w.copy(), "q4_k", 64, 512, int8=True)
+    many, few = _inputs(GEMM_MIN_N, 512, 6), _inputs(GEMM_MIN_N - 1, 512, 6)
+    assert np.array_equal(_bits(wt(many)), _bits(matmul(many, w, "q4_k", 64, 512)))
+    assert np.array_equal(_bits(wt(few)), _bits(ref.matmul8(few, w, "q4_k")))
+    packed = weight(_weights("q4_0", 64, 512, 5).copy(), "q4_0", 64, 512, int8=True)  # packed: 8-bit at any count
+    assert np.array_equal(_bits(packed(many)), _bits(ref.matmul8(many, _weights("q4_0", 64, 512, 5), "q4_0")))
+
+
 def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
     d_model, d_ff = 256, 512
     g, u, dn = (_weights(dt, r, c, seed, extremes=False)
@@ -170,6 +184,27 @@ def test_engine_packs_dense_weights_and_experts(trained: Path) -> None:
     with Engine.open(trained, kernels="exact") as eng:
         exact = eng.forward(ids)
     assert not np.array_equal(small, exact) and (small.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q4_k"])
+def test_resident_experts_run_together_with_the_same_bits(trained: Path, tmp_path: Path, dtype: str) -> None:
+    """A decode step whose experts are all resident runs them in one call (int8.experts_swiglu8): the logits are those
+    of computing each expert apart (a cache too small to hold a layer's experts between steps)."""
+    lay = trained if dtype == "q4_0" else convert(TRAINED / "tiny-shakespeare-moe", tmp_path / dtype,
+                                                  ConvertOptions(dtype=dtype, progress=False)).out
+    ids = list(range(1, 12))
+    out = {}
+    for cache_mb in (1, None):
+        with Engine.open(lay, kernels="int8", cache_mb=cache_mb) as eng:
+            if cache_mb is None:  # every expert resident before the first step
+                keys = [(la, e) for la in range(eng.config.n_layers) for e in range(eng.config.n_experts)]
+                for key, _ in eng.cache.acquire(keys):
+                    eng.cache.release(key)
+            before = eng.cache.stats.misses
+            out[cache_mb] = np.concatenate([eng.forward([i]) for i in ids])
+            misses = eng.cache.stats.misses - before
+        assert (misses > 0) == (cache_mb == 1)
+    assert np.array_equal(_bits(out[1]), _bits(out[None]))
 
 
 def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_path: Path) -> None:

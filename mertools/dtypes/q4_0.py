@@ -187,5 +187,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.05, top1=0.86, ppl_ratio=1.14),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
-    int8=Int8Pack(parts=1, offset=8, flip=0, blocks=int_blocks),
+    int8_pack=Int8Pack(parts=1, offset=8, flip=0, blocks=int_blocks),
 )

@@ -163,5 +163,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.02, top1=0.89, ppl_ratio=1.031),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
-    int8=Int8Pack(parts=2, offset=128, flip=0x80, blocks=int_blocks),
+    int8_pack=Int8Pack(parts=2, offset=128, flip=0x80, blocks=int_blocks),
 )

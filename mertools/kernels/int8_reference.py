@@ -20,7 +20,7 @@ def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _packed(xq: np.ndarray, dx: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
     """The packed types' kernel (int8._packed_group): per block and lane j < 4, the integer sum over weights
     4j..4j+3 and 16+4j..16+4j+3, times d_w * d_x, summed in block order; then (l0 + l2) + (l1 + l3)."""
-    q, d = DTYPES[dtype].int8.blocks(w2)  # (rows, nb, 32), (rows, nb)
+    q, d = DTYPES[dtype].int8_pack.blocks(w2)  # (rows, nb, 32), (rows, nb)
     rows, nb, _ = q.shape
     out = np.empty((len(xq), rows), np.float32)
     for i in range(len(xq)):
@@ -38,4 +38,4 @@ def matmul8(x: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
     xq, dx, xs = quantize_act(np.asarray(x, np.float32))
     dt = DTYPES[dtype]
     with np.errstate(all="ignore"):  # inf/NaN scales propagate as in the kernels
-        return _packed(xq, dx, w2, dtype) if dt.int8 is not None else dt.int8_reference(xq, dx, xs, w2)
+        return _packed(xq, dx, w2, dtype) if dt.int8_pack is not None else dt.int8_reference(xq, dx, xs, w2)

@@ -113,7 +113,9 @@ class Weight:
     """A weight's bytes checked once (`weight`), for the runtime's many calls per token: `matmul` and
     `swiglu_expert` check their arguments on every call, which a decode step of a small model pays dozens of
     times; these call the same kernels with the same arguments, so the results are the same bits.
-    With `int8`, the 8-bit-activation kernels (`int8`) instead, whatever the number of rows."""
+    With `int8`, the 8-bit-activation kernels (`int8`) instead: always for a packed type, below GEMM_MIN_N rows for
+    the types read as they are (more rows, a prompt, run the float GEMM, which decodes each block once for all the
+    rows where the 8-bit kernels decode it again per row: Q4_K_M prefill 48 against 30 tok/s, docs/BENCHMARKS.md)."""
 
     w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 4, 4 * row_bytes)
     kind: int
@@ -123,12 +125,12 @@ class Weight:
 
     @property
     def packed(self) -> bool:
-        return self.int8 and DTYPES[_DTYPE_OF[self.kind]].int8 is not None
+        return self.int8 and DTYPES[_DTYPE_OF[self.kind]].int8_pack is not None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
         plain = x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == self.cols and x.flags.c_contiguous and len(x)
-        if self.int8:
+        if self.int8 and (self.packed or len(x) < _g.GEMM_MIN_N):
             x2 = x if plain else _check_x(x, _DTYPE_OF[self.kind], self.rows, self.cols, "matmul")
             return _i8.matmul8(x2, self.w2, _DTYPE_OF[self.kind], np.empty((x2.shape[0], self.rows), np.float32))
         if not plain:
@@ -149,7 +151,7 @@ def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = 
     """A `Weight` over bytes whose size the layout's manifest has checked against (rows, cols) of `dtype` (an expert
     slot's tensor): only shaped, as an expert is applied a few times per layer and token. `int8`: the slot's bytes
     were prepared for the 8-bit kernels (`int8.prepare`: packed in place, for a packed type) after their load."""
-    if int8 and DTYPES[dtype].int8 is not None:
+    if int8 and DTYPES[dtype].int8_pack is not None:
         return Weight(w.reshape(rows // _i8.GROUP, -1), _KIND[dtype], rows, cols, True)
     return Weight(w.reshape(rows, -1), _KIND[dtype], rows, cols, int8)
 
@@ -170,7 +172,7 @@ def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.
     (n, d_model). Up to MATVEC_ROWS_MAX rows run the fused decode kernel, each row exactly as decoding it alone;
     8-bit gate and up the fused 8-bit kernel, any number of rows."""
     n = x.shape[0]
-    if gate.int8 and up.int8:
+    if gate.int8 and up.int8 and (gate.packed or up.packed or n < _g.GEMM_MIN_N):
         return down(_i8.swiglu8(x, (gate.w2, _DTYPE_OF[gate.kind]), (up.w2, _DTYPE_OF[up.kind]), gate.rows))
     if n > MATVEC_ROWS_MAX:
         return down(silu_mul(gate(x), up(x)))

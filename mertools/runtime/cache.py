@@ -352,6 +352,11 @@ class ExpertCache:
         with self.lock:
             return {k for k, e in self.entries.items() if not e.loading}
 
+    def all_resident(self, keys: list[Key]) -> bool:
+        """Whether every key is loaded now (not loading, not called off); a pure query."""
+        with self.lock:
+            return all((e := self.entries.get(k)) is not None and not e.loading and not e.cancelled for k in keys)
+
     def held(self, layer: int) -> list[int]:
         """The experts of `layer` a lookup now would count as hits (resident, or loading and not called off),
         sorted; a pure query: no state, clock or statistics change (for cache-aware routing)."""

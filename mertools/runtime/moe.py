@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DTYPES
+from ..dtypes import DTYPES, KIND
 from ..families.base import Family
 from ..families.pieces import choice_scores
 from ..families.weights import LayerWeights, Mlp
 from ..kernels import int8
+from ..kernels.gemm_kernels import GEMM_MIN_N
 from ..kernels.matmul import layout_weight, swiglu_weights
 from ..layout.config import ModelConfig
 from ..layout.manifest import ExpertEntry
@@ -76,7 +77,7 @@ class Tier:
         def flags(e: ExpertEntry) -> tuple[bool, bool, bool]:
             if kernels != "int8":
                 return (False, False, False)
-            return tuple(f and (store.prepare is not None or DTYPES[e.tensors[r].dtype].int8 is None)
+            return tuple(f and (store.prepare is not None or DTYPES[e.tensors[r].dtype].int8_pack is None)
                          for r, f in zip(ROLES, _int8(cfg, e), strict=True))
 
         return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()},
@@ -94,6 +95,8 @@ class StreamingMoE:
         # the layer whose calls count tokens for the statistics (the first with experts)
         self._first_moe = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
         self.full = Tier.of(cache, store, cfg, kernels)  # files mix types layer by layer and role by role
+        # a step of few rows whose experts are all resident runs them together (int8.experts_swiglu8)
+        self._fused = kernels == "int8" and cfg.plain_swiglu and store.arena_bytes is not None
         self.standins = standins
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
@@ -119,6 +122,9 @@ class StreamingMoE:
             low = self._standins(layer, chosen, weights, live)
             experts = [e for e in experts if e not in low]
         keys = [(layer, e) for e in experts]
+        # every row on the 8-bit kernels (below GEMM_MIN_N rows), every expert resident: one call for them all
+        fused = (self._fused and len(h) < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
+                 and self.cache.all_resident(keys))
         # demand reads start now, before the speculative ones
         steps = [(self.full, self.cache.acquire(keys))]
         if low:
@@ -134,6 +140,14 @@ class StreamingMoE:
         # experts arrive from disk can never change the result
         contrib = np.zeros((h.shape[0], chosen.shape[1], cfg.d_model), np.float32)
         for tier, pending in steps:
+            if fused and tier is self.full:
+                got = list(pending)  # resident: no wait
+                try:
+                    self._experts_fused(got, h, chosen, weights, contrib, live)
+                finally:
+                    for key, _ in got:
+                        tier.cache.release(key)
+                continue
             for key, slot in pending:
                 try:
                     self._expert(tier, key, slot, h, chosen, weights, batch, contrib, live)
@@ -196,6 +210,31 @@ class StreamingMoE:
             self.standins.cache.note_layer(layer)
             self.standins.cache.record_routing(layer, chosen.ravel())
         prefetcher.observe(layer, chosen)
+
+    def _experts_fused(self, got: list[tuple[tuple[int, int], int]], h: np.ndarray, chosen: np.ndarray,
+                       weights: np.ndarray, contrib: np.ndarray, live: np.ndarray | None) -> None:
+        """Every (row, choice) of the step's resident experts in two parallel regions (int8.experts_swiglu8): each row
+        alone, the same bits as `_expert` computing it on the 8-bit kernels."""
+        cfg, tier = self.cfg, self.full
+        store = tier.store
+        rows, cols, offs, kinds, rbs = [], [], [], [], []
+        for key, slot in got:
+            hit = chosen == key[1]
+            t, c = np.nonzero(hit if live is None else hit & live)
+            entry, base = store.entries[key], slot * store.slot_bytes
+            dts = tier.dtypes[key]
+            rows.append(t)
+            cols.append(c)
+            offs += [[base + entry.tensors[r].offset for r in ROLES]] * len(t)
+            kinds += [[KIND[d] for d in dts]] * len(t)
+            rbs += [[DTYPES[dts[0]].row_bytes(cfg.d_model), DTYPES[dts[1]].row_bytes(cfg.d_model),
+                     DTYPES[dts[2]].row_bytes(cfg.d_ff)]] * len(t)
+        t, c = np.concatenate(rows), np.concatenate(cols)
+        if len(t) == 0:
+            return
+        y = int8.experts_swiglu8(np.ascontiguousarray(h, np.float32), t, store.arena_bytes, np.array(offs, np.int64),
+                                 np.array(kinds, np.int64), np.array(rbs, np.int64), cfg.d_ff)
+        contrib[t, c] = y * weights[t, c][:, None]
 
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
                 batch: Batch, contrib: np.ndarray, live: np.ndarray | None = None) -> None:

@@ -69,7 +69,7 @@ class ExpertStore:
         # applied to a slot's bytes once read and checked, before the load completes (the 8-bit kernels' packing)
         self.prepare = prepare
         if mapped:  # a slot is the mapping of the file loaded into it (empty until then)
-            self.arena = None
+            self.arena = self.arena_bytes = None
             self.buffers = [np.empty(0, np.uint8)] * n_slots
         else:
             # private (Python's default, shared, is shmem, which gets no transparent huge pages), and 2 MiB pages
@@ -77,6 +77,7 @@ class ExpertStore:
             self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 self.arena.madvise(mmap.MADV_HUGEPAGE)
+            self.arena_bytes = np.frombuffer(self.arena, np.uint8)  # every slot: kernels that take several at once
             self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
                 np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
             ]

@@ -212,7 +212,8 @@ class KernelsReport:
 def check_kernels(layout: str | Path, kernels: str = "int8", *, text: str | None = None,
                   max_tokens: int = 256) -> KernelsReport:
     """The same text through the layout with `kernels` and with the exact kernels, every expert resident (a KV cache
-    in f32, as check_numerics): what the faster kernels change in the model's output."""
+    in f32, as check_numerics), one token per step, as decoding computes each position (a long prompt's rows may take
+    another path): what the faster kernels change in the model's output."""
     from ..runtime.engine import Engine
 
     logits = {}
@@ -221,7 +222,7 @@ def check_kernels(layout: str | Path, kernels: str = "int8", *, text: str | None
             ids = eng.tokenizer.encode(text or DEFAULT_TEXT)[:max_tokens]
             if len(ids) < 2:
                 raise MertoolsError(f"{layout}: the text gives {len(ids)} token(s); perplexity needs at least 2")
-            logits[k] = eng.forward(ids)
+            logits[k] = np.concatenate([eng.forward([i]) for i in ids])
     f = compare_logits(ids, logits[kernels], logits["exact"])
     return KernelsReport(layout=str(layout), kernels=kernels, tokens=len(ids), kl_mean=f["kl_mean"], kl_p99=f["kl_p99"],
                          kl_max=f["kl_max"], top1_agreement=f["top1_agreement"], ppl_ratio=f["ppl_ratio"])
