@@ -45,10 +45,11 @@ def child(tool: str, path: str, tokens: int, rounds: int, threads: int, root: st
         sys.path.insert(0, root)
     ids = common.random_ids(N_PROMPT + tokens, 5, vocab=2048, bos=True)
     out: dict[str, float] = {}
-    if tool == "mertools":
+    if tool.startswith("mertools"):
         from mertools.runtime.engine import Engine
 
-        eng = Engine.open(path, threads=threads, prefetch="lookahead")
+        kw = {"kernels": "int8"} if tool == "mertools-int8" else {}  # an older checkout (--before) has no kernels
+        eng = Engine.open(path, threads=threads, prefetch="lookahead", **kw)
         step = eng.forward
         best_gen = 0.0
         for _ in range(rounds):
@@ -61,7 +62,7 @@ def child(tool: str, path: str, tokens: int, rounds: int, threads: int, root: st
         step = llm.eval
     best = 0.0
     for r in range(rounds + 1):  # the first a warm-up
-        if tool == "mertools":
+        if tool.startswith("mertools"):
             eng.reset()
         else:
             llm.reset()
@@ -108,7 +109,8 @@ def main() -> int:
     gguf, lay = build(work, a.convert, a.llama_python)
     runs = [("llama.cpp (repacked, its default)", "llama-repack", gguf, a.llama_python, ""),
             ("llama.cpp (repacking off)", "llama-plain", gguf, a.llama_python, ""),
-            ("mertools", "mertools", lay, sys.executable, "")]
+            ("mertools (exact kernels)", "mertools", lay, sys.executable, ""),
+            ("mertools (int8 kernels, run's default)", "mertools-int8", lay, sys.executable, "")]
     if a.before:  # named by its commit when it is a git checkout
         rev = subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         name = rev.stdout.strip() if rev.returncode == 0 else Path(a.before).name
