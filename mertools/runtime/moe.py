@@ -123,7 +123,7 @@ class StreamingMoE:
             experts = [e for e in experts if e not in low]
         keys = [(layer, e) for e in experts]
         # every row on the 8-bit kernels (below GEMM_MIN_N rows), every expert resident: one call for them all
-        fused = (self._fused and len(h) < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
+        fused = (self._fused and keys and len(h) < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
                  and self.cache.all_resident(keys))
         # demand reads start now, before the speculative ones
         steps = [(self.full, self.cache.acquire(keys))]
