@@ -115,7 +115,7 @@ class Weight:
     times; these call the same kernels with the same arguments, so the results are the same bits.
     With `int8`, the 8-bit-activation kernels (`int8`) instead: always for a packed type, below GEMM_MIN_N rows for
     the types read as they are (more rows, a prompt, run the float GEMM, which decodes each block once for all the
-    rows where the 8-bit kernels decode it again per row: Q4_K_M prefill 48 against 30 tok/s, docs/BENCHMARKS.md)."""
+    rows where the 8-bit kernels decode it again per row: faster, docs/BENCHMARKS.md "Decode: notes")."""
 
     w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 4, 4 * row_bytes)
     kind: int
