@@ -171,6 +171,36 @@ def _packed_group(xq, dx, nsum, wp, g, parts, shift, out):
 
 
 @njit(**MATVEC_JIT)
+def _packed_pair(xq, dx, nsum, wp, g, parts, shift, out):
+    """Packed groups g and g + 1 at once, sharing each block's activation loads (exactly `_packed_group` per row)."""
+    wa, wb = wp[g], wp[g + 1]
+    bb = GROUP * (2 + 16 * parts)
+    ahead = (g + 2) * wp.shape[1]
+    a = vzero()
+    c = vzero()
+    for b in range(dx.size):
+        o = bb * b
+        prefetch_lines(wp, ahead + o, bb)
+        prefetch_lines(wp, ahead + wp.shape[1] + o, bb)
+        dxs = vsplat(dx[b])
+        bias = ishl(ivload4x4(nsum, 4 * b), shift)
+        xl, xh = bytes16x4(xq, 32 * b), bytes16x4(xq, 32 * b + 16)
+        if parts == 1:
+            q = bytes64(wa, o + 8)
+            a = vadd(a, vmul(vtof(dpbusd(dpbusd(bias, lo4(q), xl), hi4(q), xh)), vmul(halves4x4(wa, o), dxs)))
+            q = bytes64(wb, o + 8)
+            c = vadd(c, vmul(vtof(dpbusd(dpbusd(bias, lo4(q), xl), hi4(q), xh)), vmul(halves4x4(wb, o), dxs)))
+        else:
+            ai = dpbusd(dpbusd(bias, bytes64(wa, o + 8), xl), bytes64(wa, o + 72), xh)
+            a = vadd(a, vmul(vtof(ai), vmul(halves4x4(wa, o), dxs)))
+            ai = dpbusd(dpbusd(bias, bytes64(wb, o + 8), xl), bytes64(wb, o + 72), xh)
+            c = vadd(c, vmul(vtof(ai), vmul(halves4x4(wb, o), dxs)))
+    for r in range(GROUP):
+        out[GROUP * g + r] = quad_sum(a, r)
+        out[GROUP * g + GROUP + r] = quad_sum(c, r)
+
+
+@njit(**MATVEC_JIT)
 def _group(kind, xq, dx, nsum, xs, w, g, out):
     """Rows 4g..4g+3 (fewer past the end) of W (type code `kind`, as `prepare` left it) times one quantized row."""
     if kind == Q4_0:
@@ -183,20 +213,34 @@ def _group(kind, xq, dx, nsum, xs, w, g, out):
         _k8.k4_group(xq, dx, xs, w, GROUP * g, out, kind == Q5_K)
 
 
+@njit(**MATVEC_JIT)
+def _pair(kind, xq, dx, nsum, xs, w, g, groups, out):
+    """Groups g and g + 1 (if it exists) of W times one quantized row: packed types together, sharing the activation
+    loads (a 14336-wide down projection's activation side shares L1 with the weights: 1.1-1.2x, measured)."""
+    if g + 1 < groups and kind == Q4_0:
+        _packed_pair(xq, dx, nsum, w, g, 1, 3, out)
+    elif g + 1 < groups and kind == Q8_0:
+        _packed_pair(xq, dx, nsum, w, g, 2, 7, out)
+    else:
+        _group(kind, xq, dx, nsum, xs, w, g, out)
+        if g + 1 < groups:
+            _group(kind, xq, dx, nsum, xs, w, g + 1, out)
+
+
 @njit(parallel=True, **MATVEC_JIT)
 def _matmul8(kind, xq, dx, nsum, xs, w, groups, out):
-    for g in prange(groups):
+    for gp in prange((groups + 1) // 2):
         for i in range(xq.shape[0]):
-            _group(kind, xq[i], dx[i], nsum[i], xs[i], w, g, out[i])
+            _pair(kind, xq[i], dx[i], nsum[i], xs[i], w, 2 * gp, groups, out[i])
 
 
 @njit(parallel=True, **MATVEC_JIT)
 def _swiglu8(xq, dx, nsum, xs, kg, wg, ku, wu, groups, h, u):
-    for g in prange(groups):
+    for gp in prange((groups + 1) // 2):
         for i in range(xq.shape[0]):
-            _group(kg, xq[i], dx[i], nsum[i], xs[i], wg, g, h[i])
-            _group(ku, xq[i], dx[i], nsum[i], xs[i], wu, g, u[i])
-            for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
+            _pair(kg, xq[i], dx[i], nsum[i], xs[i], wg, 2 * gp, groups, h[i])
+            _pair(ku, xq[i], dx[i], nsum[i], xs[i], wu, 2 * gp, groups, u[i])
+            for r in range(2 * GROUP * gp, min(2 * GROUP * gp + 2 * GROUP, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 
 
@@ -234,24 +278,26 @@ def _slot_view(arena, off, rows, rb, kind):
 @njit(parallel=True, **MATVEC_JIT)
 def _experts_gate_up(xq, dx, nsum, xs, rows_of, arena, offs, kinds, rbs, h, u):
     groups = (h.shape[1] + GROUP - 1) // GROUP
-    for t in prange(rows_of.size * groups):
-        p, g = t // groups, t % groups
+    pairs = (groups + 1) // 2
+    for t in prange(rows_of.size * pairs):
+        p, g = t // pairs, 2 * (t % pairs)
         i = rows_of[p]
         wg = _slot_view(arena, offs[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
         wu = _slot_view(arena, offs[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
-        _group(kinds[p, 0], xq[i], dx[i], nsum[i], xs[i], wg, g, h[p])
-        _group(kinds[p, 1], xq[i], dx[i], nsum[i], xs[i], wu, g, u[p])
-        for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
+        _pair(kinds[p, 0], xq[i], dx[i], nsum[i], xs[i], wg, g, groups, h[p])
+        _pair(kinds[p, 1], xq[i], dx[i], nsum[i], xs[i], wu, g, groups, u[p])
+        for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, h.shape[1])):
             h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
 
 
 @njit(parallel=True, **MATVEC_JIT)
 def _experts_down(hq, hdx, hnsum, hxs, arena, offs, kinds, rbs, y):
     groups = (y.shape[1] + GROUP - 1) // GROUP
-    for t in prange(y.shape[0] * groups):
-        p, g = t // groups, t % groups
+    pairs = (groups + 1) // 2
+    for t in prange(y.shape[0] * pairs):
+        p, g = t // pairs, 2 * (t % pairs)
         wd = _slot_view(arena, offs[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
-        _group(kinds[p, 2], hq[p], hdx[p], hnsum[p], hxs[p], wd, g, y[p])
+        _pair(kinds[p, 2], hq[p], hdx[p], hnsum[p], hxs[p], wd, g, groups, y[p])
 
 
 def experts_swiglu8(x2: np.ndarray, rows_of: np.ndarray, arena: np.ndarray, offs: np.ndarray, kinds: np.ndarray,
