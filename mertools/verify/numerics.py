@@ -174,7 +174,7 @@ def check_numerics(layout: str | Path, source: str | Path, *, text: str | None =
 
 # The 8-bit kernels' mean KL against the exact ones that verify accepts: their difference is activation rounding
 # (~1e-4 to 1e-3 on the trained fixture and the tiny families: tests/test_int8.py), far below what a quant type's
-# own rounding costs (q4_0's limit against the source is 0.05)
+# own rounding costs (4-bit types' limits against the source are 0.05)
 KERNELS_KL_LIMIT = 2e-3
 
 
