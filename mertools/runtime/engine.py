@@ -89,8 +89,9 @@ class Engine:
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
         by the cache policy from the first token; this run's routing is added to it when the engine closes.
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
-        to 8 bits, integer dot products: kernels/int8.py; weights of the types it takes are packed once, dense ones at
-        open and expert slots as they load, so "auto" io reads into the cache's own memory)."""
+        to 8 bits, integer dot products: kernels/int8.py). Q4_0 / Q8_0 weights are then packed once, dense ones at open
+        and expert slots as they load (so "auto" io reads such experts into the cache's own memory, and "mmap" leaves
+        them on the exact kernels); the K types are read as they are."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
