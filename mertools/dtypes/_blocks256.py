@@ -1,11 +1,5 @@
-"""Integer-lane pieces shared by the 256-weight K-quant types with 2-, 3-, 5- and 6-bit codes (not a type).
-
-    ishl(v, n), ishr(v, n)   int32 lanes shifted left / right (logical) by n
-    iand(v, m), iors(v, m)   lanes & m, lanes | m (m an int, broadcast)
-    isub(v, k)               lanes - k
-    ior(a, b)                a | b lane-wise
-
-They complete `kernels.simd`'s `vshr4` / `vand15` for codes of 2, 3, 5 and 6 bits. Also the packed
+"""Pieces shared by the 256-weight K-quant types (not a type); their int32-lane operations (ishl, ishr, iand,
+iors, isub, ior) are `kernels.simd8`'s. The packed
 6-bit scales and mins of the 4- and 5-bit K types (ggml's get_scale_min_k4): `unpack_scale_min_k4`
 (numpy), `scale_min_k4` (one sub-block, numba) and `block_scales` (all 16 products in one vector).
 
@@ -31,47 +25,6 @@ from mertools.kernels.simd import LANES, F32x16, I32x16, f32_bits, is_carray, is
 from .base import f16_bytes
 
 _F32 = np.float32
-
-
-def _int_scalar_op(op: str):
-    """Intrinsic (v: I32x16, n: int) -> I32x16, `op` of each lane with n (splat)."""
-
-    @intrinsic
-    def fn(typingctx, v, n):
-        if not (v == I32x16 and isinstance(n, types.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            vec, k = args
-            i32 = ir.IntType(32)
-            k = builder.trunc(k, i32) if k.type.width > 32 else (builder.sext(k, i32) if k.type.width < 32 else k)
-            t = vty(i32)
-            s = builder.insert_element(ir.Constant(t, ir.Undefined), k, ir.Constant(i32, 0))
-            s = builder.shuffle_vector(s, ir.Constant(t, ir.Undefined), ir.Constant(vty(i32), [0] * 16))
-            return getattr(builder, op)(vec, s)
-
-        return I32x16(v, n), codegen
-
-    return fn
-
-
-ishl = _int_scalar_op("shl")  # v << n
-ishr = _int_scalar_op("lshr")  # v >> n (logical)
-iand = _int_scalar_op("and_")  # v & m
-isub = _int_scalar_op("sub")  # v - k
-iors = _int_scalar_op("or_")  # v | m
-
-
-@intrinsic
-def ior(typingctx, a, b):
-    """a | b lane-wise (int32 vectors)."""
-    if not (a == I32x16 and b == I32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.or_(args[0], args[1])
-
-    return I32x16(a, b), codegen
 
 
 def unpack_scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

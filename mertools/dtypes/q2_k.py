@@ -53,11 +53,9 @@ from mertools.kernels.simd import (
     vty,
     vzero,
 )
+from mertools.kernels.simd8 import iand, iors, ishr
 
 from ._blocks256 import (
-    iand,
-    iors,
-    ishr,
     make_qkx2_quants,
     make_qkx2_quants_reference,
     nearest_int,

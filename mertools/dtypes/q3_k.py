@@ -53,13 +53,9 @@ from mertools.kernels.simd import (
     vty,
     vzero,
 )
+from mertools.kernels.simd8 import iand, ior, iors, ishl, ishr
 
 from ._blocks256 import (
-    iand,
-    ior,
-    iors,
-    ishl,
-    ishr,
     nearest_int,
     nearest_int_reference,
     pack_2bit,

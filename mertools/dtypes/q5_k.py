@@ -63,12 +63,9 @@ from mertools.kernels.simd import (
     vty,
     vzero,
 )
+from mertools.kernels.simd8 import iand, ior, ishl, ishr
 
 from ._blocks256 import (
-    iand,
-    ior,
-    ishl,
-    ishr,
     k4_levels,
     k4_levels_reference,
     scale_min_k4,

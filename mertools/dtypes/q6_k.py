@@ -52,8 +52,9 @@ from mertools.kernels.simd import (
     vtof,
     vzero,
 )
+from mertools.kernels.simd8 import iand, ior, ishl, ishr, isub
 
-from ._blocks256 import iand, ior, ishl, ishr, isub, nearest_int, nearest_int_reference, signed_absmax, signed_absmax_reference
+from ._blocks256 import nearest_int, nearest_int_reference, signed_absmax, signed_absmax_reference
 from ._k8 import q6_k_int8_reference
 from .base import DType, Thresholds, f16_bytes, f16_from_bytes
 

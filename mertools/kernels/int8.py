@@ -44,6 +44,18 @@ __all__ = ["GROUP", "INT8_DTYPES", "experts_swiglu8", "matmul8", "pack", "packab
 GROUP = 4  # rows packed together
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k"))
+_PACKED, _DISPATCHED = {"q4_0", "q8_0"}, {"q4_0", "q8_0", "q4_k", "q5_k", "q6_k"}  # the branches below
+if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
+    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: _pair, _slot_view)")
+
+
+def _geometry(dtype: str) -> tuple[int, int]:
+    """(16-byte runs of quants per block, log2 of the unsigned quants' offset) of a packed type, from its Int8Pack."""
+    spec = DTYPES[dtype].int8_pack
+    return spec.parts, spec.offset.bit_length() - 1
+
+
+Q4_0_GEOMETRY, Q8_0_GEOMETRY = _geometry("q4_0"), _geometry("q8_0")  # numba reads module globals as constants
 
 
 def packable(dtype: str, rows: int, cols: int) -> bool:
@@ -204,9 +216,9 @@ def _packed_pair(xq, dx, nsum, wp, g, parts, shift, out):
 def _group(kind, xq, dx, nsum, xs, w, g, out):
     """Rows 4g..4g+3 (fewer past the end) of W (type code `kind`, as `prepare` left it) times one quantized row."""
     if kind == Q4_0:
-        _packed_group(xq, dx, nsum, w, g, 1, 3, out)
+        _packed_group(xq, dx, nsum, w, g, Q4_0_GEOMETRY[0], Q4_0_GEOMETRY[1], out)
     elif kind == Q8_0:
-        _packed_group(xq, dx, nsum, w, g, 2, 7, out)
+        _packed_group(xq, dx, nsum, w, g, Q8_0_GEOMETRY[0], Q8_0_GEOMETRY[1], out)
     elif kind == Q6_K:
         _k8.q6_k_group(xq, dx, w, GROUP * g, out)
     else:
@@ -218,9 +230,9 @@ def _pair(kind, xq, dx, nsum, xs, w, g, groups, out):
     """Groups g and g + 1 (if it exists) of W times one quantized row: packed types together, sharing the activation
     loads (a 14336-wide down projection's activation side shares L1 with the weights: 1.1-1.2x, measured)."""
     if g + 1 < groups and kind == Q4_0:
-        _packed_pair(xq, dx, nsum, w, g, 1, 3, out)
+        _packed_pair(xq, dx, nsum, w, g, Q4_0_GEOMETRY[0], Q4_0_GEOMETRY[1], out)
     elif g + 1 < groups and kind == Q8_0:
-        _packed_pair(xq, dx, nsum, w, g, 2, 7, out)
+        _packed_pair(xq, dx, nsum, w, g, Q8_0_GEOMETRY[0], Q8_0_GEOMETRY[1], out)
     else:
         _group(kind, xq, dx, nsum, xs, w, g, out)
         if g + 1 < groups:
@@ -270,7 +282,7 @@ def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, 
 def _slot_view(arena, off, rows, rb, kind):
     """The (rows, rb) weight at byte `off` of the cache's arena, as `_group` reads it (packed types by groups)."""
     w = arena[off:off + rows * rb]
-    if kind == Q4_0 or kind == Q8_0:
+    if kind == Q4_0 or kind == Q8_0:  # the packed types (checked against the registry at import)
         return w.reshape(rows // GROUP, GROUP * rb)
     return w.reshape(rows, rb)
 

@@ -244,23 +244,25 @@ sbyte16 = _bytes16(True)  # 16 bytes as int8, sign-extended
 # ---------------------------------------------------------------- arithmetic
 
 
-def _binary(op: str):
+def binary(op: str, vt: Vec = F32x16):
+    """Intrinsic (a, b: vt) -> vt, the IR instruction `op` lane-wise (`simd8` makes its int32 ones with it)."""
+
     @intrinsic
     def fn(typingctx, a, b):
-        if not (a == F32x16 and b == F32x16):
+        if not (a == vt and b == vt):
             return None
 
         def codegen(context, builder, sig, args):
             return getattr(builder, op)(args[0], args[1])
 
-        return F32x16(a, b), codegen
+        return vt(a, b), codegen
 
     return fn
 
 
-vadd = _binary("fadd")
-vsub = _binary("fsub")
-vmul = _binary("fmul")
+vadd = binary("fadd")
+vsub = binary("fsub")
+vmul = binary("fmul")
 
 
 @intrinsic

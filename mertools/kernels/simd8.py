@@ -8,7 +8,7 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     lo4(v), hi4(v)           each byte's low / high nibble
     dpbusd(acc, u, s)        acc[i] + sum over j < 4 of u[4i+j] * s[4i+j], u unsigned and s signed bytes
     ivload4x4(a, i)          a[i:i+4] of an int32 array in each quarter, as int32 lanes (`simd.I32x16`)
-    ishl(v, k)               v << k in each lane
+    ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul (a, b): lane-wise
     halves4x4(w, o)          the 4 halves at byte o, each in 4 consecutive float32 lanes
     quad_sum(v, q)           (v[4q] + v[4q+2]) + (v[4q+1] + v[4q+3]), float32
 
@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, models, register_model
 
-from mertools.kernels.simd import F32x16, I32x16, _call, _host_has, _splat, is_carray, is_int, ptr_at, vty
+from mertools.kernels.simd import F32x16, I32x16, _call, _host_has, _splat, binary, is_carray, is_int, ptr_at, vty
 
 VNNI = _host_has("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 _I8 = ir.IntType(8)
@@ -132,19 +132,6 @@ def ivload4x4(typingctx, a, i):
 
 
 @intrinsic
-def ishl(typingctx, v, k):
-    """v << k in each int32 lane."""
-    if not (v == I32x16 and is_int(k)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        k32 = builder.trunc(args[1], _I32) if args[1].type.width > 32 else args[1]
-        return builder.shl(args[0], _splat(builder, k32))
-
-    return I32x16(v, k), codegen
-
-
-@intrinsic
 def halves4x4(typingctx, w, o):
     if not (is_carray(w, types.uint8) and is_int(o)):
         return None
@@ -207,24 +194,41 @@ def mins_low(typingctx, v):
     return F32x16(v), codegen
 
 
+def _int_scalar_op(op: str):
+    """Intrinsic (v: I32x16, n: int) -> I32x16, `op` of each lane with n (splat)."""
+
+    @intrinsic
+    def fn(typingctx, v, n):
+        if not (v == I32x16 and is_int(n)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            vec, k = args
+            k = builder.trunc(k, _I32) if k.type.width > 32 else (builder.sext(k, _I32) if k.type.width < 32 else k)
+            return getattr(builder, op)(vec, _splat(builder, k))
+
+        return I32x16(v, n), codegen
+
+    return fn
+
+
+ishl = _int_scalar_op("shl")  # v << n
+ishr = _int_scalar_op("lshr")  # v >> n (logical)
+iand = _int_scalar_op("and_")  # v & m
+isub = _int_scalar_op("sub")  # v - k
+iors = _int_scalar_op("or_")  # v | m
+
+
+ior = binary("or_", I32x16)  # a | b
+imul = binary("mul", I32x16)  # a * b (callers keep products in range)
+
+
 @intrinsic
 def izero(typingctx):
     def codegen(context, builder, sig, args):
         return ir.Constant(vty(_I32), [0] * 16)
 
     return I32x16(), codegen
-
-
-@intrinsic
-def imul(typingctx, a, b):
-    """a * b lane-wise (int32; callers keep the products in range)."""
-    if not (a == I32x16 and b == I32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.mul(args[0], args[1])
-
-    return I32x16(a, b), codegen
 
 
 @intrinsic
@@ -349,8 +353,9 @@ def sbytes4x4(typingctx, w, o):
     return I32x16(w, o), codegen
 
 
-__all__ = ["B64", "VNNI", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4", "imul", "ishl",
-           "ivload4x4", "izero", "lo4", "mins_low", "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "quad_sum",
-           "bsplat32", "ineg", "q5_codes", "q6_high", "q6_low", "sbytes4x4"]
+__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4",
+           "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero", "lo4", "mins_low",
+           "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "quad_sum",
+           "sbytes4x4"]
 
 

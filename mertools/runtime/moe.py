@@ -69,6 +69,8 @@ class Tier:
     store: ExpertStore
     dtypes: dict[tuple[int, int], tuple[str, str, str]]  # each expert's (gate, up, down) types, looked up once
     int8: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them run on the 8-bit kernels (store prepared)
+    # per role (gate, up, down): [byte offset in the slot, type code, row bytes], for int8.experts_swiglu8
+    geometry: dict[tuple[int, int], np.ndarray]  # int64 (3, 3)
 
     @classmethod
     def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig, kernels: str = "exact") -> Tier:
@@ -80,8 +82,15 @@ class Tier:
             return tuple(f and (store.prepare is not None or DTYPES[e.tensors[r].dtype].int8_pack is None)
                          for r, f in zip(ROLES, _int8(cfg, e), strict=True))
 
-        return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in store.entries.items()},
-                   {k: flags(e) for k, e in store.entries.items()})
+        shapes = _shapes(cfg)
+
+        def geometry(e: ExpertEntry) -> np.ndarray:
+            return np.array([[e.tensors[r].offset, KIND[e.tensors[r].dtype], DTYPES[e.tensors[r].dtype].row_bytes(shapes[r][1])]
+                             for r in ROLES], np.int64)
+
+        entries = store.entries.items()
+        return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in entries},
+                   {k: flags(e) for k, e in entries}, {k: geometry(e) for k, e in entries})
 
 
 class StreamingMoE:
@@ -215,25 +224,22 @@ class StreamingMoE:
                        weights: np.ndarray, contrib: np.ndarray, live: np.ndarray | None) -> None:
         """Every (row, choice) of the step's resident experts in two parallel regions (int8.experts_swiglu8): each row
         alone, the same bits as `_expert` computing it on the 8-bit kernels."""
-        cfg, tier = self.cfg, self.full
-        store = tier.store
-        rows, cols, offs, kinds, rbs = [], [], [], [], []
-        for key, slot in got:
+        tier = self.full
+        rows, cols = [], []
+        for key, _ in got:
             hit = chosen == key[1]
             t, c = np.nonzero(hit if live is None else hit & live)
-            entry, base = store.entries[key], slot * store.slot_bytes
-            dts = tier.dtypes[key]
             rows.append(t)
             cols.append(c)
-            offs += [[base + entry.tensors[r].offset for r in ROLES]] * len(t)
-            kinds += [[KIND[d] for d in dts]] * len(t)
-            rbs += [[DTYPES[dts[0]].row_bytes(cfg.d_model), DTYPES[dts[1]].row_bytes(cfg.d_model),
-                     DTYPES[dts[2]].row_bytes(cfg.d_ff)]] * len(t)
+        counts = [len(t) for t in rows]
         t, c = np.concatenate(rows), np.concatenate(cols)
         if len(t) == 0:
             return
-        y = int8.experts_swiglu8(np.ascontiguousarray(h, np.float32), t, store.arena_bytes, np.array(offs, np.int64),
-                                 np.array(kinds, np.int64), np.array(rbs, np.int64), cfg.d_ff)
+        geo = np.repeat(np.stack([tier.geometry[key] for key, _ in got]), counts, axis=0)  # (pairs, roles, 3)
+        base = np.repeat([slot * tier.store.slot_bytes for _, slot in got], counts)
+        y = int8.experts_swiglu8(np.ascontiguousarray(h, np.float32), t, tier.store.arena_bytes,
+                                 geo[:, :, 0] + base[:, None], np.ascontiguousarray(geo[:, :, 1]),
+                                 np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff)
         contrib[t, c] = y * weights[t, c][:, None]
 
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
