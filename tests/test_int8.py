@@ -112,6 +112,13 @@ def test_a_prompt_of_a_type_read_as_it_is_runs_the_float_gemm() -> None:
     assert np.array_equal(_bits(wt(few)), _bits(ref.matmul8(few, w, "q4_k")))
     packed = weight(_weights("q4_0", 64, 512, 5).copy(), "q4_0", 64, 512, int8=True)  # packed: 8-bit at any count
     assert np.array_equal(_bits(packed(many)), _bits(ref.matmul8(many, _weights("q4_0", 64, 512, 5), "q4_0")))
+    # an expert whose gate is read as it is and whose up is packed: each on its own rule, also inside the SwiGLU
+    up, down = _weights("q8_0", 64, 512, 7, extremes=False), _weights("q4_0", 512, 64, 8, extremes=False)
+    mild = many / np.float32(1e3)
+    got = swiglu_weights(mild, wt, weight(up.copy(), "q8_0", 64, 512, int8=True), weight(down.copy(), "q4_0", 512, 64,
+                                                                                             int8=True))
+    h = silu_mul(matmul(mild, w, "q4_k", 64, 512), ref.matmul8(mild, up, "q8_0"))
+    assert np.array_equal(_bits(got), _bits(ref.matmul8(h, down, "q4_0")))
 
 
 def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
