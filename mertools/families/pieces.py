@@ -41,6 +41,9 @@ class Ops(Protocol):
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         """RMSNorm over the last axis, times w."""
 
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        """Softmax over the last axis (a router's scores)."""
+
     def per_head(self, w: Any, x: np.ndarray) -> np.ndarray:
         """x (n, heads, cols) -> (n, heads, rows): head h's slice times its own (rows, cols) block of W, a model
         matrix of (heads * rows, cols) (latent attention's k_b and v_b)."""
@@ -79,7 +82,7 @@ def router_scores(cfg: ModelConfig, w: LayerWeights, h: np.ndarray, ops: Ops) ->
     logits = ops.dense(h, w.router)
     if w.router_bias is not None:  # a router that is a Linear with a bias
         logits = logits + w.router_bias.astype(logits.dtype)
-    return softmax(logits) if cfg.gating_func is GatingFunc.SOFTMAX else sigmoid(logits)
+    return ops.softmax(logits) if cfg.gating_func is GatingFunc.SOFTMAX else sigmoid(logits)
 
 
 def choice_scores(cfg: ModelConfig, w: LayerWeights, scores: np.ndarray) -> np.ndarray:

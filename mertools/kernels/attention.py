@@ -74,14 +74,25 @@ def _row_impl(src, so, n, dst):  # noqa: ANN001, ANN202
     return None
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+FAST = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
+
+
+@njit(parallel=True, **FAST)
 def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
     """Decode attention of one new token: q (nh, hd) at position pos over keys (pos + 1, nkv, hd) and values
     vals[:, :, voff:] (float32, f16 bits or q8_0 blocks, C-contiguous; widths and voff in storage units) ->
     out (nh, dv): what `attend` computes for n = 1 (causal; sliding window if window > 0; sinks (nh,) float32
-    join each head's denominator, -inf for none; scores divided by divisor) in one parallel pass over kv heads,
-    each key and value row read once (and widened once) for its group of query heads. fastmath without
-    nnan/ninf: sums are reassociated (vectorised); inf/NaN still propagate."""
+    join each head's denominator, -inf for none; scores divided by divisor) in one parallel pass over kv heads
+    (`attend_group`)."""
+    for g in prange(keys.shape[1]):
+        attend_group(q, keys, vals, voff, pos, window, sinks, divisor, out, g)
+
+
+@njit(**FAST)
+def attend_group(q, keys, vals, voff, pos, window, sinks, divisor, out, g):
+    """`attend_one` for kv head g and its group of query heads (the compiled decode step calls it too), each key
+    and value row read once (and widened once). fastmath without nnan/ninf: sums are reassociated (vectorised);
+    inf/NaN still propagate."""
     nh, hd = q.shape
     dv = out.shape[1]
     nkv = keys.shape[1]
@@ -94,40 +105,39 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
     kb = kf.view(np.uint8)  # for prefetching: a head's rows are nkv*hd*itemsize bytes apart, one page each,
     vb = vf.view(np.uint8)  # which the hardware prefetcher does not follow
     item = kb.size // max(kf.size, 1)
-    for g in prange(nkv):
-        s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
-        row = np.empty(max(hd, dv), np.float32)
-        for j in range(lo, pos + 1):
-            ahead = ((min(j + 8, pos) * nkv) + g) * kw * item
-            for c in range(0, kw * item, 64):
-                prefetch(kb, ahead + c)
-            _row(kf, (j * nkv + g) * kw, hd, row)
-            for i in range(group):
-                acc = np.float32(0.0)
-                for d in range(hd):
-                    acc += q[g * group + i, d] * row[d]
-                s[i, j] = acc / scale
+    s = np.empty((group, pos + 1), np.float32)  # scores, then probabilities
+    row = np.empty(max(hd, dv), np.float32)
+    for j in range(lo, pos + 1):
+        ahead = ((min(j + 8, pos) * nkv) + g) * kw * item
+        for c in range(0, kw * item, 64):
+            prefetch(kb, ahead + c)
+        _row(kf, (j * nkv + g) * kw, hd, row)
         for i in range(group):
-            sink = sinks[g * group + i]
-            m = max(s[i, lo], sink)
-            for j in range(lo + 1, pos + 1):
-                m = max(m, s[i, j])
-            tot = np.exp(sink - m)  # 0 for a sink of -inf
-            for j in range(lo, pos + 1):
-                s[i, j] = np.exp(s[i, j] - m)
-                tot += s[i, j]
-            for j in range(lo, pos + 1):
-                s[i, j] = s[i, j] / tot
-            out[g * group + i, :] = 0.0
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += q[g * group + i, d] * row[d]
+            s[i, j] = acc / scale
+    for i in range(group):
+        sink = sinks[g * group + i]
+        m = max(s[i, lo], sink)
+        for j in range(lo + 1, pos + 1):
+            m = max(m, s[i, j])
+        tot = np.exp(sink - m)  # 0 for a sink of -inf
         for j in range(lo, pos + 1):
-            ahead = (((min(j + 8, pos) * nkv) + g) * vw + voff) * item
-            for c in range(0, (vw - voff) * item, 64):
-                prefetch(vb, ahead + c)
-            _row(vf, (j * nkv + g) * vw + voff, dv, row)
-            for i in range(group):
-                p = s[i, j]
-                for d in range(dv):
-                    out[g * group + i, d] += p * row[d]
+            s[i, j] = np.exp(s[i, j] - m)
+            tot += s[i, j]
+        for j in range(lo, pos + 1):
+            s[i, j] = s[i, j] / tot
+        out[g * group + i, :] = 0.0
+    for j in range(lo, pos + 1):
+        ahead = (((min(j + 8, pos) * nkv) + g) * vw + voff) * item
+        for c in range(0, (vw - voff) * item, 64):
+            prefetch(vb, ahead + c)
+        _row(vf, (j * nkv + g) * vw + voff, dv, row)
+        for i in range(group):
+            p = s[i, j]
+            for d in range(dv):
+                out[g * group + i, d] += p * row[d]
 
 
 def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,

@@ -143,6 +143,7 @@ def _quantize_rows(x, xq, dx, nsum, xs):
             xs[i, b] = dx[i, b] * np.float32(total)
 
 
+@njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) quantizes with it too
 def quantize_act(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float32 C (n, cols), cols % 32 == 0 -> xq uint8 (n, cols), dx float32 (n, cols/32), nsum int32 (n, cols/8),
     xs float32 (n, cols/32)."""

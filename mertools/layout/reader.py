@@ -133,13 +133,17 @@ class Layout:
         return layout
 
     # ------------------------------------------------------------ reading tensors
-    def read_tensor(self, file: str, entry: TensorEntry) -> np.ndarray:
-        """Raw bytes of one tensor (uint8, flat), read with plain pread. The runtime's expert store
-        reads with O_DIRECT instead; this is for conversion checks, inspection and dense loading."""
+    def read_tensor(self, file: str, entry: TensorEntry, out: np.ndarray | None = None) -> np.ndarray:
+        """Raw bytes of one tensor (uint8, flat; into `out`, uint8 of its size, if given), read with plain pread.
+        The runtime's expert store reads with O_DIRECT instead; this is for conversion checks, inspection and dense
+        loading."""
         path = self.root / file
+        if out is not None and (out.dtype != np.uint8 or out.size != entry.nbytes or not out.flags.c_contiguous):
+            raise ValueError(f"{path}: a buffer for {entry.nbytes} bytes must be uint8 C of that size, got "
+                             f"{out.dtype} {out.shape}")
         fd = os.open(path, os.O_RDONLY)
         try:
-            buf = np.empty(entry.nbytes, dtype=np.uint8)
+            buf = np.empty(entry.nbytes, dtype=np.uint8) if out is None else out.reshape(-1)
             got = os.preadv(fd, [buf], entry.offset)
         finally:
             os.close(fd)
@@ -147,12 +151,12 @@ class Layout:
             raise LayoutError(f"{path}: short read of {got} of {entry.nbytes} bytes at offset {entry.offset}")
         return buf
 
-    def read_dense(self, name: str) -> np.ndarray:
+    def read_dense(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         try:
             entry = self.manifest.dense[name]
         except KeyError:
             raise LayoutError(f"{self.root / MANIFEST_NAME}: no dense tensor {name!r}") from None
-        return self.read_tensor(entry.file, entry)
+        return self.read_tensor(entry.file, entry, out)
 
     def read_expert(self, layer: int, expert: int, role: str) -> np.ndarray:
         e = self.manifest.expert(layer, expert)

@@ -85,6 +85,9 @@ class NumpyOps:
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, w, eps)
 
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        return softmax(x)
+
     def per_head(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
         """x (n, heads, cols) @ each head's (rows, cols) block of w (heads * rows, cols), transposed -> (n, heads, rows)."""
         heads = x.shape[1]

@@ -97,6 +97,8 @@ class ExpertCache:
         self.slot_layer = np.zeros(n_slots, np.int64)
         self.slot_expert = np.zeros(n_slots, np.int64)
         self.slot_last = np.zeros(n_slots, np.int64)
+        self.version = 0  # counts changes of what is resident (a load started, finished or dropped, an eviction)
+        self._table: tuple[int, np.ndarray | None] = (-1, None)  # slot_table's answer and the version it is for
         # a subclass that redefines `_score` (benchmarks/routing.py's oracle) is searched entry by entry with it
         self._scalar = type(self)._score is not ExpertCache._score
 
@@ -147,6 +149,7 @@ class ExpertCache:
         if victim is None:
             return None
         del self.entries[victim.key]
+        self.version += 1
         self.stats.evictions += 1
         if victim.prefetched:
             self.stats.prefetch_wasted += 1
@@ -159,6 +162,7 @@ class ExpertCache:
         entry = _Entry(key, slot, prefetched=prefetched,
                        cancel=threading.Event() if prefetched else None)
         self.entries[key] = entry
+        self.version += 1
         if prefetched:
             self.speculative.add(key)
         self.stats.loads += 1
@@ -189,6 +193,7 @@ class ExpertCache:
             entry = self.entries.get(key)
             if entry is not None and entry.slot == slot:
                 entry.loading = entry.cancelled = False  # a cancel that came too late: it is all there
+                self.version += 1
             self.lock.notify_all()
 
     def _drop(self, key: Key, slot: int) -> None:
@@ -198,6 +203,7 @@ class ExpertCache:
         if entry is not None and entry.slot == slot:
             del self.entries[key]
             self.free.append(slot)
+            self.version += 1
         self.lock.notify_all()
 
     def note_layer(self, layer: int) -> None:
@@ -220,6 +226,23 @@ class ExpertCache:
             last[:] = False
             last[now] = True
             self.k_seen[layer] = max(1.0, float(len(chosen)))
+
+    def record_layers(self, chosen: np.ndarray, decay: float = 0.995) -> None:
+        """`record_routing(layer, chosen[layer])` for every layer in order, as whole-array operations (the same
+        numbers: each layer's updates touch only its own rows)."""
+        mask = np.zeros((self.n_layers, self.n_experts), bool)
+        mask[np.arange(len(chosen))[:, None], chosen] = True
+        with self.lock:
+            self.freq *= decay
+            self.freq[mask] += 1.0
+            self.totals[:] = np.cumsum(self.freq, axis=1)[:, -1]
+            last = self.last_chosen
+            seen = last.any(axis=1)
+            hits, held = (last & mask).sum(axis=1), last.sum(axis=1)
+            self.repeat_hits[seen] = self.repeat_hits[seen] * decay + hits[seen]
+            self.repeat_total[seen] = self.repeat_total[seen] * decay + held[seen]
+            last[:] = mask
+            self.k_seen[:] = np.maximum(1.0, mask.sum(axis=1))
 
     def seed(self, freq: list[list[float]], k: list[float]) -> None:
         """Start the "lfd" policy's usage estimates from a routing history (history.py) instead of nothing:
@@ -356,6 +379,38 @@ class ExpertCache:
         """Whether every key is loaded now (not loading, not called off); a pure query."""
         with self.lock:
             return all((e := self.entries.get(k)) is not None and not e.loading and not e.cancelled for k in keys)
+
+    def slot_table(self) -> np.ndarray | None:
+        """int64 (n_layers, n_experts): each expert's slot, when every expert of the model is resident (none loading
+        or called off), else None; a pure query, recomputed only after what is resident changed."""
+        with self.lock:
+            version, table = self._table
+            if version != self.version:
+                table = None
+                if len(self.entries) == self.n_layers * self.n_experts and all(
+                        not e.loading and not e.cancelled for e in self.entries.values()):
+                    table = np.full((self.n_layers, self.n_experts), -1, np.int64)
+                    for (layer, expert), e in self.entries.items():
+                        table[layer, expert] = e.slot
+                self._table = (self.version, table)
+            return table
+
+    def touch(self, chosen: np.ndarray) -> None:
+        """What `acquire` of each layer's chosen experts (chosen (n_layers, k), all resident) counts, layer by layer,
+        without pinning them (a step that needs no slot can evict nothing): a clock tick per layer, a lookup and a
+        hit per expert, a prefetch used, the last use; the policy's distances from the last layer."""
+        with self.lock:
+            for layer, row in enumerate(chosen.tolist()):
+                self.clock += 1
+                for expert in dict.fromkeys(row):
+                    e = self.entries[(layer, expert)]
+                    if e.prefetched:
+                        self.stats.prefetch_used += 1
+                        e.prefetched = False
+                    self.slot_last[e.slot] = self.clock
+            self.stats.lookups += chosen.size
+            self.stats.hits += chosen.size
+            self.current_layer = len(chosen) - 1
 
     def held(self, layer: int) -> list[int]:
         """The experts of `layer` a lookup now would count as hits (resident, or loading and not called off),

@@ -75,7 +75,8 @@ class Engine:
              threads: int | None = None, *, policy: str = "lfd", io: str = "direct", verify: bool = True,
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
-             reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact") -> Engine:
+             reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
+             compiled_step: bool = True) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -91,7 +92,9 @@ class Engine:
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
         to 8 bits, integer dot products: kernels/int8.py). Q4_0 / Q8_0 weights are then packed once, dense ones at open
         and expert slots as they load (so "auto" io reads such experts into the cache's own memory, and "mmap" leaves
-        them on the exact kernels); the K types are read as they are."""
+        them on the exact kernels); the K types are read as they are. With "int8", a decode step of one sequence whose
+        model is all resident runs in one compiled call where the model's pieces allow (runtime/fused.py; the same
+        bits); `compiled_step` False takes every step piece by piece (tests and benchmarks compare the two)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
@@ -166,7 +169,7 @@ class Engine:
             standins = Tier.of(s_cache, s_store, cfg, kernels)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
-                         standins=standins, kernels=kernels)
+                         standins=standins, kernels=kernels, compiled_step=compiled_step)
         preloaded = 0
         if learned is not None and (seed := learned.seed()) is not None:
             for c in (cache, standins.cache if standins else None):
@@ -214,6 +217,8 @@ class Engine:
         kv = self.model.new_kv(2 * GEMM_MIN_N)
         for part in (ids, ids[:3], ids[:1]):
             self.model.forward_batch([(kv, self._check_ids(kv, part))], observed=False)
+        if self.model.fused is not None:  # compiled now, though the experts may not all be resident yet
+            self.model.fused.warmup(kv, ids[0])
         self.times.warmup_s += (took := time.perf_counter() - t0)
         return took
 
@@ -312,6 +317,7 @@ class Engine:
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kernels=self.model.kernels, kv_bytes_per_token=self.model.kv.bytes_per_token,
+            compiled_steps=self.model.fused.steps if self.model.fused is not None else 0,
             kv_mb=self.model.kv.nbytes / 2**20,
             history_preloaded=self.preloaded, history_tokens=self.history.tokens if self.history else 0.0,
             spec_steps=self.spec.steps, draft_proposed=self.spec.drafted, draft_accepted=self.spec.accepted,

@@ -14,6 +14,7 @@ from ..kernels.matmul import get_rows
 from ..layout.reader import Layout
 from .batch import Batch, KVCache
 from .cache import ExpertCache
+from .fused import DenseArena, FusedStep
 from .hooks import ModelHooks, PrefetcherFactory
 from .moe import StreamingMoE, Tier
 from .ops import Linear, RuntimeOps, rms_norm
@@ -21,14 +22,15 @@ from .prefetch import Prefetcher, make_prefetcher
 from .store import ExpertStore
 
 
-def _loaders(layout: Layout, kernels: str):  # noqa: ANN202 - (matrix, vector, present) for families.weights
+def _loaders(layout: Layout, kernels: str, arena: DenseArena):  # noqa: ANN202 - (matrix, vector, present)
     dense = layout.manifest.dense
 
     def matrix(name: str, role: str) -> Linear:
         t = dense[name]
         # an embedding's rows are looked up (get_rows) in the file's layout: never packed
         int8 = kernels == "int8" and role != "embedding"
-        return Linear(layout.read_dense(name).reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], int8=int8)
+        raw = layout.read_dense(name, out=arena.take(t.nbytes))
+        return Linear(raw.reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], int8=int8)
 
     def vector(name: str) -> np.ndarray:
         t = dense[name]
@@ -49,12 +51,14 @@ class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
                  kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None,
-                 kernels: str = "exact") -> None:
+                 kernels: str = "exact", compiled_step: bool = True) -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
         self.kernels = kernels
-        loaders = _loaders(layout, kernels)
+        # every dense matrix in one buffer (vectors take a little room they do not use): the compiled step's
+        self.dense_arena = DenseArena(DenseArena.size_for([t.nbytes for t in layout.manifest.dense.values()]))
+        loaders = _loaders(layout, kernels, self.dense_arena)
         self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
         self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders) for i in range(cfg.n_layers)]
         # multi-token-prediction blocks (layers n_layers..; a drafter's, never run by forward)
@@ -66,6 +70,8 @@ class MoEModel:
         self.kv = KVCache(cfg, kv_capacity, kv_dtype)
         self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)
                            if isinstance(prefetch, str) else prefetch(self.lookahead_router))
+        # a decode step in one compiled call, where it applies (runtime/fused.py)
+        self.fused = FusedStep.of(self) if compiled_step else None
 
     # ------------------------------------------------------------------ pieces
     def lookahead_router(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -112,9 +118,11 @@ class MoEModel:
         A sequence whose `apart` is true (speculative verification) has each row computed alone, its logits bit
         for bit those of a decode step of that token, and gets the logits of every row. Returns per sequence the
         logits (n, vocab) of every new position, or only of its last."""
+        if self.fused is not None and (out := self.fused.run(items, apart, observed)) is not None:
+            return out
         cfg = self.cfg
         batch = Batch.of(items, apart, observed)
-        ops = RuntimeOps(batch)
+        ops = RuntimeOps(batch, self.kernels == "int8")
         embed = self.weights.embed
         x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)  # (N, d_model)
         for layer, w in enumerate(self.layers):
@@ -151,7 +159,7 @@ class MoEModel:
         cfg, w = self.cfg, self.mtp_layers[block]
         layer = cfg.n_layers + block
         batch = Batch.of([(kv, ids)])
-        ops = RuntimeOps(batch)
+        ops = RuntimeOps(batch, self.kernels == "int8")
         table = w.mtp_embed or self.weights.embed  # DeepSeek's block holds its own copy; GLM's uses the model's
         e = get_rows(table.raw, table.dtype, batch.ids, cfg.d_model)
         e[batch.positions == 0] = 0.0  # position 0 has no token before it (as vLLM's MTP does)

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..families.pieces import softmax
 from ..families.weights import Mlp
+from ..kernels import rowops
 from ..kernels.int8 import GROUP
 from ..kernels.matmul import Weight, swiglu_weights, weight
 from .batch import Batch
@@ -42,10 +44,12 @@ def swiglu(m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
 class RuntimeOps:
     """`families.pieces.Ops` for a batch: kernels may take another path (and round differently) for
     another number of rows, so each sequence's rows are computed apart and a request's output never
-    depends on its batch. Without a batch (prefetch guesses) the rows are taken together."""
+    depends on its batch. Without a batch (prefetch guesses) the rows are taken together. `compiled` (the 8-bit
+    mode): routers multiply and softmax on `kernels.rowops`, as the one-call decode step does (runtime/fused.py),
+    where numpy's BLAS and its float32 exp have no compiled twin."""
 
-    def __init__(self, batch: Batch | None = None) -> None:
-        self.batch = batch
+    def __init__(self, batch: Batch | None = None, compiled: bool = False) -> None:
+        self.batch, self.compiled = batch, compiled
 
     def _rows(self, fn, x: np.ndarray) -> np.ndarray:  # noqa: ANN001 - (n, k) array -> (n, m) array
         return fn(x) if self.batch is None else self.batch.per_seq(fn, x)
@@ -54,7 +58,12 @@ class RuntimeOps:
         return self._rows(w, x)
 
     def dense(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        if self.compiled:
+            return self._rows(lambda rows: rowops.dense_rows(rows, a), x)
         return self._rows(lambda rows: rows @ a.T, x)
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        return rowops.softmax_rows(x).reshape(x.shape) if self.compiled else softmax(x)
 
     def mlp(self, m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
         return self._rows(lambda rows: swiglu(m, rows), x)

@@ -22,7 +22,8 @@ def format_stats(s: dict[str, Any]) -> str:
         f"{'mapped (mmap)' if s.get('mapped') else 'O_DIRECT ' + ('yes' if s['o_direct'] else 'no')}"
         f"{' (pages kept for the next run)' if s.get('keep_pages') else ''}, "
         f"retries {s['read_retries']}",
-        f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads; kernels {s.get('kernels', 'exact')}",
+        f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads; kernels {s.get('kernels', 'exact')}"
+        + (f", {s['compiled_steps']} steps in one compiled call" if s.get("compiled_steps") else ""),
         f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
         f"{s['prefetch_wasted']} wasted, {s['prefetch_cancelled']} called off while loading",
         *_approx_lines(s),

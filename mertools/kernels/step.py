@@ -1,0 +1,189 @@
+"""A whole decode step of a standard MoE model in one compiled call: the 8-bit mode without Python between layers.
+
+A small model's decode step is mostly Python between kernels (dozens of calls per layer: norms, three
+projections, rotary, the KV store, attention, the router, top-k, the experts, residuals), and a model with
+many layers pays the same per layer. `decode_step` runs all of it for one token of one sequence, every layer,
+then the output norm and head, calling the same compiled pieces the general path calls (`int8._pair` for every
+product, `attention.attend_group`, `rowops` for norms, router, softmax, top-k and rotary), in the same order, so
+its logits are bit for bit those of the general path in the 8-bit mode (tests/test_fused_step.py). What it
+takes, what it leaves to Python (the cache's and the trace's bookkeeping) and when it applies: runtime/fused.py.
+
+Weights come as offsets into two byte arenas (the dense matrices, as `int8.prepare` left them; the expert cache's
+slots) and one float32 arena of vectors, so the call's arguments do not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .attention import attend_group
+from .common import MATVEC_JIT, f32_to_f16_bits
+from .int8 import GROUP, _pair, _slot_view, quantize_act
+from .matvec_kernels import silu_mul_scalar
+from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
+
+__all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "Q_NORM", "VECTORS", "decode_step"]
+
+# a layer's vectors in the float32 arena (`vec_at[layer, i]`, -1 where the layer has none)
+ATTN_NORM, FFN_NORM, Q_NORM, K_NORM = range(4)
+VECTORS = 4
+# shape[]: heads, kv heads, head dim, rotary dims, qk norm (0 none, 1 per head, 2 over the projection), expert width
+NH, NKV, HD, RD, QK, DFF = range(6)
+
+
+def _stored(v, like):  # noqa: ANN001, ANN202 - one float32 as the KV cache `like` holds it; see the overload
+    raise NotImplementedError
+
+
+@overload(_stored, inline="always")
+def _stored_impl(v, like):  # noqa: ANN001, ANN202
+    if like.dtype == types.uint16:  # f16 bits, rounded as numpy's astype(float16)
+        return lambda v, like: f32_to_f16_bits(v)
+    if like.dtype == types.float32:
+        return lambda v, like: v
+    return None
+
+
+@njit(**MATVEC_JIT)
+def _pairs(rows):
+    return ((rows + GROUP - 1) // GROUP + 1) // 2
+
+
+@njit(**MATVEC_JIT)
+def _vec(vec, vec_at, layer, i, n):
+    o = vec_at[layer, i]
+    return vec[o:o + n]
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _matvec(arena, m, xq, dx, nsum, xs, out):
+    """out = W @ x for the dense matrix m = (offset, type code, rows, row bytes) of the arena, x quantized."""
+    w = _slot_view(arena, m[0], m[2], m[3], m[1])
+    groups = (m[2] + GROUP - 1) // GROUP
+    for p in prange(_pairs(m[2])):
+        _pair(m[1], xq, dx, nsum, xs, w, 2 * p, groups, out)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _qkv(arena, mq, mk, mv, xq, dx, nsum, xs, q, k, v):
+    """The three projections of one normalised row in one parallel region."""
+    wq = _slot_view(arena, mq[0], mq[2], mq[3], mq[1])
+    wk = _slot_view(arena, mk[0], mk[2], mk[3], mk[1])
+    wv = _slot_view(arena, mv[0], mv[2], mv[3], mv[1])
+    pq, pk, pv = _pairs(mq[2]), _pairs(mk[2]), _pairs(mv[2])
+    for t in prange(pq + pk + pv):
+        if t < pq:
+            _pair(mq[1], xq, dx, nsum, xs, wq, 2 * t, (mq[2] + GROUP - 1) // GROUP, q)
+        elif t < pq + pk:
+            _pair(mk[1], xq, dx, nsum, xs, wk, 2 * (t - pq), (mk[2] + GROUP - 1) // GROUP, k)
+        else:
+            _pair(mv[1], xq, dx, nsum, xs, wv, 2 * (t - pq - pk), (mv[2] + GROUP - 1) // GROUP, v)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _attend(q2, keys, vals, pos, window, sinks, divisor, out):
+    for g in prange(keys.shape[1]):
+        attend_group(q2, keys, vals, 0, pos, window, sinks, divisor, out, g)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _router(h, router, logits):
+    for e in prange(router.shape[0]):
+        logits[e] = dense_row(h, router, e)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _experts(h, experts, offs, kinds, rbs, d_ff, y):
+    """y[c] = the SwiGLU expert c (gate, up, down at byte offsets offs[c] of the cache's arena) of the row h, as
+    `int8.experts_swiglu8` computes each (row, expert) pair."""
+    k, d = y.shape
+    xq, dx, nsum, xs = quantize_act(h.reshape(1, d))
+    hg, hu = np.empty((k, d_ff), np.float32), np.empty((k, d_ff), np.float32)
+    groups, pairs = (d_ff + GROUP - 1) // GROUP, _pairs(d_ff)
+    for t in prange(k * pairs):
+        c, g = t // pairs, 2 * (t % pairs)
+        wg = _slot_view(experts, offs[c, 0], d_ff, rbs[c, 0], kinds[c, 0])
+        wu = _slot_view(experts, offs[c, 1], d_ff, rbs[c, 1], kinds[c, 1])
+        _pair(kinds[c, 0], xq[0], dx[0], nsum[0], xs[0], wg, g, groups, hg[c])
+        _pair(kinds[c, 1], xq[0], dx[0], nsum[0], xs[0], wu, g, groups, hu[c])
+        for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, d_ff)):
+            hg[c, r] = silu_mul_scalar(hg[c, r], hu[c, r])
+    hq, hdx, hnsum, hxs = quantize_act(hg)
+    groups, pairs = (d + GROUP - 1) // GROUP, _pairs(d)
+    for t in prange(k * pairs):
+        c, g = t // pairs, 2 * (t % pairs)
+        wd = _slot_view(experts, offs[c, 2], d, rbs[c, 2], kinds[c, 2])
+        _pair(kinds[c, 2], hq[c], hdx[c], hnsum[c], hxs[c], wd, g, groups, y[c])
+
+
+@njit(**MATVEC_JIT)
+def decode_step(x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin, kv_k, kv_v, windows,
+                sinks, divisor, eps, experts, slot_bytes, slots, geometry, k, norm, scaling, logits, chosen, weights):
+    """One token through every layer, then the output norm and head.
+
+    x (d,) float32: the token's embedding, the final hidden state on return (before the norm); pos: its position.
+    arena: the dense matrices' bytes; mats (L, 4, 4) int64 per layer q, k, v, o as (offset, type code, rows, row
+    bytes), head (4,) the output's. vec: float32 arena of vectors, vec_at (L, VECTORS) their offsets (-1: none),
+    out_norm the output norm's. routers (L, E, d) float32. shape: see NH..DFF. cos, sin (rd / 2,) float32 at pos.
+    kv_k, kv_v (L, capacity, nkv, hd): the sequence's cache (f16 bits or float32), position pos written here.
+    windows (L,) int64 (0: full), sinks (nh,) float32 -inf (none). experts: the cache's arena, slots (L, E) each
+    expert's slot (every expert resident), geometry (L, E, 3, 3) per role (offset in its slot, type code, row
+    bytes). k experts per token, `norm` renormalise, `scaling` the routed scaling. Writes logits (vocab,),
+    chosen (L, k) int64, weights (L, k) float32."""
+    d = x.size
+    nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]
+    h = np.empty(d, np.float32)
+    q, kk, v = np.empty(nh * hd, np.float32), np.empty(nkv * hd, np.float32), np.empty(nkv * hd, np.float32)
+    att = np.empty((nh, hd), np.float32)
+    o = np.empty(d, np.float32)
+    scores = np.empty(routers.shape[1], np.float32)
+    y = np.empty((k, d), np.float32)
+    offs, kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
+    for layer in range(mats.shape[0]):
+        rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
+        xq, dx, nsum, xs = quantize_act(h.reshape(1, d))
+        _qkv(arena, mats[layer, 0], mats[layer, 1], mats[layer, 2], xq[0], dx[0], nsum[0], xs[0], q, kk, v)
+        if qk == 2:
+            rms_norm_into(q, _vec(vec, vec_at, layer, Q_NORM, nh * hd), eps, q)
+            rms_norm_into(kk, _vec(vec, vec_at, layer, K_NORM, nkv * hd), eps, kk)
+        elif qk == 1:
+            for i in range(nh):
+                rms_norm_into(q[i * hd:(i + 1) * hd], _vec(vec, vec_at, layer, Q_NORM, hd), eps, q[i * hd:(i + 1) * hd])
+            for i in range(nkv):
+                rms_norm_into(kk[i * hd:(i + 1) * hd], _vec(vec, vec_at, layer, K_NORM, hd), eps, kk[i * hd:(i + 1) * hd])
+        rotate_into(q, nh, hd, rd, cos, sin)
+        rotate_into(kk, nkv, hd, rd, cos, sin)
+        ks, vs = kv_k[layer], kv_v[layer]
+        for g in range(nkv):
+            for i in range(hd):
+                ks[pos, g, i] = _stored(kk[g * hd + i], ks)
+                vs[pos, g, i] = _stored(v[g * hd + i], vs)
+        _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], sinks, divisor, att)
+        aq, adx, ansum, axs = quantize_act(att.reshape(1, nh * hd))
+        _matvec(arena, mats[layer, 3], aq[0], adx[0], ansum[0], axs[0], o)
+        for i in range(d):
+            x[i] = x[i] + o[i]
+        # the experts: router, softmax, top-k, then every chosen expert at once
+        rms_norm_into(x, _vec(vec, vec_at, layer, FFN_NORM, d), eps, h)
+        _router(h, routers[layer], scores)
+        softmax_into(scores, scores)
+        top_k_into(scores, k, norm, scaling, chosen[layer], weights[layer])
+        for c in range(k):
+            e = chosen[layer, c]
+            for r in range(3):
+                offs[c, r] = slots[layer, e] * slot_bytes + geometry[layer, e, r, 0]
+                kinds[c, r] = geometry[layer, e, r, 1]
+                rbs[c, r] = geometry[layer, e, r, 2]
+        _experts(h, experts, offs, kinds, rbs, d_ff, y)
+        for i in range(d):  # each choice's share, summed in choice order (numpy's sum over the choices' axis)
+            acc = y[0, i] * weights[layer, 0]
+            for c in range(1, k):
+                acc = acc + y[c, i] * weights[layer, c]
+            o[i] = acc
+        for i in range(d):
+            x[i] = x[i] + o[i]
+    rms_norm_into(x, out_norm, eps, h)
+    hq, hdx, hnsum, hxs = quantize_act(h.reshape(1, d))
+    _matvec(arena, head, hq[0], hdx[0], hnsum[0], hxs[0], logits)

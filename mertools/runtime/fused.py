@@ -1,0 +1,196 @@
+"""When a decode step runs in one compiled call (`kernels.step.decode_step`), and the Python around it.
+
+It applies to models of the standard pieces (Mixtral-, Qwen3-MoE- and OLMoE-like: softmax router, top-k, SwiGLU
+experts, grouped-query attention with rotary, q/k norms per head or over the projection, no biases), every layer
+with routed experts, in
+the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins; and, per step, to one sequence
+decoding one token with an f16 or float32 KV cache while every expert of the model is resident in the cache's
+arena (a model in RAM after its first tokens; slots cannot change under the call, since it needs none loaded).
+Otherwise the general path runs, which computes the same bits (the compiled step calls the same pieces).
+
+What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
+its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
+cache's lookups and hits (`ExpertCache.touch`). No prefetch guesses: with every expert resident there is nothing
+to read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..families.pieces import STANDARD, _cos_sin
+from ..kernels import step as kstep
+from ..kernels.attention import _no_sinks
+from ..kernels.matmul import get_rows
+from ..layout.config import GatingFunc, QKNorm, RopeScaling
+from .batch import KVCache
+
+if TYPE_CHECKING:
+    from .model import MoEModel
+
+ALIGN = 64  # each dense matrix starts on a cache line of the arena
+
+
+class DenseArena:
+    """Every dense matrix's bytes in one buffer, in load order, each at a 64-byte aligned offset: the compiled step
+    reaches all of them through one array and offsets (the matrices are views of it, packed in place as before)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buf = np.empty(max(nbytes, 1), np.uint8)
+        self.used = 0
+
+    @staticmethod
+    def size_for(sizes: list[int]) -> int:
+        return sum(-(-n // ALIGN) * ALIGN for n in sizes)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        if self.used + nbytes > self.buf.size:
+            raise ValueError(f"dense arena: {nbytes} bytes do not fit after {self.used} of {self.buf.size}")
+        out = self.buf[self.used:self.used + nbytes]
+        self.used += -(-nbytes // ALIGN) * ALIGN
+        return out
+
+    def offset(self, a: np.ndarray) -> int | None:
+        """a's byte offset in the arena, or None when a is not a view of it."""
+        off = a.ctypes.data - self.buf.ctypes.data
+        return off if 0 <= off and off + a.nbytes <= self.buf.size and np.may_share_memory(a, self.buf) else None
+
+
+def _unsupported(model: MoEModel) -> str | None:
+    """Why the model's steps never run compiled, or None."""
+    cfg, moe = model.cfg, model.moe
+    if model.kernels != "int8":
+        return "the exact kernels"
+    if model.family.pieces != STANDARD or cfg.mla or not cfg.plain_swiglu:
+        return f"family {cfg.arch} has pieces of its own"
+    if cfg.gating_func is not GatingFunc.SOFTMAX or cfg.n_groups > 1:
+        return "a router other than softmax top-k"
+    if moe.hooks.routing_override is not None or moe.approx.reroutes or moe.standins is not None:
+        return "approximate or replayed routing"
+    if moe.store.arena_bytes is None:
+        return "expert slots that are mappings of the files"
+    if not all(all(flags) for flags in moe.full.int8.values()):
+        return "an expert type without 8-bit kernels"
+    if cfg.rope_scaling not in (RopeScaling.NONE, RopeScaling.YARN):
+        return f"rope scaling {cfg.rope_scaling}"
+    for i, w in enumerate(model.layers):
+        if w.router is None or w.mlp is not None or w.shared is not None or w.expert_bias is not None \
+                or w.router_bias is not None or w.attn_sinks is not None or w.attn_q is None \
+                or w.q_bias is not None or w.o_bias is not None:
+            return f"layer {i} is not a plain routed-experts layer"
+        if any(not m.checked.runs_int8(1) or model.dense_arena.offset(m.checked.w2) is None
+               for m in (w.attn_q, w.attn_k, w.attn_v, w.attn_o)):
+            return f"layer {i} has a matrix without 8-bit kernels"
+    out = model.output.checked
+    if not out.runs_int8(1) or model.dense_arena.offset(out.w2) is None:
+        return "an output matrix without 8-bit kernels"
+    return None
+
+
+class FusedStep:
+    """The compiled decode step of one model: its tables, built once, and the Python around each call."""
+
+    def __init__(self, model: MoEModel) -> None:
+        self.model = model
+        cfg, arena = model.cfg, model.dense_arena
+
+        def mat(m) -> list[int]:  # noqa: ANN001 - (offset, type code, rows, row bytes) of a Linear in the arena
+            w = m.checked
+            return [arena.offset(w.w2), w.kind, w.rows, w.w2.nbytes // w.rows]
+
+        self.mats = np.array([[mat(m) for m in (w.attn_q, w.attn_k, w.attn_v, w.attn_o)] for w in model.layers], np.int64)
+        self.head = np.array(mat(model.output), np.int64)
+        parts, at = [], 0
+        self.vec_at = np.full((cfg.n_layers, kstep.VECTORS), -1, np.int64)
+        for i, w in enumerate(model.layers):
+            for slot, v in ((kstep.ATTN_NORM, w.attn_norm), (kstep.FFN_NORM, w.ffn_norm), (kstep.Q_NORM, w.q_norm),
+                            (kstep.K_NORM, w.k_norm)):
+                if v is not None:
+                    self.vec_at[i, slot] = at
+                    parts.append(np.asarray(v, np.float32).ravel())
+                    at += parts[-1].size
+        self.vec = np.concatenate(parts) if parts else np.zeros(1, np.float32)
+        self.out_norm = np.ascontiguousarray(model.weights.output_norm, np.float32)
+        self.routers = np.ascontiguousarray(np.stack([w.router for w in model.layers]), np.float32)  # (L, E, d)
+        qk = {QKNorm.NONE: 0, QKNorm.HEAD: 1, QKNorm.FULL: 2}[cfg.qk_norm]
+        self.shape = np.array([cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rotary_dim, qk, cfg.d_ff], np.int64)
+        self.windows = np.array([cfg.window(i) for i in range(cfg.n_layers)], np.int64)
+        self.sinks = _no_sinks(cfg.n_heads)
+        tier = model.moe.full
+        self.geometry = np.zeros((cfg.n_layers, cfg.n_experts, 3, 3), np.int64)
+        for (layer, expert), g in tier.geometry.items():
+            self.geometry[layer, expert] = g
+        self.yarn = None
+        if cfg.rope_scaling is RopeScaling.YARN:
+            self.yarn = (cfg.rope_factor, cfg.rope_original_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
+                         cfg.yarn_truncate)
+        self.dtype = np.dtype(np.float32).str  # rotary's cos/sin are cached per (positions, dtype)
+        self.divisor, self.eps = float(cfg.softmax_divisor), float(cfg.norm_eps)
+        self.scaling = np.float32(cfg.routed_scaling)
+        self.steps = 0  # steps run compiled
+
+    @classmethod
+    def of(cls, model: MoEModel) -> FusedStep | None:
+        return None if _unsupported(model) is not None else cls(model)
+
+    def run(self, items, apart, observed: bool) -> list[np.ndarray] | None:  # noqa: ANN001 - forward_batch's
+        """The logits forward_batch returns, or None when this step is not one the compiled call takes."""
+        if len(items) != 1:
+            return None
+        kv, ids = items[0]
+        if len(ids) != 1 or kv.dtype not in ("f16", "f32"):
+            return None
+        slots = self.model.cache.slot_table()
+        if slots is None:
+            return None
+        self.steps += 1
+        return [self._step(kv, int(ids[0]), slots, observed)]
+
+    def warmup(self, kv: KVCache, token: int) -> None:
+        """Compile (or load) the step before anything is timed: one call on a scratch sequence `kv`, every expert
+        read from slot 0 (its result is thrown away, nothing recorded)."""
+        if kv.dtype in ("f16", "f32"):
+            slots = np.zeros((self.model.cfg.n_layers, self.model.cfg.n_experts), np.int64)
+            self._step(kv, token, slots, observed=False, account=False)
+
+    def _step(self, kv: KVCache, token: int, slots: np.ndarray, observed: bool, account: bool = True) -> np.ndarray:
+        model, cfg = self.model, self.model.cfg
+        pos = kv.length
+        kv.ensure(pos + 1)
+        embed = model.weights.embed
+        x = get_rows(embed.raw, embed.dtype, np.array([token], np.int64), cfg.d_model)[0]
+        cos, sin = _cos_sin(cfg.rope_theta, cfg.rotary_dim, self.yarn, cfg.rope_attn_factor,
+                            np.array([pos], np.int64).tobytes(), self.dtype)
+        logits = np.empty(cfg.vocab_size, np.float32)
+        k = cfg.n_experts_used
+        chosen = np.empty((cfg.n_layers, k), np.int64)
+        weights = np.empty((cfg.n_layers, k), np.float32)
+        store = model.moe.store
+        kstep.decode_step(x, pos, model.dense_arena.buf, self.mats, self.head, self.vec, self.vec_at, self.out_norm,
+                          self.routers, self.shape, cos.reshape(-1), sin.reshape(-1), kv.k, kv.v, self.windows,
+                          self.sinks, self.divisor, self.eps, store.arena_bytes, store.slot_bytes, slots, self.geometry,
+                          k, cfg.norm_topk_prob, self.scaling, logits, chosen, weights)
+        kv.length += 1
+        if account:
+            model.last_x = x.reshape(1, -1)
+            self._account(pos, chosen, weights, observed)
+        return logits.reshape(1, -1)
+
+    def _account(self, pos: int, chosen: np.ndarray, weights: np.ndarray, observed: bool) -> None:
+        """What the general path records around its kernels, per layer in order (`StreamingMoE._observe`, the
+        cache's lookups): each object's updates in one go where they do not depend on another's."""
+        model = self.model
+        hooks, cache, prefetcher = model.moe.hooks, model.cache, model.prefetcher
+        if observed:
+            positions = np.array([pos], np.int64)
+            for layer in range(len(chosen)):
+                row, wrow = chosen[layer:layer + 1], weights[layer:layer + 1]
+                if hooks.trace is not None:
+                    hooks.trace(positions, layer, row, wrow)
+                if hooks.history is not None:
+                    hooks.history.record(layer, row, None)
+                prefetcher.observe(layer, row)
+            cache.record_layers(chosen)
+        cache.touch(chosen)

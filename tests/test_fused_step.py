@@ -1,0 +1,224 @@
+"""The one-call decode step (kernels/step.py, runtime/fused.py): its row pieces equal the numpy the general path runs,
+and a model's compiled steps give bit for bit the logits, routing, trace and cache bookkeeping of the same steps taken
+piece by piece, on the trained fixture and the tiny families it takes; where it does not apply, it is not taken."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.families import pieces
+from mertools.kernels import rowops
+from mertools.layout.config import ModelConfig
+from mertools.runtime.approx import Approx
+from mertools.runtime.engine import Engine
+from mertools.runtime.ops import rms_norm
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINED = ROOT / "fixtures" / "trained" / "tiny-shakespeare-moe"
+sys.path.insert(0, str(ROOT))
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+# ---------------------------------------------------------------------- the row pieces
+
+
+def test_pairwise_sum_is_numpys() -> None:
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 300), 511, 512, 1000, 2048, 2880, 4096, 7168]:
+        a = (rng.standard_normal(n) * rng.uniform(0.01, 100)).astype(np.float32) ** 2
+        assert rowops.pairwise_sum(a, 0, n) == np.add.reduce(a.reshape(1, -1), axis=-1, dtype=np.float32)[0], n
+    a = rng.standard_normal(300).astype(np.float32)
+    assert rowops.pairwise_sum(a, 7, 200) == np.float32(a[7:207].sum())  # a window of a longer array
+
+
+@pytest.mark.parametrize("d", [32, 64, 256, 2048, 2880])
+def test_rms_norm_is_the_general_paths(d: int) -> None:
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal(d) * 3).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    out = np.empty(d, np.float32)
+    rowops.rms_norm_into(x, w, 1e-6, out)
+    assert np.array_equal(_bits(out), _bits(rms_norm(x.reshape(1, -1), w, 1e-6)[0]))
+    heads = x.reshape(-1, 32)  # per head (q/k norm of head_dim 32), in place as the step does it
+    want = rms_norm(heads, w[:32], 1e-5)
+    for h in range(len(heads)):
+        rowops.rms_norm_into(heads[h], w[:32], 1e-5, heads[h])
+    assert np.array_equal(_bits(heads), _bits(want))
+
+
+def _cfg(**kw: object) -> ModelConfig:
+    base = dict(arch="mixtral", vocab_size=64, d_model=64, d_ff=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
+                n_experts=16, n_experts_used=4, context_length=128)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("norm", "scaling"), [(True, 1.0), (False, 1.0), (True, 2.5)])
+def test_top_k_is_the_general_paths(norm: bool, scaling: float) -> None:
+    cfg = _cfg(norm_topk_prob=norm, routed_scaling=scaling)
+    rng = np.random.default_rng(1)
+    for trial in range(50):
+        scores = rowops.softmax_rows(rng.standard_normal((1, 16)).astype(np.float32) * 3)
+        if trial % 5 == 0:
+            scores[0, 3] = scores[0, 9] = scores[0].max()  # a tie: the lower index first
+        want_e, want_w = pieces.top_k(cfg, SimpleNamespace(expert_bias=None), scores)
+        got_e, got_w = np.empty(4, np.int64), np.empty(4, np.float32)
+        rowops.top_k_into(scores[0], 4, norm, np.float32(scaling), got_e, got_w)
+        assert np.array_equal(got_e, want_e[0]) and np.array_equal(_bits(got_w), _bits(want_w[0]))
+
+
+@pytest.mark.parametrize("rd", [32, 16])
+def test_rotary_is_the_general_paths(rd: int) -> None:
+    cfg = _cfg(rope_dim=rd if rd != 32 else 0, rope_theta=10000.0)
+    rng = np.random.default_rng(rd)
+    for pos in (0, 5, 127):
+        x = rng.standard_normal((1, 3, 32)).astype(np.float32)
+        want = pieces.rotary(cfg, x, np.array([pos]))
+        cos, sin = pieces._cos_sin(cfg.rope_theta, cfg.rotary_dim, None, cfg.rope_attn_factor,
+                                   np.array([pos], np.int64).tobytes(), np.dtype(np.float32).str)
+        got = x.reshape(-1).copy()
+        rowops.rotate_into(got, 3, 32, cfg.rotary_dim, cos.reshape(-1), sin.reshape(-1))
+        assert np.array_equal(_bits(got), _bits(want.reshape(-1)))
+
+
+def test_router_product_and_softmax() -> None:
+    rng = np.random.default_rng(2)
+    x, a = rng.standard_normal((3, 2050)).astype(np.float32), rng.standard_normal((128, 2050)).astype(np.float32)
+    got = rowops.dense_rows(x, a)  # its own fixed order: close to the float64 product
+    np.testing.assert_allclose(got, x.astype(np.float64) @ a.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    assert np.array_equal(_bits(got[1:2]), _bits(rowops.dense_rows(x[1:2], a)))  # each row alone
+    p = rowops.softmax_rows(got)
+    np.testing.assert_allclose(p, pieces.softmax(got.astype(np.float64)), rtol=1e-5, atol=1e-7)
+    assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- whole steps
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Layouts the compiled step takes: the trained fixture (q4_0, q4_k), Mixtral, Qwen3-MoE (per-head q/k norm, every
+    layer with experts) and OLMoE (q/k norm over the projection, no renormalisation) at q8_0."""
+    from fixtures.tiny_families import build_hf
+    from fixtures.tiny_mixtral import build_all
+
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for dtype in ("q4_0", "q4_k"):
+        out[f"trained-{dtype}"] = convert(TRAINED, root / f"trained-{dtype}", ConvertOptions(dtype=dtype, progress=False)).out
+    mixtral = build_all(root / "mixtral-src", seed=3)["hf"]
+    out["mixtral"] = convert(mixtral, root / "mixtral", ConvertOptions(dtype="q8_0", progress=False)).out
+    for family, kw in (("qwen3_moe", {"mlp_only_layers": []}), ("olmoe", {})):
+        src = build_hf(family, root / f"{family}-src", seed=4, **kw)
+        out[family] = convert(src, root / family, ConvertOptions(dtype="q8_0", progress=False)).out
+    return out
+
+
+def _all_resident(eng: Engine) -> None:
+    cfg = eng.config
+    eng.cache.prefetch([(la, e) for la in range(cfg.n_layers) for e in range(cfg.n_experts)])
+    deadline = time.monotonic() + 60
+    while eng.cache.slot_table() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError("the experts did not all load")
+        time.sleep(0.01)
+
+
+def _run(layout: Path, compiled: bool, kv_dtype: str = "f16", prefetch: str = "lookahead") -> dict[str, object]:
+    trace: list[tuple[int, int, list[int], bytes]] = []
+    with Engine.open(layout, kernels="int8", compiled_step=compiled, kv_dtype=kv_dtype, prefetch=prefetch,
+                     trace=lambda pos, layer, chosen, w: trace.append((int(pos[0]), layer, chosen.tolist(),
+                                                                       _bits(w).tobytes()))) as eng:
+        _all_resident(eng)
+        assert (eng.model.fused is not None) == compiled
+        vocab = eng.config.vocab_size
+        logits = [eng.forward([1, 5, 9, 2])]  # a prompt: the general path either way
+        logits += [eng.forward([(7 + 31 * i) % vocab]) for i in range(12)]
+        c = eng.cache
+        return dict(logits=np.concatenate(logits), trace=trace, steps=eng.stats()["compiled_steps"],
+                    last_x=eng.model.last_x.copy(),
+                    counts=(c.stats.lookups, c.stats.hits, c.stats.misses, c.stats.prefetch_used, c.clock,
+                            c.current_layer),
+                    estimates=[a.copy() for a in (c.freq, c.totals, c.last_chosen, c.repeat_hits, c.repeat_total,
+                                                  c.k_seen, c.slot_last)])
+
+
+@pytest.mark.parametrize("name", ["trained-q4_0", "trained-q4_k", "mixtral", "qwen3_moe", "olmoe"])
+def test_compiled_steps_are_the_steps_piece_by_piece(layouts: dict[str, Path], name: str) -> None:
+    got, want = _run(layouts[name], True), _run(layouts[name], False)
+    assert got["steps"] == 12 and want["steps"] == 0
+    assert np.array_equal(_bits(got["logits"]), _bits(want["logits"]))
+    assert np.array_equal(_bits(got["last_x"]), _bits(want["last_x"]))
+    assert got["trace"] == want["trace"] and got["counts"] == want["counts"]
+    for a, b in zip(got["estimates"], want["estimates"], strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_float32_kv_and_markov_prefetch(layouts: dict[str, Path]) -> None:
+    got = _run(layouts["qwen3_moe"], True, kv_dtype="f32", prefetch="markov")
+    want = _run(layouts["qwen3_moe"], False, kv_dtype="f32", prefetch="markov")
+    assert got["steps"] == 12 and np.array_equal(_bits(got["logits"]), _bits(want["logits"]))
+    assert got["counts"] == want["counts"]
+
+
+def test_greedy_generation_unchanged(layouts: dict[str, Path]) -> None:
+    out = {}
+    for compiled in (True, False):
+        with Engine.open(layouts["trained-q4_0"], kernels="int8", compiled_step=compiled) as eng:
+            out[compiled] = [t.id for t in eng.generate("ROMEO:", max_tokens=48)]
+            steps = eng.stats()["compiled_steps"]
+        assert (steps > 0) == compiled  # the fixture's 32 experts are all read within its first tokens
+    assert out[True] == out[False]
+
+
+def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
+    lay = layouts["trained-q4_0"]
+    with Engine.open(lay, kernels="exact") as eng:
+        assert eng.model.fused is None
+    with Engine.open(lay, kernels="int8", io="mmap") as eng:  # slots are mappings: no arena to address
+        assert eng.model.fused is None
+    with Engine.open(lay, kernels="int8", approx=Approx(topk_tau=0.3)) as eng:
+        assert eng.model.fused is None
+    with Engine.open(lay, kernels="int8", kv_dtype="q8_0") as eng:  # a KV type it does not write
+        _all_resident(eng)
+        eng.forward([1, 2, 3])
+        eng.forward([4])
+        assert eng.stats()["compiled_steps"] == 0
+    with Engine.open(lay, kernels="int8", cache_mb=1) as eng:  # never every expert resident: piece by piece
+        assert eng.model.fused is not None
+        small = np.concatenate([eng.forward([i]) for i in range(1, 10)])
+        assert eng.stats()["compiled_steps"] == 0
+    with Engine.open(lay, kernels="int8") as eng:
+        _all_resident(eng)
+        whole = np.concatenate([eng.forward([i]) for i in range(1, 10)])
+        assert eng.stats()["compiled_steps"] == 9
+        a, b = eng.new_sequence(), eng.new_sequence()  # two sequences in one step: the general path
+        eng.step([(a, [5]), (b, [6])])
+        assert eng.stats()["compiled_steps"] == 9
+    assert np.array_equal(_bits(small), _bits(whole))
+
+
+def test_record_layers_is_record_routing_per_layer() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mertools.runtime.cache import ExpertCache
+
+    rng = np.random.default_rng(5)
+    with ThreadPoolExecutor(1) as ex:
+        a, b = (ExpertCache(4, 6, 16, lambda *args: None, ex) for _ in range(2))
+        for _ in range(30):
+            chosen = np.stack([rng.choice(16, 4, replace=False) for _ in range(6)])
+            a.record_layers(chosen)
+            for layer in range(6):
+                b.record_routing(layer, chosen[layer])
+        for name in ("freq", "totals", "last_chosen", "repeat_hits", "repeat_total", "k_seen"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
