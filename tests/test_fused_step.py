@@ -90,6 +90,20 @@ def test_rotary_is_the_general_paths(rd: int) -> None:
         assert np.array_equal(_bits(got), _bits(want.reshape(-1)))
 
 
+@pytest.mark.parametrize("rd", [6, 24, 64, 128])
+@pytest.mark.parametrize("yarn", [None, (8.0, 64, 32.0, 1.0, False)])
+def test_rotary_chunks_are_each_positions_own(rd: int, yarn: tuple | None) -> None:
+    """The compiled step takes cos/sin from a table of ROPE_CHUNK positions computed at once: each row is what the
+    general path computes for that position alone."""
+    from mertools.runtime.fused import ROPE_CHUNK
+
+    positions = np.arange(ROPE_CHUNK, 2 * ROPE_CHUNK, dtype=np.int64)
+    cos, sin = pieces._cos_sin.__wrapped__(10000.0, rd, yarn, 0.9, positions.tobytes(), "<f4")
+    for i in range(0, ROPE_CHUNK, 5):
+        c, s = pieces._cos_sin(10000.0, rd, yarn, 0.9, positions[i:i + 1].tobytes(), "<f4")
+        assert np.array_equal(_bits(c), _bits(cos[i:i + 1])) and np.array_equal(_bits(s), _bits(sin[i:i + 1]))
+
+
 def test_router_product_and_softmax() -> None:
     rng = np.random.default_rng(2)
     x, a = rng.standard_normal((3, 2050)).astype(np.float32), rng.standard_normal((128, 2050)).astype(np.float32)
@@ -127,7 +141,7 @@ def _all_resident(eng: Engine) -> None:
     cfg = eng.config
     eng.cache.prefetch([(la, e) for la in range(cfg.n_layers) for e in range(cfg.n_experts)])
     deadline = time.monotonic() + 60
-    while eng.cache.slot_table() is None:
+    while (eng.cache.slot_of < 0).any():
         if time.monotonic() > deadline:
             raise AssertionError("the experts did not all load")
         time.sleep(0.01)
@@ -170,6 +184,25 @@ def test_float32_kv_and_markov_prefetch(layouts: dict[str, Path]) -> None:
     assert got["counts"] == want["counts"]
 
 
+@pytest.mark.parametrize("name", ["trained-q4_0", "qwen3_moe"])
+def test_a_step_with_an_expert_to_read_is_finished_piece_by_piece(layouts: dict[str, Path], name: str) -> None:
+    """A fresh engine (every expert fits, none read yet): the compiled call stops at the first layer that chose an
+    expert not yet resident, the general path reads it and finishes the step; the logits are those of every step
+    taken piece by piece."""
+    out, counts = {}, {}
+    for compiled in (True, False):
+        with Engine.open(layouts[name], kernels="int8", compiled_step=compiled, prefetch="none") as eng:
+            vocab = eng.config.vocab_size
+            out[compiled] = np.concatenate([eng.forward([1, 2, 3])] + [eng.forward([(5 + 17 * i) % vocab])
+                                                                       for i in range(40)])
+            counts[compiled] = (eng.cache.stats.lookups, eng.cache.stats.hits, eng.cache.stats.misses)
+            if compiled:
+                fused = eng.model.fused
+                assert fused.partial > 0 and fused.steps > 0 and fused.partial + fused.steps == 40
+    assert np.array_equal(_bits(out[True]), _bits(out[False]))
+    assert counts[True] == counts[False]  # without prefetch guesses, the same reads
+
+
 def test_greedy_generation_unchanged(layouts: dict[str, Path]) -> None:
     out = {}
     for compiled in (True, False):
@@ -193,10 +226,9 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
         eng.forward([1, 2, 3])
         eng.forward([4])
         assert eng.stats()["compiled_steps"] == 0
-    with Engine.open(lay, kernels="int8", cache_mb=1) as eng:  # never every expert resident: piece by piece
-        assert eng.model.fused is not None
+    with Engine.open(lay, kernels="int8", cache_mb=1) as eng:  # streaming: the general path and its prefetches
+        assert eng.model.fused is None
         small = np.concatenate([eng.forward([i]) for i in range(1, 10)])
-        assert eng.stats()["compiled_steps"] == 0
     with Engine.open(lay, kernels="int8") as eng:
         _all_resident(eng)
         whole = np.concatenate([eng.forward([i]) for i in range(1, 10)])

@@ -21,6 +21,7 @@ from numba.extending import overload
 from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
 from .int8 import GROUP, _pair, _slot_view, quantize_act
+from .matmul_kernels import get_rows
 from .matvec_kernels import silu_mul_scalar
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
 
@@ -119,20 +120,25 @@ def _experts(h, experts, offs, kinds, rbs, d_ff, y):
 
 
 @njit(**MATVEC_JIT)
-def decode_step(x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin, kv_k, kv_v, windows,
-                sinks, divisor, eps, experts, slot_bytes, slots, geometry, k, norm, scaling, logits, chosen, weights):
+def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
+                kv_k, kv_v, windows, sinks, divisor, eps, experts, slot_bytes, slots, geometry, k, norm, scaling, logits,
+                chosen, weights):
     """One token through every layer, then the output norm and head.
 
-    x (d,) float32: the token's embedding, the final hidden state on return (before the norm); pos: its position.
+    token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
+    x (d,) float32: its embedding here, the final hidden state on return (before the norm); pos: its position.
     arena: the dense matrices' bytes; mats (L, 4, 4) int64 per layer q, k, v, o as (offset, type code, rows, row
     bytes), head (4,) the output's. vec: float32 arena of vectors, vec_at (L, VECTORS) their offsets (-1: none),
     out_norm the output norm's. routers (L, E, d) float32. shape: see NH..DFF. cos, sin (rd / 2,) float32 at pos.
     kv_k, kv_v (L, capacity, nkv, hd): the sequence's cache (f16 bits or float32), position pos written here.
     windows (L,) int64 (0: full), sinks (nh,) float32 -inf (none). experts: the cache's arena, slots (L, E) each
-    expert's slot (every expert resident), geometry (L, E, 3, 3) per role (offset in its slot, type code, row
-    bytes). k experts per token, `norm` renormalise, `scaling` the routed scaling. Writes logits (vocab,),
-    chosen (L, k) int64, weights (L, k) float32."""
+    expert's slot, -1 when it is not resident; geometry (L, E, 3, 3) per role (offset in its slot, type code, row
+    bytes). k experts per token, `norm` renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and
+    weights (L, k) float32 layer by layer, and logits (vocab,). Returns L when done; or, at the first layer one of
+    whose chosen experts is not resident, that layer, x then its input plus its attention (its keys and values
+    stored): the rest is the caller's."""
     d = x.size
+    get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
     nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]
     h = np.empty(d, np.float32)
     q, kk, v = np.empty(nh * hd, np.float32), np.empty(nkv * hd, np.float32), np.empty(nkv * hd, np.float32)
@@ -171,6 +177,9 @@ def decode_step(x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape
         softmax_into(scores, scores)
         top_k_into(scores, k, norm, scaling, chosen[layer], weights[layer])
         for c in range(k):
+            if slots[layer, chosen[layer, c]] < 0:
+                return layer  # an expert to read first: the caller goes on from this layer's experts
+        for c in range(k):
             e = chosen[layer, c]
             for r in range(3):
                 offs[c, r] = slots[layer, e] * slot_bytes + geometry[layer, e, r, 0]
@@ -187,3 +196,4 @@ def decode_step(x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape
     rms_norm_into(x, out_norm, eps, h)
     hq, hdx, hnsum, hxs = quantize_act(h.reshape(1, d))
     _matvec(arena, head, hq[0], hdx[0], hnsum[0], hxs[0], logits)
+    return mats.shape[0]

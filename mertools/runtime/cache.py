@@ -97,8 +97,9 @@ class ExpertCache:
         self.slot_layer = np.zeros(n_slots, np.int64)
         self.slot_expert = np.zeros(n_slots, np.int64)
         self.slot_last = np.zeros(n_slots, np.int64)
-        self.version = 0  # counts changes of what is resident (a load started, finished or dropped, an eviction)
-        self._table: tuple[int, np.ndarray | None] = (-1, None)  # slot_table's answer and the version it is for
+        # each expert's slot while it is resident (loaded, not loading), else -1; kept as entries change, for the
+        # compiled decode step (runtime/fused.py), which looks its experts up in it
+        self.slot_of = np.full((n_layers, n_experts), -1, np.int64)
         # a subclass that redefines `_score` (benchmarks/routing.py's oracle) is searched entry by entry with it
         self._scalar = type(self)._score is not ExpertCache._score
 
@@ -149,7 +150,7 @@ class ExpertCache:
         if victim is None:
             return None
         del self.entries[victim.key]
-        self.version += 1
+        self.slot_of[victim.key] = -1
         self.stats.evictions += 1
         if victim.prefetched:
             self.stats.prefetch_wasted += 1
@@ -162,7 +163,7 @@ class ExpertCache:
         entry = _Entry(key, slot, prefetched=prefetched,
                        cancel=threading.Event() if prefetched else None)
         self.entries[key] = entry
-        self.version += 1
+        self.slot_of[key] = -1
         if prefetched:
             self.speculative.add(key)
         self.stats.loads += 1
@@ -193,7 +194,7 @@ class ExpertCache:
             entry = self.entries.get(key)
             if entry is not None and entry.slot == slot:
                 entry.loading = entry.cancelled = False  # a cancel that came too late: it is all there
-                self.version += 1
+                self.slot_of[key] = slot
             self.lock.notify_all()
 
     def _drop(self, key: Key, slot: int) -> None:
@@ -203,7 +204,7 @@ class ExpertCache:
         if entry is not None and entry.slot == slot:
             del self.entries[key]
             self.free.append(slot)
-            self.version += 1
+            self.slot_of[key] = -1
         self.lock.notify_all()
 
     def note_layer(self, layer: int) -> None:
@@ -228,21 +229,23 @@ class ExpertCache:
             self.k_seen[layer] = max(1.0, float(len(chosen)))
 
     def record_layers(self, chosen: np.ndarray, decay: float = 0.995) -> None:
-        """`record_routing(layer, chosen[layer])` for every layer in order, as whole-array operations (the same
-        numbers: each layer's updates touch only its own rows)."""
-        mask = np.zeros((self.n_layers, self.n_experts), bool)
-        mask[np.arange(len(chosen))[:, None], chosen] = True
+        """`record_routing(layer, chosen[layer])` for the first len(chosen) layers in order, as whole-array operations
+        (the same numbers: each layer's updates touch only its own rows)."""
+        n = len(chosen)
+        mask = np.zeros((n, self.n_experts), bool)
+        mask[np.arange(n)[:, None], chosen] = True
         with self.lock:
-            self.freq *= decay
-            self.freq[mask] += 1.0
-            self.totals[:] = np.cumsum(self.freq, axis=1)[:, -1]
-            last = self.last_chosen
+            freq = self.freq[:n]
+            freq *= decay
+            freq[mask] += 1.0
+            self.totals[:n] = np.cumsum(freq, axis=1)[:, -1]
+            last = self.last_chosen[:n]
             seen = last.any(axis=1)
             hits, held = (last & mask).sum(axis=1), last.sum(axis=1)
-            self.repeat_hits[seen] = self.repeat_hits[seen] * decay + hits[seen]
-            self.repeat_total[seen] = self.repeat_total[seen] * decay + held[seen]
+            self.repeat_hits[:n][seen] = self.repeat_hits[:n][seen] * decay + hits[seen]
+            self.repeat_total[:n][seen] = self.repeat_total[:n][seen] * decay + held[seen]
             last[:] = mask
-            self.k_seen[:] = np.maximum(1.0, mask.sum(axis=1))
+            self.k_seen[:n] = np.maximum(1.0, mask.sum(axis=1))
 
     def seed(self, freq: list[list[float]], k: list[float]) -> None:
         """Start the "lfd" policy's usage estimates from a routing history (history.py) instead of nothing:
@@ -379,21 +382,6 @@ class ExpertCache:
         """Whether every key is loaded now (not loading, not called off); a pure query."""
         with self.lock:
             return all((e := self.entries.get(k)) is not None and not e.loading and not e.cancelled for k in keys)
-
-    def slot_table(self) -> np.ndarray | None:
-        """int64 (n_layers, n_experts): each expert's slot, when every expert of the model is resident (none loading
-        or called off), else None; a pure query, recomputed only after what is resident changed."""
-        with self.lock:
-            version, table = self._table
-            if version != self.version:
-                table = None
-                if len(self.entries) == self.n_layers * self.n_experts and all(
-                        not e.loading and not e.cancelled for e in self.entries.values()):
-                    table = np.full((self.n_layers, self.n_experts), -1, np.int64)
-                    for (layer, expert), e in self.entries.items():
-                        table[layer, expert] = e.slot
-                self._table = (self.version, table)
-            return table
 
     def touch(self, chosen: np.ndarray) -> None:
         """What `acquire` of each layer's chosen experts (chosen (n_layers, k), all resident) counts, layer by layer,

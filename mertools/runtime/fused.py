@@ -2,11 +2,14 @@
 
 It applies to models of the standard pieces (Mixtral-, Qwen3-MoE- and OLMoE-like: softmax router, top-k, SwiGLU
 experts, grouped-query attention with rotary, q/k norms per head or over the projection, no biases), every layer
-with routed experts, in
-the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins; and, per step, to one sequence
-decoding one token with an f16 or float32 KV cache while every expert of the model is resident in the cache's
-arena (a model in RAM after its first tokens; slots cannot change under the call, since it needs none loaded).
-Otherwise the general path runs, which computes the same bits (the compiled step calls the same pieces).
+with routed experts, in the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins, and an
+expert cache that holds every expert in its own arena (a model in RAM); per step, to one sequence decoding one
+token with an f16 or float32 KV cache. The call goes layer by layer until a layer chooses an expert that is not
+resident yet (a model's first tokens read its experts); that layer's experts and the layers after it are then
+the general path's, which computes the same bits (the compiled step calls the same pieces). Slots cannot change
+under the call: the engine's thread is in it, and only that thread starts loads or evicts; a load completing
+meanwhile only turns a slot from -1 to its number. With a cache smaller than the experts, every step takes the
+general path, whose prefetch guesses matter there.
 
 What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
 its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
@@ -23,7 +26,6 @@ import numpy as np
 from ..families.pieces import STANDARD, _cos_sin
 from ..kernels import step as kstep
 from ..kernels.attention import _no_sinks
-from ..kernels.matmul import get_rows
 from ..layout.config import GatingFunc, QKNorm, RopeScaling
 from .batch import KVCache
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from .model import MoEModel
 
 ALIGN = 64  # each dense matrix starts on a cache line of the arena
+ROPE_CHUNK = 256  # positions whose rotary angles are computed at once
 
 
 class DenseArena:
@@ -71,6 +74,8 @@ def _unsupported(model: MoEModel) -> str | None:
         return "approximate or replayed routing"
     if moe.store.arena_bytes is None:
         return "expert slots that are mappings of the files"
+    if model.cache.n_slots < cfg.n_layers * cfg.n_experts:
+        return "an expert cache smaller than the experts (streaming: the general path prefetches)"
     if not all(all(flags) for flags in moe.full.int8.values()):
         return "an expert type without 8-bit kernels"
     if cfg.rope_scaling not in (RopeScaling.NONE, RopeScaling.YARN):
@@ -126,27 +131,27 @@ class FusedStep:
         if cfg.rope_scaling is RopeScaling.YARN:
             self.yarn = (cfg.rope_factor, cfg.rope_original_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
                          cfg.yarn_truncate)
-        self.dtype = np.dtype(np.float32).str  # rotary's cos/sin are cached per (positions, dtype)
+        self.embed = model.weights.embed.checked  # rows looked up as the file holds them (never packed)
+        self._rope: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0), np.empty(0))  # a chunk of positions' cos/sin
         self.divisor, self.eps = float(cfg.softmax_divisor), float(cfg.norm_eps)
         self.scaling = np.float32(cfg.routed_scaling)
-        self.steps = 0  # steps run compiled
+        self.steps = 0  # steps run compiled to the end
+        self.partial = 0  # steps the compiled call began and the general path finished (an expert to read)
 
     @classmethod
     def of(cls, model: MoEModel) -> FusedStep | None:
         return None if _unsupported(model) is not None else cls(model)
 
-    def run(self, items, apart, observed: bool) -> list[np.ndarray] | None:  # noqa: ANN001 - forward_batch's
-        """The logits forward_batch returns, or None when this step is not one the compiled call takes."""
+    def run(self, items, observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray] | None:  # noqa: ANN001
+        """forward_batch's items -> the logits it returns; or (layer, x (1, d_model)) when the call stopped at a layer
+        with an expert to read (x: its input plus its attention, the keys and values stored); or None when this step
+        is not one the compiled call takes."""
         if len(items) != 1:
             return None
         kv, ids = items[0]
         if len(ids) != 1 or kv.dtype not in ("f16", "f32"):
             return None
-        slots = self.model.cache.slot_table()
-        if slots is None:
-            return None
-        self.steps += 1
-        return [self._step(kv, int(ids[0]), slots, observed)]
+        return self._step(kv, int(ids[0]), self.model.cache.slot_of, observed)
 
     def warmup(self, kv: KVCache, token: int) -> None:
         """Compile (or load) the step before anything is timed: one call on a scratch sequence `kv`, every expert
@@ -155,28 +160,47 @@ class FusedStep:
             slots = np.zeros((self.model.cfg.n_layers, self.model.cfg.n_experts), np.int64)
             self._step(kv, token, slots, observed=False, account=False)
 
-    def _step(self, kv: KVCache, token: int, slots: np.ndarray, observed: bool, account: bool = True) -> np.ndarray:
+    def _step(self, kv: KVCache, token: int, slots: np.ndarray, observed: bool, account: bool = True
+              ) -> list[np.ndarray] | tuple[int, np.ndarray]:
         model, cfg = self.model, self.model.cfg
         pos = kv.length
         kv.ensure(pos + 1)
-        embed = model.weights.embed
-        x = get_rows(embed.raw, embed.dtype, np.array([token], np.int64), cfg.d_model)[0]
-        cos, sin = _cos_sin(cfg.rope_theta, cfg.rotary_dim, self.yarn, cfg.rope_attn_factor,
-                            np.array([pos], np.int64).tobytes(), self.dtype)
+        x = np.empty(cfg.d_model, np.float32)
+        cos, sin = self._rotary(pos)
         logits = np.empty(cfg.vocab_size, np.float32)
         k = cfg.n_experts_used
         chosen = np.empty((cfg.n_layers, k), np.int64)
         weights = np.empty((cfg.n_layers, k), np.float32)
         store = model.moe.store
-        kstep.decode_step(x, pos, model.dense_arena.buf, self.mats, self.head, self.vec, self.vec_at, self.out_norm,
-                          self.routers, self.shape, cos.reshape(-1), sin.reshape(-1), kv.k, kv.v, self.windows,
-                          self.sinks, self.divisor, self.eps, store.arena_bytes, store.slot_bytes, slots, self.geometry,
-                          k, cfg.norm_topk_prob, self.scaling, logits, chosen, weights)
+        done = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
+                                 self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
+                                 kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.arena_bytes,
+                                 store.slot_bytes, slots, self.geometry, k, cfg.norm_topk_prob, self.scaling, logits,
+                                 chosen, weights)
+        if account:
+            self._account(pos, chosen[:done], weights[:done], observed)
+        if done < cfg.n_layers:
+            self.partial += 1
+            return done, x.reshape(1, -1)
         kv.length += 1
         if account:
+            self.steps += 1
             model.last_x = x.reshape(1, -1)
-            self._account(pos, chosen, weights, observed)
-        return logits.reshape(1, -1)
+        return [logits.reshape(1, -1)]
+
+    def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin (rd / 2,) float32 at `pos`, as `pieces.rotary` computes them for that position alone: one
+        computation per ROPE_CHUNK positions, the last chunk kept (numpy computes each row of a table as it computes
+        that row alone; tests/test_fused_step.py holds it to that)."""
+        chunk, cos, sin = self._rope
+        if pos // ROPE_CHUNK != chunk:
+            cfg, chunk = self.model.cfg, pos // ROPE_CHUNK
+            positions = np.arange(chunk * ROPE_CHUNK, (chunk + 1) * ROPE_CHUNK, dtype=np.int64)
+            cos, sin = _cos_sin.__wrapped__(cfg.rope_theta, cfg.rotary_dim, self.yarn, cfg.rope_attn_factor,
+                                            positions.tobytes(), np.dtype(np.float32).str)
+            cos, sin = cos[:, 0], sin[:, 0]
+            self._rope = (chunk, cos, sin)
+        return cos[pos % ROPE_CHUNK], sin[pos % ROPE_CHUNK]
 
     def _account(self, pos: int, chosen: np.ndarray, weights: np.ndarray, observed: bool) -> None:
         """What the general path records around its kernels, per layer in order (`StreamingMoE._observe`, the
@@ -193,4 +217,5 @@ class FusedStep:
                     hooks.history.record(layer, row, None)
                 prefetcher.observe(layer, row)
             cache.record_layers(chosen)
-        cache.touch(chosen)
+        if len(chosen):
+            cache.touch(chosen)

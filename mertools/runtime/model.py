@@ -118,16 +118,23 @@ class MoEModel:
         A sequence whose `apart` is true (speculative verification) has each row computed alone, its logits bit
         for bit those of a decode step of that token, and gets the logits of every row. Returns per sequence the
         logits (n, vocab) of every new position, or only of its last."""
-        if self.fused is not None and (out := self.fused.run(items, apart, observed)) is not None:
-            return out
+        start, x, resumed = 0, None, False
+        if self.fused is not None and (done := self.fused.run(items, observed)) is not None:
+            if isinstance(done, list):
+                return done
+            # the compiled call stopped at layer `start` (an expert to read), its attention done: the rest here
+            (start, x), resumed = done, True
         cfg = self.cfg
         batch = Batch.of(items, apart, observed)
         ops = RuntimeOps(batch, self.kernels == "int8")
-        embed = self.weights.embed
-        x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)  # (N, d_model)
-        for layer, w in enumerate(self.layers):
+        if x is None:
+            embed = self.weights.embed
+            x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)  # (N, d_model)
+        for layer in range(start, cfg.n_layers):
+            w = self.layers[layer]
             self.cache.note_layer(layer)
-            x = x + self._attention(layer, w, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops)
+            if not (resumed and layer == start):
+                x = x + self._attention(layer, w, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops)
             x = x + self._ffn(layer, w, x, batch, ops)
         batch.commit()
         self.last_x = x
