@@ -92,6 +92,7 @@ class ExpertCache:
         self.repeat_hits = np.zeros(n_layers)
         self.repeat_total = np.zeros(n_layers)
         self.k_seen = np.ones(n_layers)
+        self.learns = n_slots < n_layers * n_experts  # with a slot for every expert no victim is ever chosen
         # each slot's (layer, expert) and the clock at its last use (LRU's order, lfd's tie-break), as arrays so a
         # victim search reads them for every candidate at once
         self.slot_layer = np.zeros(n_slots, np.int64)
@@ -213,6 +214,10 @@ class ExpertCache:
             self.current_layer = layer
 
     def record_routing(self, layer: int, experts: Iterable[int], decay: float = 0.995) -> None:
+        """The policy's usage estimates learn a layer's choice; not kept by a cache that holds every expert, which
+        never looks for a victim (its estimates would never be read)."""
+        if not self.learns:
+            return
         chosen = set(int(e) for e in experts)
         with self.lock:
             row = self.freq[layer]
@@ -231,19 +236,22 @@ class ExpertCache:
     def record_layers(self, chosen: np.ndarray, decay: float = 0.995) -> None:
         """`record_routing(layer, chosen[layer])` for the first len(chosen) layers in order, as whole-array operations
         (the same numbers: each layer's updates touch only its own rows)."""
+        if not self.learns:
+            return
         n = len(chosen)
         mask = np.zeros((n, self.n_experts), bool)
-        mask[np.arange(n)[:, None], chosen] = True
+        np.put_along_axis(mask, chosen, True, axis=1)
         with self.lock:
             freq = self.freq[:n]
             freq *= decay
-            freq[mask] += 1.0
+            freq += mask  # + 1 where chosen (+ 0 elsewhere changes nothing: the counts are never -0)
             self.totals[:n] = np.cumsum(freq, axis=1)[:, -1]
             last = self.last_chosen[:n]
-            seen = last.any(axis=1)
-            hits, held = (last & mask).sum(axis=1), last.sum(axis=1)
-            self.repeat_hits[:n][seen] = self.repeat_hits[:n][seen] * decay + hits[seen]
-            self.repeat_total[:n][seen] = self.repeat_total[:n][seen] * decay + held[seen]
+            held = last.sum(axis=1)
+            seen = held > 0
+            hits = (last & mask).sum(axis=1)
+            np.copyto(self.repeat_hits[:n], self.repeat_hits[:n] * decay + hits, where=seen)
+            np.copyto(self.repeat_total[:n], self.repeat_total[:n] * decay + held, where=seen)
             last[:] = mask
             self.k_seen[:n] = np.maximum(1.0, mask.sum(axis=1))
 
