@@ -61,6 +61,35 @@ def test_activations_are_ggml_q8_0() -> None:
     assert np.array_equal(_bits(xs), _bits(ref.quantize_act(x)[2]))
 
 
+def test_activation_rounding_is_roundf_for_every_float_it_meets() -> None:
+    """The vector rounding (trunc(|v| + 0.49999997) with v's sign) is C's roundf then the int8 cast for every float32
+    a quant can be (|v| <= 128.5, both signs: every 61st bit pattern, and every pattern within 64 of each half-integer
+    and integer), and NaN gives 0, as the scalar definition `_roundf_low_byte`."""
+    from numba import njit
+
+    from mertools.dtypes.q8_0 import _roundf_low_byte
+    from mertools.kernels.simd8 import q8_round32
+
+    @njit
+    def mismatches(bits):
+        x, q, bad = np.empty(32, np.float32), np.empty(32, np.uint8), 0
+        for s in range(0, bits.size - bits.size % 32, 32):
+            x[:] = bits[s:s + 32].view(np.float32)
+            q8_round32(x, 0, np.float32(1.0), q, 0)
+            for j in range(32):
+                bad += q[j] != _roundf_low_byte(x[j])
+        return bad
+
+    top = int(np.array(128.5, np.float32).view(np.uint32))
+    near = np.array([k / 2 for k in range(258)], np.float32).view(np.uint32).astype(np.int64)
+    near = (near[:, None] + np.arange(-64, 65)).ravel()
+    pos = np.concatenate([np.arange(0, top + 1, 61), near[(near >= 0) & (near <= top)]]).astype(np.uint32)
+    special = np.array([np.nan, np.inf, 0.0], np.float32).view(np.uint32)
+    bits = np.concatenate([pos, pos | np.uint32(0x80000000), special, special | np.uint32(0x80000000)])
+    bits = np.concatenate([bits, np.zeros((-bits.size) % 32, np.uint32)])
+    assert mismatches(bits) == 0
+
+
 SHAPES = [(4, 256, 1), (12, 512, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3), (4, 32, 1), (12, 96, 2), (7, 256, 2)]
 
 

@@ -31,12 +31,25 @@ import numpy as np
 from numba import njit, prange
 
 from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
-from mertools.dtypes.q8_0 import _roundf_low_byte
 from mertools.errors import QuantizationError
-from mertools.kernels.common import MATVEC_JIT, f16_bits_to_f32, f32_to_f16_bits, prefetch_lines
+from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
-from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, halves4x4, hi4, ishl, ivload4x4, lo4, quad_sum
+from mertools.kernels.simd8 import (
+    absmax32,
+    bytes16x4,
+    bytes64,
+    dpbusd,
+    half_round,
+    halves4x4,
+    hi4,
+    ishl,
+    ivload4x4,
+    lo4,
+    neg_quad_sums,
+    q8_round32,
+    quad_sum,
+)
 
 __all__ = ["GROUP", "INT8_DTYPES", "experts_swiglu8", "matmul8", "pack", "packable", "prepare", "quantize_act", "swiglu8",
            "takes"]
@@ -123,23 +136,13 @@ def _quantize_rows(x, xq, dx, nsum, xs):
     float32, nsum[4b + j] minus the sum of the block's quants in lane j (weights 4j..4j+3 and 16+4j..16+4j+3),
     xs[b] = dx[b] * the sum of the block's quants (float32)."""
     for i in range(x.shape[0]):
+        xi, qi = x[i], xq[i]
         for b in range(x.shape[1] // 32):
-            base = b * 32
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[i, base + j]))
-            d = amax / np.float32(127.0)
+            d = absmax32(xi, 32 * b) / np.float32(127.0)
             inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-            dx[i, b] = f16_bits_to_f32(f32_to_f16_bits(d))
-            for j in range(4):
-                nsum[i, 4 * b + j] = 0
-            total = 0
-            for j in range(32):
-                q = _roundf_low_byte(x[i, base + j] * inv)
-                xq[i, base + j] = q
-                v = q - 256 if q >= 128 else q
-                nsum[i, 4 * b + (j % 16) // 4] -= v
-                total += v
+            dx[i, b] = half_round(d)
+            s = q8_round32(xi, 32 * b, inv, qi, 32 * b)  # lane j: quants j and 16 + j
+            total = neg_quad_sums(s, nsum[i], 4 * b)
             xs[i, b] = dx[i, b] * np.float32(total)
 
 
