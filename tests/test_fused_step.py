@@ -203,6 +203,40 @@ def test_a_step_with_an_expert_to_read_is_finished_piece_by_piece(layouts: dict[
     assert counts[True] == counts[False]  # without prefetch guesses, the same reads
 
 
+def _batched(layout: Path, compiled: bool, preload: bool) -> dict[str, object]:
+    """Three sequences decoding together (the server's steps), after prompts of their own."""
+    trace: list[tuple[list[int], int, list[int], bytes]] = []
+    with Engine.open(layout, kernels="int8", compiled_step=compiled, prefetch="none",
+                     trace=lambda pos, layer, chosen, w: trace.append((pos.tolist(), layer, chosen.tolist(),
+                                                                       _bits(w).tobytes()))) as eng:
+        if preload:
+            _all_resident(eng)
+        seqs = [eng.new_sequence() for _ in range(3)]
+        eng.step([(s, [1 + i, 7, 9 + i]) for i, s in enumerate(seqs)])
+        vocab, out = eng.config.vocab_size, []
+        for t in range(10):
+            live = seqs if t % 4 else seqs[:2]  # steps of two and of three sequences
+            out += eng.step([(s, [(5 + 13 * t + 7 * i) % vocab]) for i, s in enumerate(live)])
+        c, fused = eng.cache, eng.model.fused
+        return dict(logits=np.stack(out), trace=trace, last_x=eng.model.last_x.copy(),
+                    counts=(c.stats.lookups, c.stats.hits, c.stats.misses, c.clock),
+                    steps=(fused.steps, fused.partial) if fused else (0, 0))
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_steps_of_several_sequences(layouts: dict[str, Path], preload: bool) -> None:
+    """Each sequence of a decode step runs its own compiled call; a step one of whose sequences meets an expert to
+    read is taken again by the general path. The logits are those of the steps piece by piece (and with every
+    expert resident, the trace and the cache's counts too)."""
+    got, want = _batched(layouts["qwen3_moe"], True, preload), _batched(layouts["qwen3_moe"], False, preload)
+    assert np.array_equal(_bits(got["logits"]), _bits(want["logits"]))
+    assert np.array_equal(_bits(got["last_x"]), _bits(want["last_x"]))
+    if preload:
+        assert got["steps"] == (27, 0) and got["trace"] == want["trace"] and got["counts"] == want["counts"]
+    else:
+        assert got["steps"][1] > 0  # some steps met experts to read and went the general way
+
+
 def test_greedy_generation_unchanged(layouts: dict[str, Path]) -> None:
     out = {}
     for compiled in (True, False):
@@ -233,8 +267,8 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
         _all_resident(eng)
         whole = np.concatenate([eng.forward([i]) for i in range(1, 10)])
         assert eng.stats()["compiled_steps"] == 9
-        a, b = eng.new_sequence(), eng.new_sequence()  # two sequences in one step: the general path
-        eng.step([(a, [5]), (b, [6])])
+        a, b = eng.new_sequence(), eng.new_sequence()  # a prompt beside a decode token: the general path
+        eng.step([(a, [5, 6, 7]), (b, [6])])
         assert eng.stats()["compiled_steps"] == 9
     assert np.array_equal(_bits(small), _bits(whole))
 

@@ -392,20 +392,20 @@ class ExpertCache:
             return all((e := self.entries.get(k)) is not None and not e.loading and not e.cancelled for k in keys)
 
     def touch(self, chosen: np.ndarray) -> None:
-        """What `acquire` of each layer's chosen experts (chosen (n_layers, k), all resident) counts, layer by layer,
+        """What `acquire` of each layer's chosen experts (chosen (n_layers, m), all resident) counts, layer by layer,
         without pinning them (a step that needs no slot can evict nothing): a clock tick per layer, a lookup and a
-        hit per expert, a prefetch used, the last use; the policy's distances from the last layer."""
+        hit per distinct expert, a prefetch used, the last use; the policy's distances from the last layer."""
         with self.lock:
             for layer, row in enumerate(chosen.tolist()):
                 self.clock += 1
                 for expert in dict.fromkeys(row):
                     e = self.entries[(layer, expert)]
+                    self.stats.lookups += 1
+                    self.stats.hits += 1
                     if e.prefetched:
                         self.stats.prefetch_used += 1
                         e.prefetched = False
                     self.slot_last[e.slot] = self.clock
-            self.stats.lookups += chosen.size
-            self.stats.hits += chosen.size
             self.current_layer = len(chosen) - 1
 
     def held(self, layer: int) -> list[int]:

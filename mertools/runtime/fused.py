@@ -4,9 +4,10 @@ It applies to models of the standard pieces (Mixtral-, Qwen3-MoE- and OLMoE-like
 experts, grouped-query attention with rotary, q/k norms per head or over the projection, no biases), every layer
 with routed experts, in the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins, and an
 expert cache that holds every expert in its own arena (a model in RAM); per step, to one sequence decoding one
-token with an f16 or float32 KV cache. The call goes layer by layer until a layer chooses an expert that is not
-resident yet (a model's first tokens read its experts); that layer's experts and the layers after it are then
-the general path's, which computes the same bits (the compiled step calls the same pieces). Slots cannot change
+token with an f16 or float32 KV cache (a step of several such sequences, the server's decode, runs one call per
+sequence). The call goes layer by layer until a layer chooses an expert that is not resident yet (a model's first
+tokens read its experts); that layer's experts and the layers after it are then the general path's, which
+computes the same bits (the compiled step calls the same pieces). Slots cannot change
 under the call: the engine's thread is in it, and only that thread starts loads or evicts; a load completing
 meanwhile only turns a slot from -1 to its number. With a cache smaller than the experts, every step takes the
 general path, whose prefetch guesses matter there.
@@ -19,6 +20,7 @@ to read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,33 +137,47 @@ class FusedStep:
         self._rope: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0), np.empty(0))  # a chunk of positions' cos/sin
         self.divisor, self.eps = float(cfg.softmax_divisor), float(cfg.norm_eps)
         self.scaling = np.float32(cfg.routed_scaling)
-        self.steps = 0  # steps run compiled to the end
-        self.partial = 0  # steps the compiled call began and the general path finished (an expert to read)
+        self.steps = 0  # tokens run compiled to the end
+        self.partial = 0  # tokens a compiled call began and the general path finished (an expert to read)
 
     @classmethod
     def of(cls, model: MoEModel) -> FusedStep | None:
         return None if _unsupported(model) is not None else cls(model)
 
     def run(self, items, observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray] | None:  # noqa: ANN001
-        """forward_batch's items -> the logits it returns; or (layer, x (1, d_model)) when the call stopped at a layer
-        with an expert to read (x: its input plus its attention, the keys and values stored); or None when this step
-        is not one the compiled call takes."""
-        if len(items) != 1:
+        """forward_batch's items -> the logits it returns; or, for one sequence, (layer, x (1, d_model)) when the call
+        stopped at a layer with an expert to read (x: its input plus its attention, the keys and values stored); or
+        None when this step is not one the compiled call takes. Several sequences of one token each (the server's
+        decode steps) run one call each, each row alone as the general path computes it; if one of them stops at an
+        expert to read, the general path takes the whole step again (the keys and values the calls stored are the
+        ones it stores: the same bits at the same positions)."""
+        if any(len(ids) != 1 or kv.dtype not in ("f16", "f32") for kv, ids in items):
             return None
-        kv, ids = items[0]
-        if len(ids) != 1 or kv.dtype not in ("f16", "f32"):
+        slots = self.model.cache.slot_of
+        done = [self._call(kv, int(ids[0]), slots) for kv, ids in items]
+        if len(done) == 1 and done[0].layers < self.model.cfg.n_layers:
+            one = done[0]
+            self._account([one], observed, one.layers)
+            self.partial += 1
+            return one.layers, one.x.reshape(1, -1)
+        if any(d.layers < self.model.cfg.n_layers for d in done):
+            self.partial += len(done)
             return None
-        return self._step(kv, int(ids[0]), self.model.cache.slot_of, observed)
+        for kv, _ in items:
+            kv.length += 1
+        self._account(done, observed, self.model.cfg.n_layers)
+        self.steps += len(done)
+        self.model.last_x = np.stack([d.x for d in done])
+        return [d.logits.reshape(1, -1) for d in done]
 
     def warmup(self, kv: KVCache, token: int) -> None:
         """Compile (or load) the step before anything is timed: one call on a scratch sequence `kv`, every expert
         read from slot 0 (its result is thrown away, nothing recorded)."""
         if kv.dtype in ("f16", "f32"):
-            slots = np.zeros((self.model.cfg.n_layers, self.model.cfg.n_experts), np.int64)
-            self._step(kv, token, slots, observed=False, account=False)
+            self._call(kv, token, np.zeros((self.model.cfg.n_layers, self.model.cfg.n_experts), np.int64))
 
-    def _step(self, kv: KVCache, token: int, slots: np.ndarray, observed: bool, account: bool = True
-              ) -> list[np.ndarray] | tuple[int, np.ndarray]:
+    def _call(self, kv: KVCache, token: int, slots: np.ndarray) -> _Done:
+        """One compiled call for `token` at the next position of `kv` (its length not advanced)."""
         model, cfg = self.model, self.model.cfg
         pos = kv.length
         kv.ensure(pos + 1)
@@ -172,21 +188,12 @@ class FusedStep:
         chosen = np.empty((cfg.n_layers, k), np.int64)
         weights = np.empty((cfg.n_layers, k), np.float32)
         store = model.moe.store
-        done = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
-                                 self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
-                                 kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.arena_bytes,
-                                 store.slot_bytes, slots, self.geometry, k, cfg.norm_topk_prob, self.scaling, logits,
-                                 chosen, weights)
-        if account:
-            self._account(pos, chosen[:done], weights[:done], observed)
-        if done < cfg.n_layers:
-            self.partial += 1
-            return done, x.reshape(1, -1)
-        kv.length += 1
-        if account:
-            self.steps += 1
-            model.last_x = x.reshape(1, -1)
-        return [logits.reshape(1, -1)]
+        layers = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
+                                   self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
+                                   kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.arena_bytes,
+                                   store.slot_bytes, slots, self.geometry, k, cfg.norm_topk_prob, self.scaling, logits,
+                                   chosen, weights)
+        return _Done(pos, layers, x, logits, chosen, weights)
 
     def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin (rd / 2,) float32 at `pos`, as `pieces.rotary` computes them for that position alone: one
@@ -202,20 +209,36 @@ class FusedStep:
             self._rope = (chunk, cos, sin)
         return cos[pos % ROPE_CHUNK], sin[pos % ROPE_CHUNK]
 
-    def _account(self, pos: int, chosen: np.ndarray, weights: np.ndarray, observed: bool) -> None:
-        """What the general path records around its kernels, per layer in order (`StreamingMoE._observe`, the
-        cache's lookups): each object's updates in one go where they do not depend on another's."""
+    def _account(self, done: list[_Done], observed: bool, layers: int) -> None:
+        """What the general path records around its kernels for the first `layers` layers of these rows (a step's
+        sequences, in order), per layer: `StreamingMoE._observe`'s trace, history, prefetcher and the cache's estimates,
+        then the cache's lookups of the layer's experts (each once, whatever number of rows chose it)."""
+        if not layers:
+            return
         model = self.model
         hooks, cache, prefetcher = model.moe.hooks, model.cache, model.prefetcher
+        chosen = np.stack([d.chosen[:layers] for d in done], axis=1)  # (layers, rows, k)
         if observed:
-            positions = np.array([pos], np.int64)
-            for layer in range(len(chosen)):
-                row, wrow = chosen[layer:layer + 1], weights[layer:layer + 1]
+            positions = np.array([d.pos for d in done], np.int64)
+            weights = np.stack([d.weights[:layers] for d in done], axis=1)
+            for layer in range(layers):
                 if hooks.trace is not None:
-                    hooks.trace(positions, layer, row, wrow)
+                    hooks.trace(positions, layer, chosen[layer], weights[layer])
                 if hooks.history is not None:
-                    hooks.history.record(layer, row, None)
-                prefetcher.observe(layer, row)
-            cache.record_layers(chosen)
-        if len(chosen):
-            cache.touch(chosen)
+                    hooks.history.record(layer, chosen[layer], None)
+                prefetcher.observe(layer, chosen[layer])
+            cache.record_layers(chosen.reshape(layers, -1))
+        cache.touch(chosen.reshape(layers, -1))
+
+
+@dataclass(frozen=True)
+class _Done:
+    """One sequence's compiled call: its position, the layers it went through (n_layers: all, and the head), the final
+    (or stopped-at) hidden state, the logits, and each layer's choice and weights."""
+
+    pos: int
+    layers: int
+    x: np.ndarray  # (d_model,)
+    logits: np.ndarray  # (vocab,)
+    chosen: np.ndarray  # (n_layers, k)
+    weights: np.ndarray  # (n_layers, k)
