@@ -32,6 +32,7 @@ from benchmarks import _common as common  # noqa: E402
 CHECKPOINT = common.ROOT / "fixtures" / "trained" / "tiny-shakespeare-moe"
 CONVERT = "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
 N_PROMPT = 16
+BATCH = 4  # sequences decoding together in the batched column
 QUANTIZE = """
 import sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
@@ -76,9 +77,25 @@ def child(tool: str, path: str, tokens: int, rounds: int, threads: int, root: st
     out["decode_tok_s"] = best
     if best_gen:
         out["generate_tok_s"] = best_gen
+        out["batch_tok_s"] = batched(eng, ids, tokens, rounds)
     if tool.startswith("mertools"):
         out["compiled_steps"] = eng.stats().get("compiled_steps", 0)
     print(json.dumps(out))
+
+
+def batched(eng, ids: list[int], tokens: int, rounds: int) -> float:  # noqa: ANN001 - an Engine
+    """Aggregate tok/s of BATCH sequences decoding together (the server's steps: `Engine.step`), the same forced
+    ids shifted per sequence, after each sequence's prompt; best of `rounds` after a warm-up."""
+    best = 0.0
+    for r in range(rounds + 1):
+        seqs = [eng.new_sequence(N_PROMPT + tokens) for _ in range(BATCH)]
+        eng.step([(s, ids[i:i + N_PROMPT]) for i, s in enumerate(seqs)])
+        t = time.perf_counter()
+        for j in range(N_PROMPT, N_PROMPT + tokens - BATCH):
+            eng.step([(s, [ids[j + i]]) for i, s in enumerate(seqs)])
+        if r:
+            best = max(best, BATCH * (tokens - BATCH) / (time.perf_counter() - t))
+    return best
 
 
 def build(work: Path, convert: str, llama_python: str) -> tuple[Path, Path]:
@@ -136,17 +153,18 @@ def main() -> int:
     best = {label: max((r for r in rs if "error" not in r), key=lambda r: r["decode_tok_s"], default=rs[-1])
             for label, rs in res.items()}
     llama = best["llama.cpp (repacked, its default)"].get("decode_tok_s")
-    rows = ["| engine | decode tok/s (forced ids) | vs llama.cpp default | generate tok/s (sampling, text) | generate / decode |",
-            "|---|---:|---:|---:|---:|"]
+    rows = ["| engine | decode tok/s (forced ids) | vs llama.cpp default | generate tok/s (sampling, text) | generate / decode "
+            f"| {BATCH} sequences together, tok/s |", "|---|---:|---:|---:|---:|---:|"]
     for label, r in best.items():
         if "error" in r:
-            rows.append(f"| {label} | error: {r['error']} | | | |")
+            rows.append(f"| {label} | error: {r['error']} | | | | |")
             continue
         # each column's best over the processes (a shared host: a process's figures move together)
         gen = max((x.get("generate_tok_s") or 0.0 for x in res[label] if "error" not in x), default=0.0) or None
         dec = r["decode_tok_s"]
         gen_cells = f"{gen:.0f} | {gen / dec:.2f}" if gen else "- | -"
-        rows.append(f"| {label} | {dec:.0f} | {dec / llama:.2f}x | {gen_cells} |")
+        batch = max((x.get("batch_tok_s") or 0.0 for x in res[label] if "error" not in x), default=0.0)
+        rows.append(f"| {label} | {dec:.0f} | {dec / llama:.2f}x | {gen_cells} | {f'{batch:.0f}' if batch else '-'} |")
     body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_small_model.py"
             f"{' --before ' + a.before if a.before else ''}` (took {(time.perf_counter() - t0) / 60:.0f} min)\n\n"
             f"The trained fixture through llama.cpp's converter (f16) and quantizer (Q4_0), the same GGUF converted to a "
@@ -154,7 +172,8 @@ def main() -> int:
             f"decoded one at a time, best of {a.rounds} passes after a warm-up, two processes per engine (interleaved), each "
             "column's best kept. `generate` (its passes alternating with the forced ones) is mertools' own "
             "loop with greedy sampling and detokenising (what `mertools run` "
-            "reports).\n\n" + "\n".join(rows))
+            f"reports). The last column: {BATCH} sequences decoding the forced ids together (`Engine.step`, as "
+            "`mertools serve` steps them), their aggregate tok/s.\n\n" + "\n".join(rows))
     common.publish("small_model", "A small model in RAM: the per-token overhead", body, write=not a.no_write)
     return 0
 
