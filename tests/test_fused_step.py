@@ -104,6 +104,19 @@ def test_rotary_chunks_are_each_positions_own(rd: int, yarn: tuple | None) -> No
         assert np.array_equal(_bits(c), _bits(cos[i:i + 1])) and np.array_equal(_bits(s), _bits(sin[i:i + 1]))
 
 
+def test_router_in_parallel_is_the_serial_one() -> None:
+    """The compiled step computes a large router's logits in a parallel region, a small one's on one thread."""
+    from mertools.kernels import step as kstep
+
+    rng = np.random.default_rng(3)
+    h, router = rng.standard_normal(2048).astype(np.float32), rng.standard_normal((128, 2048)).astype(np.float32)
+    a, b = np.empty(128, np.float32), np.empty(128, np.float32)
+    kstep._router(h, router, a)
+    kstep._router_serial(h, router, b)
+    assert router.size > kstep.SERIAL_ROUTER and np.array_equal(_bits(a), _bits(b))
+    assert np.array_equal(_bits(a), _bits(rowops.dense_rows(h[None], router)[0]))
+
+
 def test_router_product_and_softmax() -> None:
     rng = np.random.default_rng(2)
     x, a = rng.standard_normal((3, 2050)).astype(np.float32), rng.standard_normal((128, 2050)).astype(np.float32)

@@ -32,6 +32,7 @@ ATTN_NORM, FFN_NORM, Q_NORM, K_NORM = range(4)
 VECTORS = 4
 # shape[]: heads, kv heads, head dim, rotary dims, qk norm (0 none, 1 per head, 2 over the projection), expert width
 NH, NKV, HD, RD, QK, DFF = range(6)
+SERIAL_ROUTER = 1 << 16  # router weights up to which one thread computes the logits
 
 
 def _stored(v, like):  # noqa: ANN001, ANN202 - one float32 as the KV cache `like` holds it; see the overload
@@ -92,6 +93,12 @@ def _attend(q2, keys, vals, pos, window, sinks, divisor, out):
 @njit(parallel=True, **MATVEC_JIT)
 def _router(h, router, logits):
     for e in prange(router.shape[0]):
+        logits[e] = dense_row(h, router, e)
+
+
+@njit(**MATVEC_JIT)
+def _router_serial(h, router, logits):
+    for e in range(router.shape[0]):
         logits[e] = dense_row(h, router, e)
 
 
@@ -173,7 +180,10 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
             x[i] = x[i] + o[i]
         # the experts: router, softmax, top-k, then every chosen expert at once
         rms_norm_into(x, _vec(vec, vec_at, layer, FFN_NORM, d), eps, h)
-        _router(h, routers[layer], scores)
+        if routers.shape[1] * d <= SERIAL_ROUTER:  # each logit the same either way: a small one is not worth a region
+            _router_serial(h, routers[layer], scores)
+        else:
+            _router(h, routers[layer], scores)
         softmax_into(scores, scores)
         top_k_into(scores, k, norm, scaling, chosen[layer], weights[layer])
         for c in range(k):

@@ -30,6 +30,7 @@ from ..kernels import step as kstep
 from ..kernels.attention import _no_sinks
 from ..layout.config import GatingFunc, QKNorm, RopeScaling
 from .batch import KVCache
+from .prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from .model import MoEModel
@@ -167,7 +168,7 @@ class FusedStep:
             kv.length += 1
         self._account(done, observed, self.model.cfg.n_layers)
         self.steps += len(done)
-        self.model.last_x = np.stack([d.x for d in done])
+        self.model.last_x = done[0].x.reshape(1, -1) if len(done) == 1 else np.stack([d.x for d in done])
         return [d.logits.reshape(1, -1) for d in done]
 
     def warmup(self, kv: KVCache, token: int) -> None:
@@ -217,16 +218,21 @@ class FusedStep:
             return
         model = self.model
         hooks, cache, prefetcher = model.moe.hooks, model.cache, model.prefetcher
-        chosen = np.stack([d.chosen[:layers] for d in done], axis=1)  # (layers, rows, k)
-        if observed:
-            positions = np.array([d.pos for d in done], np.int64)
+        if len(done) == 1:
+            chosen, weights = done[0].chosen[:layers, None], done[0].weights[:layers, None]  # (layers, rows, k)
+        else:
+            chosen = np.stack([d.chosen[:layers] for d in done], axis=1)
             weights = np.stack([d.weights[:layers] for d in done], axis=1)
+        # a step's hooks in layer order, where there are any (the base prefetcher observes nothing)
+        if observed and (hooks.trace or hooks.history or type(prefetcher).observe is not Prefetcher.observe):
+            positions = np.array([d.pos for d in done], np.int64)
             for layer in range(layers):
                 if hooks.trace is not None:
                     hooks.trace(positions, layer, chosen[layer], weights[layer])
                 if hooks.history is not None:
                     hooks.history.record(layer, chosen[layer], None)
                 prefetcher.observe(layer, chosen[layer])
+        if observed:
             cache.record_layers(chosen.reshape(layers, -1))
         cache.touch(chosen.reshape(layers, -1))
 
