@@ -160,9 +160,10 @@ def _all_resident(eng: Engine) -> None:
         time.sleep(0.01)
 
 
-def _run(layout: Path, compiled: bool, kv_dtype: str = "f16", prefetch: str = "lookahead") -> dict[str, object]:
+def _run(layout: Path, compiled: bool, kv_dtype: str = "f16", prefetch: str = "lookahead", io: str = "direct"
+         ) -> dict[str, object]:
     trace: list[tuple[int, int, list[int], bytes]] = []
-    with Engine.open(layout, kernels="int8", compiled_step=compiled, kv_dtype=kv_dtype, prefetch=prefetch,
+    with Engine.open(layout, kernels="int8", compiled_step=compiled, kv_dtype=kv_dtype, prefetch=prefetch, io=io,
                      trace=lambda pos, layer, chosen, w: trace.append((int(pos[0]), layer, chosen.tolist(),
                                                                        _bits(w).tobytes()))) as eng:
         _all_resident(eng)
@@ -188,6 +189,17 @@ def test_compiled_steps_are_the_steps_piece_by_piece(layouts: dict[str, Path], n
     assert got["trace"] == want["trace"] and got["counts"] == want["counts"]
     for a, b in zip(got["estimates"], want["estimates"], strict=True):
         assert np.array_equal(a, b)
+
+
+def test_mapped_expert_files(layouts: dict[str, Path]) -> None:
+    """With `--io mmap` a slot is the mapping of its expert file: the call reaches it through the store's addresses
+    (Q4_K is read as it is, so the 8-bit kernels and the compiled step take mapped slots)."""
+    got, want = _run(layouts["trained-q4_k"], True, io="mmap"), _run(layouts["trained-q4_k"], False, io="direct")
+    assert got["steps"] == 12 and np.array_equal(_bits(got["logits"]), _bits(want["logits"]))
+    assert got["trace"] == want["trace"]
+    with Engine.open(layouts["trained-q4_k"], kernels="int8", io="mmap") as eng:  # a fresh engine: few slots mapped
+        eng.warmup()  # the call reads only resident experts' mappings (slots not mapped yet have no address)
+        assert eng.stats()["compiled_steps"] == 0 and [t.id for t in eng.generate("ROMEO:", max_tokens=4)]
 
 
 def test_float32_kv_and_markov_prefetch(layouts: dict[str, Path]) -> None:
@@ -264,7 +276,7 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
     lay = layouts["trained-q4_0"]
     with Engine.open(lay, kernels="exact") as eng:
         assert eng.model.fused is None
-    with Engine.open(lay, kernels="int8", io="mmap") as eng:  # slots are mappings: no arena to address
+    with Engine.open(lay, kernels="int8", io="mmap") as eng:  # mapped q4_0 experts stay on the exact kernels
         assert eng.model.fused is None
     with Engine.open(lay, kernels="int8", approx=Approx(topk_tau=0.3)) as eng:
         assert eng.model.fused is None

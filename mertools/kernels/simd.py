@@ -120,6 +120,21 @@ def _call(builder, name: str, ret: ir.Type, args: list):
     return builder.call(fn, args)
 
 
+# ---------------------------------------------------------------- raw addresses
+
+
+@intrinsic
+def u8_ptr(typingctx, addr):
+    """An int64 address as a uint8 pointer (for numba.carray): memory the caller keeps alive and sized."""
+    if not is_int(addr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+
+    return types.CPointer(types.uint8)(addr), codegen
+
+
 # ---------------------------------------------------------------- construction, loads and stores
 
 

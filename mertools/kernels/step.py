@@ -8,22 +8,24 @@ product, `attention.attend_group`, `rowops` for norms, router, softmax, top-k an
 its logits are bit for bit those of the general path in the 8-bit mode (tests/test_fused_step.py). What it
 takes, what it leaves to Python (the cache's and the trace's bookkeeping) and when it applies: runtime/fused.py.
 
-Weights come as offsets into two byte arenas (the dense matrices, as `int8.prepare` left them; the expert cache's
-slots) and one float32 arena of vectors, so the call's arguments do not grow with the number of layers.
+Weights come as offsets into a byte arena (the dense matrices, as `int8.prepare` left them), addresses of the expert
+cache's slots (its arena, or mappings of the expert files) and one float32 arena of vectors, so the call's
+arguments do not grow with the number of layers.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.extending import overload
 
 from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
-from .int8 import GROUP, _pair, _slot_view, quantize_act
+from .int8 import GROUP, Q4_0, Q8_0, _pair, _slot_view, quantize_act
 from .matmul_kernels import get_rows
 from .matvec_kernels import silu_mul_scalar
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
+from .simd import u8_ptr
 
 __all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "Q_NORM", "VECTORS", "decode_step"]
 
@@ -102,9 +104,18 @@ def _router_serial(h, router, logits):
         logits[e] = dense_row(h, router, e)
 
 
+@njit(**MATVEC_JIT)
+def _view_at(addr, rows, rb, kind):
+    """The (rows, rb) weight at address `addr` (a cache slot's bytes, kept alive by the cache), as `_pair` reads it."""
+    w = carray(u8_ptr(addr), rows * rb)
+    if kind == Q4_0 or kind == Q8_0:  # the packed types (int8 checks the registry against its branches)
+        return w.reshape(rows // GROUP, GROUP * rb)
+    return w.reshape(rows, rb)
+
+
 @njit(parallel=True, **MATVEC_JIT)
-def _experts(h, experts, offs, kinds, rbs, d_ff, y):
-    """y[c] = the SwiGLU expert c (gate, up, down at byte offsets offs[c] of the cache's arena) of the row h, as
+def _experts(h, offs, kinds, rbs, d_ff, y):
+    """y[c] = the SwiGLU expert c (gate, up, down at the addresses offs[c], in cache slots) of the row h, as
     `int8.experts_swiglu8` computes each (row, expert) pair."""
     k, d = y.shape
     xq, dx, nsum, xs = quantize_act(h.reshape(1, d))
@@ -112,8 +123,8 @@ def _experts(h, experts, offs, kinds, rbs, d_ff, y):
     groups, pairs = (d_ff + GROUP - 1) // GROUP, _pairs(d_ff)
     for t in prange(k * pairs):
         c, g = t // pairs, 2 * (t % pairs)
-        wg = _slot_view(experts, offs[c, 0], d_ff, rbs[c, 0], kinds[c, 0])
-        wu = _slot_view(experts, offs[c, 1], d_ff, rbs[c, 1], kinds[c, 1])
+        wg = _view_at(offs[c, 0], d_ff, rbs[c, 0], kinds[c, 0])
+        wu = _view_at(offs[c, 1], d_ff, rbs[c, 1], kinds[c, 1])
         _pair(kinds[c, 0], xq[0], dx[0], nsum[0], xs[0], wg, g, groups, hg[c])
         _pair(kinds[c, 1], xq[0], dx[0], nsum[0], xs[0], wu, g, groups, hu[c])
         for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, d_ff)):
@@ -122,14 +133,14 @@ def _experts(h, experts, offs, kinds, rbs, d_ff, y):
     groups, pairs = (d + GROUP - 1) // GROUP, _pairs(d)
     for t in prange(k * pairs):
         c, g = t // pairs, 2 * (t % pairs)
-        wd = _slot_view(experts, offs[c, 2], d, rbs[c, 2], kinds[c, 2])
+        wd = _view_at(offs[c, 2], d, rbs[c, 2], kinds[c, 2])
         _pair(kinds[c, 2], hq[c], hdx[c], hnsum[c], hxs[c], wd, g, groups, y[c])
 
 
 @njit(**MATVEC_JIT)
 def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
-                kv_k, kv_v, windows, sinks, divisor, eps, experts, slot_bytes, slots, geometry, k, norm, scaling, logits,
-                chosen, weights):
+                kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, k, norm, scaling, logits, chosen,
+                weights):
     """One token through every layer, then the output norm and head.
 
     token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
@@ -138,12 +149,13 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     bytes), head (4,) the output's. vec: float32 arena of vectors, vec_at (L, VECTORS) their offsets (-1: none),
     out_norm the output norm's. routers (L, E, d) float32. shape: see NH..DFF. cos, sin (rd / 2,) float32 at pos.
     kv_k, kv_v (L, capacity, nkv, hd): the sequence's cache (f16 bits or float32), position pos written here.
-    windows (L,) int64 (0: full), sinks (nh,) float32 -inf (none). experts: the cache's arena, slots (L, E) each
-    expert's slot, -1 when it is not resident; geometry (L, E, 3, 3) per role (offset in its slot, type code, row
-    bytes). k experts per token, `norm` renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and
-    weights (L, k) float32 layer by layer, and logits (vocab,). Returns L when done; or, at the first layer one of
-    whose chosen experts is not resident, that layer, x then its input plus its attention (its keys and values
-    stored): the rest is the caller's."""
+    windows (L,) int64 (0: full), sinks (nh,) float32 -inf (none). slot_addr: each cache slot's address (its arena
+    slice, or the mapping of the file in it), slots (L, E) each expert's slot, -1 when it is not resident;
+    geometry (L, E, 3, 3) per role (offset in its slot, type code, row bytes). k experts per token, `norm`
+    renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by
+    layer, and logits (vocab,). Returns L when done; or, at the first layer one of whose chosen experts is not
+    resident, that layer, x then its input plus its attention (its keys and values stored): the rest is the
+    caller's."""
     d = x.size
     get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
     nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]
@@ -192,10 +204,10 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
         for c in range(k):
             e = chosen[layer, c]
             for r in range(3):
-                offs[c, r] = slots[layer, e] * slot_bytes + geometry[layer, e, r, 0]
+                offs[c, r] = slot_addr[slots[layer, e]] + geometry[layer, e, r, 0]
                 kinds[c, r] = geometry[layer, e, r, 1]
                 rbs[c, r] = geometry[layer, e, r, 2]
-        _experts(h, experts, offs, kinds, rbs, d_ff, y)
+        _experts(h, offs, kinds, rbs, d_ff, y)
         for i in range(d):  # each choice's share, summed in choice order (numpy's sum over the choices' axis)
             acc = y[0, i] * weights[layer, 0]
             for c in range(1, k):

@@ -3,7 +3,8 @@
 It applies to models of the standard pieces (Mixtral-, Qwen3-MoE- and OLMoE-like: softmax router, top-k, SwiGLU
 experts, grouped-query attention with rotary, q/k norms per head or over the projection, no biases), every layer
 with routed experts, in the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins, and an
-expert cache that holds every expert in its own arena (a model in RAM); per step, to one sequence decoding one
+expert cache that holds every expert (a model in RAM: slots of its arena, or mappings of the files with `--io
+mmap` / `auto`, their addresses kept by the store); per step, to one sequence decoding one
 token with an f16 or float32 KV cache (a step of several such sequences, the server's decode, runs one call per
 sequence). The call goes layer by layer until a layer chooses an expert that is not resident yet (a model's first
 tokens read its experts); that layer's experts and the layers after it are then the general path's, which
@@ -75,8 +76,6 @@ def _unsupported(model: MoEModel) -> str | None:
         return "a router other than softmax top-k"
     if moe.hooks.routing_override is not None or moe.approx.reroutes or moe.standins is not None:
         return "approximate or replayed routing"
-    if moe.store.arena_bytes is None:
-        return "expert slots that are mappings of the files"
     if model.cache.n_slots < cfg.n_layers * cfg.n_experts:
         return "an expert cache smaller than the experts (streaming: the general path prefetches)"
     if not all(all(flags) for flags in moe.full.int8.values()):
@@ -159,23 +158,24 @@ class FusedStep:
         if len(done) == 1 and done[0].layers < self.model.cfg.n_layers:
             one = done[0]
             self._account([one], observed, one.layers)
-            self.partial += 1
+            self.partial += observed  # a warm-up step (unobserved) is no part of the run's counts
             return one.layers, one.x.reshape(1, -1)
         if any(d.layers < self.model.cfg.n_layers for d in done):
-            self.partial += len(done)
+            self.partial += len(done) * observed
             return None
         for kv, _ in items:
             kv.length += 1
         self._account(done, observed, self.model.cfg.n_layers)
-        self.steps += len(done)
+        self.steps += len(done) * observed
         self.model.last_x = done[0].x.reshape(1, -1) if len(done) == 1 else np.stack([d.x for d in done])
         return [d.logits.reshape(1, -1) for d in done]
 
     def warmup(self, kv: KVCache, token: int) -> None:
-        """Compile (or load) the step before anything is timed: one call on a scratch sequence `kv`, every expert
-        read from slot 0 (its result is thrown away, nothing recorded)."""
+        """Compile (or load) the step before anything is timed: one call on a scratch sequence `kv` (numba compiles
+        the whole call at the first, however far it goes: it stops at the first expert not resident), its result
+        thrown away, nothing recorded."""
         if kv.dtype in ("f16", "f32"):
-            self._call(kv, token, np.zeros((self.model.cfg.n_layers, self.model.cfg.n_experts), np.int64))
+            self._call(kv, token, self.model.cache.slot_of)
 
     def _call(self, kv: KVCache, token: int, slots: np.ndarray) -> _Done:
         """One compiled call for `token` at the next position of `kv` (its length not advanced)."""
@@ -191,9 +191,8 @@ class FusedStep:
         store = model.moe.store
         layers = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
                                    self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
-                                   kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.arena_bytes,
-                                   store.slot_bytes, slots, self.geometry, k, cfg.norm_topk_prob, self.scaling, logits,
-                                   chosen, weights)
+                                   kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.slot_addr,
+                                   slots, self.geometry, k, cfg.norm_topk_prob, self.scaling, logits, chosen, weights)
         return _Done(pos, layers, x, logits, chosen, weights)
 
     def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:

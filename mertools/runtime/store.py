@@ -68,6 +68,8 @@ class ExpertStore:
             raise ValueError("a mapped slot is the file's own pages: it cannot be prepared (packed) in place")
         # applied to a slot's bytes once read and checked, before the load completes (the 8-bit kernels' packing)
         self.prepare = prepare
+        # each slot's first byte's address, for compiled code that reaches every slot at once (runtime/fused.py)
+        self.slot_addr = np.zeros(n_slots, np.int64)
         if mapped:  # a slot is the mapping of the file loaded into it (empty until then)
             self.arena = self.arena_bytes = None
             self.buffers = [np.empty(0, np.uint8)] * n_slots
@@ -81,6 +83,7 @@ class ExpertStore:
             self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
                 np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
             ]
+            self.slot_addr[:] = [b.ctypes.data for b in self.buffers]
         direct = direct and not mapped
         self.want_direct, self.verify, self.retries, self.read_fn = direct, verify, retries, read_fn
         # buffered reads chosen (not forced by the filesystem) may leave their pages in the page cache, where the
@@ -264,6 +267,7 @@ class ExpertStore:
             self._release(entry.file)
         self._check(key, entry, view)
         self.buffers[slot] = view
+        self.slot_addr[slot] = view.ctypes.data
 
     def _check(self, key: tuple[int, int], entry: ExpertEntry, view: memoryview | np.ndarray) -> None:
         if self.verify and (got := xxhash.xxh3_64(view).hexdigest()) != entry.xxh3:
