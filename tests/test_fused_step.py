@@ -296,20 +296,3 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
         eng.step([(a, [5, 6, 7]), (b, [6])])
         assert eng.stats()["compiled_steps"] == 9
     assert np.array_equal(_bits(small), _bits(whole))
-
-
-def test_record_layers_is_record_routing_per_layer() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mertools.runtime.cache import ExpertCache
-
-    rng = np.random.default_rng(5)
-    with ThreadPoolExecutor(1) as ex:
-        a, b = (ExpertCache(4, 6, 16, lambda *args: None, ex) for _ in range(2))
-        for _ in range(30):
-            chosen = np.stack([rng.choice(16, 4, replace=False) for _ in range(6)])
-            a.record_layers(chosen)
-            for layer in range(6):
-                b.record_routing(layer, chosen[layer])
-        for name in ("freq", "totals", "last_chosen", "repeat_hits", "repeat_total", "k_seen"):
-            assert np.array_equal(getattr(a, name), getattr(b, name)), name

@@ -68,7 +68,7 @@ def test_activation_rounding_is_roundf_for_every_float_it_meets() -> None:
     from numba import njit
 
     from mertools.dtypes.q8_0 import _roundf_low_byte
-    from mertools.kernels.simd8 import q8_round32
+    from mertools.kernels.q8act import q8_round32
 
     @njit
     def mismatches(bits):

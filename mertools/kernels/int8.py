@@ -34,20 +34,17 @@ from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
 from mertools.errors import QuantizationError
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
+from mertools.kernels.q8act import absmax32, half_round, neg_quad_sums, q8_round32
 from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
-    absmax32,
     bytes16x4,
     bytes64,
     dpbusd,
-    half_round,
     halves4x4,
     hi4,
     ishl,
     ivload4x4,
     lo4,
-    neg_quad_sums,
-    q8_round32,
     quad_sum,
 )
 

@@ -233,28 +233,6 @@ class ExpertCache:
             last[now] = True
             self.k_seen[layer] = max(1.0, float(len(chosen)))
 
-    def record_layers(self, chosen: np.ndarray, decay: float = 0.995) -> None:
-        """`record_routing(layer, chosen[layer])` for the first len(chosen) layers in order, as whole-array operations
-        (the same numbers: each layer's updates touch only its own rows)."""
-        if not self.learns:
-            return
-        n = len(chosen)
-        mask = np.zeros((n, self.n_experts), bool)
-        np.put_along_axis(mask, chosen, True, axis=1)
-        with self.lock:
-            freq = self.freq[:n]
-            freq *= decay
-            freq += mask  # + 1 where chosen (+ 0 elsewhere changes nothing: the counts are never -0)
-            self.totals[:n] = np.cumsum(freq, axis=1)[:, -1]
-            last = self.last_chosen[:n]
-            held = last.sum(axis=1)
-            seen = held > 0
-            hits = (last & mask).sum(axis=1)
-            np.copyto(self.repeat_hits[:n], self.repeat_hits[:n] * decay + hits, where=seen)
-            np.copyto(self.repeat_total[:n], self.repeat_total[:n] * decay + held, where=seen)
-            last[:] = mask
-            self.k_seen[:n] = np.maximum(1.0, mask.sum(axis=1))
-
     def seed(self, freq: list[list[float]], k: list[float]) -> None:
         """Start the "lfd" policy's usage estimates from a routing history (history.py) instead of nothing:
         freq (n_layers, n_experts) as decayed choice counts, k per layer the experts chosen per visit; routing

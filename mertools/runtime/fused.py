@@ -222,17 +222,18 @@ class FusedStep:
         else:
             chosen = np.stack([d.chosen[:layers] for d in done], axis=1)
             weights = np.stack([d.weights[:layers] for d in done], axis=1)
-        # a step's hooks in layer order, where there are any (the base prefetcher observes nothing)
-        if observed and (hooks.trace or hooks.history or type(prefetcher).observe is not Prefetcher.observe):
+        # a step's hooks in layer order, where there are any (the base prefetcher observes nothing; the cache keeps
+        # no usage estimates, holding every expert: ExpertCache.learns)
+        if observed and (hooks.trace or hooks.history or type(prefetcher).observe is not Prefetcher.observe
+                         or cache.learns):
             positions = np.array([d.pos for d in done], np.int64)
             for layer in range(layers):
                 if hooks.trace is not None:
                     hooks.trace(positions, layer, chosen[layer], weights[layer])
+                cache.record_routing(layer, chosen[layer].ravel())
                 if hooks.history is not None:
                     hooks.history.record(layer, chosen[layer], None)
                 prefetcher.observe(layer, chosen[layer])
-        if observed:
-            cache.record_layers(chosen.reshape(layers, -1))
         cache.touch(chosen.reshape(layers, -1))
 
 
