@@ -92,9 +92,10 @@ class Engine:
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
         to 8 bits, integer dot products: kernels/int8.py). Q4_0 / Q8_0 weights are then packed once, dense ones at open
         and expert slots as they load (so "auto" io reads such experts into the cache's own memory, and "mmap" leaves
-        them on the exact kernels); the K types are read as they are. With "int8", a decode step of one sequence whose
-        model is all resident runs in one compiled call where the model's pieces allow (runtime/fused.py; the same
-        bits); `compiled_step` False takes every step piece by piece (tests and benchmarks compare the two)."""
+        them on the exact kernels); the K types are read as they are. With "int8", the decode steps of a model held in RAM
+        (a cache with room for every expert) run in one compiled call per sequence where the model's pieces allow
+        (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by piece (tests and
+        benchmarks compare the two)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None

@@ -4,14 +4,13 @@ It applies to models of the standard pieces (Mixtral-, Qwen3-MoE- and OLMoE-like
 experts, grouped-query attention with rotary, q/k norms per head or over the projection, no biases), every layer
 with routed experts, in the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins, and an
 expert cache that holds every expert (a model in RAM: slots of its arena, or mappings of the files with `--io
-mmap` / `auto`, their addresses kept by the store); per step, to one sequence decoding one
-token with an f16 or float32 KV cache (a step of several such sequences, the server's decode, runs one call per
-sequence). The call goes layer by layer until a layer chooses an expert that is not resident yet (a model's first
-tokens read its experts); that layer's experts and the layers after it are then the general path's, which
-computes the same bits (the compiled step calls the same pieces). Slots cannot change
-under the call: the engine's thread is in it, and only that thread starts loads or evicts; a load completing
-meanwhile only turns a slot from -1 to its number. With a cache smaller than the experts, every step takes the
-general path, whose prefetch guesses matter there.
+mmap` / `auto`, their addresses kept by the store); per step, to one sequence decoding one token with an f16 or
+float32 KV cache (a step of several such sequences, the server's decode, runs one call per sequence). The call
+goes layer by layer until a layer chooses an expert that is not resident yet (a model's first tokens read its
+experts); that layer's experts and the layers after it are then the general path's, which computes the same bits
+(the compiled step calls the same pieces). Slots cannot change under the call: the engine's thread is in it, and
+only that thread starts loads or evicts; a load completing meanwhile only turns a slot from -1 to its number. With
+a cache smaller than the experts, every step takes the general path, whose prefetch guesses matter there.
 
 What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
 its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
@@ -120,7 +119,8 @@ class FusedStep:
                     at += parts[-1].size
         self.vec = np.concatenate(parts) if parts else np.zeros(1, np.float32)
         self.out_norm = np.ascontiguousarray(model.weights.output_norm, np.float32)
-        self.routers = np.ascontiguousarray(np.stack([w.router for w in model.layers]), np.float32)  # (L, E, d)
+        # (L, E, d): a copy of the routers beside the layers' own (Qwen3-30B-A3B's 48 take 50 MB)
+        self.routers = np.ascontiguousarray(np.stack([w.router for w in model.layers]), np.float32)
         qk = {QKNorm.NONE: 0, QKNorm.HEAD: 1, QKNorm.FULL: 2}[cfg.qk_norm]
         self.shape = np.array([cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rotary_dim, qk, cfg.d_ff], np.int64)
         self.windows = np.array([cfg.window(i) for i in range(cfg.n_layers)], np.int64)

@@ -56,7 +56,8 @@ class MoEModel:
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
         self.kernels = kernels
-        # every dense matrix in one buffer (vectors take a little room they do not use): the compiled step's
+        # every dense matrix in one buffer, which the compiled step reaches them through (vectors take a little room
+        # they do not use)
         self.dense_arena = DenseArena(DenseArena.size_for([t.nbytes for t in layout.manifest.dense.values()]))
         loaders = _loaders(layout, kernels, self.dense_arena)
         self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
