@@ -250,6 +250,22 @@ def verify(layout: str, reference: str | None, prompt: str | None, text_file: st
         sys.exit(1)
 
 
+@main.command()
+@click.argument("layout", type=click.Path(path_type=str))
+@click.option("--kernels", type=click.Choice(["both", "int8", "exact"]), default="both", show_default=True,
+              help="The kernel paths to compile: run/serve's default (int8), the exact ones, or both.")
+def warmup(layout: str, kernels: str) -> None:
+    """Compile numba's kernels ahead of a first run (a new machine, a container image's build): every path a run of
+    LAYOUT takes (a prompt's, a few rows', decode's, the compiled step) into numba's cache, for any later process.
+    The kernels do not depend on a model's shapes or weight types, so any layout serves every other."""
+    from .runtime.engine import Engine
+
+    for mode in ("int8", "exact") if kernels == "both" else (kernels,):
+        with Engine.open(layout, kernels=mode, io="auto") as eng:
+            took = eng.warmup()
+        click.echo(f"{mode} kernels: compiled or loaded in {took:.1f} s")
+
+
 from .server.cli import serve  # noqa: E402 - only click at import time; FastAPI loads when serving
 
 main.add_command(serve)

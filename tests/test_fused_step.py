@@ -296,3 +296,16 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
         eng.step([(a, [5, 6, 7]), (b, [6])])
         assert eng.stats()["compiled_steps"] == 9
     assert np.array_equal(_bits(small), _bits(whole))
+
+
+def test_warmup_command(layouts: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from mertools.cli import main
+
+    r = CliRunner().invoke(main, ["warmup", str(layouts["trained-q4_k"]), "--kernels", "int8"])
+    assert r.exit_code == 0, r.output
+    assert "int8 kernels: compiled or loaded in" in r.output and "exact" not in r.output
+    r = CliRunner().invoke(main, ["warmup", str(layouts["trained-q4_k"].parent / "nothing-here")])
+    assert r.exit_code == 2 and "nothing-here" in r.output
+
