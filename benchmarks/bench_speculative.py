@@ -41,8 +41,12 @@ def child(layout: str, cache_mb: float, prompt_json: str, draft: str, k: int, to
 
     prompt = json.loads(prompt_json)
     spec = None if draft == "none" else draft
-    with Engine.open(layout, cache_mb=cache_mb, reserve_bytes=draft_footprint(spec)) as eng:
+    # the kernels `mertools run` uses (int8), each engine warmed up first as run does (compile time is no decode time)
+    with Engine.open(layout, cache_mb=cache_mb, reserve_bytes=draft_footprint(spec), kernels="int8") as eng:
         d = eng.open_drafter(spec) if spec else None
+        eng.warmup()
+        if hasattr(d, "engine"):
+            d.engine.warmup()
         try:
             t0 = time.perf_counter()
             out, after_prompt = [], 0
