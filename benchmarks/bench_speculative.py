@@ -187,7 +187,8 @@ def main() -> None:
     paragraphs = [
         f"Machine: {common.machine_description()}",
         f"Command: `python benchmarks/bench_speculative.py` {took}",
-        f"Trained fixture (q4_0, expert cache {info['cache_mb']:.2f} MiB = 8 of its 32 experts, lookahead prefetch): greedy, "
+        f"Trained fixture (q4_0, expert cache {info['cache_mb']:.2f} MiB = 8 of its 32 experts, lookahead prefetch, the "
+        "int8 kernels `mertools run` uses, every engine warmed up first): greedy, "
         f"{a.tokens} tokens after a repetitive prompt ({info['prompt_tokens']['repetitive']} tokens: a verse three times) "
         f"and after held-out prose ({info['prompt_tokens']['held-out prose']} tokens); up to {a.draft_tokens} drafted "
         f"tokens per step; one process per run, {a.rounds} rounds interleaved, tok/s the median (range). The draft model is "
