@@ -197,6 +197,8 @@ def test_mapped_expert_files(layouts: dict[str, Path]) -> None:
     got, want = _run(layouts["trained-q4_k"], True, io="mmap"), _run(layouts["trained-q4_k"], False, io="direct")
     assert got["steps"] == 12 and np.array_equal(_bits(got["logits"]), _bits(want["logits"]))
     assert got["trace"] == want["trace"]
+    pieces = _run(layouts["trained-q4_k"], False, io="mmap")  # a layer's mapped experts in one call by address too
+    assert np.array_equal(_bits(pieces["logits"]), _bits(want["logits"]))
     with Engine.open(layouts["trained-q4_k"], kernels="int8", io="mmap") as eng:  # a fresh engine: few slots mapped
         eng.warmup()  # the call reads only resident experts' mappings (slots not mapped yet have no address)
         assert eng.stats()["compiled_steps"] == 0 and [t.id for t in eng.generate("ROMEO:", max_tokens=4)]

@@ -4,9 +4,10 @@ A small model's decode step is mostly Python between kernels (dozens of calls pe
 projections, rotary, the KV store, attention, the router, top-k, the experts, residuals), and a model with
 many layers pays the same per layer. `decode_step` runs all of it for one token of one sequence, every layer,
 then the output norm and head, calling the same compiled pieces the general path calls (`int8._pair` for every
-product, `attention.attend_group`, `rowops` for norms, router, softmax, top-k and rotary), in the same order, so
-its logits are bit for bit those of the general path in the 8-bit mode (tests/test_fused_step.py). What it
-takes, what it leaves to Python (the cache's and the trace's bookkeeping) and when it applies: runtime/fused.py.
+product, `int8.experts_swiglu8` for the experts, `attention.attend_group`, `rowops` for norms, router, softmax,
+top-k and rotary), in the same order, so its logits are bit for bit those of the general path in the 8-bit mode
+(tests/test_fused_step.py). What it takes, what it leaves to Python (the cache's and the trace's bookkeeping) and
+when it applies: runtime/fused.py.
 
 Weights come as offsets into a byte arena (the dense matrices, as `int8.prepare` left them), addresses of the expert
 cache's slots (its arena, or mappings of the expert files) and one float32 arena of vectors, so the call's
@@ -16,16 +17,14 @@ arguments do not grow with the number of layers.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
-from .int8 import GROUP, Q4_0, Q8_0, _pair, _slot_view, quantize_act
+from .int8 import GROUP, _pair, _slot_view, experts_swiglu8, quantize_act
 from .matmul_kernels import get_rows
-from .matvec_kernels import silu_mul_scalar
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
-from .simd import u8_ptr
 
 __all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "Q_NORM", "VECTORS", "decode_step"]
 
@@ -105,39 +104,6 @@ def _router_serial(h, router, logits):
 
 
 @njit(**MATVEC_JIT)
-def _view_at(addr, rows, rb, kind):
-    """The (rows, rb) weight at address `addr` (a cache slot's bytes, kept alive by the cache), as `_pair` reads it."""
-    w = carray(u8_ptr(addr), rows * rb)
-    if kind == Q4_0 or kind == Q8_0:  # the packed types (int8 checks the registry against its branches)
-        return w.reshape(rows // GROUP, GROUP * rb)
-    return w.reshape(rows, rb)
-
-
-@njit(parallel=True, **MATVEC_JIT)
-def _experts(h, offs, kinds, rbs, d_ff, y):
-    """y[c] = the SwiGLU expert c (gate, up, down at the addresses offs[c], in cache slots) of the row h, as
-    `int8.experts_swiglu8` computes each (row, expert) pair."""
-    k, d = y.shape
-    xq, dx, nsum, xs = quantize_act(h.reshape(1, d))
-    hg, hu = np.empty((k, d_ff), np.float32), np.empty((k, d_ff), np.float32)
-    groups, pairs = (d_ff + GROUP - 1) // GROUP, _pairs(d_ff)
-    for t in prange(k * pairs):
-        c, g = t // pairs, 2 * (t % pairs)
-        wg = _view_at(offs[c, 0], d_ff, rbs[c, 0], kinds[c, 0])
-        wu = _view_at(offs[c, 1], d_ff, rbs[c, 1], kinds[c, 1])
-        _pair(kinds[c, 0], xq[0], dx[0], nsum[0], xs[0], wg, g, groups, hg[c])
-        _pair(kinds[c, 1], xq[0], dx[0], nsum[0], xs[0], wu, g, groups, hu[c])
-        for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, d_ff)):
-            hg[c, r] = silu_mul_scalar(hg[c, r], hu[c, r])
-    hq, hdx, hnsum, hxs = quantize_act(hg)
-    groups, pairs = (d + GROUP - 1) // GROUP, _pairs(d)
-    for t in prange(k * pairs):
-        c, g = t // pairs, 2 * (t % pairs)
-        wd = _view_at(offs[c, 2], d, rbs[c, 2], kinds[c, 2])
-        _pair(kinds[c, 2], hq[c], hdx[c], hnsum[c], hxs[c], wd, g, groups, y[c])
-
-
-@njit(**MATVEC_JIT)
 def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
                 kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, k, norm, scaling, logits, chosen,
                 weights):
@@ -164,7 +130,7 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     att = np.empty((nh, hd), np.float32)
     o = np.empty(d, np.float32)
     scores = np.empty(routers.shape[1], np.float32)
-    y = np.empty((k, d), np.float32)
+    one_row = np.zeros(k, np.int64)  # every choice on the token's row
     offs, kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
     for layer in range(mats.shape[0]):
         rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
@@ -207,7 +173,7 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
                 offs[c, r] = slot_addr[slots[layer, e]] + geometry[layer, e, r, 0]
                 kinds[c, r] = geometry[layer, e, r, 1]
                 rbs[c, r] = geometry[layer, e, r, 2]
-        _experts(h, offs, kinds, rbs, d_ff, y)
+        y = experts_swiglu8(h.reshape(1, d), one_row, offs, kinds, rbs, d_ff)
         for i in range(d):  # each choice's share, summed in choice order (numpy's sum over the choices' axis)
             acc = y[0, i] * weights[layer, 0]
             for c in range(1, k):

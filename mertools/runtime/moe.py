@@ -105,7 +105,7 @@ class StreamingMoE:
         self._first_moe = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
         self.full = Tier.of(cache, store, cfg, kernels)  # files mix types layer by layer and role by role
         # a step of few rows whose experts are all resident runs them together (int8.experts_swiglu8)
-        self._fused = kernels == "int8" and cfg.plain_swiglu and store.arena_bytes is not None
+        self._fused = kernels == "int8" and cfg.plain_swiglu
         self.standins = standins
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
@@ -236,10 +236,9 @@ class StreamingMoE:
         if len(t) == 0:
             return
         geo = np.repeat(np.stack([tier.geometry[key] for key, _ in got]), counts, axis=0)  # (pairs, roles, 3)
-        base = np.repeat([slot * tier.store.slot_bytes for _, slot in got], counts)
-        y = int8.experts_swiglu8(np.ascontiguousarray(h, np.float32), t, tier.store.arena_bytes,
-                                 geo[:, :, 0] + base[:, None], np.ascontiguousarray(geo[:, :, 1]),
-                                 np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff)
+        base = np.repeat(tier.store.slot_addr[[slot for _, slot in got]], counts)  # each pair's slot address
+        y = int8.experts_swiglu8(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base[:, None],
+                                 np.ascontiguousarray(geo[:, :, 1]), np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff)
         contrib[t, c] = y * weights[t, c][:, None]
 
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
