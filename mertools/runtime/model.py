@@ -56,8 +56,8 @@ class MoEModel:
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
         self.kernels = kernels
-        # every dense matrix in one buffer, which the compiled step reaches them through (vectors take a little room
-        # they do not use)
+        # every dense matrix in one buffer, which the compiled step reaches them through (sized by every dense tensor:
+        # the vectors' and routers' share, loaded apart as float32, is never touched, so never committed)
         self.dense_arena = DenseArena(DenseArena.size_for([t.nbytes for t in layout.manifest.dense.values()]))
         loaders = _loaders(layout, kernels, self.dense_arena)
         self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
