@@ -25,8 +25,8 @@ from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
 
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 ROOT = Path(__file__).resolve().parent.parent
-INT8 = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
-PACKED = ("q4_0", "q8_0")
+INT8 = ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k")
+PACKED = ("q4_0", "q8_0", "mxfp4")
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -178,7 +178,7 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
         "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
         "assert not simd8.VNNI\n"
-        "for dt in ('q4_0', 'q8_0', 'q4_k', 'q5_k', 'q6_k'):\n"
+        "for dt in ('q4_0', 'q8_0', 'mxfp4', 'q4_k', 'q5_k', 'q6_k'):\n"
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
         "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
         "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"

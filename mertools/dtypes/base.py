@@ -29,14 +29,22 @@ class Thresholds:
 @dataclass(frozen=True)
 class Int8Pack:
     """How the 8-bit-activation kernels (`mertools.kernels.int8`) take a type with blocks of 32 weights and one
-    f16 scale at byte 0: weight k of a block is d * (u_k - offset) with u_k an unsigned byte (a nibble, or an
-    int8 offset by 128 when packed), its 32 quants in `parts` runs of 16 bytes after the scale."""
+    scale at byte 0 (the type's scale_format: f16, or an E8M0 byte): weight k of a block is d * (u_k - offset) with
+    u_k an unsigned byte (a nibble, a table's byte for a nibble, or an int8 offset by 128 when packed), its 32 quants
+    in `parts` runs of 16 bytes after the scale."""
 
     parts: int  # 16-byte runs of quants per block: 1 (two nibbles a byte) or 2 (a byte each)
     offset: int  # u - offset is the signed quant: 8 for a nibble, 128 for an int8 packed as unsigned
     flip: int  # XOR applied to each quant byte when packing (0x80 turns an int8 into int8 + 128)
     # plain numpy: uint8 (rows, row_bytes) -> (signed quants int32 (rows, nb, 32), scales float32 (rows, nb))
     blocks: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = field(compare=False, repr=False)
+    codes: tuple[int, ...] | None = None  # u for each nibble when nibbles index a table (mxfp4: its values + offset)
+
+    def __post_init__(self) -> None:
+        if self.offset & (self.offset - 1) or not 0 < self.offset <= 128:
+            raise ValueError(f"Int8Pack: offset {self.offset} is not a power of two up to 128 (the kernels shift by it)")
+        if self.codes is not None and (self.parts != 1 or len(self.codes) != 16 or not all(0 <= c < 256 for c in self.codes)):
+            raise ValueError("Int8Pack: a table needs nibbles (parts 1) and 16 byte values")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ to the next integer), the double result is never within a relative 2e-10 of a fl
 boundary, so any faithful double log2 gives ggml's bytes.
 
 Decode (matvec): the table K * 2^(e - 128) per block (exact), indexed by the nibbles with `vlut16`.
+8-bit kernels (`kernels.int8`): packed by groups of 4 rows like Q4_0 (4 exponent bytes, then the rows' nibbles),
+each nibble turned into K + 16 by a byte table, times the activation quants in integers, 2^(e - 128) * d_x per block.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mertools.kernels.common import EXACT_JIT, EXACT_PJIT, KC, MATVEC_JIT, TILE_
 from mertools.kernels.simd import bits_f32, nib16, vadd, vfma, vhsum, vload, vlut16, vshr4, vsplat, vstore, vzero
 
 from ._blocks32 import const16, vexact_mul
-from .base import DType, Thresholds, cast_low_byte
+from .base import DType, Int8Pack, Thresholds, cast_low_byte
 
 BYTES = 17
 KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values doubled (kvalues_mxfp4)
@@ -67,6 +69,14 @@ def dequantize_reference(raw: np.ndarray) -> np.ndarray:
     q = np.concatenate([qs & 0xF, qs >> 4], axis=1)  # (nb, 32)
     with np.errstate(over="ignore"):
         return (d * _K[q]).reshape(-1)
+
+
+def int_blocks(w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (rows, nb*17) -> the weights' doubled E2M1 values K[q], int32 (rows, nb, 32), and scales 2^(e - 128),
+    float32 (rows, nb): weight = value * scale, exactly."""
+    b = np.asarray(w2, dtype=np.uint8).reshape(w2.shape[0], -1, BYTES)
+    qs = b[:, :, 1:].astype(np.int32)  # (rows, nb, 16)
+    return np.array(KVALUES, np.int32)[np.concatenate([qs & 0xF, qs >> 4], axis=2)], e8m0_half_reference(b[:, :, 0])
 
 
 # ---------------------------------------------------------------- numba dequantizer
@@ -186,4 +196,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.2, top1=0.72, ppl_ratio=1.745),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
+    int8_pack=Int8Pack(parts=1, offset=16, flip=0, blocks=int_blocks, codes=tuple(k + 16 for k in KVALUES)),
 )

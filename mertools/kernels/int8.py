@@ -10,16 +10,18 @@ float multiply per block. This module does the same for the types in INT8_DTYPES
     matmul8(x2, w, dtype, out)    float32 (n, rows) = x2 @ W.T
     swiglu8(x2, gate, up)         silu(x2 @ G.T) * (x2 @ U.T)
 
-Q4_0 and Q8_0 (an `Int8Pack`) are packed: rows go by groups of 4 (rows % 4 == 0), and for each block the
-group's 4 f16 scales come first, then each 16-byte run of quants for the 4 rows (64 bytes): one load gives a
-vpdpbusd its 64 weight bytes, one more the 4 scales (the file's 18- or 34-byte blocks need 4 loads and 4
-inserts of each; that was slower than the exact kernels). Same size as the file's bytes, so a cache slot is
-packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes: their kernels
+Q4_0, Q8_0 and MXFP4 (an `Int8Pack`) are packed: rows go by groups of 4 (rows % 4 == 0), and for each block
+the group's 4 scales come first (f16, or MXFP4's exponent bytes), then each 16-byte run of quants for the 4 rows
+(64 bytes): one load gives a vpdpbusd its 64 weight bytes, one more the 4 scales (the file's 17-, 18- or 34-byte
+blocks need 4 loads and 4 inserts of each; that was slower than the exact kernels). MXFP4's nibbles index its
+value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's bytes, so a
+cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes: their kernels
 (dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
-4j..4j+3 and 16+4j..16+4j+3; acc_j += float(S) * (d_w * d_x), in block order; the result is
+4j..4j+3 and 16+4j..16+4j+3; acc_j += float(S) * (d_w * d_x), in block order (d_w: the f16 scale, or MXFP4's
+2^(e - 128)); the result is
 (acc_0 + acc_2) + (acc_1 + acc_3). The K types' twins live in their modules. Integer sums are exact, so the
 instruction set does not matter. The exact kernels (`matmul`) stay the definition of the model; this path's
 difference from them is reported by `mertools verify --kernels int8`.
@@ -31,15 +33,18 @@ import numpy as np
 from numba import carray, njit, prange
 
 from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
+from mertools.dtypes.base import SCALE_BYTES
 from mertools.errors import QuantizationError
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.q8act import absmax32, half_round, neg_quad_sums, q8_round32
 from mertools.kernels.simd import u8_ptr, vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
+    byte_table,
     bytes16x4,
     bytes64,
     dpbusd,
+    e8m0x4,
     halves4x4,
     hi4,
     ishl,
@@ -53,19 +58,25 @@ __all__ = ["GROUP", "INT8_DTYPES", "experts_swiglu8", "matmul8", "pack", "packab
 
 GROUP = 4  # rows packed together
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
-Q4_0, Q8_0, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k"))
-_PACKED, _DISPATCHED = {"q4_0", "q8_0"}, {"q4_0", "q8_0", "q4_k", "q5_k", "q6_k"}  # the branches below
+Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
+_PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
     raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: _pair, _slot_view)")
 
 
-def _geometry(dtype: str) -> tuple[int, int]:
-    """(16-byte runs of quants per block, log2 of the unsigned quants' offset) of a packed type, from its Int8Pack."""
-    spec = DTYPES[dtype].int8_pack
-    return spec.parts, spec.offset.bit_length() - 1
+def _geometry(dtype: str) -> tuple[int, int, int, int]:
+    """(16-byte runs of quants per block, log2 of the unsigned quants' offset, bytes of a scale, 1 if the nibbles
+    index a table) of a packed type, from its Int8Pack."""
+    dt = DTYPES[dtype]
+    spec = dt.int8_pack
+    return spec.parts, spec.offset.bit_length() - 1, SCALE_BYTES[dt.scale_format], int(spec.codes is not None)
 
 
-Q4_0_GEOMETRY, Q8_0_GEOMETRY = _geometry("q4_0"), _geometry("q8_0")  # numba reads module globals as constants
+# numba reads module globals as constants
+Q4_0_GEOMETRY, Q8_0_GEOMETRY, MXFP4_GEOMETRY = _geometry("q4_0"), _geometry("q8_0"), _geometry("mxfp4")
+_mxfp4_codes = byte_table(DTYPES["mxfp4"].int8_pack.codes)  # nibble -> K + 16
+if MXFP4_GEOMETRY[2:] != (1, 1) or Q4_0_GEOMETRY[2:] != (2, 0) or Q8_0_GEOMETRY[2:] != (2, 0):
+    raise ValueError("kernels.int8: _scales/_dot take f16 scales with plain quants, or E8M0 with mxfp4's table")
 
 
 def packable(dtype: str, rows: int, cols: int) -> bool:
@@ -89,23 +100,24 @@ def _spec(dtype: str, rows: int, cols: int) -> Int8Pack:
 
 
 @njit(**MATVEC_JIT)  # serial: it runs in the store's loader threads, where a parallel region would start a second
-def _pack(w2, out, parts, flip):  # OpenMP team spinning beside the kernels' (all products 5-10x slower, measured)
-    """out (rows/4, 4 * row_bytes) = the packed groups of w2 (rows, row_bytes); out may be w2's own bytes."""
+def _pack(w2, out, parts, flip, sb):  # OpenMP team spinning beside the kernels' (all products 5-10x slower, measured)
+    """out (rows/4, 4 * row_bytes) = the packed groups of w2 (rows, row_bytes; blocks of an sb-byte scale and
+    16 * parts quant bytes); out may be w2's own bytes."""
     rb = w2.shape[1]
-    bsz = 2 + 16 * parts
+    bsz = sb + 16 * parts
     for g in range(out.shape[0]):
         tmp = w2[GROUP * g:GROUP * g + GROUP].copy()
         og = out[g]
         for b in range(rb // bsz):
             o, po = b * bsz, b * GROUP * bsz
             for r in range(GROUP):
-                og[po + 2 * r] = tmp[r, o]
-                og[po + 2 * r + 1] = tmp[r, o + 1]
+                for k in range(sb):
+                    og[po + sb * r + k] = tmp[r, o + k]
             for p in range(parts):
                 for r in range(GROUP):
-                    at = po + 2 * GROUP + 64 * p + 16 * r
+                    at = po + sb * GROUP + 64 * p + 16 * r
                     for k in range(16):
-                        og[at + k] = tmp[r, o + 2 + 16 * p + k] ^ flip
+                        og[at + k] = tmp[r, o + sb + 16 * p + k] ^ flip
 
 
 def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -115,7 +127,7 @@ def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarra
     dt = DTYPES[dtype]
     spec = _spec(dtype, rows, rb // dt.type_size * dt.block_size)
     target = np.empty((rows // GROUP, GROUP * rb), np.uint8) if out is None else out.reshape(rows // GROUP, GROUP * rb)
-    _pack(w2, target, spec.parts, spec.flip)
+    _pack(w2, target, spec.parts, spec.flip, SCALE_BYTES[dt.scale_format])
     return target
 
 
@@ -159,35 +171,49 @@ def quantize_act(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 # ---------------------------------------------------------------- products
 
 
+@njit(inline="always", **MATVEC_JIT)
+def _scales(wr, o, sb, dxs):
+    """The group's 4 block scales at byte o (f16, or E8M0 bytes when sb == 1), each in its quarter, times d_x."""
+    return vmul(e8m0x4(wr, o) if sb == 1 else halves4x4(wr, o), dxs)
+
+
+@njit(inline="always", **MATVEC_JIT)
+def _dot(acc, wr, o, parts, coded, xl, xh):
+    """acc + the integer sums of the group's quants at byte o (a block's 16-byte runs of the 4 rows; nibbles through
+    MXFP4's table when coded) with the activation block's halves xl, xh."""
+    if parts == 1:
+        q = bytes64(wr, o)
+        lo, hi = lo4(q), hi4(q)
+        if coded:
+            lo, hi = _mxfp4_codes(lo), _mxfp4_codes(hi)
+        return dpbusd(dpbusd(acc, lo, xl), hi, xh)
+    return dpbusd(dpbusd(acc, bytes64(wr, o), xl), bytes64(wr, o + 64), xh)
+
+
 @njit(**MATVEC_JIT)
-def _packed_group(xq, dx, nsum, wp, g, parts, shift, out):
-    """out[4g:4g+4] = the packed group g of wp times one quantized row (xq, dx, nsum)."""
+def _packed_group(xq, dx, nsum, wp, g, geo, out):
+    """out[4g:4g+4] = the packed group g of wp (geometry `geo`, `_geometry`'s) times one quantized row (xq, dx, nsum)."""
+    parts, shift, sb, coded = geo
     wr = wp[g]
-    bb = GROUP * (2 + 16 * parts)  # a block's bytes for the group
+    bb = GROUP * (sb + 16 * parts)  # a block's bytes for the group
     ahead = (g + 1) * wp.shape[1]
     acc = vzero()
     for b in range(dx.size):
         o = bb * b
         prefetch_lines(wp, ahead + o, bb)
-        s = vmul(halves4x4(wr, o), vsplat(dx[b]))
-        ai = ishl(ivload4x4(nsum, 4 * b), shift)  # - offset * sum(x): the unsigned quants' bias
-        if parts == 1:
-            q = bytes64(wr, o + 8)
-            ai = dpbusd(ai, lo4(q), bytes16x4(xq, 32 * b))
-            ai = dpbusd(ai, hi4(q), bytes16x4(xq, 32 * b + 16))
-        else:
-            ai = dpbusd(ai, bytes64(wr, o + 8), bytes16x4(xq, 32 * b))
-            ai = dpbusd(ai, bytes64(wr, o + 72), bytes16x4(xq, 32 * b + 16))
-        acc = vadd(acc, vmul(vtof(ai), s))
+        bias = ishl(ivload4x4(nsum, 4 * b), shift)  # - offset * sum(x): the unsigned quants' bias
+        ai = _dot(bias, wr, o + GROUP * sb, parts, coded, bytes16x4(xq, 32 * b), bytes16x4(xq, 32 * b + 16))
+        acc = vadd(acc, vmul(vtof(ai), _scales(wr, o, sb, vsplat(dx[b]))))
     for r in range(GROUP):
         out[GROUP * g + r] = quad_sum(acc, r)
 
 
 @njit(**MATVEC_JIT)
-def _packed_pair(xq, dx, nsum, wp, g, parts, shift, out):
+def _packed_pair(xq, dx, nsum, wp, g, geo, out):
     """Packed groups g and g + 1 at once, sharing each block's activation loads (exactly `_packed_group` per row)."""
+    parts, shift, sb, coded = geo
     wa, wb = wp[g], wp[g + 1]
-    bb = GROUP * (2 + 16 * parts)
+    bb = GROUP * (sb + 16 * parts)
     ahead = (g + 2) * wp.shape[1]
     a = vzero()
     c = vzero()
@@ -198,16 +224,8 @@ def _packed_pair(xq, dx, nsum, wp, g, parts, shift, out):
         dxs = vsplat(dx[b])
         bias = ishl(ivload4x4(nsum, 4 * b), shift)
         xl, xh = bytes16x4(xq, 32 * b), bytes16x4(xq, 32 * b + 16)
-        if parts == 1:
-            q = bytes64(wa, o + 8)
-            a = vadd(a, vmul(vtof(dpbusd(dpbusd(bias, lo4(q), xl), hi4(q), xh)), vmul(halves4x4(wa, o), dxs)))
-            q = bytes64(wb, o + 8)
-            c = vadd(c, vmul(vtof(dpbusd(dpbusd(bias, lo4(q), xl), hi4(q), xh)), vmul(halves4x4(wb, o), dxs)))
-        else:
-            ai = dpbusd(dpbusd(bias, bytes64(wa, o + 8), xl), bytes64(wa, o + 72), xh)
-            a = vadd(a, vmul(vtof(ai), vmul(halves4x4(wa, o), dxs)))
-            ai = dpbusd(dpbusd(bias, bytes64(wb, o + 8), xl), bytes64(wb, o + 72), xh)
-            c = vadd(c, vmul(vtof(ai), vmul(halves4x4(wb, o), dxs)))
+        a = vadd(a, vmul(vtof(_dot(bias, wa, o + GROUP * sb, parts, coded, xl, xh)), _scales(wa, o, sb, dxs)))
+        c = vadd(c, vmul(vtof(_dot(bias, wb, o + GROUP * sb, parts, coded, xl, xh)), _scales(wb, o, sb, dxs)))
     for r in range(GROUP):
         out[GROUP * g + r] = quad_sum(a, r)
         out[GROUP * g + GROUP + r] = quad_sum(c, r)
@@ -217,9 +235,11 @@ def _packed_pair(xq, dx, nsum, wp, g, parts, shift, out):
 def _group(kind, xq, dx, nsum, xs, w, g, out):
     """Rows 4g..4g+3 (fewer past the end) of W (type code `kind`, as `prepare` left it) times one quantized row."""
     if kind == Q4_0:
-        _packed_group(xq, dx, nsum, w, g, Q4_0_GEOMETRY[0], Q4_0_GEOMETRY[1], out)
+        _packed_group(xq, dx, nsum, w, g, Q4_0_GEOMETRY, out)
     elif kind == Q8_0:
-        _packed_group(xq, dx, nsum, w, g, Q8_0_GEOMETRY[0], Q8_0_GEOMETRY[1], out)
+        _packed_group(xq, dx, nsum, w, g, Q8_0_GEOMETRY, out)
+    elif kind == MXFP4:
+        _packed_group(xq, dx, nsum, w, g, MXFP4_GEOMETRY, out)
     elif kind == Q6_K:
         _k8.q6_k_group(xq, dx, w, GROUP * g, out)
     else:
@@ -231,9 +251,11 @@ def _pair(kind, xq, dx, nsum, xs, w, g, groups, out):
     """Groups g and g + 1 (if it exists) of W times one quantized row: packed types together, sharing the activation
     loads (a 14336-wide down projection's activation side shares L1 with the weights: 1.1-1.2x, measured)."""
     if g + 1 < groups and kind == Q4_0:
-        _packed_pair(xq, dx, nsum, w, g, Q4_0_GEOMETRY[0], Q4_0_GEOMETRY[1], out)
+        _packed_pair(xq, dx, nsum, w, g, Q4_0_GEOMETRY, out)
     elif g + 1 < groups and kind == Q8_0:
-        _packed_pair(xq, dx, nsum, w, g, Q8_0_GEOMETRY[0], Q8_0_GEOMETRY[1], out)
+        _packed_pair(xq, dx, nsum, w, g, Q8_0_GEOMETRY, out)
+    elif g + 1 < groups and kind == MXFP4:
+        _packed_pair(xq, dx, nsum, w, g, MXFP4_GEOMETRY, out)
     else:
         _group(kind, xq, dx, nsum, xs, w, g, out)
         if g + 1 < groups:
@@ -284,7 +306,7 @@ def _slot_view(arena, off, rows, rb, kind):
     """The (rows, rb) weight at byte `off` of a byte buffer (the dense matrices' arena, a cache slot), as `_group`
     reads it (packed types by groups)."""
     w = arena[off:off + rows * rb]
-    if kind == Q4_0 or kind == Q8_0:  # the packed types (checked against the registry at import)
+    if kind == Q4_0 or kind == Q8_0 or kind == MXFP4:  # the packed types (checked against the registry at import)
         return w.reshape(rows // GROUP, GROUP * rb)
     return w.reshape(rows, rb)
 
