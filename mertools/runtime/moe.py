@@ -26,7 +26,7 @@ from .approx import Approx, ApproxStats
 from .batch import Batch
 from .cache import ExpertCache
 from .hooks import ModelHooks
-from .ops import Linear, RuntimeOps
+from .ops import RuntimeOps
 from .prefetch import Prefetcher
 from .store import ExpertStore
 
@@ -46,10 +46,8 @@ def _int8(cfg: ModelConfig, entry: ExpertEntry) -> tuple[bool, bool, bool]:
 
 def expert_packer(cfg: ModelConfig) -> Callable[[ExpertEntry, np.ndarray], None] | None:
     """The store's `prepare` for the 8-bit kernels: each tensor of a loaded slot they take prepared in place (a
-    packed type packed). None when the family computes experts with its own piece (biases, a clamped GLU), which
-    reads the file's layout."""
-    if not cfg.plain_swiglu:
-        return None
+    packed type packed), whichever piece computes the experts (`_expert` gives a family's own piece the prepared
+    weights)."""
     shapes = _shapes(cfg)
 
     def prepare(entry: ExpertEntry, buf: np.ndarray) -> None:
@@ -75,7 +73,7 @@ class Tier:
     @classmethod
     def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig, kernels: str = "exact") -> Tier:
         """`kernels` "int8": each tensor the 8-bit kernels take runs on them, but a packed type's only if the store
-        prepares (packs) the slots: not when they are mappings of the files, nor for a family's own expert piece."""
+        prepares (packs) the slots: not when they are mappings of the files."""
         def flags(e: ExpertEntry) -> tuple[bool, bool, bool]:
             if kernels != "int8":
                 return (False, False, False)
@@ -249,14 +247,13 @@ class StreamingMoE:
         g, u, d = (store.tensor(slot, key, r) for r in ROLES)
         dg, du, dd = tier.dtypes[key]
         pg, pu, pd = tier.int8[key]
+        # the slot's bytes, sized by the manifest and prepared by the store: shaped, not checked again per call
+        wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu),
+                      layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd))
         mlp = None
-        if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on the slot's bytes
+        if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on those weights
             biases = {r: store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
-            mlp = Mlp(Linear(g, dg, cfg.d_ff, cfg.d_model, pg), Linear(u, du, cfg.d_ff, cfg.d_model, pu),
-                      Linear(d, dd, cfg.d_model, cfg.d_ff, pd), **biases)
-        else:  # the slot's bytes, sized by the manifest: shaped, not checked again per call
-            wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu),
-                          layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd))
+            mlp = Mlp(wg, wu, wd, **biases)
         for s in batch.seqs:
             hit = chosen[s.rows] == key[1]
             tok, which = np.nonzero(hit if live is None else hit & live[s.rows])

@@ -54,7 +54,7 @@ class RuntimeOps:
     def _rows(self, fn, x: np.ndarray) -> np.ndarray:  # noqa: ANN001 - (n, k) array -> (n, m) array
         return fn(x) if self.batch is None else self.batch.per_seq(fn, x)
 
-    def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
+    def linear(self, w: Linear | Weight, x: np.ndarray) -> np.ndarray:
         return self._rows(w, x)
 
     def dense(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
