@@ -1,14 +1,16 @@
-"""Decode in RAM on a many-small-experts shape beside llama.cpp: Qwen3-30B-A3B's layer (d_model 2048, 128 experts of
-width 768, top-8, Q4_K; 48 layers in the real model) for --layers layers, where a token runs 8 experts per layer
-and pays mertools' per-call Python 8 times per layer.
+"""Decode in RAM on a many-small-experts shape beside llama.cpp, for --layers layers: Qwen3-30B-A3B's layer
+(--shape qwen3: d_model 2048, 128 experts of width 768, top-8, Q4_K; 48 layers in the real model), where a token
+runs 8 experts per layer and pays mertools' per-call Python 8 times per layer; or gpt-oss-20b's (--shape gpt_oss:
+d_model 2880, 32 experts of width 2880, top-4, MXFP4 experts and Q8_0 attention; 24 layers in the real model).
 
-    python benchmarks/bench_decode_shapes.py [--layers 12] [--workdir /tmp/mertools-bench]
+    python benchmarks/bench_decode_shapes.py [--shape qwen3] [--layers 12] [--workdir /tmp/mertools-bench]
 
-The GGUF is written by benchmarks/full_size_checkpoints.py (random weights, llama.cpp's qwen3moe names) and
+The GGUF is written by benchmarks/full_size_checkpoints.py (random weights, llama.cpp's names for the arch) and
 converted to a layout; each engine runs in a process of its own with every weight resident (bench_decode.py's
 children: mertools with every expert loaded first, llama.cpp without mmap, repacked as by default and not): a
 --prompt-token prompt, then --tokens decode steps, the median step kept; --rounds processes per engine,
-interleaved, the best kept. Writes the "decode_shapes" section of docs/BENCHMARKS.md (--no-write).
+interleaved, the best kept. Writes the shape's section of docs/BENCHMARKS.md, "decode_shapes" or
+"decode_shapes_gpt_oss" (--no-write).
 """
 
 from __future__ import annotations
@@ -18,17 +20,38 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _common as common  # noqa: E402
 from benchmarks import bench_decode  # noqa: E402
-from benchmarks.full_size_checkpoints import QWEN3, sizes, write_gguf  # noqa: E402
+from benchmarks.full_size_checkpoints import GPT_OSS, QWEN3, Shape, sizes, write_gguf  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    shape: Shape
+    stem: str  # of the GGUF and layout file names in --workdir
+    section: str  # of docs/BENCHMARKS.md
+    layers_have: str  # what the report says of a layer beyond the numbers every shape has
+    types: str  # the report's words for the weight types
+
+
+VARIANTS = {
+    "qwen3": Variant(QWEN3, "qwen3", "decode_shapes", "", "Q4_K"),
+    "gpt_oss": Variant(GPT_OSS, "gptoss", "decode_shapes_gpt_oss",
+                       f" of head_dim {GPT_OSS.head_dim}, sliding window {GPT_OSS.sliding_window} in every other layer "
+                       "(full attention between), attention sinks, biases on q/k/v/o, the router and the experts",
+                       "experts MXFP4, attention, embedding and output Q8_0 (llama.cpp's MXFP4_MOE preset), "
+                       "norms, routers, biases and sinks F32"),
+}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(VARIANTS), default="qwen3")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=24)
@@ -41,14 +64,16 @@ def main() -> int:
     from mertools.convert.pipeline import ConvertOptions, convert
 
     t0 = time.perf_counter()
+    v = VARIANTS[a.shape]
+    s = v.shape
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    gguf, lay = work / f"qwen3-{a.layers}L-q4_k.gguf", work / f"layout-qwen3-{a.layers}L"
-    need = sizes(QWEN3, a.layers)["total"] * 2.2  # the GGUF, its layout, and room
+    gguf, lay = work / f"{v.stem}-{a.layers}L-{s.qtype}.gguf", work / f"layout-{v.stem}-{a.layers}L"
+    need = sizes(s, a.layers)["total"] * 2.2  # the GGUF, its layout, and room
     if not gguf.exists() and os.statvfs(work).f_bavail * os.statvfs(work).f_frsize < need:
         sys.exit(f"bench_decode_shapes: {work} has less than {need / 1e9:.1f} GB free")
     if not gguf.exists():
-        write_gguf(gguf.with_name(gguf.name + ".partial"), QWEN3, a.layers, 0).rename(gguf)
+        write_gguf(gguf.with_name(gguf.name + ".partial"), s, a.layers, 0).rename(gguf)
     if not (lay / "manifest.json").exists():
         convert(gguf, lay, ConvertOptions(force=True, progress=False))
     engines = [("mertools (exact kernels)", "mertools", lay, sys.executable),
@@ -78,16 +103,17 @@ def main() -> int:
         tps = 1 / statistics.median(r["token_s"])
         rows.append(f"| {label} | {tps:.2f} | {tps / ref_tps:.2f}x | {1e3 / tps:.1f} | {a.prompt / r['prefill_s']:.1f} | "
                     f"{r['peak_rss_mb']:.0f} |")
-    s = sizes(QWEN3, a.layers)
-    body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_decode_shapes.py --layers "
+    z = sizes(s, a.layers)
+    flag = "" if a.shape == "qwen3" else f"--shape {a.shape} "
+    body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_decode_shapes.py {flag}--layers "
             f"{a.layers}` (took {(time.perf_counter() - t0) / 60:.0f} min)\n\n"
-            f"{a.layers} layers of Qwen3-30B-A3B's shape (d_model 2048, 128 experts of width 768, top-8, 32 heads / 4 KV "
-            f"heads, vocabulary 151,936; Q4_K, random weights): {s['total'] / 1e9:.2f} GB, every weight resident in both "
+            f"{a.layers} layers of {s.title}'s shape (d_model {s.d_model}, {s.n_expert} experts of width {s.d_ff}, "
+            f"top-{s.n_expert_used}, {s.n_head} heads / {s.n_kv} KV heads{v.layers_have}, vocabulary {s.vocab:,}; "
+            f"{v.types}, random weights): {z['total'] / 1e9:.2f} GB, every weight resident in both "
             f"engines, {a.threads} threads, a {a.prompt}-token prompt then {a.tokens} decode steps, the median step; "
-            f"{a.rounds} processes per engine, interleaved, the best kept. A token runs {8 * a.layers} expert calls.\n\n"
-            + "\n".join(rows))
-    common.publish("decode_shapes", "Decode in RAM with many small experts (Qwen3-30B-A3B's shape)", body,
-                   write=not a.no_write)
+            f"{a.rounds} processes per engine, interleaved, the best kept. A token runs {s.n_expert_used * a.layers} "
+            f"expert calls.\n\n" + "\n".join(rows))
+    common.publish(v.section, f"Decode in RAM with many small experts ({s.title}'s shape)", body, write=not a.no_write)
     return 0
 
 
