@@ -134,7 +134,9 @@ def test_router_product_and_softmax() -> None:
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Layouts the compiled step takes: the trained fixture (q4_0, q4_k), Mixtral, Qwen3-MoE (per-head q/k norm, every
-    layer with experts) and OLMoE (q/k norm over the projection, no renormalisation) at q8_0."""
+    layer with experts) and OLMoE (q/k norm over the projection, no renormalisation) at q8_0; gpt-oss (biases on
+    q/k/v/o, the router and the experts, the clamped GLU, attention sinks, a sliding window of 4 in layers 0 and 2,
+    YaRN) with MXFP4 experts and Q8_0 matrices, as llama.cpp's MXFP4_MOE preset."""
     from fixtures.tiny_families import build_hf
     from fixtures.tiny_mixtral import build_all
 
@@ -147,6 +149,8 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for family, kw in (("qwen3_moe", {"mlp_only_layers": []}), ("olmoe", {})):
         src = build_hf(family, root / f"{family}-src", seed=4, **kw)
         out[family] = convert(src, root / family, ConvertOptions(dtype="q8_0", progress=False)).out
+    src = build_hf("gpt_oss", root / "gpt_oss-src", seed=4)
+    out["gpt_oss"] = convert(src, root / "gpt_oss", ConvertOptions(dtype="mxfp4", dense_dtype="q8_0", progress=False)).out
     return out
 
 
@@ -181,7 +185,7 @@ def _run(layout: Path, compiled: bool, kv_dtype: str = "f16", prefetch: str = "l
                     last_use=c.slot_last.copy())
 
 
-@pytest.mark.parametrize("name", ["trained-q4_0", "trained-q4_k", "mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["trained-q4_0", "trained-q4_k", "mixtral", "qwen3_moe", "olmoe", "gpt_oss"])
 def test_compiled_steps_are_the_steps_piece_by_piece(layouts: dict[str, Path], name: str) -> None:
     got, want = _run(layouts[name], True), _run(layouts[name], False)
     assert got["steps"] == 12 and want["steps"] == 0
@@ -211,7 +215,7 @@ def test_float32_kv_and_markov_prefetch(layouts: dict[str, Path]) -> None:
     assert got["counts"] == want["counts"]
 
 
-@pytest.mark.parametrize("name", ["trained-q4_0", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["trained-q4_0", "qwen3_moe", "gpt_oss"])
 def test_a_step_with_an_expert_to_read_is_finished_piece_by_piece(layouts: dict[str, Path], name: str) -> None:
     """A fresh engine (every expert fits, none read yet): the compiled call stops at the first layer that chose an
     expert not yet resident, the general path reads it and finishes the step; the logits are those of every step

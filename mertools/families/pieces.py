@@ -41,6 +41,9 @@ class Ops(Protocol):
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         """RMSNorm over the last axis, times w."""
 
+    def glu(self, cfg: ModelConfig, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """A routed expert's gated activation (`glu`) of its gate and up pre-activations (n, d_ff)."""
+
     def softmax(self, x: np.ndarray) -> np.ndarray:
         """Softmax over the last axis (a router's scores)."""
 
@@ -211,7 +214,7 @@ def expert_mlp(cfg: ModelConfig, m: Mlp, x: np.ndarray, ops: Ops) -> np.ndarray:
     g, u = ops.linear(m.gate, x), ops.linear(m.up, x)
     if m.gate_bias is not None:
         g, u = g + m.gate_bias.astype(g.dtype), u + m.up_bias.astype(u.dtype)
-    y = ops.linear(m.down, glu(cfg, g, u))
+    y = ops.linear(m.down, ops.glu(cfg, g, u))
     return y if m.down_bias is None else y + m.down_bias.astype(y.dtype)
 
 

@@ -30,7 +30,7 @@ difference from them is reported by `mertools verify --kernels int8`.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import njit, prange
 
 from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
 from mertools.dtypes.base import SCALE_BYTES
@@ -38,7 +38,7 @@ from mertools.errors import QuantizationError
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.q8act import absmax32, half_round, neg_quad_sums, q8_round32
-from mertools.kernels.simd import u8_ptr, vadd, vmul, vsplat, vtof, vzero
+from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
     byte_table,
     bytes16x4,
@@ -53,15 +53,14 @@ from mertools.kernels.simd8 import (
     quad_sum,
 )
 
-__all__ = ["GROUP", "INT8_DTYPES", "experts_swiglu8", "matmul8", "pack", "packable", "prepare", "quantize_act", "swiglu8",
-           "takes"]
+__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "quantize_act", "swiglu8", "takes"]
 
 GROUP = 4  # rows packed together
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
 _PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
-    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: _pair, _slot_view)")
+    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: _pair, experts8._slot_view)")
 
 
 def _geometry(dtype: str) -> tuple[int, int, int, int]:
@@ -296,66 +295,3 @@ def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, 
     h, u = np.empty((n, d_ff), np.float32), np.empty((n, d_ff), np.float32)
     _swiglu8(*acts, KIND[dg], wg, KIND[du], wu, (d_ff + GROUP - 1) // GROUP, h, u)
     return h
-
-
-# ---------------------------------------------------------------- a layer's experts in two parallel regions
-
-
-@njit(**MATVEC_JIT)
-def _slot_view(arena, off, rows, rb, kind):
-    """The (rows, rb) weight at byte `off` of a byte buffer (the dense matrices' arena, a cache slot), as `_group`
-    reads it (packed types by groups)."""
-    w = arena[off:off + rows * rb]
-    if kind == Q4_0 or kind == Q8_0 or kind == MXFP4:  # the packed types (checked against the registry at import)
-        return w.reshape(rows // GROUP, GROUP * rb)
-    return w.reshape(rows, rb)
-
-
-@njit(**MATVEC_JIT)
-def _view_at(addr, rows, rb, kind):
-    """The (rows, rb) weight at address `addr` (a cache slot's bytes, which the cache keeps alive: its arena, or the
-    mapping of an expert file), as `_group` reads it."""
-    return _slot_view(carray(u8_ptr(addr), rows * rb), 0, rows, rb, kind)
-
-
-@njit(parallel=True, **MATVEC_JIT)
-def _experts_gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, h, u):
-    groups = (h.shape[1] + GROUP - 1) // GROUP
-    pairs = (groups + 1) // 2
-    for t in prange(rows_of.size * pairs):
-        p, g = t // pairs, 2 * (t % pairs)
-        i = rows_of[p]
-        wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
-        wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
-        _pair(kinds[p, 0], xq[i], dx[i], nsum[i], xs[i], wg, g, groups, h[p])
-        _pair(kinds[p, 1], xq[i], dx[i], nsum[i], xs[i], wu, g, groups, u[p])
-        for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, h.shape[1])):
-            h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
-
-
-@njit(parallel=True, **MATVEC_JIT)
-def _experts_down(hq, hdx, hnsum, hxs, addr, kinds, rbs, y):
-    groups = (y.shape[1] + GROUP - 1) // GROUP
-    pairs = (groups + 1) // 2
-    for t in prange(y.shape[0] * pairs):
-        p, g = t // pairs, 2 * (t % pairs)
-        wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
-        _pair(kinds[p, 2], hq[p], hdx[p], hnsum[p], hxs[p], wd, g, groups, y[p])
-
-
-@njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) runs a token's experts with it too
-def experts_swiglu8(x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, kinds: np.ndarray, rbs: np.ndarray,
-                    d_ff: int) -> np.ndarray:
-    """float32 (P, d_model): for each pair p, the SwiGLU expert whose gate, up and down start at the addresses addr[p]
-    (cache slots' bytes; type codes kinds[p], row bytes rbs[p], as `prepare` left them) applied to row rows_of[p] of
-    x2 (float32 C (n, d_model)). The same bits as `swiglu8` then `matmul8` per expert (each row alone either way), in
-    two parallel regions for all of a layer's experts instead of two per expert: a decode step of a many-small-experts
-    model (Qwen3-30B-A3B: 8 experts of 0.9 MB per layer) spent most of its expert time starting regions."""
-    n_pairs, d_model = rows_of.size, x2.shape[1]
-    h, u = np.empty((n_pairs, d_ff), np.float32), np.empty((n_pairs, d_ff), np.float32)
-    xq, dx, nsum, xs = quantize_act(x2)
-    _experts_gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, h, u)
-    y = np.empty((n_pairs, d_model), np.float32)
-    hq, hdx, hnsum, hxs = quantize_act(h)
-    _experts_down(hq, hdx, hnsum, hxs, addr, kinds, rbs, y)
-    return y

@@ -123,16 +123,25 @@ def _call(builder, name: str, ret: ir.Type, args: list):
 # ---------------------------------------------------------------- raw addresses
 
 
-@intrinsic
-def u8_ptr(typingctx, addr):
-    """An int64 address as a uint8 pointer (for numba.carray): memory the caller keeps alive and sized."""
-    if not is_int(addr):
-        return None
+def _pointer(nb_type: types.Type, ir_type: ir.Type):
+    """Intrinsic: an int64 address as a pointer of `nb_type` (for numba.carray): memory the caller keeps alive, sized
+    and aligned."""
 
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+    @intrinsic
+    def ptr(typingctx, addr):
+        if not is_int(addr):
+            return None
 
-    return types.CPointer(types.uint8)(addr), codegen
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], ir.PointerType(ir_type))
+
+        return types.CPointer(nb_type)(addr), codegen
+
+    return ptr
+
+
+u8_ptr = _pointer(types.uint8, ir.IntType(8))
+f32_ptr = _pointer(types.float32, ir.FloatType())
 
 
 # ---------------------------------------------------------------- construction, loads and stores

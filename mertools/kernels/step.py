@@ -4,7 +4,7 @@ A small model's decode step is mostly Python between kernels (dozens of calls pe
 projections, rotary, the KV store, attention, the router, top-k, the experts, residuals), and a model with
 many layers pays the same per layer. `decode_step` runs all of it for one token of one sequence, every layer,
 then the output norm and head, calling the same compiled pieces the general path calls (`int8._pair` for every
-product, `int8.experts_swiglu8` for the experts, `attention.attend_group`, `rowops` for norms, router, softmax,
+product, `experts8.experts8` for the experts, `attention.attend_group`, `rowops` for norms, router, softmax,
 top-k and rotary), in the same order, so its logits are bit for bit those of the general path in the 8-bit mode
 (tests/test_fused_step.py). What it takes, what it leaves to Python (the cache's and the trace's bookkeeping) and
 when it applies: runtime/fused.py.
@@ -22,15 +22,18 @@ from numba.extending import overload
 
 from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
-from .int8 import GROUP, _pair, _slot_view, experts_swiglu8, quantize_act
+from .experts8 import _slot_view, experts8
+from .int8 import GROUP, _pair, quantize_act
 from .matmul_kernels import get_rows
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
 
-__all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "Q_NORM", "VECTORS", "decode_step"]
+__all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "O_BIAS", "Q_BIAS", "Q_NORM", "ROUTER_BIAS", "SINKS", "VECTORS",
+           "decode_step"]
 
-# a layer's vectors in the float32 arena (`vec_at[layer, i]`, -1 where the layer has none)
-ATTN_NORM, FFN_NORM, Q_NORM, K_NORM = range(4)
-VECTORS = 4
+# a layer's vectors in the float32 arena (`vec_at[layer, i]`, -1 where the layer has none); Q_BIAS: q, k and v's
+# biases one after the other (a layer has all three or none)
+ATTN_NORM, FFN_NORM, Q_NORM, K_NORM, Q_BIAS, O_BIAS, SINKS, ROUTER_BIAS = range(8)
+VECTORS = 8
 # shape[]: heads, kv heads, head dim, rotary dims, qk norm (0 none, 1 per head, 2 over the projection), expert width
 NH, NKV, HD, RD, QK, DFF = range(6)
 SERIAL_ROUTER = 1 << 16  # router weights up to which one thread computes the logits
@@ -104,9 +107,18 @@ def _router_serial(h, router, logits):
 
 
 @njit(**MATVEC_JIT)
+def _add_vec(a, vec, vec_at, layer, i, start):
+    """a += the layer's vector i from its element `start` on (float32, numpy's addition), when the layer has it."""
+    if vec_at[layer, i] >= 0:
+        b = _vec(vec, vec_at, layer, i, start + a.size)
+        for j in range(a.size):
+            a[j] = a[j] + b[start + j]
+
+
+@njit(**MATVEC_JIT)
 def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
-                kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, k, norm, scaling, logits, chosen,
-                weights):
+                kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, bias_at, act, k, norm, scaling,
+                logits, chosen, weights):
     """One token through every layer, then the output norm and head.
 
     token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
@@ -115,10 +127,12 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     bytes), head (4,) the output's. vec: float32 arena of vectors, vec_at (L, VECTORS) their offsets (-1: none),
     out_norm the output norm's. routers (L, E, d) float32. shape: see NH..DFF. cos, sin (rd / 2,) float32 at pos.
     kv_k, kv_v (L, capacity, nkv, hd): the sequence's cache (f16 bits or float32), position pos written here.
-    windows (L,) int64 (0: full), sinks (nh,) float32 -inf (none). slot_addr: each cache slot's address (its arena
-    slice, or the mapping of the file in it), slots (L, E) each expert's slot, -1 when it is not resident;
-    geometry (L, E, 3, 3) per role (offset in its slot, type code, row bytes). k experts per token, `norm`
-    renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by
+    windows (L,) int64 (0: full), sinks (nh,) float32 -inf: a layer's without sinks of its own (vector SINKS).
+    Biases, where a layer has them: q, k, v (Q_BIAS), o (O_BIAS), the router's (ROUTER_BIAS). slot_addr: each cache
+    slot's address (its arena slice, or the mapping of the file in it), slots (L, E) each expert's slot, -1 when it
+    is not resident; geometry (L, E, 3, 3) per role (offset in its slot, type code, row bytes), bias_at (L, E, 3)
+    the offsets of its gate, up and down biases (-1: none), act the experts' activation (`experts8`). k experts per
+    token, `norm` renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by
     layer, and logits (vocab,). Returns L when done; or, at the first layer one of whose chosen experts is not
     resident, that layer, x then its input plus its attention (its keys and values stored): the rest is the
     caller's."""
@@ -132,10 +146,14 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     scores = np.empty(routers.shape[1], np.float32)
     one_row = np.zeros(k, np.int64)  # every choice on the token's row
     offs, kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
+    bias = np.zeros((k, 3), np.int64)
     for layer in range(mats.shape[0]):
         rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
         xq, dx, nsum, xs = quantize_act(h.reshape(1, d))
         _qkv(arena, mats[layer, 0], mats[layer, 1], mats[layer, 2], xq[0], dx[0], nsum[0], xs[0], q, kk, v)
+        _add_vec(q, vec, vec_at, layer, Q_BIAS, 0)
+        _add_vec(kk, vec, vec_at, layer, Q_BIAS, q.size)
+        _add_vec(v, vec, vec_at, layer, Q_BIAS, q.size + kk.size)
         if qk == 2:
             rms_norm_into(q, _vec(vec, vec_at, layer, Q_NORM, nh * hd), eps, q)
             rms_norm_into(kk, _vec(vec, vec_at, layer, K_NORM, nkv * hd), eps, kk)
@@ -151,9 +169,11 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
             for i in range(hd):
                 ks[pos, g, i] = _stored(kk[g * hd + i], ks)
                 vs[pos, g, i] = _stored(v[g * hd + i], vs)
-        _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], sinks, divisor, att)
+        layer_sinks = _vec(vec, vec_at, layer, SINKS, nh) if vec_at[layer, SINKS] >= 0 else sinks
+        _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], layer_sinks, divisor, att)
         aq, adx, ansum, axs = quantize_act(att.reshape(1, nh * hd))
         _matvec(arena, mats[layer, 3], aq[0], adx[0], ansum[0], axs[0], o)
+        _add_vec(o, vec, vec_at, layer, O_BIAS, 0)
         for i in range(d):
             x[i] = x[i] + o[i]
         # the experts: router, softmax, top-k, then every chosen expert at once
@@ -162,6 +182,7 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
             _router_serial(h, routers[layer], scores)
         else:
             _router(h, routers[layer], scores)
+        _add_vec(scores, vec, vec_at, layer, ROUTER_BIAS, 0)
         softmax_into(scores, scores)
         top_k_into(scores, k, norm, scaling, chosen[layer], weights[layer])
         for c in range(k):
@@ -169,11 +190,13 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
                 return layer  # an expert to read first: the caller goes on from this layer's experts
         for c in range(k):
             e = chosen[layer, c]
+            base = slot_addr[slots[layer, e]]
             for r in range(3):
-                offs[c, r] = slot_addr[slots[layer, e]] + geometry[layer, e, r, 0]
+                offs[c, r] = base + geometry[layer, e, r, 0]
                 kinds[c, r] = geometry[layer, e, r, 1]
                 rbs[c, r] = geometry[layer, e, r, 2]
-        y = experts_swiglu8(h.reshape(1, d), one_row, offs, kinds, rbs, d_ff)
+                bias[c, r] = base + bias_at[layer, e, r] if bias_at[layer, e, r] >= 0 else 0
+        y = experts8(h.reshape(1, d), one_row, offs, kinds, rbs, d_ff, bias, act)
         for i in range(d):  # each choice's share, summed in choice order (numpy's sum over the choices' axis)
             acc = y[0, i] * weights[layer, 0]
             for c in range(1, k):

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..families import get_family
 from ..families.base import fmt, resolve_shape
-from ..families.pieces import softmax
+from ..families.pieces import glu, softmax
 from ..families.weights import GlobalWeights, LayerWeights, Mlp, load_globals, load_layer
 from ..layout.config import ModelConfig
 
@@ -84,6 +84,9 @@ class NumpyOps:
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, w, eps)
+
+    def glu(self, cfg: ModelConfig, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return glu(cfg, g, u)
 
     def softmax(self, x: np.ndarray) -> np.ndarray:
         return softmax(x)

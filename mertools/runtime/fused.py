@@ -1,16 +1,18 @@
 """When a decode step runs in one compiled call (`kernels.step.decode_step`), and the Python around it.
 
-It applies to models of the standard pieces (Mixtral-, Qwen3-MoE- and OLMoE-like: softmax router, top-k, SwiGLU
-experts, grouped-query attention with rotary, q/k norms per head or over the projection, no biases), every layer
-with routed experts, in the 8-bit mode with every matrix on the 8-bit kernels, exact routing, no stand-ins, and an
-expert cache that holds every expert (a model in RAM: slots of its arena, or mappings of the files with `--io
-mmap` / `auto`, their addresses kept by the store); per step, to one sequence decoding one token with an f16 or
-float32 KV cache (a step of several such sequences, the server's decode, runs one call per sequence). The call
-goes layer by layer until a layer chooses an expert that is not resident yet (a model's first tokens read its
-experts); that layer's experts and the layers after it are then the general path's, which computes the same bits
-(the compiled step calls the same pieces). Slots cannot change under the call: the engine's thread is in it, and
-only that thread starts loads or evicts; a load completing meanwhile only turns a slot from -1 to its number. With
-a cache smaller than the experts, every step takes the general path, whose prefetch guesses matter there.
+It applies to models of the standard pieces (Mixtral-, Qwen3-MoE-, OLMoE- and gpt-oss-like: softmax router, top-k,
+SwiGLU experts or the GLU of `pieces.glu`, grouped-query attention with rotary, q/k norms per head or over the
+projection, biases on q/k/v/o, the router and the experts, attention sinks, sliding windows), every layer with routed
+experts and nothing else (no shared expert, no dense MLP layer, no correction bias), in the 8-bit mode with every
+matrix on the 8-bit kernels, exact routing, no stand-ins, and an expert cache that holds every expert (a model in RAM:
+slots of its arena, or mappings of the files with `--io mmap` / `auto`, their addresses kept by the store); per step,
+to one sequence decoding one token with an f16 or float32 KV cache (a step of several such sequences, the server's
+decode, runs one call per sequence). The call goes layer by layer until a layer chooses an expert that is not resident
+yet (a model's first tokens read its experts); that layer's experts and the layers after it are then the general
+path's, which computes the same bits (the compiled step calls the same pieces). Slots cannot change under the call:
+the engine's thread is in it, and only that thread starts loads or evicts; a load completing meanwhile only turns a
+slot from -1 to its number. With a cache smaller than the experts, every step takes the general path, whose prefetch
+guesses matter there.
 
 What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
 its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
@@ -69,7 +71,7 @@ def _unsupported(model: MoEModel) -> str | None:
     cfg, moe = model.cfg, model.moe
     if model.kernels != "int8":
         return "the exact kernels"
-    if model.family.pieces != STANDARD or cfg.mla or not cfg.plain_swiglu:
+    if model.family.pieces != STANDARD or cfg.mla:
         return f"family {cfg.arch} has pieces of its own"
     if cfg.gating_func is not GatingFunc.SOFTMAX or cfg.n_groups > 1:
         return "a router other than softmax top-k"
@@ -83,8 +85,7 @@ def _unsupported(model: MoEModel) -> str | None:
         return f"rope scaling {cfg.rope_scaling}"
     for i, w in enumerate(model.layers):
         if w.router is None or w.mlp is not None or w.shared is not None or w.expert_bias is not None \
-                or w.router_bias is not None or w.attn_sinks is not None or w.attn_q is None \
-                or w.q_bias is not None or w.o_bias is not None:
+                or w.attn_q is None:
             return f"layer {i} is not a plain routed-experts layer"
         if any(not m.checked.runs_int8(1) or model.dense_arena.offset(m.checked.w2) is None
                for m in (w.attn_q, w.attn_k, w.attn_v, w.attn_o)):
@@ -111,8 +112,10 @@ class FusedStep:
         parts, at = [], 0
         self.vec_at = np.full((cfg.n_layers, kstep.VECTORS), -1, np.int64)
         for i, w in enumerate(model.layers):
+            qkv_bias = None if w.q_bias is None else np.concatenate([w.q_bias, w.k_bias, w.v_bias])
             for slot, v in ((kstep.ATTN_NORM, w.attn_norm), (kstep.FFN_NORM, w.ffn_norm), (kstep.Q_NORM, w.q_norm),
-                            (kstep.K_NORM, w.k_norm)):
+                            (kstep.K_NORM, w.k_norm), (kstep.Q_BIAS, qkv_bias), (kstep.O_BIAS, w.o_bias),
+                            (kstep.SINKS, w.attn_sinks), (kstep.ROUTER_BIAS, w.router_bias)):
                 if v is not None:
                     self.vec_at[i, slot] = at
                     parts.append(np.asarray(v, np.float32).ravel())
@@ -127,8 +130,11 @@ class FusedStep:
         self.sinks = _no_sinks(cfg.n_heads)
         tier = model.moe.full
         self.geometry = np.zeros((cfg.n_layers, cfg.n_experts, 3, 3), np.int64)
+        self.bias_at = np.full((cfg.n_layers, cfg.n_experts, 3), -1, np.int64)
         for (layer, expert), g in tier.geometry.items():
             self.geometry[layer, expert] = g
+            self.bias_at[layer, expert] = tier.bias_at[(layer, expert)]
+        self.act = model.moe.act
         self.yarn = None
         if cfg.rope_scaling is RopeScaling.YARN:
             self.yarn = (cfg.rope_factor, cfg.rope_original_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
@@ -192,7 +198,8 @@ class FusedStep:
         layers = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
                                    self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
                                    kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.slot_addr,
-                                   slots, self.geometry, k, cfg.norm_topk_prob, self.scaling, logits, chosen, weights)
+                                   slots, self.geometry, self.bias_at, self.act, k, cfg.norm_topk_prob, self.scaling,
+                                   logits, chosen, weights)
         return _Done(pos, layers, x, logits, chosen, weights)
 
     def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:

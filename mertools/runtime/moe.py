@@ -14,9 +14,10 @@ import numpy as np
 
 from ..dtypes import DTYPES, KIND
 from ..families.base import Family
-from ..families.pieces import choice_scores
+from ..families.pieces import choice_scores, expert_mlp
 from ..families.weights import LayerWeights, Mlp
 from ..kernels import int8
+from ..kernels.experts8 import experts8
 from ..kernels.gemm_kernels import GEMM_MIN_N
 from ..kernels.matmul import layout_weight, swiglu_weights
 from ..layout.config import ModelConfig
@@ -67,8 +68,9 @@ class Tier:
     store: ExpertStore
     dtypes: dict[tuple[int, int], tuple[str, str, str]]  # each expert's (gate, up, down) types, looked up once
     int8: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them run on the 8-bit kernels (store prepared)
-    # per role (gate, up, down): [byte offset in the slot, type code, row bytes], for int8.experts_swiglu8
+    # per role (gate, up, down): [byte offset in the slot, type code, row bytes], for experts8
     geometry: dict[tuple[int, int], np.ndarray]  # int64 (3, 3)
+    bias_at: dict[tuple[int, int], np.ndarray]  # int64 (3,): byte offsets of the gate, up and down biases (-1: none)
 
     @classmethod
     def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig, kernels: str = "exact") -> Tier:
@@ -86,9 +88,13 @@ class Tier:
             return np.array([[e.tensors[r].offset, KIND[e.tensors[r].dtype], DTYPES[e.tensors[r].dtype].row_bytes(shapes[r][1])]
                              for r in ROLES], np.int64)
 
+        def bias_at(e: ExpertEntry) -> np.ndarray:
+            return np.array([e.tensors[r].offset if cfg.expert_mlp_bias else -1 for r in BIAS_ROLES], np.int64)
+
         entries = store.entries.items()
         return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in entries},
-                   {k: flags(e) for k, e in entries}, {k: geometry(e) for k, e in entries})
+                   {k: flags(e) for k, e in entries}, {k: geometry(e) for k, e in entries},
+                   {k: bias_at(e) for k, e in entries})
 
 
 class StreamingMoE:
@@ -102,8 +108,12 @@ class StreamingMoE:
         # the layer whose calls count tokens for the statistics (the first with experts)
         self._first_moe = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), 0)
         self.full = Tier.of(cache, store, cfg, kernels)  # files mix types layer by layer and role by role
-        # a step of few rows whose experts are all resident runs them together (int8.experts_swiglu8)
-        self._fused = kernels == "int8" and cfg.plain_swiglu
+        # a step of few rows whose experts are all resident runs them together (experts8), when the family's experts
+        # are the standard piece's (plain SwiGLU, or pieces.glu with biases)
+        self._fused = kernels == "int8" and family.pieces.expert_mlp is expert_mlp
+        self.act = np.zeros(3, np.float32) if cfg.plain_swiglu else np.array(
+            [cfg.swiglu_alpha, cfg.swiglu_limit, cfg.swiglu_up_offset], np.float32)  # experts8's act
+        self._ops = RuntimeOps(compiled=kernels == "int8")  # a family's expert piece on one sequence's rows
         self.standins = standins
 
     def __call__(self, layer: int, w: LayerWeights, h: np.ndarray, x: np.ndarray, batch: Batch, ops: RuntimeOps,
@@ -220,8 +230,8 @@ class StreamingMoE:
 
     def _experts_fused(self, got: list[tuple[tuple[int, int], int]], h: np.ndarray, chosen: np.ndarray,
                        weights: np.ndarray, contrib: np.ndarray, live: np.ndarray | None) -> None:
-        """Every (row, choice) of the step's resident experts in two parallel regions (int8.experts_swiglu8): each row
-        alone, the same bits as `_expert` computing it on the 8-bit kernels."""
+        """Every (row, choice) of the step's resident experts in two parallel regions (experts8): each row alone, the
+        same bits as `_expert` computing it on the 8-bit kernels."""
         tier = self.full
         rows, cols = [], []
         for key, _ in got:
@@ -235,8 +245,10 @@ class StreamingMoE:
             return
         geo = np.repeat(np.stack([tier.geometry[key] for key, _ in got]), counts, axis=0)  # (pairs, roles, 3)
         base = np.repeat(tier.store.slot_addr[[slot for _, slot in got]], counts)  # each pair's slot address
-        y = int8.experts_swiglu8(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base[:, None],
-                                 np.ascontiguousarray(geo[:, :, 1]), np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff)
+        bias = np.repeat(np.stack([tier.bias_at[key] for key, _ in got]), counts, axis=0)  # (pairs, 3)
+        bias = np.where(bias >= 0, bias + base[:, None], 0)
+        y = experts8(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base[:, None],
+                     np.ascontiguousarray(geo[:, :, 1]), np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff, bias, self.act)
         contrib[t, c] = y * weights[t, c][:, None]
 
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
@@ -266,5 +278,5 @@ class StreamingMoE:
                 if mlp is None:
                     y = swiglu_weights(x, wg, wu, wd)
                 else:  # one sequence's rows at a time already: ops without a batch
-                    y = self.family.pieces.expert_mlp(cfg, mlp, x, RuntimeOps())
+                    y = self.family.pieces.expert_mlp(cfg, mlp, x, self._ops)
                 contrib[t, c] = y * weights[t, c][:, None]

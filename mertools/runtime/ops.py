@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..families.pieces import softmax
+from ..families.pieces import glu, softmax
 from ..families.weights import Mlp
 from ..kernels import rowops
+from ..kernels.experts8 import glu_rows
 from ..kernels.int8 import GROUP
 from ..kernels.matmul import Weight, swiglu_weights, weight
+from ..layout.config import ModelConfig
 from .batch import Batch
 
 
@@ -45,8 +47,9 @@ class RuntimeOps:
     """`families.pieces.Ops` for a batch: kernels may take another path (and round differently) for
     another number of rows, so each sequence's rows are computed apart and a request's output never
     depends on its batch. Without a batch (prefetch guesses) the rows are taken together. `compiled` (the 8-bit
-    mode): routers multiply and softmax on `kernels.rowops`, as the one-call decode step does (runtime/fused.py),
-    where numpy's BLAS and its float32 exp have no compiled twin."""
+    mode): routers multiply and softmax on `kernels.rowops`, as the one-call decode step does (runtime/fused.py), and
+    a GLU expert's activation is `experts8.glu_rows`, as a layer's experts in one call compute it, where numpy's BLAS
+    and its float32 exp have no compiled twin."""
 
     def __init__(self, batch: Batch | None = None, compiled: bool = False) -> None:
         self.batch, self.compiled = batch, compiled
@@ -67,6 +70,12 @@ class RuntimeOps:
 
     def mlp(self, m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
         return self._rows(lambda rows: swiglu(m, rows), x)
+
+    def glu(self, cfg: ModelConfig, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        if not self.compiled:
+            return glu(cfg, g, u)
+        act = np.array([cfg.swiglu_alpha, cfg.swiglu_limit, cfg.swiglu_up_offset], np.float32)
+        return glu_rows(np.ascontiguousarray(g, np.float32), np.ascontiguousarray(u, np.float32), act)
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, w, eps)

@@ -1,0 +1,120 @@
+"""A layer's resident experts on the 8-bit kernels in two parallel regions, and the gated activations they apply.
+
+A decode step of a many-small-experts model (Qwen3-30B-A3B: 8 experts of 0.9 MB per layer; gpt-oss: 4 of 13 MB)
+spent most of its expert time starting parallel regions and in Python between them when each expert ran its own
+products. `experts8` runs every (row, expert) pair of a step in two regions, each row alone, the same bits as the
+experts one at a time on `int8.swiglu8` / `int8.matmul8`:
+
+    experts8(x2, rows_of, addr, kinds, rbs, d_ff, bias, act)   float32 (pairs, d_model)
+
+For a plain SwiGLU (act[0] == 0) the activation is `silu_mul_scalar`; otherwise the GLU of `families.pieces.glu`
+(gate clamped above and up on both sides at a limit, (u + offset) * g * sigmoid(alpha g), gpt-oss) on the gate and
+up products plus their biases, then the down product plus its bias. `glu_rows` computes that GLU for the 8-bit mode's
+per-expert path (`RuntimeOps.glu`): numpy's float32 exp has no compiled twin, so both paths use numba's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, prange
+
+from mertools.kernels.common import MATVEC_JIT
+from mertools.kernels.int8 import GROUP, MXFP4, Q4_0, Q8_0, _pair, quantize_act
+from mertools.kernels.matvec_kernels import silu_mul_scalar
+from mertools.kernels.simd import f32_ptr, u8_ptr
+
+__all__ = ["experts8", "glu_rows", "glu_scalar"]
+
+
+@njit(inline="always", **MATVEC_JIT)
+def glu_scalar(g, u, alpha, limit, offset):
+    """`pieces.glu` of one gate and up pre-activation (float32): limit > 0 clamps g above and u on both sides."""
+    if limit > np.float32(0.0):
+        g = min(g, limit)
+        u = min(max(u, -limit), limit)
+    return (u + offset) * (g * (np.float32(1.0) / (np.float32(1.0) + np.exp(-(alpha * g)))))
+
+
+@njit(**MATVEC_JIT)
+def glu_rows(g: np.ndarray, u: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """float32 (n, d_ff): `glu_scalar` of each gate and up entry (float32 C (n, d_ff) both), act (alpha, limit,
+    offset) float32."""
+    out = np.empty_like(g)
+    for i in range(g.shape[0]):
+        for r in range(g.shape[1]):
+            out[i, r] = glu_scalar(g[i, r], u[i, r], act[0], act[1], act[2])
+    return out
+
+
+@njit(**MATVEC_JIT)
+def _slot_view(arena, off, rows, rb, kind):
+    """The (rows, rb) weight at byte `off` of a byte buffer (the dense matrices' arena, a cache slot), as `_group`
+    reads it (packed types by groups)."""
+    w = arena[off:off + rows * rb]
+    if kind == Q4_0 or kind == Q8_0 or kind == MXFP4:  # the packed types (checked against the registry at import)
+        return w.reshape(rows // GROUP, GROUP * rb)
+    return w.reshape(rows, rb)
+
+
+@njit(**MATVEC_JIT)
+def _view_at(addr, rows, rb, kind):
+    """The (rows, rb) weight at address `addr` (a cache slot's bytes, which the cache keeps alive: its arena, or the
+    mapping of an expert file), as `_group` reads it."""
+    return _slot_view(carray(u8_ptr(addr), rows * rb), 0, rows, rb, kind)
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, bias, act, h, u):
+    groups = (h.shape[1] + GROUP - 1) // GROUP
+    pairs = (groups + 1) // 2
+    for t in prange(rows_of.size * pairs):
+        p, g = t // pairs, 2 * (t % pairs)
+        i = rows_of[p]
+        wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
+        wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
+        _pair(kinds[p, 0], xq[i], dx[i], nsum[i], xs[i], wg, g, groups, h[p])
+        _pair(kinds[p, 1], xq[i], dx[i], nsum[i], xs[i], wu, g, groups, u[p])
+        end = min(GROUP * g + 2 * GROUP, h.shape[1])
+        if act[0] == np.float32(0.0):
+            for r in range(GROUP * g, end):
+                h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
+            continue
+        gb, ub = carray(f32_ptr(bias[p, 0]), h.shape[1]), carray(f32_ptr(bias[p, 1]), h.shape[1])
+        for r in range(GROUP * g, end):
+            gr, ur = h[p, r], u[p, r]
+            if bias[p, 0] != 0:  # numpy adds the biases to the products, then the GLU
+                gr, ur = gr + gb[r], ur + ub[r]
+            h[p, r] = glu_scalar(gr, ur, act[0], act[1], act[2])
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _down(hq, hdx, hnsum, hxs, addr, kinds, rbs, bias, y):
+    groups = (y.shape[1] + GROUP - 1) // GROUP
+    pairs = (groups + 1) // 2
+    for t in prange(y.shape[0] * pairs):
+        p, g = t // pairs, 2 * (t % pairs)
+        wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
+        _pair(kinds[p, 2], hq[p], hdx[p], hnsum[p], hxs[p], wd, g, groups, y[p])
+        if bias[p, 2] != 0:
+            db = carray(f32_ptr(bias[p, 2]), y.shape[1])
+            for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, y.shape[1])):
+                y[p, r] = y[p, r] + db[r]
+
+
+@njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) runs a token's experts with it too
+def experts8(x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, kinds: np.ndarray, rbs: np.ndarray, d_ff: int,
+             bias: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """float32 (P, d_model): for each pair p, the expert whose gate, up and down start at the addresses addr[p] (cache
+    slots' bytes; type codes kinds[p], row bytes rbs[p], as `int8.prepare` left them) applied to row rows_of[p] of
+    x2 (float32 C (n, d_model)). bias[p]: the addresses of its gate, up and down biases (float32 in its slot; 0: none).
+    act: float32 (3,) (alpha, limit, up offset) of a GLU, alpha 0 for a plain SwiGLU. The same bits as the expert's
+    products on `int8.swiglu8` / `int8.matmul8` and its activation (`silu_mul_scalar`, `glu_rows`) one expert at a
+    time, each row alone either way."""
+    n_pairs, d_model = rows_of.size, x2.shape[1]
+    h, u = np.empty((n_pairs, d_ff), np.float32), np.empty((n_pairs, d_ff), np.float32)
+    xq, dx, nsum, xs = quantize_act(x2)
+    _gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, bias, act, h, u)
+    y = np.empty((n_pairs, d_model), np.float32)
+    hq, hdx, hnsum, hxs = quantize_act(h)
+    _down(hq, hdx, hnsum, hxs, addr, kinds, rbs, bias, y)
+    return y
