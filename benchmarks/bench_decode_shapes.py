@@ -104,9 +104,11 @@ def main() -> int:
         rows.append(f"| {label} | {tps:.2f} | {tps / ref_tps:.2f}x | {1e3 / tps:.1f} | {a.prompt / r['prefill_s']:.1f} | "
                     f"{r['peak_rss_mb']:.0f} |")
     z = sizes(s, a.layers)
-    flag = "" if a.shape == "qwen3" else f"--shape {a.shape} "
-    body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_decode_shapes.py {flag}--layers "
-            f"{a.layers}` (took {(time.perf_counter() - t0) / 60:.0f} min)\n\n"
+    flags = ("" if a.shape == "qwen3" else f" --shape {a.shape}") + f" --layers {a.layers}" + "".join(
+        f" --{k} {v}" for k, v, default in (("rounds", a.rounds, 2), ("prompt", a.prompt, 32), ("tokens", a.tokens, 24))
+        if v != default)
+    body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_decode_shapes.py{flags}` "
+            f"(took {(time.perf_counter() - t0) / 60:.0f} min)\n\n"
             f"{a.layers} layers of {s.title}'s shape (d_model {s.d_model}, {s.n_expert} experts of width {s.d_ff}, "
             f"top-{s.n_expert_used}, {s.n_head} heads / {s.n_kv} KV heads{v.layers_have}, vocabulary {s.vocab:,}; "
             f"{v.types}, random weights): {z['total'] / 1e9:.2f} GB, every weight resident in both "
