@@ -21,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common as common  # noqa: E402
 
 TRAINED = common.ROOT / "fixtures" / "trained"
-TYPES = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
+# (experts, dense matrices): each type alone, and MXFP4 experts as llama.cpp's MXFP4_MOE preset leaves them (Q8_0 dense)
+TYPES = (("q4_0", "q4_0"), ("q8_0", "q8_0"), ("q4_k", "q4_k"), ("q5_k", "q5_k"), ("q6_k", "q6_k"), ("mxfp4", "q8_0"))
 FAMILIES = ("qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "gpt_oss", "deepseek_v2", "deepseek_v3")
+GGUF_TYPES = {"gpt_oss": ("q8_0", "mxfp4")}  # the tiny families' GGUFs (gpt-oss ships MXFP4 experts); q8_0 otherwise
 
 
 def main() -> int:
@@ -46,23 +48,24 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for dtype in TYPES:
-            lay = convert(TRAINED / "tiny-shakespeare-moe", tmp / f"trained-{dtype}",
-                          ConvertOptions(dtype=dtype, dense_dtype=dtype, progress=False)).out
-            row("trained fixture", f"{dtype} (dense and experts)", check_kernels(lay, "int8", text=text,
-                                                                               max_tokens=a.tokens))
+        for experts, dense in TYPES:
+            lay = convert(TRAINED / "tiny-shakespeare-moe", tmp / f"trained-{experts}",
+                          ConvertOptions(dtype=experts, dense_dtype=dense, progress=False)).out
+            what = f"{experts} (dense and experts)" if dense == experts else f"{experts} experts, {dense} dense"
+            row("trained fixture", what, check_kernels(lay, "int8", text=text, max_tokens=a.tokens))
         for fam in FAMILIES:
             hf = build_hf(fam, tmp / fam, seed=0)
-            gguf = build_gguf(hf, tmp / f"{fam}-q8_0.gguf", "q8_0")
-            lay = convert(gguf, tmp / f"{fam}-layout", ConvertOptions(progress=False)).out
-            row(f"tiny {fam} (random weights)", "q8_0 GGUF", check_kernels(lay, "int8", max_tokens=a.tokens))
+            for q in GGUF_TYPES.get(fam, ("q8_0",)):
+                gguf = build_gguf(hf, tmp / f"{fam}-{q}.gguf", q)
+                lay = convert(gguf, tmp / f"{fam}-{q}-layout", ConvertOptions(progress=False)).out
+                row(f"tiny {fam} (random weights)", f"{q} GGUF", check_kernels(lay, "int8", max_tokens=a.tokens))
     body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_int8_fidelity.py --tokens "
             f"{a.tokens}` (took {(time.perf_counter() - t0) / 60:.1f} min)\n\n"
             "Each layout's logits with `kernels=\"int8\"` (activations quantized to 8 bits per block of 32 as ggml's "
             "q8_0, integer dot products; run/serve's default) against its own logits with the exact float kernels, "
             "every expert resident, an f32 KV cache: KL(exact || int8) in nats per position. `mertools verify LAYOUT "
             f"--kernels int8` reports the same figures and fails above a mean of {KERNELS_KL_LIMIT:g}. Types the 8-bit "
-            "kernels do not take (a tiny model's odd shapes, q2_k, q3_k, the 32-weight types with mins, IQ4, MXFP4, "
+            "kernels do not take (a tiny model's odd shapes, q2_k, q3_k, the 32-weight types with mins, IQ4, "
             "floats) run exact in both, so they add nothing here.\n\n" + "\n".join(rows))
     common.publish("int8_fidelity", "The 8-bit kernels against the exact ones: logits", body, write=not a.no_write)
     return 0
