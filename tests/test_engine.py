@@ -219,6 +219,21 @@ def test_bad_runtime_options(layouts: dict) -> None:
             eng.forward([512])
 
 
+def test_opening_an_engine_leaves_numpy_one_blas_thread(layouts: dict) -> None:
+    """BLAS threads would fight the kernels' spinning numba threads (engine.one_blas_thread)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("numpy has no BLAS library that threadpoolctl knows")
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == {2}
+        with Engine.open(layouts["q4_0"]):
+            assert blas_threads() == {1}
+
+
 def test_matches_hf_transformers(layouts: dict, tiny: dict) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

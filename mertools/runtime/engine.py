@@ -58,6 +58,16 @@ def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN40
     return model_bytes(m) + cache_bytes + kv_bytes + MARGIN <= available_bytes()
 
 
+def one_blas_thread() -> None:
+    """numpy's BLAS (a prompt's attention, routers of the exact mode and of prefetch guesses) on one thread: the
+    kernels' numba threads spin for a while after each parallel region, and BLAS threads started meanwhile fight them
+    for the cores (a small product right after a region took a hundred times longer: docs/BENCHMARKS.md, "Decode:
+    notes"). Process-wide, as BLAS's thread count is."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class Engine:
     def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
                  prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0) -> None:
@@ -95,7 +105,8 @@ class Engine:
         them on the exact kernels); the K types are read as they are. With "int8", the decode steps of a model held in RAM
         (a cache with room for every expert) run in one compiled call per sequence where the model's pieces allow
         (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by piece (tests and
-        benchmarks compare the two)."""
+        benchmarks compare the two). Opening an engine limits numpy's BLAS to one thread in this process
+        (`one_blas_thread`)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
@@ -112,6 +123,7 @@ class Engine:
             import numba
 
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        one_blas_thread()
         try:
             check_kv_dtype(cfg, kv_dtype)
         except ValueError as e:
