@@ -373,8 +373,8 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
            "Q4_K / Q6_K mix of the preset users download), converted likewise. " if "q4_k_m" in best else "")
         + f"Each engine runs in a fresh process with {t} threads: mertools `Engine` with every expert resident in its "
         "cache before timing (no disk reads while timed), once with its exact float kernels and once with its "
-        "8-bit-activation kernels (kernels/int8.py: activations quantized as ggml's q8_0, vpdpbusd; Q4_0 weights "
-        "packed 4 rows per block at load, Q4_K, Q5_K and Q6_K read as they are), as llama.cpp computes; llama.cpp "
+        "8-bit-activation kernels (kernels/int8.py: activations quantized as ggml's q8_0, vpdpbusd; Q4_0, Q8_0 and MXFP4 "
+        "weights packed 4 rows per block at load, Q4_K, Q5_K and Q6_K read as they are), as llama.cpp computes; llama.cpp "
         "through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read into memory at load, so no page "
         "faults while timed either), once with its defaults (`use_extra_bufts` on: weights repacked at load for its "
         "AVX-512 kernels, `q4_0_8x8` / `q4_K_8x8`) and once with `use_extra_bufts=False` (the file's blocks). "
