@@ -40,11 +40,9 @@ from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.q8act import absmax32, half_round, neg_quad_sums, q8_round32
 from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
-    byte_table,
     bytes16x4,
     bytes64,
     dpbusd,
-    e8m0x4,
     halves4x4,
     hi4,
     ishl,
@@ -52,6 +50,7 @@ from mertools.kernels.simd8 import (
     lo4,
     quad_sum,
 )
+from mertools.kernels.simd8x import byte_table, copy16, e8m0x4
 
 __all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "quantize_act", "swiglu8", "takes"]
 
@@ -104,19 +103,22 @@ def _pack(w2, out, parts, flip, sb):  # OpenMP team spinning beside the kernels'
     16 * parts quant bytes); out may be w2's own bytes."""
     rb = w2.shape[1]
     bsz = sb + 16 * parts
+    tmp = np.empty(GROUP * rb, np.uint8)
     for g in range(out.shape[0]):
-        tmp = w2[GROUP * g:GROUP * g + GROUP].copy()
+        for r in range(GROUP):  # the group's rows first: out may be w2's own bytes
+            row = w2[GROUP * g + r]
+            for k in range(0, rb - 15, 16):
+                copy16(tmp, r * rb + k, row, k, 0)
+            for k in range(rb - rb % 16, rb):
+                tmp[r * rb + k] = row[k]
         og = out[g]
         for b in range(rb // bsz):
             o, po = b * bsz, b * GROUP * bsz
             for r in range(GROUP):
                 for k in range(sb):
-                    og[po + sb * r + k] = tmp[r, o + k]
-            for p in range(parts):
-                for r in range(GROUP):
-                    at = po + sb * GROUP + 64 * p + 16 * r
-                    for k in range(16):
-                        og[at + k] = tmp[r, o + sb + 16 * p + k] ^ flip
+                    og[po + sb * r + k] = tmp[r * rb + o + k]
+                for p in range(parts):  # 16-byte runs copied as vectors (byte loops ran at 1.4 GB/s)
+                    copy16(og, po + sb * GROUP + 64 * p + 16 * r, tmp, r * rb + o + sb + 16 * p, flip)
 
 
 def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:

@@ -14,8 +14,8 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
 pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low;
-q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4; for MXFP4, byte_table (nibbles
-to the bytes of a 16-entry table) and e8m0x4 (4 exponent bytes as float32 scales). The intrinsics that quantize
+q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4. MXFP4's and packing's are in
+`simd8x.py`. The intrinsics that quantize
 the activations (ggml's q8_0) are in `q8act.py`.
 
 `dpbusd` is one vpdpbusd with AVX-512 VNNI; elsewhere the same sums come from widening multiplies
@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, models, register_model
 
-from mertools.kernels.simd import AVX2, AVX512, F32x16, I32x16, _call, _host_has, _splat, binary, is_carray, is_int, ptr_at, vty
+from mertools.kernels.simd import F32x16, I32x16, _call, _host_has, _splat, binary, is_carray, is_int, ptr_at, vty
 
 VNNI = _host_has("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 _I8 = ir.IntType(8)
@@ -355,57 +355,7 @@ def sbytes4x4(typingctx, w, o):
     return I32x16(w, o), codegen
 
 
-def byte_table(values: tuple[int, ...]):
-    """Intrinsic v (B64 of nibbles, 0..15) -> the bytes values[v] (16 entries, 0..255): one vpshufb on AVX-512, two
-    on AVX2, a select chain elsewhere (the same bytes)."""
-    if len(values) != 16 or not all(0 <= v < 256 for v in values):
-        raise ValueError(f"byte_table: 16 byte values expected, got {values}")
-
-    @intrinsic
-    def lut(typingctx, v):
-        if v != B64:
-            return None
-
-        def codegen(context, builder, sig, args):
-            idx = args[0]
-            if AVX512:
-                table = ir.Constant(vty(_I8, 64), [values[i % 16] for i in range(64)])
-                return _call(builder, "llvm.x86.avx512.pshuf.b.512", vty(_I8, 64), [table, idx])
-            if AVX2:
-                table = ir.Constant(vty(_I8, 32), [values[i % 16] for i in range(32)])
-                halves = [_call(builder, "llvm.x86.avx2.pshuf.b", vty(_I8, 32), [table, builder.shuffle_vector(
-                    idx, idx, ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32))))]) for h in range(2)]
-                return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 64), list(range(64))))
-            out = ir.Constant(vty(_I8, 64), [values[0]] * 64)
-            for k in range(1, 16):
-                hit = builder.icmp_unsigned("==", idx, ir.Constant(vty(_I8, 64), [k] * 64))
-                out = builder.select(hit, ir.Constant(vty(_I8, 64), [values[k]] * 64), out)
-            return out
-
-        return B64(v), codegen
-
-    return lut
-
-
-@intrinsic
-def e8m0x4(typingctx, w, o):
-    """The 4 E8M0 exponent bytes at byte o as float32 2^(e - 128) (ggml_e8m0_to_fp32_half: subnormal for e < 2),
-    each in the 4 lanes of its quarter."""
-    if not (is_carray(w, types.uint8) and is_int(o)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        e = builder.zext(_u8_at(sig, args, context, builder, vty(_I8, 4)), vty(_I32, 4))
-        e = builder.shuffle_vector(e, e, ir.Constant(vty(_I32), [i // 4 for i in range(16)]))
-        normal = builder.shl(builder.sub(e, ir.Constant(vty(_I32), [1] * 16)), ir.Constant(vty(_I32), [23] * 16))
-        tiny = builder.shl(ir.Constant(vty(_I32), [0x00200000] * 16), e)
-        low = builder.icmp_unsigned("<", e, ir.Constant(vty(_I32), [2] * 16))
-        return builder.bitcast(builder.select(low, tiny, normal), vty(_F32))
-
-    return F32x16(w, o), codegen
-
-
-__all__ = ["B64", "VNNI", "bsplat32", "byte_table", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "e8m0x4",
-           "f32x8_low", "halves4x4", "hi4", "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub",
-           "ivload4x4", "izero", "lo4", "mins_low", "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7",
-           "q5_codes", "q6_high", "q6_low", "quad_sum", "sbytes4x4"]
+__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4",
+           "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero", "lo4", "mins_low",
+           "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "quad_sum",
+           "sbytes4x4"]

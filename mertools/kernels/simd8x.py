@@ -1,0 +1,93 @@
+"""More byte intrinsics of the 8-bit kernels: MXFP4's value table and scales, and the 16-byte copies of packing.
+
+    byte_table(values)       intrinsic v (B64 of nibbles) -> the bytes values[v]
+    e8m0x4(w, o)             the 4 E8M0 exponent bytes at byte o as float32 2^(e - 128), each in its quarter
+    copy16(dst, do, src, so, flip)   dst[do:do+16] = src[so:so+16] ^ flip (uint8 C arrays, unaligned)
+
+As in `simd8`: no bounds checks (callers compute offsets from validated shapes); after editing this file delete
+numba's caches of the modules that use it.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from mertools.kernels.simd import AVX2, AVX512, F32x16, _call, is_carray, is_int, ptr_at, vty
+from mertools.kernels.simd8 import B64, _u8_at
+
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+
+
+def byte_table(values: tuple[int, ...]):
+    """Intrinsic v (B64 of nibbles, 0..15) -> the bytes values[v] (16 entries, 0..255): one vpshufb on AVX-512, two
+    on AVX2, a select chain elsewhere (the same bytes)."""
+    if len(values) != 16 or not all(0 <= v < 256 for v in values):
+        raise ValueError(f"byte_table: 16 byte values expected, got {values}")
+
+    @intrinsic
+    def lut(typingctx, v):
+        if v != B64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            idx = args[0]
+            if AVX512:
+                table = ir.Constant(vty(_I8, 64), [values[i % 16] for i in range(64)])
+                return _call(builder, "llvm.x86.avx512.pshuf.b.512", vty(_I8, 64), [table, idx])
+            if AVX2:
+                table = ir.Constant(vty(_I8, 32), [values[i % 16] for i in range(32)])
+                halves = [_call(builder, "llvm.x86.avx2.pshuf.b", vty(_I8, 32), [table, builder.shuffle_vector(
+                    idx, idx, ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32))))]) for h in range(2)]
+                return builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 64), list(range(64))))
+            out = ir.Constant(vty(_I8, 64), [values[0]] * 64)
+            for k in range(1, 16):
+                hit = builder.icmp_unsigned("==", idx, ir.Constant(vty(_I8, 64), [k] * 64))
+                out = builder.select(hit, ir.Constant(vty(_I8, 64), [values[k]] * 64), out)
+            return out
+
+        return B64(v), codegen
+
+    return lut
+
+
+@intrinsic
+def e8m0x4(typingctx, w, o):
+    """The 4 E8M0 exponent bytes at byte o as float32 2^(e - 128) (ggml_e8m0_to_fp32_half: subnormal for e < 2),
+    each in the 4 lanes of its quarter."""
+    if not (is_carray(w, types.uint8) and is_int(o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        e = builder.zext(_u8_at(sig, args, context, builder, vty(_I8, 4)), vty(_I32, 4))
+        e = builder.shuffle_vector(e, e, ir.Constant(vty(_I32), [i // 4 for i in range(16)]))
+        normal = builder.shl(builder.sub(e, ir.Constant(vty(_I32), [1] * 16)), ir.Constant(vty(_I32), [23] * 16))
+        tiny = builder.shl(ir.Constant(vty(_I32), [0x00200000] * 16), e)
+        low = builder.icmp_unsigned("<", e, ir.Constant(vty(_I32), [2] * 16))
+        return builder.bitcast(builder.select(low, tiny, normal), vty(_F32))
+
+    return F32x16(w, o), codegen
+
+
+@intrinsic
+def copy16(typingctx, dst, do, src, so, flip):
+    if not (is_carray(dst, types.uint8) and is_carray(src, types.uint8) and is_int(do) and is_int(so) and is_int(flip)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        d, dof, s, sof, f = args
+        v = builder.load(ptr_at(context, builder, sig.args[2], s, sof, vty(_I8, 16)), align=1)
+        fb = builder.trunc(f, _I8)
+        v = builder.xor(v, builder.shuffle_vector(builder.insert_element(ir.Constant(vty(_I8, 16), ir.Undefined), fb,
+                                                                         ir.Constant(_I32, 0)),
+                                                  ir.Constant(vty(_I8, 16), ir.Undefined), ir.Constant(vty(_I32, 16), [0] * 16)))
+        builder.store(v, ptr_at(context, builder, sig.args[0], d, dof, vty(_I8, 16)), align=1)
+        return context.get_dummy_value()
+
+    return types.void(dst, do, src, so, flip), codegen
+
+
+__all__ = ["byte_table", "copy16", "e8m0x4"]
