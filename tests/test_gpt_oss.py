@@ -158,26 +158,29 @@ def test_runtime_matches_transformers(oss: dict, hf_logits, which: str) -> None:
 
 
 def test_int8_kernels_pack_the_mxfp4_experts(oss: dict, hf_logits) -> None:  # noqa: ANN001
-    """With the 8-bit kernels the MXFP4 experts are packed in their cache slots once per read. Decoding token by token
-    with every expert resident runs a layer's experts in one call (experts8: biases and the clamped GLU compiled);
-    with 4 slots, reading them as they are chosen, one at a time through the family's expert piece: the same bits.
-    Within 4% of transformers' largest logit (measured 1.0-2.0%; the exact kernels: 1e-6)."""
+    """With the 8-bit kernels and a cache holding every expert, the MXFP4 experts are packed in their slots as they
+    load. Decoding token by token with every expert resident runs a layer's experts in one call (experts8: biases and
+    the clamped GLU compiled); a fresh engine without prefetch computes a step's experts one at a time through the
+    family's expert piece while it reads them: the same bits. Within 4% of transformers' largest logit (measured
+    1.0-2.0%; the exact kernels: 1e-6). A cache of 4 slots streams: its MXFP4 experts stay on the exact kernels."""
     layout = oss["layout_mxfp4_hf"]
     for ids in prompts():
         want, got = hf_logits("hf_mxfp4", ids), {}
-        for slots in (4, None):
-            with Engine.open(layout, kernels="int8", cache_mb=slots and cache_mb(layout, slots), kv_dtype="f32") as eng:
+        for preload in (False, True):
+            with Engine.open(layout, kernels="int8", kv_dtype="f32", compiled_step=False, prefetch="none") as eng:
                 assert eng.store.prepare is not None and all(all(f) for f in eng.model.moe.full.int8.values())
-                if slots is None:  # every expert resident before the first step
+                if preload:  # every expert resident before the first step
                     keys = [(la, e) for la in range(eng.config.n_layers) for e in range(eng.config.n_experts)]
                     for key, _ in eng.cache.acquire(keys):
                         eng.cache.release(key)
                 before = eng.cache.stats.misses
-                got[slots] = np.concatenate([eng.forward(ids[:4])] + [eng.forward([t]) for t in ids[4:]])
-                assert (eng.cache.stats.misses > before) == (slots == 4)
-        assert np.array_equal(got[4].view(np.uint32), got[None].view(np.uint32))
-        err = np.abs(got[4] - want).max() / np.abs(want).max()
-        assert 1e-4 < err < 0.04 and (got[4].argmax(-1) == want.argmax(-1)).mean() >= 0.85
+                got[preload] = np.concatenate([eng.forward(ids[:4])] + [eng.forward([t]) for t in ids[4:]])
+                assert (eng.cache.stats.misses > before) != preload
+        assert np.array_equal(got[False].view(np.uint32), got[True].view(np.uint32))
+        err = np.abs(got[True] - want).max() / np.abs(want).max()
+        assert 1e-4 < err < 0.04 and (got[True].argmax(-1) == want.argmax(-1)).mean() >= 0.85
+    with Engine.open(layout, kernels="int8", cache_mb=cache_mb(layout, 4)) as eng:
+        assert eng.store.prepare is None and not any(any(f) for f in eng.model.moe.full.int8.values())
 
 
 @pytest.mark.parametrize("src", ["hf", "gguf_f16", "gguf_mxfp4", "layout_mxfp4_hf"])

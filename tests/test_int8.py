@@ -207,40 +207,46 @@ def test_trained_fixture_within_the_limit(trained: Path) -> None:
 
 
 def test_engine_packs_dense_weights_and_experts(trained: Path) -> None:
+    """Dense matrices are packed at open; experts of a packed type as they load when the cache holds every expert, and
+    not when it streams (each load's packing would take the kernels' cores: they stay on the exact kernels)."""
     ids = list(range(1, 30))
-    with Engine.open(trained, kernels="int8", cache_mb=1) as eng:
-        w = eng.model.layers[0]
-        assert w.attn_q.checked.packed and not eng.model.weights.embed.checked.packed  # rows looked up: never packed
-        assert eng.store.prepare is not None and eng.stats()["kernels"] == "int8"
-        small = eng.forward(ids)  # a cache of a few slots: experts loaded, packed, evicted, loaded again
-        assert eng.cache.stats.misses > eng.config.n_experts
-    with Engine.open(trained, kernels="int8") as eng:
-        whole = eng.forward(ids)
-    assert np.array_equal(_bits(small), _bits(whole))
+    out = {}
+    for cache_mb in (1, None):
+        with Engine.open(trained, kernels="int8", cache_mb=cache_mb) as eng:
+            w = eng.model.layers[0]
+            assert w.attn_q.checked.packed and not eng.model.weights.embed.checked.packed  # rows looked up: never packed
+            assert (eng.store.prepare is not None) == (cache_mb is None) and eng.stats()["kernels"] == "int8"
+            assert all(all(f) == (cache_mb is None) for f in eng.model.moe.full.int8.values())  # q4_0 experts
+            out[cache_mb] = eng.forward(ids)
+            assert (eng.cache.stats.misses > eng.config.n_experts) == (cache_mb == 1)  # streaming: read again
     with Engine.open(trained, kernels="exact") as eng:
         exact = eng.forward(ids)
-    assert not np.array_equal(small, exact) and (small.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+    for got in out.values():
+        assert not np.array_equal(got, exact) and (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+    assert not np.array_equal(out[1], out[None])  # the streaming run's experts are exact, its dense matrices not
 
 
 @pytest.mark.parametrize("dtype", ["q4_0", "q4_k"])
 def test_resident_experts_run_together_with_the_same_bits(trained: Path, tmp_path: Path, dtype: str) -> None:
-    """A decode step whose experts are all resident runs them in one call (int8.experts_swiglu8): the logits are those
-    of computing each expert apart (a cache too small to hold a layer's experts between steps)."""
+    """A decode step whose experts are all resident runs them in one call (experts8): the logits are those of computing
+    each expert apart, as a step does whose experts are still loading (a fresh engine without prefetch: a step that
+    reads an expert computes its experts one at a time), with the same packed slots (the cache holds every expert)."""
     lay = trained if dtype == "q4_0" else convert(TRAINED / "tiny-shakespeare-moe", tmp_path / dtype,
                                                   ConvertOptions(dtype=dtype, progress=False)).out
     ids = list(range(1, 12))
     out = {}
-    for cache_mb in (1, None):
-        with Engine.open(lay, kernels="int8", cache_mb=cache_mb) as eng:
-            if cache_mb is None:  # every expert resident before the first step
+    for preload in (False, True):
+        with Engine.open(lay, kernels="int8", compiled_step=False, prefetch="none") as eng:
+            assert all(all(f) for f in eng.model.moe.full.int8.values())
+            if preload:  # every expert resident before the first step
                 keys = [(la, e) for la in range(eng.config.n_layers) for e in range(eng.config.n_experts)]
                 for key, _ in eng.cache.acquire(keys):
                     eng.cache.release(key)
             before = eng.cache.stats.misses
-            out[cache_mb] = np.concatenate([eng.forward([i]) for i in ids])
+            out[preload] = np.concatenate([eng.forward([i]) for i in ids])
             misses = eng.cache.stats.misses - before
-        assert (misses > 0) == (cache_mb == 1)
-    assert np.array_equal(_bits(out[1]), _bits(out[None]))
+        assert (misses > 0) != preload
+    assert np.array_equal(_bits(out[False]), _bits(out[True]))
 
 
 def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_path: Path) -> None:

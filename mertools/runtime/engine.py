@@ -100,9 +100,10 @@ class Engine:
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
         by the cache policy from the first token; this run's routing is added to it when the engine closes.
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
-        to 8 bits, integer dot products: kernels/int8.py). Q4_0 / Q8_0 weights are then packed once, dense ones at open
-        and expert slots as they load (so "auto" io reads such experts into the cache's own memory, and "mmap" leaves
-        them on the exact kernels); the K types are read as they are. With "int8", the decode steps of a model held in RAM
+        to 8 bits, integer dot products: kernels/int8.py). Q4_0 / Q8_0 / MXFP4 weights are then packed once, dense ones
+        at open and expert slots as they load when the cache holds every expert (so "auto" io reads such experts into
+        the cache's own memory; "mmap", or a cache smaller than the experts, leaves them on the exact kernels); the K
+        types are read as they are. With "int8", the decode steps of a model held in RAM
         (a cache with room for every expert) run in one compiled call per sequence where the model's pieces allow
         (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by piece (tests and
         benchmarks compare the two). Opening an engine limits numpy's BLAS to one thread in this process
@@ -167,8 +168,10 @@ class Engine:
         if io == "auto":  # mapped slots cost no memory of their own, but a budget below the experts asks for a bound
             io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) and not packs else "direct"
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
-        # mapped: experts of a packed type stay on the exact kernels (the others read the file's blocks as they are)
-        prepare = expert_packer(cfg) if kernels == "int8" and not mapped else None
+        # experts of a packed type are packed after their read only when the cache holds every expert: streaming, each
+        # load's packing took the kernels' cores and the run was slower than on the exact kernels (docs/BENCHMARKS.md,
+        # "Decode: notes"); mapped, they stay exact too (the others read the file's blocks as they are)
+        prepare = expert_packer(cfg) if kernels == "int8" and not mapped and slots == len(m.experts) else None
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
                             mapped=mapped, prepare=prepare)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
