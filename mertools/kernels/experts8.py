@@ -79,6 +79,7 @@ def _gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, bias, act, h, u):
             for r in range(GROUP * g, end):
                 h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
             continue
+        # views of the biases (of address 0 when the experts have none: then never read)
         gb, ub = carray(f32_ptr(bias[p, 0]), h.shape[1]), carray(f32_ptr(bias[p, 1]), h.shape[1])
         for r in range(GROUP * g, end):
             gr, ur = h[p, r], u[p, r]
