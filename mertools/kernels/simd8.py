@@ -15,8 +15,7 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
 pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low;
 q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4. MXFP4's and packing's are in
-`simd8x.py`. The intrinsics that quantize
-the activations (ggml's q8_0) are in `q8act.py`.
+`simd8x.py`, the ones that quantize the activations (ggml's q8_0) in `q8act.py`.
 
 `dpbusd` is one vpdpbusd with AVX-512 VNNI; elsewhere the same sums come from widening multiplies
 (integers: every path gives the same values). As in `simd`, no bounds checks: callers compute offsets

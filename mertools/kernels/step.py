@@ -117,8 +117,8 @@ def _add_vec(a, vec, vec_at, layer, i, start):
 
 @njit(**MATVEC_JIT)
 def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
-                kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, bias_at, act, k, norm, scaling,
-                logits, chosen, weights):
+                kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, act, k, norm, scaling, logits,
+                chosen, weights):
     """One token through every layer, then the output norm and head.
 
     token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
@@ -130,8 +130,8 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     windows (L,) int64 (0: full), sinks (nh,) float32 -inf: a layer's without sinks of its own (vector SINKS).
     Biases, where a layer has them: q, k, v (Q_BIAS), o (O_BIAS), the router's (ROUTER_BIAS). slot_addr: each cache
     slot's address (its arena slice, or the mapping of the file in it), slots (L, E) each expert's slot, -1 when it
-    is not resident; geometry (L, E, 3, 3) per role (offset in its slot, type code, row bytes), bias_at (L, E, 3)
-    the offsets of its gate, up and down biases (-1: none), act the experts' activation (`experts8`). k experts per
+    is not resident; geometry (L, E, 3, 4) per role (offset in its slot, type code, row bytes, its bias's offset or
+    -1), act the experts' activation (`experts8`). k experts per
     token, `norm` renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by
     layer, and logits (vocab,). Returns L when done; or, at the first layer one of whose chosen experts is not
     resident, that layer, x then its input plus its attention (its keys and values stored): the rest is the
@@ -195,7 +195,7 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
                 offs[c, r] = base + geometry[layer, e, r, 0]
                 kinds[c, r] = geometry[layer, e, r, 1]
                 rbs[c, r] = geometry[layer, e, r, 2]
-                bias[c, r] = base + bias_at[layer, e, r] if bias_at[layer, e, r] >= 0 else 0
+                bias[c, r] = base + geometry[layer, e, r, 3] if geometry[layer, e, r, 3] >= 0 else 0
         y = experts8(h.reshape(1, d), one_row, offs, kinds, rbs, d_ff, bias, act)
         for i in range(d):  # each choice's share, summed in choice order (numpy's sum over the choices' axis)
             acc = y[0, i] * weights[layer, 0]

@@ -129,11 +129,9 @@ class FusedStep:
         self.windows = np.array([cfg.window(i) for i in range(cfg.n_layers)], np.int64)
         self.sinks = _no_sinks(cfg.n_heads)
         tier = model.moe.full
-        self.geometry = np.zeros((cfg.n_layers, cfg.n_experts, 3, 3), np.int64)
-        self.bias_at = np.full((cfg.n_layers, cfg.n_experts, 3), -1, np.int64)
+        self.geometry = np.zeros((cfg.n_layers, cfg.n_experts, 3, 4), np.int64)
         for (layer, expert), g in tier.geometry.items():
             self.geometry[layer, expert] = g
-            self.bias_at[layer, expert] = tier.bias_at[(layer, expert)]
         self.act = model.moe.act
         self.yarn = None
         if cfg.rope_scaling is RopeScaling.YARN:
@@ -198,7 +196,7 @@ class FusedStep:
         layers = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
                                    self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
                                    kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.slot_addr,
-                                   slots, self.geometry, self.bias_at, self.act, k, cfg.norm_topk_prob, self.scaling,
+                                   slots, self.geometry, self.act, k, cfg.norm_topk_prob, self.scaling,
                                    logits, chosen, weights)
         return _Done(pos, layers, x, logits, chosen, weights)
 

@@ -27,7 +27,7 @@ from .approx import Approx, ApproxStats
 from .batch import Batch
 from .cache import ExpertCache
 from .hooks import ModelHooks
-from .ops import RuntimeOps
+from .ops import RuntimeOps, glu_act
 from .prefetch import Prefetcher
 from .store import ExpertStore
 
@@ -68,9 +68,9 @@ class Tier:
     store: ExpertStore
     dtypes: dict[tuple[int, int], tuple[str, str, str]]  # each expert's (gate, up, down) types, looked up once
     int8: dict[tuple[int, int], tuple[bool, bool, bool]]  # which of them run on the 8-bit kernels (store prepared)
-    # per role (gate, up, down): [byte offset in the slot, type code, row bytes], for experts8
-    geometry: dict[tuple[int, int], np.ndarray]  # int64 (3, 3)
-    bias_at: dict[tuple[int, int], np.ndarray]  # int64 (3,): byte offsets of the gate, up and down biases (-1: none)
+    # per role (gate, up, down): [byte offset in the slot, type code, row bytes, its bias's offset (-1: none)], for
+    # experts8 and the compiled step
+    geometry: dict[tuple[int, int], np.ndarray]  # int64 (3, 4)
 
     @classmethod
     def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig, kernels: str = "exact") -> Tier:
@@ -85,16 +85,13 @@ class Tier:
         shapes = _shapes(cfg)
 
         def geometry(e: ExpertEntry) -> np.ndarray:
-            return np.array([[e.tensors[r].offset, KIND[e.tensors[r].dtype], DTYPES[e.tensors[r].dtype].row_bytes(shapes[r][1])]
-                             for r in ROLES], np.int64)
-
-        def bias_at(e: ExpertEntry) -> np.ndarray:
-            return np.array([e.tensors[r].offset if cfg.expert_mlp_bias else -1 for r in BIAS_ROLES], np.int64)
+            return np.array([[e.tensors[r].offset, KIND[e.tensors[r].dtype], DTYPES[e.tensors[r].dtype].row_bytes(shapes[r][1]),
+                              e.tensors[b].offset if cfg.expert_mlp_bias else -1]
+                             for r, b in zip(ROLES, BIAS_ROLES, strict=True)], np.int64)
 
         entries = store.entries.items()
         return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in entries},
-                   {k: flags(e) for k, e in entries}, {k: geometry(e) for k, e in entries},
-                   {k: bias_at(e) for k, e in entries})
+                   {k: flags(e) for k, e in entries}, {k: geometry(e) for k, e in entries})
 
 
 class StreamingMoE:
@@ -111,8 +108,7 @@ class StreamingMoE:
         # a step of few rows whose experts are all resident runs them together (experts8), when the family's experts
         # are the standard piece's (plain SwiGLU, or pieces.glu with biases)
         self._fused = kernels == "int8" and family.pieces.expert_mlp is expert_mlp
-        self.act = np.zeros(3, np.float32) if cfg.plain_swiglu else np.array(
-            [cfg.swiglu_alpha, cfg.swiglu_limit, cfg.swiglu_up_offset], np.float32)  # experts8's act
+        self.act = glu_act(cfg)  # experts8's, the same as the one-at-a-time path's (RuntimeOps.glu)
         self._ops = RuntimeOps(compiled=kernels == "int8")  # a family's expert piece on one sequence's rows
         self.standins = standins
 
@@ -243,12 +239,11 @@ class StreamingMoE:
         t, c = np.concatenate(rows), np.concatenate(cols)
         if len(t) == 0:
             return
-        geo = np.repeat(np.stack([tier.geometry[key] for key, _ in got]), counts, axis=0)  # (pairs, roles, 3)
-        base = np.repeat(tier.store.slot_addr[[slot for _, slot in got]], counts)  # each pair's slot address
-        bias = np.repeat(np.stack([tier.bias_at[key] for key, _ in got]), counts, axis=0)  # (pairs, 3)
-        bias = np.where(bias >= 0, bias + base[:, None], 0)
-        y = experts8(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base[:, None],
-                     np.ascontiguousarray(geo[:, :, 1]), np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff, bias, self.act)
+        geo = np.repeat(np.stack([tier.geometry[key] for key, _ in got]), counts, axis=0)  # (pairs, roles, 4)
+        base = np.repeat(tier.store.slot_addr[[slot for _, slot in got]], counts)[:, None]  # each pair's slot address
+        bias = np.where(geo[:, :, 3] >= 0, geo[:, :, 3] + base, 0)  # the biases' addresses (0: none)
+        y = experts8(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base, np.ascontiguousarray(geo[:, :, 1]),
+                     np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff, bias, self.act)
         contrib[t, c] = y * weights[t, c][:, None]
 
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,

@@ -43,6 +43,14 @@ def swiglu(m: Mlp[Linear], x: np.ndarray) -> np.ndarray:
     return swiglu_weights(np.ascontiguousarray(x, np.float32), m.gate.checked, m.up.checked, m.down.checked)
 
 
+def glu_act(cfg: ModelConfig) -> np.ndarray:
+    """The routed experts' activation as `experts8` takes it: float32 (alpha, limit, up offset) of `pieces.glu`, or
+    zeros for a plain SwiGLU (silu(gate) * up)."""
+    if cfg.plain_swiglu:
+        return np.zeros(3, np.float32)
+    return np.array([cfg.swiglu_alpha, cfg.swiglu_limit, cfg.swiglu_up_offset], np.float32)
+
+
 class RuntimeOps:
     """`families.pieces.Ops` for a batch: kernels may take another path (and round differently) for
     another number of rows, so each sequence's rows are computed apart and a request's output never
@@ -74,8 +82,7 @@ class RuntimeOps:
     def glu(self, cfg: ModelConfig, g: np.ndarray, u: np.ndarray) -> np.ndarray:
         if not self.compiled:
             return glu(cfg, g, u)
-        act = np.array([cfg.swiglu_alpha, cfg.swiglu_limit, cfg.swiglu_up_offset], np.float32)
-        return glu_rows(np.ascontiguousarray(g, np.float32), np.ascontiguousarray(u, np.float32), act)
+        return glu_rows(np.ascontiguousarray(g, np.float32), np.ascontiguousarray(u, np.float32), glu_act(cfg))
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, w, eps)
