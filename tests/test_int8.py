@@ -17,7 +17,7 @@ from mertools.cli import main
 from mertools.convert.pipeline import ConvertOptions, convert
 from mertools.dtypes import DTYPES, q8_0
 from mertools.errors import QuantizationError, RuntimeConfigError
-from mertools.kernels import int8
+from mertools.kernels import act8, int8
 from mertools.kernels import int8_reference as ref
 from mertools.kernels.matmul import silu_mul, swiglu_weights, weight
 from mertools.runtime.engine import Engine
@@ -52,13 +52,83 @@ def _inputs(n: int, cols: int, seed: int) -> np.ndarray:
 
 def test_activations_are_ggml_q8_0() -> None:
     x = _inputs(3, 256, 0)
-    xq, dx, nsum, xs = int8.quantize_act(x)
+    xq, dx, nsum, kq, kd, ks = act8.quantize_act(x, act8.Q8_0_ACT)
+    assert kq.shape == (3, 0) and kd.shape == (3, 0) and ks.shape == (3, 0)  # not asked for
     raw = q8_0.quantize_reference(x).reshape(3, 8, q8_0.BYTES)
     assert np.array_equal(xq.reshape(3, 8, 32), raw[:, :, 2:])
     assert np.array_equal(_bits(dx), _bits(np.ascontiguousarray(raw[:, :, :2]).view("<f2").astype(np.float32)[..., 0]))
     q = xq.view(np.int8).astype(np.int64).reshape(3, 8, 2, 4, 4)
     assert np.array_equal(nsum.reshape(3, 8, 4), -q.sum(axis=(2, 4)))
-    assert np.array_equal(_bits(xs), _bits(ref.quantize_act(x)[2]))
+    rq, rd = ref.quantize_act(x)
+    assert np.array_equal(rq.reshape(3, 256), xq.view(np.int8)) and np.array_equal(_bits(rd), _bits(dx))
+
+
+def _q8_k_ggml(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q8_K_ref transcribed loop for loop (quants int8 (nb, 256), d float32 (nb,)), for finite x."""
+    x = x.reshape(-1, 256)
+    q, d = np.zeros(x.shape, np.int8), np.zeros(len(x), np.float32)
+    for i, blk in enumerate(x):
+        amax = mx = np.float32(0.0)
+        for v in blk:
+            if abs(v) > amax:
+                amax, mx = abs(v), v
+        if amax == 0:
+            continue
+        iscale = np.float32(-127.0) / mx
+        for j, v in enumerate(blk):
+            f = np.float32(iscale * v) + np.float32(12582912.0)  # nearest_int's bit trick
+            q[i, j] = min(127, (int(np.array(f, np.float32).view(np.int32)) & 0x7FFFFF) - 0x400000)
+        d[i] = np.float32(1.0) / iscale
+    return q, d
+
+
+def test_activations_of_the_k_types_are_ggml_q8_k() -> None:
+    x = _inputs(3, 512, 1)
+    x[1, 256:] = 0.0  # a block of zeros: d = 0
+    x[2, 300] = -x[2, 256:512].__abs__().max() * 2  # its largest value negative
+    x[2, 301] = -x[2, 300]  # and reached twice: the first one counts
+    x[0, 5:9] = np.float32(0.5) * np.float32(-127.0) / x[0].__abs__().max() * -1  # products near ties
+    xq, dx, nsum, kq, kd, ks = act8.quantize_act(x, act8.Q8_K_ACT)
+    assert xq.shape == (3, 0) and kq.shape == (3, 512) and kd.shape == (3, 2) and ks.shape == (3, 16)
+    want_q, want_d = _q8_k_ggml(x)
+    assert np.array_equal(kq.view(np.int8).reshape(-1, 256), want_q)
+    assert np.array_equal(_bits(kd.reshape(-1)), _bits(want_d))
+    sums = want_q.astype(np.int64).reshape(3, 2, 8, 32).sum(-1).astype(np.float32)
+    assert np.array_equal(_bits(ks), _bits((want_d.reshape(3, 2, 1) * sums).reshape(3, 16)))
+    rq, rd, rs = ref.quantize_k(x)
+    assert np.array_equal(rq.reshape(-1, 256), want_q) and np.array_equal(_bits(rd), _bits(kd))
+    assert np.array_equal(_bits(rs), _bits(ks))
+    both = act8.quantize_act(x, act8.Q8_0_ACT | act8.Q8_K_ACT)
+    assert np.array_equal(both.kq, kq) and np.array_equal(both.xq, act8.quantize_act(x, act8.Q8_0_ACT).xq)
+    assert act8.quantize_act(np.ascontiguousarray(x[:, :96]), act8.Q8_K_ACT).kq.shape == (3, 0)  # no K row is 96 wide
+
+
+def test_q8_k_rounding_is_nearest_int_for_every_float_it_meets() -> None:
+    """The vector rounding is ggml's nearest_int (ties to even) within +-127 for every float32 a quant can be
+    (|v| <= 127.5, both signs: every 61st bit pattern and every pattern within 64 of each half-integer and integer);
+    NaN gives 0 and infinities +-127, as the twin defines."""
+    from numba import njit
+
+    from mertools.dtypes._blocks256 import nearest_int_reference
+    from mertools.kernels.q8act import q8k_round32
+
+    @njit
+    def rounded(bits):
+        q = np.empty(bits.size, np.uint8)
+        for s in range(0, bits.size, 32):
+            q8k_round32(bits[s:s + 32].view(np.float32), 0, np.float32(1.0), q, s)
+        return q.view(np.int8)
+
+    top = int(np.array(127.5, np.float32).view(np.uint32))
+    near = np.array([k / 2 for k in range(256)], np.float32).view(np.uint32).astype(np.int64)
+    near = (near[:, None] + np.arange(-64, 65)).ravel()
+    pos = np.concatenate([np.arange(0, top + 1, 61), near[(near >= 0) & (near <= top)]]).astype(np.uint32)
+    bits = np.concatenate([pos, pos | np.uint32(0x80000000)])
+    bits = np.concatenate([bits, np.zeros((-bits.size) % 32, np.uint32)])
+    want = np.clip(nearest_int_reference(bits.view(np.float32)), -127, 127)
+    assert np.array_equal(rounded(bits).astype(np.int64), want)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0] + [0.0] * 28, np.float32).view(np.uint32)
+    assert rounded(special)[:4].tolist() == [0, 127, -127, 0]
 
 
 def test_activation_rounding_is_roundf_for_every_float_it_meets() -> None:
@@ -101,9 +171,13 @@ def test_kernel_is_its_numpy_twin_bit_for_bit(dtype: str, rows: int, cols: int, 
     got = int8.matmul8(x, int8.prepare(w.copy(), dtype), dtype, np.empty((n, rows), np.float32))
     want = ref.matmul8(x, w, dtype)
     assert np.array_equal(_bits(got), _bits(want))
-    # and the twin is the product of the weights with ggml's q8_0 of x, up to float32 rounding
+    # and the twin is the product of the weights with ggml's q8_0 of x (q8_K for the K types), up to float32 rounding
     wd = DTYPES[dtype].dequantize(w.reshape(-1)).reshape(rows, cols).astype(np.float64)
-    xd = q8_0.dequantize_reference(q8_0.quantize_reference(x)).reshape(n, cols).astype(np.float64)
+    if dtype in PACKED:
+        xd = q8_0.dequantize_reference(q8_0.quantize_reference(x)).reshape(n, cols).astype(np.float64)
+    else:
+        kq, kd, _ = ref.quantize_k(x)
+        xd = (kq * kd[..., None].astype(np.float64)).reshape(n, cols)
     assert (np.abs(got - xd @ wd.T) <= 1e-5 * (np.abs(xd) @ np.abs(wd).T) + 1e-30).all()
 
 

@@ -1,17 +1,21 @@
 """The 8-bit-activation kernels of the K types (kernels/int8.py), which read the file's super-blocks as they are.
 
 A K super-block holds its 256 weights' codes in 128 contiguous bytes (and Q5_K / Q6_K their high bits in 32 or 64
-more), so a row's block is a few 64-byte vectors, each meeting 64 activation quants (ggml's q8_0 of x, per 32) in
-one vpdpbusd: 16 int32 lanes of 4 products. No repacking: slots mapped from the files run these as well.
+more), so a row's block is a few 64-byte vectors, each meeting 64 activation quants (ggml's q8_K of x: one scale dk
+per 256, kernels/act8.py) in one vpdpbusd: 16 int32 lanes of 4 products. No repacking: slots mapped from the files
+run these as well.
 
 - Q4_K / Q5_K (sub-blocks of 32 with 6-bit scales and mins): qs[0:64] holds sub-blocks 0 and 2 in its low nibbles
   (each 32-byte chunk: weights 0-15 then 16-31) and 1 and 3 in its high ones; qs[64:128] likewise 4, 6 and 5, 7;
   Q5_K adds bit j of qh[l] to weight l of sub-block j. Lanes 0-7 of a dot product belong to one sub-block, 8-15 to
-  the other: times the sub-block's scale in integers, then d * dx (the activation block's scale) in float32; the
-  mins come off as m_j * (dmin * dx_j * the sum of the activation block's quants).
+  the other: times the sub-block's scale and summed over the four products in integers, then times d * dk in
+  float32; the mins come off as m_j * (dmin * ks_j) (ks_j: dk times the sum of sub-block j's activation quants).
 - Q6_K (groups of 16 with int8 scales): half h's 64 low-nibble bytes and 32 high-pair bytes make the codes of
   weights 128h..128h+63 (low nibbles, pairs at shifts 0 and 2) and 128h+64..128h+127 (high nibbles, shifts 4 and 6),
-  minus 32; lanes times their group's scale in integers, then d * dx.
+  minus 32; lanes times their group's scale, summed in integers, then times d * dk.
+
+One float multiply-add per super-block and row, as ggml's vec_dot_q4_K_q8_K: with q8_0's scale per 32, each dot
+product needed its own (1.4-2x slower, `/tmp` micro-benchmark; docs/BENCHMARKS.md).
 
 Each `*_int8_reference` is its kernel in numpy, bit for bit (tests/test_int8.py): integer lane sums, float32
 products in the kernel's order, the 16 lanes accumulated over the blocks, then folded as `simd.vhsum` folds them.
@@ -23,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mertools.kernels.common import MATVEC_JIT, R, group_rows, group_store, prefetch_lines
-from mertools.kernels.simd import half_splat, vadd, vhsum, vmul, vsub, vtof, vzero
+from mertools.kernels.common import MATVEC_JIT, R, group_rows, group_store_row, prefetch_lines
+from mertools.kernels.simd import half_splat, vadd, vhsum, vmul, vsplat, vsub, vtof, vzero
 from mertools.kernels.simd8 import (
     bsplat32,
     bytes32x2,
@@ -32,12 +36,12 @@ from mertools.kernels.simd8 import (
     dpbusd,
     f32x8_low,
     hi4,
+    iadd,
     imul,
     ineg,
     izero,
     lo4,
     mins_low,
-    pair8,
     pick_0_2,
     pick_1_3,
     pick_4_6,
@@ -66,7 +70,7 @@ def _half(b: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(b[..., at:at + 2]).view("<f2").astype(np.float32)  # (rows, nb, 1)
 
 
-def _k4_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, b: np.ndarray, codes: list[np.ndarray]) -> np.ndarray:
+def _k4_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, b: np.ndarray, codes: list[np.ndarray]) -> np.ndarray:
     """Q4_K / Q5_K: b uint8 (rows, nb, block bytes) with d, dmin and the scales at bytes 0-15; codes the four
     (rows, nb, 64) code vectors in _PAIRS order."""
     rows, nb = b.shape[:2]
@@ -74,36 +78,35 @@ def _k4_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, b: np.ndarray,
     sc, m = (a.reshape(rows, nb, 8) for a in unpack_scale_min_k4(b[..., 4:16].reshape(-1, 12)))
     mins = np.zeros((rows, nb, 16), np.float32)
     mins[..., :8] = m
-    out = np.empty((xq.shape[0], rows), np.float32)
-    for i in range(xq.shape[0]):
-        x, dxi = xq[i].reshape(nb, 8, 32), dx[i].reshape(nb, 8)
-        terms = []
+    out = np.empty((kq.shape[0], rows), np.float32)
+    for i in range(kq.shape[0]):
+        x = kq[i].reshape(nb, 8, 32)
+        s = np.zeros((rows, nb, 16), np.int64)
         for v, (a, c) in enumerate(_PAIRS):
             lanes = (codes[v] * np.concatenate([x[:, a], x[:, c]], axis=1)).reshape(rows, nb, 16, 4).sum(-1)
-            prod = lanes * np.repeat(sc[..., [a, c]], 8, axis=-1)  # exact int32
-            terms.append(prod.astype(np.float32) * (d * np.repeat(dxi[:, [a, c]], 8, axis=-1)))
+            s += lanes * np.repeat(sc[..., [a, c]], 8, axis=-1)  # exact: within int32 (tests)
+        term = s.astype(np.float32) * (d * kd[i][:, None])
         xsv = np.zeros((nb, 16), np.float32)
-        xsv[:, :8] = xs[i].reshape(nb, 8)
+        xsv[:, :8] = ks[i].reshape(nb, 8)
         off = mins * (dmin * xsv)
         acc = np.zeros((rows, 16), np.float32)
-        for blk in range(nb):  # block order, the four dot products in turn, then the mins
-            for t in terms:
-                acc = acc + t[:, blk]
+        for blk in range(nb):  # block order: the integer sums' term, then the mins
+            acc = acc + term[:, blk]
             acc = acc - off[:, blk]
         out[i] = _vhsum_reference(acc)
     return out
 
 
-def q4_k_int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """`q4_k_group` in numpy: xq int32 (n, cols/32, 32) activation quants, dx and xs float32 (n, cols/32) their
-    scales and dx * sums, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
+def q4_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.ndarray) -> np.ndarray:
+    """`k4_group` in numpy: kq int32 (n, cols/256, 256) the activations' q8_K quants, kd float32 (n, cols/256) their
+    scales, ks float32 (n, cols/32) kd times each 32 quants' sum, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
     b = np.asarray(w2, np.uint8).reshape(w2.shape[0], -1, Q4_K_BYTES)
     qs = b[..., 16:].astype(np.int32)
-    return _k4_reference(xq, dx, xs, b, [qs[..., :64] & 15, qs[..., :64] >> 4, qs[..., 64:] & 15, qs[..., 64:] >> 4])
+    return _k4_reference(kq, kd, ks, b, [qs[..., :64] & 15, qs[..., :64] >> 4, qs[..., 64:] & 15, qs[..., 64:] >> 4])
 
 
-def q5_k_int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """`q5_k_group` in numpy (as q4_k_int8_reference, each code with its fifth bit)."""
+def q5_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.ndarray) -> np.ndarray:
+    """`k4_group` with five in numpy (as q4_k_int8_reference, each code with its fifth bit)."""
     b = np.asarray(w2, np.uint8).reshape(w2.shape[0], -1, Q5_K_BYTES)
     qs = b[..., 48:].astype(np.int32)
     qh = np.tile(b[..., 16:48].astype(np.int32), 2)  # (rows, nb, 64): qh[l] beside both 32-byte chunks
@@ -111,11 +114,11 @@ def q5_k_int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.n
     for v, nib in enumerate((qs[..., :64] & 15, qs[..., :64] >> 4, qs[..., 64:] & 15, qs[..., 64:] >> 4)):
         bits = np.array([_PAIRS[v][0]] * 32 + [_PAIRS[v][1]] * 32)  # the sub-block of each byte
         codes.append(nib | (((qh >> bits) & 1) << 4))
-    return _k4_reference(xq, dx, xs, b, codes)
+    return _k4_reference(kq, kd, ks, b, codes)
 
 
-def q6_k_int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """`q6_k_group` in numpy (xs unused: no mins)."""
+def q6_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.ndarray) -> np.ndarray:
+    """`q6_k_group` in numpy (ks unused: no mins)."""
     rows = w2.shape[0]
     b = np.asarray(w2, np.uint8).reshape(rows, -1, Q6_K_BYTES)
     nb = b.shape[1]
@@ -127,18 +130,17 @@ def q6_k_int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.n
         qh = np.tile(b[..., 128 + 32 * h:160 + 32 * h].astype(np.int32), 2)
         for nib, shifts in ((ql & 15, [0] * 32 + [2] * 32), (ql >> 4, [4] * 32 + [6] * 32)):
             codes.append(nib | (((qh >> np.array(shifts)) & 3) << 4))
-    out = np.empty((xq.shape[0], rows), np.float32)
-    for i in range(xq.shape[0]):
-        x, dxi = xq[i].reshape(nb, 4, 64), dx[i].reshape(nb, 8)
-        terms = []
+    out = np.empty((kq.shape[0], rows), np.float32)
+    for i in range(kq.shape[0]):
+        x = kq[i].reshape(nb, 4, 64)
+        s = np.zeros((rows, nb, 16), np.int64)
         for v in range(4):
             lanes = ((codes[v] - 32) * x[:, v]).reshape(rows, nb, 16, 4).sum(-1)  # exact integers
-            prod = lanes * np.repeat(sc[..., 4 * v:4 * v + 4], 4, axis=-1)
-            terms.append(prod.astype(np.float32) * (d * np.repeat(dxi[:, 2 * v:2 * v + 2], 8, axis=-1)))
+            s += lanes * np.repeat(sc[..., 4 * v:4 * v + 4], 4, axis=-1)
+        term = s.astype(np.float32) * (d * kd[i][:, None])
         acc = np.zeros((rows, 16), np.float32)
         for blk in range(nb):
-            for t in terms:
-                acc = acc + t[:, blk]
+            acc = acc + term[:, blk]
         out[i] = _vhsum_reference(acc)
     return out
 
@@ -147,77 +149,77 @@ def q6_k_int8_reference(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, w2: np.n
 
 
 @njit(**MATVEC_JIT)
-def _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, d0, d1, d2, d3, xsv, acc):
-    """A Q4_K / Q5_K row's super-block at o, its four code vectors c_v, against a block's activation vectors."""
+def _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc):
+    """A Q4_K / Q5_K row's super-block at o, its four code vectors c_v, against a q8_K block's activation vectors
+    (dk its scale in every lane, xsv the sub-blocks' ks in lanes 0-7)."""
     lanes = scale_min_lanes(wr, o)
-    d = half_splat(wr, o)
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), c0, x0), pick_0_2(lanes))), vmul(d, d0)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), c1, x1), pick_1_3(lanes))), vmul(d, d1)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), c2, x2), pick_4_6(lanes))), vmul(d, d2)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(izero(), c3, x3), pick_5_7(lanes))), vmul(d, d3)))
+    s = imul(dpbusd(izero(), c0, x0), pick_0_2(lanes))
+    s = iadd(s, imul(dpbusd(izero(), c1, x1), pick_1_3(lanes)))
+    s = iadd(s, imul(dpbusd(izero(), c2, x2), pick_4_6(lanes)))
+    s = iadd(s, imul(dpbusd(izero(), c3, x3), pick_5_7(lanes)))
+    acc = vadd(acc, vmul(vtof(s), vmul(half_splat(wr, o), dk)))
     return vsub(acc, vmul(mins_low(lanes), vmul(half_splat(wr, o + 2), xsv)))
 
 
 @njit(**MATVEC_JIT)
-def _k4_row_codes(wr, o, five, x0, x1, x2, x3, d0, d1, d2, d3, xsv, acc):
+def _k4_row_codes(wr, o, five, x0, x1, x2, x3, dk, xsv, acc):
     q = o + (48 if five else 16)  # the low nibbles
     qa, qb = bytes64(wr, q), bytes64(wr, q + 64)
     if five:
         qh = bytes32x2(wr, o + 16, o + 16)
         return _k4_row(wr, o, q5_codes(lo4(qa), qh, 0), q5_codes(hi4(qa), qh, 1), q5_codes(lo4(qb), qh, 4),
-                       q5_codes(hi4(qb), qh, 5), x0, x1, x2, x3, d0, d1, d2, d3, xsv, acc)
-    return _k4_row(wr, o, lo4(qa), hi4(qa), lo4(qb), hi4(qb), x0, x1, x2, x3, d0, d1, d2, d3, xsv, acc)
+                       q5_codes(hi4(qb), qh, 5), x0, x1, x2, x3, dk, xsv, acc)
+    return _k4_row(wr, o, lo4(qa), hi4(qa), lo4(qb), hi4(qb), x0, x1, x2, x3, dk, xsv, acc)
 
 
 @njit(**MATVEC_JIT)
-def k4_group(xq, dx, xs, w, r0, out, five):
-    """out[r0:r0+4] = W[r0:r0+4] @ x for one quantized activation row: Q4_K, or Q5_K (five)."""
+def k4_group(kq, kd, ks, i, w, r0, out, io, five):
+    """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd, ks): Q4_K, or Q5_K (five)."""
     w0, w1, w2, w3 = group_rows(w, r0)
     a0 = a1 = a2 = a3 = vzero()
     ahead = (r0 + R) * w.shape[1]
     bsz = Q5_K_BYTES if five else Q4_K_BYTES
-    for blk in range(xq.size // 256):
-        o, xo, bo = bsz * blk, 256 * blk, 8 * blk
+    for blk in range(kd.shape[1]):
+        o, xo = bsz * blk, kq.shape[1] * i + 256 * blk
         prefetch_lines(w, ahead + 4 * o, 4 * bsz)
-        x0, x1 = bytes32x2(xq, xo, xo + 64), bytes32x2(xq, xo + 32, xo + 96)
-        x2, x3 = bytes32x2(xq, xo + 128, xo + 192), bytes32x2(xq, xo + 160, xo + 224)
-        d0, d1, d2, d3 = pair8(dx, bo, bo + 2), pair8(dx, bo + 1, bo + 3), pair8(dx, bo + 4, bo + 6), pair8(dx, bo + 5, bo + 7)
-        xsv = f32x8_low(xs, bo)
-        a0 = _k4_row_codes(w0, o, five, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a0)
-        a1 = _k4_row_codes(w1, o, five, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a1)
-        a2 = _k4_row_codes(w2, o, five, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a2)
-        a3 = _k4_row_codes(w3, o, five, x0, x1, x2, x3, d0, d1, d2, d3, xsv, a3)
-    group_store(out, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
+        x0, x1 = bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96)
+        x2, x3 = bytes32x2(kq, xo + 128, xo + 192), bytes32x2(kq, xo + 160, xo + 224)
+        dk, xsv = vsplat(kd[i, blk]), f32x8_low(ks, ks.shape[1] * i + 8 * blk)
+        a0 = _k4_row_codes(w0, o, five, x0, x1, x2, x3, dk, xsv, a0)
+        a1 = _k4_row_codes(w1, o, five, x0, x1, x2, x3, dk, xsv, a1)
+        a2 = _k4_row_codes(w2, o, five, x0, x1, x2, x3, dk, xsv, a2)
+        a3 = _k4_row_codes(w3, o, five, x0, x1, x2, x3, dk, xsv, a3)
+    group_store_row(out, io, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
 
 
 @njit(**MATVEC_JIT)
-def _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, acc):
+def _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, acc):
     """A Q6_K row's super-block at o; c_v = -32 * the lane sums of x_v (the codes' offset)."""
-    d = half_splat(wr, o + 208)
     ql0, qh0 = bytes64(wr, o), bytes32x2(wr, o + 128, o + 128)
     ql1, qh1 = bytes64(wr, o + 64), bytes32x2(wr, o + 160, o + 160)
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(c0, q6_low(ql0, qh0), x0), sbytes4x4(wr, o + 192))), vmul(d, d0)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(c1, q6_high(ql0, qh0), x1), sbytes4x4(wr, o + 196))), vmul(d, d1)))
-    acc = vadd(acc, vmul(vtof(imul(dpbusd(c2, q6_low(ql1, qh1), x2), sbytes4x4(wr, o + 200))), vmul(d, d2)))
-    return vadd(acc, vmul(vtof(imul(dpbusd(c3, q6_high(ql1, qh1), x3), sbytes4x4(wr, o + 204))), vmul(d, d3)))
+    s = imul(dpbusd(c0, q6_low(ql0, qh0), x0), sbytes4x4(wr, o + 192))
+    s = iadd(s, imul(dpbusd(c1, q6_high(ql0, qh0), x1), sbytes4x4(wr, o + 196)))
+    s = iadd(s, imul(dpbusd(c2, q6_low(ql1, qh1), x2), sbytes4x4(wr, o + 200)))
+    s = iadd(s, imul(dpbusd(c3, q6_high(ql1, qh1), x3), sbytes4x4(wr, o + 204)))
+    return vadd(acc, vmul(vtof(s), vmul(half_splat(wr, o + 208), dk)))
 
 
 @njit(**MATVEC_JIT)
-def q6_k_group(xq, dx, w, r0, out):
-    """out[r0:r0+4] = W[r0:r0+4] @ x for one quantized activation row, Q6_K."""
+def q6_k_group(kq, kd, i, w, r0, out, io):
+    """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd), Q6_K."""
     w0, w1, w2, w3 = group_rows(w, r0)
     a0 = a1 = a2 = a3 = vzero()
     ahead = (r0 + R) * w.shape[1]
     k32 = bsplat32()
-    for blk in range(xq.size // 256):
-        o, xo, bo = Q6_K_BYTES * blk, 256 * blk, 8 * blk
+    for blk in range(kd.shape[1]):
+        o, xo = Q6_K_BYTES * blk, kq.shape[1] * i + 256 * blk
         prefetch_lines(w, ahead + 4 * o, 4 * Q6_K_BYTES)
-        x0, x1, x2, x3 = bytes64(xq, xo), bytes64(xq, xo + 64), bytes64(xq, xo + 128), bytes64(xq, xo + 192)
+        x0, x1, x2, x3 = bytes64(kq, xo), bytes64(kq, xo + 64), bytes64(kq, xo + 128), bytes64(kq, xo + 192)
         c0, c1 = ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1))
         c2, c3 = ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3))
-        d0, d1, d2, d3 = pair8(dx, bo, bo + 1), pair8(dx, bo + 2, bo + 3), pair8(dx, bo + 4, bo + 5), pair8(dx, bo + 6, bo + 7)
-        a0 = _q6_row(w0, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a0)
-        a1 = _q6_row(w1, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a1)
-        a2 = _q6_row(w2, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a2)
-        a3 = _q6_row(w3, o, x0, x1, x2, x3, c0, c1, c2, c3, d0, d1, d2, d3, a3)
-    group_store(out, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
+        dk = vsplat(kd[i, blk])
+        a0 = _q6_row(w0, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a0)
+        a1 = _q6_row(w1, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a1)
+        a2 = _q6_row(w2, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a2)
+        a3 = _q6_row(w3, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a3)
+    group_store_row(out, io, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))

@@ -64,8 +64,9 @@ class DType:
     limit: float = math.inf  # quantize refuses |x| >= limit (a float type: values that would round to inf)
     verify: Thresholds | None = None  # verify's default limits for a layout whose experts have this type
     int8_pack: Int8Pack | None = None  # how the 8-bit-activation kernels take it packed (kernels/int8.py)
-    # or, for a type whose 8-bit kernel reads the file's blocks, that kernel's numpy twin: (activation quants int32
-    # (n, cols/32, 32), their scales and dx * sums float32 (n, cols/32) each, uint8 (rows, row_bytes)) -> (n, rows)
+    # or, for a type whose 8-bit kernel reads the file's blocks (a K type), that kernel's numpy twin: (q8_K activation
+    # quants int32 (n, cols/256, 256), their scales (n, cols/256) and scale * each 32's sum (n, cols/32) float32,
+    # uint8 (rows, row_bytes)) -> (n, rows)
     int8_reference: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = field(
         default=None, compare=False, repr=False)
     quantize: Codec | None = field(default=None, compare=False, repr=False)  # numba (or numpy for floats)

@@ -139,6 +139,19 @@ def group_store(out, r0, s0, s1, s2, s3):
 
 
 @njit(**MATVEC_JIT)
+def group_store_row(out, io, r0, s0, s1, s2, s3):
+    """group_store into row io of a 2-D out (the 8-bit kernels: a row view per call cost its reference counts)."""
+    n = out.shape[1]
+    out[io, r0] = s0
+    if r0 + 1 < n:
+        out[io, r0 + 1] = s1
+    if r0 + 2 < n:
+        out[io, r0 + 2] = s2
+    if r0 + 3 < n:
+        out[io, r0 + 3] = s3
+
+
+@njit(**MATVEC_JIT)
 def prefetch_lines(w, p, nbytes):
     """Prefetch the lines covering w's flat bytes [p, p + nbytes) that exist."""
     end = min(p + nbytes, w.size)

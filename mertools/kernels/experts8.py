@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
+from mertools.kernels.act8 import formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT
-from mertools.kernels.int8 import GROUP, MXFP4, Q4_0, Q8_0, _pair, quantize_act
+from mertools.kernels.int8 import GROUP, MXFP4, Q4_0, Q8_0, _pair
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import f32_ptr, u8_ptr
 
@@ -64,16 +65,17 @@ def _view_at(addr, rows, rb, kind):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, bias, act, h, u):
+def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, h, u):
     groups = (h.shape[1] + GROUP - 1) // GROUP
     pairs = (groups + 1) // 2
+    xq, dx, nsum, kq, kd, ks = a
     for t in prange(rows_of.size * pairs):
         p, g = t // pairs, 2 * (t % pairs)
         i = rows_of[p]
         wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
         wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
-        _pair(kinds[p, 0], xq[i], dx[i], nsum[i], xs[i], wg, g, groups, h[p])
-        _pair(kinds[p, 1], xq[i], dx[i], nsum[i], xs[i], wu, g, groups, u[p])
+        _pair(kinds[p, 0], xq, dx, nsum, kq, kd, ks, i, wg, g, groups, h, p)
+        _pair(kinds[p, 1], xq, dx, nsum, kq, kd, ks, i, wu, g, groups, u, p)
         end = min(GROUP * g + 2 * GROUP, h.shape[1])
         if act[0] == np.float32(0.0):
             for r in range(GROUP * g, end):
@@ -89,13 +91,14 @@ def _gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, bias, act, h, u):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _down(hq, hdx, hnsum, hxs, addr, kinds, rbs, bias, y):
+def _down(a, addr, kinds, rbs, bias, y):
     groups = (y.shape[1] + GROUP - 1) // GROUP
     pairs = (groups + 1) // 2
+    xq, dx, nsum, kq, kd, ks = a
     for t in prange(y.shape[0] * pairs):
         p, g = t // pairs, 2 * (t % pairs)
         wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
-        _pair(kinds[p, 2], hq[p], hdx[p], hnsum[p], hxs[p], wd, g, groups, y[p])
+        _pair(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, groups, y, p)
         if bias[p, 2] != 0:
             db = carray(f32_ptr(bias[p, 2]), y.shape[1])
             for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, y.shape[1])):
@@ -113,9 +116,11 @@ def experts8(x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, kinds: np.nd
     time, each row alone either way."""
     n_pairs, d_model = rows_of.size, x2.shape[1]
     h, u = np.empty((n_pairs, d_ff), np.float32), np.empty((n_pairs, d_ff), np.float32)
-    xq, dx, nsum, xs = quantize_act(x2)
-    _gate_up(xq, dx, nsum, xs, rows_of, addr, kinds, rbs, bias, act, h, u)
+    f_in, f_down = 0, 0
+    for p in range(n_pairs):  # the activation formats the pairs' weights read
+        f_in |= formats_of(kinds[p, 0]) | formats_of(kinds[p, 1])
+        f_down |= formats_of(kinds[p, 2])
+    _gate_up(quantize_act(x2, f_in), rows_of, addr, kinds, rbs, bias, act, h, u)
     y = np.empty((n_pairs, d_model), np.float32)
-    hq, hdx, hnsum, hxs = quantize_act(h)
-    _down(hq, hdx, hnsum, hxs, addr, kinds, rbs, bias, y)
+    _down(quantize_act(h, f_down), addr, kinds, rbs, bias, y)
     return y

@@ -1,12 +1,12 @@
-"""The 8-bit-activation kernels: activations quantized per block of 32 as ggml's q8_0, integer dot products.
+"""The 8-bit-activation kernels: activations quantized to 8 bits as ggml's q8_0 / q8_K, integer dot products.
 
 ggml multiplies a quantized matrix by quantizing the activations too (quantize_row_q8_0: d = max|x| / 127,
-q = roundf(x / d), d stored as f16) and summing weight quants times activation quants in integers, one
-float multiply per block. This module does the same for the types in INT8_DTYPES:
+q = roundf(x / d), d stored as f16, per block of 32; q8_K for the K types: one scale per 256, kernels/act8.py) and
+summing weight quants times activation quants in integers, one float multiply per block. This module does the same
+for the types in INT8_DTYPES:
 
     takes(dtype, rows, cols)      whether a weight runs here (else the exact kernels)
     prepare(w2, dtype)            its bytes as these kernels read them (packed in place, or as they are)
-    quantize_act(x2)              the activation rows' quants, scales and sums
     matmul8(x2, w, dtype, out)    float32 (n, rows) = x2 @ W.T
     swiglu8(x2, gate, up)         silu(x2 @ G.T) * (x2 @ U.T)
 
@@ -35,9 +35,9 @@ from numba import njit, prange
 from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
 from mertools.dtypes.base import SCALE_BYTES
 from mertools.errors import QuantizationError
+from mertools.kernels.act8 import formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
-from mertools.kernels.q8act import absmax32, half_round, neg_quad_sums, q8_round32
 from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
     bytes16x4,
@@ -52,7 +52,7 @@ from mertools.kernels.simd8 import (
 )
 from mertools.kernels.simd8x import byte_table, copy16, e8m0x4
 
-__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "quantize_act", "swiglu8", "takes"]
+__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "swiglu8", "takes"]
 
 GROUP = 4  # rows packed together
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
@@ -137,38 +137,6 @@ def prepare(w2: np.ndarray, dtype: str) -> np.ndarray:
     return pack(w2, dtype, out=w2) if DTYPES[dtype].int8_pack is not None else w2
 
 
-# ---------------------------------------------------------------- activations
-
-
-@njit(**MATVEC_JIT)
-def _quantize_rows(x, xq, dx, nsum, xs):
-    """Each row of x (n, cols) as ggml's quantize_row_q8_0: xq the quants (as bytes), dx each block's f16 scale as
-    float32, nsum[4b + j] minus the sum of the block's quants in lane j (weights 4j..4j+3 and 16+4j..16+4j+3),
-    xs[b] = dx[b] * the sum of the block's quants (float32)."""
-    for i in range(x.shape[0]):
-        xi, qi = x[i], xq[i]
-        for b in range(x.shape[1] // 32):
-            d = absmax32(xi, 32 * b) / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-            dx[i, b] = half_round(d)
-            s = q8_round32(xi, 32 * b, inv, qi, 32 * b)  # lane j: quants j and 16 + j
-            total = neg_quad_sums(s, nsum[i], 4 * b)
-            xs[i, b] = dx[i, b] * np.float32(total)
-
-
-@njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) quantizes with it too
-def quantize_act(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """float32 C (n, cols), cols % 32 == 0 -> xq uint8 (n, cols), dx float32 (n, cols/32), nsum int32 (n, cols/8),
-    xs float32 (n, cols/32)."""
-    n, cols = x2.shape
-    xq = np.empty((n, cols), np.uint8)
-    dx = np.empty((n, cols // 32), np.float32)
-    nsum = np.empty((n, cols // 8), np.int32)
-    xs = np.empty((n, cols // 32), np.float32)
-    _quantize_rows(x2, xq, dx, nsum, xs)
-    return xq, dx, nsum, xs
-
-
 # ---------------------------------------------------------------- products
 
 
@@ -192,99 +160,117 @@ def _dot(acc, wr, o, parts, coded, xl, xh):
 
 
 @njit(**MATVEC_JIT)
-def _packed_group(xq, dx, nsum, wp, g, geo, out):
-    """out[4g:4g+4] = the packed group g of wp (geometry `geo`, `_geometry`'s) times one quantized row (xq, dx, nsum)."""
+def _packed_group(xq, dx, nsum, i, wp, g, geo, out, io):
+    """out[io, 4g:4g+4] = the packed group g of wp (geometry `geo`, `_geometry`'s) times the quantized row i of
+    (xq, dx, nsum). Activations and results by row index: a row view per call cost its reference counts."""
     parts, shift, sb, coded = geo
     wr = wp[g]
     bb = GROUP * (sb + 16 * parts)  # a block's bytes for the group
     ahead = (g + 1) * wp.shape[1]
+    xo, so = xq.shape[1] * i, nsum.shape[1] * i
     acc = vzero()
-    for b in range(dx.size):
+    for b in range(dx.shape[1]):
         o = bb * b
         prefetch_lines(wp, ahead + o, bb)
-        bias = ishl(ivload4x4(nsum, 4 * b), shift)  # - offset * sum(x): the unsigned quants' bias
-        ai = _dot(bias, wr, o + GROUP * sb, parts, coded, bytes16x4(xq, 32 * b), bytes16x4(xq, 32 * b + 16))
-        acc = vadd(acc, vmul(vtof(ai), _scales(wr, o, sb, vsplat(dx[b]))))
+        bias = ishl(ivload4x4(nsum, so + 4 * b), shift)  # - offset * sum(x): the unsigned quants' bias
+        ai = _dot(bias, wr, o + GROUP * sb, parts, coded, bytes16x4(xq, xo + 32 * b), bytes16x4(xq, xo + 32 * b + 16))
+        acc = vadd(acc, vmul(vtof(ai), _scales(wr, o, sb, vsplat(dx[i, b]))))
     for r in range(GROUP):
-        out[GROUP * g + r] = quad_sum(acc, r)
+        out[io, GROUP * g + r] = quad_sum(acc, r)
 
 
 @njit(**MATVEC_JIT)
-def _packed_pair(xq, dx, nsum, wp, g, geo, out):
+def _packed_pair(xq, dx, nsum, i, wp, g, geo, out, io):
     """Packed groups g and g + 1 at once, sharing each block's activation loads (exactly `_packed_group` per row)."""
     parts, shift, sb, coded = geo
     wa, wb = wp[g], wp[g + 1]
     bb = GROUP * (sb + 16 * parts)
     ahead = (g + 2) * wp.shape[1]
+    xo, so = xq.shape[1] * i, nsum.shape[1] * i
     a = vzero()
     c = vzero()
-    for b in range(dx.size):
+    for b in range(dx.shape[1]):
         o = bb * b
         prefetch_lines(wp, ahead + o, bb)
         prefetch_lines(wp, ahead + wp.shape[1] + o, bb)
-        dxs = vsplat(dx[b])
-        bias = ishl(ivload4x4(nsum, 4 * b), shift)
-        xl, xh = bytes16x4(xq, 32 * b), bytes16x4(xq, 32 * b + 16)
+        dxs = vsplat(dx[i, b])
+        bias = ishl(ivload4x4(nsum, so + 4 * b), shift)
+        xl, xh = bytes16x4(xq, xo + 32 * b), bytes16x4(xq, xo + 32 * b + 16)
         a = vadd(a, vmul(vtof(_dot(bias, wa, o + GROUP * sb, parts, coded, xl, xh)), _scales(wa, o, sb, dxs)))
         c = vadd(c, vmul(vtof(_dot(bias, wb, o + GROUP * sb, parts, coded, xl, xh)), _scales(wb, o, sb, dxs)))
     for r in range(GROUP):
-        out[GROUP * g + r] = quad_sum(a, r)
-        out[GROUP * g + GROUP + r] = quad_sum(c, r)
+        out[io, GROUP * g + r] = quad_sum(a, r)
+        out[io, GROUP * g + GROUP + r] = quad_sum(c, r)
 
 
-@njit(**MATVEC_JIT)
-def _group(kind, xq, dx, nsum, xs, w, g, out):
-    """Rows 4g..4g+3 (fewer past the end) of W (type code `kind`, as `prepare` left it) times one quantized row."""
+@njit(inline="always", **MATVEC_JIT)
+def _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
+    """out[io, 4g:4g+4] (fewer past the end) = rows 4g.. of W (type code `kind`, as `prepare` left it) times row i
+    of the activations (an `act8.Act8`'s arrays; the type's format filled in)."""
     if kind == Q4_0:
-        _packed_group(xq, dx, nsum, w, g, Q4_0_GEOMETRY, out)
+        _packed_group(xq, dx, nsum, i, w, g, Q4_0_GEOMETRY, out, io)
     elif kind == Q8_0:
-        _packed_group(xq, dx, nsum, w, g, Q8_0_GEOMETRY, out)
+        _packed_group(xq, dx, nsum, i, w, g, Q8_0_GEOMETRY, out, io)
     elif kind == MXFP4:
-        _packed_group(xq, dx, nsum, w, g, MXFP4_GEOMETRY, out)
+        _packed_group(xq, dx, nsum, i, w, g, MXFP4_GEOMETRY, out, io)
     elif kind == Q6_K:
-        _k8.q6_k_group(xq, dx, w, GROUP * g, out)
+        _k8.q6_k_group(kq, kd, i, w, GROUP * g, out, io)
     else:
-        _k8.k4_group(xq, dx, xs, w, GROUP * g, out, kind == Q5_K)
+        _k8.k4_group(kq, kd, ks, i, w, GROUP * g, out, io, kind == Q5_K)
 
 
-@njit(**MATVEC_JIT)
-def _pair(kind, xq, dx, nsum, xs, w, g, groups, out):
-    """Groups g and g + 1 (if it exists) of W times one quantized row: packed types together, sharing the activation
-    loads (a 14336-wide down projection's activation side shares L1 with the weights: 1.1-1.2x, measured)."""
+@njit(inline="always", **MATVEC_JIT)  # inlined, and arrays not a tuple: per-call costs were a fifth of a small product
+def _pair(kind, xq, dx, nsum, kq, kd, ks, i, w, g, groups, out, io):
+    """Groups g and g + 1 (if it exists) of W times activation row i, into row io of out: packed types together,
+    sharing the activation loads (a 14336-wide down projection's activation side shares L1 with the weights:
+    1.1-1.2x, measured). Regions unpack their `act8.Act8` before their loop and pass its arrays here."""
     if g + 1 < groups and kind == Q4_0:
-        _packed_pair(xq, dx, nsum, w, g, Q4_0_GEOMETRY, out)
+        _packed_pair(xq, dx, nsum, i, w, g, Q4_0_GEOMETRY, out, io)
     elif g + 1 < groups and kind == Q8_0:
-        _packed_pair(xq, dx, nsum, w, g, Q8_0_GEOMETRY, out)
+        _packed_pair(xq, dx, nsum, i, w, g, Q8_0_GEOMETRY, out, io)
     elif g + 1 < groups and kind == MXFP4:
-        _packed_pair(xq, dx, nsum, w, g, MXFP4_GEOMETRY, out)
+        _packed_pair(xq, dx, nsum, i, w, g, MXFP4_GEOMETRY, out, io)
     else:
-        _group(kind, xq, dx, nsum, xs, w, g, out)
+        _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io)
         if g + 1 < groups:
-            _group(kind, xq, dx, nsum, xs, w, g + 1, out)
+            _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g + 1, out, io)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _matmul8(kind, xq, dx, nsum, xs, w, groups, out):
+def _matmul8(kind, a, w, groups, out):
+    xq, dx, nsum, kq, kd, ks = a
     for gp in prange((groups + 1) // 2):
-        for i in range(xq.shape[0]):
-            _pair(kind, xq[i], dx[i], nsum[i], xs[i], w, 2 * gp, groups, out[i])
+        for i in range(out.shape[0]):
+            _pair(kind, xq, dx, nsum, kq, kd, ks, i, w, 2 * gp, groups, out, i)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _swiglu8(xq, dx, nsum, xs, kg, wg, ku, wu, groups, h, u):
+def _swiglu8(a, kg, wg, ku, wu, groups, h, u):
+    xq, dx, nsum, kq, kd, ks = a
     for gp in prange((groups + 1) // 2):
-        for i in range(xq.shape[0]):
-            _pair(kg, xq[i], dx[i], nsum[i], xs[i], wg, 2 * gp, groups, h[i])
-            _pair(ku, xq[i], dx[i], nsum[i], xs[i], wu, 2 * gp, groups, u[i])
+        for i in range(h.shape[0]):
+            _pair(kg, xq, dx, nsum, kq, kd, ks, i, wg, 2 * gp, groups, h, i)
+            _pair(ku, xq, dx, nsum, kq, kd, ks, i, wu, 2 * gp, groups, u, i)
             for r in range(2 * GROUP * gp, min(2 * GROUP * gp + 2 * GROUP, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+
+
+# compiled callers of the regions: the activations never cross into Python (boxing 7 arrays and back cost ~10 us,
+# a fifth of a small expert's product)
+@njit(**MATVEC_JIT)
+def _quantized_matmul8(kind, x2, w, out):
+    _matmul8(kind, quantize_act(x2, formats_of(kind)), w, (out.shape[1] + GROUP - 1) // GROUP, out)
+
+
+@njit(**MATVEC_JIT)
+def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
+    _swiglu8(quantize_act(x2, formats_of(kg) | formats_of(ku)), kg, wg, ku, wu, (h.shape[1] + GROUP - 1) // GROUP, h, u)
 
 
 def matmul8(x2: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), w W's bytes as `prepare` left them; each row of x2
     computed alone (the same bits whatever n)."""
-    acts = quantize_act(x2)
-    _matmul8(KIND[dtype], *acts, w, (out.shape[1] + GROUP - 1) // GROUP, out)
+    _quantized_matmul8(KIND[dtype], x2, w, out)
     return out
 
 
@@ -292,8 +278,7 @@ def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, 
     """silu(x2 @ G.T) * (x2 @ U.T), float32 (n, d_ff), for gate and up (bytes as `prepare` left them, dtype) sharing
     x2's quants."""
     (wg, dg), (wu, du) = gate, up
-    acts = quantize_act(x2)
     n = x2.shape[0]
     h, u = np.empty((n, d_ff), np.float32), np.empty((n, d_ff), np.float32)
-    _swiglu8(*acts, KIND[dg], wg, KIND[du], wu, (d_ff + GROUP - 1) // GROUP, h, u)
+    _quantized_swiglu8(x2, KIND[dg], wg, KIND[du], wu, h, u)
     return h

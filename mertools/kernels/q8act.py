@@ -1,13 +1,16 @@
-"""LLVM-IR intrinsics that quantize activation rows as ggml's quantize_row_q8_0 (kernels/int8.py's activations):
+"""LLVM-IR intrinsics that quantize activation rows as ggml's quantize_row_q8_0 and _q8_K (kernels/act8.py):
 
     absmax32(x, o)                max(0, |x[o..o+31]|) of a float32 array (NaN ignored)
-    q8_round32(x, o, inv, q, qo)  the quants of x[o..o+31] * inv stored at q[qo]; their lane-wise half sums
+    q8_round32(x, o, inv, q, qo)  the quants of x[o..o+31] * inv stored at q[qo] (roundf: halves away from zero,
+                                  NaN 0, as quantize_row_q8_0 and numpy's int8 cast); their lane-wise half sums
+    q8k_round32(x, o, inv, q, qo) the same as quantize_row_q8_K rounds (nearest_int: ties to even), within +-127
+    isum16(v)                     the sum of 16 int32 lanes
     neg_quad_sums(v, a, o)        a[o:o+4] = minus each 4 lanes' int32 sum; returns the sum of all lanes
     half_round(f)                 f through an IEEE half and back (round to nearest even)
 
 Exact: the same values as the scalar definitions (`dtypes.q8_0._roundf_low_byte`, `kernels.common`'s half
 conversions), tested on every float a quant can be. As in `simd`, no bounds checks. After editing this file, delete
-numba's cache files of the modules that use it (kernels/int8.py): touching them was not always enough.
+numba's cache files of the modules that use it (kernels/act8.py): touching them was not always enough.
 """
 
 from __future__ import annotations
@@ -49,38 +52,63 @@ def absmax32(typingctx, x, o):
     return types.float32(x, o), codegen
 
 
+def _rounder(ties_even: bool):
+    """Intrinsic (x, o, inv, q, qo): q[qo:qo+32] = the quants of x[o + j] * inv, j < 32; returns the two 16-lane
+    halves' quants summed lane by lane (int32: lane i is quant i plus quant 16 + i)."""
+
+    @intrinsic
+    def fn(typingctx, x, o, inv, q, qo):
+        if not (is_carray(x, types.float32) and is_int(o) and inv == types.float32 and is_carray(q, types.uint8)
+                and is_int(qo)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            arr, off, iv, out, qoff = args
+            scale = _splat(builder, iv)
+            below_half = _splat(builder, ir.Constant(_F32, 0.49999997))  # the float below 0.5: 0.49999997 + 0.5 < 1
+            halves = []
+            for k in (0, 16):
+                v = builder.load(ptr_at(context, builder, sig.args[0], arr,
+                                        builder.add(off, ir.Constant(off.type, k)), vty(_F32)), align=4)
+                v = builder.fmul(v, scale)
+                if ties_even:  # q8_K: nearest_int (ties to even) kept within +-127
+                    r = _call(builder, "llvm.rint.v16f32", vty(_F32), [v])
+                    r = _call(builder, "llvm.minnum.v16f32", vty(_F32), [r, _splat(builder, ir.Constant(_F32, 127.0))])
+                    r = _call(builder, "llvm.maxnum.v16f32", vty(_F32), [r, _splat(builder, ir.Constant(_F32, -127.0))])
+                else:
+                    # roundf as trunc(|v| + 0.49999997) with v's sign (llvm.round is a call per lane on x86: no
+                    # such rounding mode), exact for every float (tests)
+                    a = _call(builder, "llvm.fabs.v16f32", vty(_F32), [v])
+                    r = _call(builder, "llvm.trunc.v16f32", vty(_F32), [builder.fadd(a, below_half)])
+                    r = _call(builder, "llvm.copysign.v16f32", vty(_F32), [r, v])
+                # NaN -> 0 (minnum/maxnum would have made it a bound), then a plain conversion
+                r = builder.select(builder.fcmp_unordered("uno", v, v), _splat(builder, ir.Constant(_F32, 0.0)), r)
+                i = builder.fptosi(r, vty(_I32))
+                builder.store(builder.trunc(i, vty(_I8)), ptr_at(context, builder, sig.args[3], out,
+                                                                 builder.add(qoff, ir.Constant(qoff.type, k)),
+                                                                 vty(_I8)), align=1)
+                halves.append(builder.sext(builder.trunc(i, vty(_I8)), vty(_I32)))
+            return builder.add(*halves)
+
+        return I32x16(x, o, inv, q, qo), codegen
+
+    return fn
+
+
+q8_round32 = _rounder(False)
+q8k_round32 = _rounder(True)
+
+
 @intrinsic
-def q8_round32(typingctx, x, o, inv, q, qo):
-    """q[qo:qo+32] = the low bytes of roundf(x[o + j] * inv) (halves away from zero; NaN gives 0), j < 32, as
-    ggml's quantize_row_q8_0 and numpy's int8 cast give them; returns the two 16-lane halves' quants summed lane by
-    lane (int32: lane i is quant i plus quant 16 + i)."""
-    if not (is_carray(x, types.float32) and is_int(o) and inv == types.float32 and is_carray(q, types.uint8)
-            and is_int(qo)):
+def isum16(typingctx, v):
+    """The sum of v's 16 int32 lanes (exact in any order)."""
+    if v != I32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        arr, off, iv, out, qoff = args
-        scale = _splat(builder, iv)
-        below_half = _splat(builder, ir.Constant(_F32, 0.49999997))  # the float below 0.5: 0.49999997 + 0.5 < 1
-        halves = []
-        for k in (0, 16):
-            v = builder.load(ptr_at(context, builder, sig.args[0], arr, builder.add(off, ir.Constant(off.type, k)),
-                                    vty(_F32)), align=4)
-            v = builder.fmul(v, scale)
-            # roundf as trunc(|v| + 0.49999997) with v's sign (llvm.round is a call per lane on x86: no such
-            # rounding mode), exact for every float (tests); NaN -> 0, then a plain conversion
-            a = _call(builder, "llvm.fabs.v16f32", vty(_F32), [v])
-            r = _call(builder, "llvm.trunc.v16f32", vty(_F32), [builder.fadd(a, below_half)])
-            r = _call(builder, "llvm.copysign.v16f32", vty(_F32), [r, v])
-            r = builder.select(builder.fcmp_unordered("uno", v, v), _splat(builder, ir.Constant(_F32, 0.0)), r)
-            i = builder.fptosi(r, vty(_I32))
-            builder.store(builder.trunc(i, vty(_I8)), ptr_at(context, builder, sig.args[3], out,
-                                                             builder.add(qoff, ir.Constant(qoff.type, k)), vty(_I8)),
-                          align=1)
-            halves.append(builder.sext(builder.trunc(i, vty(_I8)), vty(_I32)))
-        return builder.add(*halves)
+        return _call(builder, "llvm.vector.reduce.add.v16i32", _I32, [args[0]])
 
-    return I32x16(x, o, inv, q, qo), codegen
+    return types.int32(v), codegen
 
 
 @intrinsic
@@ -117,4 +145,4 @@ def neg_quad_sums(typingctx, v, a, o):
     return types.int32(v, a, o), codegen
 
 
-__all__ = ["absmax32", "half_round", "neg_quad_sums", "q8_round32"]
+__all__ = ["absmax32", "half_round", "isum16", "neg_quad_sums", "q8_round32", "q8k_round32"]

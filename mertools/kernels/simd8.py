@@ -8,12 +8,12 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     lo4(v), hi4(v)           each byte's low / high nibble
     dpbusd(acc, u, s)        acc[i] + sum over j < 4 of u[4i+j] * s[4i+j], u unsigned and s signed bytes
     ivload4x4(a, i)          a[i:i+4] of an int32 array in each quarter, as int32 lanes (`simd.I32x16`)
-    ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul (a, b): lane-wise
+    ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul, iadd (a, b): lane-wise
     halves4x4(w, o)          the 4 halves at byte o, each in 4 consecutive float32 lanes
     quad_sum(v, q)           (v[4q] + v[4q+2]) + (v[4q+1] + v[4q+3]), float32
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
-pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, pair8, f32x8_low;
+pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, f32x8_low;
 q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4. MXFP4's and packing's are in
 `simd8x.py`, the ones that quantize the activations (ggml's q8_0) in `q8act.py`.
 
@@ -222,6 +222,7 @@ iors = _int_scalar_op("or_")  # v | m
 
 ior = binary("or_", I32x16)  # a | b
 imul = binary("mul", I32x16)  # a * b (callers keep products in range)
+iadd = binary("add", I32x16)  # a + b (likewise)
 
 
 @intrinsic
@@ -244,22 +245,6 @@ def bytes32x2(typingctx, w, o1, o2):
         return builder.shuffle_vector(a, b, ir.Constant(vty(_I32, 64), list(range(64))))
 
     return B64(w, o1, o2), codegen
-
-
-@intrinsic
-def pair8(typingctx, a, i, j):
-    """[a[i]] * 8 + [a[j]] * 8 of a float32 array."""
-    if not (is_carray(a, types.float32) and is_int(i) and is_int(j)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        x = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], _F32), align=4)
-        y = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[2], _F32), align=4)
-        v = builder.insert_element(ir.Constant(vty(_F32, 2), ir.Undefined), x, ir.Constant(_I32, 0))
-        v = builder.insert_element(v, y, ir.Constant(_I32, 1))
-        return builder.shuffle_vector(v, v, ir.Constant(vty(_I32), [0] * 8 + [1] * 8))
-
-    return F32x16(a, i, j), codegen
 
 
 @intrinsic
@@ -355,6 +340,6 @@ def sbytes4x4(typingctx, w, o):
 
 
 __all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4",
-           "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero", "lo4", "mins_low",
-           "pair8", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "quad_sum",
+           "iadd", "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero", "lo4", "mins_low",
+           "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "quad_sum",
            "sbytes4x4"]

@@ -20,10 +20,11 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .act8 import formats_of, quantize_act
 from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
 from .experts8 import _slot_view, experts8
-from .int8 import GROUP, _pair, quantize_act
+from .int8 import GROUP, _pair
 from .matmul_kernels import get_rows
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
 
@@ -64,28 +65,33 @@ def _vec(vec, vec_at, layer, i, n):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _matvec(arena, m, xq, dx, nsum, xs, out):
-    """out = W @ x for the dense matrix m = (offset, type code, rows, row bytes) of the arena, x quantized."""
+def _matvec(arena, m, a, out):
+    """out = W @ x for the dense matrix m = (offset, type code, rows, row bytes) of the arena, x quantized (an Act8
+    of one row)."""
     w = _slot_view(arena, m[0], m[2], m[3], m[1])
     groups = (m[2] + GROUP - 1) // GROUP
+    out2 = out.reshape(1, out.size)
+    xq, dx, nsum, kq, kd, ks = a
     for p in prange(_pairs(m[2])):
-        _pair(m[1], xq, dx, nsum, xs, w, 2 * p, groups, out)
+        _pair(m[1], xq, dx, nsum, kq, kd, ks, 0, w, 2 * p, groups, out2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _qkv(arena, mq, mk, mv, xq, dx, nsum, xs, q, k, v):
+def _qkv(arena, mq, mk, mv, a, q, k, v):
     """The three projections of one normalised row in one parallel region."""
     wq = _slot_view(arena, mq[0], mq[2], mq[3], mq[1])
     wk = _slot_view(arena, mk[0], mk[2], mk[3], mk[1])
     wv = _slot_view(arena, mv[0], mv[2], mv[3], mv[1])
     pq, pk, pv = _pairs(mq[2]), _pairs(mk[2]), _pairs(mv[2])
+    q2, k2, v2 = q.reshape(1, q.size), k.reshape(1, k.size), v.reshape(1, v.size)
+    xq, dx, nsum, kq, kd, ks = a
     for t in prange(pq + pk + pv):
         if t < pq:
-            _pair(mq[1], xq, dx, nsum, xs, wq, 2 * t, (mq[2] + GROUP - 1) // GROUP, q)
+            _pair(mq[1], xq, dx, nsum, kq, kd, ks, 0, wq, 2 * t, (mq[2] + GROUP - 1) // GROUP, q2, 0)
         elif t < pq + pk:
-            _pair(mk[1], xq, dx, nsum, xs, wk, 2 * (t - pq), (mk[2] + GROUP - 1) // GROUP, k)
+            _pair(mk[1], xq, dx, nsum, kq, kd, ks, 0, wk, 2 * (t - pq), (mk[2] + GROUP - 1) // GROUP, k2, 0)
         else:
-            _pair(mv[1], xq, dx, nsum, xs, wv, 2 * (t - pq - pk), (mv[2] + GROUP - 1) // GROUP, v)
+            _pair(mv[1], xq, dx, nsum, kq, kd, ks, 0, wv, 2 * (t - pq - pk), (mv[2] + GROUP - 1) // GROUP, v2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -149,8 +155,9 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     bias = np.zeros((k, 3), np.int64)
     for layer in range(mats.shape[0]):
         rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
-        xq, dx, nsum, xs = quantize_act(h.reshape(1, d))
-        _qkv(arena, mats[layer, 0], mats[layer, 1], mats[layer, 2], xq[0], dx[0], nsum[0], xs[0], q, kk, v)
+        mq, mk, mv = mats[layer, 0], mats[layer, 1], mats[layer, 2]
+        _qkv(arena, mq, mk, mv, quantize_act(h.reshape(1, d), formats_of(mq[1]) | formats_of(mk[1]) | formats_of(mv[1])),
+             q, kk, v)
         _add_vec(q, vec, vec_at, layer, Q_BIAS, 0)
         _add_vec(kk, vec, vec_at, layer, Q_BIAS, q.size)
         _add_vec(v, vec, vec_at, layer, Q_BIAS, q.size + kk.size)
@@ -171,8 +178,7 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
                 vs[pos, g, i] = _stored(v[g * hd + i], vs)
         layer_sinks = _vec(vec, vec_at, layer, SINKS, nh) if vec_at[layer, SINKS] >= 0 else sinks
         _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], layer_sinks, divisor, att)
-        aq, adx, ansum, axs = quantize_act(att.reshape(1, nh * hd))
-        _matvec(arena, mats[layer, 3], aq[0], adx[0], ansum[0], axs[0], o)
+        _matvec(arena, mats[layer, 3], quantize_act(att.reshape(1, nh * hd), formats_of(mats[layer, 3, 1])), o)
         _add_vec(o, vec, vec_at, layer, O_BIAS, 0)
         for i in range(d):
             x[i] = x[i] + o[i]
@@ -205,6 +211,5 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
         for i in range(d):
             x[i] = x[i] + o[i]
     rms_norm_into(x, out_norm, eps, h)
-    hq, hdx, hnsum, hxs = quantize_act(h.reshape(1, d))
-    _matvec(arena, head, hq[0], hdx[0], hnsum[0], hxs[0], logits)
+    _matvec(arena, head, quantize_act(h.reshape(1, d), formats_of(head[1])), logits)
     return mats.shape[0]
