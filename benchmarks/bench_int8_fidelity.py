@@ -61,8 +61,9 @@ def main() -> int:
                 row(f"tiny {fam} (random weights)", f"{q} GGUF", check_kernels(lay, "int8", max_tokens=a.tokens))
     body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_int8_fidelity.py --tokens "
             f"{a.tokens}` (took {(time.perf_counter() - t0) / 60:.1f} min)\n\n"
-            "Each layout's logits with `kernels=\"int8\"` (activations quantized to 8 bits per block of 32 as ggml's "
-            "q8_0, integer dot products; run/serve's default) against its own logits with the exact float kernels, "
+            "Each layout's logits with `kernels=\"int8\"` (activations quantized to 8 bits as ggml quantizes them: "
+            "q8_0, a scale per 32, for the 32-weight types; q8_K, a scale per 256, for the K types; integer dot "
+            "products; run/serve's default) against its own logits with the exact float kernels, "
             "every expert resident, an f32 KV cache: KL(exact || int8) in nats per position. `mertools verify LAYOUT "
             f"--kernels int8` reports the same figures and fails above a mean of {KERNELS_KL_LIMIT:g}. Types the 8-bit "
             "kernels do not take (a tiny model's odd shapes, q2_k, q3_k, the 32-weight types with mins, IQ4, "
