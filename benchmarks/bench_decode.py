@@ -50,7 +50,7 @@ def child_mertools(layout: str, n_prompt: int, tokens: int, threads: int, kernel
         eng.cache.release(key)
     t_open = time.perf_counter() - t0
     ids = prompt_ids(n_prompt)
-    eng.forward(ids[:2], all_logits=False)  # kernels loaded from numba's cache
+    eng.forward(ids, all_logits=False)  # kernels compiled or loaded from numba's cache for every path the prompt takes
     eng.reset()
     misses = eng.cache.stats.misses
     t = time.perf_counter()
@@ -75,7 +75,7 @@ def child_llama(gguf: str, n_prompt: int, tokens: int, threads: int, repack: boo
                             n_ubatch=n_prompt, use_mmap=False)
     t_open = time.perf_counter() - t0
     ids = prompt_ids(n_prompt)
-    llm.eval(ids[:2])
+    llm.eval(ids)  # the same untimed warm-up as mertools' child
     llm.reset()
     t = time.perf_counter()
     llm.eval(ids)
@@ -373,12 +373,14 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
            "Q4_K / Q6_K mix of the preset users download), converted likewise. " if "q4_k_m" in best else "")
         + f"Each engine runs in a fresh process with {t} threads: mertools `Engine` with every expert resident in its "
         "cache before timing (no disk reads while timed), once with its exact float kernels and once with its "
-        "8-bit-activation kernels (kernels/int8.py: activations quantized as ggml's q8_0, vpdpbusd; Q4_0, Q8_0 and MXFP4 "
+        "8-bit-activation kernels (kernels/int8.py: activations quantized as ggml's q8_0, or q8_K for the K types, "
+        "vpdpbusd; Q4_0, Q8_0 and MXFP4 "
         "weights packed 4 rows per block at load, Q4_K, Q5_K and Q6_K read as they are), as llama.cpp computes; llama.cpp "
         "through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read into memory at load, so no page "
         "faults while timed either), once with its defaults (`use_extra_bufts` on: weights repacked at load for its "
         "AVX-512 kernels, `q4_0_8x8` / `q4_K_8x8`) and once with `use_extra_bufts=False` (the file's blocks). "
-        f"Prefill: one {a.prompt}-token prompt in one call (llama.cpp: n_batch = n_ubatch = {a.prompt}). Decode: "
+        f"Prefill: one {a.prompt}-token prompt in one call (llama.cpp: n_batch = n_ubatch = {a.prompt}), after the "
+        "same prompt once untimed (numba compiles or loads every path it takes). Decode: "
         f"{WARM} untimed then {a.tokens} timed greedy tokens after it, one call each; tok/s = 1 / median token "
         "time (1 / best in brackets). "
         f"{a.rounds} interleaved rounds, the best kept; before each step the benchmark waits (≤ {a.wait_quiet:g} s) "
