@@ -100,14 +100,14 @@ class Engine:
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
         by the cache policy from the first token; this run's routing is added to it when the engine closes.
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
-        to 8 bits as ggml's q8_0 or q8_K, integer dot products: kernels/int8.py, kernels/act8.py). Q4_0 / Q8_0 / MXFP4 weights are then packed once, dense ones
-        at open and expert slots as they load when the cache holds every expert (so "auto" io reads such experts into
-        the cache's own memory; "mmap", or a cache smaller than the experts, leaves them on the exact kernels); the K
-        types are read as they are. With "int8", the decode steps of a model held in RAM
-        (a cache with room for every expert) run in one compiled call per sequence where the model's pieces allow
-        (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by piece (tests and
-        benchmarks compare the two). Opening an engine limits numpy's BLAS to one thread in this process
-        (`one_blas_thread`)."""
+        to 8 bits as ggml's q8_0 or q8_K, integer dot products: kernels/int8.py, kernels/act8.py). Q4_0 / Q8_0 /
+        MXFP4 weights are then packed once, dense ones at open and expert slots as they load when the cache holds
+        every expert (so "auto" io reads such experts into the cache's own memory; "mmap", or a cache smaller than the
+        experts, leaves them on the exact kernels); the K types are read as they are. With "int8", the decode steps
+        of a model held in RAM (a cache with room for every expert) run in one compiled call per sequence where the
+        model's pieces allow (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by
+        piece (tests and benchmarks compare the two). Opening an engine limits numpy's BLAS to one thread in this
+        process (`one_blas_thread`)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
