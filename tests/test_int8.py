@@ -160,7 +160,8 @@ def test_activation_rounding_is_roundf_for_every_float_it_meets() -> None:
     assert mismatches(bits) == 0
 
 
-SHAPES = [(4, 256, 1), (12, 512, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3), (4, 32, 1), (12, 96, 2), (7, 256, 2)]
+SHAPES = [(4, 256, 1), (12, 512, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3), (4, 32, 1), (12, 96, 2), (7, 256, 2),
+          (20, 512, 19)]  # 19 rows: a prompt (the K types' `_k_rows`, 8 activation rows at a time, a partial last pass)
 
 
 @pytest.mark.parametrize(("dtype", "rows", "cols", "n"), [(d, *s) for d in INT8 for s in SHAPES
@@ -203,25 +204,40 @@ def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
             wt.row_block(2, 4)
 
 
-def test_a_prompt_of_a_type_read_as_it_is_runs_the_float_gemm() -> None:
-    """Q4_K's 8-bit kernel decodes each block again per row: from GEMM_MIN_N rows on, the float GEMM (exact) runs."""
+@pytest.mark.parametrize("dtype", ["q4_k", "q5_k", "q6_k"])
+def test_a_prompt_of_a_k_type_is_its_rows_decoded_one_by_one(dtype: str) -> None:
+    """From K_ROWS_MIN rows the K types run `_k_rows` (a weight row's codes decoded once for 8 activation rows):
+    every row the bits of that row alone, in products and in the SwiGLU of a gate and an up."""
+    rows, cols, n = 36, 512, 2 * int8.K_ROWS_MIN + 3
+    w, w2 = _weights(dtype, rows, cols, 11, extremes=False), _weights(dtype, rows, cols, 12, extremes=False)
+    x = _inputs(n, cols, 13) / np.float32(1e3)
+    many = int8.matmul8(x, w, dtype, np.empty((n, rows), np.float32))
+    alone = np.concatenate([int8.matmul8(x[i:i + 1], w, dtype, np.empty((1, rows), np.float32)) for i in range(n)])
+    assert np.array_equal(_bits(many), _bits(alone))
+    h = int8.swiglu8(x, (w, dtype), (w2, dtype), rows)
+    h1 = np.concatenate([int8.swiglu8(x[i:i + 1], (w, dtype), (w2, dtype), rows) for i in range(n)])
+    assert np.array_equal(_bits(h), _bits(h1))
+
+
+def test_a_prompt_runs_the_8bit_kernels_at_any_row_count() -> None:
+    """Every type the 8-bit kernels take runs them for a prompt's rows too (the K types' `_k_rows` beat the float GEMM
+    from 4 to 128 rows, docs/BENCHMARKS.md "Decode: notes"), also in a SwiGLU whose gate and up differ in type."""
     from mertools.kernels.gemm_kernels import GEMM_MIN_N
-    from mertools.kernels.matmul import matmul
 
     w = _weights("q4_k", 64, 512, 5, extremes=False)
     wt = weight(w.copy(), "q4_k", 64, 512, int8=True)
-    many, few = _inputs(GEMM_MIN_N, 512, 6), _inputs(GEMM_MIN_N - 1, 512, 6)
-    assert np.array_equal(_bits(wt(many)), _bits(matmul(many, w, "q4_k", 64, 512)))
-    assert np.array_equal(_bits(wt(few)), _bits(ref.matmul8(few, w, "q4_k")))
-    packed = weight(_weights("q4_0", 64, 512, 5).copy(), "q4_0", 64, 512, int8=True)  # packed: 8-bit at any count
+    many = _inputs(GEMM_MIN_N, 512, 6)
+    assert wt.runs_int8(GEMM_MIN_N) and np.array_equal(_bits(wt(many)), _bits(ref.matmul8(many, w, "q4_k")))
+    packed = weight(_weights("q4_0", 64, 512, 5).copy(), "q4_0", 64, 512, int8=True)
     assert np.array_equal(_bits(packed(many)), _bits(ref.matmul8(many, _weights("q4_0", 64, 512, 5), "q4_0")))
-    # an expert whose gate is read as it is and whose up is packed: each on its own rule, also inside the SwiGLU
+    # an expert whose gate is read as it is and whose up is packed: both formats of the activations in one call
     up, down = _weights("q8_0", 64, 512, 7, extremes=False), _weights("q4_0", 512, 64, 8, extremes=False)
     mild = many / np.float32(1e3)
     got = swiglu_weights(mild, wt, weight(up.copy(), "q8_0", 64, 512, int8=True), weight(down.copy(), "q4_0", 512, 64,
                                                                                              int8=True))
-    h = silu_mul(matmul(mild, w, "q4_k", 64, 512), ref.matmul8(mild, up, "q8_0"))
+    h = silu_mul(ref.matmul8(mild, w, "q4_k"), ref.matmul8(mild, up, "q8_0"))
     assert np.array_equal(_bits(got), _bits(ref.matmul8(h, down, "q4_0")))
+    assert not weight(w.copy(), "q4_k", 64, 512).runs_int8(1)  # the exact kernels unless asked
 
 
 def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:

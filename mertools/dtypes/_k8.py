@@ -223,3 +223,90 @@ def q6_k_group(kq, kd, i, w, r0, out, io):
         a2 = _q6_row(w2, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a2)
         a3 = _q6_row(w3, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a3)
     group_store_row(out, io, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
+
+
+# ---------------------------------------------------------------- a prompt's rows: one weight row against 8 rows of x
+
+
+@njit(**MATVEC_JIT)
+def _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i, blk, acc):
+    """`_k4_row` against block blk of activation row i (its vectors loaded here)."""
+    xo = kq.shape[1] * i + 256 * blk
+    x0, x1 = bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96)
+    x2, x3 = bytes32x2(kq, xo + 128, xo + 192), bytes32x2(kq, xo + 160, xo + 224)
+    return _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, vsplat(kd[i, blk]), f32x8_low(ks, ks.shape[1] * i + 8 * blk),
+                   acc)
+
+
+@njit(**MATVEC_JIT)
+def k4_rows(kq, kd, ks, i0, w, r, out, five):
+    """out[i0:i0+8, r] = W[r] @ x_i for the q8_K activation rows i0..i0+7 (fewer past the last): Q4_K, or Q5_K (five).
+    Each row's result is the bits of `k4_group`'s (the same `_k4_row` per row and block); the weight row's codes are
+    decoded once per block for the 8 rows, where a group decodes them again for every row of a prompt."""
+    wr = w[r]
+    last = kq.shape[0] - 1  # rows past it repeat it and are not stored
+    i1, i2, i3 = min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last)
+    i4, i5, i6, i7 = min(i0 + 4, last), min(i0 + 5, last), min(i0 + 6, last), min(i0 + 7, last)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+    bsz = Q5_K_BYTES if five else Q4_K_BYTES
+    for blk in range(kd.shape[1]):
+        o = bsz * blk
+        q = o + (48 if five else 16)
+        qa, qb = bytes64(wr, q), bytes64(wr, q + 64)
+        if five:
+            qh = bytes32x2(wr, o + 16, o + 16)
+            c0, c1, c2, c3 = q5_codes(lo4(qa), qh, 0), q5_codes(hi4(qa), qh, 1), q5_codes(lo4(qb), qh, 4), q5_codes(
+                hi4(qb), qh, 5)
+        else:
+            c0, c1, c2, c3 = lo4(qa), hi4(qa), lo4(qb), hi4(qb)
+        a0 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i0, blk, a0)
+        a1 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i1, blk, a1)
+        a2 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i2, blk, a2)
+        a3 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i3, blk, a3)
+        a4 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i4, blk, a4)
+        a5 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i5, blk, a5)
+        a6 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i6, blk, a6)
+        a7 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i7, blk, a7)
+    _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@njit(**MATVEC_JIT)
+def _q6_row_x(wr, o, kq, kd, i, blk, k32, acc):
+    """`_q6_row` against block blk of activation row i (its vectors and offsets computed here)."""
+    xo = kq.shape[1] * i + 256 * blk
+    x0, x1, x2, x3 = bytes64(kq, xo), bytes64(kq, xo + 64), bytes64(kq, xo + 128), bytes64(kq, xo + 192)
+    c0, c1 = ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1))
+    c2, c3 = ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3))
+    return _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, vsplat(kd[i, blk]), acc)
+
+
+@njit(**MATVEC_JIT)
+def q6_k_rows(kq, kd, i0, w, r, out):
+    """out[i0:i0+8, r] = W[r] @ x_i for the q8_K activation rows i0..i0+7 (fewer past the last), Q6_K: each row the
+    bits of `q6_k_group`'s."""
+    wr = w[r]
+    last = kq.shape[0] - 1
+    i1, i2, i3 = min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last)
+    i4, i5, i6, i7 = min(i0 + 4, last), min(i0 + 5, last), min(i0 + 6, last), min(i0 + 7, last)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+    k32 = bsplat32()
+    for blk in range(kd.shape[1]):
+        o = Q6_K_BYTES * blk
+        a0 = _q6_row_x(wr, o, kq, kd, i0, blk, k32, a0)
+        a1 = _q6_row_x(wr, o, kq, kd, i1, blk, k32, a1)
+        a2 = _q6_row_x(wr, o, kq, kd, i2, blk, k32, a2)
+        a3 = _q6_row_x(wr, o, kq, kd, i3, blk, k32, a3)
+        a4 = _q6_row_x(wr, o, kq, kd, i4, blk, k32, a4)
+        a5 = _q6_row_x(wr, o, kq, kd, i5, blk, k32, a5)
+        a6 = _q6_row_x(wr, o, kq, kd, i6, blk, k32, a6)
+        a7 = _q6_row_x(wr, o, kq, kd, i7, blk, k32, a7)
+    _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@njit(**MATVEC_JIT)
+def _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7):
+    """out[i0 + j, r] = the sum of a_j's lanes (`vhsum`) for the rows up to `last`."""
+    sums = (vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3), vhsum(a4), vhsum(a5), vhsum(a6), vhsum(a7))
+    for j in range(min(8, last + 1 - i0)):
+        out[i0 + j, r] = sums[j]
+

@@ -35,7 +35,7 @@ from numba import njit, prange
 from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
 from mertools.dtypes.base import SCALE_BYTES
 from mertools.errors import QuantizationError
-from mertools.kernels.act8 import formats_of, quantize_act
+from mertools.kernels.act8 import Q8_K_ACT, formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
@@ -55,6 +55,8 @@ from mertools.kernels.simd8x import byte_table, copy16, e8m0x4
 __all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "swiglu8", "takes"]
 
 GROUP = 4  # rows packed together
+K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same bits as row by row)
+K_ROW_BLOCK = 16  # weight rows per `_k_rows` task: their bytes stay in L2 while the activation rows pass
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
 _PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
@@ -255,16 +257,43 @@ def _swiglu8(a, kg, wg, ku, wu, groups, h, u):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 
 
+@njit(parallel=True, **MATVEC_JIT)
+def _k_rows(kind, kq, kd, ks, w, out):
+    """out (n, rows) = x @ W.T for a K type's weight and many q8_K rows: each task K_ROW_BLOCK weight rows, each row
+    against 8 activation rows at a time (`_k8.k4_rows`: the row's codes decoded once for the 8); the bits of
+    `_matmul8`'s rows."""
+    n, rows = out.shape
+    for t in prange((rows + K_ROW_BLOCK - 1) // K_ROW_BLOCK):
+        for i0 in range(0, n, 8):
+            for r in range(K_ROW_BLOCK * t, min(K_ROW_BLOCK * t + K_ROW_BLOCK, rows)):
+                if kind == Q6_K:
+                    _k8.q6_k_rows(kq, kd, i0, w, r, out)
+                else:
+                    _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
+
+
 # compiled callers of the regions: the activations never cross into Python (boxing 7 arrays and back cost ~10 us,
 # a fifth of a small expert's product)
 @njit(**MATVEC_JIT)
 def _quantized_matmul8(kind, x2, w, out):
-    _matmul8(kind, quantize_act(x2, formats_of(kind)), w, (out.shape[1] + GROUP - 1) // GROUP, out)
+    a = quantize_act(x2, formats_of(kind))
+    if x2.shape[0] >= K_ROWS_MIN and formats_of(kind) == Q8_K_ACT:
+        _k_rows(kind, a.kq, a.kd, a.ks, w, out)
+    else:
+        _matmul8(kind, a, w, (out.shape[1] + GROUP - 1) // GROUP, out)
 
 
 @njit(**MATVEC_JIT)
 def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
-    _swiglu8(quantize_act(x2, formats_of(kg) | formats_of(ku)), kg, wg, ku, wu, (h.shape[1] + GROUP - 1) // GROUP, h, u)
+    a = quantize_act(x2, formats_of(kg) | formats_of(ku))
+    if x2.shape[0] >= K_ROWS_MIN and formats_of(kg) == Q8_K_ACT and formats_of(ku) == Q8_K_ACT:
+        _k_rows(kg, a.kq, a.kd, a.ks, wg, h)
+        _k_rows(ku, a.kq, a.kd, a.ks, wu, u)
+        for i in range(h.shape[0]):
+            for r in range(h.shape[1]):
+                h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+    else:
+        _swiglu8(a, kg, wg, ku, wu, (h.shape[1] + GROUP - 1) // GROUP, h, u)
 
 
 def matmul8(x2: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:

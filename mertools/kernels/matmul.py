@@ -113,9 +113,9 @@ class Weight:
     """A weight's bytes checked once (`weight`), for the runtime's many calls per token: `matmul` and
     `swiglu_expert` check their arguments on every call, which a decode step of a small model pays dozens of
     times; these call the same kernels with the same arguments, so the results are the same bits.
-    With `int8`, the 8-bit-activation kernels (`int8`) instead: always for a packed type, below GEMM_MIN_N rows for
-    the types read as they are (more rows, a prompt, run the float GEMM, which decodes each block once for all the
-    rows where the 8-bit kernels decode it again per row: faster, docs/BENCHMARKS.md "Decode: notes")."""
+    With `int8`, the 8-bit-activation kernels (`int8`) instead, at any number of rows (a prompt's rows of a K type run
+    `int8._k_rows`, which decodes a weight row once for 8 activation rows: 1.1-1.5x the float GEMM from 16 to 128
+    rows, docs/BENCHMARKS.md "Decode: notes")."""
 
     w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 4, 4 * row_bytes)
     kind: int
@@ -128,8 +128,8 @@ class Weight:
         return self.int8 and DTYPES[_DTYPE_OF[self.kind]].int8_pack is not None
 
     def runs_int8(self, n: int) -> bool:
-        """Whether n rows run on the 8-bit kernels (the rule of the docstring above)."""
-        return self.int8 and (n < _g.GEMM_MIN_N or self.packed)
+        """Whether n rows run on the 8-bit kernels: any n, when the weight was prepared for them."""
+        return self.int8
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
