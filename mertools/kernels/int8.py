@@ -16,7 +16,8 @@ the group's 4 scales come first (f16, or MXFP4's exponent bytes), then each 16-b
 blocks need 4 loads and 4 inserts of each; that was slower than the exact kernels). MXFP4's nibbles index its
 value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's bytes, so a
 cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes: their kernels
-(dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked.
+(dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked; from K_ROWS_MIN
+activation rows on (a prompt) they run `_k_rows`, which decodes a weight row's block once for 8 rows.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
