@@ -22,7 +22,7 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from mertools.dtypes import KIND
+from mertools.dtypes import DTYPES, KIND
 from mertools.kernels.common import MATVEC_JIT
 from mertools.kernels.q8act import absmax32, half_round, isum16, neg_quad_sums, q8_round32, q8k_round32
 
@@ -30,13 +30,17 @@ __all__ = ["Act8", "Q8_0_ACT", "Q8_K_ACT", "formats_of", "quantize_act"]
 
 Act8 = namedtuple("Act8", "xq dx nsum kq kd ks")  # regions unpack it before their loops (a tuple in one cost 2-4 us)
 Q8_0_ACT, Q8_K_ACT = 1, 2  # formats_of's bits
-_K_KINDS = (KIND["q4_k"], KIND["q5_k"], KIND["q6_k"])  # the types whose 8-bit kernels read q8_K (dtypes/_k8.py)
+# the types whose 8-bit kernels read the file's super-blocks (an `int8_reference`, dtypes/_k8.py): they take q8_K
+_K_KINDS = tuple(KIND[name] for name, dt in DTYPES.items() if dt.int8_reference is not None)
 
 
 @njit(**MATVEC_JIT)
 def formats_of(kind: int) -> int:
     """The activation format a weight of type code `kind` reads on the 8-bit kernels (Q8_0_ACT or Q8_K_ACT)."""
-    return Q8_K_ACT if kind == _K_KINDS[0] or kind == _K_KINDS[1] or kind == _K_KINDS[2] else Q8_0_ACT
+    for k in _K_KINDS:
+        if kind == k:
+            return Q8_K_ACT
+    return Q8_0_ACT
 
 
 @njit(**MATVEC_JIT)
