@@ -227,7 +227,7 @@ def test_a_prompt_runs_the_8bit_kernels_at_any_row_count() -> None:
     w = _weights("q4_k", 64, 512, 5, extremes=False)
     wt = weight(w.copy(), "q4_k", 64, 512, int8=True)
     many = _inputs(GEMM_MIN_N, 512, 6)
-    assert wt.runs_int8(GEMM_MIN_N) and np.array_equal(_bits(wt(many)), _bits(ref.matmul8(many, w, "q4_k")))
+    assert wt.int8 and np.array_equal(_bits(wt(many)), _bits(ref.matmul8(many, w, "q4_k")))
     packed = weight(_weights("q4_0", 64, 512, 5).copy(), "q4_0", 64, 512, int8=True)
     assert np.array_equal(_bits(packed(many)), _bits(ref.matmul8(many, _weights("q4_0", 64, 512, 5), "q4_0")))
     # an expert whose gate is read as it is and whose up is packed: both formats of the activations in one call
@@ -237,7 +237,7 @@ def test_a_prompt_runs_the_8bit_kernels_at_any_row_count() -> None:
                                                                                              int8=True))
     h = silu_mul(ref.matmul8(mild, w, "q4_k"), ref.matmul8(mild, up, "q8_0"))
     assert np.array_equal(_bits(got), _bits(ref.matmul8(h, down, "q4_0")))
-    assert not weight(w.copy(), "q4_k", 64, 512).runs_int8(1)  # the exact kernels unless asked
+    assert not weight(w.copy(), "q4_k", 64, 512).int8  # the exact kernels unless asked
 
 
 def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:

@@ -162,14 +162,28 @@ def _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc):
 
 
 @njit(**MATVEC_JIT)
-def _k4_row_codes(wr, o, five, x0, x1, x2, x3, dk, xsv, acc):
+def _k4_codes(wr, o, five):
+    """The four code vectors (in _PAIRS order) of the Q4_K / Q5_K (five) super-block at o of a row."""
     q = o + (48 if five else 16)  # the low nibbles
     qa, qb = bytes64(wr, q), bytes64(wr, q + 64)
     if five:
         qh = bytes32x2(wr, o + 16, o + 16)
-        return _k4_row(wr, o, q5_codes(lo4(qa), qh, 0), q5_codes(hi4(qa), qh, 1), q5_codes(lo4(qb), qh, 4),
-                       q5_codes(hi4(qb), qh, 5), x0, x1, x2, x3, dk, xsv, acc)
-    return _k4_row(wr, o, lo4(qa), hi4(qa), lo4(qb), hi4(qb), x0, x1, x2, x3, dk, xsv, acc)
+        return q5_codes(lo4(qa), qh, 0), q5_codes(hi4(qa), qh, 1), q5_codes(lo4(qb), qh, 4), q5_codes(hi4(qb), qh, 5)
+    return lo4(qa), hi4(qa), lo4(qb), hi4(qb)
+
+
+@njit(**MATVEC_JIT)
+def _k4_x(kq, kd, ks, i, blk):
+    """Block blk of q8_K activation row i as `_k4_row` takes it: its four vectors (in _PAIRS order), dk, xsv."""
+    xo = kq.shape[1] * i + 256 * blk
+    return (bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96), bytes32x2(kq, xo + 128, xo + 192),
+            bytes32x2(kq, xo + 160, xo + 224), vsplat(kd[i, blk]), f32x8_low(ks, ks.shape[1] * i + 8 * blk))
+
+
+@njit(**MATVEC_JIT)
+def _k4_row_codes(wr, o, five, x0, x1, x2, x3, dk, xsv, acc):
+    c0, c1, c2, c3 = _k4_codes(wr, o, five)
+    return _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc)
 
 
 @njit(**MATVEC_JIT)
@@ -180,11 +194,9 @@ def k4_group(kq, kd, ks, i, w, r0, out, io, five):
     ahead = (r0 + R) * w.shape[1]
     bsz = Q5_K_BYTES if five else Q4_K_BYTES
     for blk in range(kd.shape[1]):
-        o, xo = bsz * blk, kq.shape[1] * i + 256 * blk
+        o = bsz * blk
         prefetch_lines(w, ahead + 4 * o, 4 * bsz)
-        x0, x1 = bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96)
-        x2, x3 = bytes32x2(kq, xo + 128, xo + 192), bytes32x2(kq, xo + 160, xo + 224)
-        dk, xsv = vsplat(kd[i, blk]), f32x8_low(ks, ks.shape[1] * i + 8 * blk)
+        x0, x1, x2, x3, dk, xsv = _k4_x(kq, kd, ks, i, blk)
         a0 = _k4_row_codes(w0, o, five, x0, x1, x2, x3, dk, xsv, a0)
         a1 = _k4_row_codes(w1, o, five, x0, x1, x2, x3, dk, xsv, a1)
         a2 = _k4_row_codes(w2, o, five, x0, x1, x2, x3, dk, xsv, a2)
@@ -205,6 +217,16 @@ def _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, acc):
 
 
 @njit(**MATVEC_JIT)
+def _q6_x(kq, kd, i, blk, k32):
+    """Block blk of q8_K activation row i as `_q6_row` takes it: its four 64-byte vectors, minus 32 times their lane
+    sums (the codes' offset), dk."""
+    xo = kq.shape[1] * i + 256 * blk
+    x0, x1, x2, x3 = bytes64(kq, xo), bytes64(kq, xo + 64), bytes64(kq, xo + 128), bytes64(kq, xo + 192)
+    return (x0, x1, x2, x3, ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1)),
+            ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3)), vsplat(kd[i, blk]))
+
+
+@njit(**MATVEC_JIT)
 def q6_k_group(kq, kd, i, w, r0, out, io):
     """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd), Q6_K."""
     w0, w1, w2, w3 = group_rows(w, r0)
@@ -212,12 +234,9 @@ def q6_k_group(kq, kd, i, w, r0, out, io):
     ahead = (r0 + R) * w.shape[1]
     k32 = bsplat32()
     for blk in range(kd.shape[1]):
-        o, xo = Q6_K_BYTES * blk, kq.shape[1] * i + 256 * blk
+        o = Q6_K_BYTES * blk
         prefetch_lines(w, ahead + 4 * o, 4 * Q6_K_BYTES)
-        x0, x1, x2, x3 = bytes64(kq, xo), bytes64(kq, xo + 64), bytes64(kq, xo + 128), bytes64(kq, xo + 192)
-        c0, c1 = ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1))
-        c2, c3 = ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3))
-        dk = vsplat(kd[i, blk])
+        x0, x1, x2, x3, c0, c1, c2, c3, dk = _q6_x(kq, kd, i, blk, k32)
         a0 = _q6_row(w0, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a0)
         a1 = _q6_row(w1, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a1)
         a2 = _q6_row(w2, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a2)
@@ -229,13 +248,17 @@ def q6_k_group(kq, kd, i, w, r0, out, io):
 
 
 @njit(**MATVEC_JIT)
+def _rows8(i0, last):
+    """Activation rows i0..i0+7, those past `last` replaced by it (computed, not stored)."""
+    return (i0, min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last), min(i0 + 4, last), min(i0 + 5, last),
+            min(i0 + 6, last), min(i0 + 7, last))
+
+
+@njit(**MATVEC_JIT)
 def _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i, blk, acc):
-    """`_k4_row` against block blk of activation row i (its vectors loaded here)."""
-    xo = kq.shape[1] * i + 256 * blk
-    x0, x1 = bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96)
-    x2, x3 = bytes32x2(kq, xo + 128, xo + 192), bytes32x2(kq, xo + 160, xo + 224)
-    return _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, vsplat(kd[i, blk]), f32x8_low(ks, ks.shape[1] * i + 8 * blk),
-                   acc)
+    """`_k4_row` against block blk of activation row i."""
+    x0, x1, x2, x3, dk, xsv = _k4_x(kq, kd, ks, i, blk)
+    return _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc)
 
 
 @njit(**MATVEC_JIT)
@@ -244,21 +267,13 @@ def k4_rows(kq, kd, ks, i0, w, r, out, five):
     Each row's result is the bits of `k4_group`'s (the same `_k4_row` per row and block); the weight row's codes are
     decoded once per block for the 8 rows, where a group decodes them again for every row of a prompt."""
     wr = w[r]
-    last = kq.shape[0] - 1  # rows past it repeat it and are not stored
-    i1, i2, i3 = min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last)
-    i4, i5, i6, i7 = min(i0 + 4, last), min(i0 + 5, last), min(i0 + 6, last), min(i0 + 7, last)
+    last = kq.shape[0] - 1
+    i0, i1, i2, i3, i4, i5, i6, i7 = _rows8(i0, last)
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
     bsz = Q5_K_BYTES if five else Q4_K_BYTES
     for blk in range(kd.shape[1]):
         o = bsz * blk
-        q = o + (48 if five else 16)
-        qa, qb = bytes64(wr, q), bytes64(wr, q + 64)
-        if five:
-            qh = bytes32x2(wr, o + 16, o + 16)
-            c0, c1, c2, c3 = q5_codes(lo4(qa), qh, 0), q5_codes(hi4(qa), qh, 1), q5_codes(lo4(qb), qh, 4), q5_codes(
-                hi4(qb), qh, 5)
-        else:
-            c0, c1, c2, c3 = lo4(qa), hi4(qa), lo4(qb), hi4(qb)
+        c0, c1, c2, c3 = _k4_codes(wr, o, five)
         a0 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i0, blk, a0)
         a1 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i1, blk, a1)
         a2 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i2, blk, a2)
@@ -272,12 +287,9 @@ def k4_rows(kq, kd, ks, i0, w, r, out, five):
 
 @njit(**MATVEC_JIT)
 def _q6_row_x(wr, o, kq, kd, i, blk, k32, acc):
-    """`_q6_row` against block blk of activation row i (its vectors and offsets computed here)."""
-    xo = kq.shape[1] * i + 256 * blk
-    x0, x1, x2, x3 = bytes64(kq, xo), bytes64(kq, xo + 64), bytes64(kq, xo + 128), bytes64(kq, xo + 192)
-    c0, c1 = ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1))
-    c2, c3 = ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3))
-    return _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, vsplat(kd[i, blk]), acc)
+    """`_q6_row` against block blk of activation row i."""
+    x0, x1, x2, x3, c0, c1, c2, c3, dk = _q6_x(kq, kd, i, blk, k32)
+    return _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, acc)
 
 
 @njit(**MATVEC_JIT)
@@ -286,8 +298,7 @@ def q6_k_rows(kq, kd, i0, w, r, out):
     bits of `q6_k_group`'s."""
     wr = w[r]
     last = kq.shape[0] - 1
-    i1, i2, i3 = min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last)
-    i4, i5, i6, i7 = min(i0 + 4, last), min(i0 + 5, last), min(i0 + 6, last), min(i0 + 7, last)
+    i0, i1, i2, i3, i4, i5, i6, i7 = _rows8(i0, last)
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
     k32 = bsplat32()
     for blk in range(kd.shape[1]):
@@ -309,4 +320,3 @@ def _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7):
     sums = (vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3), vhsum(a4), vhsum(a5), vhsum(a6), vhsum(a7))
     for j in range(min(8, last + 1 - i0)):
         out[i0 + j, r] = sums[j]
-

@@ -127,14 +127,10 @@ class Weight:
     def packed(self) -> bool:
         return self.int8 and DTYPES[_DTYPE_OF[self.kind]].int8_pack is not None
 
-    def runs_int8(self, n: int) -> bool:
-        """Whether n rows run on the 8-bit kernels: any n, when the weight was prepared for them."""
-        return self.int8
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
         plain = x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == self.cols and x.flags.c_contiguous and len(x)
-        if self.runs_int8(len(x)):
+        if self.int8:
             x2 = x if plain else _check_x(x, _DTYPE_OF[self.kind], self.rows, self.cols, "matmul")
             return _i8.matmul8(x2, self.w2, _DTYPE_OF[self.kind], np.empty((x2.shape[0], self.rows), np.float32))
         if not plain:
@@ -174,9 +170,9 @@ def weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) 
 def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
     """float32 (n, d_model) = (silu(x @ G.T) * (x @ U.T)) @ D.T for checked weights and x float32 C-contiguous
     (n, d_model). Up to MATVEC_ROWS_MAX rows run the fused decode kernel, each row exactly as decoding it alone;
-    gate and up both on the 8-bit kernels for n rows (`runs_int8`), the fused 8-bit kernel."""
+    gate and up both on the 8-bit kernels (`int8`), the fused 8-bit kernel."""
     n = x.shape[0]
-    if gate.runs_int8(n) and up.runs_int8(n):
+    if gate.int8 and up.int8:
         return down(_i8.swiglu8(x, (gate.w2, _DTYPE_OF[gate.kind]), (up.w2, _DTYPE_OF[up.kind]), gate.rows))
     if n > MATVEC_ROWS_MAX or gate.int8 or up.int8:  # many rows, or each of gate and up on its own kernels
         return down(silu_mul(gate(x), up(x)))

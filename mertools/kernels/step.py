@@ -137,11 +137,10 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     Biases, where a layer has them: q, k, v (Q_BIAS), o (O_BIAS), the router's (ROUTER_BIAS). slot_addr: each cache
     slot's address (its arena slice, or the mapping of the file in it), slots (L, E) each expert's slot, -1 when it
     is not resident; geometry (L, E, 3, 4) per role (offset in its slot, type code, row bytes, its bias's offset or
-    -1), act the experts' activation (`experts8`). k experts per
-    token, `norm` renormalise, `scaling` the routed scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by
-    layer, and logits (vocab,). Returns L when done; or, at the first layer one of whose chosen experts is not
-    resident, that layer, x then its input plus its attention (its keys and values stored): the rest is the
-    caller's."""
+    -1), act the experts' activation (`experts8`). k experts per token, `norm` renormalise, `scaling` the routed
+    scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by layer, and logits (vocab,). Returns L
+    when done; or, at the first layer one of whose chosen experts is not resident, that layer, x then its input plus
+    its attention (its keys and values stored): the rest is the caller's."""
     d = x.size
     get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
     nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]

@@ -87,11 +87,11 @@ def _unsupported(model: MoEModel) -> str | None:
         if w.router is None or w.mlp is not None or w.shared is not None or w.expert_bias is not None \
                 or w.attn_q is None:
             return f"layer {i} is not a plain routed-experts layer"
-        if any(not m.checked.runs_int8(1) or model.dense_arena.offset(m.checked.w2) is None
+        if any(not m.checked.int8 or model.dense_arena.offset(m.checked.w2) is None
                for m in (w.attn_q, w.attn_k, w.attn_v, w.attn_o)):
             return f"layer {i} has a matrix without 8-bit kernels"
     out = model.output.checked
-    if not out.runs_int8(1) or model.dense_arena.offset(out.w2) is None:
+    if not out.int8 or model.dense_arena.offset(out.w2) is None:
         return "an output matrix without 8-bit kernels"
     return None
 
