@@ -114,7 +114,7 @@ class Weight:
     `swiglu_expert` check their arguments on every call, which a decode step of a small model pays dozens of
     times; these call the same kernels with the same arguments, so the results are the same bits.
     With `int8`, the 8-bit-activation kernels (`int8`) instead, at any number of rows (a prompt's rows of a K type run
-    `int8._k_rows`, which decodes a weight row once for 8 activation rows: 1.1-1.5x the float GEMM from 16 to 128
+    `int8._k_rows`, which decodes a weight row once for 8 activation rows: 1.1-1.9x the float GEMM from 16 to 128
     rows, docs/BENCHMARKS.md "Decode: notes")."""
 
     w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 4, 4 * row_bytes)
