@@ -184,24 +184,24 @@ def test_kernel_is_its_numpy_twin_bit_for_bit(dtype: str, rows: int, cols: int, 
 
 @pytest.mark.parametrize("dtype", INT8)
 def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
-    w = _weights(dtype, 16, 256, 3)
+    w = _weights(dtype, 32, 256, 3)
     if dtype in PACKED:
         packed = int8.pack(w, dtype)
-        assert packed.nbytes == w.nbytes and packed.shape == (4, 4 * w.shape[1])
+        assert packed.nbytes == w.nbytes and packed.shape == (2, 16 * w.shape[1])
         same = w.copy()
         int8.pack(same, dtype, out=same)
         assert np.array_equal(same.reshape(-1), packed.reshape(-1))
-    wt = weight(w.copy().reshape(-1), dtype, 16, 256, int8=True)
+    wt = weight(w.copy().reshape(-1), dtype, 32, 256, int8=True)
     assert wt.int8 and wt.packed == (dtype in PACKED)
     x = _inputs(4, 256, 9)
     both = wt(x)
     for i in range(4):  # a row's result never depends on its neighbours
         assert np.array_equal(_bits(wt(x[i:i + 1])[0]), _bits(both[i]))
-    block = wt.row_block(8, 4)
-    assert np.array_equal(_bits(block(x)), _bits(both[:, 8:12]))
+    block = wt.row_block(16, 16)
+    assert np.array_equal(_bits(block(x)), _bits(both[:, 16:32]))
     if wt.packed:
         with pytest.raises(QuantizationError, match="whole groups"):
-            wt.row_block(2, 4)
+            wt.row_block(8, 16)
 
 
 @pytest.mark.parametrize("dtype", ["q4_k", "q5_k", "q6_k"])
@@ -254,9 +254,9 @@ def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
 
 def test_what_the_kernels_do_not_take_stays_exact() -> None:
     assert int8.takes("q4_k", 6, 256) and not int8.packable("q4_k", 8, 256)  # read from the file's blocks
-    assert not int8.takes("q3_k", 8, 256) and not int8.takes("q4_0", 6, 64)
-    w = _weights("q4_0", 6, 64, 0)
-    assert not weight(w.copy(), "q4_0", 6, 64, int8=True).int8  # 6 rows: not whole groups of 4
+    assert not int8.takes("q3_k", 8, 256) and not int8.takes("q4_0", 8, 64)
+    w = _weights("q4_0", 8, 64, 0)
+    assert not weight(w.copy(), "q4_0", 8, 64, int8=True).int8  # 8 rows: not whole groups of 16
     with pytest.raises(QuantizationError, match="not packed for the 8-bit kernels"):
         int8.pack(w, "q4_0")
 

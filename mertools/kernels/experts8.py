@@ -20,7 +20,7 @@ from numba import carray, njit, prange
 
 from mertools.kernels.act8 import formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT
-from mertools.kernels.int8 import GROUP, MXFP4, Q4_0, Q8_0, _pair
+from mertools.kernels.int8 import GROUP, MXFP4, Q4_0, Q8_0, _group, groups_of
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import f32_ptr, u8_ptr
 
@@ -66,17 +66,16 @@ def _view_at(addr, rows, rb, kind):
 
 @njit(parallel=True, **MATVEC_JIT)
 def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, h, u):
-    groups = (h.shape[1] + GROUP - 1) // GROUP
-    pairs = (groups + 1) // 2
+    groups = groups_of(h.shape[1])
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange(rows_of.size * pairs):
-        p, g = t // pairs, 2 * (t % pairs)
+    for t in prange(rows_of.size * groups):
+        p, g = t // groups, t % groups
         i = rows_of[p]
         wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
         wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
-        _pair(kinds[p, 0], xq, dx, nsum, kq, kd, ks, i, wg, g, groups, h, p)
-        _pair(kinds[p, 1], xq, dx, nsum, kq, kd, ks, i, wu, g, groups, u, p)
-        end = min(GROUP * g + 2 * GROUP, h.shape[1])
+        _group(kinds[p, 0], xq, dx, nsum, kq, kd, ks, i, wg, g, h, p)
+        _group(kinds[p, 1], xq, dx, nsum, kq, kd, ks, i, wu, g, u, p)
+        end = min(GROUP * g + GROUP, h.shape[1])
         if act[0] == np.float32(0.0):
             for r in range(GROUP * g, end):
                 h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
@@ -92,16 +91,15 @@ def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, h, u):
 
 @njit(parallel=True, **MATVEC_JIT)
 def _down(a, addr, kinds, rbs, bias, y):
-    groups = (y.shape[1] + GROUP - 1) // GROUP
-    pairs = (groups + 1) // 2
+    groups = groups_of(y.shape[1])
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange(y.shape[0] * pairs):
-        p, g = t // pairs, 2 * (t % pairs)
+    for t in prange(y.shape[0] * groups):
+        p, g = t // groups, t % groups
         wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
-        _pair(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, groups, y, p)
+        _group(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
         if bias[p, 2] != 0:
             db = carray(f32_ptr(bias[p, 2]), y.shape[1])
-            for r in range(GROUP * g, min(GROUP * g + 2 * GROUP, y.shape[1])):
+            for r in range(GROUP * g, min(GROUP * g + GROUP, y.shape[1])):
                 y[p, r] = y[p, r] + db[r]
 
 

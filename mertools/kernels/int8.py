@@ -10,22 +10,23 @@ for the types in INT8_DTYPES:
     matmul8(x2, w, dtype, out)    float32 (n, rows) = x2 @ W.T
     swiglu8(x2, gate, up)         silu(x2 @ G.T) * (x2 @ U.T)
 
-Q4_0, Q8_0 and MXFP4 (an `Int8Pack`) are packed: rows go by groups of 4 (rows % 4 == 0), and for each block
-the group's 4 scales come first (f16, or MXFP4's exponent bytes), then each 16-byte run of quants for the 4 rows
-(64 bytes): one load gives a vpdpbusd its 64 weight bytes, one more the 4 scales (the file's 17-, 18- or 34-byte
-blocks need 4 loads and 4 inserts of each; that was slower than the exact kernels). MXFP4's nibbles index its
-value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's bytes, so a
-cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes: their kernels
-(dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked; from K_ROWS_MIN
-activation rows on (a prompt) they run `_k_rows`, which decodes a weight row's block once for 8 rows.
+Q4_0, Q8_0 and MXFP4 (an `Int8Pack`) are packed: rows go by groups of 16 (rows % 16 == 0), and for each block
+the group's 16 scales come first (f16, or MXFP4's exponent bytes; lane 4r + j holds row 4j + r's), then for each
+4 rows their 16-byte runs of quants (64 bytes): one load gives a vpdpbusd its 64 weight bytes, 4 rows' sums in its
+quarters; `row_sums4` folds 4 such vectors into one sum per row, which meets its scale in one float multiply-add for
+the 16 rows (4 rows per vector and a float multiply per block and lane streamed ~1.2x slower from memory; the
+file's 17-, 18- or 34-byte blocks need 4 loads and 4 inserts of each, slower than the exact kernels). MXFP4's
+nibbles index its value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's
+bytes, so a cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes:
+their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked; from
+K_ROWS_MIN activation rows on (a prompt) they run `_k_rows`, which decodes a weight row's block once for 8 rows.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
-twin bit for bit): per block b and lane j < 4, S = the integer sum of quant * activation quant over weights
-4j..4j+3 and 16+4j..16+4j+3; acc_j += float(S) * (d_w * d_x), in block order (d_w: the f16 scale, or MXFP4's
-2^(e - 128)); the result is
-(acc_0 + acc_2) + (acc_1 + acc_3). The K types' twins live in their modules. Integer sums are exact, so the
-instruction set does not matter. The exact kernels (`matmul`) stay the definition of the model; this path's
-difference from them is reported by `mertools verify --kernels int8`.
+twin bit for bit): per block b, S = the integer sum of quant * activation quant over the block's 32 weights;
+acc += float(S) * (d_w * d_x), in block order (d_w: the f16 scale, or MXFP4's 2^(e - 128)) — ggml's
+vec_dot_q4_0_q8_0 arithmetic but for the order of its two multiplies. The K types' twins live in their modules.
+Integer sums are exact, so the instruction set does not matter. The exact kernels (`matmul`) stay the definition of
+the model; this path's difference from them is reported by `mertools verify --kernels int8`.
 """
 
 from __future__ import annotations
@@ -39,30 +40,20 @@ from mertools.errors import QuantizationError
 from mertools.kernels.act8 import Q8_K_ACT, formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
-from mertools.kernels.simd import vadd, vmul, vsplat, vtof, vzero
-from mertools.kernels.simd8 import (
-    bytes16x4,
-    bytes64,
-    dpbusd,
-    halves4x4,
-    hi4,
-    ishl,
-    ivload4x4,
-    lo4,
-    quad_sum,
-)
-from mertools.kernels.simd8x import byte_table, copy16, e8m0x4
+from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzero
+from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
+from mertools.kernels.simd8x import byte_table, copy16, e8m0x16
 
-__all__ = ["GROUP", "INT8_DTYPES", "matmul8", "pack", "packable", "prepare", "swiglu8", "takes"]
+__all__ = ["GROUP", "INT8_DTYPES", "groups_of", "matmul8", "pack", "packable", "prepare", "swiglu8", "takes"]
 
-GROUP = 4  # rows packed together
+GROUP = 16  # rows packed together, and the rows of a parallel task for every type
 K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same bits as row by row)
 K_ROW_BLOCK = 16  # weight rows per `_k_rows` task: their bytes stay in L2 while the activation rows pass
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
 _PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
-    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: _pair, experts8._slot_view)")
+    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: experts8._slot_view)")
 
 
 def _geometry(dtype: str) -> tuple[int, int, int, int]:
@@ -102,7 +93,7 @@ def _spec(dtype: str, rows: int, cols: int) -> Int8Pack:
 
 @njit(**MATVEC_JIT)  # serial: it runs in the store's loader threads, where a parallel region would start a second
 def _pack(w2, out, parts, flip, sb):  # OpenMP team spinning beside the kernels' (all products 5-10x slower, measured)
-    """out (rows/4, 4 * row_bytes) = the packed groups of w2 (rows, row_bytes; blocks of an sb-byte scale and
+    """out (rows/16, 16 * row_bytes) = the packed groups of w2 (rows, row_bytes; blocks of an sb-byte scale and
     16 * parts quant bytes); out may be w2's own bytes."""
     rb = w2.shape[1]
     bsz = sb + 16 * parts
@@ -117,16 +108,19 @@ def _pack(w2, out, parts, flip, sb):  # OpenMP team spinning beside the kernels'
         og = out[g]
         for b in range(rb // bsz):
             o, po = b * bsz, b * GROUP * bsz
-            for r in range(GROUP):
+            for lane in range(GROUP):  # lane 4r + j holds row 4j + r's scale: `row_sums4`'s order
+                r = 4 * (lane % 4) + lane // 4
                 for k in range(sb):
-                    og[po + sb * r + k] = tmp[r * rb + o + k]
+                    og[po + sb * lane + k] = tmp[r * rb + o + k]
+            for r in range(GROUP):
                 for p in range(parts):  # 16-byte runs copied as vectors (byte loops ran at 1.4 GB/s)
-                    copy16(og, po + sb * GROUP + 64 * p + 16 * r, tmp, r * rb + o + sb + 16 * p, flip)
+                    q = po + sb * GROUP + 64 * (parts * (r // 4) + p) + 16 * (r % 4)
+                    copy16(og, q, tmp, r * rb + o + sb + 16 * p, flip)
 
 
 def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
     """The packed bytes of w2 (uint8 (rows, row_bytes), a (rows, 32 * row_bytes / type_size) `dtype` weight), shaped
-    (rows / 4, 4 * row_bytes); into `out` if given (w2 itself packs in place: a cache slot after its load)."""
+    (rows / 16, 16 * row_bytes); into `out` if given (w2 itself packs in place: a cache slot after its load)."""
     rows, rb = w2.shape
     dt = DTYPES[dtype]
     spec = _spec(dtype, rows, rb // dt.type_size * dt.block_size)
@@ -145,14 +139,14 @@ def prepare(w2: np.ndarray, dtype: str) -> np.ndarray:
 
 @njit(inline="always", **MATVEC_JIT)
 def _scales(wr, o, sb, dxs):
-    """The group's 4 block scales at byte o (f16, or E8M0 bytes when sb == 1), each in its quarter, times d_x."""
-    return vmul(e8m0x4(wr, o) if sb == 1 else halves4x4(wr, o), dxs)
+    """The group's 16 block scales at byte o (f16, or E8M0 bytes when sb == 1) times d_x, in `row_sums4`'s order."""
+    return vmul(e8m0x16(wr, o) if sb == 1 else half16(wr, o), dxs)
 
 
 @njit(inline="always", **MATVEC_JIT)
 def _dot(acc, wr, o, parts, coded, xl, xh):
-    """acc + the integer sums of the group's quants at byte o (a block's 16-byte runs of the 4 rows; nibbles through
-    MXFP4's table when coded) with the activation block's halves xl, xh."""
+    """acc + the integer sums of 4 rows' quants at byte o (a block's 16-byte runs of the 4 rows; nibbles through
+    MXFP4's table when coded) with the activation block's halves xl, xh: each row's in its quarter."""
     if parts == 1:
         q = bytes64(wr, o)
         lo, hi = lo4(q), hi4(q)
@@ -164,11 +158,14 @@ def _dot(acc, wr, o, parts, coded, xl, xh):
 
 @njit(**MATVEC_JIT)
 def _packed_group(xq, dx, nsum, i, wp, g, geo, out, io):
-    """out[io, 4g:4g+4] = the packed group g of wp (geometry `geo`, `_geometry`'s) times the quantized row i of
-    (xq, dx, nsum). Activations and results by row index: a row view per call cost its reference counts."""
+    """out[io, 16g:16g+16] = the packed group g of wp (geometry `geo`, `_geometry`'s) times the quantized row i of
+    (xq, dx, nsum): per block, each row's integer sum (4 rows a vpdpbusd, `row_sums4` across them), then one float
+    multiply-add for the 16 rows. Activations and results by row index: a row view per call cost its reference
+    counts."""
     parts, shift, sb, coded = geo
     wr = wp[g]
     bb = GROUP * (sb + 16 * parts)  # a block's bytes for the group
+    run = 64 * parts  # 4 rows' quants of a block
     ahead = (g + 1) * wp.shape[1]
     xo, so = xq.shape[1] * i, nsum.shape[1] * i
     acc = vzero()
@@ -176,85 +173,55 @@ def _packed_group(xq, dx, nsum, i, wp, g, geo, out, io):
         o = bb * b
         prefetch_lines(wp, ahead + o, bb)
         bias = ishl(ivload4x4(nsum, so + 4 * b), shift)  # - offset * sum(x): the unsigned quants' bias
-        ai = _dot(bias, wr, o + GROUP * sb, parts, coded, bytes16x4(xq, xo + 32 * b), bytes16x4(xq, xo + 32 * b + 16))
-        acc = vadd(acc, vmul(vtof(ai), _scales(wr, o, sb, vsplat(dx[i, b]))))
-    for r in range(GROUP):
-        out[io, GROUP * g + r] = quad_sum(acc, r)
-
-
-@njit(**MATVEC_JIT)
-def _packed_pair(xq, dx, nsum, i, wp, g, geo, out, io):
-    """Packed groups g and g + 1 at once, sharing each block's activation loads (exactly `_packed_group` per row)."""
-    parts, shift, sb, coded = geo
-    wa, wb = wp[g], wp[g + 1]
-    bb = GROUP * (sb + 16 * parts)
-    ahead = (g + 2) * wp.shape[1]
-    xo, so = xq.shape[1] * i, nsum.shape[1] * i
-    a = vzero()
-    c = vzero()
-    for b in range(dx.shape[1]):
-        o = bb * b
-        prefetch_lines(wp, ahead + o, bb)
-        prefetch_lines(wp, ahead + wp.shape[1] + o, bb)
-        dxs = vsplat(dx[i, b])
-        bias = ishl(ivload4x4(nsum, so + 4 * b), shift)
         xl, xh = bytes16x4(xq, xo + 32 * b), bytes16x4(xq, xo + 32 * b + 16)
-        a = vadd(a, vmul(vtof(_dot(bias, wa, o + GROUP * sb, parts, coded, xl, xh)), _scales(wa, o, sb, dxs)))
-        c = vadd(c, vmul(vtof(_dot(bias, wb, o + GROUP * sb, parts, coded, xl, xh)), _scales(wb, o, sb, dxs)))
-    for r in range(GROUP):
-        out[io, GROUP * g + r] = quad_sum(a, r)
-        out[io, GROUP * g + GROUP + r] = quad_sum(c, r)
+        q = o + GROUP * sb
+        s = row_sums4(_dot(bias, wr, q, parts, coded, xl, xh), _dot(bias, wr, q + run, parts, coded, xl, xh),
+                      _dot(bias, wr, q + 2 * run, parts, coded, xl, xh), _dot(bias, wr, q + 3 * run, parts, coded, xl, xh))
+        acc = vadd(acc, vmul(vtof(s), _scales(wr, o, sb, vsplat(dx[i, b]))))
+    vstore(out, out.shape[1] * io + GROUP * g, transpose4x4(acc))
 
 
-@njit(inline="always", **MATVEC_JIT)
+@njit(inline="always", **MATVEC_JIT)  # inlined, and arrays not a tuple: per-call costs were a fifth of a small product
 def _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
-    """out[io, 4g:4g+4] (fewer past the end) = rows 4g.. of W (type code `kind`, as `prepare` left it) times row i
-    of the activations (an `act8.Act8`'s arrays; the type's format filled in)."""
+    """out[io, 16g:16g+16] (fewer past the end) = rows 16g.. of W (type code `kind`, as `prepare` left it) times row
+    i of the activations (an `act8.Act8`'s arrays; the type's format filled in). Regions unpack their Act8 before
+    their loop and pass its arrays here."""
     if kind == Q4_0:
         _packed_group(xq, dx, nsum, i, w, g, Q4_0_GEOMETRY, out, io)
     elif kind == Q8_0:
         _packed_group(xq, dx, nsum, i, w, g, Q8_0_GEOMETRY, out, io)
     elif kind == MXFP4:
         _packed_group(xq, dx, nsum, i, w, g, MXFP4_GEOMETRY, out, io)
-    elif kind == Q6_K:
-        _k8.q6_k_group(kq, kd, i, w, GROUP * g, out, io)
     else:
-        _k8.k4_group(kq, kd, ks, i, w, GROUP * g, out, io, kind == Q5_K)
+        for r0 in range(GROUP * g, min(GROUP * g + GROUP, out.shape[1]), 4):
+            if kind == Q6_K:
+                _k8.q6_k_group(kq, kd, i, w, r0, out, io)
+            else:
+                _k8.k4_group(kq, kd, ks, i, w, r0, out, io, kind == Q5_K)
 
 
-@njit(inline="always", **MATVEC_JIT)  # inlined, and arrays not a tuple: per-call costs were a fifth of a small product
-def _pair(kind, xq, dx, nsum, kq, kd, ks, i, w, g, groups, out, io):
-    """Groups g and g + 1 (if it exists) of W times activation row i, into row io of out: packed types together,
-    sharing the activation loads (a 14336-wide down projection's activation side shares L1 with the weights:
-    1.1-1.2x, measured). Regions unpack their `act8.Act8` before their loop and pass its arrays here."""
-    if g + 1 < groups and kind == Q4_0:
-        _packed_pair(xq, dx, nsum, i, w, g, Q4_0_GEOMETRY, out, io)
-    elif g + 1 < groups and kind == Q8_0:
-        _packed_pair(xq, dx, nsum, i, w, g, Q8_0_GEOMETRY, out, io)
-    elif g + 1 < groups and kind == MXFP4:
-        _packed_pair(xq, dx, nsum, i, w, g, MXFP4_GEOMETRY, out, io)
-    else:
-        _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io)
-        if g + 1 < groups:
-            _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g + 1, out, io)
+@njit(inline="always", **MATVEC_JIT)
+def groups_of(rows):
+    """The groups (of GROUP rows; the last maybe short, for a type read as it is) of a weight with `rows` rows."""
+    return (rows + GROUP - 1) // GROUP
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _matmul8(kind, a, w, groups, out):
+def _matmul8(kind, a, w, out):
     xq, dx, nsum, kq, kd, ks = a
-    for gp in prange((groups + 1) // 2):
+    for g in prange(groups_of(out.shape[1])):
         for i in range(out.shape[0]):
-            _pair(kind, xq, dx, nsum, kq, kd, ks, i, w, 2 * gp, groups, out, i)
+            _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, i)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _swiglu8(a, kg, wg, ku, wu, groups, h, u):
+def _swiglu8(a, kg, wg, ku, wu, h, u):
     xq, dx, nsum, kq, kd, ks = a
-    for gp in prange((groups + 1) // 2):
+    for g in prange(groups_of(h.shape[1])):
         for i in range(h.shape[0]):
-            _pair(kg, xq, dx, nsum, kq, kd, ks, i, wg, 2 * gp, groups, h, i)
-            _pair(ku, xq, dx, nsum, kq, kd, ks, i, wu, 2 * gp, groups, u, i)
-            for r in range(2 * GROUP * gp, min(2 * GROUP * gp + 2 * GROUP, h.shape[1])):
+            _group(kg, xq, dx, nsum, kq, kd, ks, i, wg, g, h, i)
+            _group(ku, xq, dx, nsum, kq, kd, ks, i, wu, g, u, i)
+            for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 
 
@@ -281,7 +248,7 @@ def _quantized_matmul8(kind, x2, w, out):
     if x2.shape[0] >= K_ROWS_MIN and formats_of(kind) == Q8_K_ACT:
         _k_rows(kind, a.kq, a.kd, a.ks, w, out)
     else:
-        _matmul8(kind, a, w, (out.shape[1] + GROUP - 1) // GROUP, out)
+        _matmul8(kind, a, w, out)
 
 
 @njit(**MATVEC_JIT)
@@ -294,7 +261,7 @@ def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
             for r in range(h.shape[1]):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
     else:
-        _swiglu8(a, kg, wg, ku, wu, (h.shape[1] + GROUP - 1) // GROUP, h, u)
+        _swiglu8(a, kg, wg, ku, wu, h, u)
 
 
 def matmul8(x2: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:

@@ -35,18 +35,17 @@ def quantize_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _packed(xq: np.ndarray, dx: np.ndarray, w2: np.ndarray, dtype: str) -> np.ndarray:
-    """The packed types' kernel (int8._packed_group): per block and lane j < 4, the integer sum over weights
-    4j..4j+3 and 16+4j..16+4j+3, times d_w * d_x, summed in block order; then (l0 + l2) + (l1 + l3)."""
+    """The packed types' kernel (int8._packed_group): per row and block, the integer sum over the block's 32 weights
+    times d_w * d_x (float32, one rounding each), summed in block order."""
     q, d = DTYPES[dtype].int8_pack.blocks(w2)  # (rows, nb, 32), (rows, nb)
     rows, nb, _ = q.shape
     out = np.empty((len(xq), rows), np.float32)
     for i in range(len(xq)):
-        lanes = (q * xq[i]).reshape(rows, nb, 2, 4, 4).sum(axis=(2, 4))  # (rows, nb, 4): exact integers
-        terms = lanes.astype(np.float32) * (d * dx[i])[..., None]  # float32 products, one rounding each
-        acc = np.zeros((rows, 4), np.float32)
+        terms = (q * xq[i]).sum(axis=2).astype(np.float32) * (d * dx[i])  # exact integers, then float32 products
+        acc = np.zeros(rows, np.float32)
         for b in range(nb):  # block order, one float32 addition at a time
             acc += terms[:, b]
-        out[i] = (acc[:, 0] + acc[:, 2]) + (acc[:, 1] + acc[:, 3])
+        out[i] = acc
     return out
 
 

@@ -117,7 +117,7 @@ class Weight:
     `int8._k_rows`, which decodes a weight row once for 8 activation rows: 1.1-1.9x the float GEMM from 16 to 128
     rows, docs/BENCHMARKS.md "Decode: notes")."""
 
-    w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 4, 4 * row_bytes)
+    w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 16, 16 * row_bytes)
     kind: int
     rows: int
     cols: int
@@ -138,7 +138,7 @@ class Weight:
         return _product(self.kind, x, self.w2, np.empty((x.shape[0], self.rows), np.float32))
 
     def row_block(self, start: int, n: int) -> Weight:
-        """Rows start..start+n of W (a packed weight: at multiples of 4), sharing the bytes."""
+        """Rows start..start+n of W (a packed weight: at multiples of its groups, 16 rows), sharing the bytes."""
         if not self.packed:
             return Weight(self.w2[start:start + n], self.kind, n, self.cols, self.int8)
         if start % _i8.GROUP or n % _i8.GROUP:

@@ -9,8 +9,8 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     dpbusd(acc, u, s)        acc[i] + sum over j < 4 of u[4i+j] * s[4i+j], u unsigned and s signed bytes
     ivload4x4(a, i)          a[i:i+4] of an int32 array in each quarter, as int32 lanes (`simd.I32x16`)
     ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul, iadd (a, b): lane-wise
-    halves4x4(w, o)          the 4 halves at byte o, each in 4 consecutive float32 lanes
-    quad_sum(v, q)           (v[4q] + v[4q+2]) + (v[4q+1] + v[4q+3]), float32
+    row_sums4(a, b, c, d)    four groups' lanes summed per row: lane 4r + g = group g's row r (its quarter r)
+    transpose4x4(v)          lane 4i + j <- lane 4j + i (float32): row_sums4's lanes back to rows in order
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
 pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, f32x8_low;
@@ -132,30 +132,39 @@ def ivload4x4(typingctx, a, i):
     return I32x16(a, i), codegen
 
 
-@intrinsic
-def halves4x4(typingctx, w, o):
-    if not (is_carray(w, types.uint8) and is_int(o)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        h = builder.fpext(_u8_at(sig, args, context, builder, vty(ir.HalfType(), 4)), vty(_F32, 4))
-        return builder.shuffle_vector(h, h, ir.Constant(vty(_I32, 16), [i // 4 for i in range(16)]))
-
-    return F32x16(w, o), codegen
+def _in_quarters(builder, a, b, pattern: list[int]):
+    """The lanes of a and b (int32 x 16 each, b's numbered from 16) picked within each 128-bit quarter: pattern's
+    4 entries (< 8) name the lanes of one quarter (a's 0..3, b's 4..7) and repeat in every quarter."""
+    idx = [4 * k + p if p < 4 else 16 + 4 * k + p - 4 for k in range(4) for p in pattern]
+    return builder.shuffle_vector(a, b, ir.Constant(vty(_I32, 16), idx))
 
 
 @intrinsic
-def quad_sum(typingctx, v, q):
-    if not (v == F32x16 and is_int(q)):
+def row_sums4(typingctx, a, b, c, d):
+    """Four groups' dot-product lanes (each: quarter r holds row r's 4 partial sums) -> lane 4r + g holds the sum of
+    group g's quarter r (a = group 0 .. d = group 3): vpunpck and vpaddd, no lane crosses a quarter."""
+    if not all(t == I32x16 for t in (a, b, c, d)):
         return None
 
     def codegen(context, builder, sig, args):
-        x, qq = args
-        base = builder.mul(builder.trunc(qq, _I32) if qq.type.width > 32 else qq, ir.Constant(_I32, 4))
-        lane = [builder.extract_element(x, builder.add(base, ir.Constant(_I32, j))) for j in range(4)]
-        return builder.fadd(builder.fadd(lane[0], lane[2]), builder.fadd(lane[1], lane[3]))
+        a, b, c, d = args
+        ab = builder.add(_in_quarters(builder, a, b, [0, 4, 1, 5]), _in_quarters(builder, a, b, [2, 6, 3, 7]))
+        cd = builder.add(_in_quarters(builder, c, d, [0, 4, 1, 5]), _in_quarters(builder, c, d, [2, 6, 3, 7]))
+        return builder.add(_in_quarters(builder, ab, cd, [0, 1, 4, 5]), _in_quarters(builder, ab, cd, [2, 3, 6, 7]))
 
-    return types.float32(v, q), codegen
+    return I32x16(a, b, c, d), codegen
+
+
+@intrinsic
+def transpose4x4(typingctx, v):
+    """Lane 4i + j <- lane 4j + i (float32): `row_sums4`'s order back to rows in sequence."""
+    if v != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(vty(_I32), [4 * (m % 4) + m // 4 for m in range(16)]))
+
+    return F32x16(v), codegen
 
 
 def _lanes_of(pattern: list[int]):
@@ -339,7 +348,7 @@ def sbytes4x4(typingctx, w, o):
     return I32x16(w, o), codegen
 
 
-__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "halves4x4", "hi4",
+__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "hi4",
            "iadd", "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero", "lo4", "mins_low",
-           "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "quad_sum",
-           "sbytes4x4"]
+           "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "row_sums4",
+           "sbytes4x4", "transpose4x4"]

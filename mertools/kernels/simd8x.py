@@ -1,7 +1,7 @@
 """More byte intrinsics of the 8-bit kernels: MXFP4's value table and scales, and the 16-byte copies of packing.
 
     byte_table(values)       intrinsic v (B64 of nibbles) -> the bytes values[v]
-    e8m0x4(w, o)             the 4 E8M0 exponent bytes at byte o as float32 2^(e - 128), each in its quarter
+    e8m0x16(w, o)            the 16 E8M0 exponent bytes at byte o as float32 2^(e - 128)
     copy16(dst, do, src, so, flip)   dst[do:do+16] = src[so:so+16] ^ flip (uint8 C arrays, unaligned)
 
 As in `simd8`: no bounds checks (callers compute offsets from validated shapes); after editing this file delete
@@ -55,15 +55,13 @@ def byte_table(values: tuple[int, ...]):
 
 
 @intrinsic
-def e8m0x4(typingctx, w, o):
-    """The 4 E8M0 exponent bytes at byte o as float32 2^(e - 128) (ggml_e8m0_to_fp32_half: subnormal for e < 2),
-    each in the 4 lanes of its quarter."""
+def e8m0x16(typingctx, w, o):
+    """The 16 E8M0 exponent bytes at byte o as float32 2^(e - 128) (ggml_e8m0_to_fp32_half: subnormal for e < 2)."""
     if not (is_carray(w, types.uint8) and is_int(o)):
         return None
 
     def codegen(context, builder, sig, args):
-        e = builder.zext(_u8_at(sig, args, context, builder, vty(_I8, 4)), vty(_I32, 4))
-        e = builder.shuffle_vector(e, e, ir.Constant(vty(_I32), [i // 4 for i in range(16)]))
+        e = builder.zext(_u8_at(sig, args, context, builder, vty(_I8, 16)), vty(_I32, 16))
         normal = builder.shl(builder.sub(e, ir.Constant(vty(_I32), [1] * 16)), ir.Constant(vty(_I32), [23] * 16))
         tiny = builder.shl(ir.Constant(vty(_I32), [0x00200000] * 16), e)
         low = builder.icmp_unsigned("<", e, ir.Constant(vty(_I32), [2] * 16))
@@ -90,4 +88,4 @@ def copy16(typingctx, dst, do, src, so, flip):
     return types.void(dst, do, src, so, flip), codegen
 
 
-__all__ = ["byte_table", "copy16", "e8m0x4"]
+__all__ = ["byte_table", "copy16", "e8m0x16"]

@@ -3,7 +3,7 @@
 A small model's decode step is mostly Python between kernels (dozens of calls per layer: norms, three
 projections, rotary, the KV store, attention, the router, top-k, the experts, residuals), and a model with
 many layers pays the same per layer. `decode_step` runs all of it for one token of one sequence, every layer,
-then the output norm and head, calling the same compiled pieces the general path calls (`int8._pair` for every
+then the output norm and head, calling the same compiled pieces the general path calls (`int8._group` for every
 product, `experts8.experts8` for the experts, `attention.attend_group`, `rowops` for norms, router, softmax,
 top-k and rotary), in the same order, so its logits are bit for bit those of the general path in the 8-bit mode
 (tests/test_fused_step.py). What it takes, what it leaves to Python (the cache's and the trace's bookkeeping) and
@@ -24,7 +24,7 @@ from .act8 import formats_of, quantize_act
 from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
 from .experts8 import _slot_view, experts8
-from .int8 import GROUP, _pair
+from .int8 import _group, groups_of
 from .matmul_kernels import get_rows
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
 
@@ -54,11 +54,6 @@ def _stored_impl(v, like):  # noqa: ANN001, ANN202
 
 
 @njit(**MATVEC_JIT)
-def _pairs(rows):
-    return ((rows + GROUP - 1) // GROUP + 1) // 2
-
-
-@njit(**MATVEC_JIT)
 def _vec(vec, vec_at, layer, i, n):
     o = vec_at[layer, i]
     return vec[o:o + n]
@@ -69,11 +64,10 @@ def _matvec(arena, m, a, out):
     """out = W @ x for the dense matrix m = (offset, type code, rows, row bytes) of the arena, x quantized (an Act8
     of one row)."""
     w = _slot_view(arena, m[0], m[2], m[3], m[1])
-    groups = (m[2] + GROUP - 1) // GROUP
     out2 = out.reshape(1, out.size)
     xq, dx, nsum, kq, kd, ks = a
-    for p in prange(_pairs(m[2])):
-        _pair(m[1], xq, dx, nsum, kq, kd, ks, 0, w, 2 * p, groups, out2, 0)
+    for g in prange(groups_of(m[2])):
+        _group(m[1], xq, dx, nsum, kq, kd, ks, 0, w, g, out2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -82,16 +76,16 @@ def _qkv(arena, mq, mk, mv, a, q, k, v):
     wq = _slot_view(arena, mq[0], mq[2], mq[3], mq[1])
     wk = _slot_view(arena, mk[0], mk[2], mk[3], mk[1])
     wv = _slot_view(arena, mv[0], mv[2], mv[3], mv[1])
-    pq, pk, pv = _pairs(mq[2]), _pairs(mk[2]), _pairs(mv[2])
+    pq, pk, pv = groups_of(mq[2]), groups_of(mk[2]), groups_of(mv[2])
     q2, k2, v2 = q.reshape(1, q.size), k.reshape(1, k.size), v.reshape(1, v.size)
     xq, dx, nsum, kq, kd, ks = a
     for t in prange(pq + pk + pv):
         if t < pq:
-            _pair(mq[1], xq, dx, nsum, kq, kd, ks, 0, wq, 2 * t, (mq[2] + GROUP - 1) // GROUP, q2, 0)
+            _group(mq[1], xq, dx, nsum, kq, kd, ks, 0, wq, t, q2, 0)
         elif t < pq + pk:
-            _pair(mk[1], xq, dx, nsum, kq, kd, ks, 0, wk, 2 * (t - pq), (mk[2] + GROUP - 1) // GROUP, k2, 0)
+            _group(mk[1], xq, dx, nsum, kq, kd, ks, 0, wk, t - pq, k2, 0)
         else:
-            _pair(mv[1], xq, dx, nsum, kq, kd, ks, 0, wv, 2 * (t - pq - pk), (mv[2] + GROUP - 1) // GROUP, v2, 0)
+            _group(mv[1], xq, dx, nsum, kq, kd, ks, 0, wv, t - pq - pk, v2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
