@@ -161,7 +161,8 @@ def test_activation_rounding_is_roundf_for_every_float_it_meets() -> None:
 
 
 SHAPES = [(4, 256, 1), (12, 512, 2), (64, 256, 5), (256, 1024, 1), (8, 4096, 3), (4, 32, 1), (12, 96, 2), (7, 256, 2),
-          (20, 512, 19)]  # 19 rows: a prompt (the K types' `_k_rows`, 8 activation rows at a time, a partial last pass)
+          (20, 512, 19),  # 19 rows: a prompt (the K types' `_k_rows`, 8 activation rows at a time, a partial last pass)
+          (16, 256, 1), (32, 512, 2), (16, 4096, 3), (16, 32, 1), (48, 96, 2), (32, 512, 19)]  # packed: groups of 16 rows
 
 
 @pytest.mark.parametrize(("dtype", "rows", "cols", "n"), [(d, *s) for d in INT8 for s in SHAPES
