@@ -8,8 +8,11 @@ run these as well.
 - Q4_K / Q5_K (sub-blocks of 32 with 6-bit scales and mins): qs[0:64] holds sub-blocks 0 and 2 in its low nibbles
   (each 32-byte chunk: weights 0-15 then 16-31) and 1 and 3 in its high ones; qs[64:128] likewise 4, 6 and 5, 7;
   Q5_K adds bit j of qh[l] to weight l of sub-block j. Lanes 0-7 of a dot product belong to one sub-block, 8-15 to
-  the other: times the sub-block's scale and summed over the four products in integers, then times d * dk in
-  float32; the mins come off as m_j * (dmin * ks_j) (ks_j: dk times the sum of sub-block j's activation quants).
+  the other: times the sub-block's scale and summed in integers into S, the super-block's; the mins give the
+  integer M = sum of m_j * bsum_j (bsum_j: the sum of sub-block j's activation quants, `ks`). Per row, S * (d * dk)
+  and M * (dmin * dk) go into two float32 sums, the second taken from the first at the end (ggml's
+  vec_dot_q4_K_q8_K arithmetic up to the order of its float operations; llama.cpp's repacked q4_K kernels keep the
+  two sums apart too). A group folds its 4 rows' S and M into one vector (`row_sums4`) for the float steps.
 - Q6_K (groups of 16 with int8 scales): half h's 64 low-nibble bytes and 32 high-pair bytes make the codes of
   weights 128h..128h+63 (low nibbles, pairs at shifts 0 and 2) and 128h+64..128h+127 (high nibbles, shifts 4 and 6),
   minus 32; lanes times their group's scale, summed in integers, then times d * dk.
@@ -17,8 +20,8 @@ run these as well.
 One float multiply-add per super-block and row, as ggml's vec_dot_q4_K_q8_K: with q8_0's scale per 32, each dot
 product needed its own (1.4-2x slower, `/tmp` micro-benchmark; docs/BENCHMARKS.md).
 
-Each `*_int8_reference` is its kernel in numpy, bit for bit (tests/test_int8.py): integer lane sums, float32
-products in the kernel's order, the 16 lanes accumulated over the blocks, then folded as `simd.vhsum` folds them.
+Each `*_int8_reference` is its kernel in numpy, bit for bit (tests/test_int8.py): integer sums, float32 products
+in the kernel's order (Q6_K: its 16 lanes accumulated over the blocks, then folded as `simd.vhsum` folds them).
 numba's cache is keyed on each kernel's own file: after editing this one, touch kernels/int8.py.
 """
 
@@ -28,20 +31,23 @@ import numpy as np
 from numba import njit
 
 from mertools.kernels.common import MATVEC_JIT, R, group_rows, group_store_row, prefetch_lines
-from mertools.kernels.simd import half_splat, vadd, vhsum, vmul, vsplat, vsub, vtof, vzero
+from mertools.kernels.simd import half_at, half_splat, vadd, vhsum, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
     bsplat32,
     bytes32x2,
     bytes64,
     dpbusd,
-    f32x8_low,
+    fold_sm,
     hi4,
     iadd,
+    ihigh8,
     imul,
     ineg,
     izero,
+    lane_diff,
+    lanes8,
     lo4,
-    mins_low,
+    pair_quarters,
     pick_0_2,
     pick_1_3,
     pick_4_6,
@@ -49,6 +55,7 @@ from mertools.kernels.simd8 import (
     q5_codes,
     q6_high,
     q6_low,
+    row_sums4,
     sbytes4x4,
 )
 
@@ -72,34 +79,31 @@ def _half(b: np.ndarray, at: int) -> np.ndarray:
 
 def _k4_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, b: np.ndarray, codes: list[np.ndarray]) -> np.ndarray:
     """Q4_K / Q5_K: b uint8 (rows, nb, block bytes) with d, dmin and the scales at bytes 0-15; codes the four
-    (rows, nb, 64) code vectors in _PAIRS order."""
+    (rows, nb, 64) code vectors in _PAIRS order. Per row and super-block the integers S (each sub-block's dot product
+    times its scale) and M (each min times its sub-block's activation sum); then S * (d * dk) and M * (dmin * dk)
+    summed in block order, each in its own float32 sum, and the second taken from the first."""
     rows, nb = b.shape[:2]
-    d, dmin = _half(b, 0), _half(b, 2)
-    sc, m = (a.reshape(rows, nb, 8) for a in unpack_scale_min_k4(b[..., 4:16].reshape(-1, 12)))
-    mins = np.zeros((rows, nb, 16), np.float32)
-    mins[..., :8] = m
+    d, dmin = _half(b, 0)[..., 0], _half(b, 2)[..., 0]
+    sc, m = (a.reshape(rows, nb, 8).astype(np.int64) for a in unpack_scale_min_k4(b[..., 4:16].reshape(-1, 12)))
     out = np.empty((kq.shape[0], rows), np.float32)
     for i in range(kq.shape[0]):
         x = kq[i].reshape(nb, 8, 32)
-        s = np.zeros((rows, nb, 16), np.int64)
+        s = np.zeros((rows, nb), np.int64)
         for v, (a, c) in enumerate(_PAIRS):
-            lanes = (codes[v] * np.concatenate([x[:, a], x[:, c]], axis=1)).reshape(rows, nb, 16, 4).sum(-1)
-            s += lanes * np.repeat(sc[..., [a, c]], 8, axis=-1)  # exact: within int32 (tests)
-        term = s.astype(np.float32) * (d * kd[i][:, None])
-        xsv = np.zeros((nb, 16), np.float32)
-        xsv[:, :8] = ks[i].reshape(nb, 8)
-        off = mins * (dmin * xsv)
-        acc = np.zeros((rows, 16), np.float32)
-        for blk in range(nb):  # block order: the integer sums' term, then the mins
-            acc = acc + term[:, blk]
-            acc = acc - off[:, blk]
-        out[i] = _vhsum_reference(acc)
+            dots = (codes[v] * np.concatenate([x[:, a], x[:, c]], axis=1)).reshape(rows, nb, 2, 32).sum(-1)
+            s += dots[..., 0] * sc[..., a] + dots[..., 1] * sc[..., c]  # exact: within int32 (tests)
+        mins = (m * ks[i].reshape(nb, 8).astype(np.int64)).sum(-1)
+        acc_s, acc_m = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+        for blk in range(nb):  # block order, one float32 addition at a time
+            acc_s = acc_s + s[:, blk].astype(np.float32) * (d[:, blk] * kd[i, blk])
+            acc_m = acc_m + mins[:, blk].astype(np.float32) * (dmin[:, blk] * kd[i, blk])
+        out[i] = acc_s - acc_m
     return out
 
 
 def q4_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.ndarray) -> np.ndarray:
     """`k4_group` in numpy: kq int32 (n, cols/256, 256) the activations' q8_K quants, kd float32 (n, cols/256) their
-    scales, ks float32 (n, cols/32) kd times each 32 quants' sum, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
+    scales, ks int32 (n, cols/32) each 32 quants' sum, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
     b = np.asarray(w2, np.uint8).reshape(w2.shape[0], -1, Q4_K_BYTES)
     qs = b[..., 16:].astype(np.int32)
     return _k4_reference(kq, kd, ks, b, [qs[..., :64] & 15, qs[..., :64] >> 4, qs[..., 64:] & 15, qs[..., 64:] >> 4])
@@ -149,16 +153,16 @@ def q6_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.n
 
 
 @njit(**MATVEC_JIT)
-def _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc):
-    """A Q4_K / Q5_K row's super-block at o, its four code vectors c_v, against a q8_K block's activation vectors
-    (dk its scale in every lane, xsv the sub-blocks' ks in lanes 0-7)."""
+def _k4_sm(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, xb):
+    """A Q4_K / Q5_K row's super-block at o, its four code vectors c_v, against a q8_K block's activation vectors (xb:
+    its sub-blocks' quant sums in lanes 8-15): lanes 0-7 sum to S (the sub-blocks' dot products times their scales),
+    lanes 8-15 to M (the mins times the activation sums), all in integers."""
     lanes = scale_min_lanes(wr, o)
     s = imul(dpbusd(izero(), c0, x0), pick_0_2(lanes))
     s = iadd(s, imul(dpbusd(izero(), c1, x1), pick_1_3(lanes)))
     s = iadd(s, imul(dpbusd(izero(), c2, x2), pick_4_6(lanes)))
     s = iadd(s, imul(dpbusd(izero(), c3, x3), pick_5_7(lanes)))
-    acc = vadd(acc, vmul(vtof(s), vmul(half_splat(wr, o), dk)))
-    return vsub(acc, vmul(mins_low(lanes), vmul(half_splat(wr, o + 2), xsv)))
+    return fold_sm(s, imul(lanes, xb))
 
 
 @njit(**MATVEC_JIT)
@@ -173,35 +177,39 @@ def _k4_codes(wr, o, five):
 
 
 @njit(**MATVEC_JIT)
-def _k4_x(kq, kd, ks, i, blk):
-    """Block blk of q8_K activation row i as `_k4_row` takes it: its four vectors (in _PAIRS order), dk, xsv."""
+def _k4_x(kq, ks, i, blk):
+    """Block blk of q8_K activation row i as `_k4_sm` takes it: its four vectors (in _PAIRS order), and its 8 quant
+    sums in lanes 8-15."""
     xo = kq.shape[1] * i + 256 * blk
     return (bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96), bytes32x2(kq, xo + 128, xo + 192),
-            bytes32x2(kq, xo + 160, xo + 224), vsplat(kd[i, blk]), f32x8_low(ks, ks.shape[1] * i + 8 * blk))
+            bytes32x2(kq, xo + 160, xo + 224), ihigh8(ks, ks.shape[1] * i + 8 * blk))
 
 
 @njit(**MATVEC_JIT)
-def _k4_row_codes(wr, o, five, x0, x1, x2, x3, dk, xsv, acc):
+def _k4_sm_codes(wr, o, five, x0, x1, x2, x3, xb):
     c0, c1, c2, c3 = _k4_codes(wr, o, five)
-    return _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc)
+    return _k4_sm(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, xb)
 
 
 @njit(**MATVEC_JIT)
 def k4_group(kq, kd, ks, i, w, r0, out, io, five):
-    """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd, ks): Q4_K, or Q5_K (five)."""
+    """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd, ks): Q4_K, or Q5_K (five). The 4
+    rows' S and M (`_k4_sm`) folded into one vector (lanes 0-3 S, 8-11 M: `row_sums4`, `pair_quarters`), which meets
+    [d_r * dk, dmin_r * dk] in one multiply-add: lanes 0-3 the rows' S sums, 8-11 their M sums."""
     w0, w1, w2, w3 = group_rows(w, r0)
-    a0 = a1 = a2 = a3 = vzero()
+    acc = vzero()
     ahead = (r0 + R) * w.shape[1]
     bsz = Q5_K_BYTES if five else Q4_K_BYTES
     for blk in range(kd.shape[1]):
         o = bsz * blk
         prefetch_lines(w, ahead + 4 * o, 4 * bsz)
-        x0, x1, x2, x3, dk, xsv = _k4_x(kq, kd, ks, i, blk)
-        a0 = _k4_row_codes(w0, o, five, x0, x1, x2, x3, dk, xsv, a0)
-        a1 = _k4_row_codes(w1, o, five, x0, x1, x2, x3, dk, xsv, a1)
-        a2 = _k4_row_codes(w2, o, five, x0, x1, x2, x3, dk, xsv, a2)
-        a3 = _k4_row_codes(w3, o, five, x0, x1, x2, x3, dk, xsv, a3)
-    group_store_row(out, io, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
+        x0, x1, x2, x3, xb = _k4_x(kq, ks, i, blk)
+        t = row_sums4(_k4_sm_codes(w0, o, five, x0, x1, x2, x3, xb), _k4_sm_codes(w1, o, five, x0, x1, x2, x3, xb),
+                      _k4_sm_codes(w2, o, five, x0, x1, x2, x3, xb), _k4_sm_codes(w3, o, five, x0, x1, x2, x3, xb))
+        dm = lanes8(half_at(w0, o), half_at(w1, o), half_at(w2, o), half_at(w3, o),
+                    half_at(w0, o + 2), half_at(w1, o + 2), half_at(w2, o + 2), half_at(w3, o + 2))
+        acc = vadd(acc, vmul(vtof(pair_quarters(t)), vmul(dm, vsplat(kd[i, blk]))))
+    group_store_row(out, io, r0, lane_diff(acc, 0), lane_diff(acc, 1), lane_diff(acc, 2), lane_diff(acc, 3))
 
 
 @njit(**MATVEC_JIT)
@@ -255,34 +263,43 @@ def _rows8(i0, last):
 
 
 @njit(**MATVEC_JIT)
-def _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i, blk, acc):
-    """`_k4_row` against block blk of activation row i."""
-    x0, x1, x2, x3, dk, xsv = _k4_x(kq, kd, ks, i, blk)
-    return _k4_row(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, dk, xsv, acc)
+def _k4_sm_x(wr, o, c0, c1, c2, c3, kq, ks, i, blk):
+    """`_k4_sm` against block blk of activation row i."""
+    x0, x1, x2, x3, xb = _k4_x(kq, ks, i, blk)
+    return _k4_sm(wr, o, c0, c1, c2, c3, x0, x1, x2, x3, xb)
+
+
+@njit(**MATVEC_JIT)
+def _k4_rows4(wr, o, c0, c1, c2, c3, kq, kd, ks, i0, i1, i2, i3, blk, acc):
+    """`k4_group`'s step for one weight row against activation rows i0..i3 (lanes 0-3: their S sums, 8-11: M)."""
+    t = row_sums4(_k4_sm_x(wr, o, c0, c1, c2, c3, kq, ks, i0, blk), _k4_sm_x(wr, o, c0, c1, c2, c3, kq, ks, i1, blk),
+                  _k4_sm_x(wr, o, c0, c1, c2, c3, kq, ks, i2, blk), _k4_sm_x(wr, o, c0, c1, c2, c3, kq, ks, i3, blk))
+    d, dmin = half_at(wr, o), half_at(wr, o + 2)
+    dk = lanes8(kd[i0, blk], kd[i1, blk], kd[i2, blk], kd[i3, blk], kd[i0, blk], kd[i1, blk], kd[i2, blk], kd[i3, blk])
+    return vadd(acc, vmul(vtof(pair_quarters(t)), vmul(lanes8(d, d, d, d, dmin, dmin, dmin, dmin), dk)))
 
 
 @njit(**MATVEC_JIT)
 def k4_rows(kq, kd, ks, i0, w, r, out, five):
     """out[i0:i0+8, r] = W[r] @ x_i for the q8_K activation rows i0..i0+7 (fewer past the last): Q4_K, or Q5_K (five).
-    Each row's result is the bits of `k4_group`'s (the same `_k4_row` per row and block); the weight row's codes are
-    decoded once per block for the 8 rows, where a group decodes them again for every row of a prompt."""
+    Each row's result is the bits of `k4_group`'s (the same integers and float steps per row and block); the weight
+    row's codes are decoded once per block for the 8 rows, where a group decodes them again for every row of a
+    prompt."""
     wr = w[r]
     last = kq.shape[0] - 1
     i0, i1, i2, i3, i4, i5, i6, i7 = _rows8(i0, last)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+    a = vzero()
+    b = vzero()
     bsz = Q5_K_BYTES if five else Q4_K_BYTES
     for blk in range(kd.shape[1]):
         o = bsz * blk
         c0, c1, c2, c3 = _k4_codes(wr, o, five)
-        a0 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i0, blk, a0)
-        a1 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i1, blk, a1)
-        a2 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i2, blk, a2)
-        a3 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i3, blk, a3)
-        a4 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i4, blk, a4)
-        a5 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i5, blk, a5)
-        a6 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i6, blk, a6)
-        a7 = _k4_row_x(wr, o, c0, c1, c2, c3, kq, kd, ks, i7, blk, a7)
-    _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7)
+        a = _k4_rows4(wr, o, c0, c1, c2, c3, kq, kd, ks, i0, i1, i2, i3, blk, a)
+        b = _k4_rows4(wr, o, c0, c1, c2, c3, kq, kd, ks, i4, i5, i6, i7, blk, b)
+    sums = (lane_diff(a, 0), lane_diff(a, 1), lane_diff(a, 2), lane_diff(a, 3),
+            lane_diff(b, 0), lane_diff(b, 1), lane_diff(b, 2), lane_diff(b, 3))
+    for j in range(min(8, last + 1 - i0)):
+        out[i0 + j, r] = sums[j]
 
 
 @njit(**MATVEC_JIT)

@@ -9,7 +9,7 @@ for has arrays of zero columns:
 
     xq uint8 (n, cols)       q8_0 quants (int8 bytes)   kq uint8 (n, cols)       q8_K quants (int8 bytes)
     dx float32 (n, cols/32)  their f16 scales            kd float32 (n, cols/256) their scales
-    nsum int32 (n, cols/8)   minus each lane's sum       ks float32 (n, cols/32)  kd * the sum of each 32 quants
+    nsum int32 (n, cols/8)   minus each lane's sum       ks int32 (n, cols/32)    the sum of each 32 quants
 
 (a lane: weights 4j..4j+3 and 16+4j..16+4j+3 of a block, j < 4, what a packed group's dot product sums). Numpy
 definitions: kernels/int8_reference.py, held bit for bit by tests/test_int8.py.
@@ -58,7 +58,7 @@ def _q8_0_rows(x, xq, dx, nsum):
 
 @njit(**MATVEC_JIT)
 def _q8_k_rows(x, kq, kd, ks):
-    """quantize_row_q8_K_ref of each row of x (n, cols), with kd * each 32 quants' sum in place of bsums."""
+    """quantize_row_q8_K_ref of each row of x (n, cols), with each 32 quants' sum (ggml's bsums, per 32)."""
     for i in range(x.shape[0]):
         xi, qi = x[i], kq[i]
         for b in range(x.shape[1] // 256):
@@ -69,7 +69,7 @@ def _q8_k_rows(x, kq, kd, ks):
             if amax == np.float32(0.0):  # ggml: d = 0, quants 0 (NaN never counts: `ax > amax`)
                 kd[i, b] = np.float32(0.0)
                 qi[o:o + 256] = 0
-                ks[i, 8 * b:8 * b + 8] = np.float32(0.0)
+                ks[i, 8 * b:8 * b + 8] = 0
                 continue
             j = o
             while abs(xi[j]) != amax:  # the first element reaching it, with its sign
@@ -78,7 +78,7 @@ def _q8_k_rows(x, kq, kd, ks):
             d = np.float32(1.0) / iscale
             kd[i, b] = d
             for c in range(8):
-                ks[i, 8 * b + c] = d * np.float32(isum16(q8k_round32(xi, o + 32 * c, iscale, qi, o + 32 * c)))
+                ks[i, 8 * b + c] = isum16(q8k_round32(xi, o + 32 * c, iscale, qi, o + 32 * c))
 
 
 @njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) quantizes with it too
@@ -89,7 +89,7 @@ def quantize_act(x2: np.ndarray, formats: int) -> Act8:
     c0 = cols if formats & Q8_0_ACT else 0
     ck = cols if formats & Q8_K_ACT and cols % 256 == 0 else 0
     a = Act8(np.empty((n, c0), np.uint8), np.empty((n, c0 // 32), np.float32), np.empty((n, c0 // 8), np.int32),
-             np.empty((n, ck), np.uint8), np.empty((n, ck // 256), np.float32), np.empty((n, ck // 32), np.float32))
+             np.empty((n, ck), np.uint8), np.empty((n, ck // 256), np.float32), np.empty((n, ck // 32), np.int32))
     if c0:
         _q8_0_rows(x2, a.xq, a.dx, a.nsum)
     if ck:

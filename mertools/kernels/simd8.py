@@ -11,9 +11,10 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul, iadd (a, b): lane-wise
     row_sums4(a, b, c, d)    four groups' lanes summed per row: lane 4r + g = group g's row r (its quarter r)
     transpose4x4(v)          lane 4i + j <- lane 4j + i (float32): row_sums4's lanes back to rows in order
+    ihigh8, fold_sm, pair_quarters, lanes8, lane_diff: the K types' integer super-block sums (see `dtypes/_k8.py`)
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
-pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale), mins_low, f32x8_low;
+pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale);
 q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4. MXFP4's and packing's are in
 `simd8x.py`, the ones that quantize the activations (ggml's q8_0) in `q8act.py`.
 
@@ -167,6 +168,78 @@ def transpose4x4(typingctx, v):
     return F32x16(v), codegen
 
 
+@intrinsic
+def ihigh8(typingctx, a, i):
+    """a[i:i+8] of an int32 array in lanes 8..15, zeros in lanes 0..7."""
+    if not (is_carray(a, types.int32) and is_int(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_I32, 8)), align=4)
+        zero = ir.Constant(vty(_I32, 8), [0] * 8)
+        return builder.shuffle_vector(zero, v, ir.Constant(vty(_I32), list(range(16))))
+
+    return I32x16(a, i), codegen
+
+
+@intrinsic
+def fold_sm(typingctx, s, m):
+    """Lanes 0..7: s[l] + s[l + 8]; lanes 8..15: m's (a K row's dot products and its mins' products, one vector)."""
+    if not (s == I32x16 and m == I32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, b = args
+        swapped = builder.shuffle_vector(a, a, ir.Constant(vty(_I32), list(range(8, 16)) + list(range(8))))
+        low = builder.add(a, swapped)
+        return builder.shuffle_vector(low, b, ir.Constant(vty(_I32), list(range(8)) + list(range(24, 32))))
+
+    return I32x16(s, m), codegen
+
+
+@intrinsic
+def pair_quarters(typingctx, t):
+    """t + t with quarters 0, 1 and 2, 3 swapped: lanes 0..3 (and 4..7) the sums of quarters 0 and 1, lanes 8..11
+    (12..15) of quarters 2 and 3."""
+    if t != I32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        pat = [4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11]
+        return builder.add(args[0], builder.shuffle_vector(args[0], args[0], ir.Constant(vty(_I32), pat)))
+
+    return I32x16(t), codegen
+
+
+@intrinsic
+def lanes8(typingctx, a, b, c, d, e, f, g, h):
+    """float32 lanes [a, b, c, d, 0, 0, 0, 0, e, f, g, h, 0, 0, 0, 0]."""
+    if not all(t == types.float32 for t in (a, b, c, d, e, f, g, h)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = ir.Constant(vty(_F32), [0.0] * 16)
+        for lane, x in zip((0, 1, 2, 3, 8, 9, 10, 11), args, strict=True):
+            v = builder.insert_element(v, x, ir.Constant(_I32, lane))
+        return v
+
+    return F32x16(a, b, c, d, e, f, g, h), codegen
+
+
+@intrinsic
+def lane_diff(typingctx, v, j):
+    """v[j] - v[8 + j], float32."""
+    if not (v == F32x16 and is_int(j)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, jj = args
+        j32 = builder.trunc(jj, _I32) if jj.type.width > 32 else jj
+        return builder.fsub(builder.extract_element(x, j32), builder.extract_element(x, builder.add(j32, ir.Constant(_I32, 8))))
+
+    return types.float32(v, j), codegen
+
+
 def _lanes_of(pattern: list[int]):
     """Intrinsic v -> the int32 lanes v[pattern[i]] (a constant shuffle)."""
 
@@ -188,20 +261,6 @@ pick_0_2 = _lanes_of([0] * 8 + [2] * 8)
 pick_1_3 = _lanes_of([1] * 8 + [3] * 8)
 pick_4_6 = _lanes_of([4] * 8 + [6] * 8)
 pick_5_7 = _lanes_of([5] * 8 + [7] * 8)
-
-
-@intrinsic
-def mins_low(typingctx, v):
-    """Lanes 8..15 of v moved to lanes 0..7, zeros above (a K-quant block's mins), as float32."""
-    if v != I32x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        zero = ir.Constant(vty(_I32), [0] * 16)
-        m = builder.shuffle_vector(args[0], zero, ir.Constant(vty(_I32), list(range(8, 16)) + [16] * 8))
-        return builder.sitofp(m, vty(_F32))
-
-    return F32x16(v), codegen
 
 
 def _int_scalar_op(op: str):
@@ -254,20 +313,6 @@ def bytes32x2(typingctx, w, o1, o2):
         return builder.shuffle_vector(a, b, ir.Constant(vty(_I32, 64), list(range(64))))
 
     return B64(w, o1, o2), codegen
-
-
-@intrinsic
-def f32x8_low(typingctx, a, i):
-    """a[i:i+8] of a float32 array in lanes 0..7, zeros above."""
-    if not (is_carray(a, types.float32) and is_int(i)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_F32, 8)), align=4)
-        zero = ir.Constant(vty(_F32, 8), [0.0] * 8)
-        return builder.shuffle_vector(v, zero, ir.Constant(vty(_I32), list(range(16))))
-
-    return F32x16(a, i), codegen
 
 
 def _six_bits(high: bool):
@@ -348,7 +393,7 @@ def sbytes4x4(typingctx, w, o):
     return I32x16(w, o), codegen
 
 
-__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "f32x8_low", "hi4",
-           "iadd", "iand", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero", "lo4", "mins_low",
-           "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7", "q5_codes", "q6_high", "q6_low", "row_sums4",
-           "sbytes4x4", "transpose4x4"]
+__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "fold_sm", "hi4",
+           "iadd", "iand", "ihigh8", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero",
+           "lane_diff", "lanes8", "lo4", "pair_quarters", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7",
+           "q5_codes", "q6_high", "q6_low", "row_sums4", "sbytes4x4", "transpose4x4"]
