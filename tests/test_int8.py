@@ -26,7 +26,8 @@ from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 ROOT = Path(__file__).resolve().parent.parent
 INT8 = ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k")
-PACKED = ("q4_0", "q8_0", "mxfp4")
+PACKED = ("q4_0", "q8_0", "mxfp4")  # packed, on q8_0 activations
+REPACKED = (*PACKED, "q4_k")  # every type `prepare` packs (whole groups of 16 rows)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -185,14 +186,14 @@ def test_kernel_is_its_numpy_twin_bit_for_bit(dtype: str, rows: int, cols: int, 
 @pytest.mark.parametrize("dtype", INT8)
 def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
     w = _weights(dtype, 32, 256, 3)
-    if dtype in PACKED:
+    if dtype in REPACKED:
         packed = int8.pack(w, dtype)
         assert packed.nbytes == w.nbytes and packed.shape == (2, 16 * w.shape[1])
         same = w.copy()
         int8.pack(same, dtype, out=same)
         assert np.array_equal(same.reshape(-1), packed.reshape(-1))
     wt = weight(w.copy().reshape(-1), dtype, 32, 256, int8=True)
-    assert wt.int8 and wt.packed == (dtype in PACKED)
+    assert wt.int8 and wt.packed == (dtype in REPACKED)
     x = _inputs(4, 256, 9)
     both = wt(x)
     for i in range(4):  # a row's result never depends on its neighbours
@@ -254,6 +255,7 @@ def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
 
 def test_what_the_kernels_do_not_take_stays_exact() -> None:
     assert int8.takes("q4_k", 6, 256) and not int8.packable("q4_k", 8, 256)  # read from the file's blocks
+    assert int8.packable("q4_k", 16, 256) and not int8.packable("q5_k", 16, 256)  # whole groups: packed
     assert not int8.takes("q3_k", 8, 256) and not int8.takes("q4_0", 8, 64)
     w = _weights("q4_0", 8, 64, 0)
     assert not weight(w.copy(), "q4_0", 8, 64, int8=True).int8  # 8 rows: not whole groups of 16
@@ -350,10 +352,13 @@ def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_pa
         assert eng.store.mapped and eng.store.prepare is None and not any(any(f) for f in eng.model.moe.full.int8.values())
         assert (eng.forward(ids).argmax(-1) == want.argmax(-1)).mean() >= 0.9
     q4k = convert(TRAINED / "tiny-shakespeare-moe", tmp_path / "q4_k", ConvertOptions(dtype="q4_k", progress=False)).out
-    with Engine.open(q4k, kernels="int8", io="auto") as eng:  # q4_k is read as it is: mapped, and on the 8-bit kernels
+    with Engine.open(q4k, kernels="int8", io="mmap") as eng:  # mapped q4_k: the 8-bit kernels on the file's blocks
         assert eng.store.mapped and all(all(f) for f in eng.model.moe.full.int8.values())
+        assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {int8.Q4_K}
         mapped = eng.forward(ids)
-    with Engine.open(q4k, kernels="int8", io="direct") as eng:
+    with Engine.open(q4k, kernels="int8", io="auto") as eng:  # q4_k is packed too now: read, packed, the same bits
+        assert not eng.store.mapped and eng.store.prepare is not None
+        assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {int8.Q4_KP}
         assert np.array_equal(_bits(eng.forward(ids)), _bits(mapped))
 
 

@@ -26,10 +26,11 @@ from mertools.dtypes import DTYPES, KIND
 from mertools.kernels.common import MATVEC_JIT
 from mertools.kernels.q8act import absmax32, half_round, isum16, neg_quad_sums, q8_round32, q8k_round32
 
-__all__ = ["Act8", "Q8_0_ACT", "Q8_K_ACT", "formats_of", "quantize_act"]
+__all__ = ["PACKED_K", "Act8", "Q8_0_ACT", "Q8_K_ACT", "formats_of", "quantize_act"]
 
 Act8 = namedtuple("Act8", "xq dx nsum kq kd ks")  # regions unpack it before their loops (a tuple in one cost 2-4 us)
 Q8_0_ACT, Q8_K_ACT = 1, 2  # formats_of's bits
+PACKED_K = 1 << 10  # added to a K type's code: its bytes repacked by `int8.prepare` (16 rows per super-block)
 # the types whose 8-bit kernels read the file's super-blocks (an `int8_reference`, dtypes/_k8.py): they take q8_K
 _K_KINDS = tuple(KIND[name] for name, dt in DTYPES.items() if dt.int8_reference is not None)
 
@@ -38,7 +39,7 @@ _K_KINDS = tuple(KIND[name] for name, dt in DTYPES.items() if dt.int8_reference 
 def formats_of(kind: int) -> int:
     """The activation format a weight of type code `kind` reads on the 8-bit kernels (Q8_0_ACT or Q8_K_ACT)."""
     for k in _K_KINDS:
-        if kind == k:
+        if kind % PACKED_K == k:
             return Q8_K_ACT
     return Q8_0_ACT
 

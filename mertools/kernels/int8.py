@@ -34,23 +34,26 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8
+from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8, _k8packed
 from mertools.dtypes.base import SCALE_BYTES
 from mertools.errors import QuantizationError
-from mertools.kernels.act8 import Q8_K_ACT, formats_of, quantize_act
+from mertools.kernels.act8 import PACKED_K, Q8_K_ACT, formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzero
 from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
 from mertools.kernels.simd8x import byte_table, copy16, e8m0x16
 
-__all__ = ["GROUP", "INT8_DTYPES", "groups_of", "matmul8", "pack", "packable", "prepare", "swiglu8", "takes"]
+__all__ = ["GROUP", "INT8_DTYPES", "groups_of", "matmul8", "matmul8_kind", "pack", "packable", "prepare", "prepared_kind",
+           "repacks", "swiglu8", "swiglu8_kind", "takes"]
 
 GROUP = 16  # rows packed together, and the rows of a parallel task for every type
 K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same bits as row by row)
 K_ROW_BLOCK = 16  # weight rows per `_k_rows` task: their bytes stay in L2 while the activation rows pass
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
+Q4_KP = Q4_K + PACKED_K  # a Q4_K weight packed by `prepare` (dtypes/_k8packed.py); the file's bytes keep Q4_K
+_PACKED_K = {"q4_k": Q4_KP}  # K types with a packed layout: their kernels take the file's bytes as well
 _PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
     raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: experts8._slot_view)")
@@ -73,7 +76,21 @@ if MXFP4_GEOMETRY[2:] != (1, 1) or Q4_0_GEOMETRY[2:] != (2, 0) or Q8_0_GEOMETRY[
 
 def packable(dtype: str, rows: int, cols: int) -> bool:
     """Whether a (rows, cols) weight of `dtype` is one these kernels take packed (and `pack` packs)."""
-    return DTYPES[dtype].int8_pack is not None and rows > 0 and cols > 0 and rows % GROUP == 0 and cols % 32 == 0
+    whole = rows > 0 and cols > 0 and rows % GROUP == 0
+    if dtype in _PACKED_K:
+        return whole and cols % 256 == 0
+    return DTYPES[dtype].int8_pack is not None and whole and cols % 32 == 0
+
+
+def repacks(dtype: str) -> bool:
+    """Whether `prepare` repacks weights of `dtype` (whole groups of rows): a slot mapped from its file cannot be."""
+    return DTYPES[dtype].int8_pack is not None or dtype in _PACKED_K
+
+
+def prepared_kind(dtype: str, rows: int, cols: int) -> int:
+    """The type code the kernels take a (rows, cols) `dtype` weight by once `prepare` has run on it (a packed K type's
+    own code)."""
+    return _PACKED_K[dtype] if dtype in _PACKED_K and packable(dtype, rows, cols) else KIND[dtype]
 
 
 def takes(dtype: str, rows: int, cols: int) -> bool:
@@ -81,10 +98,11 @@ def takes(dtype: str, rows: int, cols: int) -> bool:
     return packable(dtype, rows, cols) or (DTYPES[dtype].int8_reference is not None and rows > 0 and cols > 0)
 
 
-def _spec(dtype: str, rows: int, cols: int) -> Int8Pack:
+def _spec(dtype: str, rows: int, cols: int) -> Int8Pack | None:
     if not packable(dtype, rows, cols):
+        types_ = [d for d in INT8_DTYPES if DTYPES[d].int8_pack or d in _PACKED_K]
         raise QuantizationError(f"int8: a {dtype} weight ({rows}, {cols}) is not packed for the 8-bit kernels "
-                                f"(types {', '.join(d for d in INT8_DTYPES if DTYPES[d].int8_pack)}, rows a multiple of {GROUP})")
+                                f"(types {', '.join(types_)}, rows a multiple of {GROUP})")
     return DTYPES[dtype].int8_pack
 
 
@@ -125,13 +143,21 @@ def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarra
     dt = DTYPES[dtype]
     spec = _spec(dtype, rows, rb // dt.type_size * dt.block_size)
     target = np.empty((rows // GROUP, GROUP * rb), np.uint8) if out is None else out.reshape(rows // GROUP, GROUP * rb)
-    _pack(w2, target, spec.parts, spec.flip, SCALE_BYTES[dt.scale_format])
+    if spec is None:  # a K type
+        _k8packed.pack_q4_k(w2, target)
+    else:
+        _pack(w2, target, spec.parts, spec.flip, SCALE_BYTES[dt.scale_format])
     return target
 
 
 def prepare(w2: np.ndarray, dtype: str) -> np.ndarray:
-    """w2 (rows, row_bytes) as these kernels read it: packed in place, or w2 itself for a type read as it is."""
-    return pack(w2, dtype, out=w2) if DTYPES[dtype].int8_pack is not None else w2
+    """w2 (rows, row_bytes) as these kernels read it (`prepared_kind` says how): packed in place, or w2 itself for a
+    type read as it is."""
+    rows, rb = w2.shape
+    dt = DTYPES[dtype]
+    if dt.int8_pack is not None or packable(dtype, rows, rb // dt.type_size * dt.block_size):
+        return pack(w2, dtype, out=w2)
+    return w2
 
 
 # ---------------------------------------------------------------- products
@@ -192,6 +218,8 @@ def _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
         _packed_group(xq, dx, nsum, i, w, g, Q8_0_GEOMETRY, out, io)
     elif kind == MXFP4:
         _packed_group(xq, dx, nsum, i, w, g, MXFP4_GEOMETRY, out, io)
+    elif kind == Q4_KP:
+        _k8packed.q4_k_packed_group(kq, kd, ks, i, w, g, out, io)
     else:
         for r0 in range(GROUP * g, min(GROUP * g + GROUP, out.shape[1]), 4):
             if kind == Q6_K:
@@ -243,9 +271,15 @@ def _k_rows(kind, kq, kd, ks, w, out):
 # compiled callers of the regions: the activations never cross into Python (boxing 7 arrays and back cost ~10 us,
 # a fifth of a small expert's product)
 @njit(**MATVEC_JIT)
+def _rows_kernel(kind):
+    """Whether a prompt's rows of a weight of type code `kind` go to `_k_rows` (a K type's file bytes)."""
+    return formats_of(kind) == Q8_K_ACT and kind < PACKED_K
+
+
+@njit(**MATVEC_JIT)
 def _quantized_matmul8(kind, x2, w, out):
     a = quantize_act(x2, formats_of(kind))
-    if x2.shape[0] >= K_ROWS_MIN and formats_of(kind) == Q8_K_ACT:
+    if x2.shape[0] >= K_ROWS_MIN and _rows_kernel(kind):
         _k_rows(kind, a.kq, a.kd, a.ks, w, out)
     else:
         _matmul8(kind, a, w, out)
@@ -254,7 +288,7 @@ def _quantized_matmul8(kind, x2, w, out):
 @njit(**MATVEC_JIT)
 def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
     a = quantize_act(x2, formats_of(kg) | formats_of(ku))
-    if x2.shape[0] >= K_ROWS_MIN and formats_of(kg) == Q8_K_ACT and formats_of(ku) == Q8_K_ACT:
+    if x2.shape[0] >= K_ROWS_MIN and _rows_kernel(kg) and _rows_kernel(ku):
         _k_rows(kg, a.kq, a.kd, a.ks, wg, h)
         _k_rows(ku, a.kq, a.kd, a.ks, wu, u)
         for i in range(h.shape[0]):
@@ -264,18 +298,30 @@ def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
         _swiglu8(a, kg, wg, ku, wu, h, u)
 
 
-def matmul8(x2: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
-    """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), w W's bytes as `prepare` left them; each row of x2
-    computed alone (the same bits whatever n)."""
-    _quantized_matmul8(KIND[dtype], x2, w, out)
+def matmul8_kind(x2: np.ndarray, w: np.ndarray, kind: int, out: np.ndarray) -> np.ndarray:
+    """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), w W's bytes as taken by type code `kind` (`prepared_kind`
+    after `prepare`, or a K type's file bytes by its own code); each row of x2 computed alone (the same bits whatever
+    n)."""
+    _quantized_matmul8(kind, x2, w, out)
     return out
 
 
-def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, str], d_ff: int) -> np.ndarray:
-    """silu(x2 @ G.T) * (x2 @ U.T), float32 (n, d_ff), for gate and up (bytes as `prepare` left them, dtype) sharing
-    x2's quants."""
-    (wg, dg), (wu, du) = gate, up
+def matmul8(x2: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """`matmul8_kind` for w as `prepare` left it."""
+    return matmul8_kind(x2, w, prepared_kind(dtype, out.shape[1], x2.shape[1]), out)
+
+
+def swiglu8_kind(x2: np.ndarray, wg: np.ndarray, kg: int, wu: np.ndarray, ku: int, d_ff: int) -> np.ndarray:
+    """silu(x2 @ G.T) * (x2 @ U.T), float32 (n, d_ff), for gate and up bytes taken by type codes kg, ku (as in
+    `matmul8_kind`) sharing x2's quants."""
     n = x2.shape[0]
     h, u = np.empty((n, d_ff), np.float32), np.empty((n, d_ff), np.float32)
-    _quantized_swiglu8(x2, KIND[dg], wg, KIND[du], wu, h, u)
+    _quantized_swiglu8(x2, kg, wg, ku, wu, h, u)
     return h
+
+
+def swiglu8(x2: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, str], d_ff: int) -> np.ndarray:
+    """`swiglu8_kind` for gate and up (bytes as `prepare` left them, dtype)."""
+    (wg, dg), (wu, du) = gate, up
+    cols = x2.shape[1]
+    return swiglu8_kind(x2, wg, prepared_kind(dg, d_ff, cols), wu, prepared_kind(du, d_ff, cols), d_ff)

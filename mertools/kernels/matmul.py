@@ -27,6 +27,7 @@ from mertools.kernels import gemm_kernels as _g
 from mertools.kernels import int8 as _i8
 from mertools.kernels import matmul_kernels as _k
 from mertools.kernels import matvec_kernels as _mv
+from mertools.kernels.act8 import PACKED_K
 
 __all__ = ["MATMUL_DTYPES", "Weight", "matmul", "get_rows", "layout_weight", "swiglu_expert", "swiglu_weights", "weight"]
 
@@ -118,23 +119,27 @@ class Weight:
     rows, docs/BENCHMARKS.md "Decode: notes")."""
 
     w2: np.ndarray  # uint8 (rows, row_bytes); packed (int8 and a packed type): (rows / 16, 16 * row_bytes)
-    kind: int
+    kind: int  # the type code the kernels take w2 by (a packed K type's own, `int8.prepared_kind`)
     rows: int
     cols: int
     int8: bool = False  # the bytes as `int8.prepare` left them, for the 8-bit kernels
 
     @property
+    def dtype(self) -> str:
+        return _DTYPE_OF[self.kind % PACKED_K]
+
+    @property
     def packed(self) -> bool:
-        return self.int8 and DTYPES[_DTYPE_OF[self.kind]].int8_pack is not None
+        return self.int8 and (DTYPES[self.dtype].int8_pack is not None or self.kind >= PACKED_K)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
         plain = x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == self.cols and x.flags.c_contiguous and len(x)
         if self.int8:
-            x2 = x if plain else _check_x(x, _DTYPE_OF[self.kind], self.rows, self.cols, "matmul")
-            return _i8.matmul8(x2, self.w2, _DTYPE_OF[self.kind], np.empty((x2.shape[0], self.rows), np.float32))
+            x2 = x if plain else _check_x(x, self.dtype, self.rows, self.cols, "matmul")
+            return _i8.matmul8_kind(x2, self.w2, self.kind, np.empty((x2.shape[0], self.rows), np.float32))
         if not plain:
-            return matmul(x, self.w2, _DTYPE_OF[self.kind], self.rows, self.cols)
+            return matmul(x, self.w2, self.dtype, self.rows, self.cols)
         return _product(self.kind, x, self.w2, np.empty((x.shape[0], self.rows), np.float32))
 
     def row_block(self, start: int, n: int) -> Weight:
@@ -147,13 +152,17 @@ class Weight:
         return Weight(self.w2[start // _i8.GROUP:(start + n) // _i8.GROUP], self.kind, n, self.cols, True)
 
 
-def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) -> Weight:
+def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False,
+                  prepared: bool | None = None) -> Weight:
     """A `Weight` over bytes whose size the layout's manifest has checked against (rows, cols) of `dtype` (an expert
-    slot's tensor): only shaped, as an expert is applied a few times per layer and token. `int8`: the slot's bytes
-    were prepared for the 8-bit kernels (`int8.prepare`: packed in place, for a packed type) after their load."""
-    if int8 and DTYPES[dtype].int8_pack is not None:
-        return Weight(w.reshape(rows // _i8.GROUP, -1), _KIND[dtype], rows, cols, True)
-    return Weight(w.reshape(rows, -1), _KIND[dtype], rows, cols, int8)
+    slot's tensor): only shaped, as an expert is applied a few times per layer and token. `int8`: for the 8-bit
+    kernels; `prepared` (default: int8) the slot's bytes went through `int8.prepare` after their load (packed in
+    place, for a packed type; a K type's file bytes run its file kernels when not)."""
+    prepared = int8 if prepared is None else prepared
+    kind = _i8.prepared_kind(dtype, rows, cols) if int8 and prepared else _KIND[dtype]
+    if int8 and prepared and (DTYPES[dtype].int8_pack is not None or kind >= PACKED_K):
+        return Weight(w.reshape(rows // _i8.GROUP, -1), kind, rows, cols, True)
+    return Weight(w.reshape(rows, -1), kind, rows, cols, int8)
 
 
 def weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) -> Weight:
@@ -163,7 +172,7 @@ def weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) 
         raise QuantizationError(f"weight: an empty {dtype} weight ({rows}, {cols}) has no kernel call")
     w2 = _check_weight(w, dtype, rows, cols, "weight")
     if int8 and _i8.takes(dtype, rows, cols):
-        return Weight(_i8.prepare(w2, dtype), _KIND[dtype], rows, cols, True)
+        return Weight(_i8.prepare(w2, dtype), _i8.prepared_kind(dtype, rows, cols), rows, cols, True)
     return Weight(w2, _KIND[dtype], rows, cols)
 
 
@@ -173,7 +182,7 @@ def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.
     gate and up both on the 8-bit kernels (`int8`), the fused 8-bit kernel."""
     n = x.shape[0]
     if gate.int8 and up.int8:
-        return down(_i8.swiglu8(x, (gate.w2, _DTYPE_OF[gate.kind]), (up.w2, _DTYPE_OF[up.kind]), gate.rows))
+        return down(_i8.swiglu8_kind(x, gate.w2, gate.kind, up.w2, up.kind, gate.rows))
     if n > MATVEC_ROWS_MAX or gate.int8 or up.int8:  # many rows, or each of gate and up on its own kernels
         return down(silu_mul(gate(x), up(x)))
     h = np.empty((n, gate.rows), np.float32)

@@ -12,6 +12,7 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     row_sums4(a, b, c, d)    four groups' lanes summed per row: lane 4r + g = group g's row r (its quarter r)
     transpose4x4(v)          lane 4i + j <- lane 4j + i (float32): row_sums4's lanes back to rows in order
     ihigh8, fold_sm, pair_quarters, lanes8, lane_diff: the K types' integer super-block sums (see `dtypes/_k8.py`)
+    bcast4(a, o), u8x16(a, o), isplat(a, i): a packed Q4_K's loads (4 activation bytes in every lane, 16 rows' bytes)
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
 pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale);
@@ -240,6 +241,43 @@ def lane_diff(typingctx, v, j):
     return types.float32(v, j), codegen
 
 
+@intrinsic
+def bcast4(typingctx, a, o):
+    """The 4 bytes a[o:o+4] of a uint8 array in every 4-byte lane (a vpbroadcastd: 64 bytes)."""
+    if not (is_carray(a, types.uint8) and is_int(o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
+        return builder.bitcast(_splat(builder, v), vty(_I8, 64))
+
+    return B64(a, o), codegen
+
+
+@intrinsic
+def u8x16(typingctx, a, o):
+    """The 16 bytes a[o:o+16] of a uint8 array, zero-extended to int32 lanes."""
+    if not (is_carray(a, types.uint8) and is_int(o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.zext(_u8_at(sig, args, context, builder, vty(_I8, 16)), vty(_I32))
+
+    return I32x16(a, o), codegen
+
+
+@intrinsic
+def isplat(typingctx, a, i):
+    """a[i] of an int32 array in every lane."""
+    if not (is_carray(a, types.int32) and is_int(i)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], _I32), align=4))
+
+    return I32x16(a, i), codegen
+
+
 def _lanes_of(pattern: list[int]):
     """Intrinsic v -> the int32 lanes v[pattern[i]] (a constant shuffle)."""
 
@@ -393,7 +431,7 @@ def sbytes4x4(typingctx, w, o):
     return I32x16(w, o), codegen
 
 
-__all__ = ["B64", "VNNI", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "fold_sm", "hi4",
-           "iadd", "iand", "ihigh8", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isub", "ivload4x4", "izero",
-           "lane_diff", "lanes8", "lo4", "pair_quarters", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7",
-           "q5_codes", "q6_high", "q6_low", "row_sums4", "sbytes4x4", "transpose4x4"]
+__all__ = ["B64", "VNNI", "bcast4", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "fold_sm", "hi4",
+           "iadd", "iand", "ihigh8", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isplat", "isub", "ivload4x4",
+           "izero", "lane_diff", "lanes8", "lo4", "pair_quarters", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7",
+           "q5_codes", "q6_high", "q6_low", "row_sums4", "sbytes4x4", "transpose4x4", "u8x16"]

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import DTYPES
 from ..errors import RuntimeConfigError
+from ..kernels import int8
 from ..kernels.gemm_kernels import GEMM_MIN_N
 from ..layout.reader import Layout
 from . import generation
@@ -164,7 +164,7 @@ class Engine:
                     + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
         # the 8-bit kernels pack some types' slots in place after their read, which a mapping of the file cannot take
-        packs = kernels == "int8" and any(DTYPES[t.dtype].int8_pack is not None for e in m.experts for t in e.tensors.values())
+        packs = kernels == "int8" and any(int8.repacks(t.dtype) for e in m.experts for t in e.tensors.values())
         if io == "auto":  # mapped slots cost no memory of their own, but a budget below the experts asks for a bound
             io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) and not packs else "direct"
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"

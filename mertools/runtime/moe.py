@@ -84,8 +84,14 @@ class Tier:
 
         shapes = _shapes(cfg)
 
+        def kind(e: ExpertEntry, role: str) -> int:  # a prepared slot's K type is packed (int8.prepared_kind)
+            dtype = e.tensors[role].dtype
+            if kernels == "int8" and store.prepare is not None and int8.takes(dtype, *shapes[role]):
+                return int8.prepared_kind(dtype, *shapes[role])
+            return KIND[dtype]
+
         def geometry(e: ExpertEntry) -> np.ndarray:
-            return np.array([[e.tensors[r].offset, KIND[e.tensors[r].dtype], DTYPES[e.tensors[r].dtype].row_bytes(shapes[r][1]),
+            return np.array([[e.tensors[r].offset, kind(e, r), DTYPES[e.tensors[r].dtype].row_bytes(shapes[r][1]),
                               e.tensors[b].offset if cfg.expert_mlp_bias else -1]
                              for r, b in zip(ROLES, BIAS_ROLES, strict=True)], np.int64)
 
@@ -255,8 +261,10 @@ class StreamingMoE:
         dg, du, dd = tier.dtypes[key]
         pg, pu, pd = tier.int8[key]
         # the slot's bytes, sized by the manifest and prepared by the store: shaped, not checked again per call
-        wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu),
-                      layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd))
+        ready = store.prepare is not None
+        wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg, ready),
+                      layout_weight(u, du, cfg.d_ff, cfg.d_model, pu, ready),
+                      layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd, ready))
         mlp = None
         if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on those weights
             biases = {r: store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
