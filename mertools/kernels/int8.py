@@ -18,8 +18,10 @@ the 16 rows (4 rows per vector and a float multiply per block and lane streamed 
 file's 17-, 18- or 34-byte blocks need 4 loads and 4 inserts of each, slower than the exact kernels). MXFP4's
 nibbles index its value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's
 bytes, so a cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes:
-their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks, so their weights are never repacked; from
-K_ROWS_MIN activation rows on (a prompt) they run `_k_rows`, which decodes a weight row's block once for 8 rows.
+their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks (a slot mapped from its file, or streamed
+without packing), and from K_ROWS_MIN activation rows on (a prompt) run `_k_rows`, which decodes a weight row's block
+once for 8 rows. Q4_K is also packed by 16 rows where `prepare` runs (dtypes/_k8packed.py: one int32 lane per row,
+2.5-3x the file kernel in cache), its type code then `Q4_KP` (`prepared_kind`), with the file kernel's bits.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b, S = the integer sum of quant * activation quant over the block's 32 weights;
