@@ -14,8 +14,8 @@ A vpdpbusd then takes 64 bytes (4 codes of each row) and 4 activation quants bro
 a sub-block for the 16 rows, whose scales (16 bytes a vector, decoded for the 16 rows at once) multiply each lane
 once per sub-block, not once per dot product; the mins meet the activations' per-32 sums likewise. The result is the
 file kernels' arithmetic (`_k8.k4_group`: integer S and M per super-block, two float32 sums), so
-`q4_k_int8_reference` defines both, bit for bit. 2.5-3x the file kernel's speed with the matrix in cache, 1.1-1.6x
-from DRAM (docs/BENCHMARKS.md "Decode: notes").
+`q4_k_int8_reference` defines both, bit for bit. What it gains over the file kernel: docs/BENCHMARKS.md "Decode:
+notes". No software prefetch: it made this kernel slower from DRAM.
 """
 
 from __future__ import annotations

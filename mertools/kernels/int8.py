@@ -14,14 +14,15 @@ Q4_0, Q8_0 and MXFP4 (an `Int8Pack`) are packed: rows go by groups of 16 (rows %
 the group's 16 scales come first (f16, or MXFP4's exponent bytes; lane 4r + j holds row 4j + r's), then for each
 4 rows their 16-byte runs of quants (64 bytes): one load gives a vpdpbusd its 64 weight bytes, 4 rows' sums in its
 quarters; `row_sums4` folds 4 such vectors into one sum per row, which meets its scale in one float multiply-add for
-the 16 rows (4 rows per vector and a float multiply per block and lane streamed ~1.2x slower from memory; the
-file's 17-, 18- or 34-byte blocks need 4 loads and 4 inserts of each, slower than the exact kernels). MXFP4's
+the 16 rows (4 rows per vector and a float multiply per block and lane were slower from memory; one row per lane,
+as the packed Q4_K, was no faster for these types; the file's 17-, 18- or 34-byte blocks need 4 loads and 4 inserts
+of each, slower than the exact kernels). MXFP4's
 nibbles index its value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's
 bytes, so a cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes:
 their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks (a slot mapped from its file, or streamed
 without packing), and from K_ROWS_MIN activation rows on (a prompt) run `_k_rows`, which decodes a weight row's block
-once for 8 rows. Q4_K is also packed by 16 rows where `prepare` runs (dtypes/_k8packed.py: one int32 lane per row,
-2.5-3x the file kernel in cache), its type code then `Q4_KP` (`prepared_kind`), with the file kernel's bits.
+once for 8 rows. Q4_K is also packed by 16 rows where `prepare` runs (dtypes/_k8packed.py: one int32 lane per row, a
+sub-block's scale applied once per 16 rows), its type code then `Q4_KP` (`prepared_kind`), with the file kernel's bits.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b, S = the integer sum of quant * activation quant over the block's 32 weights;
