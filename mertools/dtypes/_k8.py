@@ -3,7 +3,7 @@
 A K super-block holds its 256 weights' codes in 128 contiguous bytes (and Q5_K / Q6_K their high bits in 32 or 64
 more), so a row's block is a few 64-byte vectors, each meeting 64 activation quants (ggml's q8_K of x: one scale dk
 per 256, kernels/act8.py) in one vpdpbusd: 16 int32 lanes of 4 products. No repacking: slots mapped from the files
-run these as well.
+run these as well (where a slot is prepared, Q4_K runs packed instead, `_k8packed.py`, with these kernels' bits).
 
 - Q4_K / Q5_K (sub-blocks of 32 with 6-bit scales and mins): qs[0:64] holds sub-blocks 0 and 2 in its low nibbles
   (each 32-byte chunk: weights 0-15 then 16-31) and 1 and 3 in its high ones; qs[64:128] likewise 4, 6 and 5, 7;

@@ -20,7 +20,7 @@ from numba import carray, njit, prange
 
 from mertools.kernels.act8 import formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT
-from mertools.kernels.int8 import GROUP, MXFP4, Q4_0, Q4_KP, Q8_0, _group, groups_of
+from mertools.kernels.int8 import GROUP, _group, groups_of, is_packed
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import f32_ptr, u8_ptr
 
@@ -52,7 +52,7 @@ def _slot_view(arena, off, rows, rb, kind):
     """The (rows, rb) weight at byte `off` of a byte buffer (the dense matrices' arena, a cache slot), as `_group`
     reads it (packed types by groups)."""
     w = arena[off:off + rows * rb]
-    if kind == Q4_0 or kind == Q8_0 or kind == MXFP4 or kind == Q4_KP:  # packed (the registry checked at import)
+    if is_packed(kind):
         return w.reshape(rows // GROUP, GROUP * rb)
     return w.reshape(rows, rb)
 

@@ -47,8 +47,8 @@ from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzer
 from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
 from mertools.kernels.simd8x import byte_table, copy16, e8m0x16
 
-__all__ = ["GROUP", "INT8_DTYPES", "groups_of", "matmul8", "matmul8_kind", "pack", "packable", "prepare", "prepared_kind",
-           "repacks", "swiglu8", "swiglu8_kind", "takes"]
+__all__ = ["GROUP", "INT8_DTYPES", "PACKED_KINDS", "groups_of", "is_packed", "matmul8", "matmul8_kind", "pack",
+           "packable", "prepare", "prepared_kind", "repacks", "swiglu8", "swiglu8_kind", "takes"]
 
 GROUP = 16  # rows packed together, and the rows of a parallel task for every type
 K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same bits as row by row)
@@ -59,7 +59,17 @@ Q4_KP = Q4_K + PACKED_K  # a Q4_K weight packed by `prepare` (dtypes/_k8packed.p
 _PACKED_K = {"q4_k": Q4_KP}  # K types with a packed layout: their kernels take the file's bytes as well
 _PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
-    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group (packed: experts8._slot_view)")
+    raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group")
+PACKED_KINDS = tuple(KIND[d] for d in sorted(_PACKED)) + tuple(_PACKED_K.values())  # codes of bytes packed by `prepare`
+
+
+@njit(**MATVEC_JIT)
+def is_packed(kind):
+    """Whether type code `kind` takes its bytes packed by groups of GROUP rows (shape (rows / 16, 16 * row bytes))."""
+    for k in PACKED_KINDS:
+        if kind == k:
+            return True
+    return False
 
 
 def _geometry(dtype: str) -> tuple[int, int, int, int]:
@@ -103,9 +113,8 @@ def takes(dtype: str, rows: int, cols: int) -> bool:
 
 def _spec(dtype: str, rows: int, cols: int) -> Int8Pack | None:
     if not packable(dtype, rows, cols):
-        types_ = [d for d in INT8_DTYPES if DTYPES[d].int8_pack or d in _PACKED_K]
         raise QuantizationError(f"int8: a {dtype} weight ({rows}, {cols}) is not packed for the 8-bit kernels "
-                                f"(types {', '.join(types_)}, rows a multiple of {GROUP})")
+                                f"(types {', '.join(d for d in INT8_DTYPES if repacks(d))}, rows a multiple of {GROUP})")
     return DTYPES[dtype].int8_pack
 
 
@@ -146,7 +155,7 @@ def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarra
     dt = DTYPES[dtype]
     spec = _spec(dtype, rows, rb // dt.type_size * dt.block_size)
     target = np.empty((rows // GROUP, GROUP * rb), np.uint8) if out is None else out.reshape(rows // GROUP, GROUP * rb)
-    if spec is None:  # a K type
+    if dtype in _PACKED_K:
         _k8packed.pack_q4_k(w2, target)
     else:
         _pack(w2, target, spec.parts, spec.flip, SCALE_BYTES[dt.scale_format])

@@ -130,7 +130,7 @@ class Weight:
 
     @property
     def packed(self) -> bool:
-        return self.int8 and (DTYPES[self.dtype].int8_pack is not None or self.kind >= PACKED_K)
+        return self.int8 and self.kind in _i8.PACKED_KINDS
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (n, rows) = x @ W.T for x float32 (n, cols); anything else goes through `matmul`'s checks."""
@@ -152,15 +152,14 @@ class Weight:
         return Weight(self.w2[start // _i8.GROUP:(start + n) // _i8.GROUP], self.kind, n, self.cols, True)
 
 
-def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False,
-                  prepared: bool | None = None) -> Weight:
+def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False, kind: int | None = None) -> Weight:
     """A `Weight` over bytes whose size the layout's manifest has checked against (rows, cols) of `dtype` (an expert
     slot's tensor): only shaped, as an expert is applied a few times per layer and token. `int8`: for the 8-bit
-    kernels; `prepared` (default: int8) the slot's bytes went through `int8.prepare` after their load (packed in
-    place, for a packed type; a K type's file bytes run its file kernels when not)."""
-    prepared = int8 if prepared is None else prepared
-    kind = _i8.prepared_kind(dtype, rows, cols) if int8 and prepared else _KIND[dtype]
-    if int8 and prepared and (DTYPES[dtype].int8_pack is not None or kind >= PACKED_K):
+    kernels; `kind` the type code they take the bytes by (default the type's own: `int8.prepared_kind` when the store
+    prepared the slot, which a runtime tier holds per expert, so a packed type's bytes are packed and a K type's
+    bytes are packed or the file's)."""
+    kind = _KIND[dtype] if kind is None else kind
+    if int8 and kind in _i8.PACKED_KINDS:
         return Weight(w.reshape(rows // _i8.GROUP, -1), kind, rows, cols, True)
     return Weight(w.reshape(rows, -1), kind, rows, cols, int8)
 

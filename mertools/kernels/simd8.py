@@ -158,18 +158,6 @@ def row_sums4(typingctx, a, b, c, d):
 
 
 @intrinsic
-def transpose4x4(typingctx, v):
-    """Lane 4i + j <- lane 4j + i (float32): `row_sums4`'s order back to rows in sequence."""
-    if v != F32x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.shuffle_vector(args[0], args[0], ir.Constant(vty(_I32), [4 * (m % 4) + m // 4 for m in range(16)]))
-
-    return F32x16(v), codegen
-
-
-@intrinsic
 def ihigh8(typingctx, a, i):
     """a[i:i+8] of an int32 array in lanes 8..15, zeros in lanes 0..7."""
     if not (is_carray(a, types.int32) and is_int(i)):
@@ -278,20 +266,23 @@ def isplat(typingctx, a, i):
     return I32x16(a, i), codegen
 
 
-def _lanes_of(pattern: list[int]):
-    """Intrinsic v -> the int32 lanes v[pattern[i]] (a constant shuffle)."""
+def _lanes_of(pattern: list[int], vt=I32x16):  # noqa: ANN001 - a numba vector type
+    """Intrinsic v -> the lanes v[pattern[i]] of a vector of type vt (a constant shuffle)."""
 
     @intrinsic
     def pick(typingctx, v):
-        if v != I32x16:
+        if v != vt:
             return None
 
         def codegen(context, builder, sig, args):
             return builder.shuffle_vector(args[0], args[0], ir.Constant(vty(_I32), pattern))
 
-        return I32x16(v), codegen
+        return vt(v), codegen
 
     return pick
+
+
+transpose4x4 = _lanes_of([4 * (m % 4) + m // 4 for m in range(16)], F32x16)  # lane 4i + j <- 4j + i: rows in order
 
 
 # a K-quant super-block's [sc_0..sc_7, m_0..m_7] lanes spread over the lanes of the dot products that need them

@@ -261,10 +261,9 @@ class StreamingMoE:
         dg, du, dd = tier.dtypes[key]
         pg, pu, pd = tier.int8[key]
         # the slot's bytes, sized by the manifest and prepared by the store: shaped, not checked again per call
-        ready = store.prepare is not None
-        wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg, ready),
-                      layout_weight(u, du, cfg.d_ff, cfg.d_model, pu, ready),
-                      layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd, ready))
+        kg, ku, kd = (int(k) for k in tier.geometry[key][:, 1])  # the type codes the kernels take the slot by
+        wg, wu, wd = (layout_weight(g, dg, cfg.d_ff, cfg.d_model, pg, kg), layout_weight(u, du, cfg.d_ff, cfg.d_model, pu, ku),
+                      layout_weight(d, dd, cfg.d_model, cfg.d_ff, pd, kd))
         mlp = None
         if not cfg.plain_swiglu:  # expert biases and/or a clamped GLU: the family's expert piece on those weights
             biases = {r: store.tensor(slot, key, r).view(np.float32) for r in BIAS_ROLES} if cfg.expert_mlp_bias else {}
