@@ -90,11 +90,11 @@ def test_activations_of_the_k_types_are_ggml_q8_k() -> None:
     x[2, 301] = -x[2, 300]  # and reached twice: the first one counts
     x[0, 5:9] = np.float32(0.5) * np.float32(-127.0) / x[0].__abs__().max() * -1  # products near ties
     xq, dx, nsum, kq, kd, ks = act8.quantize_act(x, act8.Q8_K_ACT)
-    assert xq.shape == (3, 0) and kq.shape == (3, 512) and kd.shape == (3, 2) and ks.shape == (3, 16)
+    assert xq.shape == (3, 0) and kq.shape == (3, 512) and kd.shape == (3, 2) and ks.shape == (3, 32)
     want_q, want_d = _q8_k_ggml(x)
     assert np.array_equal(kq.view(np.int8).reshape(-1, 256), want_q)
     assert np.array_equal(_bits(kd.reshape(-1)), _bits(want_d))
-    assert ks.dtype == np.int32 and np.array_equal(ks, want_q.astype(np.int64).reshape(3, 16, 32).sum(-1))
+    assert ks.dtype == np.int32 and np.array_equal(ks, want_q.astype(np.int64).reshape(3, 32, 16).sum(-1))
     rq, rd, rs = ref.quantize_k(x)
     assert np.array_equal(rq.reshape(-1, 256), want_q) and np.array_equal(_bits(rd), _bits(kd))
     assert np.array_equal(rs, ks)

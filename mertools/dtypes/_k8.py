@@ -40,9 +40,9 @@ from mertools.kernels.simd8 import (
     fold_sm,
     hi4,
     iadd,
-    ihigh8,
     imul,
     ineg,
+    ipairs_high8,
     izero,
     lane_diff,
     lanes8,
@@ -92,7 +92,7 @@ def _k4_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, b: np.ndarray,
         for v, (a, c) in enumerate(_PAIRS):
             dots = (codes[v] * np.concatenate([x[:, a], x[:, c]], axis=1)).reshape(rows, nb, 2, 32).sum(-1)
             s += dots[..., 0] * sc[..., a] + dots[..., 1] * sc[..., c]  # exact: within int32 (tests)
-        mins = (m * ks[i].reshape(nb, 8).astype(np.int64)).sum(-1)
+        mins = (m * ks[i].reshape(nb, 8, 2).sum(-1).astype(np.int64)).sum(-1)
         acc_s, acc_m = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
         for blk in range(nb):  # block order, one float32 addition at a time
             acc_s = acc_s + s[:, blk].astype(np.float32) * (d[:, blk] * kd[i, blk])
@@ -103,7 +103,7 @@ def _k4_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, b: np.ndarray,
 
 def q4_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.ndarray) -> np.ndarray:
     """`k4_group` in numpy: kq int32 (n, cols/256, 256) the activations' q8_K quants, kd float32 (n, cols/256) their
-    scales, ks int32 (n, cols/32) each 32 quants' sum, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
+    scales, ks int32 (n, cols/16) each 16 quants' sum, w2 uint8 (rows, row_bytes) -> float32 (n, rows)."""
     b = np.asarray(w2, np.uint8).reshape(w2.shape[0], -1, Q4_K_BYTES)
     qs = b[..., 16:].astype(np.int32)
     return _k4_reference(kq, kd, ks, b, [qs[..., :64] & 15, qs[..., :64] >> 4, qs[..., 64:] & 15, qs[..., 64:] >> 4])
@@ -182,7 +182,7 @@ def _k4_x(kq, ks, i, blk):
     sums in lanes 8-15."""
     xo = kq.shape[1] * i + 256 * blk
     return (bytes32x2(kq, xo, xo + 64), bytes32x2(kq, xo + 32, xo + 96), bytes32x2(kq, xo + 128, xo + 192),
-            bytes32x2(kq, xo + 160, xo + 224), ihigh8(ks, ks.shape[1] * i + 8 * blk))
+            bytes32x2(kq, xo + 160, xo + 224), ipairs_high8(ks, ks.shape[1] * i + 16 * blk))
 
 
 @njit(**MATVEC_JIT)

@@ -94,8 +94,9 @@ def q4_k_packed_group(kq, kd, ks, i, wp, g, out, io):
                 lo = dpbusd(lo, lo4(v), bcast4(kq, x + 4 * p))
                 hi = dpbusd(hi, hi4(v), bcast4(kq, x + 32 + 4 * p))
             s = iadd(s, iadd(imul(lo, _scales(wr, o, 2 * c)), imul(hi, _scales(wr, o, 2 * c + 1))))
-            m = iadd(m, iadd(imul(_mins(wr, o, 2 * c), isplat(ks, so + 8 * b + 2 * c)),
-                             imul(_mins(wr, o, 2 * c + 1), isplat(ks, so + 8 * b + 2 * c + 1))))
+            k = so + 16 * b + 4 * c  # the per-16 sums of sub-blocks 2c and 2c + 1, two each
+            m = iadd(m, iadd(imul(_mins(wr, o, 2 * c), iadd(isplat(ks, k), isplat(ks, k + 1))),
+                             imul(_mins(wr, o, 2 * c + 1), iadd(isplat(ks, k + 2), isplat(ks, k + 3)))))
         dk = vsplat(kd[i, b])
         acc_s = vadd(acc_s, vmul(vtof(s), vmul(half16(wr, o), dk)))
         acc_m = vadd(acc_m, vmul(vtof(m), vmul(half16(wr, o + 32), dk)))

@@ -9,9 +9,10 @@ for has arrays of zero columns:
 
     xq uint8 (n, cols)       q8_0 quants (int8 bytes)   kq uint8 (n, cols)       q8_K quants (int8 bytes)
     dx float32 (n, cols/32)  their f16 scales            kd float32 (n, cols/256) their scales
-    nsum int32 (n, cols/8)   minus each lane's sum       ks int32 (n, cols/32)    the sum of each 32 quants
+    nsum int32 (n, cols/8)   minus each lane's sum       ks int32 (n, cols/16)    the sum of each 16 quants
 
-(a lane: weights 4j..4j+3 and 16+4j..16+4j+3 of a block, j < 4, what a packed group's dot product sums). Numpy
+(a lane: weights 4j..4j+3 and 16+4j..16+4j+3 of a block, j < 4, what a packed group's dot product sums; ks is
+ggml's bsums: Q6_K's groups of 16 take them one by one, Q4_K's sub-blocks of 32 by pairs). Numpy
 definitions: kernels/int8_reference.py, held bit for bit by tests/test_int8.py.
 """
 
@@ -24,7 +25,7 @@ from numba import njit
 
 from mertools.dtypes import DTYPES, KIND
 from mertools.kernels.common import MATVEC_JIT
-from mertools.kernels.q8act import absmax32, half_round, isum16, neg_quad_sums, q8_round32, q8k_round32
+from mertools.kernels.q8act import absmax32, half_round, neg_quad_sums, q8_round32, q8k_round32
 
 __all__ = ["PACKED_K", "Act8", "Q8_0_ACT", "Q8_K_ACT", "formats_of", "quantize_act"]
 
@@ -59,9 +60,10 @@ def _q8_0_rows(x, xq, dx, nsum):
 
 @njit(**MATVEC_JIT)
 def _q8_k_rows(x, kq, kd, ks):
-    """quantize_row_q8_K_ref of each row of x (n, cols), with each 32 quants' sum (ggml's bsums, per 32)."""
+    """quantize_row_q8_K_ref of each row of x (n, cols), with each 16 quants' sum (ggml's bsums)."""
     for i in range(x.shape[0]):
         xi, qi = x[i], kq[i]
+        qs = qi.view(np.int8)
         for b in range(x.shape[1] // 256):
             o = 256 * b
             amax = np.float32(0.0)
@@ -70,7 +72,7 @@ def _q8_k_rows(x, kq, kd, ks):
             if amax == np.float32(0.0):  # ggml: d = 0, quants 0 (NaN never counts: `ax > amax`)
                 kd[i, b] = np.float32(0.0)
                 qi[o:o + 256] = 0
-                ks[i, 8 * b:8 * b + 8] = 0
+                ks[i, 16 * b:16 * b + 16] = 0
                 continue
             j = o
             while abs(xi[j]) != amax:  # the first element reaching it, with its sign
@@ -79,7 +81,12 @@ def _q8_k_rows(x, kq, kd, ks):
             d = np.float32(1.0) / iscale
             kd[i, b] = d
             for c in range(8):
-                ks[i, 8 * b + c] = isum16(q8k_round32(xi, o + 32 * c, iscale, qi, o + 32 * c))
+                q8k_round32(xi, o + 32 * c, iscale, qi, o + 32 * c)
+            for k in range(16):
+                t = np.int32(0)
+                for j in range(o + 16 * k, o + 16 * k + 16):
+                    t += np.int32(qs[j])
+                ks[i, 16 * b + k] = t
 
 
 @njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) quantizes with it too
@@ -90,7 +97,7 @@ def quantize_act(x2: np.ndarray, formats: int) -> Act8:
     c0 = cols if formats & Q8_0_ACT else 0
     ck = cols if formats & Q8_K_ACT and cols % 256 == 0 else 0
     a = Act8(np.empty((n, c0), np.uint8), np.empty((n, c0 // 32), np.float32), np.empty((n, c0 // 8), np.int32),
-             np.empty((n, ck), np.uint8), np.empty((n, ck // 256), np.float32), np.empty((n, ck // 32), np.int32))
+             np.empty((n, ck), np.uint8), np.empty((n, ck // 256), np.float32), np.empty((n, ck // 16), np.int32))
     if c0:
         _q8_0_rows(x2, a.xq, a.dx, a.nsum)
     if ck:

@@ -20,7 +20,7 @@ def quantize_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 (n, cols), cols % 256 == 0 -> ggml's q8_K of each row (quantize_row_q8_K_ref: iscale = -127 / the
     first value of largest magnitude, nearest_int of iscale * x at most 127, d = 1 / iscale; NaN quants 0, and
     within -127 for a subnormal largest value, which ggml leaves undefined): quants int32 (n, nb, 256), scales float32
-    (n, nb), and each 32 quants' sum, int32 (n, cols/32)."""
+    (n, nb), and each 16 quants' sum (ggml's bsums), int32 (n, cols/16)."""
     n, cols = x.shape
     v = np.asarray(x, np.float32).reshape(n * (cols // 256), 256)
     amax, mx = signed_absmax_reference(v)
@@ -30,7 +30,7 @@ def quantize_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q = np.clip(np.rint(p), -127, 127)
         q = np.where(np.isnan(p), 0, q).astype(np.int32)
         d = np.where(amax > 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
-    sums = q.reshape(-1, 8, 32).sum(-1).astype(np.int32)
+    sums = q.reshape(-1, 16, 16).sum(-1).astype(np.int32)
     return q.reshape(n, -1, 256), d.reshape(n, -1), sums.reshape(n, -1)
 
 

@@ -4,7 +4,6 @@
     q8_round32(x, o, inv, q, qo)  the quants of x[o..o+31] * inv stored at q[qo] (roundf: halves away from zero,
                                   NaN 0, as quantize_row_q8_0 and numpy's int8 cast); their lane-wise half sums
     q8k_round32(x, o, inv, q, qo) the same as quantize_row_q8_K rounds (nearest_int: ties to even), within +-127
-    isum16(v)                     the sum of 16 int32 lanes
     neg_quad_sums(v, a, o)        a[o:o+4] = minus each 4 lanes' int32 sum
     half_round(f)                 f through an IEEE half and back (round to nearest even)
 
@@ -100,18 +99,6 @@ q8k_round32 = _rounder(True)
 
 
 @intrinsic
-def isum16(typingctx, v):
-    """The sum of v's 16 int32 lanes (exact in any order)."""
-    if v != I32x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.vector.reduce.add.v16i32", _I32, [args[0]])
-
-    return types.int32(v), codegen
-
-
-@intrinsic
 def half_round(typingctx, f):
     """f rounded to the nearest half (ties to even; overflow to inf) and back to float32: one vcvtps2ph/vcvtph2ps
     pair, what GGML_FP32_TO_FP16 then GGML_FP16_TO_FP32 give (kernels.common's f32_to_f16_bits, in hardware)."""
@@ -142,4 +129,4 @@ def neg_quad_sums(typingctx, v, a, o):
     return types.void(v, a, o), codegen
 
 
-__all__ = ["absmax32", "half_round", "isum16", "neg_quad_sums", "q8_round32", "q8k_round32"]
+__all__ = ["absmax32", "half_round", "neg_quad_sums", "q8_round32", "q8k_round32"]

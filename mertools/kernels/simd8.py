@@ -11,7 +11,7 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul, iadd (a, b): lane-wise
     row_sums4(a, b, c, d)    four groups' lanes summed per row: lane 4r + g = group g's row r (its quarter r)
     transpose4x4(v)          lane 4i + j <- lane 4j + i (float32): row_sums4's lanes back to rows in order
-    ihigh8, fold_sm, pair_quarters, lanes8, lane_diff: the K types' integer super-block sums (see `dtypes/_k8.py`)
+    ipairs_high8, fold_sm, pair_quarters, lanes8, lane_diff: the K types' integer super-block sums (see `dtypes/_k8.py`)
     bcast4(a, o), u8x16(a, o), isplat(a, i): a packed Q4_K's loads (4 activation bytes in every lane, 16 rows' bytes)
 
 and for the K-quant kernels, which read the file's super-blocks: bytes32x2 (two 32-byte runs), izero, imul,
@@ -158,15 +158,18 @@ def row_sums4(typingctx, a, b, c, d):
 
 
 @intrinsic
-def ihigh8(typingctx, a, i):
-    """a[i:i+8] of an int32 array in lanes 8..15, zeros in lanes 0..7."""
+def ipairs_high8(typingctx, a, i):
+    """a[i + 2j] + a[i + 2j + 1] of an int32 array in lane 8 + j, j < 8, zeros in lanes 0..7 (q8_K's per-16 sums
+    of a super-block as its 8 sub-blocks' of 32)."""
     if not (is_carray(a, types.int32) and is_int(i)):
         return None
 
     def codegen(context, builder, sig, args):
-        v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_I32, 8)), align=4)
-        zero = ir.Constant(vty(_I32, 8), [0] * 8)
-        return builder.shuffle_vector(zero, v, ir.Constant(vty(_I32), list(range(16))))
+        v = builder.load(ptr_at(context, builder, sig.args[0], args[0], args[1], vty(_I32, 16)), align=4)
+        zero = ir.Constant(vty(_I32), [0] * 16)
+        even = builder.shuffle_vector(zero, v, ir.Constant(vty(_I32), list(range(8)) + [16 + 2 * j for j in range(8)]))
+        odd = builder.shuffle_vector(zero, v, ir.Constant(vty(_I32), list(range(8)) + [17 + 2 * j for j in range(8)]))
+        return builder.add(even, odd)
 
     return I32x16(a, i), codegen
 
@@ -423,6 +426,6 @@ def sbytes4x4(typingctx, w, o):
 
 
 __all__ = ["B64", "VNNI", "bcast4", "bsplat32", "bytes16x4", "bytes32x2", "bytes64", "dpbusd", "fold_sm", "hi4",
-           "iadd", "iand", "ihigh8", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isplat", "isub", "ivload4x4",
+           "iadd", "iand", "ipairs_high8", "imul", "ineg", "ior", "iors", "ishl", "ishr", "isplat", "isub", "ivload4x4",
            "izero", "lane_diff", "lanes8", "lo4", "pair_quarters", "pick_0_2", "pick_1_3", "pick_4_6", "pick_5_7",
            "q5_codes", "q6_high", "q6_low", "row_sums4", "sbytes4x4", "transpose4x4", "u8x16"]
