@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mertools.cli import main
 from mertools.convert.pipeline import ConvertOptions, convert
-from mertools.dtypes import DTYPES, q8_0
+from mertools.dtypes import DTYPES, KIND, q8_0
 from mertools.errors import QuantizationError, RuntimeConfigError
 from mertools.kernels import act8, int8
 from mertools.kernels import int8_reference as ref
@@ -27,7 +27,7 @@ TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 ROOT = Path(__file__).resolve().parent.parent
 INT8 = ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k")
 PACKED = ("q4_0", "q8_0", "mxfp4")  # packed, on q8_0 activations
-REPACKED = (*PACKED, "q4_k")  # every type `prepare` packs (whole groups of 16 rows)
+REPACKED = (*PACKED, "q4_k", "q6_k")  # every type `prepare` packs (whole groups of 16 rows)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -255,7 +255,8 @@ def test_swiglu_of_packed_weights_is_the_twin_composed() -> None:
 
 def test_what_the_kernels_do_not_take_stays_exact() -> None:
     assert int8.takes("q4_k", 6, 256) and not int8.packable("q4_k", 8, 256)  # read from the file's blocks
-    assert int8.packable("q4_k", 16, 256) and not int8.packable("q5_k", 16, 256)  # whole groups: packed
+    assert int8.packable("q4_k", 16, 256) and int8.packable("q6_k", 16, 256)  # whole groups: packed
+    assert not int8.packable("q5_k", 16, 256)  # read as it is
     assert not int8.takes("q3_k", 8, 256) and not int8.takes("q4_0", 8, 64)
     w = _weights("q4_0", 8, 64, 0)
     assert not weight(w.copy(), "q4_0", 8, 64, int8=True).int8  # 8 rows: not whole groups of 16
@@ -351,15 +352,16 @@ def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_pa
     with Engine.open(trained, kernels="int8", io="mmap") as eng:  # mapped: the q4_0 experts stay exact
         assert eng.store.mapped and eng.store.prepare is None and not any(any(f) for f in eng.model.moe.full.int8.values())
         assert (eng.forward(ids).argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    q4k = convert(TRAINED / "tiny-shakespeare-moe", tmp_path / "q4_k", ConvertOptions(dtype="q4_k", progress=False)).out
-    with Engine.open(q4k, kernels="int8", io="mmap") as eng:  # mapped q4_k: the 8-bit kernels on the file's blocks
-        assert eng.store.mapped and all(all(f) for f in eng.model.moe.full.int8.values())
-        assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {int8.Q4_K}
-        mapped = eng.forward(ids)
-    with Engine.open(q4k, kernels="int8", io="auto") as eng:  # q4_k is packed too now: read, packed, the same bits
-        assert not eng.store.mapped and eng.store.prepare is not None
-        assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {int8.Q4_KP}
-        assert np.array_equal(_bits(eng.forward(ids)), _bits(mapped))
+    for dtype in ("q4_k", "q6_k"):
+        lay = convert(TRAINED / "tiny-shakespeare-moe", tmp_path / dtype, ConvertOptions(dtype=dtype, progress=False)).out
+        with Engine.open(lay, kernels="int8", io="mmap") as eng:  # mapped: the 8-bit kernels on the file's blocks
+            assert eng.store.mapped and all(all(f) for f in eng.model.moe.full.int8.values())
+            assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {KIND[dtype]}
+            mapped = eng.forward(ids)
+        with Engine.open(lay, kernels="int8", io="auto") as eng:  # packed K types: read, packed, the same bits
+            assert not eng.store.mapped and eng.store.prepare is not None
+            assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {KIND[dtype] + act8.PACKED_K}
+            assert np.array_equal(_bits(eng.forward(ids)), _bits(mapped))
 
 
 def test_greedy_speculation_unchanged_with_int8(trained: Path) -> None:

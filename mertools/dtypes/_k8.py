@@ -3,25 +3,28 @@
 A K super-block holds its 256 weights' codes in 128 contiguous bytes (and Q5_K / Q6_K their high bits in 32 or 64
 more), so a row's block is a few 64-byte vectors, each meeting 64 activation quants (ggml's q8_K of x: one scale dk
 per 256, kernels/act8.py) in one vpdpbusd: 16 int32 lanes of 4 products. No repacking: slots mapped from the files
-run these as well (where a slot is prepared, Q4_K runs packed instead, `_k8packed.py`, with these kernels' bits).
+run these as well.
 
 - Q4_K / Q5_K (sub-blocks of 32 with 6-bit scales and mins): qs[0:64] holds sub-blocks 0 and 2 in its low nibbles
   (each 32-byte chunk: weights 0-15 then 16-31) and 1 and 3 in its high ones; qs[64:128] likewise 4, 6 and 5, 7;
   Q5_K adds bit j of qh[l] to weight l of sub-block j. Lanes 0-7 of a dot product belong to one sub-block, 8-15 to
   the other: times the sub-block's scale and summed in integers into S, the super-block's; the mins give the
-  integer M = sum of m_j * bsum_j (bsum_j: the sum of sub-block j's activation quants, `ks`). Per row, S * (d * dk)
-  and M * (dmin * dk) go into two float32 sums, the second taken from the first at the end (ggml's
-  vec_dot_q4_K_q8_K arithmetic up to the order of its float operations; llama.cpp's repacked q4_K kernels keep the
+  integer M = sum of m_j * bsum_j (bsum_j: the sum of sub-block j's activation quants, two of `ks`'s sums of 16).
+  Per row, S * (d * dk) and M * (dmin * dk) go into two float32 sums, the second taken from the first at the end
+  (ggml's vec_dot_q4_K_q8_K arithmetic up to the order of its float operations; llama.cpp's repacked q4_K kernels keep the
   two sums apart too). A group folds its 4 rows' S and M into one vector (`row_sums4`) for the float steps.
 - Q6_K (groups of 16 with int8 scales): half h's 64 low-nibble bytes and 32 high-pair bytes make the codes of
-  weights 128h..128h+63 (low nibbles, pairs at shifts 0 and 2) and 128h+64..128h+127 (high nibbles, shifts 4 and 6),
-  minus 32; lanes times their group's scale, summed in integers, then times d * dk.
+  weights 128h..128h+63 (low nibbles, pairs at shifts 0 and 2) and 128h+64..128h+127 (high nibbles, shifts 4 and 6);
+  each dot product starts from -32 times its activations' lane sums (the codes' offset), its lanes times their
+  group's scale, all summed in integers into T, the super-block's; per row T * (d * dk) goes into one float32 sum
+  (ggml's integer sums per super-block, as Q4_K's; 4 rows folded into one vector for the float steps).
 
 One float multiply-add per super-block and row, as ggml's vec_dot_q4_K_q8_K: with q8_0's scale per 32, each dot
 product needed its own (1.4-2x slower, `/tmp` micro-benchmark; docs/BENCHMARKS.md).
 
 Each `*_int8_reference` is its kernel in numpy, bit for bit (tests/test_int8.py): integer sums, float32 products
-in the kernel's order (Q6_K: its 16 lanes accumulated over the blocks, then folded as `simd.vhsum` folds them).
+in the kernel's order. Q4_K and Q6_K are also packed by 16 rows where a weight is prepared (`_k8packed.py`), with
+these kernels' bits.
 numba's cache is keyed on each kernel's own file: after editing this one, touch kernels/int8.py.
 """
 
@@ -31,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from mertools.kernels.common import MATVEC_JIT, R, group_rows, group_store_row, prefetch_lines
-from mertools.kernels.simd import half_at, half_splat, vadd, vhsum, vmul, vsplat, vtof, vzero
+from mertools.kernels.simd import half_at, vadd, vmul, vsplat, vtof, vzero
 from mertools.kernels.simd8 import (
     bsplat32,
     bytes32x2,
@@ -58,19 +61,12 @@ from mertools.kernels.simd8 import (
     row_sums4,
     sbytes4x4,
 )
+from mertools.kernels.simd8x import lane_at
 
 from ._blocks256 import scale_min_lanes, unpack_scale_min_k4
 
 Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = 144, 176, 210
 _PAIRS = ((0, 2), (1, 3), (4, 6), (5, 7))  # the sub-blocks of lanes 0-7 and 8-15 of each Q4_K / Q5_K dot product
-
-
-def _vhsum_reference(acc: np.ndarray) -> np.ndarray:
-    """`simd.vhsum` of each row of acc float32 (rows, 16): lanes folded 8+8, 4+4, 2+2, 1+1."""
-    while acc.shape[1] > 1:
-        h = acc.shape[1] // 2
-        acc = acc[:, :h] + acc[:, h:]
-    return acc[:, 0]
 
 
 def _half(b: np.ndarray, at: int) -> np.ndarray:
@@ -122,30 +118,27 @@ def q5_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.n
 
 
 def q6_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """`q6_k_group` in numpy (ks unused: no mins)."""
+    """`q6_k_group` in numpy (ks unused: the code offset's sums come from kq): per row and super-block the integer
+    T = the sum over its 16 groups of scale * ((code - 32) . x), then T * (d * dk) summed in block order in float32."""
     rows = w2.shape[0]
     b = np.asarray(w2, np.uint8).reshape(rows, -1, Q6_K_BYTES)
     nb = b.shape[1]
-    d = _half(b, 208)
-    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.int32)  # (rows, nb, 16)
-    codes = []
+    d = _half(b, 208)[..., 0]
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.int64)  # (rows, nb, 16)
+    codes = []  # weight order: per half, its low nibbles (pairs at shifts 0, 2) then its high ones (4, 6)
     for h in range(2):
-        ql = b[..., 64 * h:64 * h + 64].astype(np.int32)
-        qh = np.tile(b[..., 128 + 32 * h:160 + 32 * h].astype(np.int32), 2)
+        ql = b[..., 64 * h:64 * h + 64].astype(np.int64)
+        qh = np.tile(b[..., 128 + 32 * h:160 + 32 * h].astype(np.int64), 2)
         for nib, shifts in ((ql & 15, [0] * 32 + [2] * 32), (ql >> 4, [4] * 32 + [6] * 32)):
             codes.append(nib | (((qh >> np.array(shifts)) & 3) << 4))
+    q = np.concatenate(codes, axis=-1) - 32  # (rows, nb, 256)
     out = np.empty((kq.shape[0], rows), np.float32)
     for i in range(kq.shape[0]):
-        x = kq[i].reshape(nb, 4, 64)
-        s = np.zeros((rows, nb, 16), np.int64)
-        for v in range(4):
-            lanes = ((codes[v] - 32) * x[:, v]).reshape(rows, nb, 16, 4).sum(-1)  # exact integers
-            s += lanes * np.repeat(sc[..., 4 * v:4 * v + 4], 4, axis=-1)
-        term = s.astype(np.float32) * (d * kd[i][:, None])
-        acc = np.zeros((rows, 16), np.float32)
-        for blk in range(nb):
-            acc = acc + term[:, blk]
-        out[i] = _vhsum_reference(acc)
+        t = ((q * kq[i].reshape(nb, 256)).reshape(rows, nb, 16, 16).sum(-1) * sc).sum(-1)  # exact: within int32
+        acc = np.zeros(rows, np.float32)
+        for blk in range(nb):  # block order, one float32 addition at a time
+            acc = acc + t[:, blk].astype(np.float32) * (d[:, blk] * kd[i, blk])
+        out[i] = acc
     return out
 
 
@@ -213,43 +206,51 @@ def k4_group(kq, kd, ks, i, w, r0, out, io, five):
 
 
 @njit(**MATVEC_JIT)
-def _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, acc):
-    """A Q6_K row's super-block at o; c_v = -32 * the lane sums of x_v (the codes' offset)."""
+def _q6_s(wr, o, x0, x1, x2, x3, c0, c1, c2, c3):
+    """A Q6_K row's super-block at o: 16 int32 lanes summing to its T; c_v = -32 * the lane sums of x_v (the codes'
+    offset)."""
     ql0, qh0 = bytes64(wr, o), bytes32x2(wr, o + 128, o + 128)
     ql1, qh1 = bytes64(wr, o + 64), bytes32x2(wr, o + 160, o + 160)
     s = imul(dpbusd(c0, q6_low(ql0, qh0), x0), sbytes4x4(wr, o + 192))
     s = iadd(s, imul(dpbusd(c1, q6_high(ql0, qh0), x1), sbytes4x4(wr, o + 196)))
     s = iadd(s, imul(dpbusd(c2, q6_low(ql1, qh1), x2), sbytes4x4(wr, o + 200)))
-    s = iadd(s, imul(dpbusd(c3, q6_high(ql1, qh1), x3), sbytes4x4(wr, o + 204)))
-    return vadd(acc, vmul(vtof(s), vmul(half_splat(wr, o + 208), dk)))
+    return iadd(s, imul(dpbusd(c3, q6_high(ql1, qh1), x3), sbytes4x4(wr, o + 204)))
+
+
+@njit(inline="always", **MATVEC_JIT)
+def _totals4(s0, s1, s2, s3):
+    """The sums of four 16-lane int32 vectors in lanes 0..3 (lanes 8..15 zero)."""
+    return fold_sm(pair_quarters(row_sums4(s0, s1, s2, s3)), izero())
 
 
 @njit(**MATVEC_JIT)
 def _q6_x(kq, kd, i, blk, k32):
-    """Block blk of q8_K activation row i as `_q6_row` takes it: its four 64-byte vectors, minus 32 times their lane
+    """Block blk of q8_K activation row i as `_q6_s` takes it: its four 64-byte vectors, minus 32 times their lane
     sums (the codes' offset), dk."""
     xo = kq.shape[1] * i + 256 * blk
     x0, x1, x2, x3 = bytes64(kq, xo), bytes64(kq, xo + 64), bytes64(kq, xo + 128), bytes64(kq, xo + 192)
     return (x0, x1, x2, x3, ineg(dpbusd(izero(), k32, x0)), ineg(dpbusd(izero(), k32, x1)),
-            ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3)), vsplat(kd[i, blk]))
+            ineg(dpbusd(izero(), k32, x2)), ineg(dpbusd(izero(), k32, x3)), kd[i, blk])
 
 
 @njit(**MATVEC_JIT)
 def q6_k_group(kq, kd, i, w, r0, out, io):
-    """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd), Q6_K."""
+    """out[io, r0:r0+4] = W[r0:r0+4] @ x for the q8_K activation row i of (kq, kd), Q6_K: the 4 rows' T (`_q6_s`)
+    folded into lanes 0..3, which meet [d_r * dk] in one multiply-add."""
     w0, w1, w2, w3 = group_rows(w, r0)
-    a0 = a1 = a2 = a3 = vzero()
+    acc = vzero()
     ahead = (r0 + R) * w.shape[1]
     k32 = bsplat32()
+    z = np.float32(0.0)
     for blk in range(kd.shape[1]):
         o = Q6_K_BYTES * blk
         prefetch_lines(w, ahead + 4 * o, 4 * Q6_K_BYTES)
         x0, x1, x2, x3, c0, c1, c2, c3, dk = _q6_x(kq, kd, i, blk, k32)
-        a0 = _q6_row(w0, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a0)
-        a1 = _q6_row(w1, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a1)
-        a2 = _q6_row(w2, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a2)
-        a3 = _q6_row(w3, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, a3)
-    group_store_row(out, io, r0, vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3))
+        t = _totals4(_q6_s(w0, o, x0, x1, x2, x3, c0, c1, c2, c3), _q6_s(w1, o, x0, x1, x2, x3, c0, c1, c2, c3),
+                     _q6_s(w2, o, x0, x1, x2, x3, c0, c1, c2, c3), _q6_s(w3, o, x0, x1, x2, x3, c0, c1, c2, c3))
+        d = lanes8(half_at(w0, o + 208), half_at(w1, o + 208), half_at(w2, o + 208), half_at(w3, o + 208), z, z, z, z)
+        acc = vadd(acc, vmul(vtof(t), vmul(d, vsplat(dk))))
+    group_store_row(out, io, r0, lane_at(acc, 0), lane_at(acc, 1), lane_at(acc, 2), lane_at(acc, 3))
 
 
 # ---------------------------------------------------------------- a prompt's rows: one weight row against 8 rows of x
@@ -303,10 +304,20 @@ def k4_rows(kq, kd, ks, i0, w, r, out, five):
 
 
 @njit(**MATVEC_JIT)
-def _q6_row_x(wr, o, kq, kd, i, blk, k32, acc):
-    """`_q6_row` against block blk of activation row i."""
-    x0, x1, x2, x3, c0, c1, c2, c3, dk = _q6_x(kq, kd, i, blk, k32)
-    return _q6_row(wr, o, x0, x1, x2, x3, c0, c1, c2, c3, dk, acc)
+def _q6_s_x(wr, o, kq, kd, i, blk, k32):
+    """`_q6_s` against block blk of activation row i."""
+    x0, x1, x2, x3, c0, c1, c2, c3, _ = _q6_x(kq, kd, i, blk, k32)
+    return _q6_s(wr, o, x0, x1, x2, x3, c0, c1, c2, c3)
+
+
+@njit(**MATVEC_JIT)
+def _q6_rows4(wr, o, kq, kd, i0, i1, i2, i3, blk, k32, acc):
+    """`q6_k_group`'s step for one weight row against activation rows i0..i3 (lanes 0..3)."""
+    t = _totals4(_q6_s_x(wr, o, kq, kd, i0, blk, k32), _q6_s_x(wr, o, kq, kd, i1, blk, k32),
+                 _q6_s_x(wr, o, kq, kd, i2, blk, k32), _q6_s_x(wr, o, kq, kd, i3, blk, k32))
+    z = np.float32(0.0)
+    dk = lanes8(kd[i0, blk], kd[i1, blk], kd[i2, blk], kd[i3, blk], z, z, z, z)
+    return vadd(acc, vmul(vtof(t), vmul(vsplat(half_at(wr, o + 208)), dk)))
 
 
 @njit(**MATVEC_JIT)
@@ -316,24 +327,14 @@ def q6_k_rows(kq, kd, i0, w, r, out):
     wr = w[r]
     last = kq.shape[0] - 1
     i0, i1, i2, i3, i4, i5, i6, i7 = _rows8(i0, last)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+    a = vzero()
+    b = vzero()
     k32 = bsplat32()
     for blk in range(kd.shape[1]):
         o = Q6_K_BYTES * blk
-        a0 = _q6_row_x(wr, o, kq, kd, i0, blk, k32, a0)
-        a1 = _q6_row_x(wr, o, kq, kd, i1, blk, k32, a1)
-        a2 = _q6_row_x(wr, o, kq, kd, i2, blk, k32, a2)
-        a3 = _q6_row_x(wr, o, kq, kd, i3, blk, k32, a3)
-        a4 = _q6_row_x(wr, o, kq, kd, i4, blk, k32, a4)
-        a5 = _q6_row_x(wr, o, kq, kd, i5, blk, k32, a5)
-        a6 = _q6_row_x(wr, o, kq, kd, i6, blk, k32, a6)
-        a7 = _q6_row_x(wr, o, kq, kd, i7, blk, k32, a7)
-    _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7)
-
-
-@njit(**MATVEC_JIT)
-def _store8(out, i0, last, r, a0, a1, a2, a3, a4, a5, a6, a7):
-    """out[i0 + j, r] = the sum of a_j's lanes (`vhsum`) for the rows up to `last`."""
-    sums = (vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3), vhsum(a4), vhsum(a5), vhsum(a6), vhsum(a7))
+        a = _q6_rows4(wr, o, kq, kd, i0, i1, i2, i3, blk, k32, a)
+        b = _q6_rows4(wr, o, kq, kd, i4, i5, i6, i7, blk, k32, b)
+    sums = (lane_at(a, 0), lane_at(a, 1), lane_at(a, 2), lane_at(a, 3), lane_at(b, 0), lane_at(b, 1), lane_at(b, 2),
+            lane_at(b, 3))
     for j in range(min(8, last + 1 - i0)):
         out[i0 + j, r] = sums[j]

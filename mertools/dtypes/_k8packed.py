@@ -1,4 +1,4 @@
-"""Q4_K packed by 16 rows for the 8-bit kernels (kernels/int8.py): one int32 lane per row.
+"""Q4_K and Q6_K packed by 16 rows for the 8-bit kernels (kernels/int8.py): one int32 lane per row.
 
 The file's Q4_K rows put a super-block's 256 codes in one row's 128 bytes, so a vpdpbusd over them mixes two
 sub-blocks in its lanes, and each dot product needs its scales spread over the lanes and multiplied in (`_k8.py`).
@@ -15,7 +15,21 @@ a sub-block for the 16 rows, whose scales (16 bytes a vector, decoded for the 16
 once per sub-block, not once per dot product; the mins meet the activations' per-32 sums likewise. The result is the
 file kernels' arithmetic (`_k8.k4_group`: integer S and M per super-block, two float32 sums), so
 `q4_k_int8_reference` defines both, bit for bit. What it gains over the file kernel: docs/BENCHMARKS.md "Decode:
-notes". No software prefetch: it made this kernel slower from DRAM.
+notes". It prefetches every line two super-blocks ahead in its group's stream: from DRAM the loads otherwise waited
+on memory (and cost it a little with the weight in cache; measured there).
+
+Q6_K likewise (16 x 210 bytes per super-block of a group):
+
+    bytes    0..31     the 16 rows' d (f16)
+    bytes   32..287    the 16 int8 group scales, scale k of row r at 32 + 16k + r
+    bytes  288..2335   ql by 4-byte runs: run p (bytes 4p..4p+3 of each row's 128) of row r at 288 + 64p + 4r
+    bytes 2336..3359   qh by 4-byte runs: run p (of each row's 64) of row r at 2336 + 64p + 4r
+
+ql runs 16h + n and 16h + 8 + n with qh run 8h + n hold the codes of weights 128h + 32j + 4n..4n+3 (j < 4: low
+nibbles of the first, of the second, high nibbles of the first, of the second; the pair at bits 2j of qh), so the
+runs n = 4m..4m+3 sum group 8h + 2j + m for the 16 rows in each of 4 vpdpbusd chains; a chain starts from
+-32 times the group's activation sum (q8_K's per-16 sums: the codes' offset) and meets its 16 scales once. Per row
+the integer T, then one float multiply-add: `_k8.q6_k_group`'s arithmetic, `q6_k_int8_reference`'s bits.
 """
 
 from __future__ import annotations
@@ -23,14 +37,35 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mertools.kernels.common import MATVEC_JIT
+from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vsub, vtof, vzero
-from mertools.kernels.simd8 import bcast4, bytes64, dpbusd, hi4, iadd, iand, imul, ior, ishl, ishr, isplat, izero, lo4, u8x16
+from mertools.kernels.simd8 import (
+    bcast4,
+    bytes64,
+    dpbusd,
+    hi4,
+    iadd,
+    iand,
+    imul,
+    ineg,
+    ior,
+    ishl,
+    ishr,
+    isplat,
+    izero,
+    lo4,
+    u8x16,
+)
+from mertools.kernels.simd8x import q6_codes, s8x16
 
-from ._k8 import Q4_K_BYTES
+from ._k8 import Q4_K_BYTES, Q6_K_BYTES
 
 ROWS = 16  # rows packed together
 SB16 = ROWS * Q4_K_BYTES  # a packed super-block's bytes
+AHEAD = 2 * SB16  # software prefetch distance in a group's bytes
+SB6 = ROWS * Q6_K_BYTES  # a packed Q6_K super-block's bytes
+AHEAD6 = 2 * SB6
+_Q6_STRIDE = 212  # a Q6_K block's bytes rounded up to 4, while packing
 
 
 @njit(**MATVEC_JIT)  # serial, as int8._pack: it runs in the store's loader threads
@@ -79,10 +114,12 @@ def q4_k_packed_group(kq, kd, ks, i, wp, g, out, io):
     """out[io, 16g:16g+16] = the packed group g of a Q4_K weight times the q8_K activation row i of (kq, kd, ks)."""
     wr = wp[g]
     xo, so = kq.shape[1] * i, ks.shape[1] * i
+    base = wp.shape[1] * g + AHEAD
     acc_s = vzero()
     acc_m = vzero()
     for b in range(kd.shape[1]):
         o = SB16 * b
+        prefetch_lines(wp, base + o, SB16)
         s = izero()
         m = izero()
         for c in range(4):  # sub-blocks 2c (low nibbles) and 2c + 1 (high)
@@ -101,3 +138,62 @@ def q4_k_packed_group(kq, kd, ks, i, wp, g, out, io):
         acc_s = vadd(acc_s, vmul(vtof(s), vmul(half16(wr, o), dk)))
         acc_m = vadd(acc_m, vmul(vtof(m), vmul(half16(wr, o + 32), dk)))
     vstore(out, out.shape[1] * io + ROWS * g, vsub(acc_s, acc_m))
+
+
+@njit(**MATVEC_JIT)
+def pack_q6_k(w2, out):
+    """out (rows/16, 16 * row_bytes) = w2 (rows, row_bytes) of Q6_K packed as the module says; out may be w2's bytes."""
+    nb = w2.shape[1] // Q6_K_BYTES
+    tmp = np.empty(ROWS * nb * _Q6_STRIDE, np.uint8)  # the group's blocks, each at a 4-byte boundary: runs as uint32
+    t32 = tmp.view(np.uint32)
+    for g in range(out.shape[0]):
+        for r in range(ROWS):  # the group's rows first: out may be w2's own bytes
+            row = w2[ROWS * g + r]
+            for b in range(nb):
+                tmp[(r * nb + b) * _Q6_STRIDE:(r * nb + b) * _Q6_STRIDE + Q6_K_BYTES] = row[Q6_K_BYTES * b:Q6_K_BYTES * (b + 1)]
+        og = out[g]
+        o32 = og.view(np.uint32)
+        for b in range(nb):
+            po = SB6 * b
+            for r in range(ROWS):
+                src = (r * nb + b) * _Q6_STRIDE
+                og[po + 2 * r] = tmp[src + 208]
+                og[po + 2 * r + 1] = tmp[src + 209]
+                for k in range(16):
+                    og[po + 32 + 16 * k + r] = tmp[src + 192 + k]
+                for p in range(48):  # ql's 32 runs, then qh's 16: run p of row r at 288 + 64p + 4r
+                    o32[(po + 288 + 64 * p + 4 * r) // 4] = t32[src // 4 + p]
+
+
+@njit(**MATVEC_JIT)
+def q6_k_packed_group(kq, kd, ks, i, wp, g, out, io):
+    """out[io, 16g:16g+16] = the packed group g of a Q6_K weight times the q8_K activation row i of (kq, kd, ks)."""
+    wr = wp[g]
+    xo, so = kq.shape[1] * i, ks.shape[1] * i
+    base = wp.shape[1] * g + AHEAD6
+    acc = vzero()
+    for b in range(kd.shape[1]):
+        o = SB6 * b
+        prefetch_lines(wp, base + o, SB6)
+        t = izero()
+        for h in range(2):
+            for m in range(2):  # groups 8h + 2j + m: runs n = 4m..4m+3
+                k = so + 16 * b + 8 * h + m
+                d0 = ineg(ishl(isplat(ks, k), 5))
+                d1 = ineg(ishl(isplat(ks, k + 2), 5))
+                d2 = ineg(ishl(isplat(ks, k + 4), 5))
+                d3 = ineg(ishl(isplat(ks, k + 6), 5))
+                x = xo + 256 * b + 128 * h
+                for n in range(4 * m, 4 * m + 4):
+                    qa = bytes64(wr, o + 288 + 64 * (16 * h + n))
+                    qb = bytes64(wr, o + 288 + 64 * (16 * h + 8 + n))
+                    qh = bytes64(wr, o + 2336 + 64 * (8 * h + n))
+                    d0 = dpbusd(d0, q6_codes(lo4(qa), qh, 0), bcast4(kq, x + 4 * n))
+                    d1 = dpbusd(d1, q6_codes(lo4(qb), qh, 1), bcast4(kq, x + 32 + 4 * n))
+                    d2 = dpbusd(d2, q6_codes(hi4(qa), qh, 2), bcast4(kq, x + 64 + 4 * n))
+                    d3 = dpbusd(d3, q6_codes(hi4(qb), qh, 3), bcast4(kq, x + 96 + 4 * n))
+                sc = o + 32 + 16 * (8 * h + m)  # scale k of the 16 rows at 32 + 16k
+                t = iadd(t, iadd(iadd(imul(d0, s8x16(wr, sc)), imul(d1, s8x16(wr, sc + 32))),
+                                 iadd(imul(d2, s8x16(wr, sc + 64)), imul(d3, s8x16(wr, sc + 96)))))
+        acc = vadd(acc, vmul(vtof(t), vmul(half16(wr, o), vsplat(kd[i, b]))))
+    vstore(out, out.shape[1] * io + ROWS * g, acc)

@@ -21,8 +21,9 @@ nibbles index its value table: one byte shuffle turns them into the table's valu
 bytes, so a cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes:
 their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K) read the file's blocks (a slot mapped from its file, or streamed
 without packing), and from K_ROWS_MIN activation rows on (a prompt) run `_k_rows`, which decodes a weight row's block
-once for 8 rows. Q4_K is also packed by 16 rows where `prepare` runs (dtypes/_k8packed.py: one int32 lane per row, a
-sub-block's scale applied once per 16 rows), its type code then `Q4_KP` (`prepared_kind`), with the file kernel's bits.
+once for 8 rows. Q4_K and Q6_K are also packed by 16 rows where `prepare` runs (dtypes/_k8packed.py: one int32 lane
+per row, a sub-block's scale applied once per 16 rows), their type codes then `Q4_KP`, `Q6_KP` (`prepared_kind`),
+with the file kernels' bits.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b, S = the integer sum of quant * activation quant over the block's 32 weights;
@@ -55,8 +56,8 @@ K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same
 K_ROW_BLOCK = 16  # weight rows per `_k_rows` task: their bytes stay in L2 while the activation rows pass
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
-Q4_KP = Q4_K + PACKED_K  # a Q4_K weight packed by `prepare` (dtypes/_k8packed.py); the file's bytes keep Q4_K
-_PACKED_K = {"q4_k": Q4_KP}  # K types with a packed layout: their kernels take the file's bytes as well
+Q4_KP, Q6_KP = Q4_K + PACKED_K, Q6_K + PACKED_K  # packed by `prepare` (dtypes/_k8packed.py); file bytes keep Q4_K, Q6_K
+_PACKED_K = {"q4_k": Q4_KP, "q6_k": Q6_KP}  # K types with a packed layout: their kernels take the file's bytes as well
 _PACKED, _DISPATCHED = {"q4_0", "q8_0", "mxfp4"}, {"q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
     raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group")
@@ -155,8 +156,10 @@ def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarra
     dt = DTYPES[dtype]
     spec = _spec(dtype, rows, rb // dt.type_size * dt.block_size)
     target = np.empty((rows // GROUP, GROUP * rb), np.uint8) if out is None else out.reshape(rows // GROUP, GROUP * rb)
-    if dtype in _PACKED_K:
+    if dtype == "q4_k":
         _k8packed.pack_q4_k(w2, target)
+    elif dtype == "q6_k":
+        _k8packed.pack_q6_k(w2, target)
     else:
         _pack(w2, target, spec.parts, spec.flip, SCALE_BYTES[dt.scale_format])
     return target
@@ -232,6 +235,8 @@ def _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
         _packed_group(xq, dx, nsum, i, w, g, MXFP4_GEOMETRY, out, io)
     elif kind == Q4_KP:
         _k8packed.q4_k_packed_group(kq, kd, ks, i, w, g, out, io)
+    elif kind == Q6_KP:
+        _k8packed.q6_k_packed_group(kq, kd, ks, i, w, g, out, io)
     else:
         for r0 in range(GROUP * g, min(GROUP * g + GROUP, out.shape[1]), 4):
             if kind == Q6_K:

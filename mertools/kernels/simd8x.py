@@ -1,8 +1,12 @@
-"""More byte intrinsics of the 8-bit kernels: MXFP4's value table and scales, and the 16-byte copies of packing.
+"""More byte intrinsics of the 8-bit kernels: MXFP4's value table and scales, the 16-byte copies of packing, and a
+packed Q6_K's codes and scales.
 
     byte_table(values)       intrinsic v (B64 of nibbles) -> the bytes values[v]
     e8m0x16(w, o)            the 16 E8M0 exponent bytes at byte o as float32 2^(e - 128)
     copy16(dst, do, src, so, flip)   dst[do:do+16] = src[so:so+16] ^ flip (uint8 C arrays, unaligned)
+    q6_codes(nib, qh, k)     Q6_K's 6-bit codes: each nibble with bits 2k, 2k + 1 of its qh byte above it
+    s8x16(w, o)              the 16 bytes at byte o as int8, sign-extended to int32 lanes
+    lane_at(v, j)            v[j] of a float32 vector
 
 As in `simd8`: no bounds checks (callers compute offsets from validated shapes); after editing this file delete
 numba's caches of the modules that use it.
@@ -14,7 +18,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from mertools.kernels.simd import AVX2, AVX512, F32x16, _call, is_carray, is_int, ptr_at, vty
+from mertools.kernels.simd import AVX2, AVX512, F32x16, I32x16, _call, _splat, is_carray, is_int, ptr_at, vty
 from mertools.kernels.simd8 import B64, _u8_at
 
 _I8 = ir.IntType(8)
@@ -88,4 +92,45 @@ def copy16(typingctx, dst, do, src, so, flip):
     return types.void(dst, do, src, so, flip), codegen
 
 
-__all__ = ["byte_table", "copy16", "e8m0x16"]
+@intrinsic
+def q6_codes(typingctx, nib, qh, k):
+    """nib | ((qh >> 2k) & 3) << 4 of each byte (64 nibbles, their qh bytes: Q6_K's codes, 0..63)."""
+    if not (nib == B64 and qh == B64 and is_int(k)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        n, h, kk = args
+        t = vty(_I8, 64)
+        shift = _splat(builder, builder.trunc(builder.shl(kk, ir.Constant(kk.type, 1)), _I8), 64)
+        pair = builder.and_(builder.lshr(h, shift), ir.Constant(t, [3] * 64))
+        return builder.or_(n, builder.shl(pair, ir.Constant(t, [4] * 64)))
+
+    return B64(nib, qh, k), codegen
+
+
+@intrinsic
+def s8x16(typingctx, a, o):
+    """The 16 bytes a[o:o+16] of a uint8 array as int8, sign-extended to int32 lanes."""
+    if not (is_carray(a, types.uint8) and is_int(o)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sext(_u8_at(sig, args, context, builder, vty(_I8, 16)), vty(_I32))
+
+    return I32x16(a, o), codegen
+
+
+@intrinsic
+def lane_at(typingctx, v, j):
+    """v[j], float32."""
+    if not (v == F32x16 and is_int(j)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, jj = args
+        return builder.extract_element(x, builder.trunc(jj, _I32) if jj.type.width > 32 else jj)
+
+    return types.float32(v, j), codegen
+
+
+__all__ = ["byte_table", "copy16", "e8m0x16", "lane_at", "q6_codes", "s8x16"]
