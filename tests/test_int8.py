@@ -205,12 +205,15 @@ def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
             wt.row_block(8, 16)
 
 
-@pytest.mark.parametrize("dtype", ["q4_k", "q5_k", "q6_k"])
-def test_a_prompt_of_a_k_type_is_its_rows_decoded_one_by_one(dtype: str) -> None:
-    """From K_ROWS_MIN rows the K types run `_k_rows` (a weight row's codes decoded once for 8 activation rows):
-    every row the bits of that row alone, in products and in the SwiGLU of a gate and an up."""
-    rows, cols, n = 36, 512, 2 * int8.K_ROWS_MIN + 3
+@pytest.mark.parametrize(("dtype", "rows"), [("q4_k", 36), ("q5_k", 36), ("q6_k", 36), ("q4_k", 48), ("q6_k", 48)])
+def test_a_prompt_of_a_k_type_is_its_rows_decoded_one_by_one(dtype: str, rows: int) -> None:
+    """From K_ROWS_MIN rows the K types run `_k_rows` (a weight row's codes decoded once for 8 activation rows), or
+    packed (whole groups of 16 rows) `_kp_rows` (a group's codes decoded once for 4): every row the bits of that row
+    alone, in products and in the SwiGLU of a gate and an up."""
+    cols, n = 512, 2 * int8.K_ROWS_MIN + 3
     w, w2 = _weights(dtype, rows, cols, 11, extremes=False), _weights(dtype, rows, cols, 12, extremes=False)
+    if int8.packable(dtype, rows, cols):
+        w, w2 = int8.prepare(w, dtype), int8.prepare(w2, dtype)
     x = _inputs(n, cols, 13) / np.float32(1e3)
     many = int8.matmul8(x, w, dtype, np.empty((n, rows), np.float32))
     alone = np.concatenate([int8.matmul8(x[i:i + 1], w, dtype, np.empty((1, rows), np.float32)) for i in range(n)])

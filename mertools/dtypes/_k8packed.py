@@ -131,13 +131,74 @@ def q4_k_packed_group(kq, kd, ks, i, wp, g, out, io):
                 lo = dpbusd(lo, lo4(v), bcast4(kq, x + 4 * p))
                 hi = dpbusd(hi, hi4(v), bcast4(kq, x + 32 + 4 * p))
             s = iadd(s, iadd(imul(lo, _scales(wr, o, 2 * c)), imul(hi, _scales(wr, o, 2 * c + 1))))
-            k = so + 16 * b + 4 * c  # the per-16 sums of sub-blocks 2c and 2c + 1, two each
-            m = iadd(m, iadd(imul(_mins(wr, o, 2 * c), iadd(isplat(ks, k), isplat(ks, k + 1))),
-                             imul(_mins(wr, o, 2 * c + 1), iadd(isplat(ks, k + 2), isplat(ks, k + 3)))))
+            k = so + 16 * b + 4 * c  # sub-blocks 2c and 2c + 1: two per-16 sums each
+            m = iadd(m, iadd(imul(_mins(wr, o, 2 * c), _pair_sum(ks, k)), imul(_mins(wr, o, 2 * c + 1), _pair_sum(ks, k + 2))))
         dk = vsplat(kd[i, b])
         acc_s = vadd(acc_s, vmul(vtof(s), vmul(half16(wr, o), dk)))
         acc_m = vadd(acc_m, vmul(vtof(m), vmul(half16(wr, o + 32), dk)))
     vstore(out, out.shape[1] * io + ROWS * g, vsub(acc_s, acc_m))
+
+
+@njit(inline="always", **MATVEC_JIT)
+def _pair_sum(ks, k):
+    """ks[k] + ks[k + 1] in every lane: a sub-block's activation sum from q8_K's per-16 sums."""
+    return iadd(isplat(ks, k), isplat(ks, k + 1))
+
+
+@njit(**MATVEC_JIT)
+def q4_k_packed_rows4(kq, kd, ks, i0, wp, g, out):
+    """out[i0:i0+4, 16g:16g+16] (fewer past the last row) = the packed group g of a Q4_K weight times the q8_K
+    activation rows i0..i0+3: each row the bits of `q4_k_packed_group`'s, the group's codes and scales decoded once
+    for the 4 rows (a prompt)."""
+    wr = wp[g]
+    last = kq.shape[0] - 1
+    i1, i2, i3 = min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last)
+    x0, x1, x2, x3 = kq.shape[1] * i0, kq.shape[1] * i1, kq.shape[1] * i2, kq.shape[1] * i3
+    k0, k1, k2, k3 = ks.shape[1] * i0, ks.shape[1] * i1, ks.shape[1] * i2, ks.shape[1] * i3
+    as0 = as1 = as2 = as3 = am0 = am1 = am2 = am3 = vzero()
+    for b in range(kd.shape[1]):
+        o = SB16 * b
+        s0 = s1 = s2 = s3 = m0 = m1 = m2 = m3 = izero()
+        for c in range(4):
+            lo0 = lo1 = lo2 = lo3 = hi0 = hi1 = hi2 = hi3 = izero()
+            q, xb = o + 256 + 512 * c, 256 * b + 64 * c
+            for p in range(8):
+                v = bytes64(wr, q + 64 * p)
+                lo, hi, xp = lo4(v), hi4(v), xb + 4 * p
+                lo0, hi0 = dpbusd(lo0, lo, bcast4(kq, x0 + xp)), dpbusd(hi0, hi, bcast4(kq, x0 + xp + 32))
+                lo1, hi1 = dpbusd(lo1, lo, bcast4(kq, x1 + xp)), dpbusd(hi1, hi, bcast4(kq, x1 + xp + 32))
+                lo2, hi2 = dpbusd(lo2, lo, bcast4(kq, x2 + xp)), dpbusd(hi2, hi, bcast4(kq, x2 + xp + 32))
+                lo3, hi3 = dpbusd(lo3, lo, bcast4(kq, x3 + xp)), dpbusd(hi3, hi, bcast4(kq, x3 + xp + 32))
+            sa, sb, kk = _scales(wr, o, 2 * c), _scales(wr, o, 2 * c + 1), 16 * b + 4 * c
+            ma, mb = _mins(wr, o, 2 * c), _mins(wr, o, 2 * c + 1)
+            s0 = iadd(s0, iadd(imul(lo0, sa), imul(hi0, sb)))
+            s1 = iadd(s1, iadd(imul(lo1, sa), imul(hi1, sb)))
+            s2 = iadd(s2, iadd(imul(lo2, sa), imul(hi2, sb)))
+            s3 = iadd(s3, iadd(imul(lo3, sa), imul(hi3, sb)))
+            m0 = iadd(m0, iadd(imul(ma, _pair_sum(ks, k0 + kk)), imul(mb, _pair_sum(ks, k0 + kk + 2))))
+            m1 = iadd(m1, iadd(imul(ma, _pair_sum(ks, k1 + kk)), imul(mb, _pair_sum(ks, k1 + kk + 2))))
+            m2 = iadd(m2, iadd(imul(ma, _pair_sum(ks, k2 + kk)), imul(mb, _pair_sum(ks, k2 + kk + 2))))
+            m3 = iadd(m3, iadd(imul(ma, _pair_sum(ks, k3 + kk)), imul(mb, _pair_sum(ks, k3 + kk + 2))))
+        d, dmin = half16(wr, o), half16(wr, o + 32)
+        dk0, dk1, dk2, dk3 = vsplat(kd[i0, b]), vsplat(kd[i1, b]), vsplat(kd[i2, b]), vsplat(kd[i3, b])
+        as0, am0 = vadd(as0, vmul(vtof(s0), vmul(d, dk0))), vadd(am0, vmul(vtof(m0), vmul(dmin, dk0)))
+        as1, am1 = vadd(as1, vmul(vtof(s1), vmul(d, dk1))), vadd(am1, vmul(vtof(m1), vmul(dmin, dk1)))
+        as2, am2 = vadd(as2, vmul(vtof(s2), vmul(d, dk2))), vadd(am2, vmul(vtof(m2), vmul(dmin, dk2)))
+        as3, am3 = vadd(as3, vmul(vtof(s3), vmul(d, dk3))), vadd(am3, vmul(vtof(m3), vmul(dmin, dk3)))
+    _store4(out, i0, last, ROWS * g, vsub(as0, am0), vsub(as1, am1), vsub(as2, am2), vsub(as3, am3))
+
+
+@njit(inline="always", **MATVEC_JIT)
+def _store4(out, i0, last, col, v0, v1, v2, v3):
+    """out[i0 + j, col:col+16] = v_j for the rows up to `last`."""
+    n = out.shape[1]
+    vstore(out, n * i0 + col, v0)
+    if i0 + 1 <= last:
+        vstore(out, n * (i0 + 1) + col, v1)
+    if i0 + 2 <= last:
+        vstore(out, n * (i0 + 2) + col, v2)
+    if i0 + 3 <= last:
+        vstore(out, n * (i0 + 3) + col, v3)
 
 
 @njit(**MATVEC_JIT)
@@ -179,10 +240,7 @@ def q6_k_packed_group(kq, kd, ks, i, wp, g, out, io):
         for h in range(2):
             for m in range(2):  # groups 8h + 2j + m: runs n = 4m..4m+3
                 k = so + 16 * b + 8 * h + m
-                d0 = ineg(ishl(isplat(ks, k), 5))
-                d1 = ineg(ishl(isplat(ks, k + 2), 5))
-                d2 = ineg(ishl(isplat(ks, k + 4), 5))
-                d3 = ineg(ishl(isplat(ks, k + 6), 5))
+                d0, d1, d2, d3 = _offset(ks, k), _offset(ks, k + 2), _offset(ks, k + 4), _offset(ks, k + 6)
                 x = xo + 256 * b + 128 * h
                 for n in range(4 * m, 4 * m + 4):
                     qa = bytes64(wr, o + 288 + 64 * (16 * h + n))
@@ -197,3 +255,53 @@ def q6_k_packed_group(kq, kd, ks, i, wp, g, out, io):
                                  iadd(imul(d2, s8x16(wr, sc + 64)), imul(d3, s8x16(wr, sc + 96)))))
         acc = vadd(acc, vmul(vtof(t), vmul(half16(wr, o), vsplat(kd[i, b]))))
     vstore(out, out.shape[1] * io + ROWS * g, acc)
+
+
+@njit(inline="always", **MATVEC_JIT)
+def _offset(ks, k):
+    """-32 times q8_K's sum of 16 activation quants ks[k] in every lane (Q6_K's code offset)."""
+    return ineg(ishl(isplat(ks, k), 5))
+
+
+@njit(**MATVEC_JIT)
+def q6_k_packed_rows2(kq, kd, ks, i0, wp, g, out):
+    """out[i0:i0+2, 16g:16g+16] (one row past the last) = the packed group g of a Q6_K weight times the q8_K
+    activation rows i0, i0 + 1: each row the bits of `q6_k_packed_group`'s, the codes built once for the 2 (a
+    prompt; with 4 rows the accumulators outgrew the registers)."""
+    wr = wp[g]
+    last = kq.shape[0] - 1
+    i1 = min(i0 + 1, last)
+    xa, xb, ka, kb = kq.shape[1] * i0, kq.shape[1] * i1, ks.shape[1] * i0, ks.shape[1] * i1
+    acc_a = vzero()
+    acc_b = vzero()
+    for b in range(kd.shape[1]):
+        o = SB6 * b
+        ta = izero()
+        tb = izero()
+        for h in range(2):
+            for m in range(2):
+                k = 16 * b + 8 * h + m
+                a0, a1, a2, a3 = _offset(ks, ka + k), _offset(ks, ka + k + 2), _offset(ks, ka + k + 4), _offset(ks, ka + k + 6)
+                b0, b1, b2, b3 = _offset(ks, kb + k), _offset(ks, kb + k + 2), _offset(ks, kb + k + 4), _offset(ks, kb + k + 6)
+                x = 256 * b + 128 * h
+                for n in range(4 * m, 4 * m + 4):
+                    qa = bytes64(wr, o + 288 + 64 * (16 * h + n))
+                    qb = bytes64(wr, o + 288 + 64 * (16 * h + 8 + n))
+                    qh = bytes64(wr, o + 2336 + 64 * (8 * h + n))
+                    c0, c1 = q6_codes(lo4(qa), qh, 0), q6_codes(lo4(qb), qh, 1)
+                    c2, c3 = q6_codes(hi4(qa), qh, 2), q6_codes(hi4(qb), qh, 3)
+                    xn = x + 4 * n
+                    a0, b0 = dpbusd(a0, c0, bcast4(kq, xa + xn)), dpbusd(b0, c0, bcast4(kq, xb + xn))
+                    a1, b1 = dpbusd(a1, c1, bcast4(kq, xa + xn + 32)), dpbusd(b1, c1, bcast4(kq, xb + xn + 32))
+                    a2, b2 = dpbusd(a2, c2, bcast4(kq, xa + xn + 64)), dpbusd(b2, c2, bcast4(kq, xb + xn + 64))
+                    a3, b3 = dpbusd(a3, c3, bcast4(kq, xa + xn + 96)), dpbusd(b3, c3, bcast4(kq, xb + xn + 96))
+                sc = o + 32 + 16 * (8 * h + m)
+                s0, s1, s2, s3 = s8x16(wr, sc), s8x16(wr, sc + 32), s8x16(wr, sc + 64), s8x16(wr, sc + 96)
+                ta = iadd(ta, iadd(iadd(imul(a0, s0), imul(a1, s1)), iadd(imul(a2, s2), imul(a3, s3))))
+                tb = iadd(tb, iadd(iadd(imul(b0, s0), imul(b1, s1)), iadd(imul(b2, s2), imul(b3, s3))))
+        d = half16(wr, o)
+        acc_a = vadd(acc_a, vmul(vtof(ta), vmul(d, vsplat(kd[i0, b]))))
+        acc_b = vadd(acc_b, vmul(vtof(tb), vmul(d, vsplat(kd[i1, b]))))
+    vstore(out, out.shape[1] * i0 + ROWS * g, acc_a)
+    if i0 + 1 <= last:
+        vstore(out, out.shape[1] * (i0 + 1) + ROWS * g, acc_b)

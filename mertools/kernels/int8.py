@@ -285,19 +285,42 @@ def _k_rows(kind, kq, kd, ks, w, out):
                     _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
 
 
+@njit(parallel=True, **MATVEC_JIT)
+def _kp_rows(kind, kq, kd, ks, w, out):
+    """`_k_rows` for a packed K weight: each task a group of 16 rows against 4 activation rows at a time (Q4_K:
+    `_k8packed.q4_k_packed_rows4`, the group's codes decoded once for the 4; Q6_K by 2, `q6_k_packed_rows2`)."""
+    n = out.shape[0]
+    for g in prange(groups_of(out.shape[1])):
+        for i0 in range(0, n, 4):
+            if kind == Q4_KP:
+                _k8packed.q4_k_packed_rows4(kq, kd, ks, i0, w, g, out)
+            else:
+                _k8packed.q6_k_packed_rows2(kq, kd, ks, i0, w, g, out)
+                if i0 + 2 < n:
+                    _k8packed.q6_k_packed_rows2(kq, kd, ks, i0 + 2, w, g, out)
+
+
 # compiled callers of the regions: the activations never cross into Python (boxing 7 arrays and back cost ~10 us,
 # a fifth of a small expert's product)
 @njit(**MATVEC_JIT)
 def _rows_kernel(kind):
-    """Whether a prompt's rows of a weight of type code `kind` go to `_k_rows` (a K type's file bytes)."""
-    return formats_of(kind) == Q8_K_ACT and kind < PACKED_K
+    """Whether a prompt's rows of a weight of type code `kind` go to `_k_rows` / `_kp_rows` (a K type)."""
+    return formats_of(kind) == Q8_K_ACT
+
+
+@njit(**MATVEC_JIT)
+def _prompt(kind, kq, kd, ks, w, out):
+    if kind < PACKED_K:
+        _k_rows(kind, kq, kd, ks, w, out)
+    else:
+        _kp_rows(kind, kq, kd, ks, w, out)
 
 
 @njit(**MATVEC_JIT)
 def _quantized_matmul8(kind, x2, w, out):
     a = quantize_act(x2, formats_of(kind))
     if x2.shape[0] >= K_ROWS_MIN and _rows_kernel(kind):
-        _k_rows(kind, a.kq, a.kd, a.ks, w, out)
+        _prompt(kind, a.kq, a.kd, a.ks, w, out)
     else:
         _matmul8(kind, a, w, out)
 
@@ -306,8 +329,8 @@ def _quantized_matmul8(kind, x2, w, out):
 def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
     a = quantize_act(x2, formats_of(kg) | formats_of(ku))
     if x2.shape[0] >= K_ROWS_MIN and _rows_kernel(kg) and _rows_kernel(ku):
-        _k_rows(kg, a.kq, a.kd, a.ks, wg, h)
-        _k_rows(ku, a.kq, a.kd, a.ks, wu, u)
+        _prompt(kg, a.kq, a.kd, a.ks, wg, h)
+        _prompt(ku, a.kq, a.kd, a.ks, wu, u)
         for i in range(h.shape[0]):
             for r in range(h.shape[1]):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
