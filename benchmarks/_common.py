@@ -245,6 +245,19 @@ def open_llama(gguf: str | Path, threads: int, *, repack: bool, n_ctx: int, **kw
     return llama_cpp.Llama(str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False, **kwargs)
 
 
+def llama_build(llama_python: str) -> str:
+    """What llama.cpp the benchmark ran: llama-cpp-python's version and llama.cpp's own system info line (the
+    instruction sets its CPU backend was built with: a native build on a CPU that lists AMX uses AMX kernels, which
+    die with SIGILL where the guest cannot use them; build with `-mno-amx-tile -mno-amx-int8 -mno-amx-bf16` there)."""
+    code = "import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_print_system_info().decode().strip())"
+    try:
+        out = subprocess.run([llama_python, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (its Python did not answer)"
+    version, _, info = out.strip().partition(" ")
+    return f"llama-cpp-python {version}, system info `{' '.join(info.split())}`"
+
+
 # ---------------------------------------------------------------- mertools serve
 
 

@@ -343,6 +343,7 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         f"Machine: {common.machine_description()}",
         "",
         f"Command: `python benchmarks/bench_decode.py --layers {a.layers} --tokens {a.tokens} --prompt {a.prompt}`",
+        *(["", f"llama.cpp: {common.llama_build(a.llama_python)}"] if have_llama else []),
         "",
         "### Matvec (decode, n = 1) at Mixtral expert shapes",
         "",
@@ -374,8 +375,8 @@ def report(a, mv, bw, ref_bw, best, su, have_llama, token_bytes, noisy) -> str: 
         + f"Each engine runs in a fresh process with {t} threads: mertools `Engine` with every expert resident in its "
         "cache before timing (no disk reads while timed), once with its exact float kernels and once with its "
         "8-bit-activation kernels (kernels/int8.py: activations quantized as ggml's q8_0, or q8_K for the K types, "
-        "vpdpbusd; Q4_0, Q8_0 and MXFP4 "
-        "weights packed 16 rows per block at load, Q4_K, Q5_K and Q6_K read as they are), as llama.cpp computes; llama.cpp "
+        "vpdpbusd; Q4_0, Q8_0 and MXFP4 weights packed 16 rows per block at load, Q4_K and Q6_K 16 rows per super-block "
+        "(a lane per row), Q5_K read as it is), as llama.cpp computes; llama.cpp "
         "through llama-cpp-python on the same GGUF (`use_mmap=False`: the file read into memory at load, so no page "
         "faults while timed either), once with its defaults (`use_extra_bufts` on: weights repacked at load for its "
         "AVX-512 kernels, `q4_0_8x8` / `q4_K_8x8`) and once with `use_extra_bufts=False` (the file's blocks). "

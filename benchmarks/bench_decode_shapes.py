@@ -109,7 +109,7 @@ def main() -> int:
         f" --{k} {v}" for k, v, default in (("rounds", a.rounds, 2), ("prompt", a.prompt, 32), ("tokens", a.tokens, 24))
         if v != default)
     body = (f"Machine: {common.machine_description()}\n\nCommand: `python benchmarks/bench_decode_shapes.py{flags}` "
-            f"(took {(time.perf_counter() - t0) / 60:.0f} min)\n\n"
+            f"(took {(time.perf_counter() - t0) / 60:.0f} min)\n\nllama.cpp: {common.llama_build(a.llama_python)}\n\n"
             f"{a.layers} layers of {s.title}'s shape (d_model {s.d_model}, {s.n_expert} experts of width {s.d_ff}, "
             f"top-{s.n_expert_used}, {s.n_head} heads / {s.n_kv} KV heads{v.layers_have}, vocabulary {s.vocab:,}; "
             f"{v.types}, random weights): {z['total'] / 1e9:.2f} GB, every weight resident in both "
