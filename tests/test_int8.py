@@ -386,3 +386,11 @@ def test_cli_kernels_flags(trained: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["verify", str(trained), "--kernels", "int8", "--quiet", "--json", str(tmp_path / "v.json")])
     assert r.exit_code == 0, r.output
     assert "kernels: int8 vs exact" in r.output and json.loads((tmp_path / "v.json").read_text())["kernels"]["ok"]
+
+
+def test_importing_the_kernels_starts_numbas_thread_pool() -> None:
+    """A cached compiled caller of a parallel region (`_quantized_matmul8`) segfaulted when loaded in a process whose
+    pool had not started (`mertools run` after `make test`); importing the kernels starts it."""
+    code = ("import numba.np.ufunc.parallel as p; assert not p._is_initialized; "
+            "import mertools.kernels.int8; assert p._is_initialized")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

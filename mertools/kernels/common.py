@@ -12,7 +12,7 @@ the modules whose kernels call into it (the type modules, `dispatch`), or delete
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from mertools.kernels.simd import (
     bits_f32,
@@ -28,6 +28,10 @@ from mertools.kernels.simd import (
     vload,
     vzero,
 )
+
+# Start numba's thread pool now: a cached compiled caller of a parallel region (int8's `_quantized_matmul8`), loaded
+# in a process that had not started the pool, segfaulted on its first call (`mertools run` after `make test`).
+get_num_threads()
 
 # Quantizers and dequantizers: every intermediate float32 as in ggml-quants.c, fastmath off so LLVM
 # never fuses a multiply-add, error_model="numpy" for IEEE division by zero.
