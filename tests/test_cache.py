@@ -246,3 +246,42 @@ def test_the_vectorised_victim_search_is_the_entry_by_entry_one(policy: str) -> 
         cands = list(cache.entries.values())
         want = min(cands, key=lambda e: (cache._score(e), cache.slot_last[e.slot]))
         assert cache._victim(set()) is want and want.key == (0, 1)  # (0, 0) has the same score, used later
+
+
+def test_resize_shrinks_evicting_the_given_up_slots_and_grows_into_the_reserve() -> None:
+    loader = FakeLoader(8)
+    cache = ExpertCache(6, 4, 8, loader, ThreadPoolExecutor(4), capacity=8)
+    for layer in range(3):
+        use(cache, loader, [(layer, 0), (layer, 1)])
+    assert len(cache.entries) == 6 and not cache.free
+    gone = cache.resize(2)
+    assert gone == [2, 3, 4, 5] and cache.n_slots == 2
+    assert all(e.slot < 2 for e in cache.entries.values()) and len(cache.entries) == 2
+    held = {k for k, e in cache.entries.items()}
+    assert all(cache.slot_of[k] >= 0 for k in held) and (cache.slot_of >= 0).sum() == 2
+    for layer in range(4):  # streaming through 2 slots: never a slot given up
+        use(cache, loader, [(layer, 2), (layer, 3)])
+        assert all(e.slot < 2 for e in cache.entries.values())
+    assert cache.resize(8) == [] and cache.n_slots == 8 and sorted(cache.free) == [2, 3, 4, 5, 6, 7]
+    for layer in range(4):
+        use(cache, loader, [(layer, 4), (layer, 5)])
+    assert len(cache.entries) == 8 and max(e.slot for e in cache.entries.values()) == 7
+    with pytest.raises(ValueError, match="1 to 8"):
+        cache.resize(9)
+    with pytest.raises(ValueError, match="1 to 8"):
+        cache.resize(0)
+
+
+def test_resize_calls_off_prefetches_in_given_up_slots_and_waits_for_them() -> None:
+    cache, loader = make(4, delay=0.3)
+    cache.note_layer(0)
+    assert cache.prefetch([(1, 3), (1, 4), (1, 5), (1, 6)]) == 4  # slots 0..3, all loading
+    assert cache.resize(1) == [1, 2, 3]
+    assert cache.stats.prefetch_cancelled == 3  # called off (the loader stopped), not read to the end
+    assert all(e.slot == 0 for e in cache.entries.values()) and cache.free in ([], [0])
+    deadline = time.perf_counter() + 2
+    while any(e.loading for e in cache.entries.values()) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert all(s < 1 for s in cache.free)  # a load that stopped in a given-up slot did not give it back
+    use(cache, loader, [(2, 0)])
+    assert set(cache.entries) == {(2, 0)}

@@ -69,9 +69,14 @@ class ExpertCache:
     per layer of distance until its layer comes round again; "lru" is the plain baseline."""
 
     def __init__(self, n_slots: int, n_layers: int, n_experts: int, loader: Loader, executor: Executor,
-                 policy: str = "lfd") -> None:
+                 policy: str = "lfd", capacity: int | None = None) -> None:
         if n_slots < 1:
             raise ValueError(f"cache needs at least one slot, got {n_slots}")
+        # slots the loader can fill (the store's arena): `resize` moves n_slots within [1, capacity]
+        capacity = n_slots if capacity is None else capacity
+        if capacity < n_slots:
+            raise ValueError(f"capacity {capacity} is below the {n_slots} slots asked for")
+        self.capacity = capacity
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.n_slots, self.n_layers, self.n_experts = n_slots, n_layers, n_experts
@@ -95,12 +100,15 @@ class ExpertCache:
         self.learns = n_slots < n_layers * n_experts  # with a slot for every expert no victim is ever chosen
         # each slot's (layer, expert) and the clock at its last use (LRU's order, lfd's tie-break), as arrays so a
         # victim search reads them for every candidate at once
-        self.slot_layer = np.zeros(n_slots, np.int64)
-        self.slot_expert = np.zeros(n_slots, np.int64)
-        self.slot_last = np.zeros(n_slots, np.int64)
+        self.slot_layer = np.zeros(capacity, np.int64)
+        self.slot_expert = np.zeros(capacity, np.int64)
+        self.slot_last = np.zeros(capacity, np.int64)
         # each expert's slot while it is resident (loaded, not loading), else -1; kept as entries change, for the
         # compiled decode step (runtime/fused.py), which looks its experts up in it
         self.slot_of = np.full((n_layers, n_experts), -1, np.int64)
+        # lookups and hits of each expert since the start (fixed size): where the traffic goes (`mertools top`'s map)
+        self.lookups_by = np.zeros((n_layers, n_experts), np.int64)
+        self.hits_by = np.zeros((n_layers, n_experts), np.int64)
         # a subclass that redefines `_score` (benchmarks/routing.py's oracle) is searched entry by entry with it
         self._scalar = type(self)._score is not ExpertCache._score
 
@@ -150,12 +158,48 @@ class ExpertCache:
         victim = self._victim(protect)
         if victim is None:
             return None
-        del self.entries[victim.key]
-        self.slot_of[victim.key] = -1
-        self.stats.evictions += 1
-        if victim.prefetched:
-            self.stats.prefetch_wasted += 1
+        self._evict(victim)
         return victim.slot
+
+    def _evict(self, e: _Entry) -> None:
+        """Under the lock: forget a resident, unpinned entry."""
+        del self.entries[e.key]
+        self.slot_of[e.key] = -1
+        self.stats.evictions += 1
+        if e.prefetched:
+            self.stats.prefetch_wasted += 1
+
+    def resize(self, n_slots: int, timeout: float = 30.0) -> list[int]:
+        """Use `n_slots` slots from now on (1..capacity). Growing frees slots n_slots..; shrinking evicts the entries
+        of the slots given up, after calling off their prefetches and waiting for loads and pins on them to end (a
+        caller between forward passes holds no pins). Returns the slots given up, whose memory the store may
+        release. A load that completes into a given-up slot is impossible: no slot >= n_slots is handed out again."""
+        if not 1 <= n_slots <= self.capacity:
+            raise ValueError(f"the cache can hold 1 to {self.capacity} slots, not {n_slots}")
+        with self.lock:
+            old, self.n_slots = self.n_slots, n_slots
+            self.learns = n_slots < self.n_layers * self.n_experts
+            if n_slots >= old:
+                self.free[:0] = range(n_slots - 1, old - 1, -1)  # popped last: the old free slots go first
+                self.lock.notify_all()
+                return []
+            self.free = [s for s in self.free if s < n_slots]
+            deadline = time.monotonic() + timeout
+            while True:
+                gone = [e for e in self.entries.values() if e.slot >= n_slots]
+                for e in gone:
+                    if e.loading and e.cancel is not None:
+                        e.cancel.set()
+                        e.cancelled = True
+                busy = [e for e in gone if e.loading or e.pins]
+                if not busy:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(busy)} experts still loading or in use in the slots given up")
+                self.lock.wait(timeout=0.05)
+            for e in gone:
+                self._evict(e)
+            return list(range(n_slots, old))
 
     # ------------------------------------------------------------------ loading
     def _start_load(self, key: Key, slot: int, prefetched: bool) -> _Entry:
@@ -204,7 +248,8 @@ class ExpertCache:
         entry = self.entries.get(key)
         if entry is not None and entry.slot == slot:
             del self.entries[key]
-            self.free.append(slot)
+            if slot < self.n_slots:  # not a slot `resize` gave up
+                self.free.append(slot)
             self.slot_of[key] = -1
         self.lock.notify_all()
 
@@ -273,6 +318,7 @@ class ExpertCache:
             self._cancel_unneeded(pending)
             for key in pending:
                 self.stats.lookups += 1
+                self.lookups_by[key] += 1
                 e = self.entries.get(key)
                 if e is None or e.cancelled:
                     self.stats.misses += 1
@@ -280,6 +326,7 @@ class ExpertCache:
                     continue
                 # resident, or a prefetch still in flight: either way the read was issued early
                 self.stats.hits += 1
+                self.hits_by[key] += 1
                 if e.prefetched:
                     self.stats.prefetch_used += 1
                     e.prefetched = False
@@ -380,11 +427,21 @@ class ExpertCache:
                     e = self.entries[(layer, expert)]
                     self.stats.lookups += 1
                     self.stats.hits += 1
+                    self.lookups_by[layer, expert] += 1
+                    self.hits_by[layer, expert] += 1
                     if e.prefetched:
                         self.stats.prefetch_used += 1
                         e.prefetched = False
                     self.slot_last[e.slot] = self.clock
             self.current_layer = len(chosen) - 1
+
+    def states(self) -> np.ndarray:
+        """Each expert's state now, (n_layers, n_experts) int8: 0 not held, 1 resident, 2 loading."""
+        out = np.zeros((self.n_layers, self.n_experts), np.int8)
+        with self.lock:
+            for (layer, expert), e in self.entries.items():
+                out[layer, expert] = 2 if e.loading else 1
+        return out
 
     def held(self, layer: int) -> list[int]:
         """The experts of `layer` a lookup now would count as hits (resident, or loading and not called off),

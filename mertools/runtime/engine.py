@@ -21,7 +21,7 @@ from .cache import ExpertCache
 from .generation import GeneratedToken, checked
 from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
-from .memory import available_bytes, peak_rss_bytes
+from .memory import available_bytes, peak_rss_bytes, total_bytes
 from .model import KVCache, MoEModel
 from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
@@ -172,11 +172,13 @@ class Engine:
         # load's packing took the kernels' cores and the run was slower than on the exact kernels (docs/BENCHMARKS.md,
         # "Decode: notes"); mapped, they stay exact too (the others read the file's blocks as they are)
         prepare = expert_packer(cfg) if kernels == "int8" and not mapped and slots == len(m.experts) else None
+        # address space for as many slots as the machine's memory holds, so `resize_cache` can grow the cache later
+        capacity = len(m.experts) if mapped else min(len(m.experts), max(slots, total_bytes() // slot_bytes))
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
-                            mapped=mapped, prepare=prepare)
+                            mapped=mapped, prepare=prepare, capacity=capacity)
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         layers = cfg.n_layers + cfg.nextn_layers  # the MTP blocks' experts are cached like any layer's
-        cache = ExpertCache(slots, layers, cfg.n_experts, store.load, pool, policy=policy)
+        cache = ExpertCache(slots, layers, cfg.n_experts, store.load, pool, policy=policy, capacity=capacity)
         standins = None
         if standin_slots:
             s_store = ExpertStore(layout, standin_slots, direct=direct, keep_pages=keep, verify=verify,
@@ -237,6 +239,28 @@ class Engine:
             self.model.fused.warmup(kv, ids[0])
         self.times.warmup_s += (took := time.perf_counter() - t0)
         return took
+
+    def resize_cache(self, cache_mb: float | None) -> int:
+        """Give the expert cache a new budget (MiB; None: grow into what is free now, keeping the margin) and return its
+        slots. Shrinking evicts the experts of the slots given up and returns their memory at once; growing fills
+        the new slots as experts are read. Call between steps, from the thread that steps. Within the address space
+        reserved at open (the machine's memory); stand-ins keep their share."""
+        slot, need, cache = self.store.slot_bytes, self.config.n_experts_used, self.cache
+        if cache_mb is None:
+            slots = min(cache.capacity, cache.n_slots + max(0, available_bytes() - MARGIN) // slot)
+        else:
+            standins = self.model.moe.standins
+            budget = int(cache_mb * 2**20) - (standins.store.n_slots * standins.store.slot_bytes if standins else 0)
+            slots = min(len(self.layout.manifest.experts), budget // slot)
+            if slots < need:
+                raise RuntimeConfigError(f"cache_mb {cache_mb:g} is smaller than one layer's active experts: {need} x "
+                                         f"{slot / 2**20:.1f} MiB")
+            if slots > cache.capacity:
+                raise RuntimeConfigError(f"cache_mb {cache_mb:g} is more than this process can grow its cache to "
+                                         f"({cache.capacity * slot / 2**20:.0f} MiB, the machine's memory); restart")
+        self.store.discard(cache.resize(slots))
+        self.store.n_slots = slots
+        return slots
 
     def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
         return checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)

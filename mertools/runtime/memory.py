@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from pathlib import Path
 
@@ -35,14 +36,53 @@ def _cgroup_room() -> int | None:
     return None
 
 
-def available_bytes() -> int:
-    avail = None
+def _field_kb(path: str, name: str) -> int | None:
+    """`name:` of a /proc file that lists "Name: N kB" lines, in bytes; None if absent or unreadable."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def total_bytes() -> int:
+    """The memory this process could ever have: MemTotal, or a tighter cgroup limit (what a cache may grow to)."""
+    total = _field_kb("/proc/meminfo", "MemTotal")
+    room = _cgroup_room()  # what is left below the limit: this process's own use is part of the usage
+    if room is not None:
+        room += rss_bytes()
+    candidates = [x for x in (total, room) if x is not None]
+    return min(candidates) if candidates else 2 << 30
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS), 0 where /proc cannot tell."""
+    return _field_kb("/proc/self/status", "VmRSS") or 0
+
+
+def resident_bytes(address: int, length: int) -> int | None:
+    """How many bytes of [address, address + length) (page-aligned, mapped by this process) are in memory now,
+    by mincore(2); None where libc cannot be asked."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+    if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        return None
+    import numpy as np
+
+    return int(np.count_nonzero(np.frombuffer(vec, np.uint8) & 1)) * page
+
+
+def available_bytes() -> int:
+    avail = _field_kb("/proc/meminfo", "MemAvailable")
     room = _cgroup_room()
     candidates = [x for x in (avail, room) if x is not None]
     return min(candidates) if candidates else 2 << 30
@@ -51,10 +91,5 @@ def available_bytes() -> int:
 def peak_rss_bytes() -> int:
     """This process's peak RSS. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a
     process started from a big parent (a test runner, a server) would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _field_kb("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

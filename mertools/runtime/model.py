@@ -74,6 +74,11 @@ class MoEModel:
         # a decode step in one compiled call, where it applies (runtime/fused.py)
         self.fused = FusedStep.of(self) if compiled_step else None
 
+    def set_prefetch(self, mode: str) -> None:
+        """Guess the next layer's experts with `mode` (prefetch.PREFETCH_MODES) from the next step on; a learned
+        Markov model starts afresh."""
+        self.prefetcher = make_prefetcher(mode, self.lookahead_router, self.cfg.n_layers, self.cfg.n_experts)
+
     # ------------------------------------------------------------------ pieces
     def lookahead_router(self, layer: int, x: np.ndarray) -> np.ndarray:
         """Layer `layer`'s ranking (n, n_experts) of its experts for hidden states x (a prefetch guess)."""

@@ -52,7 +52,8 @@ class ExpertStore:
                  retries: int = 3, io_depth: int = 8, read_fn: ReadFn = _preadv,
                  notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
                  max_open_files: int = MAX_OPEN_FILES, entries: list[ExpertEntry] | None = None,
-                 mapped: bool = False, prepare: Callable[[ExpertEntry, np.ndarray], None] | None = None) -> None:
+                 mapped: bool = False, prepare: Callable[[ExpertEntry, np.ndarray], None] | None = None,
+                 capacity: int | None = None) -> None:
         self.layout = layout
         self.manifest = layout.manifest
         # the files this store reads: the experts, or their stand-ins (`entries`, manifest.standins)
@@ -62,26 +63,31 @@ class ExpertStore:
         self.slot_bytes = max(e.nbytes for e in self.entries.values())
         if n_slots < 1:
             raise ValueError("the store needs at least one slot")
-        self.n_slots = n_slots
+        # the arena is reserved for `capacity` slots (address space only: a page costs memory when first written), so a
+        # cache resized at run time (ExpertCache.resize) can grow into it; `discard` gives slots' memory back
+        capacity = n_slots if capacity is None else capacity
+        if capacity < n_slots:
+            raise ValueError(f"capacity {capacity} is below the {n_slots} slots asked for")
+        self.n_slots, self.capacity = n_slots, capacity
         self.mapped = mapped
         if mapped and prepare is not None:
             raise ValueError("a mapped slot is the file's own pages: it cannot be prepared (packed) in place")
         # applied to a slot's bytes once read and checked, before the load completes (the 8-bit kernels' packing)
         self.prepare = prepare
         # each slot's first byte's address, for compiled code that reaches every slot at once (runtime/fused.py)
-        self.slot_addr = np.zeros(n_slots, np.int64)
+        self.slot_addr = np.zeros(capacity, np.int64)
         if mapped:  # a slot is the mapping of the file loaded into it (empty until then)
             self.arena = self.arena_bytes = None
-            self.buffers = [np.empty(0, np.uint8)] * n_slots
+            self.buffers = [np.empty(0, np.uint8)] * capacity
         else:
             # private (Python's default, shared, is shmem, which gets no transparent huge pages), and 2 MiB pages
             # asked for as numpy asks for its large arrays: the kernels stream slots faster (docs/BENCHMARKS.md)
-            self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.arena = mmap.mmap(-1, capacity * self.slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 self.arena.madvise(mmap.MADV_HUGEPAGE)
             self.arena_bytes = np.frombuffer(self.arena, np.uint8)  # every slot: kernels that take several at once
             self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
-                np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(n_slots)
+                np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(capacity)
             ]
             self.slot_addr[:] = [b.ctypes.data for b in self.buffers]
         direct = direct and not mapped
@@ -105,6 +111,16 @@ class ExpertStore:
         self.bytes_read = 0
         self.read_latency = LatencyHistogram()  # per complete expert load: fixed size, whatever the reads
         self.retried = 0
+
+    def discard(self, slots: list[int]) -> None:
+        """Give the memory of slots the cache no longer uses back to the system (their contents are gone): the arena's
+        pages dropped, mapped slots unmapped. The slots stay reserved and can be filled again."""
+        for slot in slots:
+            if self.arena is not None:
+                self.arena.madvise(mmap.MADV_DONTNEED, slot * self.slot_bytes, self.slot_bytes)
+            else:
+                self.buffers[slot] = np.empty(0, np.uint8)  # the last view of the mapping: unmapped with it
+                self.slot_addr[slot] = 0
 
     # ------------------------------------------------------------------ files
     def _open(self, rel: str) -> int:
