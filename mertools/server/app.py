@@ -15,8 +15,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -26,56 +24,52 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MertoolsError
-from ..runtime.approx import Approx
 from ..runtime.harmony import REASONING, HarmonyParser, is_harmony, split_reply
 from ..runtime.sampling import SamplingParams
 from ..runtime.text import PromptError, check_prompt
 from . import protocol as P
+from .config import ServerConfig
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .reload import Live, Reloader
 from .scheduler import Event, GenerationRequest, Handle, NotReady, QueueFull, Scheduler
+from .stats import server_stats
+
+__all__ = ["ServerConfig", "create_app", "open_engine"]
 
 log = logging.getLogger("mertools.server")
 MAX_BODY = 16 * 2**20  # bytes; far beyond any context's worth of text, and uvicorn sets no limit
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS = ("/health", "/metrics", "/stats", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    layout: str
-    model_name: str | None = None  # default: the layout directory's name
-    api_key: str | None = None
-    max_concurrency: int = 8  # sequences in the running batch
-    max_queue: int = 64  # sequences waiting for a slot; beyond that, 429
-    cache_mb: float | None = None
-    prefetch: str = "lookahead"
-    threads: int | None = None
-    prefill_chunk: int = 64
-    completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
-    kv_dtype: str = "f16"  # what each sequence's KV cache holds
-    io: str = "auto"  # expert reads: "direct", "mmap", "buffered" (pages kept) or "auto" (mmap when the layout fits)
-    approx: Approx | None = None  # approximate routing (runtime/approx.py); None: exact
-    draft: str | None = None  # speculative decoding: "ngram" (prompt lookup), a draft layout's path, or None
-    draft_tokens: int = 4  # tokens drafted per verification step
-    history: str | None = None  # the learning cache's routing history file, written when the server stops
-    kernels: str = "exact"  # Engine.open's kernels: "exact" or "int8" (the CLI's default)
+def open_engine(cfg: ServerConfig) -> Any:  # noqa: ANN401 - an Engine
+    """The engine `cfg` asks for, its kernels compiled or loaded (warmed up) before any request."""
+    from ..runtime.engine import Engine, draft_footprint
 
-    @property
-    def name(self) -> str:
-        return self.model_name or Path(self.layout).resolve().name
+    engine = Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
+                         kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
+                         reserve_bytes=draft_footprint(cfg.draft), history=cfg.history)
+    engine.warmup()
+    return engine
+
+
+def _engine_and_draft(cfg: ServerConfig) -> tuple[Any, Any]:
+    """A reload's new layout: its engine and (with --draft) its drafter, opened beside the engine in service."""
+    engine = open_engine(cfg)
+    try:
+        return engine, (engine.open_drafter(cfg.draft) if cfg.draft is not None else None)
+    except Exception:
+        engine.close()
+        raise
 
 
 def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
-    """The ASGI app. `load` (default: Engine.open with cfg's options) runs in the scheduler thread."""
+               on_load_error: Callable[[str], None] | None = None, base: ServerConfig | None = None) -> FastAPI:
+    """The ASGI app. `load` (default: `open_engine(cfg)`) runs in the scheduler thread. With `cfg.config_file`, a
+    Reloader applies the file again on request (`app.state.reloader.request()`: SIGHUP, `--watch-config`) over `base`,
+    the settings without the file (the command line and the defaults; default: cfg)."""
     if load is None:
         def load() -> Any:
-            from ..runtime.engine import Engine, draft_footprint
-
-            engine = Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
-                                 kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
-                                 reserve_bytes=draft_footprint(cfg.draft), history=cfg.history)
-            engine.warmup()  # the kernels compiled or loaded before the first request, not during it
-            return engine
+            return open_engine(cfg)
 
     metrics = ServerMetrics(running=lambda: scheduler.n_running, waiting=lambda: scheduler.n_waiting,
                             engine=lambda: scheduler.engine)
@@ -84,17 +78,23 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
                           draft=cfg.draft, draft_tokens=cfg.draft_tokens)
     created = P.now()
     tok_lock = threading.Lock()  # tokenizers are used from threadpool threads: one at a time
+    live = Live(cfg)  # the settings in force: `live.cfg` is read afresh by every request
+    reloader = Reloader(base or cfg, live, scheduler, _engine_and_draft) if cfg.config_file else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
+        if reloader is not None:
+            reloader.start()
         try:
             yield
         finally:
+            if reloader is not None:
+                await run_in_threadpool(reloader.close)
             await run_in_threadpool(scheduler.close)
 
     app = FastAPI(title="mertools", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, cfg
+    app.state.scheduler, app.state.metrics, app.state.live, app.state.reloader = scheduler, metrics, live, reloader
 
     # ------------------------------------------------------------------ errors in OpenAI's shape
     def error(e: P.RequestError) -> JSONResponse:
@@ -117,16 +117,17 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
     # ------------------------------------------------------------------ plain routes
     def engine_or_503() -> Any:
         if scheduler.state == "ready":
-            return scheduler.engine
+            return scheduler.admission_engine
         msg = scheduler.load_error or f"the model is {scheduler.state}; retry shortly"
         raise P.RequestError(msg, 503, "service_unavailable", "model_not_ready", headers={"Retry-After": "1"})
 
     @app.get("/health")
     async def health() -> Response:
         state = scheduler.state
+        extra = {"config": live.to_dict()} if reloader is not None else {}  # what the reloads did
         if state == "ready":
-            return JSONResponse({"status": "ok"})
-        body: dict[str, Any] = {"status": "loading" if state == "loading" else "error"}
+            return JSONResponse({"status": "ok", **extra})
+        body: dict[str, Any] = {"status": "loading" if state == "loading" else "error", **extra}
         if scheduler.load_error:
             body["message"] = scheduler.load_error
         return JSONResponse(body, 503, headers={"Retry-After": "1"})
@@ -135,9 +136,13 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
     async def metrics_text() -> Response:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/stats")
+    async def stats(heat: bool = True) -> Response:  # what `mertools top` draws: counters and the cache's map
+        return JSONResponse(await run_in_threadpool(server_stats, scheduler, metrics, live, heat))
+
     def card() -> dict[str, Any]:
-        eng = scheduler.engine
-        return P.model_card(cfg.name, created, eng.config.context_length if eng is not None else None)
+        eng = scheduler.admission_engine
+        return P.model_card(live.cfg.name, created, eng.config.context_length if eng is not None else None)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -149,8 +154,8 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
         return card()
 
     def check_model(name: str) -> None:
-        if name != cfg.name:
-            raise P.RequestError(f"The model `{name}` does not exist; this server serves `{cfg.name}`", 404,
+        if name != live.cfg.name:
+            raise P.RequestError(f"The model `{name}` does not exist; this server serves `{live.cfg.name}`", 404,
                                  "invalid_request_error", "model_not_found", "model")
 
     # ------------------------------------------------------------------ generation
@@ -174,6 +179,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
 
     async def generate(request: Request, kind: Literal["chat", "completion"]) -> Response:
         req = P.parse_request(await read_body(request), kind)
+        cfg = live.cfg  # one set of settings for the whole request, whatever a reload does meanwhile
         check_model(req.model)
         engine = engine_or_503()
         ctx, vocab = engine.config.context_length, engine.config.vocab_size
@@ -191,10 +197,14 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
         if req.max_new is not None and req.max_new > ctx:
             raise P.RequestError(f"max_tokens {req.max_new} exceeds the model's context length of {ctx}",
                                  param="max_tokens")
-        # no max_tokens: chat generates until EOS or the context ends (OpenAI), completions 16 tokens
-        default_max = ctx if kind == "chat" else cfg.completion_default_max_tokens
-        top_k = req.top_k if req.top_k and req.top_k > 0 else 0
-        temperature = 1.0 if req.temperature is None else req.temperature
+        # no max_tokens: the server's default, else chat generates until EOS or the context ends (OpenAI), completions
+        # 16 tokens; temperature, top_p and top_k left out: the server's defaults, else OpenAI's
+        default_max = cfg.max_tokens or (ctx if kind == "chat" else cfg.completion_default_max_tokens)
+        top_k = req.top_k if req.top_k is not None else (cfg.top_k or 0)
+        top_k = top_k if top_k > 0 else 0
+        temperature = req.temperature if req.temperature is not None else (
+            1.0 if cfg.temperature is None else cfg.temperature)
+        top_p = req.top_p if req.top_p is not None else (1.0 if cfg.top_p is None else cfg.top_p)
         n = req.n or 1
         # a harmony (gpt-oss) chat: its control tokens are decoded, then split into content and reasoning;
         # skip_special_tokens=false asks for the raw text instead
@@ -207,7 +217,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
                 seed = None if req.seed is None else (req.seed + j) % 2**64
                 gens.append(GenerationRequest(
                     tuple(ids), req.max_new or default_max,
-                    SamplingParams(temperature, top_k, 1.0 if req.top_p is None else req.top_p, seed),
+                    SamplingParams(temperature, top_k, top_p, seed),
                     req.stop, not harmony and req.skip_special_tokens is not False))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
@@ -216,7 +226,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
             return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
         try:
-            handles = scheduler.submit(gens, [sink(i) for i in range(len(gens))])
+            handles = scheduler.submit(gens, [sink(i) for i in range(len(gens))], engine)
         except QueueFull as e:
             raise P.RequestError(f"the server is busy: {e}; retry shortly", 429, "rate_limit_error",
                                  "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
@@ -331,7 +341,7 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
             for h in handles:
                 h.cancel()
 
-    app.add_middleware(_Gate, api_key=cfg.api_key, metrics=metrics)
+    app.add_middleware(_Gate, keys=lambda: live.cfg.keys, metrics=metrics)
     return app
 
 
@@ -339,8 +349,8 @@ class _Gate:
     """Pure ASGI wrapper (keeps streaming and disconnects intact, unlike BaseHTTPMiddleware): bearer
     auth on everything but /health, and the request counter by endpoint and status."""
 
-    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app: Any, keys: Callable[[], tuple[str, ...]], metrics: ServerMetrics) -> None:
+        self.app, self.keys, self.metrics = app, keys, metrics  # the keys read per request: a reload may change them
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -356,7 +366,8 @@ class _Gate:
             await send(message)
 
         try:
-            if self.api_key and path != "/health" and not self._authorized(scope):
+            keys = self.keys()
+            if keys and path != "/health" and not self._authorized(scope, keys):
                 body = json.dumps(P.error_body("Invalid or missing API key (send 'Authorization: Bearer KEY')",
                                                "authentication_error", "invalid_api_key")).encode()
                 await send_status({"type": "http.response.start", "status": 401, "headers": [
@@ -368,7 +379,9 @@ class _Gate:
         finally:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
-    def _authorized(self, scope: dict[str, Any]) -> bool:
+    @staticmethod
+    def _authorized(scope: dict[str, Any], keys: tuple[str, ...]) -> bool:
         scheme, _, token = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
-        want = self.api_key.encode()  # type: ignore[union-attr]
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), want)
+        token = token.strip()
+        # every key compared (no early exit), each in constant time
+        return scheme.lower() == b"bearer" and sum(hmac.compare_digest(token, k.encode()) for k in keys) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -78,7 +79,13 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.command()
-@click.argument("layout", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("layout", required=False, type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Settings file (TOML; keys named like these options: docs/OPERATIONS.md). Options given here win. "
+                   "Re-read on SIGHUP, applied without dropping requests.")
+@click.option("--watch-config", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Also reload when the --config file's content changes, looking every this many seconds (0: off; "
+                   "for a Kubernetes ConfigMap).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say otherwise).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--cache-mb", type=click.FloatRange(min=0, min_open=True), help="Expert cache budget (MiB); default: what fits.")
@@ -96,6 +103,13 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--model-name", help="Model id clients must send (default: the layout directory's name).")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
               help="Prompt tokens per sequence per batch step.")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="Default for requests that send none (default 1).")
+@click.option("--top-p", type=click.FloatRange(0, 1), help="Default for requests that send none (default 1).")
+@click.option("--top-k", type=click.IntRange(0), help="Default for requests that send none (default 0: off).")
+@click.option("--max-tokens", type=click.IntRange(1), help="Default for requests that send none (default: chat to "
+              "the end of the context, completions 16).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
 @click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup in each request's own text), 'mtp' (the "
               "layout's own multi-token-prediction block: convert --mtp) or a small LAYOUT sharing the tokenizer "
               "(kept in memory; a KV cache per sequence). Greedy output is the same, sampled output has the same "
@@ -106,31 +120,39 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
               "(created if absent). Its most used experts are loaded at start; the served routing is added to it "
               "when the server stops.")
 @approx_options
-def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: str | None, max_concurrency: int,
-          max_queue: int, prefetch: str, threads: int | None, kv_type: str, io_mode: str, kernels: str, model_name: str | None,
-          prefill_chunk: int, draft: str | None, draft_tokens: int, history: str | None,
-          approx: Approx | None = None) -> None:
+@click.pass_context
+def serve(ctx: click.Context, layout: str | None, config_file: str | None, watch_config: float, io_mode: str,
+          kv_type: str, approx: Approx | None = None, **options: Any) -> None:
     """Serve LAYOUT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
-    /health, /metrics), batching concurrent requests into shared forward steps."""
+    /health, /metrics, /stats), batching concurrent requests into shared forward steps. LAYOUT may come from
+    --config instead."""
     import uvicorn
 
-    from ..errors import RuntimeConfigError
-    from ..layout.reader import Layout
-    from .app import ServerConfig, create_app
+    from .config import OPTION_OF, ServerConfig, read_settings, with_file
 
-    lay = Layout.open(layout)  # a bad layout fails here (exit status 2), before the socket is up
-    if history:
-        from ..runtime.history import RoutingHistory
-
-        RoutingHistory.open(history, lay)  # and so does a bad, foreign or unwritable routing history
-    if draft == "mtp" and not lay.manifest.config.nextn_layers:
-        raise RuntimeConfigError(f"{layout}: has no multi-token-prediction layers for --draft mtp; convert with --mtp "
-                                 "from a checkpoint that has them (DeepSeek-V3, GLM-4.5)")
-    if draft not in (None, "ngram", "mtp"):
-        Layout.open(draft)  # and so does a bad draft layout
-    if not _is_loopback(host):
-        click.echo(f"note: listening on {host}, not loopback: anyone who can reach it can use the model"
-                   + ("" if api_key else " (no --api-key set)"), err=True)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    pinned = {field for field in ("layout", "model_name", "api_key", "max_concurrency", "max_queue", "cache_mb", "prefetch",
+                                  "threads", "prefill_chunk", "kv_dtype", "io", "kernels", "draft", "draft_tokens",
+                                  "history", "temperature", "top_p", "top_k", "max_tokens", "log_level", "host", "port")
+              if OPTION_OF.get(field, field) in given}
+    base = ServerConfig(layout=layout or "", api_key=options.pop("api_key") or None, kv_dtype=kv_type, io=io_mode,
+                        approx=approx, config_file=config_file, watch_config=watch_config, pinned=frozenset(pinned),
+                        **options)
+    cfg = base
+    if config_file is not None:
+        try:
+            cfg = with_file(base, read_settings(config_file))
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    elif watch_config:
+        raise click.UsageError("--watch-config needs --config")
+    if not cfg.layout:
+        raise click.UsageError("no layout: give LAYOUT or `layout = ...` in the --config file")
+    _check_start(cfg)
+    if not _is_loopback(cfg.host):
+        click.echo(f"note: listening on {cfg.host}, not loopback: anyone who can reach it can use the model"
+                   + ("" if cfg.keys else " (no --api-key set)"), err=True)
     failed: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -139,13 +161,13 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
         if server is not None:
             server.should_exit = True
 
-    cfg = ServerConfig(layout=layout, model_name=model_name, api_key=api_key or None, max_concurrency=max_concurrency,
-                       max_queue=max_queue, cache_mb=cache_mb, prefetch=prefetch, threads=threads,
-                       prefill_chunk=prefill_chunk, kv_dtype=kv_type, io=io_mode, kernels=kernels, approx=approx, draft=draft,
-                       draft_tokens=draft_tokens, history=history)
-    app = create_app(cfg, on_load_error=on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
-    click.echo(f"serving {cfg.name} from {layout} on http://{host}:{port}/v1 (loading the model...)", err=True)
+    app = _app(cfg, base, on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                           timeout_graceful_shutdown=5))
+    if config_file is not None:  # SIGHUP: re-read the file (the handler only wakes the reloader's thread)
+        signal.signal(signal.SIGHUP, lambda *_: app.state.reloader.request())
+    click.echo(f"serving {cfg.name} from {cfg.layout} on http://{cfg.host}:{cfg.port}/v1 (loading the model...)",
+               err=True)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C/SIGTERM it has already shut down for
@@ -153,3 +175,40 @@ def serve(layout: str, host: str, port: int, cache_mb: float | None, api_key: st
     if failed:
         click.echo(f"mertools: error: {failed[0]}", err=True)
         sys.exit(2)
+
+
+def _check_start(cfg: Any) -> None:  # noqa: ANN401 - a ServerConfig
+    """What can be refused before the socket opens (exit status 2): a path that is not a layout, a bad, foreign or
+    unwritable routing history, a draft the layout cannot take."""
+    from ..errors import RuntimeConfigError
+    from ..layout.reader import Layout
+
+    lay = Layout.open(cfg.layout)
+    if cfg.history:
+        from ..runtime.history import RoutingHistory
+
+        RoutingHistory.open(cfg.history, lay)
+    if cfg.draft == "mtp" and not lay.manifest.config.nextn_layers:
+        raise RuntimeConfigError(f"{cfg.layout}: has no multi-token-prediction layers for --draft mtp; convert with --mtp "
+                                 "from a checkpoint that has them (DeepSeek-V3, GLM-4.5)")
+    if cfg.draft not in (None, "ngram", "mtp"):
+        Layout.open(cfg.draft)
+
+
+def _app(cfg: Any, base: Any, on_load_error: Callable[[str], None]) -> Any:  # noqa: ANN401
+    """The app, with the mertools loggers printing as uvicorn's do, at cfg's level."""
+    import logging
+
+    from uvicorn.logging import DefaultFormatter
+
+    from .app import create_app
+    from .reload import set_log_level
+
+    logger = logging.getLogger("mertools")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    set_log_level(cfg.log_level)
+    return create_app(cfg, on_load_error=on_load_error, base=base)

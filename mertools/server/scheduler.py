@@ -22,69 +22,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runtime.sampling import Sampler, SamplingParams
+from ..runtime.sampling import Sampler
 from ..runtime.speculative import AdaptiveK, Draft, Drafter, settle
 from ..runtime.text import GenerationText, check_prompt
 from .metrics import ServerMetrics
+from .requests import Event, GenerationRequest, Handle, NotReady, QueueFull
+
+__all__ = ["Event", "GenerationRequest", "Handle", "NotReady", "QueueFull", "Scheduler"]
 
 log = logging.getLogger("mertools.server")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    max_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    skip_special: bool = True  # special tokens (<s>, </s>...) add no text, as OpenAI-style servers do
-
-
-@dataclass(frozen=True)
-class Event:
-    """New text of one generation; the last event has `finish_reason` and the token counts."""
-
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class QueueFull(Exception):
-    """More waiting requests than the queue takes: the client should retry later (HTTP 429)."""
-
-
-class NotReady(Exception):
-    """The engine is still loading, failed to load, or the scheduler is shutting down (HTTP 503)."""
-
-
-class Handle:
-    """One submitted generation. `cancel()` (any thread) makes the scheduler drop it at the next
-    token boundary; no more events are sent after that."""
-
-    def __init__(self, request: GenerationRequest, on_event: Callable[[Event], None], max_tokens: int) -> None:
-        self.request = request
-        self.max_tokens = max_tokens  # the request's, clamped to the room its prompt leaves in the context
-        self._on_event = on_event
-        self._cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def emit(self, event: Event) -> None:
-        try:
-            self._on_event(event)
-        except Exception:  # the consumer is gone (closed event loop...): stop generating for it
-            log.debug("event consumer failed; cancelling", exc_info=True)
-            self.cancel()
 
 
 @dataclass
@@ -136,6 +86,9 @@ class Scheduler:
         self._waiting: deque[Handle] = deque()
         self._running: list[_Seq] = []
         self._closing = False
+        self._tasks: deque[tuple[Callable[[Any], Any], Future[Any]]] = deque()  # run in this thread between steps
+        # a reloaded layout's engine and drafter, waiting for the old engine's requests to end (`switch`)
+        self._next: tuple[Any, Drafter | None, Future[None]] | None = None
         self._thread = threading.Thread(target=self._main, name="mertools-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -153,6 +106,50 @@ class Scheduler:
         return self._state == "ready"
 
     @property
+    def admission_engine(self) -> Any:  # noqa: ANN401 - an Engine
+        """The engine a request read now will run on: the reloaded one once a switch is pending."""
+        nxt = self._next
+        return nxt[0] if nxt is not None else self.engine
+
+    def configure(self, max_running: int, max_waiting: int, prefill_chunk: int) -> None:
+        """New limits (a reload), in force from the next token boundary; sequences beyond a smaller batch finish
+        where they are, none is dropped."""
+        if max_running < 1 or max_waiting < 0 or prefill_chunk < 1:
+            raise ValueError("max_running and prefill_chunk must be >= 1, max_waiting >= 0")
+        with self._cond:
+            self.max_running, self.max_waiting = max_running, max_waiting
+            self.prefill_chunk, self.step_token_budget = prefill_chunk, max(self.step_token_budget, prefill_chunk)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[Any], Any]) -> Future[Any]:
+        """Run fn(engine) in the scheduler's thread at the next token boundary (the engine is not thread-safe):
+        a cache resize, a new prefetcher. The future holds its result or exception."""
+        fut: Future[Any] = Future()
+        with self._cond:
+            if self._closing or self._state != "ready":
+                fut.set_exception(NotReady(f"the model is {self._state}"))
+                return fut
+            self._tasks.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def switch(self, engine: Any, draft: Drafter | None) -> Future[None]:  # noqa: ANN401 - an Engine
+        """Serve `engine` (a reloaded layout, opened and warmed up by the caller) once the requests already given to
+        the current one have ended; requests read from now on wait for it. The old engine is closed then. A switch
+        still pending is superseded (its engine closed, its future failed)."""
+        fut: Future[None] = Future()
+        with self._cond:
+            if self._closing or self._state != "ready":
+                fut.set_exception(NotReady(f"the model is {self._state}"))
+                return fut
+            old, self._next = self._next, (engine, draft, fut)
+            self._cond.notify()
+        if old is not None:
+            self._close_engine(old[0], old[1])
+            old[2].set_exception(RuntimeError("superseded by a later reload"))
+        return fut
+
+    @property
     def n_running(self) -> int:
         return len(self._running)
 
@@ -160,18 +157,24 @@ class Scheduler:
     def n_waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, requests: Sequence[GenerationRequest], on_event: Sequence[Callable[[Event], None]]) -> list[Handle]:
-        """Queue generations (all or none). Raises NotReady, QueueFull, or PromptError (a ValueError) for
-        a request the engine cannot run: the checks of runtime.text, which the app runs first to answer
-        with OpenAI's error codes."""
+    def submit(self, requests: Sequence[GenerationRequest], on_event: Sequence[Callable[[Event], None]],
+               engine: Any = None) -> list[Handle]:  # noqa: ANN401 - an Engine
+        """Queue generations (all or none) for `engine`, the one whose tokenizer read the prompts (default: the
+        admission engine). Raises NotReady (also when a reload replaced that engine meanwhile), QueueFull, or
+        PromptError (a ValueError) for a request the engine cannot run: the checks of runtime.text, which the app
+        runs first to answer with OpenAI's error codes."""
         if self._state != "ready":
             raise NotReady(self.load_error or f"the model is {self._state}")
-        cfg = self.engine.config
-        handles = [Handle(r, cb, check_prompt(r.prompt_ids, cfg.vocab_size, cfg.context_length, r.max_tokens)[1])
+        engine = self.admission_engine if engine is None else engine
+        cfg = engine.config
+        handles = [Handle(r, cb, check_prompt(r.prompt_ids, cfg.vocab_size, cfg.context_length, r.max_tokens)[1], engine)
                    for r, cb in zip(requests, on_event, strict=True)]
         with self._cond:
             if self._closing:
                 raise NotReady("the server is shutting down")
+            # once a switch is pending only the new engine takes requests, so the old one's all wait ahead of them
+            if engine is not (self._next[0] if self._next is not None else self.engine):
+                raise NotReady("the model was reloaded while the request was read; retry")
             # slots free now are filled from the queue at the next token boundary
             room = self.max_waiting + max(0, self.max_running - len(self._running)) - len(self._waiting)
             if len(handles) > room:
@@ -211,12 +214,14 @@ class Scheduler:
         try:
             while True:
                 try:
+                    self._run_tasks()
+                    self._maybe_switch()
                     if not self._next_batch():
                         break
                     if self._running:
                         self._step()
                     if time.monotonic() - saved > HISTORY_EVERY:  # a server runs for days: not only at exit
-                        self._save_history(engine)
+                        self._save_history(self.engine)
                         saved = time.monotonic()
                 except Exception as e:  # a bug: fail the running batch, keep serving
                     log.exception("scheduler iteration failed")
@@ -231,12 +236,47 @@ class Scheduler:
                 self._finish(s, Event(finish_reason="error", error="the server is shutting down"), "error")
             for h in left:
                 h.emit(Event(finish_reason="error", error="the server is shutting down"))
-            if self.draft is not None:
-                self.draft.close()
+            with self._cond:
+                pending, self._next, tasks = self._next, None, list(self._tasks)
+                self._tasks.clear()
+            for _, fut in tasks:
+                fut.set_exception(NotReady("the server is shutting down"))
+            if pending is not None:
+                self._close_engine(pending[0], pending[1])
+                pending[2].set_exception(NotReady("the server is shutting down"))
+            self._close_engine(self.engine, self.draft)
+
+    @staticmethod
+    def _close_engine(engine: Any, draft: Drafter | None) -> None:  # noqa: ANN401 - an Engine
+        if draft is not None:
+            draft.close()
+        try:
+            engine.close()  # files closed first; then the routing history written, which may fail (logged)
+        except Exception as e:
+            log.warning("closing the engine: %s", e)
+
+    def _run_tasks(self) -> None:
+        """Run what `call` queued, each with the engine in service."""
+        while True:
+            with self._cond:
+                if not self._tasks:
+                    return
+                fn, fut = self._tasks.popleft()
             try:
-                engine.close()  # files closed first; then the routing history written, which may fail (logged)
+                fut.set_result(fn(self.engine))
             except Exception as e:
-                log.warning("closing the engine: %s", e)
+                fut.set_exception(e)
+
+    def _maybe_switch(self) -> None:
+        """Serve the reloaded engine once none of the old one's requests is running or waiting."""
+        with self._cond:
+            if self._next is None or self._running or any(h.engine is self.engine for h in self._waiting):
+                return
+            (engine, draft, fut), self._next = self._next, None
+            old, old_draft = self.engine, self.draft
+            self.engine, self.draft = engine, draft
+        self._close_engine(old, old_draft)
+        fut.set_result(None)
 
     def _save_history(self, engine: Any) -> None:  # noqa: ANN401 - an Engine
         """Write the routing history (--history) now; a failed write is logged and serving goes on."""
@@ -253,12 +293,14 @@ class Scheduler:
         for s in [s for s in self._running if s.handle.cancelled]:
             self._finish(s, None, "cancelled")
         with self._cond:
-            while not self._closing and not self._waiting and not self._running:
+            while not self._closing and not self._waiting and not self._running and not self._tasks and not self._next:
                 self._cond.wait()
             if self._closing:
                 return False
             admitted = []
-            while self._waiting and len(self._running) + len(admitted) < self.max_running:
+            # a request read for a reloaded engine waits until the switch (FIFO: the old engine's come first)
+            while self._waiting and len(self._running) + len(admitted) < self.max_running \
+                    and self._waiting[0].engine in (None, self.engine):
                 admitted.append(self._waiting.popleft())
         for h in admitted:
             if h.cancelled:
