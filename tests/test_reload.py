@@ -92,14 +92,15 @@ def test_engine_resize_cache_gives_memory_back_and_keeps_the_output(layouts: dic
 class Served:
     """`mertools serve --config FILE` in a process of its own."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url, self.config = f"http://127.0.0.1:{self.port}", config
         self.log = open(config.with_suffix(".log"), "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "mertools.cli", "serve", "--config", str(config),
-                                      "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT)
+                                      "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 120
         while True:
             assert self.proc.poll() is None, self.output()
@@ -133,7 +134,7 @@ class Served:
         return last
 
     def client(self, key: str) -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        return OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -277,5 +278,24 @@ def test_watch_config_reloads_when_the_file_changes(layouts: dict[str, Path], tm
             time.sleep(0.05)
         assert srv.stats("")["requests"]["max_queue"] == 5  # given on the command line: the file cannot change it
         assert srv.health()["config"]["reloads"] == 1
+    finally:
+        srv.stop()
+
+
+def test_a_new_layout_under_numbas_workqueue_layer_loads_between_steps(layouts: dict[str, Path], tmp_path: Path) -> None:
+    """numba's workqueue threading layer (no OpenMP library) aborts the process when two threads run parallel
+    kernels at once: the new layout is then opened in the scheduler's thread, between steps."""
+    config = tmp_path / "serve.toml"
+    config.write_text(f'layout = "{layouts["q8_0"]}"\nmodel_name = "bard"\ncache_mb = 6\n')
+    srv = Served(config, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    try:
+        c = srv.client("")
+        solo = [c.completions.create(model="bard", prompt=p, max_tokens=200, temperature=0).choices[0].text
+                for p in PROMPTS]
+        texts, last, _ = _under_load(srv, "", "bard", lambda: srv.reload(
+            f'layout = "{layouts["q4_0"]}"\nmodel_name = "bard-q4"\ncache_mb = 3\n'))
+        assert texts == solo and last["ok"]
+        assert c.completions.create(model="bard-q4", prompt="ROMEO:", max_tokens=5).usage.completion_tokens == 5
+        assert srv.proc.poll() is None
     finally:
         srv.stop()

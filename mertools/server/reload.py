@@ -50,6 +50,17 @@ class Live:
                 "last": self.last.to_dict() if self.last else None, "pending": self.pending}
 
 
+def kernels_thread_safe() -> bool:
+    """Whether numba's threading layer (known once a parallel kernel has run) takes parallel regions from two
+    threads at once."""
+    import numba
+
+    try:
+        return numba.threading_layer() in ("omp", "tbb")
+    except ValueError:  # no parallel kernel has run yet
+        return False
+
+
 def set_log_level(level: str) -> None:
     for name in ("mertools", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).setLevel(level.upper())
@@ -119,7 +130,7 @@ class Reloader:
         if "layout" in changed:
             self.live.pending = new.layout
             try:
-                engine, draft = self.open_engine(new)
+                engine, draft = self._open(new)
             except Exception as e:
                 self.live.pending = None
                 return self._refused(f"{path}: layout: cannot load {new.layout}: {e}")
@@ -136,6 +147,14 @@ class Reloader:
         except Exception as e:  # refused by the engine (a budget below one layer's experts...): nothing else changes
             return self._refused(f"{path}: {'cache_mb' if 'cache_mb' in changed else 'prefetch'}: {e}")
         return self._applied(new, changed, "applied")
+
+    def _open(self, new: ServerConfig) -> tuple[Any, Any]:
+        """The new layout's engine: opened here, beside the serving one, where numba's threading layer lets two
+        threads run parallel kernels at once (OpenMP, TBB); else in the scheduler's thread, between steps (its
+        workqueue layer aborts the process on concurrent parallel regions): serving then pauses while it loads."""
+        if kernels_thread_safe():
+            return self.open_engine(new)
+        return self.scheduler.call(lambda _: self.open_engine(new)).result()
 
     def _applied(self, new: ServerConfig, changed: list[str], message: str, switch: Any = None) -> ReloadOutcome:  # noqa: ANN401
         self.scheduler.configure(new.max_concurrency, new.max_queue, new.prefill_chunk)
