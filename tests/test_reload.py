@@ -209,15 +209,16 @@ def test_reload_a_smaller_then_larger_cache_under_streams(served: Any, layouts: 
     before = srv.stats("k1")["cache"]
     assert before["arena_rss_bytes"] > 15 * before["slot_bytes"]  # the solo answers filled most of the 6 MiB
     texts, last, _ = _under_load(srv, "k1", "bard", lambda: srv.reload(head + "cache_mb = 1\n"))
-    assert texts == solo and last["ok"] and last["changed"] == ["cache_mb"]
+    assert texts == solo and last["ok"] and last["changed"] == ["cache_mb"], last
     small = srv.stats("k1")["cache"]
     assert small["slots"] == small["budget_bytes"] // small["slot_bytes"] == 2**20 // before["slot_bytes"]
-    assert small["resident"] + small["loading"] <= small["slots"]
-    assert small["arena_rss_bytes"] <= small["budget_bytes"] + HUGE_PAGE < before["arena_rss_bytes"]
+    assert small["resident"] + small["loading"] <= small["slots"], small
+    assert small["arena_rss_bytes"] <= small["budget_bytes"] + HUGE_PAGE < before["arena_rss_bytes"], (small, before)
     texts, last, _ = _under_load(srv, "k1", "bard", lambda: srv.reload(head + "cache_mb = 6\n"))
-    assert texts == solo and last["ok"]
+    assert texts == solo and last["ok"], last
     large = srv.stats("k1")["cache"]
-    assert large["slots"] == before["slots"] and large["arena_rss_bytes"] > small["budget_bytes"] + HUGE_PAGE
+    assert large["slots"] == before["slots"], (large, before)
+    assert large["arena_rss_bytes"] > small["budget_bytes"] + HUGE_PAGE, (large, small)
 
 
 def test_reload_an_invalid_file_keeps_the_running_settings(served: Any, layouts: dict[str, Path]) -> None:

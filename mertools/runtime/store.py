@@ -190,7 +190,11 @@ class ExpertStore:
             os.close(fd)
 
     def close(self) -> None:
+        """Stop the readers, close the files and give the arena's memory back now (views of it may outlive the
+        store, as zeros: a server that switched layouts must not wait for the old engine's last reference)."""
         self._pool.shutdown(wait=True)
+        if self.arena is not None:
+            self.arena.madvise(mmap.MADV_DONTNEED)
         with self._fd_lock:
             for fd in self._fds.values():
                 os.close(fd)

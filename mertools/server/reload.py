@@ -165,10 +165,12 @@ class Reloader:
         self.live.last = out
         log.info("%s: reloaded (%s): %s", new.config_file, ", ".join(changed) or "nothing changed", message)
         if switch is not None:
-            def switched(fut: Any) -> None:  # noqa: ANN401 - a Future
+            def switched(fut: Any) -> None:  # noqa: ANN401 - a Future; called in the scheduler's thread
                 self.live.pending = None
                 if fut.exception() is None:
                     log.info("%s: now serving %s", new.config_file, new.layout)
+                    if new.cache_mb is None:  # opened beside the old engine: grow into the memory it gave back
+                        self.scheduler.call(lambda e: e.resize_cache(None))
             switch.add_done_callback(switched)
         return out
 
