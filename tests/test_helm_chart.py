@@ -311,6 +311,19 @@ def test_security_context(rendered):
         assert "emptyDir" in rendered.volume(rendered.mount_at(path)["name"]), path
 
 
+def test_numba_cache_is_seeded_from_the_image(rendered):
+    """The init container copies the image's own NUMBA_CACHE_DIR (hidden by the emptyDir in the server's container)
+    into that emptyDir, with the same image and the server's security context."""
+    init = {c["name"]: c for c in rendered.pod["spec"].get("initContainers", [])}
+    seed = init["seed-numba-cache"]
+    assert seed["image"] == rendered.container["image"] and seed["securityContext"] == rendered.container["securityContext"]
+    env = {e["name"]: e.get("value") for e in rendered.container["env"]}
+    (mount,) = seed["volumeMounts"]
+    assert mount["name"] == rendered.mount_at(env["NUMBA_CACHE_DIR"])["name"]
+    assert "NUMBA_CACHE_DIR" not in {e["name"] for e in seed.get("env", [])}  # the image's own path: what it compiled
+    assert seed["command"][:2] == ["sh", "-c"] and f'/. {mount["mountPath"]}/' in seed["command"][2]
+
+
 def test_passthrough_and_image(rendered):
     v = rendered.values
     spec = rendered.pod["spec"]
