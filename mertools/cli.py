@@ -270,5 +270,9 @@ from .server.cli import serve  # noqa: E402 - only click at import time; FastAPI
 
 main.add_command(serve)
 
+from .top.cli import top  # noqa: E402 - only click at import time; textual loads when it runs
+
+main.add_command(top)
+
 if __name__ == "__main__":
     main()

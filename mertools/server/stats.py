@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ..runtime.memory import peak_rss_bytes, resident_bytes, rss_bytes
+from .metrics import READ_BUCKETS
 
 STARTED = time.time()
 
@@ -77,6 +78,10 @@ def server_stats(scheduler: Any, metrics: Any, live: Any, heat: bool = True) -> 
                       "prefetch_cancelled": st.prefetch_cancelled, "wait_s": st.wait_seconds,
                       "prefetch": eng.model.prefetcher.mode}
     lat = store.read_latency
+    counts, total, n = lat.cumulative(READ_BUCKETS)  # the store's own bounds: exact counts
+    cum = [(float(b), c) for b, c in zip(READ_BUCKETS, counts, strict=True)] + [(float("inf"), n)]
+    out["read_latency_s"] = {"count": n, "sum": total, "buckets": [[b, c] for b, c in cum[:-1]] + [["+Inf", n]],
+                             "p50": quantile(cum, 0.5), "p95": quantile(cum, 0.95)}
     out["disk"] = {"bytes_read": store.bytes_read, "reads": lat.count, "read_s": lat.sum, "retries": store.retried,
                    "latency_ms": {f"p{p}": lat.percentile(p) * 1e3 for p in (50, 95, 99)},
                    "o_direct": store.o_direct, "mapped": store.mapped}
