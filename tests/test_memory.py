@@ -141,3 +141,26 @@ def test_long_context_rss_counts_the_kv_cache(tmp_path: Path) -> None:
     assert "KV cache    f16, 16.0 KiB per token of context" in res.stderr
     limit = budget_mb * 2**20 + dense + kv + OVERHEAD
     assert stats["peak_rss_mb"] * 2**20 <= limit, (stats["peak_rss_mb"], limit / 2**20)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cgroup_limit_inside_a_container_without_its_own_cgroup_namespace(tmp_path: Path, version: str) -> None:
+    """/proc/self/cgroup names the host's path of the group; inside a container without a cgroup namespace of its
+    own that path does not exist, and the container's group is mounted at the root: its limit is the one to use."""
+    from mertools.runtime.memory import _cgroup_room
+
+    proc, root = tmp_path / "cgroup", tmp_path / "sys"
+    mount = root / "memory" if version == "v1" else root
+    limit, usage = ("memory.limit_in_bytes", "memory.usage_in_bytes") if version == "v1" else ("memory.max", "memory.current")
+    proc.write_text("4:memory:/machine/libpod-abc\n" if version == "v1" else "0::/machine/libpod-abc\n")
+    mount.mkdir(parents=True)
+    (mount / limit).write_text(str(1 << 30))
+    (mount / usage).write_text(str(100 << 20))
+    assert _cgroup_room(proc, root) == (1 << 30) - (100 << 20)
+    own = mount / "machine" / "libpod-abc"  # where the group is seen at its own path, that one counts
+    own.mkdir(parents=True)
+    (own / limit).write_text(str(2 << 30))
+    (own / usage).write_text("0")
+    assert _cgroup_room(proc, root) == 2 << 30
+    (own / limit).write_text("max" if version == "v2" else str(1 << 62))  # no limit there: none at all
+    assert _cgroup_room(proc, root) is None

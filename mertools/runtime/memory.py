@@ -15,22 +15,25 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _cgroup_room() -> int | None:
+def _cgroup_room(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Room left below this process's cgroup memory limit (v1 or v2), or None without one."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, rel = line.split(":", 2)
         rel = rel.lstrip("/")
         if "memory" in controllers.split(","):  # cgroup v1
-            base = Path("/sys/fs/cgroup/memory") / rel
-            limit, usage = _read_int(base / "memory.limit_in_bytes"), _read_int(base / "memory.usage_in_bytes")
+            mount, names = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
         elif controllers == "":  # cgroup v2
-            base = Path("/sys/fs/cgroup") / rel
-            limit, usage = _read_int(base / "memory.max"), _read_int(base / "memory.current")
+            mount, names = root, ("memory.max", "memory.current")
         else:
             continue
+        base = mount / rel
+        if not base.is_dir():  # a container sharing the host's cgroup namespace: the path is the host's, and the
+            base = mount       # container's own group is what is mounted at the root
+        limit, usage = _read_int(base / names[0]), _read_int(base / names[1])
         if limit is not None and limit < 1 << 60:
             return max(0, limit - (usage or 0))
     return None
