@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import MertoolsError
-from .server.cli import approx_options, io_option, kernels_option
+from .server.cli import approx_options, io_option, kernels_option, shard_options
 
 if TYPE_CHECKING:
     from .runtime.approx import Approx
@@ -154,11 +154,13 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "
               "(created if absent; e.g. LAYOUT.history.json beside the layout). The experts it saw used most are "
               "loaded at start and ranked by the cache from the first token; this run's routing is added at exit.")
+@shard_options
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
         io_mode: str, kernels: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
-        history: str | None, approx: Approx | None = None) -> None:
+        history: str | None, shards: int | None, shard_plan: str | None, ray_address: str | None,
+        approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.engine import Engine, draft_footprint
     from .runtime.report import format_stats
@@ -169,7 +171,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
-                         kernels=kernels) as engine:
+                         kernels=kernels, shards=shards, plan=shard_plan, ray_address=ray_address) as engine:
             drafter = engine.open_drafter(draft) if draft else None
             engine.warmup(prompt)  # never report numba's compilation as the model's speed
             click.echo(prompt, nl=False)

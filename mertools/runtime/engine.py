@@ -27,6 +27,8 @@ from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
 from .prefetch import PREFETCH_MODES
 from .sampling import SamplingParams
+from .shards import Plan, ShardedExperts, open_shards
+from .sizing import MARGIN, draft_footprint, fits_beside, model_bytes, one_blas_thread
 from .speculative import Drafter, ModelDrafter, NgramDrafter, SpecStats
 from .stats import RunStats, RunTimes
 from .store import ExpertStore
@@ -34,44 +36,17 @@ from .text import check_ids
 
 __all__ = ["Engine", "GeneratedToken", "RuntimeConfigError", "IO_MODES", "KERNEL_MODES", "draft_footprint", "model_bytes"]
 
-MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = ("direct", "buffered", "mmap", "auto")  # --io: Engine.open's `io`
 KERNEL_MODES = ("exact", "int8")  # --kernels: Engine.open's `kernels`
 
 
-def model_bytes(m: Any) -> int:  # noqa: ANN401 - a Manifest
-    """A layout's expert and dense bytes: what holding the whole model in memory takes."""
-    return sum(e.nbytes for e in m.experts) + sum(t.nbytes for t in m.dense.values())
-
-
-def draft_footprint(spec: str | None) -> int:
-    """The bytes a draft model (`--draft LAYOUT`) holds beside the target: its dense weights and every expert
-    (0 for "ngram", "mtp" or none); the target's automatic budget leaves them out (`Engine.open(reserve_bytes=...)`)."""
-    return 0 if spec in (None, "ngram", "mtp") else model_bytes(Layout.open(spec).manifest)
-
-
-def fits_beside(m: Any, cache_bytes: int, kv_bytes: int) -> bool:  # noqa: ANN401 - a Manifest
-    """Whether the layout's expert and dense bytes fit in the page cache beside this process (its expert cache,
-    KV cache and margin), within what is available (cgroup limits included): then the expert files can be
-    mapped (or read buffered) and their pages stay for the next process."""
-    return model_bytes(m) + cache_bytes + kv_bytes + MARGIN <= available_bytes()
-
-
-def one_blas_thread() -> None:
-    """numpy's BLAS (a prompt's attention, routers of the exact mode and of prefetch guesses) on one thread: the
-    kernels' numba threads spin for a while after each parallel region, and BLAS threads started meanwhile fight them
-    for the cores (a small product right after a region took a hundred times longer: docs/BENCHMARKS.md, "Decode:
-    notes"). Process-wide, as BLAS's thread count is."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
-
-
 class Engine:
     def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
-                 prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0) -> None:
+                 prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0,
+                 shards: ShardedExperts | None = None) -> None:
         self.layout, self.store, self.cache, self.model = layout, store, cache, model
+        self.shards = shards  # experts computed by Ray actors (shards.py); None: here
         self.history, self.preloaded = history, preloaded  # the learning cache, experts it had loaded at open
         self.config = layout.manifest.config
         self.prefetch_mode = prefetch
@@ -86,7 +61,8 @@ class Engine:
              io_depth: int = 8, trace: TraceFn | None = None, routing_override: RoutingOverride | None = None,
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
              reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
-             compiled_step: bool = True) -> Engine:
+             compiled_step: bool = True, shards: int | None = None, plan: str | Path | Plan | None = None,
+             ray_address: str | None = None) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -135,6 +111,10 @@ class Engine:
         kv_bytes = kv_capacity * kv_bytes_per_token(cfg, kv_dtype)
         slot_bytes = max(e.nbytes for e in m.experts)
         need = cfg.n_experts_used
+        remote = None
+        if shards is not None or plan is not None:  # the experts on Ray actors, each shard's budget cache_mb
+            remote = open_shards(str(layout_dir), cfg, shards, plan, kernels, cache_mb, threads, ray_address, approx)
+            cache_mb, prefetch = need * slot_bytes / 2**20, "none"  # this process reads no expert
         if cache_mb is None:
             dense = sum(t.nbytes for t in m.dense.values())
             budget = available_bytes() - dense - MARGIN - kv_bytes - reserve_bytes
@@ -185,7 +165,7 @@ class Engine:
                                   io_depth=io_depth, entries=m.standins, mapped=mapped, prepare=prepare)
             s_cache = ExpertCache(standin_slots, layers, cfg.n_experts, s_store.load, pool, policy=policy)
             standins = Tier.of(s_cache, s_store, cfg, kernels)
-        hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned)
+        hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned, experts=remote)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
                          standins=standins, kernels=kernels, compiled_step=compiled_step)
         preloaded = 0
@@ -195,7 +175,7 @@ class Engine:
                     c.seed(*seed)
             preloaded = cache.prefetch(learned.hot(slots, need))  # loads in the background while the prompt is read
         return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads,
-                   learned, preloaded)
+                   learned, preloaded, remote)
 
     # ------------------------------------------------------------------ API
     @property
@@ -386,6 +366,8 @@ class Engine:
         self.store.close()
         if self.model.moe.standins is not None:
             self.model.moe.standins.store.close()
+        if self.shards is not None:
+            self.shards.close()
         if self.history is not None:
             self.history.save()
 

@@ -77,6 +77,8 @@ def _unsupported(model: MoEModel) -> str | None:
         return "a router other than softmax top-k"
     if moe.hooks.routing_override is not None or moe.approx.reroutes or moe.standins is not None:
         return "approximate or replayed routing"
+    if moe.hooks.experts is not None:
+        return "experts computed elsewhere (shards)"
     if model.cache.n_slots < cfg.n_layers * cfg.n_experts:
         return "an expert cache smaller than the experts (streaming: the general path prefetches)"
     if not all(all(flags) for flags in moe.full.int8.values()):

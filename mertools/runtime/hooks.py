@@ -1,6 +1,7 @@
 """What callers may plug into a model, given once to `Engine.open` (never patched on afterwards):
 a routing trace, a routing override (I/O benchmarks), a prefetcher of their own, approximate
-routing settings (approx.py; exact by default) and a routing history to add this run's routing to."""
+routing settings (approx.py; exact by default), a routing history to add this run's routing to, and
+experts computed elsewhere (shards.py: expert shards as Ray actors)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ TraceFn = Callable[[np.ndarray, int, np.ndarray, np.ndarray], None]
 RoutingOverride = Callable[[int, np.ndarray], np.ndarray]
 # the model's lookahead router -> a prefetcher (for benchmarks that replay or record guesses)
 PrefetcherFactory = Callable[[RouterFn], Prefetcher]
+# (layer, h (N, d_model), chosen (N, k), weights (N, k), live (N, k) bool or None, batch) -> contrib (N, k, d_model):
+# each chosen (row, choice)'s weighted expert output, computed elsewhere (shards.ShardedExperts)
+RemoteExperts = Callable[[int, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", object], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,4 @@ class ModelHooks:
     routing_override: RoutingOverride | None = None
     approx: Approx | None = None  # None or exact: the family's routing, bit for bit
     history: RoutingHistory | None = None  # the learning cache's file (history.py), saved when the engine closes
+    experts: RemoteExperts | None = None  # None: this process reads and computes the experts

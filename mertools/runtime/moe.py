@@ -7,7 +7,7 @@ tier (a second, smaller store and cache) and computed in its low-bit type."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +135,10 @@ class StreamingMoE:
             self._observe(layer, batch, chosen, weights, live, prefetcher)
         elif self.standins is not None:
             self.standins.cache.note_layer(layer)
+        if self.hooks.experts is not None:  # computed elsewhere (expert shards): the same bits, summed here alike
+            out = self.hooks.experts(layer, h, chosen, weights, live, batch).sum(axis=1)
+            shared = pieces.shared_expert(cfg, w, h, ops)
+            return out if shared is None else out + shared
         experts = sorted(set(chosen.ravel().tolist()))  # np.unique's list, without its Python
         low: list[int] = []  # computed with their stand-ins
         if self.standins is not None:
@@ -159,22 +163,40 @@ class StreamingMoE:
         # experts arrive from disk can never change the result
         contrib = np.zeros((h.shape[0], chosen.shape[1], cfg.d_model), np.float32)
         for tier, pending in steps:
-            if fused and tier is self.full:
-                got = list(pending)  # resident: no wait
-                try:
-                    self._experts_fused(got, h, chosen, weights, contrib, live)
-                finally:
-                    for key, _ in got:
-                        tier.cache.release(key)
-                continue
-            for key, slot in pending:
-                try:
-                    self._expert(tier, key, slot, h, chosen, weights, batch, contrib, live)
-                finally:
-                    tier.cache.release(key)
+            self._run(tier, pending, fused and tier is self.full, h, chosen, weights, batch, contrib, live)
         out = contrib.sum(axis=1)
         shared = pieces.shared_expert(cfg, w, h, ops)
         return out if shared is None else out + shared
+
+    def _run(self, tier: Tier, pending: Iterator[tuple[tuple[int, int], int]], fused: bool, h: np.ndarray,
+             chosen: np.ndarray, weights: np.ndarray, batch: Batch, contrib: np.ndarray, live: np.ndarray | None) -> None:
+        """Each acquired expert's contributions into contrib, released as it is done: all in one call when `fused`
+        (every one resident, few rows), else one by one in the order they arrive."""
+        if fused:
+            got = list(pending)  # resident: no wait
+            try:
+                self._experts_fused(got, h, chosen, weights, contrib, live)
+            finally:
+                for key, _ in got:
+                    tier.cache.release(key)
+            return
+        for key, slot in pending:
+            try:
+                self._expert(tier, key, slot, h, chosen, weights, batch, contrib, live)
+            finally:
+                tier.cache.release(key)
+
+    def contributions(self, layer: int, experts: list[int], h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
+                      batch: Batch, live: np.ndarray | None) -> np.ndarray:
+        """contrib (N, k, d_model): the weighted outputs of `experts` (of `layer`) for the (row, choice)s that chose
+        them, zero elsewhere, as the single-process step computes them (what an expert shard does for the driver);
+        read on demand, no prefetch."""
+        keys = [(layer, e) for e in experts]
+        fused = (self._fused and keys and len(h) < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
+                 and self.cache.all_resident(keys))
+        contrib = np.zeros((h.shape[0], chosen.shape[1], self.cfg.d_model), np.float32)
+        self._run(self.full, self.cache.acquire(keys), bool(fused), h, chosen, weights, batch, contrib, live)
+        return contrib
 
     def _approximate(self, layer: int, w: LayerWeights, scores: np.ndarray, chosen: np.ndarray, weights: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

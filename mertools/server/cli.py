@@ -39,6 +39,22 @@ kernels_option = click.option(
          "weights.")
 
 
+def shard_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--shards`, `--shard-plan`, `--ray-address` of `mertools run` and `serve`: the experts on Ray actors
+    (runtime/shards.py), each shard's budget --cache-mb (default: every expert of the shard in memory)."""
+    options = [
+        click.option("--shards", type=click.IntRange(1), help="Split the experts among this many Ray actors (round-robin "
+                     "placement); --cache-mb is then each shard's budget."),
+        click.option("--shard-plan", type=click.Path(exists=True, dir_okay=False), help="A placement plan (JSON: "
+                     "runtime/shards.py's Plan) instead of round-robin."),
+        click.option("--ray-address", help="The Ray cluster to start the shards on (default: a Ray instance of this "
+                     "machine, started if none runs)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The approximate-routing flags of `mertools run` and `serve` (runtime/approx.py), handed to the command
     as one `approx` argument (an Approx; exact unless a flag is given). Invalid settings: a usage error."""
@@ -119,6 +135,7 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "
               "(created if absent). Its most used experts are loaded at start; the served routing is added to it "
               "when the server stops.")
+@shard_options
 @approx_options
 @click.pass_context
 def serve(ctx: click.Context, layout: str | None, config_file: str | None, watch_config: float, io_mode: str,

@@ -36,6 +36,9 @@ class ServerConfig:
     draft_tokens: int = 4  # tokens drafted per verification step
     history: str | None = None  # the learning cache's routing history file, written when the server stops
     kernels: str = "exact"  # Engine.open's kernels: "exact" or "int8" (the CLI's default)
+    shards: int | None = None  # the experts on this many Ray actors (runtime/shards.py)
+    shard_plan: str | None = None  # a placement plan file instead of round-robin
+    ray_address: str | None = None  # the Ray cluster (None: this machine's)
     # defaults for requests that leave these out (None: OpenAI's: temperature 1, top_p 1, no top-k; max_tokens: chat
     # to the end of the context, completions completion_default_max_tokens)
     temperature: float | None = None

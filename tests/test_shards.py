@@ -1,0 +1,137 @@
+"""Expert-parallel serving on Ray (runtime/shards.py): with 2 and 4 local actors the logits are bit for bit the
+single-process engine's, on the trained fixture and on tiny families; a shard killed mid-step fails that step
+with the shard named, and the next step succeeds on the restarted actor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.errors import RuntimeConfigError
+from mertools.runtime.engine import Engine
+from mertools.runtime.shards import Plan, ShardedExperts, ShardError
+
+ray = pytest.importorskip("ray", reason="expert shards need ray (the test extra installs it)")
+
+TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained" / "tiny-shakespeare-moe"
+IDS = [5, 17, 42, 9, 100, 3, 77, 21]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Any:
+    """One Ray instance of this machine for the module (2 CPUs; the shards ask for none, so any count fits)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(TRAINED, tmp_path_factory.mktemp("shards") / "q4_0", ConvertOptions(dtype="q4_0", progress=False)).out
+
+
+def _logits(layout: Path, **kw: Any) -> list[np.ndarray]:
+    """A prompt's logits, then three decode steps' (the last one with two rows of another sequence beside it)."""
+    with Engine.open(layout, **kw) as eng:
+        out = [eng.forward(IDS)]
+        for t in (7, 8):
+            out.append(eng.forward([t]))
+        other = eng.new_sequence(32)
+        out.extend(eng.step([(eng.model.kv, [9]), (other, [1, 2])]))
+        return out
+
+
+# ---------------------------------------------------------------------- placement
+def test_plans() -> None:
+    rr = Plan.round_robin(4, 8, 3)
+    assert sorted(k for s in range(3) for k in rr.keys(s)) == [(layer, e) for layer in range(4) for e in range(8)]
+    assert all(len(rr.keys(s)) in (10, 11) for s in range(3))
+    counts = np.zeros((2, 8))
+    counts[0] = [100, 90, 1, 1, 1, 1, 1, 1]
+    counts[1] = [5] * 8
+    freq = Plan.by_frequency(counts, 2)
+    assert freq.owner[0][0] != freq.owner[0][1]  # the two hot experts of layer 0 on different shards
+    assert sorted(freq.owner[1]).count(0) == 4  # an even layer split evenly
+
+
+def test_plan_file(tmp_path: Path) -> None:
+    p = Plan.round_robin(4, 8, 2)
+    p.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json", 4, 8) == p
+    with pytest.raises(RuntimeConfigError, match="a plan of 4 layers"):
+        Plan.load(tmp_path / "plan.json", 5, 8)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RuntimeConfigError, match="not a shard plan"):
+        Plan.load(tmp_path / "bad.json", 4, 8)
+
+
+# ---------------------------------------------------------------------- the same bits
+@pytest.mark.parametrize("shards,kernels", [(2, "exact"), (4, "int8")])
+def test_sharded_logits_are_the_single_process_ones(trained: Path, shards: int, kernels: str) -> None:
+    want = _logits(trained, kernels=kernels)
+    got = _logits(trained, kernels=kernels, shards=shards)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_sharded_under_a_budget_and_from_a_frequency_plan(trained: Path, tmp_path: Path) -> None:
+    """Shards streaming their experts through 2 slots each, placed by use: still the same bits."""
+    from mertools.layout import Layout
+
+    mb = 2.5 * max(e.nbytes for e in Layout.open(trained).manifest.experts) / 2**20
+    want = _logits(trained, kernels="int8", cache_mb=mb)  # streaming too: unpacked, as the shards' slots
+    counts = np.random.default_rng(0).integers(1, 100, (4, 8))
+    Plan.by_frequency(counts, 2).save(tmp_path / "plan.json")
+    got = _logits(trained, kernels="int8", plan=tmp_path / "plan.json", cache_mb=mb)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+# the families whose experts or routing differ from the trained fixture's (Mixtral-like) pieces: gpt-oss's biases and
+# clamped GLU, DeepSeek-V3's shared experts, sigmoid groups and multi-head latent attention
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_tiny_families_sharded(family: str, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from fixtures.tiny_families import build_hf
+
+    layout = convert(build_hf(family, tmp_path / "hf"), tmp_path / "lay", ConvertOptions(dtype="q8_0", progress=False)).out
+    want = _logits(layout, kernels="int8")
+    got = _logits(layout, kernels="int8", shards=2)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+# ---------------------------------------------------------------------- a shard that dies
+class _KillsAShard(ShardedExperts):
+    """The real driver and actors; once armed, it kills shard `victim`'s actor right after handing it a call."""
+
+    victim: int | None = None
+
+    def _submit(self, *args: Any) -> dict[int, Any]:  # noqa: ANN401
+        calls = super()._submit(*args)
+        if self.victim is not None and self.victim in calls:
+            ray.kill(self.actors[self.victim], no_restart=False)  # Ray restarts it
+            self.victim = None
+        return calls
+
+
+def test_a_killed_shard_fails_the_step_in_flight_and_the_next_one_succeeds(trained: Path) -> None:
+    from mertools.layout import Layout
+    from mertools.runtime.batch import Batch, SeqRows
+
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((3, Layout.open(trained).manifest.config.d_model)).astype(np.float32)
+    chosen, weights = np.array([[0, 1], [2, 3], [1, 2]]), np.full((3, 2), 0.5, np.float32)
+    batch = Batch((SeqRows(None, 0, 3),), np.arange(3), np.zeros(3, np.int64))  # type: ignore[arg-type]
+    with Engine.open(trained, kernels="int8") as eng:  # every expert resident, as the shards hold theirs
+        want = eng.model.moe.contributions(0, [0, 1, 2, 3], h, chosen, weights, batch, None)
+    drv = _KillsAShard(str(trained), Plan.round_robin(4, 8, 2), "int8")  # layer 0: shard 1 holds the odd experts
+    try:
+        assert np.array_equal(drv(0, h, chosen, weights, None, batch), want)
+        drv.victim = 1
+        with pytest.raises(ShardError, match=r"expert shard 1 \(layer 0, experts \[1, 3\]\) failed"):
+            drv(0, h, chosen, weights, None, batch)
+        assert np.array_equal(drv(0, h, chosen, weights, None, batch), want)  # the restarted actor
+    finally:
+        drv.close()
