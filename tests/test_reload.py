@@ -89,6 +89,19 @@ def test_engine_resize_cache_gives_memory_back_and_keeps_the_output(layouts: dic
 
 
 # ---------------------------------------------------------------------- the server, reloaded under load
+def _wait_healthy(proc: subprocess.Popen, url: str, output: Any, timeout: float = 120) -> None:  # noqa: ANN401
+    """Until GET url/health says 200; the process must stay up meanwhile (`output()` tells why it did not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, output()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 class Served:
     """`mertools serve --config FILE` in a process of its own."""
 
@@ -101,16 +114,7 @@ class Served:
         self.proc = subprocess.Popen([sys.executable, "-m", "mertools.cli", "serve", "--config", str(config),
                                       "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, self.output()
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        _wait_healthy(self.proc, self.url, self.output)
 
     def output(self) -> str:
         self.log.seek(0)
@@ -300,3 +304,24 @@ def test_a_new_layout_under_numbas_workqueue_layer_loads_between_steps(layouts: 
         assert srv.proc.poll() is None
     finally:
         srv.stop()
+
+
+def test_sighup_without_a_config_file_is_ignored(layouts: dict[str, Path], tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "mertools.cli", "serve", str(layouts["q4_0"]), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(proc, f"http://127.0.0.1:{port}", lambda: "")
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        log.seek(0)
+        out = log.read()
+        log.close()
+    assert "SIGHUP ignored: no --config file to reload" in out and proc.returncode == 0

@@ -183,6 +183,9 @@ def serve(ctx: click.Context, layout: str | None, config_file: str | None, watch
                                            timeout_graceful_shutdown=5))
     if config_file is not None:  # SIGHUP: re-read the file (the handler only wakes the reloader's thread)
         signal.signal(signal.SIGHUP, lambda *_: app.state.reloader.request())
+    else:  # nothing to reload: a SIGHUP (a closed terminal, a habit) must not end the server
+        signal.signal(signal.SIGHUP, lambda *_: click.echo("mertools: SIGHUP ignored: no --config file to reload",
+                                                           err=True))
     click.echo(f"serving {cfg.name} from {cfg.layout} on http://{cfg.host}:{cfg.port}/v1 (loading the model...)",
                err=True)
     try:
