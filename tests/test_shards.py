@@ -135,3 +135,34 @@ def test_a_killed_shard_fails_the_step_in_flight_and_the_next_one_succeeds(train
         assert np.array_equal(drv(0, h, chosen, weights, None, batch), want)  # the restarted actor
     finally:
         drv.close()
+
+
+def test_the_server_fails_only_the_request_in_flight_when_a_shard_dies(trained: Path) -> None:
+    import json
+
+    import httpx
+    from test_server import Running  # tests/ is on sys.path (pytest's rootdir-relative import)
+
+    from mertools.server.app import ServerConfig, create_app
+
+    srv = Running(create_app(ServerConfig(str(trained), shards=2, kernels="int8")))
+    try:
+        srv.wait_healthy(120)
+        body = {"model": "q4_0", "prompt": "ROMEO:", "max_tokens": 400, "temperature": 0, "stream": True}
+        pieces, errors = 0, []
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    errors.append(event["error"]["message"])
+                    continue
+                pieces += 1
+                if pieces == 5:  # mid-stream: shard 1's actor dies (Ray restarts it)
+                    ray.kill(srv.app.state.scheduler.engine.shards.actors[1], no_restart=False)
+        assert pieces >= 5 and len(errors) == 1 and "expert shard 1" in errors[0], errors
+        again = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 8}, timeout=300)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
+    finally:
+        srv.stop()

@@ -17,7 +17,7 @@ from ..layout.reader import Layout
 from . import generation
 from .approx import Approx
 from .batch import check_kv_dtype, kv_bytes_per_token
-from .cache import ExpertCache
+from .cache import CacheStats, ExpertCache
 from .generation import GeneratedToken, checked
 from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
@@ -36,6 +36,8 @@ from .text import check_ids
 
 __all__ = ["Engine", "GeneratedToken", "RuntimeConfigError", "IO_MODES", "KERNEL_MODES", "draft_footprint", "model_bytes"]
 
+CACHE_COUNTS = ("lookups", "hits", "misses", "loads", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+                "prefetch_cancelled", "wait_seconds")  # CacheStats' counters, summed over expert shards
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = ("direct", "buffered", "mmap", "auto")  # --io: Engine.open's `io`
 KERNEL_MODES = ("exact", "int8")  # --kernels: Engine.open's `kernels`
@@ -313,6 +315,11 @@ class Engine:
         standins = self.model.moe.standins
         # lookups, hits, prefetches and waits of both tiers: with stand-ins, an expert is served by either cache
         c = self.cache.stats if standins is None else self.cache.stats.plus(standins.cache.stats)
+        shard_bytes = 0
+        if self.shards is not None:  # the experts are the shards': their counts, summed
+            for sh in self.shards.stats():
+                c = c.plus(CacheStats(**{k: sh[k] for k in CACHE_COUNTS}))
+                shard_bytes += sh["bytes_read"]
         lat = s.read_latency
         gen = t.generated_tokens
         return RunStats(
@@ -322,7 +329,7 @@ class Engine:
             decode_tok_s=(gen - 1) / t.decode_s if t.decode_s and gen > 1 else 0.0,
             ttft_s=t.ttft_s,
             expert_lookups=c.lookups, expert_hits=c.hits, expert_misses=c.misses, hit_rate=c.hit_rate,
-            bytes_read=s.bytes_read + (standins.store.bytes_read if standins else 0),
+            bytes_read=s.bytes_read + (standins.store.bytes_read if standins else 0) + shard_bytes,
             standin_bytes_read=standins.store.bytes_read if standins else 0,
             read_mb_s=s.bytes_read / 1e6 / lat.sum if lat.sum else 0.0,
             read_latency_ms={p: lat.percentile(p) * 1e3 for p in (50, 95, 99)},

@@ -132,9 +132,13 @@ class ExpertShard:
         return t, c, contrib[t, c]
 
     def stats(self) -> dict[str, Any]:
+        """This shard's counts: its experts and slots, its cache's counters (CacheStats' fields) and bytes read."""
+        from dataclasses import fields
+
         st = self.cache.stats
+        counts = {f.name: getattr(st, f.name) for f in fields(st) if f.name != "load_latency"}
         return {"shard": self.index, "experts": len(self.store.entries), "slots": self.cache.n_slots,
-                "lookups": st.lookups, "hits": st.hits, "bytes_read": self.store.bytes_read}
+                "bytes_read": self.store.bytes_read, **counts}
 
     def ping(self) -> int:
         return self.index

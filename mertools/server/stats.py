@@ -92,6 +92,8 @@ def server_stats(scheduler: Any, metrics: Any, live: Any, heat: bool = True) -> 
                     "loading": int((states == 2).sum()), "experts": int(states.size),
                     # the arena's pages in memory (None: mapped slots, which are the page cache's)
                     "arena_rss_bytes": resident_bytes(arena.ctypes.data, arena.nbytes) if arena is not None else None}
+    if eng.shards is not None:  # the experts on Ray actors: each shard's own counts (the driver's cache reads none)
+        out["shards"] = eng.shards.stats()
     if heat:
         out["heat"] = {"layers": cache.n_layers, "experts": cache.n_experts, "state": states.tolist(),
                        "lookups": cache.lookups_by.tolist(), "hits": cache.hits_by.tolist()}
