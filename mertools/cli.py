@@ -268,6 +268,30 @@ def warmup(layout: str, kernels: str) -> None:
         click.echo(f"{mode} kernels: compiled or loaded in {took:.1f} s")
 
 
+@main.command("shard-plan")
+@click.argument("layout", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("shards", type=click.IntRange(1))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--history", type=click.Path(exists=True, dir_okay=False), help="Place by measured use: a routing "
+              "history of this layout (`run/serve --history`); default: round-robin.")
+def shard_plan(layout: str, shards: int, out: str, history: str | None) -> None:
+    """Write a placement of LAYOUT's experts on SHARDS Ray actors (`run/serve --shard-plan OUT`): round-robin, or
+    with --history each layer's experts, most used first, dealt to the least loaded shard."""
+    from .layout.reader import Layout
+    from .runtime.shards import Plan
+
+    lay = Layout.open(layout)
+    cfg = lay.manifest.config
+    if history is None:
+        plan = Plan.round_robin(cfg.n_layers + cfg.nextn_layers, cfg.n_experts, shards)
+    else:
+        from .runtime.history import RoutingHistory
+
+        plan = Plan.by_frequency(RoutingHistory.open(history, lay).counts, shards)
+    plan.save(out)
+    click.echo(f"{out}: {shards} shards, {', '.join(str(len(plan.keys(s))) for s in range(shards))} experts each")
+
+
 from .server.cli import serve  # noqa: E402 - only click at import time; FastAPI loads when serving
 
 main.add_command(serve)

@@ -89,16 +89,17 @@ def test_sharded_under_a_budget_and_from_a_frequency_plan(trained: Path, tmp_pat
     assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
 
 
-# the families whose experts or routing differ from the trained fixture's (Mixtral-like) pieces: gpt-oss's biases and
-# clamped GLU, DeepSeek-V3's shared experts, sigmoid groups and multi-head latent attention
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
-def test_tiny_families_sharded(family: str, tmp_path: Path) -> None:
+# every tiny family (gpt-oss's biases and clamped GLU, shared experts with and without a gate, expert groups, sigmoid
+# routing, latent attention), 2 or 4 shards
+@pytest.mark.parametrize("family,shards", [("qwen3_moe", 4), ("olmoe", 2), ("qwen2_moe", 2), ("glm4_moe", 4),
+                                           ("gpt_oss", 2), ("deepseek_v2", 4), ("deepseek_v3", 2)])
+def test_tiny_families_sharded(family: str, shards: int, tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from fixtures.tiny_families import build_hf
 
     layout = convert(build_hf(family, tmp_path / "hf"), tmp_path / "lay", ConvertOptions(dtype="q8_0", progress=False)).out
     want = _logits(layout, kernels="int8")
-    got = _logits(layout, kernels="int8", shards=2)
+    got = _logits(layout, kernels="int8", shards=shards)
     assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
 
 
@@ -166,3 +167,38 @@ def test_the_server_fails_only_the_request_in_flight_when_a_shard_dies(trained: 
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
     finally:
         srv.stop()
+
+
+def test_shard_plan_command_and_a_ray_cluster_address(trained: Path, tmp_path: Path) -> None:
+    """`mertools shard-plan` from a routing history, then `mertools run --shard-plan --ray-address` against a Ray
+    head started apart (a cluster address, as on many machines): the text of the single-process run."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    ray_cmd = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    cli = [sys.executable, "-m", "mertools.cli"]
+    history = tmp_path / "history.json"
+    run = [*cli, "run", str(trained), "-p", "ROMEO:", "-n", "12"]
+    single = subprocess.run([*run, "--history", str(history)], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    made = subprocess.run([*cli, "shard-plan", str(trained), "2", str(tmp_path / "plan.json"), "--history", str(history)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and "2 shards, 16, 16 experts each" in made.stdout, made.stdout + made.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    head = subprocess.run([ray_cmd, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                           "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert head.returncode == 0, head.stderr
+    try:
+        sharded = subprocess.run([*run, "--shard-plan", str(tmp_path / "plan.json"), "--ray-address",
+                                  f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=300, env=env)
+        assert sharded.returncode == 0, sharded.stderr
+        assert sharded.stdout == single.stdout
+    finally:
+        subprocess.run([ray_cmd, "stop", "--force"], capture_output=True, timeout=120, env=env)
