@@ -174,9 +174,11 @@ def test_shard_plan_command_and_a_ray_cluster_address(trained: Path, tmp_path: P
     head started apart (a cluster address, as on many machines): the text of the single-process run."""
     import os
     import shutil
+    import signal
     import socket
     import subprocess
     import sys
+    import time
 
     ray_cmd = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     cli = [sys.executable, "-m", "mertools.cli"]
@@ -191,14 +193,21 @@ def test_shard_plan_command_and_a_ray_cluster_address(trained: Path, tmp_path: P
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    head = subprocess.run([ray_cmd, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                           "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert head.returncode == 0, head.stderr
+    # in a session of its own, stopped by signalling that session only (`ray stop` would end every Ray of the machine,
+    # this module's own instance included)
+    head = subprocess.Popen([ray_cmd, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_cmd, "status", "--address", f"127.0.0.1:{port}"], capture_output=True, env=env,
+                             timeout=60).returncode != 0:  # up, its node registered
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
         sharded = subprocess.run([*run, "--shard-plan", str(tmp_path / "plan.json"), "--ray-address",
                                   f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=300, env=env)
         assert sharded.returncode == 0, sharded.stderr
         assert sharded.stdout == single.stdout
     finally:
-        subprocess.run([ray_cmd, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
