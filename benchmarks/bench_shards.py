@@ -52,7 +52,7 @@ def main() -> int:
     a.workdir.mkdir(parents=True, exist_ok=True)
     _, layout = ensure_model(a.workdir, 4, "q4_0", sys.executable)
     ids = common.random_ids(8 + a.tokens, seed=3)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     fused = decode(layout, ids, 8, a.threads)
     single = decode(layout, ids, 8, a.threads, compiled_step=False)  # the path the sharded steps take
     rows = [f"| single process, a decode step in one compiled call | {fused[0]:.1f} | {fused[1] * 1e3:.1f} | - | - | "

@@ -24,7 +24,7 @@ IDS = [5, 17, 42, 9, 100, 3, 77, 21]
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Any:
     """One Ray instance of this machine for the module (2 CPUs; the shards ask for none, so any count fits)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -178,6 +178,7 @@ def test_shard_plan_command_and_a_ray_cluster_address(trained: Path, tmp_path: P
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
 
     ray_cmd = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -194,9 +195,11 @@ def test_shard_plan_command_and_a_ray_cluster_address(trained: Path, tmp_path: P
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_ADDRESS": ""}
     # in a session of its own, stopped by signalling that session only (`ray stop` would end every Ray of the machine,
-    # this module's own instance included)
+    # this module's own instance included), its files in a directory of its own (the default one's address file would
+    # outlive it and send a later `ray.init()` to a dead cluster); a short path: Ray's socket paths are bounded
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     head = subprocess.Popen([ray_cmd, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -211,3 +214,4 @@ def test_shard_plan_command_and_a_ray_cluster_address(trained: Path, tmp_path: P
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)

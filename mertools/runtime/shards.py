@@ -146,7 +146,8 @@ class ExpertShard:
 
 class ShardedExperts:
     """The driver's side: `RemoteExperts` over `plan.n_shards` ExpertShard actors on a Ray cluster (`ray_address`;
-    None: a Ray instance of this machine, started if none is running)."""
+    None: a Ray instance started for this process, never a stale or foreign one found on the machine; "auto": the
+    one running on this machine)."""
 
     def __init__(self, layout_dir: str, plan: Plan, kernels: str = "exact", cache_mb: float | None = None,
                  threads: int | None = None, ray_address: str | None = None) -> None:
@@ -154,8 +155,8 @@ class ShardedExperts:
             import ray
         except ImportError:
             raise RuntimeConfigError("expert shards need Ray: pip install 'mertools[distributed]'") from None
-        if not ray.is_initialized():
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if not ray.is_initialized():  # no address: a Ray of this process's own ("auto" joins one running here)
+            ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         self.ray, self.plan = ray, plan
         # restarted by Ray when it dies (its experts read again); a call in flight then fails, never retried
         actor = ray.remote(ExpertShard).options(num_cpus=0, max_restarts=-1, max_task_retries=0)

@@ -47,8 +47,8 @@ def shard_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      "placement); --cache-mb is then each shard's budget."),
         click.option("--shard-plan", type=click.Path(exists=True, dir_okay=False), help="A placement plan (JSON: "
                      "runtime/shards.py's Plan) instead of round-robin."),
-        click.option("--ray-address", help="The Ray cluster to start the shards on (default: a Ray instance of this "
-                     "machine, started if none runs)."),
+        click.option("--ray-address", help="The Ray cluster to start the shards on (default: a Ray instance started "
+                     "for this process; 'auto': the one running on this machine)."),
     ]
     for option in reversed(options):
         f = option(f)
