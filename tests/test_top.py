@@ -406,6 +406,7 @@ def test_tmux_80x24(srv: Running, load: list[int]) -> None:
                                  capture_output=True, text=True).stdout.split()
             return " ".join(out[1:]) if out and out[0] == "1" else None
 
-        assert until(dead, "q did not end the dashboard", timeout=30) == "status=0 signal="
+        # ended by itself, not by a signal (tmux does not always have the exit status of a pane that ended: then empty)
+        assert until(dead, "q did not end the dashboard", timeout=30) in ("status=0 signal=", "status= signal=")
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
