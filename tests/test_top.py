@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from openai import OpenAI
+from test_server import Running  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 from mertools.server.app import ServerConfig, create_app
 from mertools.server.stats import quantile as server_quantile
@@ -168,23 +168,6 @@ def test_base_url() -> None:
 
 
 # ---------------------------------------------------------------------- a real server under load
-class Running:
-    """uvicorn in a thread on a bound socket (as tests/test_server.py)."""
-
-    def __init__(self, app: Any) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        until(lambda: self.server.started, "the server did not start", check=self.thread.is_alive)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-
-
 def until(cond: Callable[[], Any], what: str, timeout: float = 60, check: Callable[[], bool] = lambda: True) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := cond()):

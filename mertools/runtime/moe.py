@@ -146,8 +146,7 @@ class StreamingMoE:
             experts = [e for e in experts if e not in low]
         keys = [(layer, e) for e in experts]
         # every row on the 8-bit kernels (below GEMM_MIN_N rows), every expert resident: one call for them all
-        fused = (self._fused and keys and len(h) < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
-                 and self.cache.all_resident(keys))
+        fused = self._fusable(keys, len(h))
         # demand reads start now, before the speculative ones
         steps = [(self.full, self.cache.acquire(keys))]
         if low:
@@ -167,6 +166,12 @@ class StreamingMoE:
         out = contrib.sum(axis=1)
         shared = pieces.shared_expert(cfg, w, h, ops)
         return out if shared is None else out + shared
+
+    def _fusable(self, keys: list[tuple[int, int]], n_rows: int) -> bool:
+        """Whether these experts' rows run in one call (experts8): the 8-bit kernels take every one of them, they are
+        all resident, and the rows are few."""
+        return bool(self._fused and keys and n_rows < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
+                    and self.cache.all_resident(keys))
 
     def _run(self, tier: Tier, pending: Iterator[tuple[tuple[int, int], int]], fused: bool, h: np.ndarray,
              chosen: np.ndarray, weights: np.ndarray, batch: Batch, contrib: np.ndarray, live: np.ndarray | None) -> None:
@@ -192,10 +197,9 @@ class StreamingMoE:
         them, zero elsewhere, as the single-process step computes them (what an expert shard does for the driver);
         read on demand, no prefetch."""
         keys = [(layer, e) for e in experts]
-        fused = (self._fused and keys and len(h) < GEMM_MIN_N and all(all(self.full.int8[k]) for k in keys)
-                 and self.cache.all_resident(keys))
+        fused = self._fusable(keys, len(h))
         contrib = np.zeros((h.shape[0], chosen.shape[1], self.cfg.d_model), np.float32)
-        self._run(self.full, self.cache.acquire(keys), bool(fused), h, chosen, weights, batch, contrib, live)
+        self._run(self.full, self.cache.acquire(keys), fused, h, chosen, weights, batch, contrib, live)
         return contrib
 
     def _approximate(self, layer: int, w: LayerWeights, scores: np.ndarray, chosen: np.ndarray, weights: np.ndarray
