@@ -179,6 +179,19 @@ def write_section(name: str, body: str) -> None:
     DOC.write_text(text)
 
 
+def draw_charts(section: str) -> None:
+    """Redraw the charts of `section` from docs/BENCHMARKS.md into docs/img/ (benchmarks/charts.py), right after the
+    section is written: the doc is their only source. Without matplotlib (the `plot` extra), a note instead."""
+    try:
+        from benchmarks import charts
+    except ImportError as e:
+        print(f"charts of {section!r} not drawn ({e}); with matplotlib installed, "
+              f"`python benchmarks/charts.py --section {section}` draws them from the doc", file=sys.stderr)
+        return
+    for path in charts.draw(DOC, DOC.parent / "img", [section]):
+        print(f"chart: {path.relative_to(ROOT)}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- child processes
 
 

@@ -248,6 +248,8 @@ def main() -> None:
             f"{1 / (r['decode_tok_s'] * roof_s):.2f}x | "
             + (f"{lts:.2f} | {r['decode_tok_s'] / lts:.1f}x |" if lts else f"{lt.get('error', 'not run')} | - |")
         )
+    out += ["", "![tok/s and GB read per token against the cache budget, mertools beside llama.cpp]"
+            "(img/bench-beyond-ram.png)"]  # drawn by benchmarks/charts.py from the table above
     out += ["", "Roofline (the issue's): max(bytes missed per token / best raw disk GB/s, compute per token = "
             "the 1x run's second, warm pass over the same stream); time / roofline is decode time over that bound (goal <= "
             "1.5). Bytes missed (\"needed\"): experts read because a token needed them, on demand or by a prefetch that "
@@ -294,6 +296,7 @@ def main() -> None:
             "read path; markov learns transitions online. Recall: prefetched experts used / (those + demand misses). "
             "Read time hidden: 1 - time waiting on reads / (bytes read / the store's one-in-flight GB/s)."]
     common.publish("beyond_ram", "Beyond RAM", "\n".join(out))
+    common.draw_charts("beyond_ram")
 
 
 if __name__ == "__main__":

@@ -453,6 +453,8 @@ def report(done: list[dict], a: argparse.Namespace, mem_total: int, command: str
                           f"{m['decode_tok_s'] / ll['decode_tok_s']:.1f}x" if "error" not in m else "-"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    out += ["![tok/s and GB read per token against the memory cap, mertools beside llama.cpp](img/bench-full-size.png)",
+            ""]  # drawn by benchmarks/charts.py from the tables above
     out += [f"GB read/token: decode steps only; mertools' from its expert store (O_DIRECT), llama.cpp's from "
             "/proc/self/io read_bytes (page faults of the mmapped file, readahead included). Hit rate: mertools' expert "
             "cache during decode. Peak RSS: VmHWM (llama.cpp's counts the file pages it has mapped in). Start: load "
@@ -562,6 +564,8 @@ def main() -> None:
                 remove(p)
     body, ok = report(done, a, mem_total, command, time.perf_counter() - t_start)
     common.publish(*SECTION, body, write=not a.no_doc)
+    if not a.no_doc:
+        common.draw_charts(SECTION[0])
     if not ok:
         sys.exit("bench_full_size: a mertools run failed or its peak RSS went over its cap (see the table)")
 

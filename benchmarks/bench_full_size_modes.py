@@ -10,7 +10,8 @@ page cache dropped), delete the GGUF (unless --keep: the stand-ins need its room
 the layout (`mertools standins`; q2_k takes ~40 min for 45 G weights on 2 cores: ggml's reference quantizer),
 then run mertools with each mode at each cap, the same way. Speed only: the fidelity each setting costs is
 measured on the trained fixture by benchmarks/bench_modes.py (docs/BENCHMARKS.md, "modes").
-Writes the "full_size_modes" section of docs/BENCHMARKS.md (--no-doc: print only). Needs root.
+Writes the "full_size_modes" section of docs/BENCHMARKS.md and its charts (benchmarks/charts.py; --no-doc: print
+only). Needs root.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
                                                     f" ({'yes' if within else 'NO'})")]) + " |")
     busy = sum(1 for run in runs for t in ("mertools", "llama") if not run[t].get("quiet", True))
     busy += sum(1 for rs in modes.values() for r in rs if not r.get("quiet", True))
+    lines += ["", "![tok/s per setting at each memory cap, llama.cpp and mertools exact included]"
+              "(img/bench-full-size-modes.png)"]  # drawn by benchmarks/charts.py from this table
     lines += ["", "GB read/token: decode steps only (mertools: both tiers' reads, stand-ins included; llama.cpp: "
               "/proc/self/io read_bytes). No demand read: expert lookups found resident or already on their way in "
               "(a prefetch), either cache."
@@ -174,6 +177,8 @@ def main() -> None:
             fs.remove(p)
     body, ok = report(runs, modes, standins, a, command, time.perf_counter() - t_start, n)
     common.publish(*SECTION, body, write=not a.no_doc)
+    if not a.no_doc:
+        common.draw_charts(SECTION[0])
     if not ok:
         sys.exit("bench_full_size_modes: a mertools run failed or went over its cap (see the table)")
 

@@ -14,7 +14,7 @@ recalibrated so that routing is diverse; built under --workdir if absent, shared
 stand-ins added if it has none),
 1/4 of its expert bytes as the cache budget, lookahead prefetch, one process per setting, page cache
 dropped before each (as root): an 8-token prompt, then --tokens forced random ids decoded one by one.
-Writes the "modes" section of docs/BENCHMARKS.md (--no-write: print only).
+Writes the "modes" section of docs/BENCHMARKS.md and its chart (benchmarks/charts.py; --no-write: print only).
 """
 
 from __future__ import annotations
@@ -281,9 +281,12 @@ def main() -> None:
         "setting's speed-up follows the choices it skips or replaces, so on another model read it through that "
         "model's counts (`mertools run` prints them).",
         HEADER + "\n" + "\n".join(rows),
+        "![tok/s against held-out mean KL per setting, the Pareto front joined](img/bench-modes.png)",  # charts.py
     ]
     common.publish("modes", "Modes that cut bytes per token (speed against fidelity)", "\n\n".join(paragraphs),
                    write=not a.no_write)
+    if not a.no_write:
+        common.draw_charts("modes")
 
 
 if __name__ == "__main__":
