@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo-out
 
-.PHONY: demo test test-fast lint clean bench-quant bench-convert bench-decode bench-beyond-ram
+.PHONY: demo test test-fast test-ui lint clean bench-quant bench-convert bench-decode bench-beyond-ram
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ test: $(BIN)/.installed
 test-fast: $(BIN)/.installed
 	$(BIN)/ruff check mertools tests fixtures benchmarks
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the web page's browser test (tests/test_ui.py): headless Chromium and its driver from the system's packages
+# (Debian/Ubuntu; sudo when not root), Selenium in the venv; `make test` runs it too wherever Chromium is found
+test-ui: $(BIN)/.installed
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
+	$(BIN)/python -m pip install -q 'selenium>=4.10'
+	$(BIN)/python -m pytest -q tests/test_ui.py -rs
 
 bench-quant: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_quant.py

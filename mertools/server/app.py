@@ -33,6 +33,7 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .reload import Live, Reloader
 from .scheduler import Event, GenerationRequest, Handle, NotReady, QueueFull, Scheduler
 from .stats import server_stats
+from .ui import add_ui, is_public
 
 __all__ = ["ServerConfig", "create_app", "open_engine"]
 
@@ -342,13 +343,15 @@ def create_app(cfg: ServerConfig, *, load: Callable[[], Any] | None = None,
             for h in handles:
                 h.cancel()
 
+    if cfg.ui:
+        add_ui(app)
     app.add_middleware(_Gate, keys=lambda: live.cfg.keys, metrics=metrics)
     return app
 
 
 class _Gate:
     """Pure ASGI wrapper (keeps streaming and disconnects intact, unlike BaseHTTPMiddleware): bearer
-    auth on everything but /health, and the request counter by endpoint and status."""
+    auth on everything but /health and the web page's files, and the request counter by endpoint and status."""
 
     def __init__(self, app: Any, keys: Callable[[], tuple[str, ...]], metrics: ServerMetrics) -> None:
         self.app, self.keys, self.metrics = app, keys, metrics  # the keys read per request: a reload may change them
@@ -357,7 +360,8 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        endpoint = (path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/")
+                    else "/ui" if is_public(path) else "other")
         status = 500
 
         async def send_status(message: dict[str, Any]) -> None:
@@ -368,7 +372,7 @@ class _Gate:
 
         try:
             keys = self.keys()
-            if keys and path != "/health" and not self._authorized(scope, keys):
+            if keys and path != "/health" and not is_public(path) and not self._authorized(scope, keys):
                 body = json.dumps(P.error_body("Invalid or missing API key (send 'Authorization: Bearer KEY')",
                                                "authentication_error", "invalid_api_key")).encode()
                 await send_status({"type": "http.response.start", "status": 401, "headers": [

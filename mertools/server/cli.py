@@ -124,6 +124,8 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--top-k", type=click.IntRange(0), help="Default for requests that send none (default 0: off).")
 @click.option("--max-tokens", type=click.IntRange(1), help="Default for requests that send none (default: chat to "
               "the end of the context, completions 16).")
+@click.option("--no-ui", "ui", is_flag=True, default=True, flag_value=False,
+              help="Leave out the web page at / (chat and live experts); the API is the same.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--draft", help="Speculative decoding: 'ngram' (prompt lookup in each request's own text), 'mtp' (the "
@@ -151,7 +153,7 @@ def serve(ctx: click.Context, layout: str | None, config_file: str | None, watch
         click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
     pinned = {field for field in ("layout", "model_name", "api_key", "max_concurrency", "max_queue", "cache_mb", "prefetch",
                                   "threads", "prefill_chunk", "kv_dtype", "io", "kernels", "draft", "draft_tokens",
-                                  "history", "temperature", "top_p", "top_k", "max_tokens", "log_level", "host", "port")
+                                  "history", "temperature", "top_p", "top_k", "max_tokens", "log_level", "host", "port", "ui")
               if OPTION_OF.get(field, field) in given}
     base = ServerConfig(layout=layout or "", api_key=options.pop("api_key") or None, kv_dtype=kv_type, io=io_mode,
                         approx=approx, config_file=config_file, watch_config=watch_config, pinned=frozenset(pinned),
@@ -186,7 +188,8 @@ def serve(ctx: click.Context, layout: str | None, config_file: str | None, watch
     else:  # nothing to reload: a SIGHUP (a closed terminal, a habit) must not end the server
         signal.signal(signal.SIGHUP, lambda *_: click.echo("mertools: SIGHUP ignored: no --config file to reload",
                                                            err=True))
-    click.echo(f"serving {cfg.name} from {cfg.layout} on http://{cfg.host}:{cfg.port}/v1 (loading the model...)",
+    page = f"; the web page at http://{cfg.host}:{cfg.port}/" if cfg.ui else ""
+    click.echo(f"serving {cfg.name} from {cfg.layout} on http://{cfg.host}:{cfg.port}/v1{page} (loading the model...)",
                err=True)
     try:
         server.run()

@@ -46,6 +46,7 @@ class ServerConfig:
     top_k: int | None = None
     max_tokens: int | None = None
     log_level: str = "info"
+    ui: bool = True  # the web page at / (server/ui)
     host: str = "127.0.0.1"
     port: int = 8000
     config_file: str | None = None  # --config: the TOML file reloads read
@@ -90,6 +91,12 @@ def _keys(v: Any) -> tuple[str, ...]:  # noqa: ANN401
     return tuple(v)
 
 
+def _bool(v: Any) -> bool:  # noqa: ANN401
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, not {v!r}")
+    return v
+
+
 def _positive_mb(v: Any) -> float:  # noqa: ANN401
     mb = _num(0)(v)
     if mb <= 0:
@@ -121,6 +128,7 @@ FILE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "draft": ("draft", _text()),
     "draft_tokens": ("draft_tokens", _num(1, 64, integer=True)),
     "history": ("history", _text()),
+    "ui": ("ui", _bool),
 }
 RELOADABLE = frozenset({"layout", "model_name", "api_keys", "cache_mb", "max_concurrency", "max_queue", "prefetch",
                         "prefill_chunk", "temperature", "top_p", "top_k", "max_tokens", "log_level"})
