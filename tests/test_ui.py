@@ -323,17 +323,31 @@ def test_the_page_and_poll_py_compute_the_same_figures(srv: Running, browser: An
     assert got["spark"] == pytest.approx([5, 5, 4])  # 10 tokens over 2 s, then a restart counting 4 in the last
 
 
-def test_a_server_that_went_away_is_said_so(layout: Path, browser: Any) -> None:
+def test_loading_then_a_server_that_went_away_are_said_so(layout: Path, browser: Any) -> None:
+    import threading
+
+    from mertools.server.app import open_engine
+
     d = browser
-    r = Running(create_app(ServerConfig(str(layout), cache_mb=1, threads=1)))  # no key this time
+    go = threading.Event()
+    cfg = ServerConfig(str(layout), cache_mb=1, threads=1)  # no key this time
+
+    def load() -> Any:  # noqa: ANN401 - the engine, once the test has seen the page wait for it
+        go.wait(60)
+        return open_engine(cfg)
+
+    r = Running(create_app(cfg, load=load))
     try:
-        r.wait_healthy(120)
         d.get(r.url + "/")
-        until(lambda: by_id(d, "model").text == MODEL, "the model's name")
+        until(lambda: by_id(d, "status").text == "loading the model…", "the loading state")
+        assert by_id(d, "model").text == "…"
+        go.set()
+        until(lambda: by_id(d, "model").text == MODEL, "the model's name once loaded", timeout=120)
+        assert by_id(d, "status").text == "ready" and by_id(d, "key-dialog").get_attribute("open") is None
     finally:
+        go.set()
         r.stop()
     fill(d, "prompt", "ROMEO:")
     by_id(d, "send").click()
     until(lambda: "cannot reach the server" in (last_reply(d).text or ""), "the unreachable server in words")
     until(lambda: "cannot reach the server" in by_id(d, "live-note").text, "the live panel's note")
-
