@@ -46,7 +46,8 @@ def trace_from_records(records: Sequence[dict], n_layers: int) -> Trace:
     """A `run --trace-out` file's records -> Trace (positions in order)."""
     by_pos: dict[int, list[list[int]]] = {}
     for r in records:
-        by_pos.setdefault(r["token"], [[] for _ in range(n_layers)])[r["layer"]] = list(r["experts"])
+        if "experts" in r:  # not the closing reads record
+            by_pos.setdefault(r["token"], [[] for _ in range(n_layers)])[r["layer"]] = list(r["experts"])
     return [by_pos[p] for p in sorted(by_pos)]
 
 

@@ -172,6 +172,8 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
                          kernels=kernels, shards=shards, plan=shard_plan, ray_address=ray_address) as engine:
+            if tracer is not None and engine.shards is None:  # a sharded driver's cache holds nothing: no "held"
+                tracer.follow(engine.cache, engine.store)
             drafter = engine.open_drafter(draft) if draft else None
             engine.warmup(prompt)  # never report numba's compilation as the model's speed
             click.echo(prompt, nl=False)
@@ -183,6 +185,8 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
                 finish = tok.finish_reason
             click.echo()
             stats = engine.stats()
+            if tracer is not None:  # its reads record beside these figures, before the engine's closing drains prefetches
+                tracer.close()
     finally:
         if drafter is not None:
             drafter.close()
@@ -299,6 +303,10 @@ main.add_command(serve)
 from .top.cli import top  # noqa: E402 - only click at import time; textual loads when it runs
 
 main.add_command(top)
+
+from .plot.cli import plot  # noqa: E402 - only click at import time; matplotlib loads when it draws
+
+main.add_command(plot)
 
 if __name__ == "__main__":
     main()

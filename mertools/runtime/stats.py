@@ -44,22 +44,13 @@ class LatencyHistogram:
 
     def percentile(self, p: float) -> float:
         """Estimated p-th percentile (0 <= p <= 100) in seconds; 0.0 before any observation."""
-        if not 0 <= p <= 100:
-            raise ValueError(f"percentile must lie in 0..100, got {p}")
+        s = self.snapshot()
+        return estimate_percentile(s.counts, BOUNDS, s.count, s.min, s.max, p)
+
+    def snapshot(self) -> HistogramSnapshot:
+        """Per-bucket counts, count, sum, min and max in one consistent snapshot (a routing trace's last record)."""
         with self._lock:
-            counts, n, lo_seen, hi_seen = list(self._counts), self.count, self.min, self.max
-        if n == 0:
-            return 0.0
-        rank = max(1.0, p / 100 * n)  # the rank-th smallest observation, fractional
-        below = 0
-        for i, c in enumerate(counts):
-            if c and below + c >= rank:
-                lo = max(BOUNDS[i - 1] if i else lo_seen, lo_seen)
-                hi = min(BOUNDS[i] if i < len(BOUNDS) else hi_seen, hi_seen)
-                frac = (rank - below) / c
-                return lo * (hi / lo) ** frac if lo > 0 else hi * frac
-            below += c
-        return hi_seen
+            return HistogramSnapshot(tuple(self._counts), self.count, self.sum, self.min, self.max)
 
     def cumulative(self, bounds: Sequence[float]) -> tuple[list[int], float, int]:
         """(observations <= each bound, sum, count) in one consistent snapshot, for a Prometheus
@@ -79,6 +70,38 @@ class LatencyHistogram:
                 running += 1
             out.append(acc)
         return out, total, n
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """A LatencyHistogram's figures at one moment: counts[i] per bucket of BOUNDS (the last one above them)."""
+
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+    min: float  # inf before any observation
+    max: float
+
+
+def estimate_percentile(counts: Sequence[int], bounds: Sequence[float], n: int, lo_seen: float, hi_seen: float,
+                        p: float) -> float:
+    """The p-th percentile (0..100) of `n` observations counted per bucket of `bounds` (len(bounds) + 1 counts, the
+    last above them) between lo_seen and hi_seen: geometric interpolation inside the bucket where the rank falls,
+    clamped to the observed min and max; 0.0 when n is 0. LatencyHistogram.percentile, and for recorded counts."""
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile must lie in 0..100, got {p}")
+    if n == 0:
+        return 0.0
+    rank = max(1.0, p / 100 * n)  # the rank-th smallest observation, fractional
+    below = 0
+    for i, c in enumerate(counts):
+        if c and below + c >= rank:
+            lo = max(bounds[i - 1] if i else lo_seen, lo_seen)
+            hi = min(bounds[i] if i < len(bounds) else hi_seen, hi_seen)
+            frac = (rank - below) / c
+            return lo * (hi / lo) ** frac if lo > 0 else hi * frac
+        below += c
+    return hi_seen
 
 
 @dataclass
