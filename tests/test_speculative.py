@@ -44,8 +44,10 @@ def test_ngram_lookup() -> None:
     s = Sampler(SamplingParams())
     # the suffix [7, 8, 9] occurred before, followed by 1, 2, 3
     assert d.propose([7, 8, 9, 1, 2, 3, 4, 7, 8, 9], 3, s).tokens == [1, 2, 3]
-    # the most recent earlier occurrence wins; a continuation shorter than k is what there is
-    assert d.propose([5, 6, 5, 7, 5], 4, s).tokens == [7, 5]
+    # the most recent earlier occurrence wins
+    assert d.propose([5, 6, 5, 7, 5], 4, s).tokens == [7, 5, 7, 5]  # "5 7" repeats with period 2: continued
+    assert d.propose([9, 4, 4, 4], 4, s).tokens == [4, 4, 4, 4]  # one token said again and again: a full draft
+    assert d.propose([1, 2, 3, 1, 2, 3, 1], 5, s).tokens == [2, 3, 1, 2, 3]
     assert d.propose([1, 2, 3], 4, s).tokens == []  # nothing repeats
     assert d.propose([4], 4, s).tokens == []
     with pytest.raises(ValueError):

@@ -65,8 +65,9 @@ class Drafter(Protocol):
 
 class NgramDrafter:
     """Prompt lookup: the longest suffix of the context (max_n tokens down to min_n) that occurred earlier in it;
-    propose the tokens that followed its most recent earlier occurrence. Strong on code, edits, summaries and
-    repetitive text; costs nothing to run."""
+    propose the tokens that followed its most recent earlier occurrence, as many as asked (a repetition that reaches
+    the context's end is continued with its period). Strong on code, edits, summaries and repetitive text; costs
+    nothing to run."""
 
     name = "ngram"
 
@@ -84,7 +85,12 @@ class NgramDrafter:
             hits = np.nonzero((windows == ctx[-n:]).all(axis=1))[0]
             if len(hits):
                 start = int(hits[-1]) + n
-                return Draft([int(t) for t in ctx[start:start + k]])
+                # the text repeats with period n_ctx - start: continue the repetition past the context's end, so a
+                # pattern shorter than k (a token said again and again, a short refrain) still fills the draft
+                period, out = n_ctx - start, []
+                for i in range(k):
+                    out.append(int(ctx[start + i]) if start + i < n_ctx else out[i - period])
+                return Draft(out)
         return Draft([])
 
     def observe(self, start: int, ids: Sequence[int], x: np.ndarray) -> None:
