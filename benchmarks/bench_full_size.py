@@ -89,14 +89,14 @@ def child_calibrate(layout_dir: str, ids_path: str, out_path: str, seed: int) ->
         x = get_rows(embed.raw, embed.dtype, batch.ids, cfg.d_model)
         for layer, w in enumerate(model.layers):
             model.cache.note_layer(layer)
-            x = x + model._attention(layer, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops)
+            x = x + model._attention(layer, w, rms_norm(x, w.attn_norm, cfg.norm_eps), batch, ops)
             h = rms_norm(x, w.ffn_norm, cfg.norm_eps).astype(np.float64)  # what the router sees
             top = np.argsort(-(h @ w.router.T.astype(np.float64)), axis=1)[:, :cfg.n_experts_used]
             for t, row in enumerate(top.tolist()):
                 random_trace[t].append(row)
             w.router[...] = router_rows(h, cfg.n_experts, rng)
             routers.append(np.array(w.router))
-            x = x + model._ffn(layer, x, batch, ops)
+            x = x + model._ffn(layer, w, x, batch, ops)
         batch.commit()
         read = eng.store.bytes_read
     np.save(out_path, np.stack(routers))
