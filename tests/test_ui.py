@@ -23,7 +23,7 @@ import pytest
 from test_server import Running  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 from mertools.server.app import ServerConfig, create_app
-from mertools.server.config import read_settings
+from mertools.server.config import read_settings, with_file
 from mertools.server.ui import FILES, STATIC
 from mertools.top import poll
 
@@ -351,3 +351,31 @@ def test_loading_then_a_server_that_went_away_are_said_so(layout: Path, browser:
     by_id(d, "send").click()
     until(lambda: "cannot reach the server" in (last_reply(d).text or ""), "the unreachable server in words")
     until(lambda: "cannot reach the server" in by_id(d, "live-note").text, "the live panel's note")
+
+
+def test_a_model_renamed_by_a_reload_is_picked_up(layout: Path, browser: Any, tmp_path: Path) -> None:
+    """A reload (issue 20) renames the model: the next message is refused by its old name, in words, and the page
+    takes the new name, so sending again works."""
+    d = browser
+    settings = tmp_path / "settings.toml"
+    settings.write_text('model_name = "first"\n')
+    base = ServerConfig(str(layout), cache_mb=1, threads=1, config_file=str(settings))
+    r = Running(create_app(with_file(base, read_settings(settings)), base=base))
+    try:
+        r.wait_healthy(120)
+        d.get(r.url + "/")
+        until(lambda: by_id(d, "model").text == "first", "the first name")
+        settings.write_text('model_name = "second"\n')
+        r.app.state.reloader.request()
+        until(lambda: httpx.get(r.url + "/v1/models").json()["data"][0]["id"] == "second", "the reload")
+        fill(d, "max-tokens", "8")
+        fill(d, "prompt", "ROMEO:")
+        by_id(d, "send").click()
+        until(lambda: last_reply(d).get_attribute("data-state") == "error", "the refusal")
+        assert "`first` does not exist" in last_reply(d).text and 'now serves "second": send again' in last_reply(d).text
+        assert by_id(d, "model").text == "second"
+        fill(d, "prompt", "ROMEO:")
+        by_id(d, "send").click()
+        until(lambda: last_reply(d).get_attribute("data-state") == "done", "the reply under the new name")
+    finally:
+        r.stop()

@@ -100,7 +100,12 @@ function main() {
   const chat = new Chat({
     form: $("composer"), prompt: $("prompt"), messages: $("messages"), hint: $("hint"), send: $("send"),
     stop: $("stop"), clear: $("clear"), temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"),
-  }, () => model, (message) => askKey(`${message}.`));
+  }, () => model, (message) => askKey(`${message}.`), async () => {
+    const models = await getJSON("/v1/models"); // after a reload that renamed or replaced the model
+    model = models.data[0].id;
+    $("model").textContent = model;
+    return model;
+  });
   setupKeyDialog(() => { live.stop(); connect(live); });
   window.mertools = { live, chat }; // for the console (and the browser test)
   connect(live);

@@ -14,10 +14,11 @@ function number(input, lo, hi, integer = false) {
 }
 
 export class Chat {
-  constructor(els, model, onAuthError) {
+  constructor(els, model, onAuthError, onModelGone) {
     this.els = els;
     this.model = model; // () => the model id /v1/models named
     this.onAuthError = onAuthError;
+    this.onModelGone = onModelGone; // () => the id the server serves now (a reload may rename or replace the model)
     this.messages = [];
     this.controller = null;
     els.form.addEventListener("submit", (ev) => { ev.preventDefault(); this.send(); });
@@ -130,6 +131,12 @@ export class Chat {
         this.meta(div, started, first, usage, pieces, "stopped by you");
       } else {
         this.messages.pop(); // the question stays on screen; send it again after fixing what the error says
+        if (e.status === 404 && this.onModelGone) {
+          try {
+            const now = await this.onModelGone();
+            if (now) e.message += ` — the server now serves "${now}": send again`;
+          } catch { /* the original error says enough */ }
+        }
         this.fail(div, e);
       }
     } finally {
