@@ -15,11 +15,10 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, Response
 
 STATIC = Path(__file__).parent / "static"
-FILES = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8",
-         "api.js": "text/javascript; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-         "chat.js": "text/javascript; charset=utf-8", "live.js": "text/javascript; charset=utf-8",
-         "heat.js": "text/javascript; charset=utf-8", "rates.js": "text/javascript; charset=utf-8",
-         "favicon.svg": "image/svg+xml"}
+TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+         ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
+NAMES = ("index.html", "style.css", "api.js", "app.js", "chat.js", "live.js", "heat.js", "rates.js", "favicon.svg")
+FILES = {name: TYPES[Path(name).suffix] for name in NAMES}  # the only files served, with their content types
 PREFIX = "/ui/"
 # the page talks only to this origin: a script or style from anywhere else is refused by the browser
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "

@@ -12,15 +12,19 @@ export class ApiError extends Error {
   }
 }
 
-export function apiKey() {
+function stored() {
   try { return localStorage.getItem(KEY) || ""; } catch { return ""; } // storage may be disabled
+}
+let current = stored(); // what every call sends (also when storage is disabled)
+
+export function apiKey() {
+  return current;
 }
 
 export function setApiKey(key) {
+  current = key || "";
   try { key ? localStorage.setItem(KEY, key) : localStorage.removeItem(KEY); } catch { /* kept for this page only */ }
-  memoryKey = key || "";
 }
-let memoryKey = apiKey();
 
 // What an HTTP header can carry: printable ASCII, no spaces (a key pasted with a line break would fail in fetch
 // with an opaque TypeError; say why instead).
@@ -32,8 +36,7 @@ export function keyProblem(key) {
 
 function headers(extra = {}) {
   const h = { ...extra };
-  const key = memoryKey || apiKey();
-  if (key) h.Authorization = "Bearer " + key;
+  if (current) h.Authorization = "Bearer " + current;
   return h;
 }
 
@@ -41,7 +44,7 @@ export async function errorMessage(resp) {
   let text = "";
   try { text = await resp.text(); } catch { /* the body is gone: the status says enough */ }
   if (resp.status === 401) {
-    return (memoryKey || apiKey()) ? "the server refused this API key (401)" : "this server needs an API key (401)";
+    return current ? "the server refused this API key (401)" : "this server needs an API key (401)";
   }
   let message = "";
   try { message = JSON.parse(text).error.message; } catch { message = text.trim().slice(0, 300); }
@@ -51,8 +54,7 @@ export async function errorMessage(resp) {
 
 // fetch(path) with the key; resolves to the Response when it is 2xx, else throws an ApiError.
 export async function request(path, options = {}) {
-  const key = memoryKey || apiKey();
-  const problem = key ? keyProblem(key) : null;
+  const problem = current ? keyProblem(current) : null;
   if (problem) throw new ApiError(`the stored API key cannot be sent: ${problem}`, 401);
   let resp;
   try {

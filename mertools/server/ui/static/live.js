@@ -29,7 +29,6 @@ export class LivePanel {
     this.heat = new HeatMap(els.heatmap, els.heatTip, els.heatSummary);
     this.timer = null;
     this.busy = false;
-    this.readings = 0;
   }
 
   start(interval = 300) {
@@ -52,7 +51,6 @@ export class LivePanel {
         throw new Error("/stats did not answer a mertools server's statistics");
       }
       this.history.add(reading);
-      this.readings++;
       this.els.note.textContent = "";
       this.render();
     } catch (e) {
@@ -64,23 +62,21 @@ export class LivePanel {
   }
 
   render() {
-    const h = this.history, now = h.latest(), minute = h.at(MINUTE), short = h.at(SHORT);
-    const els = this.els;
-    const span = (base) => (base ? now.time - base.time : 0);
-    // over the last minute, or since the page's first reading when that is younger
-    const early = minute || h.readings[0];
-    const tokS = early !== now ? rate(get(now, "tokens", "generated"), get(early, "tokens", "generated"), span(early)) : null;
-    els.tokS.textContent = fmt(tokS);
-    const ttftRecent = quantile(bucketDelta(buckets(now.ttft_s), early !== now ? buckets(early.ttft_s) : null), 0.5);
+    const h = this.history, now = h.latest(), els = this.els;
+    // the base of the "last minute" figures: a minute back, or the page's first reading when it is younger; none yet
+    // with a single reading. get(null, ...) is null, and delta(x, null) is all of x: no base, no rate.
+    const minute = h.at(MINUTE), short = h.at(SHORT);
+    const since = (base, ...path) => delta(get(now, ...path), get(base, ...path));
+    const ratePer = (base, ...path) => (base ? rate(get(now, ...path), get(base, ...path), now.time - base.time) : null);
+    els.tokS.textContent = fmt(ratePer(minute, "tokens", "generated"));
+    const ttftRecent = minute ? quantile(bucketDelta(buckets(now.ttft_s), buckets(minute.ttft_s)), 0.5) : null;
     els.ttft.textContent = ttftRecent != null ? seconds(ttftRecent)
       : now.ttft_s && now.ttft_s.p50 != null ? `${seconds(now.ttft_s.p50)} (all time)` : "–";
     els.requests.textContent = `${get(now, "requests", "running") ?? "–"} / ${get(now, "requests", "waiting") ?? "–"}`;
-    const looked = delta(get(now, "experts", "lookups"), early !== now ? get(early, "experts", "lookups") : null);
-    const hits = delta(get(now, "experts", "hits"), early !== now ? get(early, "experts", "hits") : null);
+    const looked = since(minute, "experts", "lookups"), hits = since(minute, "experts", "hits");
     els.hitRate.textContent = looked > 0 ? `${(100 * hits / looked).toFixed(1)}%` : "–";
     els.hitRate.title = `${hits} hits of ${looked} expert lookups`;
-    const sbase = short || early;
-    const disk = sbase !== now ? rate(get(now, "disk", "bytes_read"), get(sbase, "disk", "bytes_read"), span(sbase)) : null;
+    const disk = ratePer(short, "disk", "bytes_read");
     els.disk.textContent = disk != null ? fmt(disk / 1e6) : "–";
     els.totals.textContent = `${Math.round(get(now, "tokens", "generated") ?? 0)} / ${bytes(get(now, "memory", "rss_bytes"))}`;
     this.drawSpark();
