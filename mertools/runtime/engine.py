@@ -241,7 +241,7 @@ class Engine:
                 raise RuntimeConfigError(f"cache_mb {cache_mb:g} is more than this process can grow its cache to "
                                          f"({cache.capacity * slot / 2**20:.0f} MiB, the machine's memory); restart")
         self.store.discard(cache.resize(slots))
-        self.store.n_slots = slots
+        self.store.use_slots(slots)
         return slots
 
     def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:

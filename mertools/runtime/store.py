@@ -118,9 +118,20 @@ class ExpertStore:
         for slot in slots:
             if self.arena is not None:
                 self.arena.madvise(mmap.MADV_DONTNEED, slot * self.slot_bytes, self.slot_bytes)
+                if hasattr(mmap, "MADV_NOHUGEPAGE"):  # else khugepaged may refill a 2 MiB page shared with a slot in use
+                    self.arena.madvise(mmap.MADV_NOHUGEPAGE, slot * self.slot_bytes, self.slot_bytes)
             else:
                 self.buffers[slot] = np.empty(0, np.uint8)  # the last view of the mapping: unmapped with it
                 self.slot_addr[slot] = 0
+
+    def use_slots(self, n_slots: int) -> None:
+        """The cache uses slots 0..n_slots-1 from now on (ExpertCache.resize): slots taken back after a `discard` ask
+        for huge pages again."""
+        if not 1 <= n_slots <= self.capacity:
+            raise ValueError(f"the store holds 1 to {self.capacity} slots, not {n_slots}")
+        if self.arena is not None and n_slots > self.n_slots and hasattr(mmap, "MADV_HUGEPAGE"):
+            self.arena.madvise(mmap.MADV_HUGEPAGE, self.n_slots * self.slot_bytes, (n_slots - self.n_slots) * self.slot_bytes)
+        self.n_slots = n_slots
 
     # ------------------------------------------------------------------ files
     def _open(self, rel: str) -> int:
