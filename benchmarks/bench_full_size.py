@@ -117,9 +117,16 @@ def proc_read_bytes() -> int:
     return 0
 
 
-def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int, approx: str = "{}") -> None:
-    """`approx`: JSON of Approx's keyword arguments (bench_full_size_modes.py), {} for the exact engine."""
-    from benchmarks.routing import RoutingRecorder, routing_stats
+def kernels_text(a: argparse.Namespace) -> str:
+    return ("the 8-bit-activation kernels (`mertools run`'s default)" if a.kernels == "int8"
+            else "the exact float kernels (`--kernels exact`)")
+
+
+def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int, kernels: str,
+                   approx: str = "{}") -> None:
+    """`kernels`: Engine.open's ("int8" is `mertools run`'s default); `approx`: JSON of Approx's keyword arguments
+    (bench_full_size_modes.py), {} for the exact engine."""
+    from benchmarks.routing import RoutingRecorder, belady, routing_stats
     from mertools.layout import Layout
     from mertools.runtime.approx import Approx
     from mertools.runtime.engine import Engine
@@ -128,7 +135,8 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     cfg = Layout.open(layout).manifest.config
     rec = RoutingRecorder(cfg.n_layers)
     t0 = time.perf_counter()
-    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**json.loads(approx)))
+    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**json.loads(approx)),
+                      kernels=kernels)
     open_s = time.perf_counter() - t0
 
     def step(tokens: list[int]) -> None:
@@ -148,6 +156,9 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
              decode_bytes=d[0], decode_misses=d[1], decode_hits=d[2], decode_lookups=d[3], decode_prefetch_issued=d[4],
              decode_prefetch_used=d[5], decode_io_bytes=d[6], slot_bytes=eng.store.slot_bytes,
              routing=routing_stats(rec.trace()[n_prompt:], cfg.n_experts))
+    if json.loads(approx) == {}:  # what no cache policy can beat on this stream with these slots (the report's ceiling)
+        s.update(slots=eng.cache.n_slots, belady_decode_hit=belady(rec.trace(), eng.cache.n_slots, count_from=n_prompt),
+                 choices_per_token=cfg.n_layers * cfg.n_experts_used)
     eng.close()
     print(json.dumps(s))
 
@@ -201,7 +212,8 @@ def run_caps(s: Shape, built: dict, caps: list[tuple[str, int]], a: argparse.Nam
         cgroup_reset()
         t0 = time.perf_counter()
         m = common.run_child(__file__, ["--child-mertools", str(built["layout"]), f"{cache_mb:.1f}", str(ids_path),
-                                        str(a.threads), str(a.prompt_tokens)], cgroup_bytes=cap, timeout=a.run_timeout)
+                                        str(a.threads), str(a.prompt_tokens), a.kernels], cgroup_bytes=cap,
+                             timeout=a.run_timeout)
         m.update(wall_s=time.perf_counter() - t0, cgroup_peak=cgroup_peak(), cache_mb_asked=cache_mb, quiet=quiet)
         print(f"[{s.name}]   mertools: {_brief(m)}", file=sys.stderr, flush=True)
         quiet = common.wait_quiet(a.wait_quiet)
@@ -224,6 +236,25 @@ def _brief(r: dict) -> str:
         return f"error: {r['error']}"
     return (f"{r['decode_tok_s']:.3f} tok/s, {_read_per_token(r) / GB:.2f} GB read/token, "
             f"peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB, {r['wall_s']:.0f} s in all")
+
+
+def ceilings(runs: list[dict]) -> list[str]:
+    """Per cap, what Belady's optimal cache would allow on the same stream: its reads a token at the rate this run's
+    reads went (bytes / decode seconds), beside llama.cpp. A bound for exact mode: only reading fewer bytes beats it."""
+    out = []
+    for run in runs:
+        m, ll = run["mertools"], run["llama"]
+        if "belady_decode_hit" not in m or "error" in m:
+            continue
+        reads = (1 - m["belady_decode_hit"]) * m["choices_per_token"]
+        need = reads * m["slot_bytes"]  # bytes a token at Belady's hit rate
+        rate = m["decode_bytes"] / m["decode_s"]
+        top = rate / need if need else float("inf")
+        vs = f" = {top / ll['decode_tok_s']:.1f}x llama.cpp" if "error" not in ll else ""
+        out.append(f"Ceiling at {run['cap_label']}: Belady's optimal hit rate on this stream with the cache's {m['slots']} "
+                   f"slots is {m['belady_decode_hit']:.0%} ({reads:.1f} expert reads, {need / GB:.2f} GB a token); at "
+                   f"the {rate / GB:.2f} GB/s this run's reads went, exact mode could reach {top:.3f} tok/s{vs}.")
+    return out
 
 
 def _read_per_token(r: dict) -> float:
@@ -405,7 +436,8 @@ def report(done: list[dict], a: argparse.Namespace, mem_total: int, command: str
            "process in a memory cgroup (v1) limited to the cap, with the page cache dropped before it. Both tools "
            f"decode the same forced stream: a prompt of {a.prompt_tokens} tokens, then {a.tokens} tokens one at a time "
            f"(llama.cpp: the first {n_llama}), {a.threads} threads each. mertools: `--cache-mb` = min(cap, MemAvailable) "
-           f"- dense bytes - {a.margin_mb} MiB, prefetch lookahead. llama.cpp (llama-cpp-python): use_mmap on, weight "
+           f"- dense bytes - {a.margin_mb} MiB, prefetch lookahead, {kernels_text(a)}. "
+           "llama.cpp (llama-cpp-python): use_mmap on, weight "
            "repacking off (use_extra_bufts=False), so its weights are the file's pages in the page cache, which the "
            "cgroup limits; it maps the file with MAP_POPULATE, so loading reads the whole file.", ""]
     ok = True
@@ -452,7 +484,7 @@ def report(done: list[dict], a: argparse.Namespace, mem_total: int, command: str
                           f"{ll['load_s'] + ll['prefill_s']:.0f}",
                           f"{m['decode_tok_s'] / ll['decode_tok_s']:.1f}x" if "error" not in m else "-"]
             out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["", *ceilings(d["runs"]), ""]
     out += ["![tok/s and GB read per token against the memory cap, mertools beside llama.cpp](img/bench-full-size.png)",
             ""]  # drawn by benchmarks/charts.py from the tables above
     out += [f"GB read/token: decode steps only; mertools' from its expert store (O_DIRECT), llama.cpp's from "
@@ -484,6 +516,7 @@ def main() -> None:
                     help="left under the cap for Python, numba, the KV cache and activations (the engine's own margin)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernels", choices=("int8", "exact"), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
     ap.add_argument("--workdir", default="/tmp/mertools-full")
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python", help="a Python with llama-cpp-python")
     ap.add_argument("--keep", action="store_true", help="keep each shape's GGUF and layout (disk: both shapes at once)")
@@ -498,8 +531,8 @@ def main() -> None:
     ap.add_argument("--child-calibrate", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_mertools:
-        lay, mb, ids, threads, n_prompt, *approx = a.child_mertools
-        return child_mertools(lay, float(mb), ids, int(threads), int(n_prompt), *approx)
+        lay, mb, ids, threads, n_prompt, kernels, *approx = a.child_mertools
+        return child_mertools(lay, float(mb), ids, int(threads), int(n_prompt), kernels, *approx)
     if a.child_llama:
         g, ids, threads, n_prompt, n_dec = a.child_llama
         return child_llama(g, ids, int(threads), int(n_prompt), int(n_dec))

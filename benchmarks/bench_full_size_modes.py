@@ -41,19 +41,30 @@ MODES: list[tuple[str, dict]] = [
 ]
 
 
+def chosen(names: str | None) -> list[tuple[str, dict]]:
+    """The MODES rows named (comma-separated labels, e.g. "stand-ins σ=1"), or all of them."""
+    if not names:
+        return MODES
+    want = [n.strip() for n in names.split(",")]
+    known = {label: kw for label, kw in MODES}
+    if unknown := [n for n in want if n not in known]:
+        raise SystemExit(f"bench_full_size_modes: unknown mode(s) {unknown}; known: {', '.join(known)}")
+    return [(n, known[n]) for n in want]
+
+
 def run_modes(built: dict, caps: list[tuple[str, int]], a: argparse.Namespace, ids_path: Path) -> dict[str, list[dict]]:
     """mertools with each mode at each cap: {cap label: [result per mode]}."""
     out: dict[str, list[dict]] = {}
     dense = built["sizes"]["dense_layout"]
     for label, cap in caps:
         out[label] = []
-        for name, kw in MODES:
+        for name, kw in chosen(a.modes):
             quiet = common.wait_quiet(a.wait_quiet)
             common.drop_caches()
             cache_mb = (min(cap, fs.meminfo("MemAvailable")) - dense - a.margin_mb * fs.MIB) / fs.MIB
             fs.cgroup_reset()
             t0 = time.perf_counter()
-            args = [str(built["layout"]), f"{cache_mb:.1f}", str(ids_path), str(a.threads), str(a.prompt_tokens)]
+            args = [str(built["layout"]), f"{cache_mb:.1f}", str(ids_path), str(a.threads), str(a.prompt_tokens), a.kernels]
             r = common.run_child(fs.__file__, ["--child-mertools", *args, json.dumps(kw)], cgroup_bytes=cap,
                                  timeout=a.run_timeout)
             r.update(wall_s=time.perf_counter() - t0, cgroup_peak=fs.cgroup_peak(), quiet=quiet, mode=name)
@@ -71,7 +82,8 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
              "routers recalibrated for diverse routing), each run a fresh process in a memory cgroup limited to the cap, "
              f"page cache dropped first, the same forced stream ({a.prompt_tokens}-token prompt, then {a.tokens} tokens "
              f"one by one, {a.threads} threads). mertools' `--cache-mb` = min(cap, MemAvailable) - dense bytes - "
-             f"{a.margin_mb} MiB, lookahead prefetch, the stand-ins' cache taken from that budget. Stand-ins: "
+             f"{a.margin_mb} MiB, lookahead prefetch, {fs.kernels_text(a)}, the stand-ins' cache taken from "
+             "that budget. Stand-ins: "
              f"{standins['dtype']}, {standins['bytes'] / 1e9:.1f} GB ({standins['ratio']:.0%} of the experts' bytes), "
              f"written by `mertools standins` in {standins['seconds'] / 60:.0f} min. Fidelity of each setting on the "
              "trained fixture: the \"modes\" section (its top-1 and KL columns).", "",
@@ -100,6 +112,7 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
                                                     f" ({'yes' if within else 'NO'})")]) + " |")
     busy = sum(1 for run in runs for t in ("mertools", "llama") if not run[t].get("quiet", True))
     busy += sum(1 for rs in modes.values() for r in rs if not r.get("quiet", True))
+    lines += ["", *fs.ceilings(runs)]  # exact mode's bound, which only the modes' fewer bytes can pass
     lines += ["", "![tok/s per setting at each memory cap, llama.cpp and mertools exact included]"
               "(img/bench-full-size-modes.png)"]  # drawn by benchmarks/charts.py from this table
     lines += ["", "GB read/token: decode steps only (mertools: both tiers' reads, stand-ins included; llama.cpp: "
@@ -119,6 +132,8 @@ def main() -> None:
     ap.add_argument("--margin-mb", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", help="comma-separated settings to run (default: every one of MODES)")
+    ap.add_argument("--kernels", choices=("int8", "exact"), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
     ap.add_argument("--standins", default="q2_k", help="the stand-ins' type")
     ap.add_argument("--workdir", default="/tmp/mertools-full")
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python")

@@ -87,10 +87,11 @@ def _drive(cache: ExpertCache, trace: Trace) -> float:
     return cache.stats.hit_rate
 
 
-def belady(trace: Trace, slots: int) -> float:
+def belady(trace: Trace, slots: int, count_from: int = 0) -> float:
     """Optimal hit rate: on a miss with a full cache, evict the resident expert used farthest ahead
-    (never one needed by the current step)."""
+    (never one needed by the current step). Lookups of tokens before `count_from` warm the cache uncounted."""
     steps = [[(la, e) for e in experts] for token in trace for la, experts in enumerate(token)]
+    first = sum(len(token) for token in trace[:count_from])  # steps are (token, layer) pairs
     uses: dict[tuple[int, int], list[int]] = {}
     for i, step in enumerate(steps):
         for key in step:
@@ -98,13 +99,13 @@ def belady(trace: Trace, slots: int) -> float:
     ptr = dict.fromkeys(uses, 0)
     resident: set[tuple[int, int]] = set()
     hits = lookups = 0
-    for step in steps:
+    for i, step in enumerate(steps):
         for key in step:
             ptr[key] += 1  # uses[key][ptr[key]] is now this key's next use after this step
         for key in step:
-            lookups += 1
+            lookups += i >= first
             if key in resident:
-                hits += 1
+                hits += i >= first
                 continue
             if len(resident) >= slots:
                 def next_use(k: tuple[int, int]) -> int:
