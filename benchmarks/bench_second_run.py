@@ -32,12 +32,15 @@ def _read_bytes() -> int:
     return 0
 
 
-def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: int) -> None:
+KERNELS = {"int8": "the 8-bit-activation kernels (`mertools run`'s default)", "exact": "the exact float kernels"}
+
+
+def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: int, kernels: str) -> None:
     ids = common.random_ids(n_prompt + n_tokens, seed=11)
     if tool == "mertools":
         from mertools.runtime.engine import Engine
 
-        eng = Engine.open(path, threads=threads, io=io, context=len(ids))
+        eng = Engine.open(path, threads=threads, io=io, context=len(ids), kernels=kernels)
         step = eng.forward
     else:
         llm = common.open_llama(path, threads, repack=False, n_ctx=len(ids) + 8, use_mmap=True)
@@ -48,6 +51,7 @@ def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: 
            "decode_tok_s": n_tokens / decode_s, "read_gb": _read_bytes() / 1e9}
     if tool == "mertools":
         out["o_direct"] = eng.store.o_direct
+        out["io"] = "mmap" if eng.store.mapped else "buffered" if eng.store.keep_pages else "direct"  # what auto chose
         eng.close()
     print(json.dumps(out))
 
@@ -60,11 +64,12 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--kernels", choices=sorted(KERNELS), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--child", nargs=3, metavar=("TOOL", "PATH", "IO"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], a.child[2], a.prompt_tokens, a.tokens, a.threads)
+        child(a.child[0], a.child[1], a.child[2], a.prompt_tokens, a.tokens, a.threads, a.kernels)
         return 0
     if not (a.gguf and a.layout and a.llama_python):
         p.error("--gguf, --layout and --llama-python are required")
@@ -77,7 +82,8 @@ def main() -> int:
         for _ in range(2):
             common.wait_quiet(30)
             runs.append(common.run_child(__file__, ["--child", tool, path, io, "--prompt-tokens", str(a.prompt_tokens),
-                                                    "--tokens", str(a.tokens), "--threads", str(a.threads)],
+                                                    "--tokens", str(a.tokens), "--threads", str(a.threads),
+                                                    "--kernels", a.kernels],
                                          python=python))
         rows.append((label, runs))
         print(label, runs, flush=True)
@@ -85,19 +91,22 @@ def main() -> int:
              "|---|---|---|"]
     for label, runs in rows:
         cells = [f"{r['total_s']:.1f} s ({r['ready_s']:.2f} + {r['prefill_s']:.2f}), {r['decode_tok_s']:.2f} tok/s, "
-                 f"{r['read_gb']:.2f} GB" if "error" not in r
+                 f"{r['read_gb']:.2f} GB" + (f", {r['io']}" if "io" in r else "") if "error" not in r
                  else f"error: {r['error']}" for r in runs]
         table.append(f"| {label} | {cells[0]} | {cells[1]} |")
     second = {label: runs[1].get("total_s") for label, runs in rows}
     ratio = (second["llama.cpp (mmap)"] / second["mertools --io auto"]) if all(second.values()) else float("nan")
     body = (f"{common.machine_description()}\n\nCommand: `python benchmarks/bench_second_run.py --gguf {a.gguf} --layout "
             f"{a.layout} --llama-python {a.llama_python}` ({a.prompt_tokens}-token prompt, {a.tokens} decoded, "
-            f"{a.threads} threads).\n\n" + "\n".join(table) +
+            f"{a.threads} threads; mertools with {KERNELS[a.kernels]}, the io mode `auto` chose after each run's figures)."
+            "\n\n" + "\n".join(table) +
             f"\n\nSecond run, whole process: llama.cpp's seconds / mertools --io auto's = {ratio:.2f} (above 1: mertools "
             "finishes first). `--io auto` (the CLI's default) maps the expert files when the layout fits in memory "
             "beside the process: nothing is copied into an arena, and the second run finds the pages where the first "
-            "left them; a layout that does not fit is read with O_DIRECT, which never uses the page cache (on this "
-            "VM the host caches re-read data, so O_DIRECT re-reads are fast too).")
+            "left them; with the 8-bit kernels, which pack Q4_0 experts after their read, it reads them buffered (packed, "
+            "pages left behind) until the page cache holds them, then maps them (those experts then on the exact kernels). "
+            "A layout that does not fit is read with O_DIRECT, which never uses the page cache (on this VM the host "
+            "caches re-read data, so O_DIRECT re-reads are fast too).")
     common.publish("second_run", "A second run right after a first", body, write=not a.no_doc)
     return 0
 

@@ -133,3 +133,58 @@ def test_buffered_reads_keep_their_pages(layout: Path, direct: np.ndarray, monke
 def test_unknown_io_mode_is_refused(layout: Path) -> None:
     with pytest.raises(RuntimeConfigError, match="io must be one of direct, buffered, mmap, auto"):
         Engine.open(layout, io="mapped")
+
+
+def _evict(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the page cache (not on tmpfs)
+        finally:
+            os.close(fd)
+
+
+def test_auto_with_packing_kernels_reads_buffered_then_maps_what_the_page_cache_holds(layout: Path) -> None:
+    """The 8-bit kernels pack q4_0 slots after their read, which a mapping cannot take: `auto` reads the files
+    buffered while they are not in the page cache (keeping their pages), and maps them once they are (a second run)."""
+    from mertools.runtime.engine import WARM
+    from mertools.runtime.memory import cached_shares
+
+    def cached_share(files: list[Path]) -> float:
+        shares = cached_shares(files)
+        return sum(size * share for size, share in shares) / sum(size for size, _ in shares)
+
+    files = [layout / e.file for e in Layout.open(layout).manifest.experts]
+    ids = list(range(1, 12))
+    _evict(files)
+    cold = cached_share(files)  # ~0 on a disk; tmpfs keeps every page
+    with Engine.open(layout, kernels="int8", io="auto") as eng:
+        assert eng.store.mapped == (cold >= WARM)
+        if not eng.store.mapped:
+            assert eng.store.prepare is not None and not eng.store.want_direct and eng.store.keep_pages
+        first = eng.forward(ids)
+    assert any(share >= WARM for _, share in cached_shares(files))  # the files it read, whole, for the next process
+    with Engine.open(layout, kernels="int8", io="auto") as eng:  # a second run: mapped, the experts on exact kernels
+        assert eng.store.mapped and eng.store.prepare is None
+        second = eng.forward(ids)
+    assert (first.argmax(-1) == second.argmax(-1)).mean() >= 0.9
+    with Engine.open(layout, kernels="int8", io="auto", long_lived=True) as eng:  # a server packs whatever is cached
+        assert not eng.store.mapped and eng.store.prepare is not None and eng.store.keep_pages
+        served = eng.forward(ids)
+    with Engine.open(layout, kernels="int8", io="direct") as eng:  # read and packed, as the server's
+        np.testing.assert_array_equal(eng.forward(ids), served)
+    _evict(files)
+    for f in files:  # stray pages (a file's first page, no readahead) are not an earlier run's reads
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+    shares = cached_shares(files)
+    assert all(share < WARM for _, share in shares) or min(share for _, share in shares) >= WARM  # (tmpfs: all pages)
+    if all(share < WARM for _, share in shares):
+        with Engine.open(layout, kernels="int8", io="auto") as eng:
+            assert not eng.store.mapped and eng.store.prepare is not None
+    with Engine.open(layout, kernels="exact", io="auto") as eng:  # nothing to pack: mapped, cached or not
+        assert eng.store.mapped

@@ -21,7 +21,7 @@ from .cache import CacheStats, ExpertCache
 from .generation import GeneratedToken, checked
 from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
-from .memory import available_bytes, peak_rss_bytes, total_bytes
+from .memory import available_bytes, cached_shares, peak_rss_bytes, total_bytes
 from .model import KVCache, MoEModel
 from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
@@ -41,6 +41,27 @@ CACHE_COUNTS = ("lookups", "hits", "misses", "loads", "evictions", "prefetch_iss
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = ("direct", "buffered", "mmap", "auto")  # --io: Engine.open's `io`
 KERNEL_MODES = ("exact", "int8")  # --kernels: Engine.open's `kernels`
+
+
+WARM = 0.9  # a file this much in the page cache was read whole by an earlier process
+
+
+def auto_io(layout: Layout, fits: bool, packs: bool, always_pack: bool = False) -> str:
+    """Engine.open's io "auto". A budget below the experts, or a layout that does not fit in memory, asks for a
+    bound the page cache would not keep: direct. Otherwise map the files (nothing copied, the page cache shared with
+    the next process), unless the 8-bit kernels would pack the slots after their read and the files are not in the
+    page cache yet: then read them buffered, so that the next process finds them there and maps them (a one-shot run
+    gains more from not reading than from packed kernels). "There": whole expert files in the page cache, most of
+    what is (an earlier run read the experts it used; stray pages do not count). `always_pack`: buffered even then."""
+    if not fits:
+        return "direct"
+    if not packs:
+        return "mmap"
+    if always_pack:
+        return "buffered"
+    shares = cached_shares([layout.path(e.file) for e in layout.manifest.experts])
+    whole = sum(size for size, share in shares if share >= WARM)
+    return "mmap" if whole and whole >= WARM * sum(size * share for size, share in shares) else "buffered"
 
 
 class Engine:
@@ -64,7 +85,7 @@ class Engine:
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
              reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
              compiled_step: bool = True, shards: int | None = None, plan: str | Path | Plan | None = None,
-             ray_address: str | None = None) -> Engine:
+             ray_address: str | None = None, long_lived: bool = False) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -72,16 +93,19 @@ class Engine:
         needed); without `cache_mb`, the expert cache gets what is left after the dense weights, that KV
         cache, a margin and `reserve_bytes` (a draft model's, `draft_footprint`). `io`: "direct" (O_DIRECT reads
         into the cache's arena), "buffered" (reads that keep their pages for the next process), "mmap" (slots
-        map the expert files: nothing copied, the page cache shared with other processes) or "auto": mmap when
+        map the expert files: nothing copied, the page cache shared with other processes) or "auto" (`auto_io`): mmap when
         the cache holds every expert and the whole layout fits in memory beside the KV cache and a margin
-        (`fits_beside`), else direct (a budget below the experts is a bound the page cache would not keep).
+        (`fits_beside`), else direct (a budget below the experts is a bound the page cache would not keep); with the
+        8-bit kernels, whose packing a mapping cannot take, buffered until the files are in the page cache, and always
+        for a `long_lived` process (a server: the read costs once, the packed kernels gain at every token).
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
         by the cache policy from the first token; this run's routing is added to it when the engine closes.
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
         to 8 bits as ggml's q8_0 or q8_K, integer dot products: kernels/int8.py, kernels/act8.py). Q4_0 / Q8_0 /
         MXFP4 weights are then packed once, dense ones at open and expert slots as they load when the cache holds
-        every expert (so "auto" io reads such experts into the cache's own memory; "mmap", or a cache smaller than the
-        experts, leaves them on the exact kernels); the K types are read as they are. With "int8", the decode steps
+        every expert and reads them (so "auto" io's first run reads such experts into the cache's own memory, and a run
+        that finds the files in the page cache maps them; "mmap", or a cache smaller than the experts, leaves them on
+        the exact kernels); the K types are read as they are. With "int8", the decode steps
         of a model held in RAM (a cache with room for every expert) run in one compiled call per sequence where the
         model's pieces allow (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by
         piece (tests and benchmarks compare the two). Opening an engine limits numpy's BLAS to one thread in this
@@ -147,8 +171,8 @@ class Engine:
                 )
         # the 8-bit kernels pack some types' slots in place after their read, which a mapping of the file cannot take
         packs = kernels == "int8" and any(int8.repacks(t.dtype) for e in m.experts for t in e.tensors.values())
-        if io == "auto":  # mapped slots cost no memory of their own, but a budget below the experts asks for a bound
-            io = "mmap" if slots == len(m.experts) and fits_beside(m, 0, kv_bytes) and not packs else "direct"
+        if io == "auto":
+            io = auto_io(layout, slots == len(m.experts) and fits_beside(m, 0, kv_bytes), packs, always_pack=long_lived)
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
         # experts of a packed type are packed after their read only when the cache holds every expert: streaming, each
         # load's packing took the kernels' cores and the run was slower than on the exact kernels (docs/BENCHMARKS.md,
