@@ -25,7 +25,7 @@ from mertools.verify.numerics import KERNELS_KL_LIMIT, check_kernels
 
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
 ROOT = Path(__file__).resolve().parent.parent
-INT8 = ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k")
+INT8 = ("q4_0", "q8_0", "mxfp4", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 PACKED = ("q4_0", "q8_0", "mxfp4")  # packed, on q8_0 activations
 REPACKED = (*PACKED, "q4_k", "q6_k")  # every type `prepare` packs (whole groups of 16 rows)
 
@@ -205,7 +205,8 @@ def test_packing_in_place_and_each_row_alone(dtype: str) -> None:
             wt.row_block(8, 16)
 
 
-@pytest.mark.parametrize(("dtype", "rows"), [("q4_k", 36), ("q5_k", 36), ("q6_k", 36), ("q4_k", 48), ("q6_k", 48)])
+@pytest.mark.parametrize(("dtype", "rows"), [("q2_k", 36), ("q3_k", 36), ("q4_k", 36), ("q5_k", 36), ("q6_k", 36),
+                                             ("q4_k", 48), ("q6_k", 48)])
 def test_a_prompt_of_a_k_type_is_its_rows_decoded_one_by_one(dtype: str, rows: int) -> None:
     """From K_ROWS_MIN rows the K types run `_k_rows` (a weight row's codes decoded once for 8 activation rows), or
     packed (whole groups of 16 rows) `_kp_rows` (a group's codes decoded once for 4): every row the bits of that row
@@ -260,7 +261,7 @@ def test_what_the_kernels_do_not_take_stays_exact() -> None:
     assert int8.takes("q4_k", 6, 256) and not int8.packable("q4_k", 8, 256)  # read from the file's blocks
     assert int8.packable("q4_k", 16, 256) and int8.packable("q6_k", 16, 256)  # whole groups: packed
     assert not int8.packable("q5_k", 16, 256)  # read as it is
-    assert not int8.takes("q3_k", 8, 256) and not int8.takes("q4_0", 8, 64)
+    assert not int8.takes("iq4_xs", 8, 256) and not int8.takes("q4_0", 8, 64)
     w = _weights("q4_0", 8, 64, 0)
     assert not weight(w.copy(), "q4_0", 8, 64, int8=True).int8  # 8 rows: not whole groups of 16
     with pytest.raises(QuantizationError, match="not packed for the 8-bit kernels"):
@@ -274,7 +275,7 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
         "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
         "assert not simd8.VNNI\n"
-        "for dt in ('q4_0', 'q8_0', 'mxfp4', 'q4_k', 'q5_k', 'q6_k'):\n"
+        "for dt in ('q4_0', 'q8_0', 'mxfp4', 'q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k'):\n"
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
         "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
         "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
@@ -322,7 +323,7 @@ def test_engine_packs_dense_weights_and_experts(trained: Path) -> None:
     assert not np.array_equal(out[1], out[None])  # the streaming run's experts are exact, its dense matrices not
 
 
-@pytest.mark.parametrize("dtype", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("dtype", ["q4_0", "q2_k", "q4_k"])
 def test_resident_experts_run_together_with_the_same_bits(trained: Path, tmp_path: Path, dtype: str) -> None:
     """A decode step whose experts are all resident runs them in one call (experts8): the logits are those of computing
     each expert apart, as a step does whose experts are still loading (a fresh engine without prefetch: a step that
@@ -349,7 +350,7 @@ def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_pa
     with pytest.raises(RuntimeConfigError, match="kernels must be one of"):
         Engine.open(trained, kernels="fast")
     ids = list(range(1, 20))
-    with Engine.open(trained, kernels="int8", io="auto") as eng:  # q4_0 experts are packed: read, not mapped
+    with Engine.open(trained, kernels="int8", io="auto", long_lived=True) as eng:  # a server packs q4_0: read, not mapped
         assert not eng.store.mapped and eng.store.prepare is not None
         want = eng.forward(ids)
     with Engine.open(trained, kernels="int8", io="mmap") as eng:  # mapped: the q4_0 experts stay exact
@@ -361,7 +362,7 @@ def test_packed_experts_are_read_into_the_cache_not_mapped(trained: Path, tmp_pa
             assert eng.store.mapped and all(all(f) for f in eng.model.moe.full.int8.values())
             assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {KIND[dtype]}
             mapped = eng.forward(ids)
-        with Engine.open(lay, kernels="int8", io="auto") as eng:  # packed K types: read, packed, the same bits
+        with Engine.open(lay, kernels="int8", io="auto", long_lived=True) as eng:  # packed K types: the same bits
             assert not eng.store.mapped and eng.store.prepare is not None
             assert {int(k) for g in eng.model.moe.full.geometry.values() for k in g[:, 1]} == {KIND[dtype] + act8.PACKED_K}
             assert np.array_equal(_bits(eng.forward(ids)), _bits(mapped))

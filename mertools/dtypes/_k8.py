@@ -25,7 +25,8 @@ product needed its own (1.4-2x slower, `/tmp` micro-benchmark; docs/BENCHMARKS.m
 Each `*_int8_reference` is its kernel in numpy, bit for bit (tests/test_int8.py): integer sums, float32 products
 in the kernel's order. Q4_K and Q6_K are also packed by 16 rows where a weight is prepared (`_k8packed.py`), with
 these kernels' bits.
-numba's cache is keyed on each kernel's own file: after editing this one, touch kernels/int8.py.
+numba's cache is keyed on each kernel's own file's contents: after editing this one, delete kernels/__pycache__/int8.*
+(and experts8's, step's).
 """
 
 from __future__ import annotations
@@ -122,7 +123,6 @@ def q6_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.n
     T = the sum over its 16 groups of scale * ((code - 32) . x), then T * (d * dk) summed in block order in float32."""
     rows = w2.shape[0]
     b = np.asarray(w2, np.uint8).reshape(rows, -1, Q6_K_BYTES)
-    nb = b.shape[1]
     d = _half(b, 208)[..., 0]
     sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.int64)  # (rows, nb, 16)
     codes = []  # weight order: per half, its low nibbles (pairs at shifts 0, 2) then its high ones (4, 6)
@@ -132,6 +132,14 @@ def q6_k_int8_reference(kq: np.ndarray, kd: np.ndarray, ks: np.ndarray, w2: np.n
         for nib, shifts in ((ql & 15, [0] * 32 + [2] * 32), (ql >> 4, [4] * 32 + [6] * 32)):
             codes.append(nib | (((qh >> np.array(shifts)) & 3) << 4))
     q = np.concatenate(codes, axis=-1) - 32  # (rows, nb, 256)
+    return group_scaled_sums(q, sc, d, kq, kd)
+
+
+def group_scaled_sums(q: np.ndarray, sc: np.ndarray, d: np.ndarray, kq: np.ndarray, kd: np.ndarray) -> np.ndarray:
+    """The twins' common end for types with one signed scale per 16 weights and no mins (Q6_K, Q3_K): q int64 (rows,
+    nb, 256) signed codes, sc int64 (rows, nb, 16), d float32 (rows, nb) -> float32 (n, rows): per row and super-block
+    the integer T = sum_k sc_k * (q . x)_k, then T * (d * dk) added to one float32 sum in block order."""
+    rows, nb = q.shape[0], q.shape[1]
     out = np.empty((kq.shape[0], rows), np.float32)
     for i in range(kq.shape[0]):
         t = ((q * kq[i].reshape(nb, 256)).reshape(rows, nb, 16, 16).sum(-1) * sc).sum(-1)  # exact: within int32

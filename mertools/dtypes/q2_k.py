@@ -13,6 +13,9 @@ fma(k, d*sc, -dmin*m) of group s, indexed by code | 4s with vpermps (`vlut16`): 
 reference rounds (d*sc)*q and then the difference, as the 4-bit K-quant's table (the same single-fma liberty).
 The prefill tile computes (d*sc)*q - dmin*m in vectors: d*sc has at most 15 significant bits and q 2,
 so the product is exact and a fused multiply-add there (the tile's fastmath) changes nothing.
+
+The 8-bit-activation kernels (kernels/int8.py) read these blocks as they are, with ggml's integer sums per
+super-block: dtypes/_k8low.py (`int8_reference`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from ._blocks256 import (
     nearest_int_reference,
     pack_2bit,
 )
+from ._k8low import q2_k_int8_reference
 from .base import DType, Thresholds, f16_bytes, f16_from_bytes
 
 BYTES = 84
@@ -319,4 +323,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.3, top1=0.78, ppl_ratio=1.56),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
+    int8_reference=q2_k_int8_reference,
 )

@@ -14,6 +14,9 @@ truncated to int8 first), d = f16(1/iscale), then every weight requantized with 
 Decode (matvec): 8-entry tables (d*sc) * (k - 4) (one multiply, as the reference), two groups that
 share their 16 bytes of codes in one 16-lane table, indexed by code | 8(group) with vpermps (`vlut16`):
 the weights are exactly `dequantize`'s.
+
+The 8-bit-activation kernels (kernels/int8.py) read these blocks as they are, with ggml's integer sums per
+super-block: dtypes/_k8low.py (`int8_reference`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from ._blocks256 import (
     signed_absmax,
     signed_absmax_reference,
 )
+from ._k8low import q3_k_int8_reference
 from .base import DType, Thresholds, f16_bytes, f16_from_bytes
 
 BYTES = 110
@@ -459,4 +463,5 @@ TYPE = DType(
     verify=Thresholds(kl_mean=0.2, top1=0.73, ppl_ratio=1.326),
     quantize=quantize, dequantize=dequantize,
     quantize_reference=quantize_reference, dequantize_reference=dequantize_reference,
+    int8_reference=q3_k_int8_reference,
 )

@@ -5,7 +5,8 @@ type's ggml type number, `mertools.dtypes.KIND`) and the branch below picks the 
 decoder, once per tile row (prefill) or per group of rows (decode). numba needs the chain of
 branches written out inside jitted code: a new type adds one branch to each function.
 
-numba's on-disk cache is keyed on this file only: after editing a type module, touch this file
+numba's on-disk cache is keyed on this file's contents only (numba 0.68 hashes the source; a touch changes
+nothing): after editing a type module, change this file
 (or delete __pycache__/dispatch.*.nbi) so that the kernels calling it are recompiled.
 """
 

@@ -19,8 +19,8 @@ decode_f16_16 and copy_f32_16. They compute exactly what `dequantize` does (no f
 
 Every intrinsic indexes raw data pointers without bounds checks: callers compute offsets from
 validated shapes, and the tests compare every path with the reference. numba's on-disk cache
-(cache=True) is keyed on each kernel's own source file, not on this one: after editing this file,
-touch the modules that use it (or delete their __pycache__/*.nbi) so that they are recompiled.
+(cache=True) is keyed on the contents of each kernel's own source file, not on this one: after editing
+this file, delete the __pycache__/*.nbi of the modules that use it (a touch does not do) so they recompile.
 Everything here is exact (no approximations): conversions are exact, and only `vfma`, `vadd` and
 `vhsum` round, as IEEE operations in a fixed order.
 """

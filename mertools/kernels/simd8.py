@@ -21,8 +21,8 @@ q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4
 
 `dpbusd` is one vpdpbusd with AVX-512 VNNI; elsewhere the same sums come from widening multiplies
 (integers: every path gives the same values). As in `simd`, no bounds checks: callers compute offsets
-from validated shapes, and the tests hold every kernel to its numpy twin. After editing this file,
-touch the modules that use it (numba's cache is keyed on each kernel's own file).
+from validated shapes, and the tests hold every kernel to its numpy twin. After editing this file, delete the
+__pycache__/*.nbi of the modules that use it (numba's cache is keyed on each kernel's own file's contents).
 """
 
 from __future__ import annotations

@@ -27,14 +27,15 @@ io_option = click.option(
     "--io", "io_mode", type=click.Choice(["auto", "direct", "mmap", "buffered"]), default="auto", show_default=True,
     help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache shared with "
          "the next run); buffered: reads that keep their pages; auto: mmap when the whole layout fits in memory and "
-         "--cache-mb (if given) holds every expert, else O_DIRECT.")
+         "--cache-mb (if given) holds every expert (with int8 kernels that pack the experts: buffered until the files "
+         "are in the page cache), else O_DIRECT.")
 
 
 # `--kernels` of `mertools run` and `serve`: Engine.open's `kernels`
 kernels_option = click.option(
     "--kernels", type=click.Choice(["int8", "exact"]), default="int8", show_default=True,
     help="int8: activations quantized to 8 bits per block of 32 and integer dot products, as llama.cpp computes "
-         "(Q4_0, Q8_0, Q4_K, Q5_K, Q6_K weights; other types run exact), mean KL vs exact below 1e-3 on the trained "
+         "(Q4_0, Q8_0, MXFP4, Q2_K-Q6_K weights; other types run exact), mean KL vs exact below 1e-3 on the trained "
          "fixture (`mertools verify --kernels int8` measures a layout's); exact: float kernels, bit-exact with ggml's "
          "weights.")
 
