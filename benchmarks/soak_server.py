@@ -156,18 +156,21 @@ def soak(layout: Path, clients: int = 16, seconds: float = 20.0, seed: int = 0, 
 
         def client(n: int) -> None:
             rng = random.Random(seed * 1000 + n)
+            first = True  # each client's first request is set by its number, so that every kind runs however slow
             with httpx.Client(base_url=url, headers=auth, timeout=120) as c:
-                while time.monotonic() < end:
-                    r = rng.random()
+                while first or time.monotonic() < end:
+                    r = (0.0, 0.6, 0.9)[n % 3] if first else rng.random()  # valid, bad, disconnect
                     try:
                         if r < 0.55:
                             kind, i, stream = rng.choice(["chat", "completion"]), rng.randrange(len(PROMPTS)), rng.random() < 0.5
+                            if first:  # clients 0, 6, 12: a streamed chat; 3, 9, 15: a plain completion
+                                kind, stream = ("chat", True) if n // 3 % 2 == 0 else ("completion", False)
                             code, text = answer(c, kind, i, stream)
                             what = f"valid_{kind}_{'stream' if stream else 'plain'}"
                             ok = code == 200 and text == solo[(kind, i)]
                             detail = f"{what} {PROMPTS[i]!r}: {code} {text[:200]!r} != solo {solo[(kind, i)]!r}"
                         elif r < 0.85:
-                            what = rng.choice(sorted(BAD))
+                            what = sorted(BAD)[n // 3 % len(BAD)] if first else rng.choice(sorted(BAD))
                             code = bad_request(url, c, what)
                             ok, detail = code == BAD[what], f"{what}: status {code}, expected {BAD[what]}"
                         else:
@@ -175,6 +178,7 @@ def soak(layout: Path, clients: int = 16, seconds: float = 20.0, seed: int = 0, 
                             disconnect(url, rng)
                     except Exception as e:  # a transport error on a request we did not abandon is a failure
                         what, code, ok, detail = "transport_error", 0, False, f"{type(e).__name__}: {e}"
+                    first = False
                     with lock:
                         counts[what] += 1
                         counts["requests"] += 1
