@@ -41,6 +41,16 @@ MODES: list[tuple[str, dict]] = [
 ]
 
 
+def rough_encoder(a: argparse.Namespace):  # noqa: ANN201 - add_standins' Encoder, or None
+    if not a.rough_standins:
+        return None
+    if a.standins != "q2_k":
+        raise SystemExit(f"bench_full_size_modes: --rough-standins writes q2_k, not {a.standins}")
+    from benchmarks.rough_q2_k import rough_q2_k
+
+    return rough_q2_k
+
+
 def chosen(names: str | None) -> list[tuple[str, dict]]:
     """The MODES rows named (comma-separated labels, e.g. "stand-ins σ=1"), or all of them."""
     if not names:
@@ -85,7 +95,9 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
              f"{a.margin_mb} MiB, lookahead prefetch, {fs.kernels_text(a)}, the stand-ins' cache taken from "
              "that budget. Stand-ins: "
              f"{standins['dtype']}, {standins['bytes'] / 1e9:.1f} GB ({standins['ratio']:.0%} of the experts' bytes), "
-             f"written by `mertools standins` in {standins['seconds'] / 60:.0f} min. Fidelity of each setting on the "
+             + ("made by benchmarks/rough_q2_k.py (a min-max Q2_K quantizer, no search: close enough to the experts that "
+                "the routing stays theirs) in " if a.rough_standins else "written by `mertools standins` in ")
+             + f"{standins['seconds'] / 60:.0f} min. Fidelity of each setting on the "
              "trained fixture: the \"modes\" section (its top-1 and KL columns).", "",
              "| cap | setting | tok/s | vs mertools exact | vs llama.cpp | GB read/token | no demand read | "
              "peak RSS GiB (within cap) |",
@@ -132,6 +144,8 @@ def main() -> None:
     ap.add_argument("--margin-mb", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rough-standins", action="store_true",
+                    help="q2_k stand-ins by benchmarks/rough_q2_k.py (minutes) instead of ggml's quantizer (~40 min)")
     ap.add_argument("--modes", help="comma-separated settings to run (default: every one of MODES)")
     ap.add_argument("--kernels", choices=("int8", "exact"), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
     ap.add_argument("--standins", default="q2_k", help="the stand-ins' type")
@@ -177,7 +191,7 @@ def main() -> None:
 
         print(f"[modes] writing {a.standins} stand-ins (long) ...", file=sys.stderr, flush=True)
         if not Layout.open(p["layout"]).manifest.standins:
-            st = add_standins(p["layout"], a.standins)
+            st = add_standins(p["layout"], a.standins, encode=rough_encoder(a))
             standins = {"dtype": a.standins, "bytes": st.bytes_out, "ratio": st.ratio, "seconds": st.seconds}
         else:
             m = Layout.open(p["layout"]).manifest

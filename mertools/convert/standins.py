@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial as partial_call
 from pathlib import Path
 
 import numpy as np
@@ -47,23 +49,33 @@ class StandinSummary:
         return self.bytes_out / self.expert_bytes if self.expert_bytes else 0.0
 
 
-def standin_tensor(raw: np.ndarray, dtype: str, shape: tuple[int, ...], target: str, where: str) -> EncodedTensor:
-    """One expert tensor's stand-in: requantized to `target`, or its own bytes when already as small."""
+def standin_tensor(raw: np.ndarray, dtype: str, shape: tuple[int, ...], target: str, where: str,
+                   encode: Callable[[], np.ndarray] | None = None) -> EncodedTensor:
+    """One expert tensor's stand-in: requantized to `target` (or made by `encode`), or its own bytes when already as
+    small."""
     src, dst = DTYPES[dtype], DTYPES[target]
     if len(shape) < 2 or src.bits_per_weight <= dst.bits_per_weight:
         return EncodedTensor(raw, dtype, shape)
     if shape[-1] % dst.block_size:
         raise ConversionError(f"{where}: rows of {shape[-1]} weights are not a multiple of {target}'s block of "
                               f"{dst.block_size}; choose a stand-in type with 32-weight blocks (q4_0)")
+    if encode is not None:
+        return EncodedTensor(encode(), target, shape)
     if src.dequantize is None or dst.quantize is None:
         raise ConversionError(f"{where}: cannot requantize {dtype} to {target}")
     x = src.dequantize(raw).astype(np.float32, copy=False)
     return EncodedTensor(dst.quantize(x), target, shape)
 
 
-def add_standins(layout_dir: str | Path, dtype: str, *, progress: bool = False) -> StandinSummary:
+# (an expert tensor's bytes, its dtype, its shape, the stand-in dtype) -> the stand-in's bytes
+Encoder = Callable[[np.ndarray, str, tuple[int, ...], str], np.ndarray]
+
+
+def add_standins(layout_dir: str | Path, dtype: str, *, progress: bool = False, encode: Encoder | None = None
+                 ) -> StandinSummary:
     """Write `dtype` stand-ins of every expert of the layout and add them to its manifest (replacing stand-ins
-    of another type, whose files are then removed)."""
+    of another type, whose files are then removed). `encode` makes each requantized tensor's bytes instead of ggml's
+    quantizer (benchmarks: a faster, rougher one for checkpoints of tens of GB)."""
     if dtype not in STANDIN_CHOICES:
         raise ValueError(f"stand-in dtype must be one of {', '.join(STANDIN_CHOICES)}, got {dtype!r}")
     t0 = time.perf_counter()
@@ -86,7 +98,9 @@ def add_standins(layout_dir: str | Path, dtype: str, *, progress: bool = False) 
                 tensors = {}
                 for role, t in e.tensors.items():
                     where = f"{root / e.file}: layer {e.layer} expert {e.expert} {role}"
-                    enc = standin_tensor(layout.read_tensor(e.file, t), t.dtype, t.shape, dtype, where)
+                    raw = layout.read_tensor(e.file, t)
+                    made = None if encode is None else partial_call(encode, raw, t.dtype, t.shape, dtype)
+                    enc = standin_tensor(raw, t.dtype, t.shape, dtype, where, made)
                     requantized += enc.dtype != t.dtype
                     tensors[role] = f.add(enc)
             finally:
