@@ -78,7 +78,10 @@ def _tick(cell: str) -> str:
 def _footer(fig: Figure, parts: Sequence[Section], width: int = 190) -> None:
     """The machine line of the section(s) (and a single section's command), in small text at the bottom."""
     names = ", ".join(f'"{s.name}"' for s in parts)
-    lines = [f"Machine: {parts[0].machine}", f"Figures: docs/BENCHMARKS.md, section{'s' * (len(parts) > 1)} {names}"]
+    machines = {s.machine for s in parts}
+    where = (f"Machine: {parts[0].machine}" if len(machines) == 1 else  # runs of different hosts: say which is which
+             "Machines: " + "; ".join(f'"{s.name}" on {s.machine}' for s in parts))
+    lines = [where, f"Figures: docs/BENCHMARKS.md, section{'s' * (len(parts) > 1)} {names}"]
     cmd = parts[0].line("Command:") if len(parts) == 1 else None
     if cmd:
         lines.append(cmd.replace("`", ""))
@@ -237,10 +240,13 @@ def headline(doc: dict[str, Section]) -> Figure:
     ax.set_ylabel("tokens/s")
     ax.set_xlabel("memory cap (cgroup)", fontsize=8.5)
     _dedupe_legend(ax, loc="upper left")
-    fig.text(0.01, 0.075, "The mode's bars come from its own run (section full_size_modes; no bar: not run at that cap), "
-             "its ratio against\nthat run's llama.cpp; its fidelity cost is in section modes.", fontsize=6.5, color="#555555")
-    _footer(fig, [doc["full_size"], doc["full_size_modes"]], width=150)
-    _tight(fig, 0.62)
+    parts = [doc["full_size"], doc["full_size_modes"]]
+    lift = 0.03 * (len({p.machine for p in parts}) > 1)  # room for a footer that names two machines
+    fig.text(0.01, 0.075 + lift, "The mode's bars come from its own run (section full_size_modes; no bar: not run at that "
+             "cap), its ratio against\nthat run's llama.cpp; its fidelity cost is in section modes.", fontsize=6.5,
+             color="#555555")
+    _footer(fig, parts, width=150)
+    _tight(fig, 0.62 + 5 * lift)
     return fig
 
 
