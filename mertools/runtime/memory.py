@@ -102,19 +102,27 @@ def resident_bytes(address: int, length: int) -> int | None:
 def cached_shares(paths: list[Path]) -> list[tuple[int, float]]:
     """(size, share of it in the page cache now) of each file, by mincore(2) on a private mapping (no read, no
     readahead): what a process that maps them would find without touching the disk. Share 0.0 where it cannot be told."""
-    import numpy as np
+    import ctypes
+    import mmap
 
     out = []
     for path in paths:
         try:
-            size = path.stat().st_size
-            m = np.memmap(path, np.uint8, mode="c") if size else None  # copy-on-write: nothing written, an address
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
         except (OSError, ValueError):
             out.append((0, 0.0))
             continue
-        got = resident_bytes(m.ctypes.data, size) if m is not None else None
-        if m is not None:
-            m._mmap.close()  # unmapped now, not when the collector finds it
+        if mm is None:
+            out.append((0, 0.0))
+            continue
+        try:
+            view = (ctypes.c_char * size).from_buffer(mm)  # its address; private, so writable, and nothing is written
+            got = resident_bytes(ctypes.addressof(view), size)
+            del view  # the mapping cannot close while a view holds it
+        finally:
+            mm.close()
         out.append((size, min(got, size) / size if got else 0.0))
     return out
 
