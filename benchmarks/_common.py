@@ -64,6 +64,14 @@ MIXTRAL = SynthShape()  # Mixtral 8x7B: d_model 4096, d_ff 14336, 8 experts top-
 SMALL_MIXTRAL = SynthShape(d_model=512, d_ff=1408, n_expert=8, n_head=8, n_kv=4, vocab=1024)  # serving: compute-light
 
 
+# mertools' kernel sets as a benchmark's text says them; "int8" is what `mertools run` and `serve` use
+KERNELS = {"int8": "the 8-bit-activation kernels (`mertools run`'s default)", "exact": "the exact float kernels"}
+
+
+def add_kernels_option(ap: Any) -> None:  # noqa: ANN401 - an argparse.ArgumentParser
+    ap.add_argument("--kernels", choices=sorted(KERNELS), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
+
+
 def random_ids(n: int, seed: int, vocab: int = MIXTRAL.vocab, bos: bool = False) -> list[int]:
     """n seeded token ids in 3..vocab (no specials); with `bos`, id 1 first and n - 1 random ones."""
     import numpy as np

@@ -117,11 +117,6 @@ def proc_read_bytes() -> int:
     return 0
 
 
-def kernels_text(a: argparse.Namespace) -> str:
-    return ("the 8-bit-activation kernels (`mertools run`'s default)" if a.kernels == "int8"
-            else "the exact float kernels (`--kernels exact`)")
-
-
 def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int, kernels: str,
                    approx: str = "{}") -> None:
     """`kernels`: Engine.open's ("int8" is `mertools run`'s default); `approx`: JSON of Approx's keyword arguments
@@ -135,8 +130,8 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     cfg = Layout.open(layout).manifest.config
     rec = RoutingRecorder(cfg.n_layers)
     t0 = time.perf_counter()
-    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**json.loads(approx)),
-                      kernels=kernels)
+    kw = json.loads(approx)
+    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**kw), kernels=kernels)
     open_s = time.perf_counter() - t0
 
     def step(tokens: list[int]) -> None:
@@ -156,7 +151,7 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
              decode_bytes=d[0], decode_misses=d[1], decode_hits=d[2], decode_lookups=d[3], decode_prefetch_issued=d[4],
              decode_prefetch_used=d[5], decode_io_bytes=d[6], slot_bytes=eng.store.slot_bytes,
              routing=routing_stats(rec.trace()[n_prompt:], cfg.n_experts))
-    if json.loads(approx) == {}:  # what no cache policy can beat on this stream with these slots (the report's ceiling)
+    if not kw:  # what no cache policy can beat on this stream with these slots (the report's ceiling)
         s.update(slots=eng.cache.n_slots, belady_decode_hit=belady(rec.trace(), eng.cache.n_slots, count_from=n_prompt),
                  choices_per_token=cfg.n_layers * cfg.n_experts_used)
     eng.close()
@@ -436,7 +431,7 @@ def report(done: list[dict], a: argparse.Namespace, mem_total: int, command: str
            "process in a memory cgroup (v1) limited to the cap, with the page cache dropped before it. Both tools "
            f"decode the same forced stream: a prompt of {a.prompt_tokens} tokens, then {a.tokens} tokens one at a time "
            f"(llama.cpp: the first {n_llama}), {a.threads} threads each. mertools: `--cache-mb` = min(cap, MemAvailable) "
-           f"- dense bytes - {a.margin_mb} MiB, prefetch lookahead, {kernels_text(a)}. "
+           f"- dense bytes - {a.margin_mb} MiB, prefetch lookahead, {common.KERNELS[a.kernels]}. "
            "llama.cpp (llama-cpp-python): use_mmap on, weight "
            "repacking off (use_extra_bufts=False), so its weights are the file's pages in the page cache, which the "
            "cgroup limits; it maps the file with MAP_POPULATE, so loading reads the whole file.", ""]
@@ -516,7 +511,7 @@ def main() -> None:
                     help="left under the cap for Python, numba, the KV cache and activations (the engine's own margin)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kernels", choices=("int8", "exact"), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
+    common.add_kernels_option(ap)
     ap.add_argument("--workdir", default="/tmp/mertools-full")
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python", help="a Python with llama-cpp-python")
     ap.add_argument("--keep", action="store_true", help="keep each shape's GGUF and layout (disk: both shapes at once)")

@@ -92,7 +92,7 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
              "routers recalibrated for diverse routing), each run a fresh process in a memory cgroup limited to the cap, "
              f"page cache dropped first, the same forced stream ({a.prompt_tokens}-token prompt, then {a.tokens} tokens "
              f"one by one, {a.threads} threads). mertools' `--cache-mb` = min(cap, MemAvailable) - dense bytes - "
-             f"{a.margin_mb} MiB, lookahead prefetch, {fs.kernels_text(a)}, the stand-ins' cache taken from "
+             f"{a.margin_mb} MiB, lookahead prefetch, {common.KERNELS[a.kernels]}, the stand-ins' cache taken from "
              "that budget. Stand-ins: "
              f"{standins['dtype']}, {standins['bytes'] / 1e9:.1f} GB ({standins['ratio']:.0%} of the experts' bytes), "
              + ("made by benchmarks/rough_q2_k.py (a min-max Q2_K quantizer, no search: close enough to the experts that "
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--rough-standins", action="store_true",
                     help="q2_k stand-ins by benchmarks/rough_q2_k.py (minutes) instead of ggml's quantizer (~40 min)")
     ap.add_argument("--modes", help="comma-separated settings to run (default: every one of MODES)")
-    ap.add_argument("--kernels", choices=("int8", "exact"), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
+    common.add_kernels_option(ap)
     ap.add_argument("--standins", default="q2_k", help="the stand-ins' type")
     ap.add_argument("--workdir", default="/tmp/mertools-full")
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python")

@@ -32,9 +32,6 @@ def _read_bytes() -> int:
     return 0
 
 
-KERNELS = {"int8": "the 8-bit-activation kernels (`mertools run`'s default)", "exact": "the exact float kernels"}
-
-
 def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: int, kernels: str) -> None:
     ids = common.random_ids(n_prompt + n_tokens, seed=11)
     if tool == "mertools":
@@ -64,7 +61,7 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--kernels", choices=sorted(KERNELS), default="int8", help="mertools' kernels (int8: `mertools run`'s)")
+    common.add_kernels_option(p)
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--child", nargs=3, metavar=("TOOL", "PATH", "IO"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -98,7 +95,7 @@ def main() -> int:
     ratio = (second["llama.cpp (mmap)"] / second["mertools --io auto"]) if all(second.values()) else float("nan")
     body = (f"{common.machine_description()}\n\nCommand: `python benchmarks/bench_second_run.py --gguf {a.gguf} --layout "
             f"{a.layout} --llama-python {a.llama_python}` ({a.prompt_tokens}-token prompt, {a.tokens} decoded, "
-            f"{a.threads} threads; mertools with {KERNELS[a.kernels]}, the io mode `auto` chose after each run's figures)."
+            f"{a.threads} threads; mertools with {common.KERNELS[a.kernels]}, the io mode `auto` chose after each run's figures)."
             "\n\n" + "\n".join(table) +
             f"\n\nSecond run, whole process: llama.cpp's seconds / mertools --io auto's = {ratio:.2f} (above 1: mertools "
             "finishes first). `--io auto` (the CLI's default) maps the expert files when the layout fits in memory "
