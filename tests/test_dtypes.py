@@ -101,7 +101,7 @@ def test_auto_dtype() -> None:
         assert auto_dtype(d) == d
     for src in (s for s in ("f32", "bf16") if s not in EXPERT_DTYPES):  # floats no expert may hold: the expert float type
         assert auto_dtype(src) not in ("f32", "bf16") and DTYPES[auto_dtype(src)].float_dtype
-    assert auto_dtype("iq2_xxs") is None  # a GGML quantization no layout holds: refused, never requantized silently
+    assert auto_dtype("iq2_xs") is None  # a GGML quantization no layout holds: refused, never requantized silently
 
 
 def test_dtype_validation() -> None:

@@ -279,6 +279,10 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
         "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
         "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
+        "from test_iq2_xxs import blocks\n"  # a type without a quantizer: random blocks
+        "w, x = blocks(32, 2, 1), _inputs(2, 512, 2)\n"
+        "got = int8.matmul8(x, w, 'iq2_xxs', np.empty((2, 32), np.float32))\n"
+        "assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, 'iq2_xxs').view(np.uint32))\n"
         "print('ok')\n"
     )
     env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}

@@ -49,12 +49,12 @@ def random_blocks(qtype: T, shape: tuple[int, ...], std: float, rng: np.random.G
     return raw.reshape(*shape[:-1], shape[-1] // t.block_size * t.type_size)
 
 
-def iq2_xxs_blocks(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random IQ2_XXS bytes (a type no layout holds: 66-byte super-blocks, f16 d first)."""
+def iq2_xs_blocks(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random IQ2_XS bytes (a type no layout holds: 74-byte super-blocks, f16 d first)."""
     nb = int(np.prod(shape)) // 256
-    raw = rng.integers(0, 256, (nb, 66), dtype=np.uint8)
+    raw = rng.integers(0, 256, (nb, 74), dtype=np.uint8)
     raw[:, :2] = np.full(nb, 0.01, "<f2").view(np.uint8).reshape(nb, 2)
-    return raw.reshape(*shape[:-1], shape[-1] // 256 * 66)
+    return raw.reshape(*shape[:-1], shape[-1] // 256 * 74)
 
 
 def write_gguf(root: Path, expert_types: dict) -> Path:
@@ -67,8 +67,8 @@ def write_gguf(root: Path, expert_types: dict) -> Path:
     for t, name, x in _gguf_tensors(read_hf_weights(hf), cfg, "merged"):
         layer = int(name.split(".")[1]) if name.startswith("blk.") else None
         qt = expert_types.get((layer, t), DENSE_TYPES.get(t))
-        if qt == T.IQ2_XXS:
-            w.add_tensor(name, iq2_xxs_blocks(x.shape, rng), raw_dtype=qt)
+        if qt == T.IQ2_XS:
+            w.add_tensor(name, iq2_xs_blocks(x.shape, rng), raw_dtype=qt)
         elif qt is not None:
             w.add_tensor(name, random_blocks(qt, x.shape, float(x.std()), rng), raw_dtype=qt)
         else:
@@ -101,11 +101,11 @@ def test_a_type_no_layout_holds_is_refused_under_auto_and_requantized_on_request
 
     from mertools.cli import main
 
-    src = write_gguf(tmp_path, {**EXPERT_TYPES, (1, MT.FFN_DOWN_EXP): T.IQ2_XXS})
+    src = write_gguf(tmp_path, {**EXPERT_TYPES, (1, MT.FFN_DOWN_EXP): T.IQ2_XS})
     res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "auto"), "--quiet"])
     assert res.exit_code == 2, res.output
     err = [line for line in res.output.splitlines() if line.startswith("mertools: error")]
-    assert len(err) == 1 and "blk.1.ffn_down_exps.weight" in err[0] and "iq2_xxs" in err[0] and "--dtype" in err[0]
+    assert len(err) == 1 and "blk.1.ffn_down_exps.weight" in err[0] and "iq2_xs" in err[0] and "--dtype" in err[0]
     assert str(src) in err[0]
     assert not (tmp_path / "auto").exists() and not (tmp_path / "auto.partial").exists()
     lay = convert(src, tmp_path / "q8", ConvertOptions(dtype="q8_0", progress=False)).out

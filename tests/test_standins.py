@@ -60,11 +60,13 @@ def test_standins_are_the_experts_requantized(q4: Path) -> None:
     assert "standins" not in replace(m, standins=[]).to_dict()
 
 
-def test_an_encoder_makes_the_requantized_tensors(q4: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["q2_k", "iq2_xxs"])
+def test_an_encoder_makes_the_requantized_tensors(q4: Path, tmp_path: Path, target: str) -> None:
     """`encode` (benchmarks: a faster, rougher quantizer) replaces ggml's quantizer, nothing else: it gets each expert
     tensor's bytes, and what it returns is written, checksummed and read back like the quantizer's."""
-    from benchmarks.rough_q2_k import rough_q2_k
+    import importlib
 
+    rough = getattr(importlib.import_module(f"benchmarks.rough_{target}"), f"rough_{target}")
     lay = Path(shutil.copytree(q4, tmp_path / "lay"))
     without = replace(Layout.open(lay).manifest, standins=[])
     shutil.rmtree(lay / "standins")
@@ -73,20 +75,22 @@ def test_an_encoder_makes_the_requantized_tensors(q4: Path, tmp_path: Path) -> N
 
     def encode(raw: np.ndarray, dtype: str, shape: tuple[int, ...], target: str) -> np.ndarray:
         seen.append(raw.tobytes())
-        return rough_q2_k(raw, dtype, shape, target)
+        return rough(raw, dtype, shape, target)
 
-    s = add_standins(lay, "q2_k", encode=encode)
+    s = add_standins(lay, target, encode=encode)
     opened = Layout.open(lay)
     m = opened.manifest
     assert opened.verify_checksums() == [] and s.files == len(m.experts) == len(m.standins) and len(seen) == s.requantized
     for e, st in zip(m.experts, m.standins, strict=True):
         for role, t in st.tensors.items():
             full = opened.read_tensor(e.file, e.tensors[role])
-            assert full.tobytes() in seen and t.dtype == "q2_k"
+            assert full.tobytes() in seen and t.dtype == target
             got = opened.read_tensor(st.file, t)
-            assert np.array_equal(got, rough_q2_k(full, "q4_0", t.shape, "q2_k"))
-            x, y = DTYPES["q4_0"].dequantize(full), DTYPES["q2_k"].dequantize(got)  # a rough copy of the expert
+            assert np.array_equal(got, rough(full, "q4_0", t.shape, target))
+            x, y = DTYPES["q4_0"].dequantize(full), DTYPES[target].dequantize(got)  # a rough copy of the expert
             assert np.corrcoef(x, y)[0, 1] > 0.8, (e.layer, e.expert, role)
+    with pytest.raises(ValueError, match=f"writes {target} stand-ins, not q4_0"):
+        rough(full, "q4_0", t.shape, "q4_0")
 
 
 def test_biases_and_small_tensors_are_copied(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import CONVERT_CHOICES, DTYPES
+from ..dtypes import CONVERT_CHOICES, DTYPES, EXPERT_DTYPES
 from ..errors import ConversionError
 from ..layout.constants import STANDINS_DIR
 from ..layout.manifest import ExpertEntry
@@ -32,6 +32,8 @@ from ..layout.writer import AlignedFile, EncodedTensor, standin_path, write_mani
 
 # block types with a quantizer; floats would not be smaller than the experts they stand in for
 STANDIN_CHOICES: tuple[str, ...] = tuple(d for d in CONVERT_CHOICES if d != "auto" and DTYPES[d].block_size > 1)
+# with an encoder of its own the caller may write any block type a layout's experts may have
+ENCODED_CHOICES: tuple[str, ...] = tuple(d for d in EXPERT_DTYPES if DTYPES[d].block_size > 1)
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,9 @@ def add_standins(layout_dir: str | Path, dtype: str, *, progress: bool = False, 
     """Write `dtype` stand-ins of every expert of the layout and add them to its manifest (replacing stand-ins
     of another type, whose files are then removed). `encode` makes each requantized tensor's bytes instead of ggml's
     quantizer (benchmarks: a faster, rougher one for checkpoints of tens of GB)."""
-    if dtype not in STANDIN_CHOICES:
-        raise ValueError(f"stand-in dtype must be one of {', '.join(STANDIN_CHOICES)}, got {dtype!r}")
+    choices = STANDIN_CHOICES if encode is None else ENCODED_CHOICES
+    if dtype not in choices:
+        raise ValueError(f"stand-in dtype must be one of {', '.join(choices)}, got {dtype!r}")
     t0 = time.perf_counter()
     layout = Layout.open(layout_dir)
     root, m = layout.root, layout.manifest

@@ -11,7 +11,7 @@ the registry still loads numba, as the type modules define their kernels (nothin
 
 from __future__ import annotations
 
-from . import bf16, f16, f32, iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from . import bf16, f16, f32, iq2_xxs, iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 from .base import DType, Int8Pack, Thresholds
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
 ]  # fmt: skip
 
 # in ggml type order
-_MODULES = (f32, f16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, bf16, mxfp4)
+_MODULES = (f32, f16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq2_xxs, iq4_nl, iq4_xs, bf16, mxfp4)
 TYPES: tuple[DType, ...] = tuple(m.TYPE for m in _MODULES)
 DTYPES: dict[str, DType] = {t.name: t for t in TYPES}
 GGML_TYPE_TO_DTYPE: dict[int, str] = {t.ggml_type: t.name for t in TYPES}

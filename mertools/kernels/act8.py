@@ -33,8 +33,8 @@ Act8 = namedtuple("Act8", "xq dx nsum kq kd ks")  # regions unpack it before the
 Q8_0_ACT, Q8_K_ACT = 1, 2  # formats_of's bits
 PACKED_K = 1 << 10  # added to a K type's code: its bytes repacked by `int8.prepare` (16 rows per super-block)
 # the types whose 8-bit kernels read the file's super-blocks (an `int8_reference`, dtypes/_k8.py): they take q8_K
-# frozen into `formats_of`'s compiled code: a K type given an 8-bit kernel (Q2_K, Q3_K: dtypes/_k8low.py) must change
-# this file, or a cache made before it would give that type q8_0 activations
+# frozen into `formats_of`'s compiled code: a K type given an 8-bit kernel (Q2_K, Q3_K: dtypes/_k8low.py; IQ2_XXS:
+# dtypes/_k8iq2.py) must change this file, or a cache made before it would give that type q8_0 activations
 _K_KINDS = tuple(KIND[name] for name, dt in DTYPES.items() if dt.int8_reference is not None)
 
 

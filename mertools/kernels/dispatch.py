@@ -5,21 +5,41 @@ type's ggml type number, `mertools.dtypes.KIND`) and the branch below picks the 
 decoder, once per tile row (prefill) or per group of rows (decode). numba needs the chain of
 branches written out inside jitted code: a new type adds one branch to each function.
 
-numba's on-disk cache is keyed on this file's contents only (numba 0.68 hashes the source; a touch changes
-nothing): after editing a type module, change this file
-(or delete __pycache__/dispatch.*.nbi) so that the kernels calling it are recompiled.
+numba's on-disk cache is keyed on each file's contents only (numba 0.68 hashes the source; a touch changes
+nothing), and a cached kernel holds its callees' code: after editing a type module, change this file and the
+files calling it (matvec_kernels, matmul_kernels, gemm_kernels: each carries a comment for it), or delete their
+__pycache__/*.nbi, so that the kernels calling it are recompiled (a stale matvec ran a new type as f32).
 """
 
 from __future__ import annotations
 
 from numba import njit
 
-from mertools.dtypes import bf16, f16, f32, iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from mertools.dtypes import (
+    bf16,
+    f16,
+    f32,
+    iq2_xxs,
+    iq4_nl,
+    iq4_xs,
+    mxfp4,
+    q2_k,
+    q3_k,
+    q4_0,
+    q4_1,
+    q4_k,
+    q5_0,
+    q5_1,
+    q5_k,
+    q6_k,
+    q8_0,
+)
 from mertools.kernels.common import MATVEC_JIT, TILE_JIT
 
 F32, F16, Q4_0, Q8_0, Q4_K = (m.TYPE.ggml_type for m in (f32, f16, q4_0, q8_0, q4_k))
 Q2_K, Q3_K, Q5_K, Q6_K, IQ4_XS = (m.TYPE.ggml_type for m in (q2_k, q3_k, q5_k, q6_k, iq4_xs))
 Q4_1, Q5_0, Q5_1, IQ4_NL, BF16, MXFP4 = (m.TYPE.ggml_type for m in (q4_1, q5_0, q5_1, iq4_nl, bf16, mxfp4))
+IQ2_XXS = iq2_xxs.TYPE.ggml_type
 
 
 @njit(**TILE_JIT)
@@ -44,6 +64,8 @@ def decode_tile(kind, w, r0, rb, k0, kc, buf):
             q3_k.tile_row(wr, k0, kc, buf, r)
         elif kind == Q2_K:
             q2_k.tile_row(wr, k0, kc, buf, r)
+        elif kind == IQ2_XXS:
+            iq2_xxs.tile_row(wr, k0, kc, buf, r)
         elif kind == Q4_1:
             q4_1.tile_row(wr, k0, kc, buf, r)
         elif kind == Q5_0:
@@ -79,6 +101,8 @@ def matvec_group(kind, x, w, r0, out):
         q3_k.matvec_group(x, w, r0, out)
     elif kind == Q2_K:
         q2_k.matvec_group(x, w, r0, out)
+    elif kind == IQ2_XXS:
+        iq2_xxs.matvec_group(x, w, r0, out)
     elif kind == Q8_0:
         q8_0.matvec_group(x, w, r0, out)
     elif kind == Q4_1:

@@ -23,6 +23,9 @@ from mertools.kernels.common import KC, RB
 from mertools.kernels.dispatch import decode_tile
 from mertools.kernels.simd import vadd, vfma, vload, vsplat, vstore, vzero
 
+# numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
+# (last: IQ2_XXS) changes this file too, so that a cache made before it is not used
+
 _JIT = {"nogil": True, "cache": True}
 TASK_ROWS = 4 * RB  # rows per parallel task (its buffers are allocated once)
 GEMM_MIN_N = 16  # below this the tiled kernel of matmul_kernels is used

@@ -19,11 +19,12 @@ as the packed Q4_K, was no faster for these types; the file's 17-, 18- or 34-byt
 of each, slower than the exact kernels). MXFP4's
 nibbles index its value table: one byte shuffle turns them into the table's values plus 16. Same size as the file's
 bytes, so a cache slot is packed in place after its read. The K types' super-blocks hold 128 contiguous quant bytes
-(Q2_K's and Q3_K's low bits 64): their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K; dtypes/_k8low.py: Q2_K, Q3_K) read
-the file's blocks (a slot mapped from its file, or streamed without packing), and from K_ROWS_MIN activation rows on
-(a prompt) run `_k_rows`, which decodes a weight row's block once for 8 rows. Q4_K and Q6_K are also packed by 16 rows
-where `prepare` runs (dtypes/_k8packed.py: one int32 lane per row, a sub-block's scale applied once per 16 rows),
-their type codes then `Q4_KP`, `Q6_KP` (`prepared_kind`), with the file kernels' bits.
+(Q2_K's and Q3_K's low bits 64): their kernels (dtypes/_k8.py: Q4_K, Q5_K, Q6_K; dtypes/_k8low.py: Q2_K, Q3_K; and
+IQ2_XXS's grid points, dtypes/_k8iq2.py) read the file's blocks (a slot mapped from its file, or streamed without
+packing), and from K_ROWS_MIN activation rows on (a prompt) run `_k_rows`, which decodes a weight row's block once for
+8 rows. Q4_K and Q6_K are also packed by 16 rows where `prepare` runs (dtypes/_k8packed.py: one int32 lane per row, a
+sub-block's scale applied once per 16 rows), their type codes then `Q4_KP`, `Q6_KP` (`prepared_kind`), with the file
+kernels' bits.
 
 What a packed row's result is (`int8_reference` computes it in numpy, and the tests hold every kernel to its
 twin bit for bit): per block b, S = the integer sum of quant * activation quant over the block's 32 weights;
@@ -38,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8, _k8low, _k8packed
+from mertools.dtypes import DTYPES, KIND, Int8Pack, _k8, _k8iq2, _k8low, _k8packed
 from mertools.dtypes.base import SCALE_BYTES
 from mertools.errors import QuantizationError
 from mertools.kernels.act8 import PACKED_K, Q8_K_ACT, formats_of, quantize_act
@@ -56,11 +57,11 @@ K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same
 K_ROW_BLOCK = 16  # weight rows per `_k_rows` task: their bytes stay in L2 while the activation rows pass
 INT8_DTYPES = tuple(name for name, dt in DTYPES.items() if dt.int8_pack is not None or dt.int8_reference is not None)
 Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K = (KIND[t] for t in ("q4_0", "q8_0", "mxfp4", "q4_k", "q5_k", "q6_k"))
-Q2_K, Q3_K = KIND["q2_k"], KIND["q3_k"]
+Q2_K, Q3_K, IQ2_XXS = KIND["q2_k"], KIND["q3_k"], KIND["iq2_xxs"]
 Q4_KP, Q6_KP = Q4_K + PACKED_K, Q6_K + PACKED_K  # packed by `prepare` (dtypes/_k8packed.py); file bytes keep Q4_K, Q6_K
 _PACKED_K = {"q4_k": Q4_KP, "q6_k": Q6_KP}  # K types with a packed layout: their kernels take the file's bytes as well
 _PACKED = {"q4_0", "q8_0", "mxfp4"}
-_DISPATCHED = {*_PACKED, "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}  # the branches below
+_DISPATCHED = {*_PACKED, "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq2_xxs"}  # the branches below
 if {d for d in INT8_DTYPES if DTYPES[d].int8_pack} != _PACKED or set(INT8_DTYPES) != _DISPATCHED:
     raise ValueError("kernels.int8: a type with an 8-bit kernel needs its branch in _group")
 PACKED_KINDS = tuple(KIND[d] for d in sorted(_PACKED)) + tuple(_PACKED_K.values())  # codes of bytes packed by `prepare`
@@ -245,6 +246,8 @@ def _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
                 _k8.q6_k_group(kq, kd, i, w, r0, out, io)
             elif kind == Q2_K or kind == Q3_K:
                 _k8low.low_k_group(kq, kd, ks, i, w, r0, out, io, kind == Q3_K)
+            elif kind == IQ2_XXS:
+                _k8iq2.iq2_xxs_group(kq, kd, i, w, r0, out, io)
             else:
                 _k8.k4_group(kq, kd, ks, i, w, r0, out, io, kind == Q5_K)
 
@@ -287,6 +290,8 @@ def _k_rows(kind, kq, kd, ks, w, out):
                     _k8.q6_k_rows(kq, kd, i0, w, r, out)
                 elif kind == Q2_K or kind == Q3_K:
                     _k8low.low_k_rows(kq, kd, ks, i0, w, r, out, kind == Q3_K)
+                elif kind == IQ2_XXS:
+                    _k8iq2.iq2_xxs_rows(kq, kd, i0, w, r, out)
                 else:
                     _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
 

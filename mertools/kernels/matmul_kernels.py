@@ -19,6 +19,9 @@ from numba import njit, prange
 from mertools.kernels.common import KC, RB, TILE_JIT
 from mertools.kernels.dispatch import decode_tile
 
+# numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
+# (last: IQ2_XXS) changes this file too, so that a cache made before it is not used
+
 __all__ = ["KC", "RB", "decode_tile", "get_rows", "matmul_tiled", "tile_dot"]
 
 

@@ -35,7 +35,7 @@ io_option = click.option(
 kernels_option = click.option(
     "--kernels", type=click.Choice(["int8", "exact"]), default="int8", show_default=True,
     help="int8: activations quantized to 8 bits per block of 32 and integer dot products, as llama.cpp computes "
-         "(Q4_0, Q8_0, MXFP4, Q2_K-Q6_K weights; other types run exact), mean KL vs exact below 1e-3 on the trained "
+         "(Q4_0, Q8_0, MXFP4, Q2_K-Q6_K, IQ2_XXS weights; other types run exact), mean KL vs exact below 1e-3 on the trained "
          "fixture (`mertools verify --kernels int8` measures a layout's); exact: float kernels, bit-exact with ggml's "
          "weights.")
 
