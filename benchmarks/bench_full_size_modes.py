@@ -41,14 +41,20 @@ MODES: list[tuple[str, dict]] = [
 ]
 
 
-def rough_encoder(a: argparse.Namespace):  # noqa: ANN201 - add_standins' Encoder, or None
+# the rough quantizer of each stand-in type (--rough-standins) and what it does, for the report
+ROUGH = {"q2_k": ("rough_q2_k", "a min-max Q2_K quantizer, no search"),
+         "iq2_xxs": ("rough_iq2_xxs", "ggml's IQ2_XXS signs and weights, three scale trials, nearest grid point by table")}
+
+
+def rough_encoder(a: argparse.Namespace, dtype: str):  # noqa: ANN201 - add_standins' Encoder, or None
     if not a.rough_standins:
         return None
-    if a.standins != "q2_k":
-        raise SystemExit(f"bench_full_size_modes: --rough-standins writes q2_k, not {a.standins}")
-    from benchmarks.rough_q2_k import rough_q2_k
+    if dtype not in ROUGH:
+        raise SystemExit(f"bench_full_size_modes: --rough-standins writes {' or '.join(ROUGH)}, not {dtype}")
+    import importlib
 
-    return rough_q2_k
+    module = ROUGH[dtype][0]
+    return getattr(importlib.import_module(f"benchmarks.{module}"), module)
 
 
 def chosen(names: str | None) -> list[tuple[str, dict]]:
@@ -62,13 +68,14 @@ def chosen(names: str | None) -> list[tuple[str, dict]]:
     return [(n, known[n]) for n in want]
 
 
-def run_modes(built: dict, caps: list[tuple[str, int]], a: argparse.Namespace, ids_path: Path) -> dict[str, list[dict]]:
-    """mertools with each mode at each cap: {cap label: [result per mode]}."""
+def run_modes(built: dict, caps: list[tuple[str, int]], a: argparse.Namespace, ids_path: Path,
+              settings: list[tuple[str, dict]]) -> dict[str, list[dict]]:
+    """mertools with each setting at each cap: {cap label: [result per setting]}."""
     out: dict[str, list[dict]] = {}
     dense = built["sizes"]["dense_layout"]
     for label, cap in caps:
         out[label] = []
-        for name, kw in chosen(a.modes):
+        for name, kw in settings:
             quiet = common.wait_quiet(a.wait_quiet)
             common.drop_caches()
             cache_mb = (min(cap, fs.meminfo("MemAvailable")) - dense - a.margin_mb * fs.MIB) / fs.MIB
@@ -83,7 +90,21 @@ def run_modes(built: dict, caps: list[tuple[str, int]], a: argparse.Namespace, i
     return out
 
 
-def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: argparse.Namespace, command: str,
+def with_standins(layout: Path, dtype: str, a: argparse.Namespace) -> dict:
+    """Give the layout `dtype` stand-ins (replacing another type's; kept when it has them): what they are."""
+    from mertools.convert.standins import add_standins
+    from mertools.layout import Layout
+
+    m = Layout.open(layout).manifest
+    if m.standins and all(t.dtype == dtype for st in m.standins for role, t in st.tensors.items() if "bias" not in role):
+        return {"dtype": dtype, "bytes": sum(e.nbytes for e in m.standins),
+                "ratio": sum(e.nbytes for e in m.standins) / sum(e.nbytes for e in m.experts), "seconds": 0.0}
+    print(f"[modes] writing {dtype} stand-ins (long) ...", file=sys.stderr, flush=True)
+    st = add_standins(layout, dtype, encode=rough_encoder(a, dtype))
+    return {"dtype": dtype, "bytes": st.bytes_out, "ratio": st.ratio, "seconds": st.seconds}
+
+
+def report(runs: list[dict], modes: dict[str, list[dict]], standins: list[dict], a: argparse.Namespace, command: str,
            total_s: float, n_layers: int) -> tuple[str, bool]:
     s = SHAPES["mixtral"]
     z = sizes(s, n_layers)
@@ -93,12 +114,14 @@ def report(runs: list[dict], modes: dict[str, list[dict]], standins: dict, a: ar
              f"page cache dropped first, the same forced stream ({a.prompt_tokens}-token prompt, then {a.tokens} tokens "
              f"one by one, {a.threads} threads). mertools' `--cache-mb` = min(cap, MemAvailable) - dense bytes - "
              f"{a.margin_mb} MiB, lookahead prefetch, {common.KERNELS[a.kernels]}, the stand-ins' cache taken from "
-             "that budget. Stand-ins: "
-             f"{standins['dtype']}, {standins['bytes'] / 1e9:.1f} GB ({standins['ratio']:.0%} of the experts' bytes), "
-             + ("made by benchmarks/rough_q2_k.py (a min-max Q2_K quantizer, no search: close enough to the experts that "
-                "the routing stays theirs) in " if a.rough_standins else "written by `mertools standins` in ")
-             + f"{standins['seconds'] / 60:.0f} min. Fidelity of each setting on the "
-             "trained fixture: the \"modes\" section (its top-1 and KL columns).", "",
+             "that budget. Stand-ins (a setting's type named when there are several): "
+             + "; ".join(f"{d['dtype']}, {d['bytes'] / 1e9:.1f} GB ({d['ratio']:.0%} of the experts' bytes), "
+                         + (f"made by benchmarks/{ROUGH[d['dtype']][0]}.py ({ROUGH[d['dtype']][1]}) in "
+                            if a.rough_standins else "written by `mertools standins` in ") + f"{d['seconds'] / 60:.0f} min"
+                         for d in standins)
+             + (" (rough quantizers: close enough to the experts that the routing stays theirs; fidelity is measured "
+                "with ggml's)" if a.rough_standins else "")
+             + ". Fidelity of each setting on the trained fixture: the \"modes\" section (its top-1 and KL columns).", "",
              "| cap | setting | tok/s | vs mertools exact | vs llama.cpp | GB read/token | no demand read | "
              "peak RSS GiB (within cap) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -145,10 +168,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rough-standins", action="store_true",
-                    help="q2_k stand-ins by benchmarks/rough_q2_k.py (minutes) instead of ggml's quantizer (~40 min)")
+                    help="stand-ins by benchmarks/rough_<type>.py (minutes) instead of ggml's quantizer (~40 min for q2_k)")
     ap.add_argument("--modes", help="comma-separated settings to run (default: every one of MODES)")
     common.add_kernels_option(ap)
-    ap.add_argument("--standins", default="q2_k", help="the stand-ins' type")
+    ap.add_argument("--standins", default="q2_k", help="the stand-ins' type, or several (comma-separated): the stand-in "
+                    "settings run with each in turn, the others once")
     ap.add_argument("--workdir", default="/tmp/mertools-full")
     ap.add_argument("--llama-python", default="/tmp/venv-bench/bin/python")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF and the layout (more disk)")
@@ -170,7 +194,10 @@ def main() -> None:
     z = sizes(s, n)
     from mertools.dtypes import DTYPES
 
-    standin_bytes = int(z["experts"] * DTYPES[a.standins].bits_per_weight / DTYPES[s.qtype].bits_per_weight)
+    types = [t.strip() for t in a.standins.split(",")]
+    if unknown := [t for t in types if t not in DTYPES]:
+        sys.exit(f"bench_full_size_modes: unknown stand-in type(s) {unknown}")
+    standin_bytes = int(z["experts"] * max(DTYPES[t].bits_per_weight for t in types) / DTYPES[s.qtype].bits_per_weight)
     need = max(fs.disk_need(s, n), z["total"] + standin_bytes + (z["total"] if a.keep else 0)) + fs.GIB
     have = shutil.disk_usage(work).free
     print(f"disk: need {need / 1e9:.1f} GB, have {have / 1e9:.1f} GB", file=sys.stderr, flush=True)
@@ -186,19 +213,14 @@ def main() -> None:
         runs = fs.run_caps(s, built, caps, a, ids_path)
         if not a.keep:
             p["gguf"].unlink(missing_ok=True)
-        from mertools.convert.standins import add_standins
-        from mertools.layout import Layout
-
-        print(f"[modes] writing {a.standins} stand-ins (long) ...", file=sys.stderr, flush=True)
-        if not Layout.open(p["layout"]).manifest.standins:
-            st = add_standins(p["layout"], a.standins, encode=rough_encoder(a))
-            standins = {"dtype": a.standins, "bytes": st.bytes_out, "ratio": st.ratio, "seconds": st.seconds}
-        else:
-            m = Layout.open(p["layout"]).manifest
-            standins = {"dtype": a.standins, "bytes": sum(e.nbytes for e in m.standins),
-                        "ratio": sum(e.nbytes for e in m.standins) / sum(e.nbytes for e in m.experts), "seconds": 0.0}
-        print(f"[modes] stand-ins: {standins}", file=sys.stderr, flush=True)
-        modes = run_modes(built, caps, a, ids_path)
+        standins, modes = [], {}
+        for i, dtype in enumerate(types):  # the stand-in settings with each type; the others with the first
+            standins.append(with_standins(p["layout"], dtype, a))
+            print(f"[modes] stand-ins: {standins[-1]}", file=sys.stderr, flush=True)
+            settings = [(name + (f", {dtype}" if len(types) > 1 and "standin_share" in kw else ""), kw)
+                        for name, kw in chosen(a.modes) if i == 0 or "standin_share" in kw]
+            for label, rs in run_modes(built, caps, a, ids_path, settings).items():
+                modes.setdefault(label, []).extend(rs)
         (work / f"results-modes-{n}L.json").write_text(json.dumps({"runs": runs, "modes": modes, "standins": standins},
                                                                   indent=1, default=str))
     finally:

@@ -5,9 +5,10 @@ Pareto table.
     python benchmarks/bench_modes.py [--tokens 24] [--fidelity-tokens 128] [--rounds 2] [--workdir /tmp/mertools-bench]
 
 (a) Fidelity: fixtures/trained/tiny-shakespeare-moe converted to q4_0 (the full-size shape's type) with q2_k
-stand-ins, read through an expert cache of 1/4 of its experts (8 of 32; lookahead prefetch), fed verify's two texts (the built-in
-paragraph and fixtures/trained/held-out-julius-caesar.txt) one token at a time (teacher-forced decode,
-so the cache behaves as in decoding); each setting's logits against the exact engine's: mean KL(exact ||
+stand-ins (iq2_xxs for the settings named so, on a hard-linked copy), read through an expert cache of 1/4 of its
+experts (8 of 32; lookahead prefetch), fed verify's two texts (the built-in paragraph and
+fixtures/trained/held-out-julius-caesar.txt) one token at a time (teacher-forced decode, so the cache behaves as in
+decoding); each setting's logits against the exact engine's: mean KL(exact ||
 mode), top-1 agreement and perplexity ratio (verify's compare_logits), and the expert bytes it read.
 (b) Speed: the synthetic Mixtral-shaped Q4_0 checkpoint of bench_beyond_ram.py (4 layers, routers
 recalibrated so that routing is diverse; built under --workdir if absent, shared with that benchmark; q2_k
@@ -39,7 +40,8 @@ BUDGET = 0.25  # of the expert bytes
 HEADER = ("| setting | Pareto | tok/s | vs exact | GB read/token | hit rate | skipped / replaced / stand-ins per token | "
           "mean KL (built-in / held-out) | top-1 | perplexity ratio | trained: MB read/token | "
           "trained: skipped / replaced / stand-ins |\n" + "|---" * 12 + "|")
-STANDINS = "q2_k"  # the stand-in type, for both checkpoints
+STANDINS = "q2_k"  # the stand-in type of every stand-in setting, for both checkpoints
+SMALLER = "iq2_xxs"  # a smaller one, for the settings of SMALLER_SETTINGS (a hard-linked copy of each layout carries it)
 
 # (label, Approx keyword arguments): exact first
 SETTINGS: list[tuple[str, dict]] = [
@@ -53,7 +55,30 @@ SETTINGS: list[tuple[str, dict]] = [
     ("stand-ins σ=0.5, cache 0.25", {"standin_share": 0.5, "standin_cache": 0.25}),
     ("stand-ins σ=0.5 + fill", {"standin_share": 0.5, "standin_fill": True}),
     ("stand-ins σ=1 + fill", {"standin_share": 1.0, "standin_fill": True}),
+    *((f"stand-ins σ={v:g}, {SMALLER}", {"standin_share": v}) for v in (0.5, 1.0)),
 ]
+SMALLER_SETTINGS = frozenset(label for label, _ in SETTINGS if label.endswith(f", {SMALLER}"))
+
+
+def standins_of(layout: Path, label: str) -> Path:
+    """The layout a setting runs on: `layout` (STANDINS stand-ins), or for SMALLER_SETTINGS its copy with SMALLER
+    ones, made once: the expert files hard-linked (no copy), the stand-ins written in place of the q2_k ones."""
+    import os
+    import shutil
+
+    from mertools.convert.standins import add_standins
+    from mertools.layout import Layout
+
+    if label not in SMALLER_SETTINGS:
+        return layout
+    copy = layout.parent / f"{layout.name}-{SMALLER}"
+    if not (copy / "manifest.json").exists():
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(layout, copy, copy_function=os.link)  # the manifest is replaced by rename, never written into
+    if {t.dtype for st in Layout.open(copy).manifest.standins for t in st.tensors.values()} & {STANDINS}:
+        print(f"writing {SMALLER} stand-ins into {copy} (minutes)", file=sys.stderr, flush=True)
+        add_standins(copy, SMALLER)
+    return copy
 
 
 # ---------------------------------------------------------------- (b) speed, one engine per process
@@ -102,7 +127,7 @@ def fidelity(layout: Path, texts: dict[str, list[int]], settings: list[tuple[str
     for label, kw in settings:
         out[label] = {}
         for name, ids in texts.items():
-            with Engine.open(layout, cache_mb=cache_mb, approx=Approx(**kw)) as eng:
+            with Engine.open(standins_of(layout, label), cache_mb=cache_mb, approx=Approx(**kw)) as eng:
                 logits = np.concatenate([eng.forward([i]) for i in ids])
                 s = eng.stats()
             if not kw:
@@ -199,6 +224,8 @@ def main() -> None:
     ids_path = work / "modes-decode-ids.json"
     ids_path.write_text(json.dumps(common.random_ids(N_PROMPT + a.tokens, a.seed + 1, common.MIXTRAL.vocab)))
     child = ["--child-speed", str(lay_dir), str(expert_bytes * BUDGET / 2**20 + 1), str(ids_path)]
+    for label in SMALLER_SETTINGS:
+        standins_of(lay_dir, label)  # before the timed runs
     common.drop_caches()
     common.run_child(__file__, [*child, "{}"])  # untimed: numba's cache, the host's cache of the disk, warmed alike
     runs: dict[str, list[dict]] = {label: [] for label, _ in SETTINGS}
@@ -209,7 +236,7 @@ def main() -> None:
                 noisy += not common.wait_quiet(a.wait_quiet)
             n_runs += 1
             cold &= common.drop_caches()
-            r = common.run_child(__file__, [*child, json.dumps(kw)])
+            r = common.run_child(__file__, [child[0], str(standins_of(lay_dir, label)), *child[2:], json.dumps(kw)])
             runs[label].append(r)
             print(f"speed {label}: " + (f"{r['decode_tok_s']:.2f} tok/s, {r['gb_per_token']:.3f} GB/token"
                                         if "error" not in r else r["error"]), file=sys.stderr, flush=True)
@@ -249,8 +276,9 @@ def main() -> None:
         "nor on its way in by a resident one the router nearly chose: choice score within δ x the token's routed mass "
         "(the sum of its chosen experts' scores), its weight from its own score, never the token's top-1 unless asked; "
         f"**stand-ins σ** (`--standin-share S [--standin-cache C] [--standin-fill]`, the layout carrying {STANDINS} "
-        "copies of its experts from `convert --standins`) computes a chosen expert that is not in memory with its "
-        "stand-in when its share is below σ (σ=1: every miss), prefetches the next layer's guesses the same way (by "
+        f"copies of its experts from `convert --standins`, or {SMALLER} ones where the setting says so) computes a "
+        "chosen expert that is not in memory with its stand-in when its share is below σ (σ=1: every miss), prefetches "
+        "the next layer's guesses the same way (by "
         "their predicted share), keeps stand-ins in a cache of their own (C of the budget, 0.5 by default, all but one "
         "layer's experts when σ=1 without fill), and with fill also loads the full expert for later tokens "
         "(definitions: mertools/runtime/approx.py).",
@@ -265,7 +293,8 @@ def main() -> None:
         "re-reads. GB read/token counts every expert read (prefetches and stand-ins included); skipped / "
         f"replaced / stand-ins: expert choices per token, of {cfg.n_experts_used * cfg.n_layers} "
         f"({cfg.n_experts_used} x {cfg.n_layers} layers).",
-        f"Fidelity: the trained fixture (fixtures/trained) converted to q4_0 with {STANDINS} stand-ins (the same "
+        f"Fidelity: the trained fixture (fixtures/trained) converted to q4_0 with {STANDINS} stand-ins ({SMALLER} where "
+        "the setting says so; ggml's quantizers, bit for bit, the importance matrix of the smaller one all ones) (the same "
         f"{cfg.n_layers} x {cfg.n_experts} top-{cfg.n_experts_used} grid) through an expert cache of {BUDGET:g}x "
         f"({fid['exact']['held-out']['slots']} of its 32 experts), lookahead prefetch, the built-in verify paragraph "
         f"({len(texts['built-in'])} tokens) and the held-out Julius Caesar snippet ({len(texts['held-out'])} tokens) "
