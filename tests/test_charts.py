@@ -82,7 +82,8 @@ def test_real_doc_known_cells() -> None:
     assert numbers(decode.cells("GB read/token")[0]) == (0.69, 0.62)  # header "GB read/token (needed)"
 
     fm = read_section(DOC, "full_size_modes").table()
-    assert len(fm.rows) == 7 and fm.cells("setting")[2] == "stand-ins σ=1" and fm.numbers("tok/s")[2] == 0.551
+    assert len(fm.rows) == 9 and fm.cells("setting")[2] == "stand-ins σ=1, q2_k" and fm.numbers("tok/s")[2] == 0.615
+    assert fm.cells("setting")[7] == "stand-ins σ=1, iq2_xxs" and fm.numbers("tok/s")[7] == 0.603
 
 
 def test_every_charted_section_links_its_chart() -> None:
