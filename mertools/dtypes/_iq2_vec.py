@@ -13,7 +13,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mertools.kernels.simd import LANES, F32x16, vty
+from mertools.kernels.simd import LANES, F32x16, tree_reduce, vty
 
 _I32 = ir.IntType(32)
 
@@ -51,14 +51,7 @@ def vhmin(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        x = args[0]
-        n = LANES
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n))))
-            hi = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n, 2 * n))))
-            x = builder.select(builder.fcmp_ordered("<", hi, lo), hi, lo)
-        return builder.extract_element(x, ir.Constant(_I32, 0))
+        return tree_reduce(builder, args[0], lambda hi, lo: builder.select(builder.fcmp_ordered("<", hi, lo), hi, lo))
 
     return types.float32(v), codegen
 

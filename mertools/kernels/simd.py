@@ -113,6 +113,17 @@ def _src_dst_ok(src, src_dtype, dst) -> bool:
     return is_carray(src, src_dtype) and is_carray(dst, types.float32)
 
 
+def tree_reduce(builder, x, combine):  # noqa: ANN001, ANN201 - llvmlite values
+    """Lane 0 of x's 16 lanes folded as a fixed tree (8+8, 4+4, 2+2, 1+1) with combine(hi, lo) -> lanes."""
+    n = LANES
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n, 2 * n))))
+        x = combine(hi, lo)
+    return builder.extract_element(x, ir.Constant(_I32, 0))
+
+
 def _call(builder, name: str, ret: ir.Type, args: list):
     mod = builder.module
     fnty = ir.FunctionType(ret, [a.type for a in args])
@@ -308,14 +319,7 @@ def vhsum(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        x = args[0]
-        n = LANES
-        while n > 1:
-            n //= 2
-            lo = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n))))
-            hi = builder.shuffle_vector(x, x, ir.Constant(vty(_I32, n), list(range(n, 2 * n))))
-            x = builder.fadd(lo, hi)
-        return builder.extract_element(x, ir.Constant(_I32, 0))
+        return tree_reduce(builder, args[0], lambda hi, lo: builder.fadd(lo, hi))  # lo first, as before (NaN payloads)
 
     return types.float32(v), codegen
 
