@@ -16,7 +16,7 @@ from test_int8 import _bits, _inputs
 from test_more_types_k import MT, PROMPT, ROLE, write_gguf
 
 from mertools.convert.pipeline import ConvertOptions, convert
-from mertools.dtypes import DTYPES, KIND, auto_dtype, iq2_xxs
+from mertools.dtypes import CONVERT_CHOICES, DTYPES, KIND, auto_dtype, iq2_xxs
 from mertools.dtypes._iq2grid import GRID, KSIGNS
 from mertools.dtypes._k8iq2 import signed_grid
 from mertools.kernels import dequantize, int8
@@ -156,9 +156,10 @@ def test_the_twin_is_ggmls_dot_product() -> None:
     assert np.array_equal(_bits(ref.matmul8(x, w, "iq2_xxs")[0]), _bits(want))
 
 
-def test_iq2_xxs_is_kept_under_auto_and_copied_only() -> None:
+def test_iq2_xxs_is_kept_under_auto_and_a_conversion_target() -> None:
     t = DTYPES["iq2_xxs"]
-    assert auto_dtype("iq2_xxs") == "iq2_xxs" and t.expert and t.quantize is None and KIND["iq2_xxs"] == 16
+    assert auto_dtype("iq2_xxs") == "iq2_xxs" and t.expert and KIND["iq2_xxs"] == 16
+    assert t.quantize is not None and "iq2_xxs" in CONVERT_CHOICES
     assert t.bits_per_weight == 2.0625 and t.verify is not None
 
 

@@ -7,8 +7,9 @@ index the sign pattern of point l (ggml's ksigns_iq2xs, `_iq2grid.KSIGNS`: the 7
 set negates coordinate j) and bits 28-31 are the scale ls. x = (d * (0.5 + ls) * 0.25) * grid[aux0 byte l][j] * (+-1)
 (ggml's dequantize_row_iq2_xxs and gguf-py). d has 11 significant bits and 0.5 + ls 5, the coordinates 6: every
 weight is exact in float32, so the order of those products never matters (here: the scale times the signed
-coordinate, one multiply, which keeps NaN and signed zeros as the reference's two multiplies do). No quantizer here
-(`quantize` None: layouts copy the file's blocks); ggml's needs its grid's neighbour search (dtypes/_iq2_quant.py).
+coordinate, one multiply, which keeps NaN and signed zeros as the reference's two multiplies do). The quantizer is
+ggml's quantize_iq2_xxs bit for bit with an all-ones importance matrix (dtypes/_iq2_quant.py; ggml itself insists
+on an imatrix, which `mertools convert` has none of); it raises where ggml aborts (float32 overflow in its search).
 
 Decode (matvec, prefill tile): per 16 weights two grid loads (one uint64 each, the 8 coordinate bytes), the 16 sign
 bits of `_k8iq2.block_masks` as a mask negating bytes, widened to float32 and times the group's scale: exactly
@@ -51,6 +52,7 @@ from mertools.kernels.simd import (
     vzero,
 )
 
+from ._iq2_quant import quantize, quantize_reference
 from ._iq2grid import GRID, KSIGNS
 from ._k8iq2 import BYTES, block_masks, byte_ptr, grid_entry, index_base, iq2_xxs_int8_reference, signed_grid
 from .base import DType, Thresholds, f16_from_bytes
@@ -196,8 +198,9 @@ def matvec_group(x, w, r0, out):
 TYPE = DType(
     "iq2_xxs", 16, 256, BYTES, scale_offsets=(0,),
     # provisional, looser than q2_k's (2.06 bits a weight against 2.625): to be calibrated on the trained fixture by
-    # benchmarks/bench_types.py once the quantizer (dtypes/_iq2_quant.py) is wired in
+    # benchmarks/bench_types.py
     verify=Thresholds(kl_mean=0.5, top1=0.7, ppl_ratio=1.9),
+    quantize=quantize, quantize_reference=quantize_reference,
     dequantize=dequantize, dequantize_reference=dequantize_reference,
     int8_reference=iq2_xxs_int8_reference,
 )
