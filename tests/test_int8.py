@@ -269,8 +269,8 @@ def test_what_the_kernels_do_not_take_stays_exact() -> None:
 
 
 def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
-    """The same products compiled for a CPU without AVX-512 (Haswell: AVX2 and F16C, which the half loads need),
-    where simd8's dpbusd is plain IR (widening multiplies and adds)."""
+    """The same products compiled for a CPU named Haswell with no features named (so the portable IR: simd8's dpbusd
+    as widening multiplies and adds; the AVX2 path is the host's on AVX2-only CPUs, its dpbusd checked below)."""
     code = (
         "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
@@ -287,6 +287,43 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
     )
     env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+_DPBUSD_CHECK = """
+import numpy as np
+from numba import njit
+from mertools.kernels import simd, simd8
+from mertools.kernels.simd import vstore, vtof
+from mertools.kernels.simd8 import bytes64, dpbusd, izero
+assert not simd8.VNNI and simd.AVX2 == (PATH == "avx2"), (simd.AVX2, PATH)
+
+@njit
+def two_dots(u, s, out):  # acc = u[:64].s[:64] then + u[64:].s[64:], lane i summing bytes 4i..4i+3
+    a = dpbusd(izero(), bytes64(u, 0), bytes64(s, 0))
+    vstore(out, 0, vtof(dpbusd(a, bytes64(u, 64), bytes64(s, 64))))
+
+rng = np.random.default_rng(0)
+cases = [rng.integers(0, 256, 128), np.full(128, 255), np.full(128, 255), rng.integers(0, 16, 128)]
+signs = [rng.integers(-128, 128, 128), np.full(128, -128), np.full(128, 127), rng.integers(-128, 128, 128)]
+for u, s in zip(cases, signs):
+    out = np.empty(16, np.float32)
+    two_dots(u.astype(np.uint8), s.astype(np.int8).view(np.uint8), out)  # bytes64 loads uint8 arrays
+    want = (u.reshape(2, 16, 4).astype(np.int64) * s.reshape(2, 16, 4)).sum(axis=(0, 2))
+    assert np.array_equal(out, want.astype(np.float32)), (out, want)  # |want| < 2^24: exact in float32
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("path", ["avx2", "portable"])
+def test_dpbusd_without_vnni_gives_vnnis_sums(path: str, tmp_path: Path) -> None:
+    """simd8.dpbusd compiled for a CPU without AVX-512 VNNI, with AVX2 (int16 vpmaddwd) or none (widening
+    multiplies): the integer sums vpdpbusd gives, extreme bytes (255 x -128: pairs beyond int16) included."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    if path == "avx2":
+        env["NUMBA_CPU_FEATURES"] = "+avx,+avx2,+fma,+f16c"
+    code = f"PATH = {path!r}\n" + _DPBUSD_CHECK
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

@@ -41,8 +41,12 @@ _F32 = ir.FloatType()
 
 def _host_has(*features: str) -> bool:
     """Whether the CPU numba compiles for has all these features (numba compiles for the host unless
-    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise; then the portable IR is used)."""
-    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise: then only the features NUMBA_CPU_FEATURES names, as
+    "+avx2,+fma", count, and with none the portable IR is used)."""
+    if numba.config.CPU_FEATURES:
+        named = {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f[:1] in "+-" and len(f) > 1}
+        return all(named.get(f, False) for f in features)
+    if numba.config.CPU_NAME:
         return False
     try:
         have = llvm.get_host_cpu_features()
