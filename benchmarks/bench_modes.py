@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="timed runs of each setting (interleaved)")
     ap.add_argument("--wait-quiet", type=float, default=20.0, help="seconds to wait for an idle machine before a run")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--fidelity-only", action="store_true",
+                    help="part (a) alone: print each setting's fidelity on the trained fixture (minutes), write nothing")
     ap.add_argument("--child-speed", nargs=4)
     a = ap.parse_args()
     if a.child_speed:
@@ -200,6 +202,15 @@ def main() -> None:
     held_out = (TRAINED / "held-out-julius-caesar.txt").read_text(encoding="utf-8")
     texts = {"built-in": tok.encode(DEFAULT_TEXT)[:a.fidelity_tokens], "held-out": tok.encode(held_out)[:a.fidelity_tokens]}
     fid = fidelity(trained, texts, SETTINGS)
+    if a.fidelity_only:
+        print("| setting | mean KL (built-in / held-out) | top-1 (built-in / held-out) | perplexity ratio | MB read/token |")
+        print("|---|---|---|---|---|")
+        for label, _ in SETTINGS:
+            fb, fh = fid[label]["built-in"], fid[label]["held-out"]
+            print(f"| {label} | {fb['kl_mean']:.4f} / {fh['kl_mean']:.4f} | {fb['top1_agreement']:.1%} / "
+                  f"{fh['top1_agreement']:.1%} | {fb['ppl_ratio']:.3f} / {fh['ppl_ratio']:.3f} | "
+                  f"{fb['mb_per_token']:.2f} / {fh['mb_per_token']:.2f} |")
+        return
     # for scale: the exact engine against verify's float64 reference of the checkpoint
     ref = ReferenceModel.from_source(CHECKPOINT)
     from mertools.runtime.engine import Engine
