@@ -426,6 +426,46 @@ def test_simd_table_lookup_paths(path: str, monkeypatch: pytest.MonkeyPatch) -> 
         np.testing.assert_array_equal(out, table[idx & 15])
 
 
+_Q4_0_GROUPS = """
+import numpy as np, sys
+from numba import njit
+from mertools.dtypes import q4_0
+from mertools.kernels import quantize
+
+@njit(cache=False)
+def rows(x, w, out):  # q4_0's decode kernel alone (matvec's dispatch would compile every type)
+    for r0 in range(0, w.shape[0], 4):
+        q4_0.matvec_group(x, w, r0, out)
+
+rng = np.random.default_rng(0)
+w = quantize(rng.standard_normal((64, 512)).astype(np.float32) * np.float32(3), "q4_0")
+w[5, :2] = (0x00, 0x7C)  # d = inf: inf and NaN weights propagate alike
+x = rng.standard_normal(512).astype(np.float32)
+out = np.empty(64, np.float32)
+rows(x, w, out)
+sys.stdout.write(out.view(np.uint32).tobytes().hex())
+"""
+
+
+def test_q4_0_decode_without_avx512_gives_the_tables_bits(tmp_path) -> None:
+    """Without AVX-512, Q4_0's matvec converts q - 8 instead of looking up its table of (k - 8) * d: the same products.
+    Compiled for the host and for a CPU with no features named (the conversion, on any host), the bits agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    outs = []
+    for extra in ({}, {"NUMBA_CPU_NAME": "haswell"}):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(root), **extra}
+        run = subprocess.run([sys.executable, "-c", _Q4_0_GROUPS], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outs.append(np.frombuffer(bytes.fromhex(run.stdout), np.uint32))
+    assert outs[0].size == 64 and np.isnan(outs[0].view(np.float32)[5]) and np.array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_attention_kernel_matches_the_numpy_path(window: int, sinks: bool) -> None:

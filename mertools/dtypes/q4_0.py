@@ -28,11 +28,13 @@ from mertools.kernels.common import (
     prefetch_lines,
 )
 from mertools.kernels.simd import (
+    AVX512,
     decode_nibbles16,
     half_at,
     half_splat,
     nib16,
     vadd,
+    vand15,
     vfma,
     vhsum,
     viota_minus8,
@@ -40,8 +42,10 @@ from mertools.kernels.simd import (
     vlut16,
     vmul,
     vshr4,
+    vtof,
     vzero,
 )
+from mertools.kernels.simd8 import isub
 
 from .base import DType, Int8Pack, Thresholds, cast_low_byte, f16_bytes, f16_from_bytes
 
@@ -157,9 +161,13 @@ def tile_row(wr, k0, kc, buf, r):
 @njit(**MATVEC_JIT)
 def _block(wr, o, base, xl, xh, a, b):
     """One row's share of the block at byte o: (a, b) += its weights 0-15 * xl, 16-31 * xh."""
-    t = vmul(base, half_splat(wr, o))  # (k - 8) * d, k = 0..15
     q = nib16(wr, o + 2)
-    return vfma(vlut16(t, q), xl, a), vfma(vlut16(t, vshr4(q)), xh, b)
+    if AVX512:  # a table of (k - 8) * d, k = 0..15, looked up by one vpermps per 16 weights
+        t = vmul(base, half_splat(wr, o))
+        return vfma(vlut16(t, q), xl, a), vfma(vlut16(t, vshr4(q)), xh, b)
+    # elsewhere a lookup costs two permutes and a blend per 8 lanes: convert q - 8 instead (the table's products)
+    d = half_splat(wr, o)
+    return vfma(vmul(vtof(isub(vand15(q), 8)), d), xl, a), vfma(vmul(vtof(isub(vshr4(q), 8)), d), xh, b)
 
 
 @njit(**MATVEC_JIT)

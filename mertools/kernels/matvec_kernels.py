@@ -29,7 +29,7 @@ from mertools.kernels.common import MATVEC_JIT, R
 from mertools.kernels.dispatch import matvec_group
 
 # numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
-# (last: IQ2_XXS) changes this file too, so that a cache made before it is not used
+# (last: IQ2_XXS, then Q4_0 off AVX-512) changes this file too, so that a cache made before it is not used
 
 __all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "silu_mul_scalar"]
 
