@@ -4,7 +4,6 @@ in place, the engine's int8 mode beside the exact one on the trained fixture, an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from cpu_target import HASWELL, HASWELL_AVX2, run_for_cpu
 
 from mertools.cli import main
 from mertools.convert.pipeline import ConvertOptions, convert
@@ -272,22 +272,20 @@ def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
     """The same products compiled for a CPU named Haswell with no features named (so the portable IR: simd8's dpbusd
     as widening multiplies and adds; the AVX2 path is the host's on AVX2-only CPUs, its dpbusd checked below)."""
     code = (
-        "import numpy as np, sys; sys.path.insert(0, 'tests'); from test_int8 import _weights, _inputs\n"
+        "import numpy as np; from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
         "assert not simd8.VNNI\n"
         "for dt in ('q4_0', 'q8_0', 'mxfp4', 'q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k'):\n"
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
         "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
         "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
-        "from test_iq2_xxs import blocks\n"  # a type without a quantizer: random blocks
+        "from test_iq2_xxs import blocks\n"  # random blocks: every grid index and sign pattern
         "w, x = blocks(32, 2, 1), _inputs(2, 512, 2)\n"
         "got = int8.matmul8(x, w, 'iq2_xxs', np.empty((2, 32), np.float32))\n"
         "assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, 'iq2_xxs').view(np.uint32))\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert run_for_cpu(code, tmp_path, HASWELL).strip() == "ok"
 
 
 _DPBUSD_CHECK = """
@@ -319,12 +317,8 @@ print("ok")
 def test_dpbusd_without_vnni_gives_vnnis_sums(path: str, tmp_path: Path) -> None:
     """simd8.dpbusd compiled for a CPU without AVX-512 VNNI, with AVX2 (int16 vpmaddwd) or none (widening
     multiplies): the integer sums vpdpbusd gives, extreme bytes (255 x -128: pairs beyond int16) included."""
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    if path == "avx2":
-        env["NUMBA_CPU_FEATURES"] = "+avx,+avx2,+fma,+f16c"
     code = f"PATH = {path!r}\n" + _DPBUSD_CHECK
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert run_for_cpu(code, tmp_path, HASWELL_AVX2 if path == "avx2" else HASWELL).strip() == "ok"
 
 
 # ---------------------------------------------------------------------- the engine

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from cpu_target import HASWELL, run_for_cpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -450,19 +451,7 @@ sys.stdout.write(out.view(np.uint32).tobytes().hex())
 def test_q4_0_decode_without_avx512_gives_the_tables_bits(tmp_path) -> None:
     """Without AVX-512, Q4_0's matvec converts q - 8 instead of looking up its table of (k - 8) * d: the same products.
     Compiled for the host and for a CPU with no features named (the conversion, on any host), the bits agree."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    outs = []
-    for extra in ({}, {"NUMBA_CPU_NAME": "haswell"}):
-        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(root), **extra}
-        run = subprocess.run([sys.executable, "-c", _Q4_0_GROUPS], cwd=root, env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        outs.append(np.frombuffer(bytes.fromhex(run.stdout), np.uint32))
+    outs = [np.frombuffer(bytes.fromhex(run_for_cpu(_Q4_0_GROUPS, tmp_path, cpu)), np.uint32) for cpu in ({}, HASWELL)]
     assert outs[0].size == 64 and np.isnan(outs[0].view(np.float32)[5]) and np.array_equal(outs[0], outs[1])
 
 
