@@ -77,8 +77,8 @@ def few_inputs(repeat: int) -> str:
         for n in range(1, 9):
             x = rng.standard_normal((n, cols)).astype(np.float32)
             out = np.empty((n, rows), np.float32)
-            per = _median(matvec_kernels.matvec_rows_for(kind), kind, x, copies, out, repeat)
-            tiled = _median(matmul_kernels.matmul_tiled_for(kind), kind, x, copies, out, repeat)
+            per = _median(matvec_kernels.matvec_rows, kind, x, copies, out, repeat)
+            tiled = _median(matmul_kernels.matmul_tiled, kind, x, copies, out, repeat)
             lines.append(f"| {dtype} | {n} | {per * 1e3:.1f} | {tiled * 1e3:.1f} | {tiled / per:.2f}x |")
         del copies, w
     return "\n".join(lines)

@@ -149,7 +149,7 @@ def test_decode_tile_is_dequantize_on_random_bytes(dtype: str) -> None:
         rb = min(common.RB, rows - r0)
         for k0 in range(0, cols, common.KC):
             kc = min(common.KC, cols - k0)
-            dispatch.decode_tile_of(KIND[dtype], raw, r0, rb, k0, kc, buf)
+            dispatch.decode_tile(KIND[dtype], raw, r0, rb, k0, kc, buf)
             same_floats(buf[:rb, :kc], full[r0 : r0 + rb, k0 : k0 + kc])
 
 

@@ -3,9 +3,7 @@
 A kernel serves every type with one compiled body, so the type arrives as a code (`kind`, the
 type's ggml type number, `mertools.dtypes.KIND`) and the branch below picks the type module's
 decoder, once per tile row (prefill) or per group of rows (decode). numba needs the chain of
-branches written out inside jitted code: a new type adds one branch to each function. Kernels call them through
-`kernels.kinds.switch` (`decode_tile(kinds, kind, ...)`, `matvec_group(kinds, kind, ...)`), which compiles only
-the branches of the types a kernel is given; `decode_tile_of` and `matvec_group_of` are the chains themselves.
+branches written out inside jitted code: a new type adds one branch to each function.
 
 numba's on-disk cache is keyed on each file's contents only (numba 0.68 hashes the source; a touch changes
 nothing), and a cached kernel holds its callees' code: after editing a type module, change this file and the
@@ -37,7 +35,6 @@ from mertools.dtypes import (
     q8_0,
 )
 from mertools.kernels.common import MATVEC_JIT, TILE_JIT
-from mertools.kernels.kinds import switch
 
 F32, F16, Q4_0, Q8_0, Q4_K = (m.TYPE.ggml_type for m in (f32, f16, q4_0, q8_0, q4_k))
 Q2_K, Q3_K, Q5_K, Q6_K, IQ4_XS = (m.TYPE.ggml_type for m in (q2_k, q3_k, q5_k, q6_k, iq4_xs))
@@ -45,8 +42,8 @@ Q4_1, Q5_0, Q5_1, IQ4_NL, BF16, MXFP4 = (m.TYPE.ggml_type for m in (q4_1, q5_0, 
 IQ2_XXS = iq2_xxs.TYPE.ggml_type
 
 
-@njit(inline="always", **TILE_JIT)
-def decode_tile_of(kind, w, r0, rb, k0, kc, buf):
+@njit(**TILE_JIT)
+def decode_tile(kind, w, r0, rb, k0, kc, buf):
     """buf[r, :kc] = W[r0 + r, k0:k0+kc] for r < rb, bit-identical to `dequantize`.
     w: uint8 (rows, row_bytes) of type code `kind`; buf: float32 (RB, KC)."""
     for r in range(rb):
@@ -87,8 +84,8 @@ def decode_tile_of(kind, w, r0, rb, k0, kc, buf):
             f32.tile_row(wr, k0, kc, buf, r)
 
 
-@njit(inline="always", **MATVEC_JIT)
-def matvec_group_of(kind, x, w, r0, out):
+@njit(**MATVEC_JIT)
+def matvec_group(kind, x, w, r0, out):
     """out[r0:r0+4] = W[r0:r0+4] @ x (fewer rows past the end). w: uint8 (rows, row_bytes) of type code `kind`."""
     if kind == Q4_0:
         q4_0.matvec_group(x, w, r0, out)
@@ -124,7 +121,3 @@ def matvec_group_of(kind, x, w, r0, out):
         f16.matvec_group(x, w, r0, out)
     else:
         f32.matvec_group(x, w, r0, out)
-
-
-decode_tile = switch(decode_tile_of)
-matvec_group = switch(matvec_group_of)

@@ -5,10 +5,7 @@ spent most of its expert time starting parallel regions and in Python between th
 products. `experts8` runs every (row, expert) pair of a step in two regions, each row alone, the same bits as the
 experts one at a time on `int8.swiglu8` / `int8.matmul8`:
 
-    experts8(kinds, x2, rows_of, addr, pair_kinds, rbs, d_ff, bias, act)   float32 (pairs, d_model)
-    experts8_for(kinds)(x2, rows_of, addr, pair_kinds, rbs, d_ff, bias, act)   the same, from Python
-
-kinds names every type code in pair_kinds (`kinds.key`): the kernels are compiled for those types alone.
+    experts8(x2, rows_of, addr, kinds, rbs, d_ff, bias, act)   float32 (pairs, d_model)
 
 For a plain SwiGLU (act[0] == 0) the activation is `silu_mul_scalar`; otherwise the GLU of `families.pieces.glu`
 (gate clamped above and up on both sides at a limit, (u + offset) * g * sigmoid(alpha g), gpt-oss) on the gate and
@@ -18,21 +15,18 @@ per-expert path (`RuntimeOps.glu`): numpy's float32 exp has no compiled twin, so
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 from numba import carray, njit, prange
 
 from mertools.kernels.act8 import formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT
 from mertools.kernels.int8 import GROUP, _group, groups_of, is_packed
-from mertools.kernels.kinds import codes_of
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import f32_ptr, u8_ptr
 
 # numba caches `_group`'s code inside this file's kernels, keyed on this file's contents: a type branch added to
 # `_group` (Q2_K and Q3_K's, IQ2_XXS's) changes this file too, so that a cache made before it is not used
-__all__ = ["experts8", "experts8_for", "glu_rows", "glu_scalar"]
+__all__ = ["experts8", "glu_rows", "glu_scalar"]
 
 
 @njit(inline="always", **MATVEC_JIT)
@@ -73,16 +67,16 @@ def _view_at(addr, rows, rb, kind):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _gate_up(kinds, a, rows_of, addr, pair_kinds, rbs, bias, act, h, u):
+def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, h, u):
     groups = groups_of(h.shape[1])
     xq, dx, nsum, kq, kd, ks = a
     for t in prange(rows_of.size * groups):
         p, g = t // groups, t % groups
         i = rows_of[p]
-        wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], pair_kinds[p, 0])
-        wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], pair_kinds[p, 1])
-        _group(kinds, pair_kinds[p, 0], xq, dx, nsum, kq, kd, ks, i, wg, g, h, p)
-        _group(kinds, pair_kinds[p, 1], xq, dx, nsum, kq, kd, ks, i, wu, g, u, p)
+        wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
+        wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
+        _group(kinds[p, 0], xq, dx, nsum, kq, kd, ks, i, wg, g, h, p)
+        _group(kinds[p, 1], xq, dx, nsum, kq, kd, ks, i, wu, g, u, p)
         end = min(GROUP * g + GROUP, h.shape[1])
         if act[0] == np.float32(0.0):
             for r in range(GROUP * g, end):
@@ -98,13 +92,13 @@ def _gate_up(kinds, a, rows_of, addr, pair_kinds, rbs, bias, act, h, u):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _down(kinds, a, addr, pair_kinds, rbs, bias, y):
+def _down(a, addr, kinds, rbs, bias, y):
     groups = groups_of(y.shape[1])
     xq, dx, nsum, kq, kd, ks = a
     for t in prange(y.shape[0] * groups):
         p, g = t // groups, t % groups
-        wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], pair_kinds[p, 2])
-        _group(kinds, pair_kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
+        wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
+        _group(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
         if bias[p, 2] != 0:
             db = carray(f32_ptr(bias[p, 2]), y.shape[1])
             for r in range(GROUP * g, min(GROUP * g + GROUP, y.shape[1])):
@@ -112,12 +106,11 @@ def _down(kinds, a, addr, pair_kinds, rbs, bias, y):
 
 
 @njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) runs a token's experts with it too
-def experts8(kinds: str, x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, pair_kinds: np.ndarray,
-             rbs: np.ndarray, d_ff: int, bias: np.ndarray, act: np.ndarray) -> np.ndarray:
+def experts8(x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, kinds: np.ndarray, rbs: np.ndarray, d_ff: int,
+             bias: np.ndarray, act: np.ndarray) -> np.ndarray:
     """float32 (P, d_model): for each pair p, the expert whose gate, up and down start at the addresses addr[p] (cache
-    slots' bytes; type codes pair_kinds[p], each named in `kinds`, row bytes rbs[p], as `int8.prepare` left them)
-    applied to row rows_of[p] of x2 (float32 C (n, d_model)). bias[p]: the addresses of its gate, up and down
-    biases (float32 in its slot; 0: none).
+    slots' bytes; type codes kinds[p], row bytes rbs[p], as `int8.prepare` left them) applied to row rows_of[p] of
+    x2 (float32 C (n, d_model)). bias[p]: the addresses of its gate, up and down biases (float32 in its slot; 0: none).
     act: float32 (3,) (alpha, limit, up offset) of a GLU, alpha 0 for a plain SwiGLU. The same bits as the expert's
     products on `int8.swiglu8` / `int8.matmul8` and its activation (`silu_mul_scalar`, `glu_rows`) one expert at a
     time, each row alone either way."""
@@ -125,21 +118,9 @@ def experts8(kinds: str, x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, 
     h, u = np.empty((n_pairs, d_ff), np.float32), np.empty((n_pairs, d_ff), np.float32)
     f_in, f_down = 0, 0
     for p in range(n_pairs):  # the activation formats the pairs' weights read
-        f_in |= formats_of(pair_kinds[p, 0]) | formats_of(pair_kinds[p, 1])
-        f_down |= formats_of(pair_kinds[p, 2])
-    _gate_up(kinds, quantize_act(x2, f_in), rows_of, addr, pair_kinds, rbs, bias, act, h, u)
+        f_in |= formats_of(kinds[p, 0]) | formats_of(kinds[p, 1])
+        f_down |= formats_of(kinds[p, 2])
+    _gate_up(quantize_act(x2, f_in), rows_of, addr, kinds, rbs, bias, act, h, u)
     y = np.empty((n_pairs, d_model), np.float32)
-    _down(kinds, quantize_act(h, f_down), addr, pair_kinds, rbs, bias, y)
+    _down(quantize_act(h, f_down), addr, kinds, rbs, bias, y)
     return y
-
-
-@cache  # one per set of expert types met (a tier's: kernels/kinds.py)
-def experts8_for(kinds: str):  # noqa: ANN201 - a jitted function
-    """`experts8` compiled for the type codes `kinds` names: run(x2, rows_of, addr, pair_kinds, rbs, d_ff, bias,
-    act)."""
-    codes_of(kinds)  # a malformed string fails here, not inside the compiler
-
-    @njit(**MATVEC_JIT)
-    def run(x2, rows_of, addr, pair_kinds, rbs, d_ff, bias, act):
-        return experts8(kinds, x2, rows_of, addr, pair_kinds, rbs, d_ff, bias, act)
-    return run

@@ -16,14 +16,11 @@ row of x (never on n or on its neighbours), and the chains stay short (KC terms,
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 from numba import njit, prange
 
 from mertools.kernels.common import KC, RB
 from mertools.kernels.dispatch import decode_tile
-from mertools.kernels.kinds import key
 from mertools.kernels.simd import vadd, vfma, vload, vsplat, vstore, vzero
 
 # numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
@@ -93,9 +90,9 @@ def _micro4x1(xt, cols, np_, k0, kc, buf, r, i0, acc):
 
 
 @njit(parallel=True, **_JIT)
-def matmul_gemm(kinds, kind, xt, n, w, out):
+def matmul_gemm(kind, xt, n, w, out):
     """out (n, rows) = x @ W.T from xt = `panels(x)`, (NP/16, cols, 16) float32.
-    w: uint8 (rows, row_bytes) of dtype code `kind` (kinds: `kinds.key` of it)."""
+    w: uint8 (rows, row_bytes) of dtype code `kind`."""
     cols = xt.shape[1]
     np_ = 16 * xt.shape[0]
     rows = w.shape[0]
@@ -109,7 +106,7 @@ def matmul_gemm(kinds, kind, xt, n, w, out):
             acc[:] = 0.0
             for k0 in range(0, cols, KG):
                 kc = min(KG, cols - k0)
-                decode_tile(kinds, kind, w, r0, rb, k0, kc, buf)
+                decode_tile(kind, w, r0, rb, k0, kc, buf)
                 # 64 inputs x KG columns of x (64 KiB, 4 contiguous runs) serve the tile's 4 row quads
                 for i0 in range(0, n64, 64):
                     for r in range(0, rb, 4):  # rows past rb (stale in buf) are computed, not stored
@@ -120,17 +117,6 @@ def matmul_gemm(kinds, kind, xt, n, w, out):
             for r in range(rb):
                 for i in range(n):
                     out[i, r0 + r] = acc[r * np_ + i]
-
-
-@cache  # entries compiled for the type code they are given (kernels/kinds.py)
-def matmul_gemm_for(kind: int):  # noqa: ANN201 - a jitted function
-    """`matmul_gemm` for type code `kind` alone: run(kind, xt, n, w, out)."""
-    kinds = key(kind)
-
-    @njit(**_JIT)
-    def run(kind, xt, n, w, out):
-        matmul_gemm(kinds, kind, xt, n, w, out)
-    return run
 
 
 def panels(x: np.ndarray) -> np.ndarray:

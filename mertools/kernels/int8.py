@@ -36,8 +36,6 @@ the model; this path's difference from them is reported by `mertools verify --ke
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 from numba import njit, prange
 
@@ -46,7 +44,6 @@ from mertools.dtypes.base import SCALE_BYTES
 from mertools.errors import QuantizationError
 from mertools.kernels.act8 import PACKED_K, Q8_K_ACT, formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
-from mertools.kernels.kinds import key, switch
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzero
 from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
@@ -229,7 +226,7 @@ def _packed_group(xq, dx, nsum, i, wp, g, geo, out, io):
 
 
 @njit(inline="always", **MATVEC_JIT)  # inlined, and arrays not a tuple: per-call costs were a fifth of a small product
-def _group_body(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
+def _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
     """out[io, 16g:16g+16] (fewer past the end) = rows 16g.. of W (type code `kind`, as `prepare` left it) times row
     i of the activations (an `act8.Act8`'s arrays; the type's format filled in). Regions unpack their Act8 before
     their loop and pass its arrays here."""
@@ -255,9 +252,6 @@ def _group_body(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, io):
                 _k8.k4_group(kq, kd, ks, i, w, r0, out, io, kind == Q5_K)
 
 
-_group = switch(_group_body, inline=True)
-
-
 @njit(inline="always", **MATVEC_JIT)
 def groups_of(rows):
     """The groups (of GROUP rows; the last maybe short, for a type read as it is) of a weight with `rows` rows."""
@@ -265,150 +259,101 @@ def groups_of(rows):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _matmul8(kinds, kind, a, w, out):
+def _matmul8(kind, a, w, out):
     xq, dx, nsum, kq, kd, ks = a
     for g in prange(groups_of(out.shape[1])):
         for i in range(out.shape[0]):
-            _group(kinds, kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, i)
+            _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, i)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _swiglu8(kinds, a, kg, wg, ku, wu, h, u):
+def _swiglu8(a, kg, wg, ku, wu, h, u):
     xq, dx, nsum, kq, kd, ks = a
     for g in prange(groups_of(h.shape[1])):
         for i in range(h.shape[0]):
-            _group(kinds, kg, xq, dx, nsum, kq, kd, ks, i, wg, g, h, i)
-            _group(kinds, ku, xq, dx, nsum, kq, kd, ks, i, wu, g, u, i)
+            _group(kg, xq, dx, nsum, kq, kd, ks, i, wg, g, h, i)
+            _group(ku, xq, dx, nsum, kq, kd, ks, i, wu, g, u, i)
             for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 
 
-@njit(inline="always", **MATVEC_JIT)
-def _k_row_body(kind, kq, kd, ks, i0, w, r, out):
-    if kind == Q6_K:
-        _k8.q6_k_rows(kq, kd, i0, w, r, out)
-    elif kind == Q2_K or kind == Q3_K:
-        _k8low.low_k_rows(kq, kd, ks, i0, w, r, out, kind == Q3_K)
-    elif kind == IQ2_XXS:
-        _k8iq2.iq2_xxs_rows(kq, kd, i0, w, r, out)
-    else:
-        _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
-
-
 @njit(parallel=True, **MATVEC_JIT)
 def _k_rows(kind, kq, kd, ks, w, out):
-    """out (n, rows) = x @ W.T for a K type's weight (type code `kind`, a literal: `_rows`) and many q8_K rows: each
-    task K_ROW_BLOCK weight rows, each row against 8 activation rows at a time (`_k8.k4_rows`: the row's codes
-    decoded once for the 8); the bits of `_matmul8`'s rows."""
+    """out (n, rows) = x @ W.T for a K type's weight and many q8_K rows: each task K_ROW_BLOCK weight rows, each row
+    against 8 activation rows at a time (`_k8.k4_rows`: the row's codes decoded once for the 8); the bits of
+    `_matmul8`'s rows."""
     n, rows = out.shape
     for t in prange((rows + K_ROW_BLOCK - 1) // K_ROW_BLOCK):
         for i0 in range(0, n, 8):
             for r in range(K_ROW_BLOCK * t, min(K_ROW_BLOCK * t + K_ROW_BLOCK, rows)):
-                _k_row(kind, kind, kq, kd, ks, i0, w, r, out)
-
-
-@njit(inline="always", **MATVEC_JIT)
-def _kp_row_body(kind, kq, kd, ks, i0, w, g, out):
-    if kind == Q4_KP:
-        _k8packed.q4_k_packed_rows4(kq, kd, ks, i0, w, g, out)
-    else:
-        _k8packed.q6_k_packed_rows2(kq, kd, ks, i0, w, g, out)
-        if i0 + 2 < out.shape[0]:
-            _k8packed.q6_k_packed_rows2(kq, kd, ks, i0 + 2, w, g, out)
+                if kind == Q6_K:
+                    _k8.q6_k_rows(kq, kd, i0, w, r, out)
+                elif kind == Q2_K or kind == Q3_K:
+                    _k8low.low_k_rows(kq, kd, ks, i0, w, r, out, kind == Q3_K)
+                elif kind == IQ2_XXS:
+                    _k8iq2.iq2_xxs_rows(kq, kd, i0, w, r, out)
+                else:
+                    _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
 
 
 @njit(parallel=True, **MATVEC_JIT)
 def _kp_rows(kind, kq, kd, ks, w, out):
     """`_k_rows` for a packed K weight: each task a group of 16 rows against 4 activation rows at a time (Q4_K:
     `_k8packed.q4_k_packed_rows4`, the group's codes decoded once for the 4; Q6_K by 2, `q6_k_packed_rows2`)."""
+    n = out.shape[0]
     for g in prange(groups_of(out.shape[1])):
-        for i0 in range(0, out.shape[0], 4):
-            _kp_row(kind, kind, kq, kd, ks, i0, w, g, out)
-
-
-@njit(inline="always", **MATVEC_JIT)
-def _rows_body(kind, kq, kd, ks, w, out):
-    if kind == Q4_KP or kind == Q6_KP:
-        _kp_rows(kind, kq, kd, ks, w, out)
-    else:
-        _k_rows(kind, kq, kd, ks, w, out)
-
-
-_k_row, _kp_row, _rows = switch(_k_row_body), switch(_kp_row_body), switch(_rows_body)
+        for i0 in range(0, n, 4):
+            if kind == Q4_KP:
+                _k8packed.q4_k_packed_rows4(kq, kd, ks, i0, w, g, out)
+            else:
+                _k8packed.q6_k_packed_rows2(kq, kd, ks, i0, w, g, out)
+                if i0 + 2 < n:
+                    _k8packed.q6_k_packed_rows2(kq, kd, ks, i0 + 2, w, g, out)
 
 
 # compiled callers of the regions: the activations never cross into Python (boxing 7 arrays and back cost ~10 us,
-# a fifth of a small expert's product). Python picks the prompt's kernels (`_uses_rows`): a branch here would
-# compile them for every type.
+# a fifth of a small expert's product)
 @njit(**MATVEC_JIT)
-def _vec8(kinds, kind, x2, w, out):
-    _matmul8(kinds, kind, quantize_act(x2, formats_of(kind)), w, out)
-
-
-@njit(**MATVEC_JIT)
-def _rows8(kinds, kind, x2, w, out):
-    a = quantize_act(x2, Q8_K_ACT)
-    _rows(kinds, kind, a.kq, a.kd, a.ks, w, out)
+def _rows_kernel(kind):
+    """Whether a prompt's rows of a weight of type code `kind` go to `_k_rows` / `_kp_rows` (a K type)."""
+    return formats_of(kind) == Q8_K_ACT
 
 
 @njit(**MATVEC_JIT)
-def _vec_swiglu8(kinds, x2, kg, wg, ku, wu, h, u):
-    _swiglu8(kinds, quantize_act(x2, formats_of(kg) | formats_of(ku)), kg, wg, ku, wu, h, u)
+def _prompt(kind, kq, kd, ks, w, out):
+    if kind < PACKED_K:
+        _k_rows(kind, kq, kd, ks, w, out)
+    else:
+        _kp_rows(kind, kq, kd, ks, w, out)
 
 
 @njit(**MATVEC_JIT)
-def _rows_swiglu8(kinds, x2, kg, wg, ku, wu, h, u):
-    a = quantize_act(x2, Q8_K_ACT)
-    _rows(kinds, kg, a.kq, a.kd, a.ks, wg, h)
-    _rows(kinds, ku, a.kq, a.kd, a.ks, wu, u)
-    for i in range(h.shape[0]):
-        for r in range(h.shape[1]):
-            h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+def _quantized_matmul8(kind, x2, w, out):
+    a = quantize_act(x2, formats_of(kind))
+    if x2.shape[0] >= K_ROWS_MIN and _rows_kernel(kind):
+        _prompt(kind, a.kq, a.kd, a.ks, w, out)
+    else:
+        _matmul8(kind, a, w, out)
 
 
-def _uses_rows(n: int, *codes: int) -> bool:
-    """Whether n activation rows of weights of these type codes run the prompt kernels (`_k_rows`, `_kp_rows`)."""
-    return n >= K_ROWS_MIN and all(formats_of(c) == Q8_K_ACT for c in codes)
-
-
-@cache  # one per type and path met: a handful
-def _matmul8_for(kind: int, rows: bool):  # noqa: ANN202 - a jitted function
-    """`_rows8` (rows) or `_vec8` compiled for type code `kind` alone (`kinds.switch`), called without numba's
-    per-call dispatch on a literal (~6 ms)."""
-    kinds = key(kind)
-    if rows:
-        @njit(**MATVEC_JIT)
-        def run(kind, x2, w, out):
-            _rows8(kinds, kind, x2, w, out)
-        return run
-
-    @njit(**MATVEC_JIT)
-    def run(kind, x2, w, out):
-        _vec8(kinds, kind, x2, w, out)
-    return run
-
-
-@cache
-def _swiglu8_for(kg: int, ku: int, rows: bool):  # noqa: ANN202 - a jitted function
-    """`_matmul8_for` of the gated pair: `_rows_swiglu8` or `_vec_swiglu8` for type codes kg, ku."""
-    kinds = key(kg, ku)
-    if rows:
-        @njit(**MATVEC_JIT)
-        def run(x2, kg, wg, ku, wu, h, u):
-            _rows_swiglu8(kinds, x2, kg, wg, ku, wu, h, u)
-        return run
-
-    @njit(**MATVEC_JIT)
-    def run(x2, kg, wg, ku, wu, h, u):
-        _vec_swiglu8(kinds, x2, kg, wg, ku, wu, h, u)
-    return run
+@njit(**MATVEC_JIT)
+def _quantized_swiglu8(x2, kg, wg, ku, wu, h, u):
+    a = quantize_act(x2, formats_of(kg) | formats_of(ku))
+    if x2.shape[0] >= K_ROWS_MIN and _rows_kernel(kg) and _rows_kernel(ku):
+        _prompt(kg, a.kq, a.kd, a.ks, wg, h)
+        _prompt(ku, a.kq, a.kd, a.ks, wu, u)
+        for i in range(h.shape[0]):
+            for r in range(h.shape[1]):
+                h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+    else:
+        _swiglu8(a, kg, wg, ku, wu, h, u)
 
 
 def matmul8_kind(x2: np.ndarray, w: np.ndarray, kind: int, out: np.ndarray) -> np.ndarray:
     """out (n, rows) = x2 @ W.T, x2 float32 C (n, cols), w W's bytes as taken by type code `kind` (`prepared_kind`
     after `prepare`, or a K type's file bytes by its own code); each row of x2 computed alone (the same bits whatever
     n)."""
-    _matmul8_for(kind, _uses_rows(x2.shape[0], kind))(kind, x2, w, out)
+    _quantized_matmul8(kind, x2, w, out)
     return out
 
 
@@ -422,7 +367,7 @@ def swiglu8_kind(x2: np.ndarray, wg: np.ndarray, kg: int, wu: np.ndarray, ku: in
     `matmul8_kind`) sharing x2's quants."""
     n = x2.shape[0]
     h, u = np.empty((n, d_ff), np.float32), np.empty((n, d_ff), np.float32)
-    _swiglu8_for(kg, ku, _uses_rows(n, kg, ku))(x2, kg, wg, ku, wu, h, u)
+    _quantized_swiglu8(x2, kg, wg, ku, wu, h, u)
     return h
 
 

@@ -99,13 +99,13 @@ def _product(kind: int, x2: np.ndarray, w2: np.ndarray, out: np.ndarray) -> np.n
     """out (n, rows) = x2 @ W.T by the kernel for n inputs; every argument already checked."""
     n = x2.shape[0]
     if n == 1:
-        _mv.matvec_for(kind)(kind, x2[0], w2, out[0])
+        _mv.matvec(kind, x2[0], w2, out[0])
     elif n <= MATVEC_ROWS_MAX:
-        _mv.matvec_rows_for(kind)(kind, x2, w2, out)
+        _mv.matvec_rows(kind, x2, w2, out)
     elif n >= _g.GEMM_MIN_N:
-        _g.matmul_gemm_for(kind)(kind, _g.panels(x2), n, w2, out)
+        _g.matmul_gemm(kind, _g.panels(x2), n, w2, out)
     else:
-        _k.matmul_tiled_for(kind)(kind, x2, w2, out)
+        _k.matmul_tiled(kind, x2, w2, out)
     return out
 
 
@@ -185,7 +185,7 @@ def swiglu_weights(x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.
     if n > MATVEC_ROWS_MAX or gate.int8 or up.int8:  # many rows, or each of gate and up on its own kernels
         return down(silu_mul(gate(x), up(x)))
     h = np.empty((n, gate.rows), np.float32)
-    _mv.matvec_swiglu_for(gate.kind, up.kind)(gate.kind, up.kind, x, gate.w2, up.w2, h, np.empty((n, gate.rows), np.float32))
+    _mv.matvec_swiglu(gate.kind, up.kind, x, gate.w2, up.w2, h, np.empty((n, gate.rows), np.float32))
     return down(h)
 
 
@@ -215,7 +215,7 @@ def get_rows(w: np.ndarray, dtype: str, ids: np.ndarray, cols: int) -> np.ndarra
         bad = idx[(idx < 0) | (idx >= rows)][0]
         raise QuantizationError(f"get_rows: id {bad} out of range for a {dtype} weight ({rows}, {cols})")
     out = np.empty((idx.size, cols), np.float32)
-    _k.get_rows_for(_KIND[dtype])(_KIND[dtype], w2, idx, out)
+    _k.get_rows(_KIND[dtype], w2, idx, out)
     return out
 
 

@@ -13,19 +13,16 @@ reductions, while inf/NaN weights still propagate. Every kernel releases the GIL
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 from numba import njit, prange
 
 from mertools.kernels.common import KC, RB, TILE_JIT
 from mertools.kernels.dispatch import decode_tile
-from mertools.kernels.kinds import key
 
 # numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
 # (last: IQ2_XXS) changes this file too, so that a cache made before it is not used
 
-__all__ = ["KC", "RB", "decode_tile", "get_rows", "get_rows_for", "matmul_tiled", "matmul_tiled_for", "tile_dot"]
+__all__ = ["KC", "RB", "decode_tile", "get_rows", "matmul_tiled", "tile_dot"]
 
 
 # ---------------------------------------------------------------- dot products and the kernel
@@ -103,9 +100,8 @@ def tile_dot(x, k0, kc, buf, rb, acc):
 
 
 @njit(parallel=True, **TILE_JIT)
-def matmul_tiled(kinds, kind, x, w, out):
-    """x: float32 (n, cols); w: uint8 (rows, row_bytes) of dtype code `kind` (kinds: `kinds.key` of it); out:
-    float32 (n, rows)."""
+def matmul_tiled(kind, x, w, out):
+    """x: float32 (n, cols); w: uint8 (rows, row_bytes) of dtype code `kind`; out: float32 (n, rows)."""
     n, cols = x.shape
     rows = w.shape[0]
     for t in prange((rows + RB - 1) // RB):
@@ -115,7 +111,7 @@ def matmul_tiled(kinds, kind, x, w, out):
         acc = np.zeros((n, RB), dtype=np.float32)  # (n, RB) partial sums
         for k0 in range(0, cols, KC):
             kc = min(KC, cols - k0)  # a multiple of the block size, as cols and KC are
-            decode_tile(kinds, kind, w, r0, rb, k0, kc, buf)
+            decode_tile(kind, w, r0, rb, k0, kc, buf)
             tile_dot(x, k0, kc, buf, rb, acc)
         for i in range(n):
             for r in range(rb):
@@ -123,37 +119,13 @@ def matmul_tiled(kinds, kind, x, w, out):
 
 
 @njit(**TILE_JIT)
-def get_rows(kinds, kind, w, ids, out):
+def get_rows(kind, w, ids, out):
     """out[i] = W[ids[i]] decoded (bit-identical to `dequantize`), serially: an embedding lookup is a
-    few rows, too little work for a parallel region. out: float32 (len(ids), cols). kinds: `kinds.key` of kind, or
-    kind itself (the compiled step's, a literal)."""
+    few rows, too little work for a parallel region. out: float32 (len(ids), cols)."""
     buf = np.empty((RB, KC), dtype=np.float32)
     cols = out.shape[1]
     for i in range(ids.size):
         for k0 in range(0, cols, KC):
             kc = min(KC, cols - k0)
-            decode_tile(kinds, kind, w, ids[i], 1, k0, kc, buf)
+            decode_tile(kind, w, ids[i], 1, k0, kc, buf)
             out[i, k0 : k0 + kc] = buf[0, :kc]
-
-
-# entries compiled for the type code they are given (kernels/kinds.py)
-@cache
-def matmul_tiled_for(kind: int):  # noqa: ANN201 - a jitted function
-    """`matmul_tiled` for type code `kind` alone: run(kind, x, w, out)."""
-    kinds = key(kind)
-
-    @njit(**TILE_JIT)
-    def run(kind, x, w, out):
-        matmul_tiled(kinds, kind, x, w, out)
-    return run
-
-
-@cache
-def get_rows_for(kind: int):  # noqa: ANN201 - a jitted function
-    """`get_rows` for type code `kind` alone: run(kind, w, ids, out)."""
-    kinds = key(kind)
-
-    @njit(**TILE_JIT)
-    def run(kind, w, ids, out):
-        get_rows(kinds, kind, w, ids, out)
-    return run

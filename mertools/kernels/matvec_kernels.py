@@ -22,37 +22,32 @@ from DRAM though both cost the same with the matrix in cache (see docs/BENCHMARK
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 from numba import njit, prange
 
 from mertools.kernels.common import MATVEC_JIT, R
 from mertools.kernels.dispatch import matvec_group
-from mertools.kernels.kinds import key
 
 # numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
 # (last: IQ2_XXS, then Q4_0 off AVX-512) changes this file too, so that a cache made before it is not used
 
-__all__ = ["R", "matvec", "matvec_for", "matvec_group", "matvec_rows", "matvec_rows_for", "matvec_swiglu",
-           "matvec_swiglu_for", "silu_mul_scalar"]
+__all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "silu_mul_scalar"]
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def matvec(kinds, kind, x, w, out):
-    """out (rows,) = W @ x. x: float32 (cols,); w: uint8 (rows, row_bytes) of type code `kind`; kinds: `kinds.key`
-    naming it (`matvec_for`)."""
+def matvec(kind, x, w, out):
+    """out (rows,) = W @ x. x: float32 (cols,); w: uint8 (rows, row_bytes) of type code `kind`."""
     for g in prange((w.shape[0] + R - 1) // R):
-        matvec_group(kinds, kind, x, w, R * g, out)
+        matvec_group(kind, x, w, R * g, out)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def matvec_rows(kinds, kind, x, w, out):
+def matvec_rows(kind, x, w, out):
     """out (n, rows) = x @ W.T for a few rows of x (n = 2..MATVEC_ROWS_MAX), each row exactly as `matvec`
     computes it: a group's weight bytes come from memory once and are decoded again per row from cache."""
     for g in prange((w.shape[0] + R - 1) // R):
         for i in range(x.shape[0]):
-            matvec_group(kinds, kind, x[i], w, R * g, out[i])
+            matvec_group(kind, x[i], w, R * g, out[i])
 
 
 @njit(**MATVEC_JIT)
@@ -62,48 +57,14 @@ def silu_mul_scalar(g, u):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def matvec_swiglu(kinds, kind_g, kind_u, x, wg, wu, h, u):
+def matvec_swiglu(kind_g, kind_u, x, wg, wu, h, u):
     """h (n, d_ff) = silu(x @ G.T) * (x @ U.T) for one or a few rows of x (n, d_model); u (n, d_ff) is scratch.
     One parallel region reads each row of x once per group for both matrices and applies the activation to each
-    group as it completes; every row is computed alone, the same bits whatever n. kinds: `kinds.key` of both."""
+    group as it completes; every row is computed alone, the same bits whatever n."""
     for g in prange((wg.shape[0] + R - 1) // R):
         r0 = R * g
         for i in range(x.shape[0]):
-            matvec_group(kinds, kind_g, x[i], wg, r0, h[i])
-            matvec_group(kinds, kind_u, x[i], wu, r0, u[i])
+            matvec_group(kind_g, x[i], wg, r0, h[i])
+            matvec_group(kind_u, x[i], wu, r0, u[i])
             for r in range(r0, min(r0 + R, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
-
-
-# entries compiled for the type codes they are given (kernels/kinds.py): one per type or pair met, a handful
-@cache
-def matvec_for(kind: int):  # noqa: ANN201 - a jitted function
-    """`matvec` for type code `kind` alone: run(kind, x, w, out)."""
-    kinds = key(kind)
-
-    @njit(**MATVEC_JIT)
-    def run(kind, x, w, out):
-        matvec(kinds, kind, x, w, out)
-    return run
-
-
-@cache
-def matvec_rows_for(kind: int):  # noqa: ANN201 - a jitted function
-    """`matvec_rows` for type code `kind` alone: run(kind, x, w, out)."""
-    kinds = key(kind)
-
-    @njit(**MATVEC_JIT)
-    def run(kind, x, w, out):
-        matvec_rows(kinds, kind, x, w, out)
-    return run
-
-
-@cache
-def matvec_swiglu_for(kind_g: int, kind_u: int):  # noqa: ANN201 - a jitted function
-    """`matvec_swiglu` for type codes kind_g, kind_u alone: run(kind_g, kind_u, x, wg, wu, h, u)."""
-    kinds = key(kind_g, kind_u)
-
-    @njit(**MATVEC_JIT)
-    def run(kind_g, kind_u, x, wg, wu, h, u):
-        matvec_swiglu(kinds, kind_g, kind_u, x, wg, wu, h, u)
-    return run

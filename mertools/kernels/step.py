@@ -16,8 +16,6 @@ arguments do not grow with the number of layers.
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -27,14 +25,13 @@ from .attention import attend_group
 from .common import MATVEC_JIT, f32_to_f16_bits
 from .experts8 import _slot_view, experts8
 from .int8 import _group, groups_of
-from .kinds import codes_of
 from .matmul_kernels import get_rows
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
 
 # numba caches `_group`'s and `formats_of`'s code inside `decode_step`, keyed on this file's contents: a type
 # branch added there (Q2_K and Q3_K's, IQ2_XXS's) changes this file too, so that a cache made before it is not used
 __all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "O_BIAS", "Q_BIAS", "Q_NORM", "ROUTER_BIAS", "SINKS", "VECTORS",
-           "decode_step", "decode_step_for"]
+           "decode_step"]
 
 # a layer's vectors in the float32 arena (`vec_at[layer, i]`, -1 where the layer has none); Q_BIAS: q, k and v's
 # biases one after the other (a layer has all three or none)
@@ -65,18 +62,18 @@ def _vec(vec, vec_at, layer, i, n):
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _matvec(kinds, arena, m, a, out):
+def _matvec(arena, m, a, out):
     """out = W @ x for the dense matrix m = (offset, type code, rows, row bytes) of the arena, x quantized (an Act8
     of one row)."""
     w = _slot_view(arena, m[0], m[2], m[3], m[1])
     out2 = out.reshape(1, out.size)
     xq, dx, nsum, kq, kd, ks = a
     for g in prange(groups_of(m[2])):
-        _group(kinds, m[1], xq, dx, nsum, kq, kd, ks, 0, w, g, out2, 0)
+        _group(m[1], xq, dx, nsum, kq, kd, ks, 0, w, g, out2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _qkv(kinds, arena, mq, mk, mv, a, q, k, v):
+def _qkv(arena, mq, mk, mv, a, q, k, v):
     """The three projections of one normalised row in one parallel region."""
     wq = _slot_view(arena, mq[0], mq[2], mq[3], mq[1])
     wk = _slot_view(arena, mk[0], mk[2], mk[3], mk[1])
@@ -86,11 +83,11 @@ def _qkv(kinds, arena, mq, mk, mv, a, q, k, v):
     xq, dx, nsum, kq, kd, ks = a
     for t in prange(pq + pk + pv):
         if t < pq:
-            _group(kinds, mq[1], xq, dx, nsum, kq, kd, ks, 0, wq, t, q2, 0)
+            _group(mq[1], xq, dx, nsum, kq, kd, ks, 0, wq, t, q2, 0)
         elif t < pq + pk:
-            _group(kinds, mk[1], xq, dx, nsum, kq, kd, ks, 0, wk, t - pq, k2, 0)
+            _group(mk[1], xq, dx, nsum, kq, kd, ks, 0, wk, t - pq, k2, 0)
         else:
-            _group(kinds, mv[1], xq, dx, nsum, kq, kd, ks, 0, wv, t - pq - pk, v2, 0)
+            _group(mv[1], xq, dx, nsum, kq, kd, ks, 0, wv, t - pq - pk, v2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -121,13 +118,10 @@ def _add_vec(a, vec, vec_at, layer, i, start):
 
 
 @njit(**MATVEC_JIT)
-def decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm,
-                routers, shape, cos, sin, kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, act, k,
-                norm, scaling, logits, chosen, weights):
+def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
+                kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, act, k, norm, scaling, logits,
+                chosen, weights):
     """One token through every layer, then the output norm and head.
-
-    dense_kinds, expert_kinds: `kinds.key` of the type codes in mats and head, and in geometry; embed_kind a literal
-    (`decode_step_for` passes all three): the step is compiled for those types alone.
 
     token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
     x (d,) float32: its embedding here, the final hidden state on return (before the norm); pos: its position.
@@ -144,7 +138,7 @@ def decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, are
     when done; or, at the first layer one of whose chosen experts is not resident, that layer, x then its input plus
     its attention (its keys and values stored): the rest is the caller's."""
     d = x.size
-    get_rows(embed_kind, embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
+    get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
     nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]
     h = np.empty(d, np.float32)
     q, kk, v = np.empty(nh * hd, np.float32), np.empty(nkv * hd, np.float32), np.empty(nkv * hd, np.float32)
@@ -152,13 +146,13 @@ def decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, are
     o = np.empty(d, np.float32)
     scores = np.empty(routers.shape[1], np.float32)
     one_row = np.zeros(k, np.int64)  # every choice on the token's row
-    offs, pair_kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
+    offs, kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
     bias = np.zeros((k, 3), np.int64)
     for layer in range(mats.shape[0]):
         rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
         mq, mk, mv = mats[layer, 0], mats[layer, 1], mats[layer, 2]
-        a = quantize_act(h.reshape(1, d), formats_of(mq[1]) | formats_of(mk[1]) | formats_of(mv[1]))
-        _qkv(dense_kinds, arena, mq, mk, mv, a, q, kk, v)
+        _qkv(arena, mq, mk, mv, quantize_act(h.reshape(1, d), formats_of(mq[1]) | formats_of(mk[1]) | formats_of(mv[1])),
+             q, kk, v)
         _add_vec(q, vec, vec_at, layer, Q_BIAS, 0)
         _add_vec(kk, vec, vec_at, layer, Q_BIAS, q.size)
         _add_vec(v, vec, vec_at, layer, Q_BIAS, q.size + kk.size)
@@ -179,7 +173,7 @@ def decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, are
                 vs[pos, g, i] = _stored(v[g * hd + i], vs)
         layer_sinks = _vec(vec, vec_at, layer, SINKS, nh) if vec_at[layer, SINKS] >= 0 else sinks
         _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], layer_sinks, divisor, att)
-        _matvec(dense_kinds, arena, mats[layer, 3], quantize_act(att.reshape(1, nh * hd), formats_of(mats[layer, 3, 1])), o)
+        _matvec(arena, mats[layer, 3], quantize_act(att.reshape(1, nh * hd), formats_of(mats[layer, 3, 1])), o)
         _add_vec(o, vec, vec_at, layer, O_BIAS, 0)
         for i in range(d):
             x[i] = x[i] + o[i]
@@ -200,10 +194,10 @@ def decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, are
             base = slot_addr[slots[layer, e]]
             for r in range(3):
                 offs[c, r] = base + geometry[layer, e, r, 0]
-                pair_kinds[c, r] = geometry[layer, e, r, 1]
+                kinds[c, r] = geometry[layer, e, r, 1]
                 rbs[c, r] = geometry[layer, e, r, 2]
                 bias[c, r] = base + geometry[layer, e, r, 3] if geometry[layer, e, r, 3] >= 0 else 0
-        y = experts8(expert_kinds, h.reshape(1, d), one_row, offs, pair_kinds, rbs, d_ff, bias, act)
+        y = experts8(h.reshape(1, d), one_row, offs, kinds, rbs, d_ff, bias, act)
         for i in range(d):  # each choice's share, summed in choice order (numpy's sum over the choices' axis)
             acc = y[0, i] * weights[layer, 0]
             for c in range(1, k):
@@ -212,20 +206,5 @@ def decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, are
         for i in range(d):
             x[i] = x[i] + o[i]
     rms_norm_into(x, out_norm, eps, h)
-    _matvec(dense_kinds, arena, head, quantize_act(h.reshape(1, d), formats_of(head[1])), logits)
+    _matvec(arena, head, quantize_act(h.reshape(1, d), formats_of(head[1])), logits)
     return mats.shape[0]
-
-
-@cache  # one per model's set of types (kernels/kinds.py)
-def decode_step_for(dense_kinds: str, expert_kinds: str, embed_kind: int):  # noqa: ANN201 - a jitted function
-    """`decode_step` compiled for these types: run(token, embed, x, pos, ...) takes its arguments after embed_kind
-    but for embed_kind, which it holds."""
-    codes_of(dense_kinds), codes_of(expert_kinds)  # a malformed string fails here, not inside the compiler
-
-    @njit(**MATVEC_JIT)
-    def run(token, embed, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin, kv_k, kv_v,
-            windows, sinks, divisor, eps, slot_addr, slots, geometry, act, k, norm, scaling, logits, chosen, weights):
-        return decode_step(dense_kinds, expert_kinds, token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at,
-                           out_norm, routers, shape, cos, sin, kv_k, kv_v, windows, sinks, divisor, eps, slot_addr,
-                           slots, geometry, act, k, norm, scaling, logits, chosen, weights)
-    return run

@@ -30,7 +30,6 @@ import numpy as np
 from ..families.pieces import STANDARD, _cos_sin
 from ..kernels import step as kstep
 from ..kernels.attention import _no_sinks
-from ..kernels.kinds import key
 from ..layout.config import GatingFunc, QKNorm, RopeScaling
 from .batch import KVCache
 from .prefetch import Prefetcher
@@ -141,9 +140,6 @@ class FusedStep:
             self.yarn = (cfg.rope_factor, cfg.rope_original_context, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
                          cfg.yarn_truncate)
         self.embed = model.weights.embed.checked  # rows looked up as the file holds them (never packed)
-        # compiled for the model's types alone (kernels/kinds.py)
-        dense_kinds = key(*self.mats[:, :, 1].ravel(), self.head[1])
-        self.step = kstep.decode_step_for(dense_kinds, tier.kinds, int(self.embed.kind))
         self._rope: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0), np.empty(0))  # a chunk of positions' cos/sin
         self.divisor, self.eps = float(cfg.softmax_divisor), float(cfg.norm_eps)
         self.scaling = np.float32(cfg.routed_scaling)
@@ -199,7 +195,7 @@ class FusedStep:
         chosen = np.empty((cfg.n_layers, k), np.int64)
         weights = np.empty((cfg.n_layers, k), np.float32)
         store = model.moe.store
-        layers = self.step(token, self.embed.w2, x, pos, model.dense_arena.buf, self.mats,
+        layers = kstep.decode_step(token, self.embed.w2, self.embed.kind, x, pos, model.dense_arena.buf, self.mats,
                                    self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
                                    kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.slot_addr,
                                    slots, self.geometry, self.act, k, cfg.norm_topk_prob, self.scaling,

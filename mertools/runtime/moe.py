@@ -17,8 +17,7 @@ from ..families.base import Family
 from ..families.pieces import choice_scores, expert_mlp
 from ..families.weights import LayerWeights, Mlp
 from ..kernels import int8
-from ..kernels import kinds as kernel_kinds
-from ..kernels.experts8 import experts8_for
+from ..kernels.experts8 import experts8
 from ..kernels.gemm_kernels import GEMM_MIN_N
 from ..kernels.matmul import layout_weight, swiglu_weights
 from ..layout.config import ModelConfig
@@ -72,7 +71,6 @@ class Tier:
     # per role (gate, up, down): [byte offset in the slot, type code, row bytes, its bias's offset (-1: none)], for
     # experts8 and the compiled step
     geometry: dict[tuple[int, int], np.ndarray]  # int64 (3, 4)
-    kinds: str  # every type code in geometry, `kernels.kinds.key`: experts8 is compiled for these alone
 
     @classmethod
     def of(cls, cache: ExpertCache, store: ExpertStore, cfg: ModelConfig, kernels: str = "exact") -> Tier:
@@ -98,10 +96,8 @@ class Tier:
                              for r, b in zip(ROLES, BIAS_ROLES, strict=True)], np.int64)
 
         entries = store.entries.items()
-        geo = {k: geometry(e) for k, e in entries}
-        codes = {int(c) for g in geo.values() for c in g[:, 1]}
         return cls(cache, store, {k: tuple(e.tensors[r].dtype for r in ROLES) for k, e in entries},
-                   {k: flags(e) for k, e in entries}, geo, kernel_kinds.key(*codes) if codes else "")
+                   {k: flags(e) for k, e in entries}, {k: geometry(e) for k, e in entries})
 
 
 class StreamingMoE:
@@ -278,9 +274,8 @@ class StreamingMoE:
         geo = np.repeat(np.stack([tier.geometry[key] for key, _ in got]), counts, axis=0)  # (pairs, roles, 4)
         base = np.repeat(tier.store.slot_addr[[slot for _, slot in got]], counts)[:, None]  # each pair's slot address
         bias = np.where(geo[:, :, 3] >= 0, geo[:, :, 3] + base, 0)  # the biases' addresses (0: none)
-        y = experts8_for(tier.kinds)(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base,
-                                     np.ascontiguousarray(geo[:, :, 1]), np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff,
-                                     bias, self.act)
+        y = experts8(np.ascontiguousarray(h, np.float32), t, geo[:, :, 0] + base, np.ascontiguousarray(geo[:, :, 1]),
+                     np.ascontiguousarray(geo[:, :, 2]), self.cfg.d_ff, bias, self.act)
         contrib[t, c] = y * weights[t, c][:, None]
 
     def _expert(self, tier: Tier, key: tuple[int, int], slot: int, h: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
