@@ -73,10 +73,9 @@ def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, h, u):
     for t in prange(rows_of.size * groups):
         p, g = t // groups, t % groups
         i = rows_of[p]
-        wg = _view_at(addr[p, 0], h.shape[1], rbs[p, 0], kinds[p, 0])
-        wu = _view_at(addr[p, 1], h.shape[1], rbs[p, 1], kinds[p, 1])
-        _group(kinds[p, 0], xq, dx, nsum, kq, kd, ks, i, wg, g, h, p)
-        _group(kinds[p, 1], xq, dx, nsum, kq, kd, ks, i, wu, g, u, p)
+        for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
+            w = _view_at(addr[p, r], h.shape[1], rbs[p, r], kinds[p, r])
+            _group(kinds[p, r], xq, dx, nsum, kq, kd, ks, i, w, g, h if r == 0 else u, p)
         end = min(GROUP * g + GROUP, h.shape[1])
         if act[0] == np.float32(0.0):
             for r in range(GROUP * g, end):

@@ -271,8 +271,8 @@ def _swiglu8(a, kg, wg, ku, wu, h, u):
     xq, dx, nsum, kq, kd, ks = a
     for g in prange(groups_of(h.shape[1])):
         for i in range(h.shape[0]):
-            _group(kg, xq, dx, nsum, kq, kd, ks, i, wg, g, h, i)
-            _group(ku, xq, dx, nsum, kq, kd, ks, i, wu, g, u, i)
+            for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
+                _group(kg if r == 0 else ku, xq, dx, nsum, kq, kd, ks, i, wg if r == 0 else wu, g, h if r == 0 else u, i)
             for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
                 h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 

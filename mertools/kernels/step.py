@@ -82,12 +82,14 @@ def _qkv(arena, mq, mk, mv, a, q, k, v):
     q2, k2, v2 = q.reshape(1, q.size), k.reshape(1, k.size), v.reshape(1, v.size)
     xq, dx, nsum, kq, kd, ks = a
     for t in prange(pq + pk + pv):
-        if t < pq:
-            _group(mq[1], xq, dx, nsum, kq, kd, ks, 0, wq, t, q2, 0)
-        elif t < pq + pk:
-            _group(mk[1], xq, dx, nsum, kq, kd, ks, 0, wk, t - pq, k2, 0)
-        else:
-            _group(mv[1], xq, dx, nsum, kq, kd, ks, 0, wv, t - pq - pk, v2, 0)
+        # one call site: numba inlines `_group`'s code (every type's) once, not once per projection
+        i = np.int64(t)  # the region's index is typed uint64, which with int64 would make the group a float
+        w, kind, g, out = wq, mq[1], i, q2
+        if i >= pq + pk:
+            w, kind, g, out = wv, mv[1], i - pq - pk, v2
+        elif i >= pq:
+            w, kind, g, out = wk, mk[1], i - pq, k2
+        _group(kind, xq, dx, nsum, kq, kd, ks, 0, w, g, out, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
