@@ -175,7 +175,8 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
             if tracer is not None and engine.shards is None:  # a sharded driver's cache holds nothing: no "held"
                 tracer.follow(engine.cache, engine.store)
             drafter = engine.open_drafter(draft) if draft else None
-            engine.warmup(prompt)  # never report numba's compilation as the model's speed
+            # no warm-up pass: generation leaves numba's compiling out of its figures (runtime/compile_clock.py), and
+            # on a machine whose kernels are cached a pass over the prompt would be work done for nothing
             click.echo(prompt, nl=False)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,

@@ -133,7 +133,8 @@ def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
     for word in ("prefill", "decode", "hit rate", "latency p50/p95/p99", "O_DIRECT yes", "prefetch", "peak RSS"):
         assert word in res.stderr, word
     stats = json.loads(js.read_text())
-    assert stats["warmup_s"] > 0 and "warm-up" in res.stderr  # kernels run once before the prompt is timed
+    # no pass ahead of the prompt: the line reports numba compiling during the run, when it did (a cold cache)
+    assert stats["warmup_s"] >= 0 and ("warm-up" in res.stderr) == (stats["warmup_s"] > 0)
     assert list(stats) == [  # the --json schema
         "prompt_tokens", "prefill_tok_s", "warmup_s", "generated_tokens", "decode_tok_s", "ttft_s", "expert_lookups",
         "expert_hits",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import RuntimeConfigError
 from .batch import PREFILL_CHUNK
+from .compile_clock import compile_seconds
 from .sampling import Sampler, SamplingParams
 from .speculative import AdaptiveK, Draft, Drafter, settle
 from .text import GenerationText, PromptError, check_prompt
@@ -38,6 +39,13 @@ class GeneratedToken:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the last token
 
 
+def _since(t0: float, c0: float) -> tuple[float, float]:
+    """(seconds since t0 less numba's compiling on this thread since c0, that compiling): a first run's compiles go
+    to the warm-up figure, never to prefill or decode (compile_clock.py)."""
+    compiled = compile_seconds() - c0
+    return time.perf_counter() - t0 - compiled, compiled
+
+
 def generate(eng: Engine, prompt: str | Sequence[int], max_tokens: int, params: SamplingParams, stop: Sequence[str],
              add_bos: bool | None, draft: Drafter | None, draft_tokens: int) -> Iterator[GeneratedToken]:
     """Reset, prefill the prompt, then yield tokens as they are sampled (Engine.generate)."""
@@ -50,13 +58,15 @@ def generate(eng: Engine, prompt: str | Sequence[int], max_tokens: int, params: 
     out = GenerationText(tok.stream(), stop, tok.eos_ids, max_tokens)
     eng.reset()
     eng.model.kv.reserve(len(ids) + max_tokens + (draft_tokens if draft else 0))  # allocated once
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), compile_seconds()
     for i in range(0, len(ids), PREFILL_CHUNK):  # a long prompt in chunks: attention scores stay chunk x context
         chunk = ids[i:i + PREFILL_CHUNK]
         logits = eng.forward(chunk, all_logits=False)[-1]
         if draft is not None:
             draft.observe(i, chunk, eng.model.last_x)
-    t.prefill_s += time.perf_counter() - t0
+    took, compiled = _since(t0, c0)
+    t.prefill_s += took
+    t.warmup_s += compiled
     t.prompt_tokens += len(ids)
     first = sampler(logits)
     steps = _plain(eng, first, sampler) if draft is None else _speculative(eng, ids, first, sampler, draft, draft_tokens,
@@ -64,7 +74,7 @@ def generate(eng: Engine, prompt: str | Sequence[int], max_tokens: int, params: 
     for next_id in steps:
         t.generated_tokens += 1
         if t.ttft_s is None:
-            t.ttft_s = time.perf_counter() - t0
+            t.ttft_s = _since(t0, c0)[0]
         text, reason = out.push(next_id)
         yield GeneratedToken(next_id, text, reason)
         if reason is not None:
@@ -76,9 +86,11 @@ def _plain(eng: Engine, first: int, sampler: Sampler) -> Iterator[int]:
     next_id = first
     while True:
         yield next_id
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), compile_seconds()
         logits = eng.forward([next_id], all_logits=False)[-1]
-        eng.times.decode_s += time.perf_counter() - t1
+        took, compiled = _since(t1, c1)
+        eng.times.decode_s += took
+        eng.times.warmup_s += compiled
         next_id = sampler(logits)
 
 
@@ -91,14 +103,16 @@ def _speculative(eng: Engine, ids: list[int], first: int, sampler: Sampler, draf
     yield cur
     produced = 1
     while produced < max_tokens:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), compile_seconds()
         base = kv.length  # cur's position
         context.append(cur)
         room = min(adapt.next(), max_tokens - produced - 1, eng.config.context_length - len(context))
         d = draft.propose(context, room, sampler) if room > 0 else Draft([])
         j, nxt = settle(eng.verify([cur, *d.tokens]), d, sampler, kv, adapt, st)
         draft.observe(base, [cur, *d.tokens[:j]], eng.model.last_x[:j + 1])  # the rows the target kept
-        eng.times.decode_s += time.perf_counter() - t1
+        took, compiled = _since(t1, c1)
+        eng.times.decode_s += took
+        eng.times.warmup_s += compiled
         for t_id in d.tokens[:j]:
             context.append(t_id)
             produced += 1

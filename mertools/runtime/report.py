@@ -10,8 +10,8 @@ def format_stats(s: dict[str, Any]) -> str:
     ttft = f"{s['ttft_s'] * 1e3:.0f} ms" if s["ttft_s"] is not None else "-"
     return "\n".join([
         "--",
-        *([f"warm-up     {s['warmup_s']:.2f} s before the prompt (numba's kernels: compiled on a machine's first run, "
-           "loaded from its cache after)"] if s.get("warmup_s") else []),
+        *([f"warm-up     {s['warmup_s']:.2f} s of numba compiling its kernels (a machine's first run; loaded from its "
+           "cache after) or running them ahead, left out of the figures below"] if s.get("warmup_s") else []),
         f"prompt      {s['prompt_tokens']} tokens, prefill {s['prefill_tok_s']:.2f} tok/s, time to first token {ttft}",
         f"generated   {s['generated_tokens']} tokens, decode {s['decode_tok_s']:.2f} tok/s"
         + (f" (finish: {s['finish_reason']})" if s.get("finish_reason") else ""),

@@ -114,7 +114,7 @@ class RunTimes:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     ttft_s: float | None = None  # of the first generation
-    warmup_s: float = 0.0  # Engine.warmup: kernels compiled or loaded before anything is timed
+    warmup_s: float = 0.0  # Engine.warmup's time, and numba's compiling during generation (left out of the above)
 
 
 @dataclass(frozen=True)
