@@ -49,8 +49,8 @@ from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzer
 from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
 from mertools.kernels.simd8x import byte_table, copy16, e8m0x16
 
-__all__ = ["GROUP", "INT8_DTYPES", "PACKED_KINDS", "groups_of", "is_packed", "matmul8", "matmul8_kind", "pack",
-           "packable", "prepare", "prepared_kind", "repacks", "swiglu8", "swiglu8_kind", "takes"]
+__all__ = ["GROUP", "INT8_DTYPES", "PACKED_KINDS", "groups_of", "is_packed", "matmul8", "matmul8_kind",
+           "needs_packing", "pack", "packable", "prepare", "prepared_kind", "repacks", "swiglu8", "swiglu8_kind", "takes"]
 
 GROUP = 16  # rows packed together, and the rows of a parallel task for every type
 K_ROWS_MIN = 8  # activation rows from which the K types run `_k_rows` (the same bits as row by row)
@@ -102,6 +102,12 @@ def packable(dtype: str, rows: int, cols: int) -> bool:
 def repacks(dtype: str) -> bool:
     """Whether `prepare` repacks weights of `dtype` (whole groups of rows): a slot mapped from its file cannot be."""
     return DTYPES[dtype].int8_pack is not None or dtype in _PACKED_K
+
+
+def needs_packing(dtype: str) -> bool:
+    """Whether these kernels take `dtype` only packed (Q4_0, Q8_0, MXFP4): a slot mapped from its file then runs
+    the exact kernels, where a K type's kernels read the file's blocks."""
+    return DTYPES[dtype].int8_pack is not None
 
 
 def prepared_kind(dtype: str, rows: int, cols: int) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import RuntimeConfigError
 from ..kernels import int8
 from ..kernels.gemm_kernels import GEMM_MIN_N
+from ..kernels.simd import AVX512
 from ..layout.reader import Layout
 from . import generation
 from .approx import Approx
@@ -97,7 +98,8 @@ class Engine:
         the cache holds every expert and the whole layout fits in memory beside the KV cache and a margin
         (`fits_beside`), else direct (a budget below the experts is a bound the page cache would not keep); with the
         8-bit kernels, whose packing a mapping cannot take, buffered until the files are in the page cache, and always
-        for a `long_lived` process (a server: the read costs once, the packed kernels gain at every token).
+        for a `long_lived` process (a server: the read costs once, the packed kernels gain at every token) or, on a
+        CPU without AVX-512, for Q4_0 / Q8_0 / MXFP4 experts (mapped, they would run slower exact kernels).
         `history`: the learning cache's file (history.py): the experts it saw used most are loaded now and ranked
         by the cache policy from the first token; this run's routing is added to it when the engine closes.
         `kernels`: "exact" (the float kernels, bit-exact with ggml's dequantization) or "int8" (activations quantized
@@ -171,8 +173,14 @@ class Engine:
                 )
         # the 8-bit kernels pack some types' slots in place after their read, which a mapping of the file cannot take
         packs = kernels == "int8" and any(int8.repacks(t.dtype) for e in m.experts for t in e.tensors.values())
+        # without AVX-512 the exact kernels that a mapped Q4_0 / Q8_0 / MXFP4 expert falls back to trail its packed
+        # 8-bit ones (a second run of the 4-layer Mixtral Q4_0: 7.1 against 11.3 tok/s, docs/BENCHMARKS.md "A second
+        # run"): such experts are read and packed even when the page cache holds them
+        slow_exact = packs and not AVX512 and any(int8.needs_packing(t.dtype) for e in m.experts
+                                                  for t in e.tensors.values())
         if io == "auto":
-            io = auto_io(layout, slots == len(m.experts) and fits_beside(m, 0, kv_bytes), packs, always_pack=long_lived)
+            io = auto_io(layout, slots == len(m.experts) and fits_beside(m, 0, kv_bytes), packs,
+                         always_pack=long_lived or slow_exact)
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
         # experts of a packed type are packed after their read only when the cache holds every expert: streaming, each
         # load's packing took the kernels' cores and the run was slower than on the exact kernels (docs/BENCHMARKS.md,

@@ -28,7 +28,7 @@ io_option = click.option(
     help="Expert reads: O_DIRECT into the cache; mmap: map the expert files (nothing copied, the page cache shared with "
          "the next run); buffered: reads that keep their pages; auto: mmap when the whole layout fits in memory and "
          "--cache-mb (if given) holds every expert (with int8 kernels that pack the experts: buffered until the files "
-         "are in the page cache), else O_DIRECT.")
+         "are in the page cache, and always for Q4_0/Q8_0/MXFP4 on CPUs without AVX-512), else O_DIRECT.")
 
 
 # `--kernels` of `mertools run` and `serve`: Engine.open's `kernels`
