@@ -174,8 +174,8 @@ class Engine:
         # the 8-bit kernels pack some types' slots in place after their read, which a mapping of the file cannot take
         packs = kernels == "int8" and any(int8.repacks(t.dtype) for e in m.experts for t in e.tensors.values())
         # without AVX-512 the exact kernels that a mapped Q4_0 / Q8_0 / MXFP4 expert falls back to trail its packed
-        # 8-bit ones (a second run of the 4-layer Mixtral Q4_0: 7.1 against 11.3 tok/s, docs/BENCHMARKS.md "A second
-        # run"): such experts are read and packed even when the page cache holds them
+        # 8-bit ones (docs/BENCHMARKS.md "Decode: notes", the AVX2-only host): such experts are read and packed even
+        # when the page cache holds them
         slow_exact = packs and not AVX512 and any(int8.needs_packing(t.dtype) for e in m.experts
                                                   for t in e.tensors.values())
         if io == "auto":
