@@ -3,7 +3,7 @@
 numba compiles a kernel at its first call on a machine (a miss in its on-disk cache) and loads it after.
 `mertools run` used to run every kernel path before the prompt (`Engine.warmup`: 20 tokens of forward steps) so that
 compiling never landed in the prefill and decode figures; on a machine whose cache is warm that was work done for
-nothing at every start, a third of a short run's time. Generation now times the compiles themselves (numba's
+nothing at every start (README, "warm-up"). Generation now times the compiles themselves (numba's
 "numba:compile" event: the outermost compile on this thread, not a loader thread's, which overlaps the steps) and
 takes them out of the phase they fell in. Loading a cached kernel is not compiling: it stays in the figures, as
 the time it takes.

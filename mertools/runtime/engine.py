@@ -172,12 +172,12 @@ class Engine:
                     + (f", once {standin_bytes / 2**20:.1f} MiB are set aside for stand-ins" if standin_bytes else "")
                 )
         # the 8-bit kernels pack some types' slots in place after their read, which a mapping of the file cannot take
-        packs = kernels == "int8" and any(int8.repacks(t.dtype) for e in m.experts for t in e.tensors.values())
+        dtypes = {t.dtype for e in m.experts for t in e.tensors.values()}  # per tensor: GGUF presets mix them
+        packs = kernels == "int8" and any(int8.repacks(t) for t in dtypes)
         # without AVX-512 the exact kernels that a mapped Q4_0 / Q8_0 / MXFP4 expert falls back to trail its packed
         # 8-bit ones (docs/BENCHMARKS.md "Decode: notes", the AVX2-only host): such experts are read and packed even
         # when the page cache holds them
-        slow_exact = packs and not AVX512 and any(int8.needs_packing(t.dtype) for e in m.experts
-                                                  for t in e.tensors.values())
+        slow_exact = packs and not AVX512 and any(int8.needs_packing(t) for t in dtypes)
         if io == "auto":
             io = auto_io(layout, slots == len(m.experts) and fits_beside(m, 0, kv_bytes), packs,
                          always_pack=long_lived or slow_exact)
