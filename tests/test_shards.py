@@ -104,14 +104,26 @@ def test_tiny_families_sharded(family: str, shards: int, tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------- a shard that dies
+def _busy(shard: Any, seconds: float) -> None:  # noqa: ANN401 - runs inside the actor, on the shard itself
+    import time
+
+    time.sleep(seconds)
+
+
 class _KillsAShard(ShardedExperts):
-    """The real driver and actors; once armed, it kills shard `victim`'s actor right after handing it a call."""
+    """The real driver and actors; once armed, it kills shard `victim`'s actor while its call of the step waits.
+
+    The victim is kept busy first (an actor runs its calls in order), so the kill lands before the call can finish:
+    a call of a few experts otherwise raced the kill and sometimes returned (CI, stop 38)."""
 
     victim: int | None = None
 
     def _submit(self, *args: Any) -> dict[int, Any]:  # noqa: ANN401
+        busy = None
+        if self.victim is not None:
+            busy = self.actors[self.victim].__ray_call__.remote(_busy, 60.0)
         calls = super()._submit(*args)
-        if self.victim is not None and self.victim in calls:
+        if busy is not None and self.victim in calls:
             ray.kill(self.actors[self.victim], no_restart=False)  # Ray restarts it
             self.victim = None
         return calls
