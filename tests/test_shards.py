@@ -4,6 +4,7 @@ with the shard named, and the next step succeeds on the restarted actor."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ IDS = [5, 17, 42, 9, 100, 3, 77, 21]
 def local_ray() -> Any:
     """One Ray instance of this machine for the module (2 CPUs; the shards ask for none, so any count fits)."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # this module's functions run inside actors (`_stall`), whose path lacks tests/: sent by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
 
 
@@ -104,26 +108,33 @@ def test_tiny_families_sharded(family: str, shards: int, tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------- a shard that dies
-def _busy(shard: Any, seconds: float) -> None:  # noqa: ANN401 - runs inside the actor, on the shard itself
+def _stall(shard: Any) -> None:  # noqa: ANN401 - runs inside the actor, on the shard itself
+    """Its next calls hang in their computation (a restarted actor is a fresh shard, without this)."""
     import time
 
-    time.sleep(seconds)
+    def stalled(*args: Any) -> None:  # noqa: ANN401
+        time.sleep(120.0)
+
+    shard.moe.contributions = stalled
 
 
 class _KillsAShard(ShardedExperts):
-    """The real driver and actors; once armed, it kills shard `victim`'s actor while its call of the step waits.
+    """The real driver and actors; once armed, it kills shard `victim`'s actor while its call of the step computes.
 
-    The victim is kept busy first (an actor runs its calls in order), so the kill lands before the call can finish:
-    a call of a few experts otherwise raced the kill and sometimes returned (CI, stop 38)."""
+    The call is made to hang first: a call of a few experts otherwise raced the kill and returned (CI, stop 38), and
+    Ray hands a call that had not started to the restarted actor."""
 
     victim: int | None = None
 
     def _submit(self, *args: Any) -> dict[int, Any]:  # noqa: ANN401
-        busy = None
-        if self.victim is not None:
-            busy = self.actors[self.victim].__ray_call__.remote(_busy, 60.0)
+        import time
+
+        if self.victim is None:
+            return super()._submit(*args)
+        ray.get(self.actors[self.victim].__ray_call__.remote(_stall))
         calls = super()._submit(*args)
-        if busy is not None and self.victim in calls:
+        if self.victim in calls:
+            time.sleep(1.0)  # computing
             ray.kill(self.actors[self.victim], no_restart=False)  # Ray restarts it
             self.victim = None
         return calls
@@ -143,8 +154,9 @@ def test_a_killed_shard_fails_the_step_in_flight_and_the_next_one_succeeds(train
     try:
         assert np.array_equal(drv(0, h, chosen, weights, None, batch), want)
         drv.victim = 1
-        with pytest.raises(ShardError, match=r"expert shard 1 \(layer 0, experts \[1, 3\]\) failed"):
+        with pytest.raises(ShardError, match=r"expert shard 1 \(layer 0, experts \[1, 3\]\) failed") as err:
             drv(0, h, chosen, weights, None, batch)
+        assert "failed: Actor" in str(err.value), err.value  # Ray's word that the actor died (or restarted) in the call
         assert np.array_equal(drv(0, h, chosen, weights, None, batch), want)  # the restarted actor
     finally:
         drv.close()
@@ -152,6 +164,7 @@ def test_a_killed_shard_fails_the_step_in_flight_and_the_next_one_succeeds(train
 
 def test_the_server_fails_only_the_request_in_flight_when_a_shard_dies(trained: Path) -> None:
     import json
+    import time
 
     import httpx
     from test_server import Running  # tests/ is on sys.path (pytest's rootdir-relative import)
@@ -172,8 +185,11 @@ def test_the_server_fails_only_the_request_in_flight_when_a_shard_dies(trained: 
                     errors.append(event["error"]["message"])
                     continue
                 pieces += 1
-                if pieces == 5:  # mid-stream: shard 1's actor dies (Ray restarts it)
-                    ray.kill(srv.app.state.scheduler.engine.shards.actors[1], no_restart=False)
+                if pieces == 5:  # mid-stream: shard 1's actor dies (Ray restarts it) in a call of the stream
+                    actor = srv.app.state.scheduler.engine.shards.actors[1]
+                    ray.get(actor.__ray_call__.remote(_stall))  # the stream's next call to it hangs computing
+                    time.sleep(2.0)
+                    ray.kill(actor, no_restart=False)
         assert pieces >= 5 and len(errors) == 1 and "expert shard 1" in errors[0], errors
         again = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 8}, timeout=300)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
