@@ -162,12 +162,18 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
         history: str | None, shards: int | None, shard_plan: str | None, ray_address: str | None,
         approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
+    from .runtime.compile_clock import announce_compiling
     from .runtime.engine import Engine, draft_footprint
     from .runtime.report import format_stats
     from .runtime.trace import TraceWriter
 
     tracer = TraceWriter(trace_out) if trace_out else None
     drafter = None
+    echoed = []  # the prompt, once printed: the notice then starts a line of its own
+    # a first run is otherwise silent for minutes before its first token
+    announce_compiling(lambda: click.echo(("\n" if echoed else "") + "(numba is compiling this machine's kernels: once, "
+                                          "minutes on a small machine; later runs load them, and `mertools warmup "
+                                          "LAYOUT` compiles them ahead)", err=True))
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
@@ -178,6 +184,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
             # no warm-up pass: generation leaves numba's compiling out of its figures (runtime/compile_clock.py), and
             # on a machine whose kernels are cached a pass over the prompt would be work done for nothing
             click.echo(prompt, nl=False)
+            echoed.append(True)
             finish = None
             for tok in engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, stop=stop, draft=drafter, draft_tokens=draft_tokens):
@@ -189,6 +196,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
             if tracer is not None:  # its reads record beside these figures, before the engine's closing drains prefetches
                 tracer.close()
     finally:
+        announce_compiling(None)
         if drafter is not None:
             drafter.close()
         if tracer is not None:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 from numba import njit
 
-from mertools.runtime.compile_clock import compile_seconds
+from mertools.runtime.compile_clock import announce_compiling, compile_seconds
 
 
 def _fresh():  # noqa: ANN202 - a kernel no one has compiled (not cached: each call makes a new one)
@@ -47,3 +47,18 @@ def test_another_threads_compile_is_not_this_threads() -> None:
     t.start()
     t.join()
     assert seen[0] > 0 and compile_seconds() == c0
+
+
+def test_the_announcement_comes_once_at_a_compile_and_never_for_a_compiled_call() -> None:
+    f, g, x = _fresh(), _fresh(), np.ones(8)
+    f(x)
+    calls: list[float] = []
+    announce_compiling(lambda: calls.append(compile_seconds()))
+    f(x)  # compiled already
+    assert calls == []
+    t = threading.Thread(target=g, args=(x,))  # a loader thread's compile counts too
+    t.start()
+    t.join()
+    assert len(calls) == 1
+    _fresh()(x)
+    assert len(calls) == 1  # once

@@ -9,22 +9,26 @@ takes them out of the phase they fell in. Loading a cached kernel is not compili
 the time it takes.
 
     compile_seconds()     this thread's compiling so far (seconds, monotonic)
+    announce_compiling(fn)   fn() once, when numba next starts compiling (any thread): `mertools run` says why a
+                          first run is silent for minutes
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from numba.core import event
 
-__all__ = ["compile_seconds"]
+__all__ = ["announce_compiling", "compile_seconds"]
 
 
 class _Clock(event.Listener):
     def __init__(self) -> None:
         self._local = threading.local()  # per thread: nesting depth, start of the outermost compile, total
+        self.announce: Callable[[], None] | None = None  # called once at the next compile's start, then dropped
 
     def _state(self) -> Any:  # noqa: ANN401 - the thread's namespace
         s = self._local
@@ -36,6 +40,9 @@ class _Clock(event.Listener):
         s = self._state()
         if s.depth == 0:
             s.start = time.perf_counter()
+            fn, self.announce = self.announce, None
+            if fn is not None:
+                fn()
         s.depth += 1
 
     def on_end(self, ev: event.Event) -> None:
@@ -51,6 +58,11 @@ class _Clock(event.Listener):
 
 _CLOCK = _Clock()
 event.register("numba:compile", _CLOCK)  # once per process, at import
+
+
+def announce_compiling(fn: Callable[[], None] | None) -> None:
+    """Call fn() once when numba next starts compiling a kernel, on any thread (None: no longer)."""
+    _CLOCK.announce = fn
 
 
 def compile_seconds() -> float:
