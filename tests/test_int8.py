@@ -293,30 +293,36 @@ import numpy as np
 from numba import njit
 from mertools.kernels import simd, simd8
 from mertools.kernels.simd import vstore, vtof
-from mertools.kernels.simd8 import bytes64, dpbusd, izero
+from mertools.kernels.simd8 import bytes64, dpbusd, dpbusd_u8, izero
 assert not simd8.VNNI and simd.AVX2 == (PATH == "avx2"), (simd.AVX2, PATH)
 
 @njit
-def two_dots(u, s, out):  # acc = u[:64].s[:64] then + u[64:].s[64:], lane i summing bytes 4i..4i+3
-    a = dpbusd(izero(), bytes64(u, 0), bytes64(s, 0))
-    vstore(out, 0, vtof(dpbusd(a, bytes64(u, 64), bytes64(s, 64))))
+def two_dots(u, s, out, full):  # acc = u[:64].s[:64] then + u[64:].s[64:], lane i summing bytes 4i..4i+3
+    if full:
+        a = dpbusd_u8(izero(), bytes64(u, 0), bytes64(s, 0))
+        vstore(out, 0, vtof(dpbusd_u8(a, bytes64(u, 64), bytes64(s, 64))))
+    else:
+        a = dpbusd(izero(), bytes64(u, 0), bytes64(s, 0))
+        vstore(out, 0, vtof(dpbusd(a, bytes64(u, 64), bytes64(s, 64))))
 
 rng = np.random.default_rng(0)
-cases = [rng.integers(0, 256, 128), np.full(128, 255), np.full(128, 255), rng.integers(0, 16, 128)]
-signs = [rng.integers(-128, 128, 128), np.full(128, -128), np.full(128, 127), rng.integers(-128, 128, 128)]
-for u, s in zip(cases, signs):
-    out = np.empty(16, np.float32)
-    two_dots(u.astype(np.uint8), s.astype(np.int8).view(np.uint8), out)  # bytes64 loads uint8 arrays
-    want = (u.reshape(2, 16, 4).astype(np.int64) * s.reshape(2, 16, 4)).sum(axis=(0, 2))
-    assert np.array_equal(out, want.astype(np.float32)), (out, want)  # |want| < 2^24: exact in float32
+for full, top in ((True, 256), (False, 128)):  # dpbusd takes bytes below 128, dpbusd_u8 any
+    cases = [rng.integers(0, top, 128), np.full(128, top - 1), np.full(128, top - 1), rng.integers(0, 16, 128)]
+    signs = [rng.integers(-128, 128, 128), np.full(128, -128), np.full(128, 127), rng.integers(-128, 128, 128)]
+    for u, s in zip(cases, signs):
+        out = np.empty(16, np.float32)
+        two_dots(u.astype(np.uint8), s.astype(np.int8).view(np.uint8), out, full)  # bytes64 loads uint8 arrays
+        want = (u.reshape(2, 16, 4).astype(np.int64) * s.reshape(2, 16, 4)).sum(axis=(0, 2))
+        assert np.array_equal(out, want.astype(np.float32)), (full, out, want)  # |want| < 2^24: exact in float32
 print("ok")
 """
 
 
 @pytest.mark.parametrize("path", ["avx2", "portable"])
 def test_dpbusd_without_vnni_gives_vnnis_sums(path: str, tmp_path: Path) -> None:
-    """simd8.dpbusd compiled for a CPU without AVX-512 VNNI, with AVX2 (int16 vpmaddwd) or none (widening
-    multiplies): the integer sums vpdpbusd gives, extreme bytes (255 x -128: pairs beyond int16) included."""
+    """simd8.dpbusd and dpbusd_u8 compiled for a CPU without AVX-512 VNNI, with AVX2 (vpmaddubsw for bytes below 128,
+    int16 vpmaddwd for any) or none (widening multiplies): the integer sums vpdpbusd gives, extreme bytes included
+    (255 x -128: pairs beyond int16; 127 x -128, the largest pairs vpmaddubsw takes)."""
     code = f"PATH = {path!r}\n" + _DPBUSD_CHECK
     assert run_for_cpu(code, tmp_path, HASWELL_AVX2 if path == "avx2" else HASWELL).strip() == "ok"
 

@@ -66,6 +66,9 @@ from mertools.kernels.simd8x import lane_at
 
 from ._blocks256 import scale_min_lanes, unpack_scale_min_k4
 
+# simd8.dpbusd takes unsigned bytes below 128 (vpmaddubsw on AVX2): the codes here are at most 63. numba caches the
+# intrinsics' code inside this file's kernels, keyed on its contents: this note came with that AVX2 path.
+
 Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = 144, 176, 210
 _PAIRS = ((0, 2), (1, 3), (4, 6), (5, 7))  # the sub-blocks of lanes 0-7 and 8-15 of each Q4_K / Q5_K dot product
 

@@ -36,6 +36,9 @@ from mertools.kernels.simd8x import lane_at
 from ._iq2grid import GRID, GRID_U64, KSIGNS
 from ._k8low import halves4
 
+# simd8.dpbusd takes unsigned bytes below 128 (vpmaddubsw on AVX2): the codes here are at most 63. numba caches the
+# intrinsics' code inside this file's kernels, keyed on its contents: this note came with that AVX2 path.
+
 BYTES = 66
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 _GRID_NAME = "mertools_iq2_xxs_grid"

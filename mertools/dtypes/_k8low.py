@@ -50,6 +50,9 @@ from mertools.kernels.simd8x import lane_at
 
 from ._k8 import group_scaled_sums
 
+# simd8.dpbusd takes unsigned bytes below 128 (vpmaddubsw on AVX2): the codes here are at most 63. numba caches the
+# intrinsics' code inside this file's kernels, keyed on its contents: this note came with that AVX2 path.
+
 Q2_K_BYTES, Q3_K_BYTES = 84, 110
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 _GROUP_OF_LANE = [8 * (lane // 8) + 2 * (lane % 4) + (lane // 4) % 2 for lane in range(16)]  # lane 4r + s: g(r, s)

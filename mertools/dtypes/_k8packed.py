@@ -60,6 +60,9 @@ from mertools.kernels.simd8x import q6_codes, s8x16
 
 from ._k8 import Q4_K_BYTES, Q6_K_BYTES
 
+# simd8.dpbusd takes unsigned bytes below 128 (vpmaddubsw on AVX2): the codes here are at most 63. numba caches the
+# intrinsics' code inside this file's kernels, keyed on its contents: this note came with that AVX2 path.
+
 ROWS = 16  # rows packed together
 SB16 = ROWS * Q4_K_BYTES  # a packed super-block's bytes
 AHEAD = 2 * SB16  # software prefetch distance in a group's bytes

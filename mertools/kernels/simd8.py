@@ -6,7 +6,8 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     bytes64(w, o)            the 64 bytes w[o:o+64] of a uint8 array (unaligned)
     bytes16x4(w, o)          the 16 bytes w[o:o+16] in each of the four 16-byte quarters
     lo4(v), hi4(v)           each byte's low / high nibble
-    dpbusd(acc, u, s)        acc[i] + sum over j < 4 of u[4i+j] * s[4i+j], u unsigned and s signed bytes
+    dpbusd(acc, u, s)        acc[i] + sum over j < 4 of u[4i+j] * s[4i+j], u unsigned bytes below 128, s signed
+    dpbusd_u8(acc, u, s)     the same for any unsigned bytes (Q8_0's packed quants)
     ivload4x4(a, i)          a[i:i+4] of an int32 array in each quarter, as int32 lanes (`simd.I32x16`)
     ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul, iadd (a, b): lane-wise
     row_sums4(a, b, c, d)    four groups' lanes summed per row: lane 4r + g = group g's row r (its quarter r)
@@ -19,11 +20,12 @@ pick_A_B (a block's 6-bit scales spread over the lanes whose weights they scale)
 q5_codes / q6_low / q6_high (Q5_K's and Q6_K's codes), bsplat32, ineg, sbytes4x4. MXFP4's and packing's are in
 `simd8x.py`, the ones that quantize the activations (ggml's q8_0) in `q8act.py`.
 
-`dpbusd` is one vpdpbusd with AVX-512 VNNI; with AVX2, vpmaddwd on bytes widened to int16 (4x faster than
-widening to int32 there); elsewhere the same sums come from widening multiplies (integers: every path gives the
-same values). As in `simd`, no bounds checks: callers compute offsets
-from validated shapes, and the tests hold every kernel to its numpy twin. After editing this file, delete the
-__pycache__/*.nbi of the modules that use it (numba's cache is keyed on each kernel's own file's contents).
+`dpbusd` is one vpdpbusd with AVX-512 VNNI; with AVX2, vpmaddubsw then vpmaddwd by ones (its u below 128: no
+int16 saturation); `dpbusd_u8` there widens the bytes to int16 for vpmaddwd (4x faster than widening to int32);
+elsewhere the same sums come from widening multiplies (integers: every path gives the same values). As in `simd`,
+no bounds checks: callers compute offsets from validated shapes, and the tests hold every kernel to its numpy twin.
+After editing this file, delete the __pycache__/*.nbi of the modules that use it (numba's cache is keyed on each
+kernel's own file's contents), and change those modules' text so that other machines' caches drop it too.
 """
 
 from __future__ import annotations
@@ -105,32 +107,61 @@ lo4 = _nibble(0)
 hi4 = _nibble(4)
 
 
+def _dpbusd_ir(builder, a, uu, ss):  # noqa: ANN001, ANN202 - llvmlite values
+    """acc + u.s as `dpbusd` computes it."""
+    if VNNI:
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", vty(_I32), [a, uu, ss])
+    if AVX2:  # bytes widened to int16, vpmaddwd sums product pairs (exact: |pair| <= 65280), then pairs of pairs
+        u16, s16 = builder.zext(uu, vty(_I16, 64)), builder.sext(ss, vty(_I16, 64))
+        parts = []
+        for h in range(4):
+            q = ir.Constant(vty(_I32, 16), list(range(16 * h, 16 * h + 16)))
+            parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8),
+                               [builder.shuffle_vector(u16, u16, q), builder.shuffle_vector(s16, s16, q)]))
+        lo = builder.shuffle_vector(parts[0], parts[1], ir.Constant(vty(_I32, 16), list(range(16))))
+        hi = builder.shuffle_vector(parts[2], parts[3], ir.Constant(vty(_I32, 16), list(range(16))))
+        even = builder.shuffle_vector(lo, hi, ir.Constant(vty(_I32, 16), [2 * i for i in range(16)]))
+        odd = builder.shuffle_vector(lo, hi, ir.Constant(vty(_I32, 16), [2 * i + 1 for i in range(16)]))
+        return builder.add(a, builder.add(even, odd))
+    p = builder.mul(builder.zext(uu, vty(_I32, 64)), builder.sext(ss, vty(_I32, 64)))
+    for j in range(4):
+        part = builder.shuffle_vector(p, p, ir.Constant(vty(_I32, 16), [4 * i + j for i in range(16)]))
+        a = builder.add(a, part)
+    return a
+
+
+@intrinsic
+def dpbusd_u8(typingctx, acc, u, s):
+    """`dpbusd` for any unsigned bytes u (Q8_0's packed quants, int8 + 128)."""
+    if not (acc == I32x16 and u == B64 and s == B64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _dpbusd_ir(builder, *args)
+
+    return I32x16(acc, u, s), codegen
+
+
 @intrinsic
 def dpbusd(typingctx, acc, u, s):
+    """acc[i] + u[4i..4i+3] . s[4i..4i+3] for u < 128 (nibbles, the K types' codes, grid points): with AVX2 and no
+    VNNI one vpmaddubsw then a vpmaddwd by ones, whose int16 pair sums cannot saturate there (|2 * 127 * -128| <
+    2^15: docs/BENCHMARKS.md, "Decode: notes"). Bytes from 128 up take `dpbusd_u8`."""
     if not (acc == I32x16 and u == B64 and s == B64):
         return None
 
     def codegen(context, builder, sig, args):
         a, uu, ss = args
-        if VNNI:
-            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", vty(_I32), [a, uu, ss])
-        if AVX2:  # bytes widened to int16, vpmaddwd sums product pairs (exact: |pair| <= 65280), then pairs of pairs
-            u16, s16 = builder.zext(uu, vty(_I16, 64)), builder.sext(ss, vty(_I16, 64))
-            parts = []
-            for h in range(4):
-                q = ir.Constant(vty(_I32, 16), list(range(16 * h, 16 * h + 16)))
-                parts.append(_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8),
-                                   [builder.shuffle_vector(u16, u16, q), builder.shuffle_vector(s16, s16, q)]))
-            lo = builder.shuffle_vector(parts[0], parts[1], ir.Constant(vty(_I32, 16), list(range(16))))
-            hi = builder.shuffle_vector(parts[2], parts[3], ir.Constant(vty(_I32, 16), list(range(16))))
-            even = builder.shuffle_vector(lo, hi, ir.Constant(vty(_I32, 16), [2 * i for i in range(16)]))
-            odd = builder.shuffle_vector(lo, hi, ir.Constant(vty(_I32, 16), [2 * i + 1 for i in range(16)]))
-            return builder.add(a, builder.add(even, odd))
-        p = builder.mul(builder.zext(uu, vty(_I32, 64)), builder.sext(ss, vty(_I32, 64)))
-        for j in range(4):
-            part = builder.shuffle_vector(p, p, ir.Constant(vty(_I32, 16), [4 * i + j for i in range(16)]))
-            a = builder.add(a, part)
-        return a
+        if VNNI or not AVX2:
+            return _dpbusd_ir(builder, a, uu, ss)
+        ones = ir.Constant(vty(_I16, 16), [1] * 16)
+        halves = []
+        for h in range(2):
+            q = ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32)))
+            pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
+                          [builder.shuffle_vector(uu, uu, q), builder.shuffle_vector(ss, ss, q)])
+            halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8), [pairs, ones]))
+        return builder.add(a, builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 16), list(range(16)))))
 
     return I32x16(acc, u, s), codegen
 
