@@ -108,7 +108,7 @@ hi4 = _nibble(4)
 
 
 def _dpbusd_ir(builder, a, uu, ss):  # noqa: ANN001, ANN202 - llvmlite values
-    """acc + u.s as `dpbusd` computes it."""
+    """acc + u.s for any unsigned bytes u (`dpbusd_u8`; `dpbusd` off AVX2 or with VNNI)."""
     if VNNI:
         return _call(builder, "llvm.x86.avx512.vpdpbusd.512", vty(_I32), [a, uu, ss])
     if AVX2:  # bytes widened to int16, vpmaddwd sums product pairs (exact: |pair| <= 65280), then pairs of pairs
@@ -146,7 +146,7 @@ def dpbusd_u8(typingctx, acc, u, s):
 def dpbusd(typingctx, acc, u, s):
     """acc[i] + u[4i..4i+3] . s[4i..4i+3] for u < 128 (nibbles, the K types' codes, grid points): with AVX2 and no
     VNNI one vpmaddubsw then a vpmaddwd by ones, whose int16 pair sums cannot saturate there (|2 * 127 * -128| <
-    2^15: docs/BENCHMARKS.md, "Decode: notes"). Bytes from 128 up take `dpbusd_u8`."""
+    2^15; its speed: docs/BENCHMARKS.md "Decode: notes"). Bytes from 128 up take `dpbusd_u8`."""
     if not (acc == I32x16 and u == B64 and s == B64):
         return None
 
