@@ -146,12 +146,17 @@ def _pack(w2, out, parts, flip, sb):  # OpenMP team spinning beside the kernels'
             for k in range(rb - rb % 16, rb):
                 tmp[r * rb + k] = row[k]
         og = out[g]
+        og16, tmp16 = og.view(np.uint16), tmp.view(np.uint16)  # f16 scales moved whole: rb and bsz are even then
         for b in range(rb // bsz):
             o, po = b * bsz, b * GROUP * bsz
-            for lane in range(GROUP):  # lane 4r + j holds row 4j + r's scale: `row_sums4`'s order
-                r = 4 * (lane % 4) + lane // 4
-                for k in range(sb):
-                    og[po + sb * lane + k] = tmp[r * rb + o + k]
+            # lane 4r + j holds row 4j + r's scale (`row_sums4`'s order); sb's two cases spelled out: a loop over sb
+            # bytes took most of the pack's time (docs/BENCHMARKS.md, "A second run right after a first")
+            if sb == 2:
+                for lane in range(GROUP):
+                    og16[po // 2 + lane] = tmp16[((4 * (lane % 4) + lane // 4) * rb + o) // 2]
+            else:
+                for lane in range(GROUP):
+                    og[po + lane] = tmp[(4 * (lane % 4) + lane // 4) * rb + o]
             for r in range(GROUP):
                 for p in range(parts):  # 16-byte runs copied as vectors (byte loops ran at 1.4 GB/s)
                     q = po + sb * GROUP + 64 * (parts * (r // 4) + p) + 16 * (r % 4)
