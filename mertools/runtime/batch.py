@@ -15,6 +15,7 @@ from ..layout.config import ModelConfig
 # what a KV cache may hold: f16 (the default) halves f32's bytes; q8_0 (blocks of 32: an f16 scale and 32 int8,
 # llama.cpp's --cache-type q8_0) takes 34/64 of f16's; f32 is exact
 KV_DTYPES = ("f16", "f32", "q8_0")
+KV_STORAGE = {"f16": np.uint16, "f32": np.float32, "q8_0": np.uint8}  # the arrays each KV type is kept in
 _BYTES_PER_VALUE = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
 PREFILL_CHUNK = 512  # prompt tokens per forward step (generate(), a draft model catching up): scores stay chunk x context
 
@@ -47,7 +48,7 @@ class KVCache:
         self.length = 0
         self.dtype = dtype
         self.divisor = cfg.softmax_divisor
-        store = {"f16": np.uint16, "f32": np.float32, "q8_0": np.uint8}[dtype]
+        store = KV_STORAGE[dtype]
         width = (lambda n: n // 32 * 34) if dtype == "q8_0" else (lambda n: n)  # a row's storage units
         capacity = max(1, capacity)
         if cfg.mla:

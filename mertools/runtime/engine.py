@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from ..kernels import int8
 from ..kernels.gemm_kernels import GEMM_MIN_N
 from ..kernels.simd import AVX512
 from ..layout.reader import Layout
-from . import generation
+from . import generation, preload
 from .approx import Approx
 from .batch import check_kv_dtype, kv_bytes_per_token
 from .cache import CacheStats, ExpertCache
@@ -68,8 +69,9 @@ def auto_io(layout: Layout, fits: bool, packs: bool, always_pack: bool = False) 
 class Engine:
     def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
                  prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0,
-                 shards: ShardedExperts | None = None) -> None:
+                 shards: ShardedExperts | None = None, loading: threading.Thread | None = None) -> None:
         self.layout, self.store, self.cache, self.model = layout, store, cache, model
+        self.loading = loading  # the thread loading cached kernels (preload.py), joined at close
         self.shards = shards  # experts computed by Ray actors (shards.py); None: here
         self.history, self.preloaded = history, preloaded  # the learning cache, experts it had loaded at open
         self.config = layout.manifest.config
@@ -128,7 +130,6 @@ class Engine:
             import numba
 
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        one_blas_thread()
         try:
             check_kv_dtype(cfg, kv_dtype)
         except ValueError as e:
@@ -186,6 +187,10 @@ class Engine:
         # load's packing took the kernels' cores and the run was slower than on the exact kernels (docs/BENCHMARKS.md,
         # "Decode: notes"); mapped, they stay exact too (the others read the file's blocks as they are)
         prepare = expert_packer(cfg) if kernels == "int8" and not mapped and slots == len(m.experts) else None
+        # numba's cached kernels loaded on the other core while this thread reads the dense weights (preload.py)
+        loading = preload.start(preload.entry_points(kernels, kernels == "int8" and compiled_step
+                                                     and slots == len(m.experts) and remote is None), kv_dtype)
+        one_blas_thread()
         # address space for as many slots as the machine's memory holds, so `resize_cache` can grow the cache later
         capacity = len(m.experts) if mapped else min(len(m.experts), max(slots, total_bytes() // slot_bytes))
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
@@ -209,7 +214,7 @@ class Engine:
                     c.seed(*seed)
             preloaded = cache.prefetch(learned.hot(slots, need))  # loads in the background while the prompt is read
         return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads,
-                   learned, preloaded, remote)
+                   learned, preloaded, remote, loading)
 
     # ------------------------------------------------------------------ API
     @property
@@ -402,6 +407,8 @@ class Engine:
     def close(self) -> None:
         """Stop the loaders and close the files; then write the routing history (--history) with this run's."""
         self.cache.executor.shutdown(wait=True)
+        if self.loading is not None:
+            self.loading.join()
         self.store.close()
         if self.model.moe.standins is not None:
             self.model.moe.standins.store.close()

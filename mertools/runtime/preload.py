@@ -1,0 +1,83 @@
+"""Load the kernels a run will call from numba's on-disk cache on a second thread, while the engine opens.
+
+A process after the first finds every kernel in numba's cache, but loading one (parsing its LLVM bitcode, linking
+it) takes 10-400 ms on the thread that first calls it: most of a second for a decode run's kernels, on the main
+thread between the open and the first token, where a second run of llama.cpp is already decoding
+(docs/BENCHMARKS.md, "A second run right after a first"). `start` loads them in call order on a thread of its own,
+on the core the opening thread leaves idle. numba's compiler lock keeps the two threads from loading one kernel twice:
+a kernel the main thread calls first it loads itself, as before. Only signatures numba cached for this machine and
+these sources are loaded; nothing is compiled here (a first run compiles on the thread that calls, as before).
+
+    entry_points(kernels, fused)   the kernels a run of that mode calls from Python, in the order it calls them
+    start(dispatchers, kv_dtype)   a started thread loading their cached signatures for that KV cache type
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any
+
+import numpy as np
+
+from .batch import KV_STORAGE
+
+# arguments by which the kernels that take the KV cache take it: a signature for another KV type is not loaded
+KV_ARGS = ("kv_k", "keys")
+
+__all__ = ["cached_signatures", "entry_points", "for_kv", "start"]
+
+
+def entry_points(kernels: str, fused: bool) -> list[Any]:
+    """numba dispatchers a run calls, open first, then the prompt's, then the decode steps': with the 8-bit kernels the
+    dense weights' packing, the prompt's products and the compiled step when `fused` (runtime/fused.py), else the
+    attention of one token; the exact kernels' products otherwise. A kernel listed and not called costs this thread a
+    load; one called and not listed is loaded by its caller, as without this module."""
+    from ..dtypes import _k8packed
+    from ..kernels import attention, experts8, int8, rowops, step
+    from ..kernels import matmul_kernels as mm
+    from ..kernels import matvec_kernels as mv
+
+    if kernels == "int8":
+        opening = [_k8packed.pack_q6_k, _k8packed.pack_q4_k, int8._pack]
+        prompt = [mm.get_rows, int8._quantized_matmul8, rowops._dense_rows, rowops._softmax_rows,
+                  int8._quantized_swiglu8, experts8.experts8]
+        return opening + prompt + ([step.decode_step] if fused else [attention.attend_one])
+    return [mm.get_rows, mm.matmul_tiled, mv.matvec, attention.attend_one, mv.matvec_swiglu]
+
+
+def cached_signatures(dispatcher: Any) -> list[tuple]:  # noqa: ANN401 - a numba Dispatcher
+    """The argument types numba's disk cache holds `dispatcher` compiled for on this machine from its current source
+    (numba's own index, read as its loader reads it); [] for a kernel without a cache, or a numba whose cache is laid
+    out otherwise (the loads then happen at the first calls, as without preloading)."""
+    cache = getattr(dispatcher, "_cache", None)
+    index_file = getattr(cache, "_cache_file", None)
+    if index_file is None or not hasattr(cache, "_index_key"):
+        return []
+    try:
+        codegen = dispatcher.targetctx.codegen()
+        return [key[0] for key in index_file._load_index() if cache._index_key(key[0], codegen) == key]
+    except (AttributeError, TypeError, ValueError, OSError, EOFError):  # another numba's index, a torn file
+        return []
+
+
+def for_kv(dispatcher: Any, sig: tuple, kv_dtype: str) -> bool:  # noqa: ANN401
+    """Whether `sig` takes the KV cache (the arguments named in KV_ARGS) in `kv_dtype`'s arrays, or takes none."""
+    names = list(inspect.signature(dispatcher.py_func).parameters)
+    want = np.dtype(KV_STORAGE[kv_dtype])
+    return all(np.dtype(str(sig[names.index(a)].dtype)) == want for a in KV_ARGS if a in names)
+
+
+def _load(dispatchers: list[Any], kv_dtype: str) -> None:  # noqa: ANN401
+    for d in dispatchers:
+        for sig in cached_signatures(d):
+            if for_kv(d, sig, kv_dtype):
+                d.compile(sig)  # a cache hit: loaded and added to the dispatcher's overloads
+
+
+def start(dispatchers: list[Any], kv_dtype: str) -> threading.Thread:  # noqa: ANN401
+    """A started thread loading each dispatcher's cached signatures for a KV cache of `kv_dtype`, in order. Not a
+    daemon: an interpreter exiting waits for it rather than tearing numba down under a load."""
+    t = threading.Thread(target=_load, args=(list(dispatchers), kv_dtype), name="mertools-preload")
+    t.start()
+    return t
