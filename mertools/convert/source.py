@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import SourceError
 from ..families.base import DenseSpec, Family, fmt, resolve_shape
+from ..layout.buffers import page_aligned
 from ..layout.config import ModelConfig
 from ..layout.constants import DTYPES
 
@@ -45,7 +46,7 @@ class SourceTensor:
 
     def read_raw(self) -> np.ndarray:
         """Bytes as stored, uint8 (rows, row_bytes), with the q/k row permutation undone."""
-        buf = np.empty(self.nbytes, dtype=np.uint8)
+        buf = page_aligned(self.nbytes)
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:

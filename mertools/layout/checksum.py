@@ -7,6 +7,8 @@ from pathlib import Path
 
 import xxhash
 
+from .buffers import page_aligned
+
 CHUNK = 8 << 20
 
 
@@ -18,7 +20,7 @@ def file_xxh3(path: str | Path, chunk: int = CHUNK) -> tuple[int, str]:
     """(size, xxh3) of a whole file, read in chunks so memory stays flat."""
     h = xxhash.xxh3_64()
     n = 0
-    buf = bytearray(chunk)
+    buf = page_aligned(chunk)  # a bytearray of this size would start 16 bytes into a page: slow copies (buffers.py)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while True:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LayoutError
+from .buffers import page_aligned
 from .checksum import range_xxh3
 from .constants import MANIFEST_NAME
 from .manifest import ExpertEntry, Manifest, ManifestError, TensorEntry
@@ -143,7 +144,7 @@ class Layout:
                              f"{out.dtype} {out.shape}")
         fd = os.open(path, os.O_RDONLY)
         try:
-            buf = np.empty(entry.nbytes, dtype=np.uint8) if out is None else out.reshape(-1)
+            buf = page_aligned(entry.nbytes) if out is None else out.reshape(-1)
             got = os.preadv(fd, [buf], entry.offset)
         finally:
             os.close(fd)

@@ -30,6 +30,7 @@ import numpy as np
 from ..families.pieces import STANDARD, _cos_sin
 from ..kernels import step as kstep
 from ..kernels.attention import _no_sinks
+from ..layout.buffers import page_aligned
 from ..layout.config import GatingFunc, QKNorm, RopeScaling
 from .batch import KVCache
 from .prefetch import Prefetcher
@@ -46,7 +47,7 @@ class DenseArena:
     reaches all of them through one array and offsets (the matrices are views of it, packed in place as before)."""
 
     def __init__(self, nbytes: int) -> None:
-        self.buf = np.empty(max(nbytes, 1), np.uint8)
+        self.buf = page_aligned(max(nbytes, 1))  # reads into it copy fast only page-aligned (layout/buffers.py)
         self.used = 0
 
     @staticmethod
