@@ -195,6 +195,8 @@ class Engine:
         capacity = len(m.experts) if mapped else min(len(m.experts), max(slots, total_bytes() // slot_bytes))
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
                             mapped=mapped, prepare=prepare, capacity=capacity)
+        if remote is None:  # the slots a first token fills, faulted in while the dense weights load (store.prefault)
+            store.start_prefault(need * (cfg.n_layers + cfg.nextn_layers))
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         layers = cfg.n_layers + cfg.nextn_layers  # the MTP blocks' experts are cached like any layer's
         cache = ExpertCache(slots, layers, cfg.n_experts, store.load, pool, policy=policy, capacity=capacity)

@@ -18,6 +18,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_POPULATE_WRITE = 23  # Linux 5.14: fault every page of a range in, writable, in one call
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -36,3 +38,10 @@ def map_file(fd: int, nbytes: int) -> np.ndarray:
     buf = (ctypes.c_uint8 * nbytes).from_address(addr)
     weakref.finalize(buf, _libc.munmap, addr, nbytes)  # every view keeps `buf` alive through its base
     return np.frombuffer(buf, np.uint8)
+
+
+def populate(addr: int, nbytes: int) -> bool:
+    """Fault in the pages of [addr, addr + nbytes) of a private writable mapping now, as a first write would (their
+    contents unchanged if present); False where the kernel lacks MADV_POPULATE_WRITE. Through ctypes, which lets go of
+    the GIL for the call: other threads run while the pages are zeroed."""
+    return _libc.madvise(addr, nbytes, MADV_POPULATE_WRITE) == 0

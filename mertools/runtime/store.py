@@ -29,7 +29,7 @@ from ..layout.constants import ALIGNMENT
 from ..layout.manifest import ExpertEntry
 from ..layout.reader import Layout
 from .cache import LoadCancelled
-from .mapped import map_file
+from .mapped import map_file, populate
 from .stats import LatencyHistogram
 
 # pread-like: (fd, buffer view, offset) -> bytes read. Tests inject faults through this seam.
@@ -111,6 +111,8 @@ class ExpertStore:
         self.bytes_read = 0
         self.read_latency = LatencyHistogram()  # per complete expert load: fixed size, whatever the reads
         self.retried = 0
+        self._closing = threading.Event()
+        self._prefaulting: threading.Thread | None = None
 
     def discard(self, slots: list[int]) -> None:
         """Give the memory of slots the cache no longer uses back to the system (their contents are gone): the arena's
@@ -123,6 +125,25 @@ class ExpertStore:
             else:
                 self.buffers[slot] = np.empty(0, np.uint8)  # the last view of the mapping: unmapped with it
                 self.slot_addr[slot] = 0
+
+    def start_prefault(self, n_slots: int) -> None:
+        """Fault in the arena's first `n_slots` slots on a thread of its own, one by one (`close` stops it): the cache
+        fills slots from the first up, and a page's first touch is costly (zeroed; on a VM also faulted in by the
+        host), so done on an idle core while the engine opens, the reads into them copy without faulting
+        (docs/BENCHMARKS.md, "A second run right after a first"). Nothing for a mapped store."""
+        if self.arena_bytes is not None and self._prefaulting is None:
+            self._prefaulting = threading.Thread(target=self.prefault, args=(n_slots,), name="mertools-prefault")
+            self._prefaulting.start()
+
+    def prefault(self, n_slots: int) -> int:
+        """`start_prefault`'s work, on the calling thread: the slots faulted in (fewer once `close` began, or none where
+        the kernel lacks MADV_POPULATE_WRITE)."""
+        base = self.arena_bytes.ctypes.data if self.arena_bytes is not None else 0
+        for slot in range(n_slots):  # the cache's size read at each slot: `discard`ed slots stay given back
+            if (self._closing.is_set() or slot >= self.n_slots or not base
+                    or not populate(base + slot * self.slot_bytes, self.slot_bytes)):
+                return slot
+        return n_slots
 
     def use_slots(self, n_slots: int) -> None:
         """The cache uses slots 0..n_slots-1 from now on (ExpertCache.resize): slots taken back after a `discard` ask
@@ -203,6 +224,9 @@ class ExpertStore:
     def close(self) -> None:
         """Stop the readers, close the files and give the arena's memory back now (views of it may outlive the
         store, as zeros: a server that switched layouts must not wait for the old engine's last reference)."""
+        self._closing.set()
+        if self._prefaulting is not None:
+            self._prefaulting.join()  # no page faulted in after the memory is given back
         self._pool.shutdown(wait=True)
         if self.arena is not None:
             self.arena.madvise(mmap.MADV_DONTNEED)
