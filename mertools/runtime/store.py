@@ -41,6 +41,7 @@ CHUNK = 4 << 20
 # descriptors kept open, least recently used closed first: a layout may hold more expert files than
 # the process may open (RLIMIT_NOFILE), and reopening costs one open() per read of a closed file
 MAX_OPEN_FILES = 256
+PREFAULT_STEP = 2 << 20  # bytes faulted in per call by `prefault`
 
 
 def _preadv(fd: int, view: memoryview, offset: int) -> int:
@@ -140,9 +141,12 @@ class ExpertStore:
         the kernel lacks MADV_POPULATE_WRITE)."""
         base = self.arena_bytes.ctypes.data if self.arena_bytes is not None else 0
         for slot in range(n_slots):  # the cache's size read at each slot: `discard`ed slots stay given back
-            if (self._closing.is_set() or slot >= self.n_slots or not base
-                    or not populate(base + slot * self.slot_bytes, self.slot_bytes)):
+            if self._closing.is_set() or slot >= self.n_slots or not base:
                 return slot
+            # by 2 MiB: the call holds the process's mmap lock, which every other thread's mmap and munmap waits for
+            for o in range(0, self.slot_bytes, PREFAULT_STEP):
+                if not populate(base + slot * self.slot_bytes + o, min(PREFAULT_STEP, self.slot_bytes - o)):
+                    return slot
         return n_slots
 
     def use_slots(self, n_slots: int) -> None:
