@@ -56,7 +56,7 @@ from mertools.kernels.simd8 import (
     lo4,
     u8x16,
 )
-from mertools.kernels.simd8x import q6_codes, s8x16
+from mertools.kernels.simd8x import copy_bytes, q6_codes, s8x16
 
 from ._k8 import Q4_K_BYTES, Q6_K_BYTES
 
@@ -79,7 +79,7 @@ def pack_q4_k(w2, out):
     t32 = tmp.view(np.uint32)
     for g in range(out.shape[0]):
         for r in range(ROWS):  # the group's rows first: out may be w2's own bytes
-            tmp[r * rb:(r + 1) * rb] = w2[ROWS * g + r]
+            copy_bytes(tmp, r * rb, w2[ROWS * g + r], 0, rb)
         og = out[g]
         o32 = og.view(np.uint32)
         for b in range(rb // Q4_K_BYTES):
@@ -214,7 +214,7 @@ def pack_q6_k(w2, out):
         for r in range(ROWS):  # the group's rows first: out may be w2's own bytes
             row = w2[ROWS * g + r]
             for b in range(nb):
-                tmp[(r * nb + b) * _Q6_STRIDE:(r * nb + b) * _Q6_STRIDE + Q6_K_BYTES] = row[Q6_K_BYTES * b:Q6_K_BYTES * (b + 1)]
+                copy_bytes(tmp, (r * nb + b) * _Q6_STRIDE, row, Q6_K_BYTES * b, Q6_K_BYTES)
         og = out[g]
         o32 = og.view(np.uint32)
         for b in range(nb):

@@ -4,6 +4,7 @@ packed Q6_K's codes and scales.
     byte_table(values)       intrinsic v (B64 of nibbles) -> the bytes values[v]
     e8m0x16(w, o)            the 16 E8M0 exponent bytes at byte o as float32 2^(e - 128)
     copy16(dst, do, src, so, flip)   dst[do:do+16] = src[so:so+16] ^ flip (uint8 C arrays, unaligned)
+    copy_bytes(dst, do, src, so, n)  dst[do:do+n] = src[so:so+n] by copy16 (numba's slice assignment was slow)
     q6_codes(nib, qh, k)     Q6_K's 6-bit codes: each nibble with bits 2k, 2k + 1 of its qh byte above it
     s8x16(w, o)              the 16 bytes at byte o as int8, sign-extended to int32 lanes
     lane_at(v, j)            v[j] of a float32 vector
@@ -15,7 +16,7 @@ numba's caches of the modules that use it.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from mertools.kernels.simd import AVX2, AVX512, F32x16, I32x16, _call, _splat, is_carray, is_int, ptr_at, vty
@@ -133,4 +134,13 @@ def lane_at(typingctx, v, j):
     return types.float32(v, j), codegen
 
 
-__all__ = ["byte_table", "copy16", "e8m0x16", "lane_at", "q6_codes", "s8x16"]
+@njit(inline="always", nogil=True, cache=True)
+def copy_bytes(dst, do, src, so, n):
+    """dst[do:do + n] = src[so:so + n] (uint8 C arrays) by 16-byte vectors, then the tail bytes."""
+    for k in range(0, n - 15, 16):
+        copy16(dst, do + k, src, so + k, 0)
+    for k in range(n - n % 16, n):
+        dst[do + k] = src[so + k]
+
+
+__all__ = ["byte_table", "copy16", "copy_bytes", "e8m0x16", "lane_at", "q6_codes", "s8x16"]
