@@ -72,7 +72,10 @@ def _load(dispatchers: list[Any], kv_dtype: str) -> None:  # noqa: ANN401
     for d in dispatchers:
         for sig in cached_signatures(d):
             if for_kv(d, sig, kv_dtype):
-                d.compile(sig)  # a cache hit: loaded and added to the dispatcher's overloads
+                try:
+                    d.compile(sig)  # a cache hit: loaded and added to the dispatcher's overloads
+                except Exception:  # noqa: BLE001 - the caller meets the same failure at its call, and reports it there
+                    return
 
 
 def start(dispatchers: list[Any], kv_dtype: str) -> threading.Thread:  # noqa: ANN401
