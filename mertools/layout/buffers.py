@@ -17,12 +17,17 @@ import numpy as np
 MIN_MAPPED = 64 << 10
 
 
-def page_aligned(nbytes: int) -> np.ndarray:
-    """A writable uint8 array of nbytes starting on a page (an anonymous private mapping, given back when its last
-    view goes; 2 MiB pages asked for, as numpy asks for its large arrays), or np.empty below MIN_MAPPED."""
-    if nbytes < MIN_MAPPED:
-        return np.empty(nbytes, np.uint8)
+def anonymous(nbytes: int) -> mmap.mmap:
+    """nbytes of fresh memory starting on a page: private (Python's default, shared, is shmem, which gets no
+    transparent huge pages), 2 MiB pages asked for as numpy asks for its large arrays (the kernels stream them
+    faster: docs/BENCHMARKS.md); committed as pages are first written."""
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         m.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(m, np.uint8)
+    return m
+
+
+def page_aligned(nbytes: int) -> np.ndarray:
+    """A writable uint8 array of nbytes starting on a page (`anonymous`, given back when its last view goes), or
+    np.empty below MIN_MAPPED."""
+    return np.empty(nbytes, np.uint8) if nbytes < MIN_MAPPED else np.frombuffer(anonymous(nbytes), np.uint8)

@@ -25,6 +25,7 @@ import numpy as np
 import xxhash
 
 from ..errors import ChecksumError, ExpertReadError
+from ..layout.buffers import anonymous
 from ..layout.constants import ALIGNMENT
 from ..layout.manifest import ExpertEntry
 from ..layout.reader import Layout
@@ -81,11 +82,7 @@ class ExpertStore:
             self.arena = self.arena_bytes = None
             self.buffers = [np.empty(0, np.uint8)] * capacity
         else:
-            # private (Python's default, shared, is shmem, which gets no transparent huge pages), and 2 MiB pages
-            # asked for as numpy asks for its large arrays: the kernels stream slots faster (docs/BENCHMARKS.md)
-            self.arena = mmap.mmap(-1, capacity * self.slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                self.arena.madvise(mmap.MADV_HUGEPAGE)
+            self.arena = anonymous(capacity * self.slot_bytes)
             self.arena_bytes = np.frombuffer(self.arena, np.uint8)  # every slot: kernels that take several at once
             self.buffers = [  # (slot_bytes,) uint8 each, 4 KiB-aligned
                 np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(capacity)
