@@ -18,6 +18,7 @@ import argparse
 import compileall
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: 
     if tool == "mertools":
         out["o_direct"] = eng.store.o_direct
         out["io"] = "mmap" if eng.store.mapped else "buffered" if eng.store.keep_pages else "direct"  # what auto chose
+        if (copies := eng.store.copies) is not None:  # packed copies (runtime/packed.py) mapped and written
+            out["copies"] = f"{copies.mapped} copies mapped, {copies.written} written"
         eng.close()
     print(json.dumps(out))
 
@@ -65,7 +68,7 @@ def _cell(r: dict) -> str:
     if "error" in r:
         return f"error: {r['error']}"
     return (f"{r['total_s']:.1f} s ({r['ready_s']:.2f} + {r['prefill_s']:.2f}), {r['decode_tok_s']:.2f} tok/s, "
-            f"{r['read_gb']:.2f} GB" + (f", {r['io']}" if "io" in r else ""))
+            f"{r['read_gb']:.2f} GB" + (f", {r['io']}" if "io" in r else "") + (f", {r['copies']}" if "copies" in r else ""))
 
 
 def _measure(a: argparse.Namespace, tokens: int) -> tuple[list[tuple[str, list[dict]]], float]:
@@ -76,6 +79,10 @@ def _measure(a: argparse.Namespace, tokens: int) -> tuple[list[tuple[str, list[d
                                           ("mertools --io direct", "mertools", a.layout, "direct", sys.executable),
                                           ("llama.cpp (mmap)", "llama", a.gguf, "-", a.llama_python)):
         common.drop_caches()
+        if tool == "mertools":  # a first run finds no packed copies (runtime/packed.py) either
+            from mertools.runtime.packed import DIR  # not at the top: llama.cpp's children run without mertools' needs
+
+            shutil.rmtree(Path(path) / DIR, ignore_errors=True)
         runs = []
         for _ in range(1 + a.repeats):
             common.wait_quiet(30)

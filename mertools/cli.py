@@ -154,13 +154,17 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--history", "history", type=click.Path(dir_okay=False), help="Learning cache: a routing history file "
               "(created if absent; e.g. LAYOUT.history.json beside the layout). The experts it saw used most are "
               "loaded at start and ranked by the cache from the first token; this run's routing is added at exit.")
+@click.option("--packed-copies/--no-packed-copies", default=None,
+              help="Keep the experts and dense weights the 8-bit kernels pack as files in LAYOUT/packed/, and map "
+                   "them in later runs instead of reading and packing again (when reads keep their pages: --io "
+                   "buffered, or auto's choice of it). Default: on, unless MERTOOLS_PACKED_COPIES=0.")
 @shard_options
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
         io_mode: str, kernels: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
-        history: str | None, shards: int | None, shard_plan: str | None, ray_address: str | None,
-        approx: Approx | None = None) -> None:
+        history: str | None, packed_copies: bool | None, shards: int | None, shard_plan: str | None,
+        ray_address: str | None, approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.compile_clock import announce_compiling
     from .runtime.engine import Engine, draft_footprint
@@ -177,7 +181,8 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     try:
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
-                         kernels=kernels, shards=shards, plan=shard_plan, ray_address=ray_address) as engine:
+                         kernels=kernels, shards=shards, plan=shard_plan, ray_address=ray_address,
+                         packed_copies=packed_copies) as engine:
             if tracer is not None and engine.shards is None:  # a sharded driver's cache holds nothing: no "held"
                 tracer.follow(engine.cache, engine.store)
             drafter = engine.open_drafter(draft) if draft else None

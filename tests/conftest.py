@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -7,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# packed copies (runtime/packed.py) would be written into the session's shared layouts, which tests treat as read-only,
+# and change what later tests' runs read; tests of the copies turn them on for layouts of their own
+os.environ.setdefault("MERTOOLS_PACKED_COPIES", "0")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the fixtures/ generators live at the repo root
 

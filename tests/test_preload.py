@@ -28,7 +28,7 @@ from mertools.runtime import preload
 from mertools.runtime.compile_clock import compile_seconds
 layout, mode, out = sys.argv[1:4]
 if mode == "off":  # as before the module: each kernel loaded by its first caller
-    preload.entry_points = lambda kernels, fused: []
+    preload.entry_points = lambda *a, **k: []
 from mertools.runtime.engine import Engine
 
 def kernels():

@@ -179,12 +179,16 @@ def pack(w2: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarra
     return target
 
 
-def prepare(w2: np.ndarray, dtype: str) -> np.ndarray:
+def prepare(w2: np.ndarray, dtype: str, packed: bool = False) -> np.ndarray:
     """w2 (rows, row_bytes) as these kernels read it (`prepared_kind` says how): packed in place, or w2 itself for a
-    type read as it is."""
+    type read as it is. `packed`: w2 holds packed bytes already (an earlier process's, runtime/packed.py), only
+    shaped as `pack` shapes them."""
     rows, rb = w2.shape
     dt = DTYPES[dtype]
     if dt.int8_pack is not None or packable(dtype, rows, rb // dt.type_size * dt.block_size):
+        if packed:
+            _spec(dtype, rows, rb // dt.type_size * dt.block_size)
+            return w2.reshape(rows // GROUP, GROUP * rb)
         return pack(w2, dtype, out=w2)
     return w2
 

@@ -164,14 +164,15 @@ def layout_weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = 
     return Weight(w.reshape(rows, -1), kind, rows, cols, int8)
 
 
-def weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False) -> Weight:
+def weight(w: np.ndarray, dtype: str, rows: int, cols: int, int8: bool = False, packed: bool = False) -> Weight:
     """`w` (raw bytes of a (rows, cols) `dtype` weight) checked as `matmul` checks it, for `Weight` calls. `int8`: for
-    the 8-bit kernels when they take it (`int8.takes`), prepared in place: a packed type's `w` then holds packed bytes."""
+    the 8-bit kernels when they take it (`int8.takes`), prepared in place: a packed type's `w` then holds packed bytes
+    (with `packed`, it holds them already)."""
     if rows == 0 or cols == 0:
         raise QuantizationError(f"weight: an empty {dtype} weight ({rows}, {cols}) has no kernel call")
     w2 = _check_weight(w, dtype, rows, cols, "weight")
     if int8 and _i8.takes(dtype, rows, cols):
-        return Weight(_i8.prepare(w2, dtype), _i8.prepared_kind(dtype, rows, cols), rows, cols, True)
+        return Weight(_i8.prepare(w2, dtype, packed), _i8.prepared_kind(dtype, rows, cols), rows, cols, True)
     return Weight(w2, _KIND[dtype], rows, cols)
 
 

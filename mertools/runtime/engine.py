@@ -27,6 +27,7 @@ from .memory import available_bytes, cached_shares, peak_rss_bytes, total_bytes
 from .model import KVCache, MoEModel
 from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
+from .packed import PackedCopies, copies_wanted
 from .prefetch import PREFETCH_MODES
 from .sampling import SamplingParams
 from .shards import Plan, ShardedExperts, open_shards
@@ -88,7 +89,7 @@ class Engine:
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
              reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
              compiled_step: bool = True, shards: int | None = None, plan: str | Path | Plan | None = None,
-             ray_address: str | None = None, long_lived: bool = False) -> Engine:
+             ray_address: str | None = None, long_lived: bool = False, packed_copies: bool | None = None) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -112,8 +113,11 @@ class Engine:
         the exact kernels); the K types are read as they are. With "int8", the decode steps
         of a model held in RAM (a cache with room for every expert) run in one compiled call per sequence where the
         model's pieces allow (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by
-        piece (tests and benchmarks compare the two). Opening an engine limits numpy's BLAS to one thread in this
-        process (`one_blas_thread`)."""
+        piece (tests and benchmarks compare the two). `packed_copies` (default: on unless MERTOOLS_PACKED_COPIES=0):
+        where reads keep their pages and the slots are packed, the packed experts and dense weights are kept as files
+        in the layout's packed/ directory, which later engines map instead of reading and packing (runtime/packed.py);
+        once they exist, "auto" reads buffered (maps them). Opening an engine limits numpy's BLAS to one thread in
+        this process (`one_blas_thread`)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
@@ -179,23 +183,33 @@ class Engine:
         # 8-bit ones (docs/BENCHMARKS.md "Decode: notes", the AVX2-only host): such experts are read and packed even
         # when the page cache holds them
         slow_exact = packs and not AVX512 and any(int8.needs_packing(t) for t in dtypes)
+        # the packed slots and dense weights kept as files for the next process (packed.py), where reads keep pages;
+        # once an earlier run wrote them, reading buffered maps them, packed, where a mapping of the files is not
+        packed = (PackedCopies.of(layout.root) if packs and remote is None
+                  and (copies_wanted() if packed_copies is None else packed_copies) else None)
+        copied = packed is not None and packed.any()
         if io == "auto":
             io = auto_io(layout, slots == len(m.experts) and fits_beside(m, 0, kv_bytes), packs,
-                         always_pack=long_lived or slow_exact)
+                         always_pack=long_lived or slow_exact or copied)
         direct, keep, mapped = io == "direct", io == "buffered", io == "mmap"
         # experts of a packed type are packed after their read only when the cache holds every expert: streaming, each
         # load's packing took the kernels' cores and the run was slower than on the exact kernels (docs/BENCHMARKS.md,
         # "Decode: notes"); mapped, they stay exact too (the others read the file's blocks as they are)
         prepare = expert_packer(cfg) if kernels == "int8" and not mapped and slots == len(m.experts) else None
+        copies = packed if prepare is not None and keep else None
+        copied = copied and copies is not None
         # numba's cached kernels loaded on the other core while this thread reads the dense weights (preload.py)
         loading = preload.start(preload.entry_points(kernels, kernels == "int8" and compiled_step
-                                                     and slots == len(m.experts) and remote is None), kv_dtype)
+                                                     and slots == len(m.experts) and remote is None,
+                                                     packs_first=not copied), kv_dtype)
         one_blas_thread()
         # address space for as many slots as the machine's memory holds, so `resize_cache` can grow the cache later
         capacity = len(m.experts) if mapped else min(len(m.experts), max(slots, total_bytes() // slot_bytes))
         store = ExpertStore(layout, slots, direct=direct, keep_pages=keep, verify=verify, io_depth=io_depth,
-                            mapped=mapped, prepare=prepare, capacity=capacity)
-        if remote is None:  # the slots a first token fills, faulted in while the dense weights load (store.prefault)
+                            mapped=mapped, prepare=prepare, capacity=capacity, copies=copies)
+        # the slots a first token fills, faulted in while the dense weights load (store.prefault); not for slots that
+        # will map packed copies
+        if remote is None and not copied:
             store.start_prefault(need * (cfg.n_layers + cfg.nextn_layers))
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mertools-load")
         layers = cfg.n_layers + cfg.nextn_layers  # the MTP blocks' experts are cached like any layer's
@@ -208,7 +222,7 @@ class Engine:
             standins = Tier.of(s_cache, s_store, cfg, kernels)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned, experts=remote)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
-                         standins=standins, kernels=kernels, compiled_step=compiled_step)
+                         standins=standins, kernels=kernels, compiled_step=compiled_step, copies=copies)
         preloaded = 0
         if learned is not None and (seed := learned.seed()) is not None:
             for c in (cache, standins.cache if standins else None):
@@ -380,6 +394,8 @@ class Engine:
             cache_mb=(self.cache.n_slots * s.slot_bytes + (standins.store.n_slots * standins.store.slot_bytes
                                                            if standins else 0)) / 2**20,
             prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages, mapped=s.mapped,
+            packed_copies_mapped=s.copies.mapped if s.copies else 0,
+            packed_copies_written=s.copies.written if s.copies else 0,
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kernels=self.model.kernels, kv_bytes_per_token=self.model.kv.bytes_per_token,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import xxhash
 
 from ..families.pieces import STANDARD, _cos_sin
 from ..kernels import step as kstep
@@ -44,22 +45,32 @@ ROPE_CHUNK = 256  # positions whose rotary angles are computed at once
 
 class DenseArena:
     """Every dense matrix's bytes in one buffer, in load order, each at a 64-byte aligned offset: the compiled step
-    reaches all of them through one array and offsets (the matrices are views of it, packed in place as before)."""
+    reaches all of them through one array and offsets (the matrices are views of it, packed in place as before). `buf`:
+    an earlier arena's bytes, already filled and packed (a packed copy, runtime/packed.py); `plan` then tells whether
+    this load took the same pieces in the same order."""
 
-    def __init__(self, nbytes: int) -> None:
-        self.buf = page_aligned(max(nbytes, 1))  # reads into it copy fast only page-aligned (layout/buffers.py)
+    def __init__(self, nbytes: int, buf: np.ndarray | None = None) -> None:
+        # reads into it copy fast only page-aligned (layout/buffers.py)
+        self.buf = page_aligned(max(nbytes, 1)) if buf is None else buf
+        self.filled = buf is not None
         self.used = 0
+        self._plan = xxhash.xxh3_64()
 
     @staticmethod
     def size_for(sizes: list[int]) -> int:
         return sum(-(-n // ALIGN) * ALIGN for n in sizes)
 
-    def take(self, nbytes: int) -> np.ndarray:
+    def take(self, nbytes: int, name: str) -> np.ndarray:
         if self.used + nbytes > self.buf.size:
-            raise ValueError(f"dense arena: {nbytes} bytes do not fit after {self.used} of {self.buf.size}")
+            raise ValueError(f"dense arena: {name}'s {nbytes} bytes do not fit after {self.used} of {self.buf.size}")
         out = self.buf[self.used:self.used + nbytes]
+        self._plan.update(f"{name}:{self.used}:{nbytes};".encode())
         self.used += -(-nbytes // ALIGN) * ALIGN
         return out
+
+    def plan(self) -> str:
+        """The pieces taken so far, their offsets and sizes, as a digest."""
+        return self._plan.hexdigest()
 
     def offset(self, a: np.ndarray) -> int | None:
         """a's byte offset in the arena, or None when a is not a view of it."""

@@ -23,15 +23,15 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14: fault every page of a range in, writable
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def map_file(fd: int, nbytes: int) -> np.ndarray:
-    """The first `nbytes` of the open file `fd` as a uint8 array backed by the page cache (shared, read-only
-    pages: writing to it faults instead of changing the file; MAP_POPULATE maps every page now, reading what
-    the page cache lacks, so the kernels never stop on a page fault). The file must hold `nbytes`: touching a
+def map_file(fd: int, nbytes: int, offset: int = 0) -> np.ndarray:
+    """`nbytes` of the open file `fd` from `offset` (a multiple of the page size) as a uint8 array backed by the page
+    cache (shared, read-only pages: writing to it faults instead of changing the file; MAP_POPULATE maps every page
+    now, reading what the page cache lacks, so the kernels never stop on a page fault). The file must hold them: touching a
     page past its end would kill the process (SIGBUS), so a shorter file is refused here."""
     size = os.fstat(fd).st_size
-    if size < nbytes:
-        raise OSError(f"file holds {size} bytes, {nbytes} expected")
-    addr = _libc.mmap(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
+    if size < offset + nbytes:
+        raise OSError(f"file holds {size} bytes, {offset + nbytes} expected")
+    addr = _libc.mmap(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -18,6 +18,7 @@ from .fused import DenseArena, FusedStep
 from .hooks import ModelHooks, PrefetcherFactory
 from .moe import StreamingMoE, Tier
 from .ops import Linear, RuntimeOps, rms_norm
+from .packed import DENSE_COPY, PackedCopies, dense_source
 from .prefetch import Prefetcher, make_prefetcher
 from .store import ExpertStore
 
@@ -29,8 +30,10 @@ def _loaders(layout: Layout, kernels: str, arena: DenseArena):  # noqa: ANN202 -
         t = dense[name]
         # an embedding's rows are looked up (get_rows) in the file's layout: never packed
         int8 = kernels == "int8" and role != "embedding"
-        raw = layout.read_dense(name, out=arena.take(t.nbytes))
-        return Linear(raw.reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], int8=int8)
+        raw = arena.take(t.nbytes, name)
+        if not arena.filled:  # else a packed copy's bytes: read and packed by an earlier process
+            layout.read_dense(name, out=raw)
+        return Linear(raw.reshape(t.shape[0], -1), t.dtype, t.shape[0], t.shape[1], int8=int8, packed=arena.filled)
 
     def vector(name: str) -> np.ndarray:
         t = dense[name]
@@ -51,19 +54,12 @@ class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
                  kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None,
-                 kernels: str = "exact", compiled_step: bool = True) -> None:
+                 kernels: str = "exact", compiled_step: bool = True, copies: PackedCopies | None = None) -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
         self.kernels = kernels
-        # every dense matrix in one buffer, which the compiled step reaches them through (sized by every dense tensor:
-        # the vectors' and routers' share, loaded apart as float32, is never touched, so never committed)
-        self.dense_arena = DenseArena(DenseArena.size_for([t.nbytes for t in layout.manifest.dense.values()]))
-        loaders = _loaders(layout, kernels, self.dense_arena)
-        self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
-        self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders) for i in range(cfg.n_layers)]
-        # multi-token-prediction blocks (layers n_layers..; a drafter's, never run by forward)
-        self.mtp_layers = [load_layer(self.family, cfg, i, *loaders) for i in cfg.mtp_layers]
+        self._load_dense(layout, copies if kernels == "int8" else None)
         self.output = self.weights.output or self.weights.embed  # tied: the logits reuse the embedding
         self.last_x: np.ndarray | None = None  # the last forward step's final hidden states (N, d_model), before the norm
         self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks, standins, kernels)
@@ -73,6 +69,28 @@ class MoEModel:
                            if isinstance(prefetch, str) else prefetch(self.lookahead_router))
         # a decode step in one compiled call, where it applies (runtime/fused.py)
         self.fused = FusedStep.of(self) if compiled_step else None
+
+    def _load_dense(self, layout: Layout, copies: PackedCopies | None) -> None:
+        """The dense weights: from a packed copy of an earlier process's arena where one holds the same pieces, else
+        read (and packed) into a fresh arena, which then becomes the copy."""
+        cfg, m = self.cfg, layout.manifest
+        # every dense matrix in one buffer, which the compiled step reaches them through (sized by every dense tensor:
+        # the vectors' and routers' share, loaded apart as float32, is never touched, so never committed)
+        size = DenseArena.size_for([t.nbytes for t in m.dense.values()])
+        source = dense_source(m)
+        copy = copies.open(DENSE_COPY, source, size, self.store.verify) if copies is not None else None
+        for arena in ([DenseArena(size, copy.data)] if copy else []) + [DenseArena(size)]:
+            loaders = _loaders(layout, self.kernels, arena)
+            self.dense_arena = arena
+            self.weights: GlobalWeights[Linear] = load_globals(self.family, cfg, *loaders)
+            self.layers: list[LayerWeights[Linear]] = [load_layer(self.family, cfg, i, *loaders)
+                                                       for i in range(cfg.n_layers)]
+            # multi-token-prediction blocks (layers n_layers..; a drafter's, never run by forward)
+            self.mtp_layers = [load_layer(self.family, cfg, i, *loaders) for i in cfg.mtp_layers]
+            if not arena.filled or arena.plan() == copy.plan:  # a copy of other pieces (older code): loaded anew
+                break
+        if copies is not None and not self.dense_arena.filled:
+            copies.write(DENSE_COPY, source, self.dense_arena.buf, self.dense_arena.plan())
 
     def set_prefetch(self, mode: str) -> None:
         """Guess the next layer's experts with `mode` (prefetch.PREFETCH_MODES) from the next step on; a learned

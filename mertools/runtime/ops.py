@@ -24,10 +24,12 @@ class Linear:
     rows: int
     cols: int
     int8: bool = False  # the 8-bit-activation kernels where they take the weight (`kernels.int8.takes`)
+    packed: bool = False  # with int8: raw holds the packed bytes already (a packed copy's: runtime/packed.py)
     checked: Weight = field(init=False, repr=False, compare=False)  # the bytes checked once, for the kernel calls
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols, int8=self.int8))
+        object.__setattr__(self, "checked", weight(self.raw, self.dtype, self.rows, self.cols, int8=self.int8,
+                                                   packed=self.packed))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # (n, cols) -> (n, rows)
         return self.checked(x)

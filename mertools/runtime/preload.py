@@ -28,10 +28,11 @@ KV_ARGS = ("kv_k", "keys")
 __all__ = ["cached_signatures", "entry_points", "for_kv", "start"]
 
 
-def entry_points(kernels: str, fused: bool) -> list[Any]:
+def entry_points(kernels: str, fused: bool, packs_first: bool = True) -> list[Any]:
     """numba dispatchers a run calls, open first, then the prompt's, then the decode steps': with the 8-bit kernels the
     dense weights' packing, the prompt's products and the compiled step when `fused` (runtime/fused.py), else the
-    attention of one token; the exact kernels' products otherwise. A kernel listed and not called costs this thread a
+    attention of one token; the exact kernels' products otherwise. Not `packs_first` (packed copies to map: the
+    packing waits for experts without one), the packing last. A kernel listed and not called costs this thread a
     load; one called and not listed is loaded by its caller, as without this module."""
     from ..dtypes import _k8packed
     from ..kernels import attention, experts8, int8, rowops, step
@@ -42,7 +43,8 @@ def entry_points(kernels: str, fused: bool) -> list[Any]:
         opening = [_k8packed.pack_q6_k, _k8packed.pack_q4_k, int8._pack]
         prompt = [mm.get_rows, int8._quantized_matmul8, rowops._dense_rows, rowops._softmax_rows,
                   int8._quantized_swiglu8, experts8.experts8]
-        return opening + prompt + ([step.decode_step] if fused else [attention.attend_one])
+        decode = [step.decode_step] if fused else [attention.attend_one]
+        return opening + prompt + decode if packs_first else prompt + decode + opening
     return [mm.get_rows, mm.matmul_tiled, mv.matvec, attention.attend_one, mv.matvec_swiglu]
 
 

@@ -21,7 +21,9 @@ def format_stats(s: dict[str, Any]) -> str:
         f"{lat[50]:.2f}/{lat[95]:.2f}/{lat[99]:.2f} ms, "
         f"{'mapped (mmap)' if s.get('mapped') else 'O_DIRECT ' + ('yes' if s['o_direct'] else 'no')}"
         f"{' (pages kept for the next run)' if s.get('keep_pages') else ''}, "
-        f"retries {s['read_retries']}",
+        f"retries {s['read_retries']}"
+        + (f"; packed copies {s['packed_copies_mapped']} mapped, {s['packed_copies_written']} written"
+           if s.get("packed_copies_mapped") or s.get("packed_copies_written") else ""),
         f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads; kernels {s.get('kernels', 'exact')}"
         + (f", {s['compiled_steps']} steps in one compiled call" if s.get("compiled_steps") else ""),
         f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "

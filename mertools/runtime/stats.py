@@ -147,6 +147,9 @@ class RunStats:
     peak_rss_mb: float
     keep_pages: bool = False  # buffered reads that leave the layout in the page cache for the next process
     mapped: bool = False  # slots map the expert files (--io mmap): "reads" are mappings of page-cache pages
+    # packed copies (runtime/packed.py) of experts and of the dense weights this run mapped, and wrote for the next
+    packed_copies_mapped: int = 0
+    packed_copies_written: int = 0
     kv_dtype: str = "f16"
     kernels: str = "exact"  # "exact" float kernels, or "int8" (8-bit activations, kernels/int8.py)
     compiled_steps: int = 0  # decode steps run in one compiled call (runtime/fused.py)

@@ -31,6 +31,7 @@ from ..layout.manifest import ExpertEntry
 from ..layout.reader import Layout
 from .cache import LoadCancelled
 from .mapped import map_file, populate
+from .packed import PackedCopies
 from .stats import LatencyHistogram
 
 # pread-like: (fd, buffer view, offset) -> bytes read. Tests inject faults through this seam.
@@ -55,7 +56,7 @@ class ExpertStore:
                  notice: Callable[[str], None] | None = None, chunk_bytes: int | None = None,
                  max_open_files: int = MAX_OPEN_FILES, entries: list[ExpertEntry] | None = None,
                  mapped: bool = False, prepare: Callable[[ExpertEntry, np.ndarray], None] | None = None,
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, copies: PackedCopies | None = None) -> None:
         self.layout = layout
         self.manifest = layout.manifest
         # the files this store reads: the experts, or their stand-ins (`entries`, manifest.standins)
@@ -76,6 +77,11 @@ class ExpertStore:
             raise ValueError("a mapped slot is the file's own pages: it cannot be prepared (packed) in place")
         # applied to a slot's bytes once read and checked, before the load completes (the 8-bit kernels' packing)
         self.prepare = prepare
+        if copies is not None and prepare is None:
+            raise ValueError("packed copies hold prepared slots: the store needs `prepare` to keep them")
+        # prepared slots kept as files (packed.py): a load maps an expert's copy where one is valid, else reads, packs
+        # and writes it
+        self.copies = copies
         # each slot's first byte's address, for compiled code that reaches every slot at once (runtime/fused.py)
         self.slot_addr = np.zeros(capacity, np.int64)
         if mapped:  # a slot is the mapping of the file loaded into it (empty until then)
@@ -88,6 +94,7 @@ class ExpertStore:
                 np.frombuffer(self.arena, np.uint8, self.slot_bytes, i * self.slot_bytes) for i in range(capacity)
             ]
             self.slot_addr[:] = [b.ctypes.data for b in self.buffers]
+        self._own = list(self.buffers)  # each slot's arena bytes, for a slot that held a packed copy's mapping
         direct = direct and not mapped
         self.want_direct, self.verify, self.retries, self.read_fn = direct, verify, retries, read_fn
         # buffered reads chosen (not forced by the filesystem) may leave their pages in the page cache, where the
@@ -120,9 +127,7 @@ class ExpertStore:
                 self.arena.madvise(mmap.MADV_DONTNEED, slot * self.slot_bytes, self.slot_bytes)
                 if hasattr(mmap, "MADV_NOHUGEPAGE"):  # else khugepaged may refill a 2 MiB page shared with a slot in use
                     self.arena.madvise(mmap.MADV_NOHUGEPAGE, slot * self.slot_bytes, self.slot_bytes)
-            else:
-                self.buffers[slot] = np.empty(0, np.uint8)  # the last view of the mapping: unmapped with it
-                self.slot_addr[slot] = 0
+            self._set(slot, self._own[slot])  # the last view of a mapping: unmapped with it
 
     def start_prefault(self, n_slots: int) -> None:
         """Fault in the arena's first `n_slots` slots on a thread of its own, one by one (`close` stops it): the cache
@@ -267,10 +272,18 @@ class ExpertStore:
             try:
                 if self.mapped:
                     self._map_once(key, entry, slot)
+                elif self.copies is not None and (copy := self.copies.open(entry.file, entry.xxh3, entry.nbytes,
+                                                                            self.verify)) is not None:
+                    self._set(slot, copy.data)
+                    self.read_latency.observe(time.perf_counter() - t0)
+                    return
                 else:
+                    self._set(slot, self._own[slot])
                     self._read_once(key, entry, memoryview(self.buffers[slot])[: entry.nbytes], cancel)
                     if self.prepare is not None:
                         self.prepare(entry, self.buffers[slot])
+                    if self.copies is not None:
+                        self.copies.write(entry.file, entry.xxh3, self.buffers[slot][:entry.nbytes])
             except (OSError, ChecksumError, ExpertReadError) as e:
                 last = e
                 self._forget(entry.file)  # reopen: the file may have been replaced
@@ -322,8 +335,12 @@ class ExpertStore:
         finally:
             self._release(entry.file)
         self._check(key, entry, view)
-        self.buffers[slot] = view
-        self.slot_addr[slot] = view.ctypes.data
+        self._set(slot, view)
+
+    def _set(self, slot: int, buf: np.ndarray) -> None:
+        """Slot `slot` is now `buf`: its arena bytes, a file's mapping, or empty."""
+        self.buffers[slot] = buf
+        self.slot_addr[slot] = buf.ctypes.data if buf.size else 0
 
     def _check(self, key: tuple[int, int], entry: ExpertEntry, view: memoryview | np.ndarray) -> None:
         if self.verify and (got := xxhash.xxh3_64(view).hexdigest()) != entry.xxh3:
