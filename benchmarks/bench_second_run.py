@@ -55,6 +55,7 @@ def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: 
         if (copies := eng.store.copies) is not None:  # packed copies (runtime/packed.py) mapped and written
             out["copies"] = f"{copies.mapped} copies mapped, {copies.written} written"
         eng.close()
+        out["closed_s"] = time.perf_counter() - T0  # the packed copies a first run queued are written by then
     print(json.dumps(out))
 
 
@@ -68,7 +69,8 @@ def _cell(r: dict) -> str:
     if "error" in r:
         return f"error: {r['error']}"
     return (f"{r['total_s']:.1f} s ({r['ready_s']:.2f} + {r['prefill_s']:.2f}), {r['decode_tok_s']:.2f} tok/s, "
-            f"{r['read_gb']:.2f} GB" + (f", {r['io']}" if "io" in r else "") + (f", {r['copies']}" if "copies" in r else ""))
+            f"{r['read_gb']:.2f} GB" + (f", {r['io']}" if "io" in r else "") + (f", {r['copies']}" if "copies" in r else "")
+            + (f", closed at {r['closed_s']:.1f} s" if "closed_s" in r else ""))
 
 
 def _measure(a: argparse.Namespace, tokens: int) -> tuple[list[tuple[str, list[dict]]], float]:

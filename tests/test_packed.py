@@ -49,6 +49,16 @@ def test_write_then_open(tmp_path: Path) -> None:
     assert (copies.mapped, copies.refused) == (1, 2)
 
 
+def test_keep_writes_on_its_own_thread_and_checks_the_bytes_again(tmp_path: Path) -> None:
+    copies, said = _copies(tmp_path)
+    data = np.arange(10000, dtype=np.uint16).view(np.uint8)
+    copies.keep("k", "s", data)
+    copies.close()  # waits for the write
+    assert (copies.queued, copies.written) == (1, 1) and copies.open("k", "s", data.size, verify=True) is not None
+    copies.write("w", "s", data, expect="0" * 16)  # the bytes changed after their xxh3 was taken: not kept
+    assert not (tmp_path / "w").exists() and not list(tmp_path.glob("w.tmp*")) and copies.written == 1 and not said
+
+
 def test_corrupt_and_truncated_copies_are_refused(tmp_path: Path) -> None:
     copies, _ = _copies(tmp_path)
     data = np.arange(8192, dtype=np.uint8)

@@ -395,7 +395,7 @@ class Engine:
                                                            if standins else 0)) / 2**20,
             prefetch=self.prefetch_mode, o_direct=s.o_direct, keep_pages=s.keep_pages, mapped=s.mapped,
             packed_copies_mapped=s.copies.mapped if s.copies else 0,
-            packed_copies_written=s.copies.written if s.copies else 0,
+            packed_copies_written=s.copies.queued if s.copies else 0,
             peak_rss_mb=peak_rss_bytes() / 2**20,
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kernels=self.model.kernels, kv_bytes_per_token=self.model.kv.bytes_per_token,

@@ -90,7 +90,7 @@ class MoEModel:
             if not arena.filled or arena.plan() == copy.plan:  # a copy of other pieces (older code): loaded anew
                 break
         if copies is not None and not self.dense_arena.filled:
-            copies.write(DENSE_COPY, source, self.dense_arena.buf, self.dense_arena.plan())
+            copies.keep(DENSE_COPY, source, self.dense_arena.buf, self.dense_arena.plan())
 
     def set_prefetch(self, mode: str) -> None:
         """Guess the next layer's experts with `mode` (prefetch.PREFETCH_MODES) from the next step on; a learned

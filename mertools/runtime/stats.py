@@ -148,6 +148,7 @@ class RunStats:
     keep_pages: bool = False  # buffered reads that leave the layout in the page cache for the next process
     mapped: bool = False  # slots map the expert files (--io mmap): "reads" are mappings of page-cache pages
     # packed copies (runtime/packed.py) of experts and of the dense weights this run mapped, and wrote for the next
+    # (written by the time the engine has closed)
     packed_copies_mapped: int = 0
     packed_copies_written: int = 0
     kv_dtype: str = "f16"

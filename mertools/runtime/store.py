@@ -234,6 +234,8 @@ class ExpertStore:
         if self._prefaulting is not None:
             self._prefaulting.join()  # no page faulted in after the memory is given back
         self._pool.shutdown(wait=True)
+        if self.copies is not None:  # the packed copies still being written read the arena
+            self.copies.close()
         if self.arena is not None:
             self.arena.madvise(mmap.MADV_DONTNEED)
         with self._fd_lock:
@@ -283,7 +285,7 @@ class ExpertStore:
                     if self.prepare is not None:
                         self.prepare(entry, self.buffers[slot])
                     if self.copies is not None:
-                        self.copies.write(entry.file, entry.xxh3, self.buffers[slot][:entry.nbytes])
+                        self.copies.keep(entry.file, entry.xxh3, self.buffers[slot][:entry.nbytes])
             except (OSError, ChecksumError, ExpertReadError) as e:
                 last = e
                 self._forget(entry.file)  # reopen: the file may have been replaced
