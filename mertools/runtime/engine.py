@@ -200,8 +200,7 @@ class Engine:
         copied = copied and copies is not None
         # numba's cached kernels loaded on the other core while this thread reads the dense weights (preload.py)
         loading = preload.start(preload.entry_points(kernels, kernels == "int8" and compiled_step
-                                                     and slots == len(m.experts) and remote is None,
-                                                     packs_first=not copied), kv_dtype)
+                                                     and slots == len(m.experts) and remote is None), kv_dtype)
         one_blas_thread()
         # address space for as many slots as the machine's memory holds, so `resize_cache` can grow the cache later
         capacity = len(m.experts) if mapped else min(len(m.experts), max(slots, total_bytes() // slot_bytes))
@@ -221,6 +220,8 @@ class Engine:
             s_cache = ExpertCache(standin_slots, layers, cfg.n_experts, s_store.load, pool, policy=policy)
             standins = Tier.of(s_cache, s_store, cfg, kernels)
         hooks = ModelHooks(trace=trace, routing_override=routing_override, approx=approx, history=learned, experts=remote)
+        if not copied:  # this thread packs the dense weights now: their kernels loaded first, as the thread loads its
+            preload.load(preload.packing(kernels), kv_dtype)  # (numba's own first load refreshes its registries)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
                          standins=standins, kernels=kernels, compiled_step=compiled_step, copies=copies)
         preloaded = 0

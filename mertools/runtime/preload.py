@@ -6,9 +6,14 @@ thread between the open and the first token, where a second run of llama.cpp is 
 (docs/BENCHMARKS.md, "A second run right after a first"). `start` loads them in call order on a thread of its own,
 on the core the opening thread leaves idle. numba's compiler lock keeps the two threads from loading one kernel twice:
 a kernel the main thread calls first it loads itself, as before. Only signatures numba cached for this machine and
-these sources are loaded; nothing is compiled here (a first run compiles on the thread that calls, as before).
+these sources are loaded; nothing is compiled here (a first run compiles on the thread that calls, as before). They
+are loaded without numba's registry refresh (`load_cached`), which only compiling needs: a run whose kernels all come
+from the cache never pays it.
 
     entry_points(kernels, fused)   the kernels a run of that mode calls from Python, in the order it calls them
+    packing(kernels)               the kernels that pack weights: a thread about to pack loads them first (`load`)
+    load(dispatchers, kv_dtype)    their cached signatures loaded on the calling thread
+    load_cached(dispatcher, sig)   one cached signature loaded as numba loads a cache hit, minus the refresh
     start(dispatchers, kv_dtype)   a started thread loading their cached signatures for that KV cache type
 """
 
@@ -25,26 +30,32 @@ from .batch import KV_STORAGE
 # arguments by which the kernels that take the KV cache take it: a signature for another KV type is not loaded
 KV_ARGS = ("kv_k", "keys")
 
-__all__ = ["cached_signatures", "entry_points", "for_kv", "start"]
+__all__ = ["cached_signatures", "entry_points", "for_kv", "load", "load_cached", "packing", "start"]
 
 
-def entry_points(kernels: str, fused: bool, packs_first: bool = True) -> list[Any]:
-    """numba dispatchers a run calls, open first, then the prompt's, then the decode steps': with the 8-bit kernels the
-    dense weights' packing, the prompt's products and the compiled step when `fused` (runtime/fused.py), else the
-    attention of one token; the exact kernels' products otherwise. Not `packs_first` (packed copies to map: the
-    packing waits for experts without one), the packing last. A kernel listed and not called costs this thread a
-    load; one called and not listed is loaded by its caller, as without this module."""
+def packing(kernels: str) -> list[Any]:
+    """The kernels that pack weights for the 8-bit kernels (the dense ones at open, expert slots as they load)."""
+    if kernels != "int8":
+        return []
     from ..dtypes import _k8packed
+    from ..kernels import int8
+
+    return [_k8packed.pack_q6_k, _k8packed.pack_q4_k, int8._pack]
+
+
+def entry_points(kernels: str, fused: bool) -> list[Any]:
+    """numba dispatchers a run calls: with the 8-bit kernels the prompt's products, then the compiled step when
+    `fused` (runtime/fused.py), else the attention of one token, then the packing (last: a thread that packs before
+    this list reaches them loads them itself, with `load`); the exact kernels' products otherwise. A kernel listed and
+    not called costs this thread a load; one called and not listed is loaded by its caller, as without this module."""
     from ..kernels import attention, experts8, int8, rowops, step
     from ..kernels import matmul_kernels as mm
     from ..kernels import matvec_kernels as mv
 
     if kernels == "int8":
-        opening = [_k8packed.pack_q6_k, _k8packed.pack_q4_k, int8._pack]
         prompt = [mm.get_rows, int8._quantized_matmul8, rowops._dense_rows, rowops._softmax_rows,
                   int8._quantized_swiglu8, experts8.experts8]
-        decode = [step.decode_step] if fused else [attention.attend_one]
-        return opening + prompt + decode if packs_first else prompt + decode + opening
+        return prompt + ([step.decode_step] if fused else [attention.attend_one]) + packing(kernels)
     return [mm.get_rows, mm.matmul_tiled, mv.matvec, attention.attend_one, mv.matvec_swiglu]
 
 
@@ -70,12 +81,38 @@ def for_kv(dispatcher: Any, sig: tuple, kv_dtype: str) -> bool:  # noqa: ANN401
     return all(np.dtype(str(sig[names.index(a)].dtype)) == want for a in KV_ARGS if a in names)
 
 
-def _load(dispatchers: list[Any], kv_dtype: str) -> None:  # noqa: ANN401
+def load_cached(dispatcher: Any, sig: tuple) -> bool:  # noqa: ANN401 - a numba Dispatcher
+    """Load `dispatcher`'s cached `sig` as `Dispatcher.compile` loads a cache hit, but without numba's registry refresh
+    (its cache loader's first step: importing and installing every lowering and typing registry, 0.25-0.3 s of Python
+    here, which only compiling needs; numba's compiler refreshes before it compiles). The runtime the cached code links
+    to is initialised as the refresh would. False when the cache did not hold it."""
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.runtime import rtsys
+
+    with global_compiler_lock:  # as `compile`: the main thread may be loading or compiling the same kernel
+        if tuple(sig) in dispatcher.overloads:
+            return True
+        ctx = dispatcher.targetctx
+        rtsys.initialize(ctx)
+        cres = dispatcher._cache._load_overload(sig, ctx)
+        if cres is None:
+            return False
+        dispatcher._cache_hits[sig] += 1
+        if not cres.objectmode:
+            ctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+        dispatcher.add_overload(cres)
+        return True
+
+
+def load(dispatchers: list[Any], kv_dtype: str) -> None:  # noqa: ANN401
+    """Each dispatcher's cached signatures for a KV cache of `kv_dtype` loaded on the calling thread (`load_cached`),
+    in order; the first failure ends it quietly (the caller meets it again at its call, and reports it there)."""
     for d in dispatchers:
         for sig in cached_signatures(d):
             if for_kv(d, sig, kv_dtype):
                 try:
-                    d.compile(sig)  # a cache hit: loaded and added to the dispatcher's overloads
+                    if not load_cached(d, sig):
+                        d.compile(sig)  # numba's own path (it would have found nothing either: it compiles)
                 except Exception:  # noqa: BLE001 - the caller meets the same failure at its call, and reports it there
                     return
 
@@ -83,6 +120,6 @@ def _load(dispatchers: list[Any], kv_dtype: str) -> None:  # noqa: ANN401
 def start(dispatchers: list[Any], kv_dtype: str) -> threading.Thread:  # noqa: ANN401
     """A started thread loading each dispatcher's cached signatures for a KV cache of `kv_dtype`, in order. Not a
     daemon: an interpreter exiting waits for it rather than tearing numba down under a load."""
-    t = threading.Thread(target=_load, args=(list(dispatchers), kv_dtype), name="mertools-preload")
+    t = threading.Thread(target=load, args=(list(dispatchers), kv_dtype), name="mertools-preload")
     t.start()
     return t
