@@ -52,10 +52,10 @@ def child(tool: str, path: str, io: str, n_prompt: int, n_tokens: int, threads: 
     if tool == "mertools":
         out["o_direct"] = eng.store.o_direct
         out["io"] = "mmap" if eng.store.mapped else "buffered" if eng.store.keep_pages else "direct"  # what auto chose
-        if (copies := eng.store.copies) is not None:  # packed copies (runtime/packed.py) mapped and written
-            out["copies"] = f"{copies.mapped} copies mapped, {copies.written} written"
         eng.close()
         out["closed_s"] = time.perf_counter() - T0  # the packed copies a first run queued are written by then
+        if (copies := eng.store.copies) is not None:  # packed copies (runtime/packed.py) mapped and written
+            out["copies"] = f"{copies.mapped} packed copies mapped, {copies.written} written"
     print(json.dumps(out))
 
 
@@ -140,11 +140,14 @@ def main() -> int:
             f"{', '.join(ratios)} (above 1: "
             "mertools finishes first). `--io auto` (the CLI's default) maps the expert files when the layout fits in memory "
             "beside the process: nothing is copied into an arena, and the second run finds the pages where the first "
-            "left them. With the 8-bit kernels, which pack Q4_0 / Q8_0 / MXFP4 experts after their read, it reads them "
-            "buffered (packed, pages left behind) until the page cache holds them, then maps them (those experts then on "
-            "the exact kernels), and on a CPU without AVX-512 always reads and packs them. A layout that does not fit is "
+            "left them. With the 8-bit kernels, which pack the experts after their read, it reads them buffered and "
+            "keeps what it packed as packed copies in the layout's packed/ directory (runtime/packed.py; written on a "
+            "low-priority thread, finished when the engine closes: 'closed at'); a later run maps those copies from the "
+            "page cache: no read, no packing, and the dense weights' copy makes the open ~50 ms. Without copies it "
+            "reads buffered until the page cache holds the files, then maps them (the experts then on the exact "
+            "kernels), and on a CPU without AVX-512 always reads and packs them. A layout that does not fit is "
             "read with O_DIRECT, which never uses the page cache (on this VM the host caches re-read data, so O_DIRECT "
-            "re-reads are fast too).")
+            "re-reads are fast too); `direct` writes no copies.")
     common.publish("second_run", "A second run right after a first", body, write=not a.no_doc)
     return 0
 
