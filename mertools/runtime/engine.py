@@ -70,9 +70,13 @@ def auto_io(layout: Layout, fits: bool, packs: bool, always_pack: bool = False) 
 class Engine:
     def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
                  prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0,
-                 shards: ShardedExperts | None = None, loading: threading.Thread | None = None) -> None:
+                 shards: ShardedExperts | None = None, loading: threading.Thread | None = None,
+                 first_kernels: tuple[list[Any], str] | None = None) -> None:
         self.layout, self.store, self.cache, self.model = layout, store, cache, model
         self.loading = loading  # the thread loading cached kernels (preload.py), joined at close
+        # (dispatchers, KV type): the first step's kernels, which this thread loads as `loading` does (preload.load)
+        # before that step wherever it gets ahead of it: numba's own first load would refresh its registries first
+        self._first_kernels = first_kernels
         self.shards = shards  # experts computed by Ray actors (shards.py); None: here
         self.history, self.preloaded = history, preloaded  # the learning cache, experts it had loaded at open
         self.config = layout.manifest.config
@@ -231,7 +235,7 @@ class Engine:
                     c.seed(*seed)
             preloaded = cache.prefetch(learned.hot(slots, need))  # loads in the background while the prompt is read
         return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads,
-                   learned, preloaded, remote, loading)
+                   learned, preloaded, remote, loading, (preload.prompt(kernels), kv_dtype))
 
     # ------------------------------------------------------------------ API
     @property
@@ -249,6 +253,7 @@ class Engine:
     def forward(self, token_ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, appending the tokens to the KV cache."""
         ids = self._check_ids(self.model.kv, token_ids)
+        self._before_first_step()
         t0 = time.perf_counter()
         try:
             return self.model.forward(ids, all_logits=all_logits)
@@ -258,6 +263,12 @@ class Engine:
     def reset(self) -> None:
         self.model.reset()
 
+    def _before_first_step(self) -> None:
+        if self._first_kernels is not None:
+            dispatchers, kv_dtype = self._first_kernels
+            self._first_kernels = None
+            preload.load(dispatchers, kv_dtype)
+
     def warmup(self, prompt: str | Sequence[int] = "Hello") -> float:
         """Run every kernel path once before anything is timed, on a sequence of its own: numba compiles the kernels
         on a machine's first run (~10-20 s) and loads them from its cache after (~1 s), which would otherwise land
@@ -265,6 +276,7 @@ class Engine:
         then 1 (the few-row and decode paths), unobserved (no trace, history or estimates learn its routing); the
         experts read count in the statistics (the prompt's first tokens': its prefill needs them anyway), the time
         only in `warmup_s`. Returns the seconds taken."""
+        self._before_first_step()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         ids = (ids * 16)[:GEMM_MIN_N] or [0] * GEMM_MIN_N
         t0 = time.perf_counter()
@@ -314,6 +326,7 @@ class Engine:
         drafted successors), the logits (n, vocab) of every row, each computed as a decode step would.
         Not thread-safe: call from one thread."""
         batch = [(kv, self._check_ids(kv, ids)) for kv, ids in items]
+        self._before_first_step()
         t0 = time.perf_counter()
         try:
             outs = self.model.forward_batch(batch, all_logits=False, apart=verify)

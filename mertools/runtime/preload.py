@@ -11,6 +11,7 @@ are loaded without numba's registry refresh (`load_cached`), which only compilin
 from the cache never pays it.
 
     entry_points(kernels, fused)   the kernels a run of that mode calls from Python, in the order it calls them
+    prompt(kernels)                the first step's: the engine's thread walks them too before that step (`load`)
     packing(kernels)               the kernels that pack weights: a thread about to pack loads them first (`load`)
     load(dispatchers, kv_dtype)    their cached signatures loaded on the calling thread
     load_cached(dispatcher, sig)   one cached signature loaded as numba loads a cache hit, minus the refresh
@@ -30,7 +31,7 @@ from .batch import KV_STORAGE
 # arguments by which the kernels that take the KV cache take it: a signature for another KV type is not loaded
 KV_ARGS = ("kv_k", "keys")
 
-__all__ = ["cached_signatures", "entry_points", "for_kv", "load", "load_cached", "packing", "start"]
+__all__ = ["cached_signatures", "entry_points", "for_kv", "load", "load_cached", "packing", "prompt", "start"]
 
 
 def packing(kernels: str) -> list[Any]:
@@ -48,15 +49,25 @@ def entry_points(kernels: str, fused: bool) -> list[Any]:
     `fused` (runtime/fused.py), else the attention of one token, then the packing (last: a thread that packs before
     this list reaches them loads them itself, with `load`); the exact kernels' products otherwise. A kernel listed and
     not called costs this thread a load; one called and not listed is loaded by its caller, as without this module."""
-    from ..kernels import attention, experts8, int8, rowops, step
+    from ..kernels import attention, step
+    from ..kernels import matvec_kernels as mv
+
+    if kernels == "int8":
+        return prompt(kernels) + ([step.decode_step] if fused else [attention.attend_one]) + packing(kernels)
+    return prompt(kernels) + [attention.attend_one, mv.matvec_swiglu]
+
+
+def prompt(kernels: str) -> list[Any]:
+    """The first of `entry_points`: the kernels of a run's first step (a prompt), which the engine's thread also walks
+    before that step (`load`): where it gets ahead of the preload thread, it loads them as that thread does."""
+    from ..kernels import experts8, int8, rowops
     from ..kernels import matmul_kernels as mm
     from ..kernels import matvec_kernels as mv
 
     if kernels == "int8":
-        prompt = [mm.get_rows, int8._quantized_matmul8, rowops._dense_rows, rowops._softmax_rows,
-                  int8._quantized_swiglu8, experts8.experts8]
-        return prompt + ([step.decode_step] if fused else [attention.attend_one]) + packing(kernels)
-    return [mm.get_rows, mm.matmul_tiled, mv.matvec, attention.attend_one, mv.matvec_swiglu]
+        return [mm.get_rows, int8._quantized_matmul8, rowops._dense_rows, rowops._softmax_rows,
+                int8._quantized_swiglu8, experts8.experts8]
+    return [mm.get_rows, mm.matmul_tiled, mv.matvec]
 
 
 def cached_signatures(dispatcher: Any) -> list[tuple]:  # noqa: ANN401 - a numba Dispatcher
