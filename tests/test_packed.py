@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,22 @@ def test_a_directory_that_cannot_be_written_turns_copies_off_once(tmp_path: Path
     copies.write("experts/a.bin", "s", np.zeros(10, np.uint8))
     copies.write("experts/b.bin", "s", np.zeros(10, np.uint8))
     assert not copies.writable and copies.written == 0 and len(said) == 1 and "blocked" in said[0]
+
+
+def test_older_formats_and_dead_writers_leftovers_are_removed(tmp_path: Path) -> None:
+    packed = tmp_path / DIR
+    old = packed / "int8-0123456789abcdef" / "experts"
+    old.mkdir(parents=True)
+    (old / "a.bin").write_bytes(b"x")
+    mine = packed / "int8-new" / "experts"
+    mine.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (mine / f"b.bin.tmp{int(dead.stdout)}.1").write_bytes(b"torn")  # a writer killed mid-write
+    (mine / f"c.bin.tmp{os.getpid()}.1").write_bytes(b"busy")  # a live process's write in progress
+    copies = PackedCopies(packed / "int8-new", "int8-new")
+    copies.write("experts/d.bin", "s", np.zeros(10, np.uint8))
+    assert not (packed / "int8-0123456789abcdef").exists()
+    assert sorted(p.name for p in mine.iterdir()) == [f"c.bin.tmp{os.getpid()}.1", "d.bin"]
 
 
 def test_copies_leave_the_reserve_free(tmp_path: Path) -> None:

@@ -68,6 +68,16 @@ def dense_source(manifest: Any) -> str:  # noqa: ANN401 - a Manifest
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def _lowest_priority() -> None:
     """The calling thread at nice 19: it runs when the compute leaves a core idle (Linux: a thread's own niceness)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -118,6 +128,7 @@ class PackedCopies:
         self._lock = threading.Lock()
         self.mapped = self.written = self.refused = 0  # copies mapped, written, found stale or corrupt
         self.queued = 0  # copies `keep` was given: written, or being written until `close`
+        self._pruned = False
         self._writer: ThreadPoolExecutor | None = None  # `keep`'s
 
     @classmethod
@@ -187,6 +198,24 @@ class PackedCopies:
         if writer is not None:
             writer.shutdown(wait=True)
 
+    def prune(self) -> None:
+        """Remove what no run of this code will map: other pack formats' directories beside this one (an upgrade's
+        leftovers) and temporary files of processes that are gone (killed mid-write). Once per process, at its first
+        write."""
+        with self._lock:
+            if self._pruned:
+                return
+            self._pruned = True
+        with contextlib.suppress(OSError):
+            for other in self.root.parent.iterdir():
+                if other.name.startswith("int8-") and other.name != self.root.name and other.is_dir():
+                    shutil.rmtree(other, ignore_errors=True)
+        for tmp in self.root.rglob("*.tmp*"):
+            pid = tmp.name.rpartition(".tmp")[2].partition(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
     def write(self, rel: str, source: str, data: np.ndarray, plan: str = "", expect: str | None = None) -> None:
         """Keep `data` (the packed bytes of `rel`, packed from `source`) as its copy: whole or not at all; with
         `expect`, only if data's xxh3 is still that once written."""
@@ -196,6 +225,7 @@ class PackedCopies:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self.prune()
             if shutil.disk_usage(path.parent).free < data.nbytes + HEADER + self.reserve:
                 self._stop(f"{path.parent}: fewer than {(data.nbytes + HEADER + self.reserve) / 2**30:.1f} GiB free")
                 return
