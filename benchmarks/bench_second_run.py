@@ -143,7 +143,7 @@ def main() -> int:
             "left them. With the 8-bit kernels, which pack the experts after their read, it reads them buffered and "
             "keeps what it packed as packed copies in the layout's packed/ directory (runtime/packed.py; written on a "
             "low-priority thread, finished when the engine closes: 'closed at'); a later run maps those copies from the "
-            "page cache: no read, no packing, and the dense weights' copy makes the open ~50 ms. Without copies it "
+            "page cache: no read, no packing, and the dense weights' copy makes the open 0.03-0.12 s. Without copies it "
             "reads buffered until the page cache holds the files, then maps them (the experts then on the exact "
             "kernels), and on a CPU without AVX-512 always reads and packs them. A layout that does not fit is "
             "read with O_DIRECT, which never uses the page cache (on this VM the host caches re-read data, so O_DIRECT "

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mertools.dtypes import DTYPES
 from mertools.runtime.engine import Engine
-from mertools.runtime.packed import DENSE_COPY, DIR, HEADER, Header, PackedCopies, pack_format
+from mertools.runtime.packed import DENSE_COPY, DIR, HEADER, Header, PackedCopies, format_of, pack_format
 
 IDS = [[1, 2, 3, 4, 5], [6], [7]]
 
@@ -105,9 +106,17 @@ def test_copies_leave_the_reserve_free(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not copies.writable and "free" in said[0]
 
 
-def test_pack_format_follows_the_packing_sources() -> None:
-    fmt = pack_format()
-    assert fmt.startswith("int8-") and fmt == pack_format()
+def test_pack_format_follows_the_packing_sources(tmp_path: Path) -> None:
+    from mertools.dtypes import _k8packed
+    from mertools.kernels import int8, simd8x
+
+    sources = [Path(m.__file__) for m in (int8, _k8packed, simd8x)]
+    specs = repr(sorted((n, d.int8_pack) for n, d in DTYPES.items() if d.int8_pack is not None))
+    assert pack_format() == format_of(sources, specs) and pack_format().startswith("int8-")
+    edited = tmp_path / "int8.py"  # one byte more in one source, or another spec: another format, no old copy mapped
+    edited.write_bytes(sources[0].read_bytes() + b"\n")
+    assert format_of([edited, *sources[1:]], specs) != pack_format()
+    assert format_of(sources, specs + " ") != pack_format()
 
 
 def _run(layout: Path, **kw) -> tuple[np.ndarray, Engine]:

@@ -53,10 +53,16 @@ def pack_format() -> str:
     from ..dtypes import DTYPES, _k8packed
     from ..kernels import int8, simd8x
 
+    specs = sorted((name, dt.int8_pack) for name, dt in DTYPES.items() if dt.int8_pack is not None)
+    return format_of([Path(m.__file__) for m in (int8, _k8packed, simd8x)], repr(specs))
+
+
+def format_of(sources: list[Path], specs: str) -> str:
+    """`pack_format` of these source files' bytes and the packed types' specs."""
     h = xxhash.xxh3_64()
-    for module in (int8, _k8packed, simd8x):
-        h.update(Path(module.__file__).read_bytes())
-    h.update(repr(sorted((name, dt.int8_pack) for name, dt in DTYPES.items() if dt.int8_pack is not None)).encode())
+    for path in sources:
+        h.update(path.read_bytes())
+    h.update(specs.encode())
     return f"int8-{h.hexdigest()}"
 
 
@@ -141,7 +147,7 @@ class PackedCopies:
         """Whether any copy of this format exists (a first run's engine has none to map)."""
         try:
             with os.scandir(self.root) as it:
-                return any(True for _ in it)
+                return next(it, None) is not None
         except OSError:
             return False
 
