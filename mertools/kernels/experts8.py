@@ -67,42 +67,58 @@ def _view_at(addr, rows, rb, kind):
     return _slot_view(carray(u8_ptr(addr), rows * rb), 0, rows, rb, kind)
 
 
+@njit(**MATVEC_JIT)
+def _runs(addr):
+    """int64 (runs + 1,): where each run of consecutive pairs on the same expert (the same three addresses) starts,
+    then the number of pairs. A task takes one weight group for a run's pairs, so their rows read it from cache."""
+    starts = np.empty(addr.shape[0] + 1, np.int64)
+    n = 0
+    for p in range(addr.shape[0]):
+        if p == 0 or addr[p, 0] != addr[p - 1, 0] or addr[p, 1] != addr[p - 1, 1] or addr[p, 2] != addr[p - 1, 2]:
+            starts[n] = p
+            n += 1
+    starts[n] = addr.shape[0]
+    return starts[:n + 1]
+
+
 @njit(parallel=True, **MATVEC_JIT)
-def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, h, u):
+def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, runs, h, u):
     groups = groups_of(h.shape[1])
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange(rows_of.size * groups):
-        p, g = t // groups, t % groups
-        i = rows_of[p]
-        for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
-            w = _view_at(addr[p, r], h.shape[1], rbs[p, r], kinds[p, r])
-            _group(kinds[p, r], xq, dx, nsum, kq, kd, ks, i, w, g, h if r == 0 else u, p)
-        end = min(GROUP * g + GROUP, h.shape[1])
-        if act[0] == np.float32(0.0):
+    for t in prange((runs.size - 1) * groups):
+        run, g = t // groups, t % groups
+        for p in range(runs[run], runs[run + 1]):
+            i = rows_of[p]
+            for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
+                w = _view_at(addr[p, r], h.shape[1], rbs[p, r], kinds[p, r])
+                _group(kinds[p, r], xq, dx, nsum, kq, kd, ks, i, w, g, h if r == 0 else u, p)
+            end = min(GROUP * g + GROUP, h.shape[1])
+            if act[0] == np.float32(0.0):
+                for r in range(GROUP * g, end):
+                    h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
+                continue
+            # views of the biases (of address 0 when the experts have none: then never read)
+            gb, ub = carray(f32_ptr(bias[p, 0]), h.shape[1]), carray(f32_ptr(bias[p, 1]), h.shape[1])
             for r in range(GROUP * g, end):
-                h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
-            continue
-        # views of the biases (of address 0 when the experts have none: then never read)
-        gb, ub = carray(f32_ptr(bias[p, 0]), h.shape[1]), carray(f32_ptr(bias[p, 1]), h.shape[1])
-        for r in range(GROUP * g, end):
-            gr, ur = h[p, r], u[p, r]
-            if bias[p, 0] != 0:  # numpy adds the biases to the products, then the GLU
-                gr, ur = gr + gb[r], ur + ub[r]
-            h[p, r] = glu_scalar(gr, ur, act[0], act[1], act[2])
+                gr, ur = h[p, r], u[p, r]
+                if bias[p, 0] != 0:  # numpy adds the biases to the products, then the GLU
+                    gr, ur = gr + gb[r], ur + ub[r]
+                h[p, r] = glu_scalar(gr, ur, act[0], act[1], act[2])
 
 
 @njit(parallel=True, **MATVEC_JIT)
-def _down(a, addr, kinds, rbs, bias, y):
+def _down(a, addr, kinds, rbs, bias, runs, y):
     groups = groups_of(y.shape[1])
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange(y.shape[0] * groups):
-        p, g = t // groups, t % groups
-        wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
-        _group(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
-        if bias[p, 2] != 0:
-            db = carray(f32_ptr(bias[p, 2]), y.shape[1])
-            for r in range(GROUP * g, min(GROUP * g + GROUP, y.shape[1])):
-                y[p, r] = y[p, r] + db[r]
+    for t in prange((runs.size - 1) * groups):
+        run, g = t // groups, t % groups
+        for p in range(runs[run], runs[run + 1]):
+            wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
+            _group(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
+            if bias[p, 2] != 0:
+                db = carray(f32_ptr(bias[p, 2]), y.shape[1])
+                for r in range(GROUP * g, min(GROUP * g + GROUP, y.shape[1])):
+                    y[p, r] = y[p, r] + db[r]
 
 
 @njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) runs a token's experts with it too
@@ -120,7 +136,8 @@ def experts8(x2: np.ndarray, rows_of: np.ndarray, addr: np.ndarray, kinds: np.nd
     for p in range(n_pairs):  # the activation formats the pairs' weights read
         f_in |= formats_of(kinds[p, 0]) | formats_of(kinds[p, 1])
         f_down |= formats_of(kinds[p, 2])
-    _gate_up(quantize_act(x2, f_in), rows_of, addr, kinds, rbs, bias, act, h, u)
+    runs = _runs(addr)
+    _gate_up(quantize_act(x2, f_in), rows_of, addr, kinds, rbs, bias, act, runs, h, u)
     y = np.empty((n_pairs, d_model), np.float32)
-    _down(quantize_act(h, f_down), addr, kinds, rbs, bias, y)
+    _down(quantize_act(h, f_down), addr, kinds, rbs, bias, runs, y)
     return y
