@@ -109,3 +109,63 @@ def test_the_preloaded_kernels_are_the_runs_and_compute_the_same(tiny_q4_0: Path
     a, b = np.load(tmp_path / "off.npy"), np.load(tmp_path / "on.npy")
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     assert np.array_equal(a.view(np.uint32), np.load(tmp_path / "behind.npy").view(np.uint32))
+
+
+LAZY = r"""
+import numpy as np
+from numba import njit
+from mertools.kernels.rowops import _softmax_rows, softmax_rows
+from mertools.runtime import preload
+preload.load([_softmax_rows], "f16")
+lib = next(iter(_softmax_rows.overloads.values())).library
+assert type(lib).__name__ == "LazyBitcodeLibrary" and lib._shared_module is None  # its bitcode not parsed
+x = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
+loaded = softmax_rows(x)
+
+@njit(cache=False)
+def twice(x2, out):  # a new kernel calling the loaded one: numba links the loaded one's bitcode into it
+    _softmax_rows(x2, out)
+    _softmax_rows(out, out)
+
+out = np.empty_like(x)
+twice(x, out)
+assert lib._shared_module is not None  # parsed when linked
+print(json.dumps({"loaded": loaded.tolist(), "twice": out.tolist()}))
+"""
+
+
+def test_a_kernel_loaded_without_its_bitcode_runs_and_links_into_a_new_one() -> None:
+    """`load_cached` takes a kernel's defined symbols from its machine code and leaves its bitcode unparsed until a
+    compile links it into another kernel: in a fresh process the loaded kernel computes what this process's does, and a
+    kernel compiled afterwards that calls it links and computes softmax twice."""
+    from mertools.kernels.rowops import softmax_rows
+
+    x = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
+    want = softmax_rows(x)  # compiled (and cached) here if the cache lacked it
+    p = subprocess.run([sys.executable, "-c", "import json\n" + LAZY], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert np.array_equal(np.asarray(got["loaded"], np.float32), want)
+    assert np.array_equal(np.asarray(got["twice"], np.float32), softmax_rows(want))
+
+
+def test_elf_defined_symbols_are_the_bitcodes_external_definitions() -> None:
+    """The names read from a cached kernel's ELF object include every function and variable its bitcode defines with
+    a name the object keeps (all but LLVM's private constants), and a non-ELF buffer is refused."""
+    import llvmlite.binding as ll
+
+    from mertools.kernels.rowops import _softmax_rows, softmax_rows
+
+    softmax_rows(np.ones((1, 4), np.float32))  # compiled or loaded: then cached
+    sig = preload.cached_signatures(_softmax_rows)[0]
+    cache = _softmax_rows._cache
+    name, kind, (obj, bitcode) = cache._cache_file.load(cache._index_key(sig, _softmax_rows.targetctx.codegen()))[0]
+    assert kind == "object"
+    mod = ll.parse_bitcode(bitcode)
+    defined = {g.name for g in [*mod.functions, *mod.global_variables] if not g.is_declaration
+               and g.linkage != ll.Linkage.private}
+    names = preload.elf_defined_symbols(obj)
+    assert defined and defined <= names
+    with pytest.raises(ValueError, match="not an ELF64"):
+        preload.elf_defined_symbols(bitcode)
