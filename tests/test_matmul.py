@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -474,6 +475,30 @@ def test_decode_attention_kernel_matches_the_numpy_path(window: int, sinks: bool
     if sinks:  # the sinks take probability mass away: the output is not what plain attention gives
         plain = attend_numpy(q, keys, vals, np.array([38, 39]), window)
         assert np.abs(plain - two).max() > 1e-2
+
+
+_ATTEND_BITS = """
+import numpy as np, xxhash
+from mertools.kernels.attention import attend_group, attend_one
+rng = np.random.default_rng(1)
+q = rng.standard_normal((8, 100)).astype(np.float32)  # heads of 100: two fma chains, a block of 16, a tail of 4
+keys, vals = rng.standard_normal((2, 30, 2, 100)).astype(np.float16).view(np.uint16)
+sinks, div = np.full(8, -np.inf, np.float32), np.float32(10.0)
+one, alone = np.empty((8, 100), np.float32), np.empty((8, 100), np.float32)
+attend_one(q, keys, vals, 0, 29, 0, sinks, div, one)
+for g in range(2):
+    attend_group(q, keys, vals, 0, 29, 0, sinks, div, alone, g)
+print(xxhash.xxh3_64(one.tobytes()).hexdigest(), xxhash.xxh3_64(alone.tobytes()).hexdigest())
+"""
+
+
+def test_decode_attention_has_the_same_bits_compiled_and_loaded_from_numbas_cache(tmp_path: Path) -> None:
+    """attend_one compiled in one process and loaded from numba's cache in the next computes the same bits, which are
+    attend_group's called head by head. With fastmath (reassociated sums) the loaded kernel's own copy of attend_group
+    summed in another order than the copy a compiling process called: a first run and the runs after it differed."""
+    compiled = run_for_cpu(_ATTEND_BITS, tmp_path / "cache", {}).split()
+    loaded = run_for_cpu(_ATTEND_BITS, tmp_path / "cache", {}).split()
+    assert compiled == loaded and loaded[0] == loaded[1]
 
 
 def test_latent_attention_kernel_reads_values_inside_the_keys() -> None:

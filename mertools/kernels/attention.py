@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .common import f16_bits_to_f32
-from .simd import copy_f32_16, decode_f16_16, decode_i8_32, prefetch
+from .common import MATVEC_JIT, f16_bits_to_f32
+from .simd import copy_f32_16, decode_f16_16, decode_i8_32, prefetch, vadd, vfma, vhsum, vload, vsplat, vstore, vzero
 
 
 def _widen16(src, so, dst, do):  # noqa: ANN001, ANN202 - dst[do:do+16] = float32(src[so:so+16]); see the overload
@@ -74,10 +74,12 @@ def _row_impl(src, so, n, dst):  # noqa: ANN001, ANN202
     return None
 
 
-FAST = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
+# No fastmath: with `reassoc` LLVM chose each sum's order where it compiled the loop, so the same kernel gave other
+# bits loaded from numba's cache than compiled in the process (the call bound to another copy), and the compiled
+# decode step's copy others again. Every sum here is in the order written; the dot products run 16 lanes at a time.
 
 
-@njit(parallel=True, **FAST)
+@njit(parallel=True, **MATVEC_JIT)
 def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
     """Decode attention of one new token: q (nh, hd) at position pos over keys (pos + 1, nkv, hd) and values
     vals[:, :, voff:] (float32, f16 bits or q8_0 blocks, C-contiguous; widths and voff in storage units) ->
@@ -88,11 +90,27 @@ def attend_one(q, keys, vals, voff, pos, window, sinks, divisor, out):
         attend_group(q, keys, vals, voff, pos, window, sinks, divisor, out, g)
 
 
-@njit(**FAST)
+@njit(inline="always", **MATVEC_JIT)
+def _dot(a, b, n):
+    """a[:n] . b[:n] (float32 C arrays): two 16-lane fma chains over alternate blocks of 16, added, then a fixed
+    tree (`vhsum`); the tail after the last block of 16 added one product at a time."""
+    n32, n16 = n - n % 32, n - n % 16
+    acc0, acc1 = vzero(), vzero()
+    for d in range(0, n32, 32):
+        acc0 = vfma(vload(a, d), vload(b, d), acc0)
+        acc1 = vfma(vload(a, d + 16), vload(b, d + 16), acc1)
+    if n16 > n32:
+        acc0 = vfma(vload(a, n32), vload(b, n32), acc0)
+    acc = vhsum(vadd(acc0, acc1))
+    for d in range(n16, n):
+        acc += a[d] * b[d]
+    return acc
+
+
+@njit(**MATVEC_JIT)
 def attend_group(q, keys, vals, voff, pos, window, sinks, divisor, out, g):
     """`attend_one` for kv head g and its group of query heads (the compiled decode step calls it too), each key
-    and value row read once (and widened once). fastmath without nnan/ninf: sums are reassociated (vectorised);
-    inf/NaN still propagate."""
+    and value row read once (and widened once); every sum in a fixed order."""
     nh, hd = q.shape
     dv = out.shape[1]
     nkv = keys.shape[1]
@@ -113,10 +131,7 @@ def attend_group(q, keys, vals, voff, pos, window, sinks, divisor, out, g):
             prefetch(kb, ahead + c)
         _row(kf, (j * nkv + g) * kw, hd, row)
         for i in range(group):
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[g * group + i, d] * row[d]
-            s[i, j] = acc / scale
+            s[i, j] = _dot(q[g * group + i], row, hd) / scale
     for i in range(group):
         sink = sinks[g * group + i]
         m = max(s[i, lo], sink)
@@ -129,15 +144,20 @@ def attend_group(q, keys, vals, voff, pos, window, sinks, divisor, out, g):
         for j in range(lo, pos + 1):
             s[i, j] = s[i, j] / tot
         out[g * group + i, :] = 0.0
+    dv16 = dv - dv % 16
     for j in range(lo, pos + 1):
         ahead = (((min(j + 8, pos) * nkv) + g) * vw + voff) * item
         for c in range(0, (vw - voff) * item, 64):
             prefetch(vb, ahead + c)
         _row(vf, (j * nkv + g) * vw + voff, dv, row)
         for i in range(group):
+            o = out[g * group + i]
             p = s[i, j]
-            for d in range(dv):
-                out[g * group + i, d] += p * row[d]
+            pv = vsplat(p)
+            for d in range(0, dv16, 16):
+                vstore(o, d, vfma(pv, vload(row, d), vload(o, d)))
+            for d in range(dv16, dv):
+                o[d] += p * row[d]
 
 
 def attend_numpy(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray, window: int,

@@ -29,8 +29,9 @@ from .matmul_kernels import get_rows
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
 
 # numba caches `_group`'s and `formats_of`'s code inside `decode_step`, keyed on this file's contents: a type
-# branch added there (Q2_K and Q3_K's, IQ2_XXS's), simd8.dpbusd's AVX2 path (vpmaddubsw), or experts8's tasks taking
-# a weight group for all of an expert's rows, changes this file too, so that a cache made before it is not used
+# branch added there (Q2_K and Q3_K's, IQ2_XXS's), simd8.dpbusd's AVX2 path (vpmaddubsw), experts8's tasks taking
+# a weight group for all of an expert's rows, or attention's sums in a fixed order (no fastmath), changes this file
+# too, so that a cache made before it is not used
 __all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "O_BIAS", "Q_BIAS", "Q_NORM", "ROUTER_BIAS", "SINKS", "VECTORS",
            "decode_step"]
 
