@@ -92,6 +92,19 @@ def test_the_tables_are_ggmls() -> None:
     assert np.array_equal(KSIGNS, k | (parity << 7))
 
 
+def test_the_tables_file_is_gguf_pys() -> None:
+    """_iq2grid.bin holds exactly gguf-py's IQ2_XXS tables (grid_hex: each grid word's coordinates as 2-bit level
+    indices, 4 to a byte, written as hex; ksigns), decoded here the way gguf-py packs them."""
+    from gguf.quants import IQ2_XXS as G
+
+    hexed = np.frombuffer(G.grid_hex, dtype=np.uint8).reshape(-1, 2)
+    nibbles = np.where(hexed > 0x40, hexed + 9, hexed) & 0x0F
+    packed = (nibbles[:, 0] << 4) | nibbles[:, 1]
+    codes = ((packed.reshape(-1, 1) >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(G.grid_shape)
+    assert np.array_equal(GRID, np.asarray(G.grid_map, dtype=np.uint8)[codes])
+    assert np.array_equal(KSIGNS, np.frombuffer(G.ksigns, dtype=np.uint8))
+
+
 @pytest.mark.parametrize("n", [1, 3, 7, 17])
 def test_matmul_on_awkward_blocks_is_the_reference(n: int) -> None:
     """The matvec (n 1, 3), the tiled kernel (7) and the GEMM (17) against float64 products of `dequantize`."""

@@ -1,7 +1,9 @@
 """The tables of ggml's iq2_xxs: its grid of 256 points with 8 coordinates and its sign patterns.
 
-Taken from gguf-py (a core dependency) rather than copied: `gguf.quants.IQ2_XXS` holds ggml's iq2xxs_grid
-packed two bits a byte (0x08, 0x19, 0x2b) and ksigns_iq2xs. Everything here is numpy built once at import.
+Read from `_iq2grid.bin` beside this file: ggml's iq2xxs_grid (256 little-endian uint64 words, a coordinate
+a byte) then ksigns_iq2xs (128 bytes), 2,176 bytes written from gguf-py's `gguf.quants.IQ2_XXS` tables. A
+file, not gguf-py at import: importing gguf costs every process ~50 ms, and the runtime needs nothing else
+from it; tests/test_iq2_xxs.py holds the file equal to gguf-py's tables.
 
 GRID: uint8 (256, 8), grid point g's coordinate j (each one of 8, 25, 43).
 GRID_U64: uint64 (256,), the 8 coordinates of point g as one little-endian word (ggml's iq2xxs_grid[g]).
@@ -11,26 +13,26 @@ KSIGNS: uint8 (128,), 7 sign bits -> 8 sign bits with an even number set (bit 7 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-from gguf.quants import IQ2_XXS as _GGUF
 
-LEVELS: tuple[int, int, int] = tuple(int(v) for v in _GGUF.grid_map)  # type: ignore[assignment]
-
-
-def _grid_codes() -> np.ndarray:
-    hexed = np.frombuffer(_GGUF.grid_hex, dtype=np.uint8).reshape(-1, 2)
-    nibbles = np.where(hexed > 0x40, hexed + 9, hexed) & 0x0F
-    packed = (nibbles[:, 0] << 4) | nibbles[:, 1]  # one byte: 4 coordinates, 2 bits each, lowest first
-    codes = (packed.reshape(-1, 1) >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
-    return codes.reshape(_GGUF.grid_shape).astype(np.uint8)
+TABLES = Path(__file__).with_name("_iq2grid.bin")
+LEVELS: tuple[int, int, int] = (8, 25, 43)
 
 
-GRID_CODES: np.ndarray = _grid_codes()
-GRID: np.ndarray = np.array(LEVELS, dtype=np.uint8)[GRID_CODES]
-GRID_U64: np.ndarray = np.ascontiguousarray(GRID).view("<u8").reshape(256).copy()
-KSIGNS: np.ndarray = np.frombuffer(_GGUF.ksigns, dtype=np.uint8).copy()
+def _read() -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(TABLES, dtype=np.uint8)
+    if raw.size != 256 * 8 + 128:
+        raise ValueError(f"{TABLES}: iq2_xxs tables: expected {256 * 8 + 128} bytes, found {raw.size}")
+    return raw[: 256 * 8].reshape(256, 8).copy(), raw[256 * 8 :].copy()
 
-if GRID.shape != (256, 8) or KSIGNS.shape != (128,) or not (GRID_CODES < 3).all():
-    raise ValueError(f"gguf-py's iq2_xxs tables have an unexpected shape: grid {GRID.shape}, signs {KSIGNS.shape}")
+
+GRID, KSIGNS = _read()
+GRID_U64: np.ndarray = GRID.view("<u8").reshape(256).copy()
+GRID_CODES: np.ndarray = np.searchsorted(np.array(LEVELS, dtype=np.uint8), GRID).astype(np.uint8)
+
+if not np.isin(GRID, LEVELS).all() or (np.unpackbits(KSIGNS).reshape(-1, 8).sum(axis=1) % 2 == 1).any():
+    raise ValueError(f"{TABLES}: iq2_xxs tables: a coordinate not in {LEVELS} or a sign pattern of odd parity")
 for _grid in (GRID, GRID_CODES, GRID_U64, KSIGNS):
     _grid.setflags(write=False)

@@ -52,7 +52,6 @@ from mertools.kernels.simd import (
     vzero,
 )
 
-from ._iq2_quant import quantize, quantize_reference
 from ._iq2grid import GRID, KSIGNS
 from ._k8iq2 import BYTES, block_masks, byte_ptr, grid_entry, index_base, iq2_xxs_int8_reference, signed_grid
 from .base import DType, Thresholds, f16_from_bytes
@@ -193,6 +192,21 @@ def matvec_group(x, w, r0, out):
             a2, b2 = _chunk(w2, o, c, m2, s2, xa, a2), _chunk(w2, o, c + 1, m2, s2, xb, b2)
             a3, b3 = _chunk(w3, o, c, m3, s3, xa, a3), _chunk(w3, o, c + 1, m3, s3, xb, b3)
     group_store(out, r0, vhsum(vadd(a0, b0)), vhsum(vadd(a1, b1)), vhsum(vadd(a2, b2)), vhsum(vadd(a3, b3)))
+
+
+def quantize(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """ggml's quantize_iq2_xxs (dtypes/_iq2_quant.py), imported on first use: its search tables and ~20 kernels
+    cost every process ~30 ms at import, and only a conversion quantizes."""
+    from ._iq2_quant import quantize as q
+
+    return q(x, importance)
+
+
+def quantize_reference(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """`quantize`'s numpy twin (dtypes/_iq2_quant.py), imported on first use as `quantize` is."""
+    from ._iq2_quant import quantize_reference as q
+
+    return q(x, importance)
 
 
 TYPE = DType(
