@@ -13,9 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from mertools import dtypes as _registry  # used at call time: the registry imports this package's intrinsics
-from mertools.errors import QuantizationError
-from mertools.kernels.common import first_not_below
+from mertools.kernels import cachelock
+
+cachelock.install()  # before any kernel compiles: their cache saves are then safe across processes
+
+from mertools import dtypes as _registry  # noqa: E402 - used at call time: the registry imports this package's intrinsics
+from mertools.errors import QuantizationError  # noqa: E402
+from mertools.kernels.common import first_not_below  # noqa: E402
 
 __all__ = ["quantize", "dequantize", "SUPPORTED_DTYPES"]
 

@@ -1,0 +1,52 @@
+"""numba's on-disk cache made safe for processes that compile at the same time.
+
+numba (0.68, `numba/core/caching.py`) saves a compiled signature by reading the kernel's index, taking the first
+data file name the index does not list and rewriting the index, with no lock: two processes compiling different
+signatures of one kernel at once can both take `.1.nbc`, and one index entry then names the other's machine code
+(seen as last-bit differences when the suite ran on two pytest-xdist workers; with a serve and a run starting
+together it could load a kernel compiled for other argument types). `install()` replaces that save with one made
+under an exclusive `flock` on a lock file in the cache directory: the index is read inside the lock, the data
+written before the index names it, so an index only ever names complete data of its own key. Loads take no lock:
+a data name, once given to a key, is never given to another while the source is unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+
+from numba.core import caching
+
+LOCK_NAME = "mertools-cache.lock"  # one per cache directory: saves are rare (a compile each), contention nil
+_numba_save = caching.IndexDataCacheFile.save
+
+
+def locked_save(self: caching.IndexDataCacheFile, key: object, data: object) -> None:
+    """`IndexDataCacheFile.save` under the directory's lock (numba's own save where no lock can be taken: a
+    read-only or lock-less filesystem, where numba then fails or races as it always did)."""
+    try:
+        fd = os.open(os.path.join(self._cache_path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return _numba_save(self, key, data)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            return _numba_save(self, key, data)
+        overloads = self._load_index()
+        name = overloads.get(key)
+        if name is None:
+            taken = set(overloads.values())
+            name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+        self._save_data(name, data)  # written (temp file, then rename) before the index names it
+        if overloads.get(key) != name:
+            overloads[key] = name
+            self._save_index(overloads)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def install() -> None:
+    """Make every numba cache save in this process take the lock (idempotent)."""
+    caching.IndexDataCacheFile.save = locked_save
