@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # packed copies (runtime/packed.py) would be written into the session's shared layouts, which tests treat as read-only,
 # and change what later tests' runs read; tests of the copies turn them on for layouts of their own
 os.environ.setdefault("MERTOOLS_PACKED_COPIES", "0")
+# under pytest-xdist (`make test`: two workers) each worker's numba threads sleep when idle instead of spinning: two
+# workers' spinning teams on two cores made a parallel region wait for a descheduled thread (a subset of the suite
+# took 157 s on two workers against 94 s on one; 74 s with this). Read when numba's OpenMP pool starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the fixtures/ generators live at the repo root
 
@@ -19,10 +24,18 @@ if str(ROOT) not in sys.path:
 SLOW_MODULES = frozenset({"test_soak", "test_interrupt", "test_memory"})
 
 
+# Modules whose tests share a machine-wide resource run on one pytest-xdist worker (`--dist loadgroup`): a Ray
+# cluster per test, and Ray's defaults (ports, /tmp/ray) are one per machine.
+ONE_WORKER_MODULES = frozenset({"test_shards"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session")
