@@ -293,7 +293,7 @@ import numpy as np
 from numba import njit
 from mertools.kernels import simd, simd8
 from mertools.kernels.simd import vstore, vtof
-from mertools.kernels.simd8 import bytes64, dpbusd, dpbusd_u8, izero
+from mertools.kernels.simd8 import bytes64, dpbusd, dpbusd2, dpbusd_u8, izero
 assert not simd8.VNNI and simd.AVX2 == (PATH == "avx2"), (simd.AVX2, PATH)
 
 @njit
@@ -314,15 +314,27 @@ for full, top in ((True, 256), (False, 128)):  # dpbusd takes bytes below 128, d
         two_dots(u.astype(np.uint8), s.astype(np.int8).view(np.uint8), out, full)  # bytes64 loads uint8 arrays
         want = (u.reshape(2, 16, 4).astype(np.int64) * s.reshape(2, 16, 4)).sum(axis=(0, 2))
         assert np.array_equal(out, want.astype(np.float32)), (full, out, want)  # |want| < 2^24: exact in float32
+
+@njit
+def pair_dot(u, s, out):  # dpbusd2: u[:64].s[:64] + u[64:].s[64:] in one step (bytes below 64)
+    vstore(out, 0, vtof(dpbusd2(izero(), bytes64(u, 0), bytes64(s, 0), bytes64(u, 64), bytes64(s, 64))))
+
+for u, s in ((rng.integers(0, 64, 128), rng.integers(-128, 128, 128)), (np.full(128, 63), np.full(128, -128)),
+             (np.full(128, 63), np.full(128, 127)), (rng.integers(0, 16, 128), np.full(128, -128))):
+    out = np.empty(16, np.float32)  # 63 x -128 four times a lane: -32256, the int16 sum's extreme
+    pair_dot(u.astype(np.uint8), s.astype(np.int8).view(np.uint8), out)
+    want = (u.reshape(2, 16, 4).astype(np.int64) * s.reshape(2, 16, 4)).sum(axis=(0, 2))
+    assert np.array_equal(out, want.astype(np.float32)), (out, want)
 print("ok")
 """
 
 
 @pytest.mark.parametrize("path", ["avx2", "portable"])
 def test_dpbusd_without_vnni_gives_vnnis_sums(path: str, tmp_path: Path) -> None:
-    """simd8.dpbusd and dpbusd_u8 compiled for a CPU without AVX-512 VNNI, with AVX2 (vpmaddubsw for bytes below 128,
-    int16 vpmaddwd for any) or none (widening multiplies): the integer sums vpdpbusd gives, extreme bytes included
-    (255 x -128: pairs beyond int16; 127 x -128, the largest pairs vpmaddubsw takes)."""
+    """simd8.dpbusd, dpbusd_u8 and dpbusd2 compiled for a CPU without AVX-512 VNNI, with AVX2 (vpmaddubsw for bytes
+    below 128, int16 vpmaddwd for any, two vpmaddubsw added in int16 for bytes below 64) or none (widening
+    multiplies): the integer sums vpdpbusd gives, extreme bytes included (255 x -128: pairs beyond int16; 127 x -128,
+    the largest pairs vpmaddubsw takes; 63 x -128 in all four products of dpbusd2's int16 sum)."""
     code = f"PATH = {path!r}\n" + _DPBUSD_CHECK
     assert run_for_cpu(code, tmp_path, HASWELL_AVX2 if path == "avx2" else HASWELL).strip() == "ok"
 

@@ -43,6 +43,7 @@ from mertools.kernels.simd8 import (
     bcast4,
     bytes64,
     dpbusd,
+    dpbusd2,
     hi4,
     iadd,
     iand,
@@ -129,10 +130,10 @@ def q4_k_packed_group(kq, kd, ks, i, wp, g, out, io):
             lo = izero()
             hi = izero()
             q, x = o + 256 + 512 * c, xo + 256 * b + 64 * c
-            for p in range(8):
-                v = bytes64(wr, q + 64 * p)
-                lo = dpbusd(lo, lo4(v), bcast4(kq, x + 4 * p))
-                hi = dpbusd(hi, hi4(v), bcast4(kq, x + 32 + 4 * p))
+            for p in range(0, 8, 2):  # runs p and p + 1 meet one vpmaddwd (`dpbusd2`)
+                v, w = bytes64(wr, q + 64 * p), bytes64(wr, q + 64 * p + 64)
+                lo = dpbusd2(lo, lo4(v), bcast4(kq, x + 4 * p), lo4(w), bcast4(kq, x + 4 * p + 4))
+                hi = dpbusd2(hi, hi4(v), bcast4(kq, x + 32 + 4 * p), hi4(w), bcast4(kq, x + 36 + 4 * p))
             s = iadd(s, iadd(imul(lo, _scales(wr, o, 2 * c)), imul(hi, _scales(wr, o, 2 * c + 1))))
             k = so + 16 * b + 4 * c  # sub-blocks 2c and 2c + 1: two per-16 sums each
             m = iadd(m, iadd(imul(_mins(wr, o, 2 * c), _pair_sum(ks, k)), imul(_mins(wr, o, 2 * c + 1), _pair_sum(ks, k + 2))))
@@ -245,14 +246,15 @@ def q6_k_packed_group(kq, kd, ks, i, wp, g, out, io):
                 k = so + 16 * b + 8 * h + m
                 d0, d1, d2, d3 = _offset(ks, k), _offset(ks, k + 2), _offset(ks, k + 4), _offset(ks, k + 6)
                 x = xo + 256 * b + 128 * h
-                for n in range(4 * m, 4 * m + 4):
-                    qa = bytes64(wr, o + 288 + 64 * (16 * h + n))
-                    qb = bytes64(wr, o + 288 + 64 * (16 * h + 8 + n))
-                    qh = bytes64(wr, o + 2336 + 64 * (8 * h + n))
-                    d0 = dpbusd(d0, q6_codes(lo4(qa), qh, 0), bcast4(kq, x + 4 * n))
-                    d1 = dpbusd(d1, q6_codes(lo4(qb), qh, 1), bcast4(kq, x + 32 + 4 * n))
-                    d2 = dpbusd(d2, q6_codes(hi4(qa), qh, 2), bcast4(kq, x + 64 + 4 * n))
-                    d3 = dpbusd(d3, q6_codes(hi4(qb), qh, 3), bcast4(kq, x + 96 + 4 * n))
+                for n in range(4 * m, 4 * m + 4, 2):  # runs n and n + 1 meet one vpmaddwd (`dpbusd2`)
+                    qa, pa = bytes64(wr, o + 288 + 64 * (16 * h + n)), bytes64(wr, o + 352 + 64 * (16 * h + n))
+                    qb, pb = bytes64(wr, o + 800 + 64 * (16 * h + n)), bytes64(wr, o + 864 + 64 * (16 * h + n))
+                    qh, ph = bytes64(wr, o + 2336 + 64 * (8 * h + n)), bytes64(wr, o + 2400 + 64 * (8 * h + n))
+                    xn, xm = x + 4 * n, x + 4 * n + 4
+                    d0 = dpbusd2(d0, q6_codes(lo4(qa), qh, 0), bcast4(kq, xn), q6_codes(lo4(pa), ph, 0), bcast4(kq, xm))
+                    d1 = dpbusd2(d1, q6_codes(lo4(qb), qh, 1), bcast4(kq, xn + 32), q6_codes(lo4(pb), ph, 1), bcast4(kq, xm + 32))
+                    d2 = dpbusd2(d2, q6_codes(hi4(qa), qh, 2), bcast4(kq, xn + 64), q6_codes(hi4(pa), ph, 2), bcast4(kq, xm + 64))
+                    d3 = dpbusd2(d3, q6_codes(hi4(qb), qh, 3), bcast4(kq, xn + 96), q6_codes(hi4(pb), ph, 3), bcast4(kq, xm + 96))
                 sc = o + 32 + 16 * (8 * h + m)  # scale k of the 16 rows at 32 + 16k
                 t = iadd(t, iadd(iadd(imul(d0, s8x16(wr, sc)), imul(d1, s8x16(wr, sc + 32))),
                                  iadd(imul(d2, s8x16(wr, sc + 64)), imul(d3, s8x16(wr, sc + 96)))))

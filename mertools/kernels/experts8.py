@@ -25,8 +25,8 @@ from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import f32_ptr, u8_ptr
 
 # numba caches `_group`'s code inside this file's kernels, keyed on this file's contents: a type branch added to
-# `_group` (Q2_K and Q3_K's, IQ2_XXS's), or simd8.dpbusd's AVX2 path (vpmaddubsw), changes this file too, so that a
-# cache made before it is not used
+# `_group` (Q2_K and Q3_K's, IQ2_XXS's), simd8.dpbusd's AVX2 path (vpmaddubsw) or its paired products (dpbusd2)
+# changes this file too, so that a cache made before it is not used
 __all__ = ["experts8", "glu_rows", "glu_scalar"]
 
 

@@ -46,7 +46,7 @@ from mertools.kernels.act8 import PACKED_K, Q8_K_ACT, formats_of, quantize_act
 from mertools.kernels.common import MATVEC_JIT, prefetch_lines
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzero
-from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd, dpbusd_u8, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
+from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd2, dpbusd_u8, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
 from mertools.kernels.simd8x import byte_table, copy16, e8m0x16
 
 __all__ = ["GROUP", "INT8_DTYPES", "PACKED_KINDS", "groups_of", "is_packed", "matmul8", "matmul8_kind",
@@ -211,7 +211,7 @@ def _dot(acc, wr, o, parts, coded, xl, xh):
         lo, hi = lo4(q), hi4(q)
         if coded:
             lo, hi = _mxfp4_codes(lo), _mxfp4_codes(hi)
-        return dpbusd(dpbusd(acc, lo, xl), hi, xh)  # nibbles, or MXFP4's codes (K + 16 < 128)
+        return dpbusd2(acc, lo, xl, hi, xh)  # nibbles, or MXFP4's codes (K + 16 < 64)
     return dpbusd_u8(dpbusd_u8(acc, bytes64(wr, o), xl), bytes64(wr, o + 64), xh)  # Q8_0's int8 + 128
 
 

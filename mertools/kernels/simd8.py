@@ -8,6 +8,7 @@ activations as bytes and multiply them in integers, as ggml's vec_dot kernels do
     lo4(v), hi4(v)           each byte's low / high nibble
     dpbusd(acc, u, s)        acc[i] + sum over j < 4 of u[4i+j] * s[4i+j], u unsigned bytes below 128, s signed
     dpbusd_u8(acc, u, s)     the same for any unsigned bytes (Q8_0's packed quants)
+    dpbusd2(acc, u, s, v, t) acc + u.s + v.t for u, v below 64 (on AVX2 one vpmaddwd for the two products)
     ivload4x4(a, i)          a[i:i+4] of an int32 array in each quarter, as int32 lanes (`simd.I32x16`)
     ishl, ishr, iand, iors, isub (v, n): int32 lanes with n;  ior, imul, iadd (a, b): lane-wise
     row_sums4(a, b, c, d)    four groups' lanes summed per row: lane 4r + g = group g's row r (its quarter r)
@@ -164,6 +165,32 @@ def dpbusd(typingctx, acc, u, s):
         return builder.add(a, builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 16), list(range(16)))))
 
     return I32x16(acc, u, s), codegen
+
+
+@intrinsic
+def dpbusd2(typingctx, acc, u, s, v, t):
+    """acc + u.s + v.t (`dpbusd` twice) for u, v below 64 (nibbles, Q6_K's codes): with AVX2 and no VNNI the two
+    vpmaddubsw's int16 pair sums are added in int16 (|sum| <= 2 * 2 * 63 * 128 = 32256 < 2^15) and meet one
+    vpmaddwd by ones, not two: the same integers as two `dpbusd`."""
+    if not (acc == I32x16 and u == B64 and s == B64 and v == B64 and t == B64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, uu, ss, vv, tt = args
+        if VNNI or not AVX2:
+            return _dpbusd_ir(builder, _dpbusd_ir(builder, a, uu, ss), vv, tt)
+        ones = ir.Constant(vty(_I16, 16), [1] * 16)
+        halves = []
+        for h in range(2):
+            q = ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32)))
+            p1 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
+                       [builder.shuffle_vector(uu, uu, q), builder.shuffle_vector(ss, ss, q)])
+            p2 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
+                       [builder.shuffle_vector(vv, vv, q), builder.shuffle_vector(tt, tt, q)])
+            halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8), [builder.add(p1, p2), ones]))
+        return builder.add(a, builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 16), list(range(16)))))
+
+    return I32x16(acc, u, s, v, t), codegen
 
 
 @intrinsic

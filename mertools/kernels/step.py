@@ -30,8 +30,9 @@ from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_i
 
 # numba caches `_group`'s and `formats_of`'s code inside `decode_step`, keyed on this file's contents: a type
 # branch added there (Q2_K and Q3_K's, IQ2_XXS's), simd8.dpbusd's AVX2 path (vpmaddubsw), experts8's tasks taking
-# a weight group for all of an expert's rows, or attention's sums in a fixed order (no fastmath), changes this file
-# too, so that a cache made before it is not used
+# a weight group for all of an expert's rows, attention's sums in a fixed order (no fastmath), or the AVX2 path's
+# paired products (simd8.dpbusd2 in Q4_0, MXFP4, packed Q4_K and Q6_K) changes this file too, so that a cache made
+# before it is not used
 __all__ = ["ATTN_NORM", "FFN_NORM", "K_NORM", "O_BIAS", "Q_BIAS", "Q_NORM", "ROUTER_BIAS", "SINKS", "VECTORS",
            "decode_step"]
 
