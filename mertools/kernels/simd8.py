@@ -143,6 +143,20 @@ def dpbusd_u8(typingctx, acc, u, s):
     return I32x16(acc, u, s), codegen
 
 
+def _maddubs(builder, uu, ss, h: int):  # noqa: ANN001, ANN202 - llvmlite values
+    """vpmaddubsw of the h-th 32 bytes of u (unsigned) and s (signed): 16 int16 sums of adjacent products."""
+    q = ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32)))
+    return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
+                 [builder.shuffle_vector(uu, uu, q), builder.shuffle_vector(ss, ss, q)])
+
+
+def _add_pair_sums(builder, a, halves):  # noqa: ANN001, ANN202 - llvmlite values
+    """a + the two halves' int16 sums added in pairs (a vpmaddwd by ones each), lanes 0..7 from the first."""
+    ones = ir.Constant(vty(_I16, 16), [1] * 16)
+    w = [_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8), [p, ones]) for p in halves]
+    return builder.add(a, builder.shuffle_vector(w[0], w[1], ir.Constant(vty(_I32, 16), list(range(16)))))
+
+
 @intrinsic
 def dpbusd(typingctx, acc, u, s):
     """acc[i] + u[4i..4i+3] . s[4i..4i+3] for u < 128 (nibbles, the K types' codes, grid points): with AVX2 and no
@@ -155,14 +169,7 @@ def dpbusd(typingctx, acc, u, s):
         a, uu, ss = args
         if VNNI or not AVX2:
             return _dpbusd_ir(builder, a, uu, ss)
-        ones = ir.Constant(vty(_I16, 16), [1] * 16)
-        halves = []
-        for h in range(2):
-            q = ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32)))
-            pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
-                          [builder.shuffle_vector(uu, uu, q), builder.shuffle_vector(ss, ss, q)])
-            halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8), [pairs, ones]))
-        return builder.add(a, builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 16), list(range(16)))))
+        return _add_pair_sums(builder, a, [_maddubs(builder, uu, ss, h) for h in range(2)])
 
     return I32x16(acc, u, s), codegen
 
@@ -179,16 +186,8 @@ def dpbusd2(typingctx, acc, u, s, v, t):
         a, uu, ss, vv, tt = args
         if VNNI or not AVX2:
             return _dpbusd_ir(builder, _dpbusd_ir(builder, a, uu, ss), vv, tt)
-        ones = ir.Constant(vty(_I16, 16), [1] * 16)
-        halves = []
-        for h in range(2):
-            q = ir.Constant(vty(_I32, 32), list(range(32 * h, 32 * h + 32)))
-            p1 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
-                       [builder.shuffle_vector(uu, uu, q), builder.shuffle_vector(ss, ss, q)])
-            p2 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", vty(_I16, 16),
-                       [builder.shuffle_vector(vv, vv, q), builder.shuffle_vector(tt, tt, q)])
-            halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", vty(_I32, 8), [builder.add(p1, p2), ones]))
-        return builder.add(a, builder.shuffle_vector(halves[0], halves[1], ir.Constant(vty(_I32, 16), list(range(16)))))
+        return _add_pair_sums(builder, a, [builder.add(_maddubs(builder, uu, ss, h), _maddubs(builder, vv, tt, h))
+                                           for h in range(2)])
 
     return I32x16(acc, u, s, v, t), codegen
 
