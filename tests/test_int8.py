@@ -270,19 +270,31 @@ def test_what_the_kernels_do_not_take_stays_exact() -> None:
 
 def test_portable_path_without_vnni_is_the_same(tmp_path: Path) -> None:
     """The same products compiled for a CPU named Haswell with no features named (so the portable IR: simd8's dpbusd
-    as widening multiplies and adds; the AVX2 path is the host's on AVX2-only CPUs, its dpbusd checked below)."""
+    as widening multiplies and adds; the AVX2 path is the host's on AVX2-only CPUs, its dpbusd checked below): every
+    type's group kernel (`int8._group`, all types inlined) in a serial loop, as `_matmul8` runs it per task. Not
+    through `matmul8`, whose compile also takes the parallel wrapper and the prompt's rows kernels, which 2 rows never
+    run: 163 s against 71 s here, from an empty cache."""
     code = (
-        "import numpy as np; from test_int8 import _weights, _inputs\n"
+        "import numpy as np; from numba import njit; from test_int8 import _weights, _inputs\n"
         "from mertools.kernels import int8, int8_reference as ref, simd8\n"
+        "from mertools.kernels.act8 import formats_of, quantize_act\n"
         "assert not simd8.VNNI\n"
+        "@njit\n"
+        "def products(kind, x2, w, out):\n"
+        "    xq, dx, nsum, kq, kd, ks = quantize_act(x2, formats_of(kind))\n"
+        "    for g in range(int8.groups_of(out.shape[1])):\n"
+        "        for i in range(out.shape[0]):\n"
+        "            int8._group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, i)\n"
+        "def check(x, w, prepared, dt):\n"
+        "    out = np.empty((x.shape[0], w.shape[0]), np.float32)\n"
+        "    products(int8.prepared_kind(dt, w.shape[0], x.shape[1]), x, prepared, out)\n"
+        "    assert np.array_equal(out.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
         "for dt in ('q4_0', 'q8_0', 'mxfp4', 'q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k'):\n"
         "    w, x = _weights(dt, 32, 512, 1), _inputs(2, 512, 2)\n"
-        "    got = int8.matmul8(x, int8.prepare(w.copy(), dt), dt, np.empty((2, 32), np.float32))\n"
-        "    assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, dt).view(np.uint32)), dt\n"
+        "    check(x, w, int8.prepare(w.copy(), dt), dt)\n"
         "from test_iq2_xxs import blocks\n"  # random blocks: every grid index and sign pattern
-        "w, x = blocks(32, 2, 1), _inputs(2, 512, 2)\n"
-        "got = int8.matmul8(x, w, 'iq2_xxs', np.empty((2, 32), np.float32))\n"
-        "assert np.array_equal(got.view(np.uint32), ref.matmul8(x, w, 'iq2_xxs').view(np.uint32))\n"
+        "w = blocks(32, 2, 1)\n"
+        "check(_inputs(2, 512, 2), w, w, 'iq2_xxs')\n"
         "print('ok')\n"
     )
     assert run_for_cpu(code, tmp_path, HASWELL).strip() == "ok"
