@@ -247,9 +247,10 @@ def q6_k_packed_group(kq, kd, ks, i, wp, g, out, io):
                 d0, d1, d2, d3 = _offset(ks, k), _offset(ks, k + 2), _offset(ks, k + 4), _offset(ks, k + 6)
                 x = xo + 256 * b + 128 * h
                 for n in range(4 * m, 4 * m + 4, 2):  # runs n and n + 1 meet one vpmaddwd (`dpbusd2`)
-                    qa, pa = bytes64(wr, o + 288 + 64 * (16 * h + n)), bytes64(wr, o + 352 + 64 * (16 * h + n))
-                    qb, pb = bytes64(wr, o + 800 + 64 * (16 * h + n)), bytes64(wr, o + 864 + 64 * (16 * h + n))
-                    qh, ph = bytes64(wr, o + 2336 + 64 * (8 * h + n)), bytes64(wr, o + 2400 + 64 * (8 * h + n))
+                    ql, qr = o + 288 + 64 * (16 * h + n), o + 2336 + 64 * (8 * h + n)  # ql run 16h + n, qh run 8h + n
+                    qa, pa = bytes64(wr, ql), bytes64(wr, ql + 64)  # and each one's next run
+                    qb, pb = bytes64(wr, ql + 512), bytes64(wr, ql + 576)  # ql runs 16h + 8 + n, + 9 + n
+                    qh, ph = bytes64(wr, qr), bytes64(wr, qr + 64)
                     xn, xm = x + 4 * n, x + 4 * n + 4
                     d0 = dpbusd2(d0, q6_codes(lo4(qa), qh, 0), bcast4(kq, xn), q6_codes(lo4(pa), ph, 0), bcast4(kq, xm))
                     d1 = dpbusd2(d1, q6_codes(lo4(qb), qh, 1), bcast4(kq, xn + 32), q6_codes(lo4(pb), ph, 1), bcast4(kq, xm + 32))

@@ -36,11 +36,12 @@ def locked_save(self: caching.IndexDataCacheFile, key: object, data: object) -> 
             return _numba_save(self, key, data)
         overloads = self._load_index()
         name = overloads.get(key)
-        if name is None:
+        new = name is None
+        if new:
             taken = set(overloads.values())
             name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
         self._save_data(name, data)  # written (temp file, then rename) before the index names it
-        if overloads.get(key) != name:
+        if new:
             overloads[key] = name
             self._save_index(overloads)
     finally:
