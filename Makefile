@@ -29,11 +29,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check mertools tests fixtures benchmarks
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 test-fast: $(BIN)/.installed
 	$(BIN)/ruff check mertools tests fixtures benchmarks
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 # the web page's browser test (tests/test_ui.py): headless Chromium and its driver from the system's packages
 # (Debian/Ubuntu; sudo when not root), Selenium in the venv; `make test` runs it too wherever Chromium is found

@@ -28,14 +28,49 @@ SLOW_MODULES = frozenset({"test_soak", "test_interrupt", "test_memory"})
 # cluster per test, and Ray's defaults (ports, /tmp/ray) are one per machine.
 ONE_WORKER_MODULES = frozenset({"test_shards"})
 
+# The order `make test` hands tests to its two workers (`--dist loadgroup --no-loadscope-reorder`: in collection order,
+# a group at a time). First two lanes, one per worker, of the tests that compile most of the suite's kernels from an
+# empty cache (in one process: the first of the exact kernels' 125 s, deepseek2's 8-bit MLA 90 s, the families'
+# 8-bit step 65 s, the prompt's GEMM 25 s): handed out one by one, both workers compiled the same kernels at once
+# (test_approx's first two tests took 128 s and 130 s side by side). Then the Ray tests (one group, ~4 minutes) and the
+# slow modules, so that the run does not end on one long test; then the rest in file order.
+COMPILE_LANES = (
+    ("tests/test_approx.py::test_exact_settings_give_identical_logits",
+     "tests/test_approx.py::test_batched_and_prefill_steps_with_approximation"),
+    ("tests/test_deepseek2.py::test_int8_kernels_with_latent_attention[v2]",
+     "tests/test_families.py::test_int8_kernels_close_to_exact[olmoe]"),
+)
+
+
+def _order(items: list[pytest.Item]) -> list[pytest.Item]:
+    lane_of = {nodeid: i for i, lane in enumerate(COMPILE_LANES) for nodeid in lane}
+
+    def rank(item: pytest.Item) -> int:
+        if item.nodeid in lane_of:
+            return lane_of[item.nodeid]
+        name = _module(item)
+        return len(COMPILE_LANES) + (0 if name in ONE_WORKER_MODULES else 1 if name in SLOW_MODULES else 2)
+
+    return sorted(items, key=rank)  # stable: file order within each rank
+
+
+def _module(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        name = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        name = _module(item)
         if name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
         if name in ONE_WORKER_MODULES:
             item.add_marker(pytest.mark.xdist_group(name))
+    for i, lane in enumerate(COMPILE_LANES):
+        for item in items:
+            if item.nodeid in lane:
+                item.add_marker(pytest.mark.xdist_group(f"compile-lane-{i}"))
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") != "no":
+        items[:] = _order(items)
 
 
 @pytest.fixture(scope="session")
