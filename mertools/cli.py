@@ -42,8 +42,9 @@ def main() -> None:
 
 
 def _convert_choices() -> tuple[list[str], list[str], list[str]]:
-    """(--dtype choices, --dense-dtype choices, the presets among the first)."""
-    from .convert.pipeline import DENSE_DTYPE_CHOICES, DTYPE_CHOICES, PRESET_CHOICES
+    """(--dtype choices, --dense-dtype choices, the presets among the first): from the presets' table, not the
+    conversion pipeline, whose source readers every other command would import for nothing."""
+    from .convert.presets import DENSE_DTYPE_CHOICES, DTYPE_CHOICES, PRESET_CHOICES
 
     return list(DTYPE_CHOICES), list(DENSE_DTYPE_CHOICES), list(PRESET_CHOICES)
 
@@ -169,9 +170,12 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
     from .runtime.compile_clock import announce_compiling
     from .runtime.engine import Engine, draft_footprint
     from .runtime.report import format_stats
-    from .runtime.trace import TraceWriter
 
-    tracer = TraceWriter(trace_out) if trace_out else None
+    tracer = None
+    if trace_out:
+        from .runtime.trace import TraceWriter  # zstandard: imported only by a run that traces
+
+        tracer = TraceWriter(trace_out)
     drafter = None
     echoed = []  # the prompt, once printed: the notice then starts a line of its own
     # a first run is otherwise silent for minutes before its first token

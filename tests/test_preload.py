@@ -169,3 +169,14 @@ def test_elf_defined_symbols_are_the_bitcodes_external_definitions() -> None:
     assert defined and defined <= names
     with pytest.raises(ValueError, match="not an ELF64"):
         preload.elf_defined_symbols(bitcode)
+
+
+def test_the_run_commands_imports_leave_out_conversion_and_http() -> None:
+    """A `mertools run` imports the CLI and the engine: not the conversion pipeline and its source readers (the
+    convert command's choices come from the presets' table), nor `top`'s HTTP client; ~25 ms of a second run's
+    start."""
+    code = ("import sys; import mertools.cli; from mertools.runtime import compile_clock, engine, report\n"
+            "print(sorted(m for m in ('mertools.convert.pipeline', 'mertools.convert.source', 'urllib.request', 'ssl',"
+            " 'zstandard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

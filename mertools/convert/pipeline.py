@@ -16,17 +16,19 @@ from ..families.base import KEEP_F32_ROLES, DenseSpec, Family
 from ..layout.config import ModelConfig
 from ..layout.manifest import EXPERT_BIAS_ROLES
 from ..layout.writer import EncodedTensor, LayoutWriter
-from .presets import PRESETS, ModelFacts, Plan, Preset, model_tensors, plan
+from .presets import (  # noqa: F401 - the choices re-exported: their home is the presets' table
+    DENSE_DTYPE_CHOICES,
+    DTYPE_CHOICES,
+    PLAIN_CHOICES,
+    PRESET_CHOICES,
+    PRESETS,
+    ModelFacts,
+    Plan,
+    Preset,
+    model_tensors,
+    plan,
+)
 from .source import SourceTensor, open_source
-
-# `--dtype`: "auto"; each of llama-quantize's presets whose types all have quantizers, which then choose
-# every tensor's type as llama-quantize does (a preset's name wins over the tensor type of the same name:
-# `q4_0` is llama.cpp's Q4_0 mix, its output.weight Q6_K); and each other type we can quantize to,
-# meaning that type for the experts and the big dense matrices
-PRESET_CHOICES = tuple(name for name, p in PRESETS.items() if p.available)
-PLAIN_CHOICES = tuple(d for d in CONVERT_CHOICES if d != "auto" and d not in PRESET_CHOICES)
-DTYPE_CHOICES = ("auto", *PLAIN_CHOICES, *PRESET_CHOICES)
-DENSE_DTYPE_CHOICES = CONVERT_CHOICES  # never a preset: one type for every big dense matrix
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..dtypes import DTYPES
+from ..dtypes import CONVERT_CHOICES, DTYPES
 from ..families.base import Family, fmt, resolve_shape
 from ..layout.config import ModelConfig
 
@@ -188,6 +188,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("f16", "F16", "f16"),
     Preset("bf16", "BF16", "bf16"),
 )}
+
+# `--dtype`: "auto"; each of llama-quantize's presets whose types all have quantizers, which then choose
+# every tensor's type as llama-quantize does (a preset's name wins over the tensor type of the same name:
+# `q4_0` is llama.cpp's Q4_0 mix, its output.weight Q6_K); and each other type we can quantize to,
+# meaning that type for the experts and the big dense matrices
+PRESET_CHOICES = tuple(name for name, p in PRESETS.items() if p.available)
+PLAIN_CHOICES = tuple(d for d in CONVERT_CHOICES if d != "auto" and d not in PRESET_CHOICES)
+DTYPE_CHOICES = ("auto", *PLAIN_CHOICES, *PRESET_CHOICES)
+DENSE_DTYPE_CHOICES = CONVERT_CHOICES  # never a preset: one type for every big dense matrix
 
 
 # ------------------------------------------------------------------ a model's plan

@@ -7,3 +7,5 @@
 
 Nothing here imports textual until `top` runs, so the CLI starts without it.
 """
+
+DEFAULT_URL = "http://127.0.0.1:8000"  # `mertools serve`'s own default; here so the CLI can name it without `poll`'s HTTP imports

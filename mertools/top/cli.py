@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .poll import DEFAULT_URL
+from . import DEFAULT_URL
 
 
 @click.command("top")

@@ -24,7 +24,6 @@ Reading = dict[str, Any]
 Buckets = list[tuple[float, int]]  # cumulative: (upper bound, observations <= bound), the last bound inf
 Grid = list[list[int]]
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 KEY_HINT = "--api-key or $MERTOOLS_API_KEY"
 
 
