@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from numba.core.caching import IndexDataCacheFile
 
 import mertools.kernels  # noqa: F401 - installs the lock
@@ -58,3 +59,31 @@ def test_a_save_in_one_process_is_a_load_in_another(tmp_path: Path) -> None:
     assert f.load("sig") == (3,) and f.load("other") == (2,)
     assert sorted(f._load_index().values()) == ["kernel-9.py311.1.nbc", "kernel-9.py311.2.nbc"]
     assert (tmp_path / cachelock.LOCK_NAME).exists()
+
+
+_VANISHING = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import vanishing_types
+from numba.core.caching import IndexDataCacheFile
+IndexDataCacheFile(sys.argv[1], "kernel-5.py311", b"stamp").save((vanishing_types.Gone(), "int64"), (1,))
+"""
+
+
+def test_an_index_naming_a_type_that_is_gone_reads_as_empty(tmp_path: Path) -> None:
+    """A process saved a signature naming a class of a module this process cannot import (as a cache left by code
+    since removed): numba's reader raises at every load; mertools' reads no entries, and the next save rewrites it."""
+    mods, cache = tmp_path / "mods", tmp_path / "cache"
+    mods.mkdir()
+    cache.mkdir()
+    (mods / "vanishing_types.py").write_text("class Gone:\n    pass\n")
+    subprocess.run([sys.executable, "-c", _VANISHING, str(cache), str(mods)], check=True)
+    f = IndexDataCacheFile(str(cache), "kernel-5.py311", b"stamp")
+    assert IndexDataCacheFile._load_index is cachelock.tolerant_load_index
+    with pytest.raises(ModuleNotFoundError, match="vanishing_types"):
+        cachelock._numba_load_index(f)
+    assert f._load_index() == {}
+    assert f.load(("sig",)) is None
+    f.save(("sig",), (2,))
+    assert f.load(("sig",)) == (2,)
+    assert list(cachelock._numba_load_index(f)) == [("sig",)]  # readable by numba's own reader again

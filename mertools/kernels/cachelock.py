@@ -8,6 +8,11 @@ together it could load a kernel compiled for other argument types). `install()` 
 under an exclusive `flock` on a lock file in the cache directory: the index is read inside the lock, the data
 written before the index names it, so an index only ever names complete data of its own key. Loads take no lock:
 a data name, once given to a key, is never given to another while the source is unchanged.
+
+An index is a pickle of its signatures' types: one naming a class that can no longer be imported (a cache left by
+another mertools or numba, or by code since removed) made numba's reader raise at every load of that kernel, so the
+kernel could never run. `install()` also has such an index read as empty, as numba reads an index of another
+version: the kernel is compiled again and the index rewritten without the entries nothing can read.
 """
 
 from __future__ import annotations
@@ -15,11 +20,23 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import pickle
 
 from numba.core import caching
 
 LOCK_NAME = "mertools-cache.lock"  # one per cache directory: saves are rare (a compile each), contention nil
 _numba_save = caching.IndexDataCacheFile.save
+_numba_load_index = caching.IndexDataCacheFile._load_index
+# what unpickling an index whose types are gone or whose bytes are torn raises
+_UNREADABLE = (pickle.UnpicklingError, ImportError, AttributeError, EOFError, TypeError, ValueError, IndexError)
+
+
+def tolerant_load_index(self: caching.IndexDataCacheFile) -> dict:
+    """numba's `_load_index`, an index that cannot be unpickled read as empty (see the module's docstring)."""
+    try:
+        return _numba_load_index(self)
+    except _UNREADABLE:
+        return {}
 
 
 def locked_save(self: caching.IndexDataCacheFile, key: object, data: object) -> None:
@@ -49,5 +66,7 @@ def locked_save(self: caching.IndexDataCacheFile, key: object, data: object) -> 
 
 
 def install() -> None:
-    """Make every numba cache save in this process take the lock (idempotent)."""
+    """Make every numba cache save in this process take the lock, and every index read survive types that are gone
+    (idempotent)."""
     caching.IndexDataCacheFile.save = locked_save
+    caching.IndexDataCacheFile._load_index = tolerant_load_index
