@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import machine_description, publish  # noqa: E402
-from mertools.convert.pipeline import DTYPE_CHOICES, ConvertOptions, convert  # noqa: E402
+from mertools.convert.pipeline import ConvertOptions, convert  # noqa: E402
+from mertools.convert.presets import DTYPE_CHOICES  # noqa: E402
 from mertools.dtypes import DTYPES, Thresholds  # noqa: E402
 from mertools.verify.numerics import check_numerics  # noqa: E402
 

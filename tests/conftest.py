@@ -52,7 +52,8 @@ def _scope(nodeid: str) -> str:
     """The unit of work a worker takes `nodeid` in: its lane, its module if that runs on one worker, or itself."""
     if nodeid in _LANE_OF:
         return f"compile-lane-{_LANE_OF[nodeid]}"
-    return _module(nodeid) if _module(nodeid) in ONE_WORKER_MODULES else nodeid
+    module = _module(nodeid)
+    return module if module in ONE_WORKER_MODULES else nodeid
 
 
 def _rank(item: pytest.Item) -> int:

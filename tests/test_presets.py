@@ -26,8 +26,8 @@ from fixtures.llamacpp_presets import PRESETS as FIXTURE_PRESETS
 from fixtures.llamacpp_presets import gguf_path, hf_dir
 from mertools.cli import main
 from mertools.convert import presets
-from mertools.convert.pipeline import DTYPE_CHOICES, PLAIN_CHOICES, PRESET_CHOICES, ConvertOptions, convert
-from mertools.convert.presets import PRESETS, ModelFacts, Preset, plan
+from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.convert.presets import DTYPE_CHOICES, PLAIN_CHOICES, PRESET_CHOICES, PRESETS, ModelFacts, Preset, plan
 from mertools.convert.source import open_source, unpermute_index
 from mertools.dtypes import DTYPES, GGML_TYPE_TO_DTYPE
 from mertools.families import FAMILIES

@@ -1,8 +1,10 @@
 """The order `make test` hands tests to its two workers (tests/conftest.py): the lanes name tests that exist, and
-the scheduler groups what the lanes and ONE_WORKER_MODULES say."""
+the units of work are what the lanes and ONE_WORKER_MODULES say."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import conftest
@@ -11,11 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_compile_lanes_name_tests_that_exist() -> None:
-    """A renamed test would silently leave its lane: both workers would compile its kernels at once again."""
-    for lane in conftest.COMPILE_LANES:
-        for nodeid in lane:
-            path, name = nodeid.split("::")
-            assert f"def {name.split('[')[0]}(" in (ROOT / path).read_text(), nodeid
+    """A renamed test or parameter would silently leave its lane: both workers would compile its kernels at once
+    again. The lanes' ids are checked against pytest's own collection of their modules."""
+    ids = [nodeid for lane in conftest.COMPILE_LANES for nodeid in lane]
+    files = sorted({nodeid.split("::")[0] for nodeid in ids})
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    collected = set(out.split())
+    assert len(collected) > len(ids)  # the modules' tests were listed
+    assert [nodeid for nodeid in ids if nodeid not in collected] == []
 
 
 def test_the_units_of_work_are_the_lanes_the_one_worker_modules_and_single_tests() -> None:

@@ -16,10 +16,9 @@ from ..families.base import KEEP_F32_ROLES, DenseSpec, Family
 from ..layout.config import ModelConfig
 from ..layout.manifest import EXPERT_BIAS_ROLES
 from ..layout.writer import EncodedTensor, LayoutWriter
-from .presets import (  # noqa: F401 - the choices re-exported: their home is the presets' table
+from .presets import (
     DENSE_DTYPE_CHOICES,
     DTYPE_CHOICES,
-    PLAIN_CHOICES,
     PRESET_CHOICES,
     PRESETS,
     ModelFacts,
