@@ -85,6 +85,7 @@ class Engine:
         self._tokenizer = None
         self.times = RunTimes()
         self.spec = SpecStats()  # speculative decoding's counts (generate with a draft)
+        self.closed = False  # a closed engine's slots are unmapped and zeroed: no step may run on them
 
     @classmethod
     def open(cls, layout_dir: str | Path, cache_mb: float | None = None, prefetch: str | PrefetcherFactory = "lookahead",
@@ -311,6 +312,8 @@ class Engine:
         return slots
 
     def _check_ids(self, kv: KVCache, token_ids: Sequence[int]) -> np.ndarray:
+        if self.closed:
+            raise RuntimeConfigError(f"{self.layout.root}: the engine is closed")
         return checked(check_ids, token_ids, self.config.vocab_size, self.config.context_length, position=kv.length)
 
     # ------------------------------------------------------------------ batching (the server's API)
@@ -437,7 +440,11 @@ class Engine:
         return self.run_stats().to_dict()
 
     def close(self) -> None:
-        """Stop the loaders and close the files; then write the routing history (--history) with this run's."""
+        """Stop the loaders, close the files and unmap the slots; then write the routing history (--history) with this
+        run's. Once: a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         self.cache.executor.shutdown(wait=True)
         if self.loading is not None:
             self.loading.join()

@@ -228,8 +228,8 @@ class ExpertStore:
             os.close(fd)
 
     def close(self) -> None:
-        """Stop the readers, close the files and give the arena's memory back now (views of it may outlive the
-        store, as zeros: a server that switched layouts must not wait for the old engine's last reference)."""
+        """Stop the readers, close the files, unmap mapped slots and give the arena's memory back now (views of it may
+        outlive the store, as zeros: a server that switched layouts must not wait for the old engine's last reference)."""
         self._closing.set()
         if self._prefaulting is not None:
             self._prefaulting.join()  # no page faulted in after the memory is given back
@@ -238,6 +238,8 @@ class ExpertStore:
             self.copies.close()
         if self.arena is not None:
             self.arena.madvise(mmap.MADV_DONTNEED)
+        for slot in range(len(self.buffers)):  # mapped files and packed copies unmapped now, not when the engine is
+            self._set(slot, self._own[slot])  # collected (their pages would stay pinned in the page cache until then)
         with self._fd_lock:
             for fd in self._fds.values():
                 os.close(fd)
