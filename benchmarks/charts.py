@@ -235,7 +235,8 @@ def headline(doc: dict[str, Section]) -> Figure:
             if not one_name:
                 ax.annotate(modes[g][0], (xs[g][2], 0), xytext=(0, 4), textcoords="offset points", rotation=90,
                             ha="center", va="bottom", fontsize=7, color="white")
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+    top = max(v for s in series for v in s.values if v is not None)
+    ax.set_ylim(0, top * 1.75)  # the legend and the ratios above the tallest bar, not over it
     ax.set_title(f"{t.heading}, larger than RAM: decode tokens/s\n(bold: times llama.cpp's speed)", fontsize=10)
     ax.set_ylabel("tokens/s")
     ax.set_xlabel("memory cap (cgroup)", fontsize=8.5)
