@@ -157,8 +157,11 @@ def test_unknown_io_mode_is_refused(layout: Path) -> None:
 def _evict(files: list[Path]) -> None:
     """Drop the files' clean pages from the page cache (not on tmpfs). A page under I/O or mapped by anyone stays:
     tried again for a while, then the files still cached named with whoever maps them here."""
+    import gc
+
     from mertools.runtime.memory import cached_shares
 
+    gc.collect()  # an engine left unclosed in a reference cycle maps its slots until collected
     for _ in range(50):
         for f in files:
             fd = os.open(f, os.O_RDONLY)
