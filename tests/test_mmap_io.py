@@ -64,15 +64,17 @@ def _mapped_files(root: Path) -> set[str]:
         return {line.split(maxsplit=5)[-1].strip() for line in f if str(root) in line}
 
 
-def test_close_unmaps_the_files_and_refuses_further_steps(layout: Path) -> None:
+def test_close_unmaps_the_files_and_refuses_further_steps(layout: Path, tmp_path: Path) -> None:
     """A closed engine lets go of its mappings at once, not when it is collected (until then its pages could not
-    leave the page cache), and a step on it is an error naming the layout rather than a read of unmapped slots."""
-    eng = Engine.open(layout, io="mmap", prefetch="none")
+    leave the page cache), and a step on it is an error naming the layout rather than a read of unmapped slots.
+    On a copy of its own: no other engine of this process maps its files."""
+    lay = Path(shutil.copytree(layout, tmp_path / "lay"))
+    eng = Engine.open(lay, io="mmap", prefetch="none")
     eng.forward(PROMPT[:8])
-    assert _mapped_files(layout)
+    assert _mapped_files(lay)
     eng.close()
-    assert not _mapped_files(layout)
-    with pytest.raises(RuntimeConfigError, match=f"{layout}: the engine is closed"):
+    assert not _mapped_files(lay)
+    with pytest.raises(RuntimeConfigError, match=f"{lay}: the engine is closed"):
         eng.forward(PROMPT[:2])
     eng.close()  # a second close does nothing
 
