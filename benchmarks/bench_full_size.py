@@ -2,7 +2,7 @@
 mertools and by llama.cpp (mmap) under the same memory caps, one command.
 
     python benchmarks/bench_full_size.py --shape all --workdir /tmp/mertools-full \\
-        --llama-python /tmp/venv-bench/bin/python --tokens 12 --prompt-tokens 8
+        --llama-python /tmp/venv-bench/bin/python
 
 Shapes (one at a time: written, run, then deleted unless --keep):
   mixtral  Mixtral 8x7B: 32 layers, d_model 4096, d_ff 14336, 8 experts top-2, 32 heads / 8 kv heads,
@@ -502,12 +502,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     ap.add_argument("--layers", type=int, help="layers to write (default: the model's full depth); for smoke tests")
-    ap.add_argument("--tokens", type=int, default=12, help="decode tokens after the prompt")
+    ap.add_argument("--tokens", type=int, default=32,
+                    help="decode tokens after the prompt (the cache policy learns the stream over the first ~20)")
     ap.add_argument("--llama-tokens", type=int, help="decode tokens for llama.cpp (default: --tokens)")
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--calib-tokens", type=int, default=256, help="token ids the routers are calibrated over")
     ap.add_argument("--caps", default="1/4,1/2,1", help="fractions of MemTotal, or sizes such as 1.5GiB")
-    ap.add_argument("--margin-mb", type=int, default=1024,
+    ap.add_argument("--margin-mb", type=int, default=512,
                     help="left under the cap for Python, numba, the KV cache and activations (the engine's own margin)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)

@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--calib-tokens", type=int, default=256)
     ap.add_argument("--caps", default="1/4", help="fractions of MemTotal, or sizes such as 1.5GiB")
-    ap.add_argument("--margin-mb", type=int, default=1024)
+    ap.add_argument("--margin-mb", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rough-standins", action="store_true",

@@ -7,7 +7,9 @@ from typing import Any
 from ..layout.reader import Layout
 from .memory import available_bytes
 
-MARGIN = 1 << 30  # left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart)
+# left for activations, Python and numba when cache_mb is not given (the KV cache is counted apart): the overhead
+# tests/test_memory.py holds a run to (README "Memory"; a 512-token prefill chunk's activations included)
+MARGIN = 512 << 20
 
 
 def model_bytes(m: Any) -> int:  # noqa: ANN401 - a Manifest
