@@ -63,13 +63,13 @@ def test_real_doc_known_cells() -> None:
     fs = read_section(DOC, "full_size")
     assert fs.title == "Full size, beyond RAM" and fs.machine.startswith("AMD EPYC, 2 cores")
     mix, qwen = fs.table("Mixtral"), fs.table("Qwen3-30B-A3B")
-    assert mix.numbers("mertools tok/s") == [0.449, 0.608, 0.612]
-    assert mix.numbers("GB read/token") == [5.30, 3.68, 1.19]  # mertools' column: the first of the two
-    assert mix.numbers("GB read/token", after="llama.cpp tok/s") == [12.11, 6.30, 0.49]
-    assert mix.numbers("mertools / llama.cpp") == [4.0, 2.9, 0.6]
-    assert mix.figures("peak RSS GiB (within cap)") == ["5.00", "10.90", "19.95"]
+    assert mix.numbers("mertools tok/s") == [0.484, 0.681, 1.187]
+    assert mix.numbers("GB read/token") == [4.80, 2.98, 0.75]  # mertools' column: the first of the two
+    assert mix.numbers("GB read/token", after="llama.cpp tok/s") == [12.34, 5.75, 0.46]
+    assert mix.numbers("mertools / llama.cpp") == [5.7, 4.0, 1.3]
+    assert mix.figures("peak RSS GiB (within cap)") == ["5.56", "11.37", "21.06"]
     assert [cap_gib(c) for c in mix.cells("cap")] == [5.9, 11.8, 23.5]
-    assert qwen.numbers("llama.cpp tok/s") == [0.096, 4.403, 9.105]
+    assert qwen.numbers("llama.cpp tok/s") == [0.075, 4.689, 9.130]
 
     modes = read_section(DOC, "modes").table()
     row = modes.cells("setting").index("stand-ins σ=1")
