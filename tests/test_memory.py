@@ -17,10 +17,11 @@ from mertools.layout import Layout
 from mertools.runtime.engine import Engine
 from mertools.runtime.hooks import RoutingOverride
 from mertools.runtime.memory import peak_rss_bytes, resident_bytes
+from mertools.runtime.sizing import MARGIN
 
-# Python, numpy, numba and LLVM, the compiled kernels, the tokenizer, KV cache and activations.
-# The measured overhead is in README ("Memory").
-OVERHEAD = 512 << 20
+# Python, numpy, numba and LLVM, the compiled kernels, the tokenizer, KV cache and activations: the margin the engine
+# leaves beside its cache when no budget is given, so these tests hold the default sizing to it. Measured: README.
+OVERHEAD = MARGIN
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,6 +98,23 @@ def test_run_rss_stays_within_budget_plus_dense_plus_overhead(big: Path, tmp_pat
     limit = budget_mb * 2**20 + dense + OVERHEAD
     assert stats["peak_rss_mb"] * 2**20 <= limit, (stats["peak_rss_mb"], limit / 2**20)
     assert stats["expert_misses"] > 0
+
+
+def test_default_budget_is_what_is_available_less_dense_kv_and_the_margin(big: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without cache_mb the cache takes whole slots of what is left after the dense weights, the KV cache and MARGIN
+    (the overhead the RSS tests above hold a run to), never fewer than one layer's choices."""
+    import mertools.runtime.engine as engine_mod
+    from mertools.runtime.batch import kv_bytes_per_token
+
+    m = Layout.open(big).manifest
+    slot = max(e.nbytes for e in m.experts)
+    dense = sum(t.nbytes for t in m.dense.values())
+    kv = 64 * kv_bytes_per_token(m.config, "f16")
+    for room, want in [(5 * slot + slot // 2, 5), (5 * slot - 1, 4), (0, m.config.n_experts_used)]:
+        monkeypatch.setattr(engine_mod, "available_bytes", lambda r=room: dense + kv + MARGIN + r)
+        with Engine.open(big, context=64, io="direct", prefetch="none") as eng:
+            assert eng.cache.n_slots == want, (room, eng.cache.n_slots)
 
 
 def test_engine_rss_does_not_grow_with_tokens(big: Path) -> None:
