@@ -174,6 +174,13 @@ def child_llama(gguf: str, ids_path: str, threads: int, n_prompt: int, n_decode:
                       "peak_rss_mb": common.peak_rss_mb()}))
 
 
+def engine_margin_mb() -> int:
+    """What Engine.open leaves beside its cache when given no budget (imported here: the llama.cpp child has no mertools)."""
+    from mertools.runtime.sizing import MARGIN
+
+    return MARGIN >> 20
+
+
 def meminfo(key: str) -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -508,8 +515,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--calib-tokens", type=int, default=256, help="token ids the routers are calibrated over")
     ap.add_argument("--caps", default="1/4,1/2,1", help="fractions of MemTotal, or sizes such as 1.5GiB")
-    ap.add_argument("--margin-mb", type=int, default=512,
-                    help="left under the cap for Python, numba, the KV cache and activations (the engine's own margin)")
+    ap.add_argument("--margin-mb", type=int,
+                    help="left under the cap for Python, numba, the KV cache and activations (default: the engine's own "
+                         "margin, sizing.MARGIN)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
     common.add_kernels_option(ap)
@@ -536,6 +544,7 @@ def main() -> None:
         lay, ids, out, seed = a.child_calibrate
         return child_calibrate(lay, ids, out, int(seed))
 
+    a.margin_mb = engine_margin_mb() if a.margin_mb is None else a.margin_mb
     command = "python benchmarks/bench_full_size.py " + " ".join(
         x for x in sys.argv[1:] if x not in ("--no-doc", "--reuse", "--keep"))
     if os.geteuid() != 0:

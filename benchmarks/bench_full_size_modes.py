@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--calib-tokens", type=int, default=256)
     ap.add_argument("--caps", default="1/4", help="fractions of MemTotal, or sizes such as 1.5GiB")
-    ap.add_argument("--margin-mb", type=int, default=512)
+    ap.add_argument("--margin-mb", type=int, help="left under the cap beside the caches (default: the engine's margin)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rough-standins", action="store_true",
@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
     a.shape, a.llama_tokens = "mixtral", None  # what bench_full_size's helpers read
+    a.margin_mb = fs.engine_margin_mb() if a.margin_mb is None else a.margin_mb
     if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory").is_dir():
         sys.exit("bench_full_size_modes: needs root and a cgroup v1 memory controller")
     command = "python benchmarks/bench_full_size_modes.py " + " ".join(
