@@ -23,6 +23,7 @@ from mertools.kernels.common import MATVEC_JIT
 from mertools.kernels.int8 import GROUP, _group, groups_of, is_packed
 from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import f32_ptr, u8_ptr
+from mertools.kernels.tasks import counters, next_task, threads
 
 # numba caches `_group`'s code inside this file's kernels, keyed on this file's contents: a type branch added to
 # `_group` (Q2_K and Q3_K's, IQ2_XXS's), simd8.dpbusd's AVX2 path (vpmaddubsw) or its paired products (dpbusd2)
@@ -81,44 +82,62 @@ def _runs(addr):
     return starts[:n + 1]
 
 
-@njit(parallel=True, **MATVEC_JIT)
-def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, runs, h, u):
+@njit(inline="always", **MATVEC_JIT)
+def _gate_up_task(t, a, rows_of, addr, kinds, rbs, bias, act, runs, h, u):
+    """Task t of `_gate_up`: weight group t % groups of run t // groups, for every pair of the run."""
     groups = groups_of(h.shape[1])
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange((runs.size - 1) * groups):
-        run, g = t // groups, t % groups
-        for p in range(runs[run], runs[run + 1]):
-            i = rows_of[p]
-            for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
-                w = _view_at(addr[p, r], h.shape[1], rbs[p, r], kinds[p, r])
-                _group(kinds[p, r], xq, dx, nsum, kq, kd, ks, i, w, g, h if r == 0 else u, p)
-            end = min(GROUP * g + GROUP, h.shape[1])
-            if act[0] == np.float32(0.0):
-                for r in range(GROUP * g, end):
-                    h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
-                continue
-            # views of the biases (of address 0 when the experts have none: then never read)
-            gb, ub = carray(f32_ptr(bias[p, 0]), h.shape[1]), carray(f32_ptr(bias[p, 1]), h.shape[1])
+    run, g = t // groups, t % groups
+    for p in range(runs[run], runs[run + 1]):
+        i = rows_of[p]
+        for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
+            w = _view_at(addr[p, r], h.shape[1], rbs[p, r], kinds[p, r])
+            _group(kinds[p, r], xq, dx, nsum, kq, kd, ks, i, w, g, h if r == 0 else u, p)
+        end = min(GROUP * g + GROUP, h.shape[1])
+        if act[0] == np.float32(0.0):
             for r in range(GROUP * g, end):
-                gr, ur = h[p, r], u[p, r]
-                if bias[p, 0] != 0:  # numpy adds the biases to the products, then the GLU
-                    gr, ur = gr + gb[r], ur + ub[r]
-                h[p, r] = glu_scalar(gr, ur, act[0], act[1], act[2])
+                h[p, r] = silu_mul_scalar(h[p, r], u[p, r])
+            continue
+        # views of the biases (of address 0 when the experts have none: then never read)
+        gb, ub = carray(f32_ptr(bias[p, 0]), h.shape[1]), carray(f32_ptr(bias[p, 1]), h.shape[1])
+        for r in range(GROUP * g, end):
+            gr, ur = h[p, r], u[p, r]
+            if bias[p, 0] != 0:  # numpy adds the biases to the products, then the GLU
+                gr, ur = gr + gb[r], ur + ub[r]
+            h[p, r] = glu_scalar(gr, ur, act[0], act[1], act[2])
+
+
+@njit(parallel=True, **MATVEC_JIT)
+def _gate_up(a, rows_of, addr, kinds, rbs, bias, act, runs, h, u):
+    n, nt = (runs.size - 1) * groups_of(h.shape[1]), threads()
+    ctr = counters(nt)
+    for me in prange(nt):  # the tasks claimed as the threads go (`tasks`)
+        while True:
+            t = next_task(ctr, me, nt, n)
+            if t < 0:
+                break
+            _gate_up_task(t, a, rows_of, addr, kinds, rbs, bias, act, runs, h, u)
 
 
 @njit(parallel=True, **MATVEC_JIT)
 def _down(a, addr, kinds, rbs, bias, runs, y):
     groups = groups_of(y.shape[1])
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange((runs.size - 1) * groups):
-        run, g = t // groups, t % groups
-        for p in range(runs[run], runs[run + 1]):
-            wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
-            _group(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
-            if bias[p, 2] != 0:
-                db = carray(f32_ptr(bias[p, 2]), y.shape[1])
-                for r in range(GROUP * g, min(GROUP * g + GROUP, y.shape[1])):
-                    y[p, r] = y[p, r] + db[r]
+    n, nt = (runs.size - 1) * groups, threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            t = next_task(ctr, me, nt, n)
+            if t < 0:
+                break
+            run, g = t // groups, t % groups
+            for p in range(runs[run], runs[run + 1]):
+                wd = _view_at(addr[p, 2], y.shape[1], rbs[p, 2], kinds[p, 2])
+                _group(kinds[p, 2], xq, dx, nsum, kq, kd, ks, p, wd, g, y, p)
+                if bias[p, 2] != 0:
+                    db = carray(f32_ptr(bias[p, 2]), y.shape[1])
+                    for r in range(GROUP * g, min(GROUP * g + GROUP, y.shape[1])):
+                        y[p, r] = y[p, r] + db[r]
 
 
 @njit(**MATVEC_JIT)  # compiled: the one-call decode step (kernels/step.py) runs a token's experts with it too

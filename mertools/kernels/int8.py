@@ -48,6 +48,7 @@ from mertools.kernels.matvec_kernels import silu_mul_scalar
 from mertools.kernels.simd import half16, vadd, vmul, vsplat, vstore, vtof, vzero
 from mertools.kernels.simd8 import bytes16x4, bytes64, dpbusd2, dpbusd_u8, hi4, ishl, ivload4x4, lo4, row_sums4, transpose4x4
 from mertools.kernels.simd8x import byte_table, copy16, e8m0x16
+from mertools.kernels.tasks import counters, next_task, threads
 
 __all__ = ["GROUP", "INT8_DTYPES", "PACKED_KINDS", "groups_of", "is_packed", "matmul8", "matmul8_kind",
            "needs_packing", "pack", "packable", "prepare", "prepared_kind", "repacks", "swiglu8", "swiglu8_kind", "takes"]
@@ -276,20 +277,32 @@ def groups_of(rows):
 @njit(parallel=True, **MATVEC_JIT)
 def _matmul8(kind, a, w, out):
     xq, dx, nsum, kq, kd, ks = a
-    for g in prange(groups_of(out.shape[1])):
-        for i in range(out.shape[0]):
-            _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, i)
+    n, nt = groups_of(out.shape[1]), threads()
+    ctr = counters(nt)
+    for me in prange(nt):  # the groups claimed as the threads go (`tasks`)
+        while True:
+            g = next_task(ctr, me, nt, n)
+            if g < 0:
+                break
+            for i in range(out.shape[0]):
+                _group(kind, xq, dx, nsum, kq, kd, ks, i, w, g, out, i)
 
 
 @njit(parallel=True, **MATVEC_JIT)
 def _swiglu8(a, kg, wg, ku, wu, h, u):
     xq, dx, nsum, kq, kd, ks = a
-    for g in prange(groups_of(h.shape[1])):
-        for i in range(h.shape[0]):
-            for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
-                _group(kg if r == 0 else ku, xq, dx, nsum, kq, kd, ks, i, wg if r == 0 else wu, g, h if r == 0 else u, i)
-            for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
-                h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+    n, nt = groups_of(h.shape[1]), threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            g = next_task(ctr, me, nt, n)
+            if g < 0:
+                break
+            for i in range(h.shape[0]):
+                for r in range(2):  # gate, then up: one call site, so one inlined copy of `_group`'s code (every type's)
+                    _group(kg if r == 0 else ku, xq, dx, nsum, kq, kd, ks, i, wg if r == 0 else wu, g, h if r == 0 else u, i)
+                for r in range(GROUP * g, min(GROUP * g + GROUP, h.shape[1])):
+                    h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -298,17 +311,23 @@ def _k_rows(kind, kq, kd, ks, w, out):
     against 8 activation rows at a time (`_k8.k4_rows`: the row's codes decoded once for the 8); the bits of
     `_matmul8`'s rows."""
     n, rows = out.shape
-    for t in prange((rows + K_ROW_BLOCK - 1) // K_ROW_BLOCK):
-        for i0 in range(0, n, 8):
-            for r in range(K_ROW_BLOCK * t, min(K_ROW_BLOCK * t + K_ROW_BLOCK, rows)):
-                if kind == Q6_K:
-                    _k8.q6_k_rows(kq, kd, i0, w, r, out)
-                elif kind == Q2_K or kind == Q3_K:
-                    _k8low.low_k_rows(kq, kd, ks, i0, w, r, out, kind == Q3_K)
-                elif kind == IQ2_XXS:
-                    _k8iq2.iq2_xxs_rows(kq, kd, i0, w, r, out)
-                else:
-                    _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
+    n_tasks, nt = (rows + K_ROW_BLOCK - 1) // K_ROW_BLOCK, threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            t = next_task(ctr, me, nt, n_tasks)
+            if t < 0:
+                break
+            for i0 in range(0, n, 8):
+                for r in range(K_ROW_BLOCK * t, min(K_ROW_BLOCK * t + K_ROW_BLOCK, rows)):
+                    if kind == Q6_K:
+                        _k8.q6_k_rows(kq, kd, i0, w, r, out)
+                    elif kind == Q2_K or kind == Q3_K:
+                        _k8low.low_k_rows(kq, kd, ks, i0, w, r, out, kind == Q3_K)
+                    elif kind == IQ2_XXS:
+                        _k8iq2.iq2_xxs_rows(kq, kd, i0, w, r, out)
+                    else:
+                        _k8.k4_rows(kq, kd, ks, i0, w, r, out, kind == Q5_K)
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -316,14 +335,20 @@ def _kp_rows(kind, kq, kd, ks, w, out):
     """`_k_rows` for a packed K weight: each task a group of 16 rows against 4 activation rows at a time (Q4_K:
     `_k8packed.q4_k_packed_rows4`, the group's codes decoded once for the 4; Q6_K by 2, `q6_k_packed_rows2`)."""
     n = out.shape[0]
-    for g in prange(groups_of(out.shape[1])):
-        for i0 in range(0, n, 4):
-            if kind == Q4_KP:
-                _k8packed.q4_k_packed_rows4(kq, kd, ks, i0, w, g, out)
-            else:
-                _k8packed.q6_k_packed_rows2(kq, kd, ks, i0, w, g, out)
-                if i0 + 2 < n:
-                    _k8packed.q6_k_packed_rows2(kq, kd, ks, i0 + 2, w, g, out)
+    n_tasks, nt = groups_of(out.shape[1]), threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            g = next_task(ctr, me, nt, n_tasks)
+            if g < 0:
+                break
+            for i0 in range(0, n, 4):
+                if kind == Q4_KP:
+                    _k8packed.q4_k_packed_rows4(kq, kd, ks, i0, w, g, out)
+                else:
+                    _k8packed.q6_k_packed_rows2(kq, kd, ks, i0, w, g, out)
+                    if i0 + 2 < n:
+                        _k8packed.q6_k_packed_rows2(kq, kd, ks, i0 + 2, w, g, out)
 
 
 # compiled callers of the regions: the activations never cross into Python (boxing 7 arrays and back cost ~10 us,

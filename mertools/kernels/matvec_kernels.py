@@ -1,7 +1,7 @@
 """Decode kernels (n == 1): y = W @ x with W in a GGML block layout, near the memory bandwidth.
 
-One parallel region per call, `prange` over groups of R = 4 consecutive rows. A group streams its 4
-rows block by block and shares every load of x between them (x of a 14336-wide row is 57 KB, more
+One parallel region per call over groups of R = 4 consecutive rows, claimed by the threads as they go
+(`tasks`). A group streams its 4 rows block by block and shares every load of x between them (x of a 14336-wide row is 57 KB, more
 than L1: loaded once per row, as the first kernels did, it came from L2 at 7x the weight traffic).
 
 Each type module's `matvec_group` (picked by `dispatch.matvec_group`) dequantizes its blocks in
@@ -27,6 +27,7 @@ from numba import njit, prange
 
 from mertools.kernels.common import MATVEC_JIT, R
 from mertools.kernels.dispatch import matvec_group
+from mertools.kernels.tasks import counters, next_task, threads
 
 # numba caches `dispatch`'s branches inside this file's kernels, keyed on this file's contents: a type added there
 # (last: IQ2_XXS, then Q4_0 off AVX-512) changes this file too, so that a cache made before it is not used
@@ -37,17 +38,29 @@ __all__ = ["R", "matvec", "matvec_group", "matvec_rows", "matvec_swiglu", "silu_
 @njit(parallel=True, **MATVEC_JIT)
 def matvec(kind, x, w, out):
     """out (rows,) = W @ x. x: float32 (cols,); w: uint8 (rows, row_bytes) of type code `kind`."""
-    for g in prange((w.shape[0] + R - 1) // R):
-        matvec_group(kind, x, w, R * g, out)
+    n, nt = (w.shape[0] + R - 1) // R, threads()
+    ctr = counters(nt)
+    for me in prange(nt):  # the groups claimed as the threads go (`tasks`)
+        while True:
+            g = next_task(ctr, me, nt, n)
+            if g < 0:
+                break
+            matvec_group(kind, x, w, R * g, out)
 
 
 @njit(parallel=True, **MATVEC_JIT)
 def matvec_rows(kind, x, w, out):
     """out (n, rows) = x @ W.T for a few rows of x (n = 2..MATVEC_ROWS_MAX), each row exactly as `matvec`
     computes it: a group's weight bytes come from memory once and are decoded again per row from cache."""
-    for g in prange((w.shape[0] + R - 1) // R):
-        for i in range(x.shape[0]):
-            matvec_group(kind, x[i], w, R * g, out[i])
+    n, nt = (w.shape[0] + R - 1) // R, threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            g = next_task(ctr, me, nt, n)
+            if g < 0:
+                break
+            for i in range(x.shape[0]):
+                matvec_group(kind, x[i], w, R * g, out[i])
 
 
 @njit(**MATVEC_JIT)
@@ -61,10 +74,16 @@ def matvec_swiglu(kind_g, kind_u, x, wg, wu, h, u):
     """h (n, d_ff) = silu(x @ G.T) * (x @ U.T) for one or a few rows of x (n, d_model); u (n, d_ff) is scratch.
     One parallel region reads each row of x once per group for both matrices and applies the activation to each
     group as it completes; every row is computed alone, the same bits whatever n."""
-    for g in prange((wg.shape[0] + R - 1) // R):
-        r0 = R * g
-        for i in range(x.shape[0]):
-            matvec_group(kind_g, x[i], wg, r0, h[i])
-            matvec_group(kind_u, x[i], wu, r0, u[i])
-            for r in range(r0, min(r0 + R, h.shape[1])):
-                h[i, r] = silu_mul_scalar(h[i, r], u[i, r])
+    n, nt = (wg.shape[0] + R - 1) // R, threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            g = next_task(ctr, me, nt, n)
+            if g < 0:
+                break
+            r0 = R * g
+            for i in range(x.shape[0]):
+                matvec_group(kind_g, x[i], wg, r0, h[i])
+                matvec_group(kind_u, x[i], wu, r0, u[i])
+                for r in range(r0, min(r0 + R, h.shape[1])):
+                    h[i, r] = silu_mul_scalar(h[i, r], u[i, r])

@@ -27,6 +27,7 @@ from .experts8 import _slot_view, experts8
 from .int8 import _group, groups_of
 from .matmul_kernels import get_rows
 from .rowops import dense_row, rms_norm_into, rotate_into, softmax_into, top_k_into
+from .tasks import counters, next_task, threads
 
 # numba caches `_group`'s and `formats_of`'s code inside `decode_step`, keyed on this file's contents: a type
 # branch added there (Q2_K and Q3_K's, IQ2_XXS's), simd8.dpbusd's AVX2 path (vpmaddubsw), experts8's tasks taking
@@ -71,8 +72,14 @@ def _matvec(arena, m, a, out):
     w = _slot_view(arena, m[0], m[2], m[3], m[1])
     out2 = out.reshape(1, out.size)
     xq, dx, nsum, kq, kd, ks = a
-    for g in prange(groups_of(m[2])):
-        _group(m[1], xq, dx, nsum, kq, kd, ks, 0, w, g, out2, 0)
+    n, nt = groups_of(m[2]), threads()
+    ctr = counters(nt)
+    for me in prange(nt):  # the groups claimed as the threads go (`tasks`)
+        while True:
+            g = next_task(ctr, me, nt, n)
+            if g < 0:
+                break
+            _group(m[1], xq, dx, nsum, kq, kd, ks, 0, w, g, out2, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)
@@ -84,15 +91,20 @@ def _qkv(arena, mq, mk, mv, a, q, k, v):
     pq, pk, pv = groups_of(mq[2]), groups_of(mk[2]), groups_of(mv[2])
     q2, k2, v2 = q.reshape(1, q.size), k.reshape(1, k.size), v.reshape(1, v.size)
     xq, dx, nsum, kq, kd, ks = a
-    for t in prange(pq + pk + pv):
-        # one call site: numba inlines `_group`'s code (every type's) once, not once per projection
-        i = np.int64(t)  # the region's index is typed uint64, which with int64 would make the group a float
-        w, kind, g, out = wq, mq[1], i, q2
-        if i >= pq + pk:
-            w, kind, g, out = wv, mv[1], i - pq - pk, v2
-        elif i >= pq:
-            w, kind, g, out = wk, mk[1], i - pq, k2
-        _group(kind, xq, dx, nsum, kq, kd, ks, 0, w, g, out, 0)
+    nt = threads()
+    ctr = counters(nt)
+    for me in prange(nt):  # the groups of the three claimed as the threads go (`tasks`)
+        while True:
+            i = next_task(ctr, me, nt, pq + pk + pv)
+            if i < 0:
+                break
+            # one call site: numba inlines `_group`'s code (every type's) once, not once per projection
+            w, kind, g, out = wq, mq[1], i, q2
+            if i >= pq + pk:
+                w, kind, g, out = wv, mv[1], i - pq - pk, v2
+            elif i >= pq:
+                w, kind, g, out = wk, mk[1], i - pq, k2
+            _group(kind, xq, dx, nsum, kq, kd, ks, 0, w, g, out, 0)
 
 
 @njit(parallel=True, **MATVEC_JIT)

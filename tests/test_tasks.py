@@ -1,0 +1,91 @@
+"""kernels/tasks.py: parallel loops whose threads claim tasks as they go — every task once, and a slow thread's
+share taken over by the others."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from numba import njit, prange
+
+from mertools.kernels.tasks import counters, fetch_add, next_task, threads
+
+
+@njit(parallel=True)
+def _run(n_tasks, heavy, ran_by, seen, chase):
+    """Each task records the thread that ran it and counts its runs; task 0 first follows `heavy` links of the
+    permutation `chase` (a dependent chain of loads LLVM cannot fold: time spent on one thread)."""
+    nt = threads()
+    ctr = counters(nt)
+    for me in prange(nt):
+        while True:
+            t = next_task(ctr, me, nt, n_tasks)
+            if t < 0:
+                break
+            if t == 0:
+                j = 0
+                for _ in range(heavy):
+                    j = chase[j]
+                seen[n_tasks] = j  # keeps the loop
+            ran_by[t] = me
+            fetch_add(seen, t)
+
+
+@pytest.fixture
+def two_threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_tasks", [0, 1, 2, 3, 7, 64, 1001])
+@pytest.mark.parametrize("nt", [1, 2])
+def test_every_task_runs_once(n_tasks: int, nt: int) -> None:
+    if nt > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("numba has fewer threads here")
+    before = numba.get_num_threads()
+    numba.set_num_threads(nt)
+    try:
+        ran_by, seen = np.full(n_tasks, -1, np.int64), np.zeros(n_tasks + 1, np.int64)
+        _run(n_tasks, 0, ran_by, seen, np.zeros(1, np.int64))
+        assert (seen[:n_tasks] == 1).all()
+        assert ((ran_by >= 0) & (ran_by < nt)).all()
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_threads_is_numbas_thread_count(two_threads: None) -> None:
+    @njit
+    def count():
+        return threads()
+
+    assert count() == 2
+    numba.set_num_threads(1)
+    assert count() == 1
+
+
+def test_shares_are_contiguous_when_threads_keep_pace(two_threads: None) -> None:
+    """Equal tasks: each thread takes its own half first (one weight stream each, as the static split)."""
+    n = 64
+    ran_by, seen = np.full(n, -1, np.int64), np.zeros(n + 1, np.int64)
+    _run(n, 0, ran_by, seen, np.zeros(1, np.int64))
+    assert (seen[:n] == 1).all()
+    # thread 1's first task is task 32 (its share starts there) unless thread 0 took everything first
+    assert ran_by[32] == 1 or (ran_by == 0).all()
+
+
+def test_a_slow_threads_share_is_taken_over(two_threads: None) -> None:
+    """Task 0 takes ~0.05-0.3 s (2M cache-missing loads): the other thread does its own half, then the rest of the
+    slow one's (with numba's static split each thread would run 32)."""
+    n = 64
+    chase = np.random.default_rng(0).permutation(1 << 22).astype(np.int64)  # 32 MiB: most links miss the caches
+    ran_by, seen = np.full(n, -1, np.int64), np.zeros(n + 1, np.int64)
+    _run(n, 0, ran_by, seen, chase)  # compiled before the timed case
+    ran_by[:] = -1
+    seen[:] = 0
+    _run(n, 2_000_000, ran_by, seen, chase)
+    assert (seen[:n] == 1).all()
+    assert (ran_by != ran_by[0]).sum() > 3 * n // 4
