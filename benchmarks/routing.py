@@ -117,11 +117,9 @@ def belady(trace: Trace, slots: int, count_from: int = 0) -> float:
     return hits / lookups
 
 
-def best_online(trace: Trace, n_experts: int, slots: int) -> float:
-    """Hit rate of the "lfd" rule (keep the highest p / distance) fed with statistics no online policy
-    has: each expert's probability of being chosen at its layer's next visit, given whether it was
-    chosen at the last one, counted over the whole trace. A ceiling for policies that predict from
-    frequency and recency, as the runtime's does; the gap to Belady is what knowing the future buys."""
+def _next_visit_odds(trace: Trace, n_experts: int) -> np.ndarray:
+    """(L, E, 2): each expert's probability of being chosen at its layer's next visit, given whether it was chosen
+    at the last one, counted over the whole trace (what no online policy has)."""
     n_layers = len(trace[0])
     hit = np.zeros((n_layers, n_experts, 2))
     seen = np.zeros((n_layers, n_experts, 2))
@@ -131,7 +129,16 @@ def best_online(trace: Trace, n_experts: int, slots: int) -> float:
                 was = int(e in prev[layer])
                 seen[layer, e, was] += 1
                 hit[layer, e, was] += e in cur[layer]
-    q = np.maximum(hit / np.maximum(seen, 1), 1e-3)  # (L, E, chosen last time?)
+    return np.maximum(hit / np.maximum(seen, 1), 1e-3)
+
+
+def best_online(trace: Trace, n_experts: int, slots: int) -> float:
+    """Hit rate of the "lfd" rule (keep the highest p / distance) fed with statistics no online policy
+    has: each expert's probability of being chosen at its layer's next visit, given whether it was
+    chosen at the last one, counted over the whole trace. A ceiling for policies that predict from
+    frequency and recency, as the runtime's does; the gap to Belady is what knowing the future buys."""
+    n_layers = len(trace[0])
+    q = _next_visit_odds(trace, n_experts)
 
     class Oracle(ExpertCache):
         def _score(self, e) -> float:  # noqa: ANN001
@@ -140,6 +147,36 @@ def best_online(trace: Trace, n_experts: int, slots: int) -> float:
             return float(q[layer, expert, int(self.last_chosen[layer, expert])]) / distance
 
     return _drive(Oracle(slots, n_layers, n_experts, lambda key, slot, cancel: None, _Instant()), trace)
+
+
+def routing_known(trace: Trace, n_experts: int, slots: int, tokens: int) -> float:
+    """Hit rate of the "lfd" rule when, from each token's first layer on, the whole routing of that token and the
+    next tokens - 1 is known (a predictor's ceiling): an expert chosen within them scores 1 / its distance in layer
+    steps, one not chosen there `best_online`'s odds at its first visit past them over that distance. With every
+    token known this is Belady's rule (tests/test_routing.py); tokens=1 is what predicting a token's routing at its
+    start could give, tokens=2 what knowing the next token's one token early could."""
+    n_layers = len(trace[0])
+    q = _next_visit_odds(trace, n_experts)
+    at = [0]  # the token being replayed
+
+    class Known(ExpertCache):
+        def _score(self, e) -> float:  # noqa: ANN001
+            layer, expert = e.key
+            t, now = at[0], at[0] * n_layers + self.current_layer
+            for u in range(t, min(t + tokens, len(trace))):
+                if u * n_layers + layer > now and expert in trace[u][layer]:
+                    return 1.0 / (u * n_layers + layer - now)
+            u = t + tokens  # the first visit of its layer past the known tokens
+            if u >= len(trace):
+                return 0.0
+            was = int(expert in trace[u - 1][layer])
+            return float(q[layer, expert, was]) / (u * n_layers + layer - now)
+
+    cache = Known(slots, n_layers, n_experts, lambda key, slot, cancel: None, _Instant())
+    for t, token in enumerate(trace):
+        at[0] = t
+        _drive(cache, [token])
+    return cache.stats.hit_rate
 
 
 class RoutingRecorder:
@@ -243,3 +280,31 @@ class Replay:
                 return list(g[replay.pos % len(g)][layer])
 
         return Recorded()
+
+
+def main() -> None:
+    """Expert reads a token of each rule on synthetic traces of a shape (the exact mode's ceilings, docs/BENCHMARKS.md
+    "Full size: notes"): `python benchmarks/routing.py --layers 32 --experts 8 --k 2 --slots 49 112`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=120)
+    ap.add_argument("--slots", type=int, nargs="+", default=[49, 112])
+    ap.add_argument("--stickiness", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--concentration", type=float, default=20.0)
+    a = ap.parse_args()
+    print("| stickiness | slots | lfd (runtime) | best_online | this token known | and the next | Belady |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for stick in a.stickiness:
+        tr = synthetic_trace(a.tokens, a.layers, a.experts, a.k, seed=1, concentration=a.concentration, stickiness=stick)
+        for slots in a.slots:
+            hits = (replay_policy(tr, a.experts, slots, "lfd"), best_online(tr, a.experts, slots),
+                    routing_known(tr, a.experts, slots, 1), routing_known(tr, a.experts, slots, 2), belady(tr, slots))
+            print(f"| {stick:g} | {slots} | " + " | ".join(f"{(1 - h) * a.layers * a.k:.1f}" for h in hits) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
