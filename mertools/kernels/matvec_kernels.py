@@ -1,8 +1,9 @@
 """Decode kernels (n == 1): y = W @ x with W in a GGML block layout, near the memory bandwidth.
 
 One parallel region per call over groups of R = 4 consecutive rows, claimed by the threads as they go
-(`tasks`). A group streams its 4 rows block by block and shares every load of x between them (x of a 14336-wide row is 57 KB, more
-than L1: loaded once per row, as the first kernels did, it came from L2 at 7x the weight traffic).
+(`tasks`). A group streams its 4 rows block by block and shares every load of x between them (x of a
+14336-wide row is 57 KB, more than L1: loaded once per row, as the first kernels did, it came from L2 at
+7x the weight traffic).
 
 Each type module's `matvec_group` (picked by `dispatch.matvec_group`) dequantizes its blocks in
 16-lane vectors (`simd`): 4-bit types through a 16-entry table per block indexed by the nibbles

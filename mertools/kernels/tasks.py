@@ -2,23 +2,23 @@
 
 numba's OpenMP `prange` gives every thread one contiguous share of the iterations, fixed before the loop starts
 (a static schedule; `numba.set_parallel_chunksize` did not change that here). When one thread runs slower (on a
-shared host its core also runs someone else's work, or its sibling does), the whole region waits for it: in a
-decode step of the 4-layer Q4_K_M slice both threads spent ~30% of their samples in libgomp's barrier (`perf`,
-docs/BENCHMARKS.md "Decode: notes"). Here a thread still walks its own contiguous share (one stream of weights,
-which the hardware prefetcher follows, as with the static split), claiming one task at a time from its atomic
-counter, and when its share is done it claims from the others' counters. Each task writes outputs of its own,
-so a result is the same bits whichever thread runs it.
+shared host its core also runs someone else's work, or its sibling does), the whole region waits for it in
+libgomp's barrier (measured: docs/BENCHMARKS.md "Decode: notes"). Here a thread still walks its own contiguous
+share (one stream of weights, which the hardware prefetcher follows, as with the static split), claiming one task
+at a time from its atomic counter, and when its share is done it claims from the others' counters. Each task
+writes outputs of its own, so a result is the same bits whichever thread runs it.
 
+    threads()                   numba's thread count, callable from cached kernels
     counters(nt)                the claim counters of one loop: one cache line per thread
-    next_task(ctr, w, nt, n)    thread w's next task of n (its share first, then the others'), or -1: none left
+    next_task(ctr, me, nt, n)   thread me's next task of n (its share first, then the others'), or -1: none left
 
-A loop over n tasks:
+A loop over n tasks (name the thread index so that it shadows nothing of the kernel's: numba then mistypes it):
 
     nt = threads()
     ctr = counters(nt)
-    for w in prange(nt):        # one iteration per thread
+    for me in prange(nt):       # one iteration per thread
         while True:
-            t = next_task(ctr, w, nt, n)
+            t = next_task(ctr, me, nt, n)
             if t < 0:
                 break
             ...task t...
