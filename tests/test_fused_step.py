@@ -218,20 +218,27 @@ def test_float32_kv_and_markov_prefetch(layouts: dict[str, Path]) -> None:
 @pytest.mark.parametrize("name", ["trained-q4_0", "qwen3_moe", "gpt_oss"])
 def test_a_step_with_an_expert_to_read_is_finished_piece_by_piece(layouts: dict[str, Path], name: str) -> None:
     """A fresh engine (every expert fits, none read yet): the compiled call stops at the first layer that chose an
-    expert not yet resident, the general path reads it and finishes the step; the logits are those of every step
-    taken piece by piece."""
-    out, counts = {}, {}
+    expert not yet resident, the general path reads it and takes that layer's experts, and a compiled call goes on from
+    the next layer; the logits, the trace and the cache's counts are those of every step taken piece by piece."""
+    out, counts, traces = {}, {}, {}
     for compiled in (True, False):
-        with Engine.open(layouts[name], kernels="int8", compiled_step=compiled, prefetch="none") as eng:
+        trace: list[tuple[int, int, list[int], bytes]] = []
+        with Engine.open(layouts[name], kernels="int8", compiled_step=compiled, prefetch="none",
+                         trace=lambda pos, layer, chosen, w, t=trace: t.append((int(pos[0]), layer, chosen.tolist(),
+                                                                                 _bits(w).tobytes()))) as eng:
             vocab = eng.config.vocab_size
             out[compiled] = np.concatenate([eng.forward([1, 2, 3])] + [eng.forward([(5 + 17 * i) % vocab])
                                                                        for i in range(40)])
-            counts[compiled] = (eng.cache.stats.lookups, eng.cache.stats.hits, eng.cache.stats.misses)
+            c = eng.cache
+            counts[compiled] = (c.stats.lookups, c.stats.hits, c.stats.misses, c.clock, c.current_layer)
+            traces[compiled] = trace
             if compiled:
                 fused = eng.model.fused
                 assert fused.partial > 0 and fused.steps > 0 and fused.partial + fused.steps == 40
+                assert fused.resumed > 0  # calls after a layer whose experts the general path read
     assert np.array_equal(_bits(out[True]), _bits(out[False]))
     assert counts[True] == counts[False]  # without prefetch guesses, the same reads
+    assert traces[True] == traces[False]
 
 
 def _batched(layout: Path, compiled: bool, preload: bool) -> dict[str, object]:

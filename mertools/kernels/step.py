@@ -137,11 +137,12 @@ def _add_vec(a, vec, vec_at, layer, i, start):
 @njit(**MATVEC_JIT)
 def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
                 kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, act, k, norm, scaling, logits,
-                chosen, weights):
-    """One token through every layer, then the output norm and head.
+                chosen, weights, first):
+    """One token through the layers from `first` on, then the output norm and head.
 
     token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
-    x (d,) float32: its embedding here, the final hidden state on return (before the norm); pos: its position.
+    x (d,) float32: its embedding here (first 0), else the hidden state entering layer `first` (the general path did
+    the layers before it); the final hidden state on return (before the norm); pos: its position.
     arena: the dense matrices' bytes; mats (L, 4, 4) int64 per layer q, k, v, o as (offset, type code, rows, row
     bytes), head (4,) the output's. vec: float32 arena of vectors, vec_at (L, VECTORS) their offsets (-1: none),
     out_norm the output norm's. routers (L, E, d) float32. shape: see NH..DFF. cos, sin (rd / 2,) float32 at pos.
@@ -151,11 +152,13 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     slot's address (its arena slice, or the mapping of the file in it), slots (L, E) each expert's slot, -1 when it
     is not resident; geometry (L, E, 3, 4) per role (offset in its slot, type code, row bytes, its bias's offset or
     -1), act the experts' activation (`experts8`). k experts per token, `norm` renormalise, `scaling` the routed
-    scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by layer, and logits (vocab,). Returns L
-    when done; or, at the first layer one of whose chosen experts is not resident, that layer, x then its input plus
-    its attention (its keys and values stored): the rest is the caller's."""
+    scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by layer (from `first`), and logits (vocab,).
+    Returns L when done; or, at the first layer one of whose chosen experts is not resident, that layer, x then its
+    input plus its attention (its keys and values stored): that layer's experts are the caller's, which may then go on
+    with `first` the layer after it."""
     d = x.size
-    get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
+    if first == 0:
+        get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
     nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]
     h = np.empty(d, np.float32)
     q, kk, v = np.empty(nh * hd, np.float32), np.empty(nkv * hd, np.float32), np.empty(nkv * hd, np.float32)
@@ -165,7 +168,7 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     one_row = np.zeros(k, np.int64)  # every choice on the token's row
     offs, kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
     bias = np.zeros((k, 3), np.int64)
-    for layer in range(mats.shape[0]):
+    for layer in range(first, mats.shape[0]):
         rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
         mq, mk, mv = mats[layer, 0], mats[layer, 1], mats[layer, 2]
         _qkv(arena, mq, mk, mv, quantize_act(h.reshape(1, d), formats_of(mq[1]) | formats_of(mk[1]) | formats_of(mv[1])),

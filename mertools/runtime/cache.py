@@ -416,12 +416,13 @@ class ExpertCache:
         with self.lock:
             return all((e := self.entries.get(k)) is not None and not e.loading and not e.cancelled for k in keys)
 
-    def touch(self, chosen: np.ndarray) -> None:
-        """What `acquire` of each layer's chosen experts (chosen (n_layers, m), all resident) counts, layer by layer,
-        without pinning them (a step that needs no slot can evict nothing): a clock tick per layer, a lookup and a
-        hit per distinct expert, a prefetch used, the last use; the policy's distances from the last layer."""
+    def touch(self, chosen: np.ndarray, first: int = 0) -> None:
+        """What `acquire` of each layer's chosen experts (chosen (layers, m), all resident, for layers first, first + 1,
+        ...) counts, layer by layer, without pinning them (a step that needs no slot can evict nothing): a clock tick
+        per layer, a lookup and a hit per distinct expert, a prefetch used, the last use; the policy's distances from
+        the last layer."""
         with self.lock:
-            for layer, row in enumerate(chosen.tolist()):
+            for layer, row in enumerate(chosen.tolist(), first):
                 self.clock += 1
                 for expert in dict.fromkeys(row):
                     e = self.entries[(layer, expert)]
@@ -433,7 +434,7 @@ class ExpertCache:
                         self.stats.prefetch_used += 1
                         e.prefetched = False
                     self.slot_last[e.slot] = self.clock
-            self.current_layer = len(chosen) - 1
+            self.current_layer = first + len(chosen) - 1
 
     def states(self) -> np.ndarray:
         """Each expert's state now, (n_layers, n_experts) int8: 0 not held, 1 resident, 2 loading."""

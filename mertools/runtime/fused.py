@@ -8,11 +8,11 @@ matrix on the 8-bit kernels, exact routing, no stand-ins, and an expert cache th
 slots of its arena, or mappings of the files with `--io mmap` / `auto`, their addresses kept by the store); per step,
 to one sequence decoding one token with an f16 or float32 KV cache (a step of several such sequences, the server's
 decode, runs one call per sequence). The call goes layer by layer until a layer chooses an expert that is not resident
-yet (a model's first tokens read its experts); that layer's experts and the layers after it are then the general
-path's, which computes the same bits (the compiled step calls the same pieces). Slots cannot change under the call:
-the engine's thread is in it, and only that thread starts loads or evicts; a load completing meanwhile only turns a
-slot from -1 to its number. With a cache smaller than the experts, every step takes the general path, whose prefetch
-guesses matter there.
+yet (a model's first tokens read its experts); that layer's experts are then the general path's, which computes the
+same bits (the compiled step calls the same pieces), and a compiled call goes on from the layer after it (`resume`).
+Slots cannot change under the call: the engine's thread is in it, and only that thread starts loads or evicts; a
+load completing meanwhile only turns a slot from -1 to its number. With a cache smaller than the experts, every step
+takes the general path, whose prefetch guesses matter there.
 
 What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
 its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
@@ -157,6 +157,7 @@ class FusedStep:
         self.scaling = np.float32(cfg.routed_scaling)
         self.steps = 0  # tokens run compiled to the end
         self.partial = 0  # tokens a compiled call began and the general path finished (an expert to read)
+        self.resumed = 0  # compiled calls that went on after the general path took a layer's experts to read
 
     @classmethod
     def of(cls, model: MoEModel) -> FusedStep | None:
@@ -188,6 +189,19 @@ class FusedStep:
         self.model.last_x = done[0].x.reshape(1, -1) if len(done) == 1 else np.stack([d.x for d in done])
         return [d.logits.reshape(1, -1) for d in done]
 
+    def resume(self, kv: KVCache, token: int, first: int, x: np.ndarray,
+               observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray]:
+        """The compiled call again for one sequence's token from layer `first` on, x (1, d_model) the hidden state the
+        general path left entering it (it took the layer of an expert to read): `run`'s result for that sequence."""
+        one = self._call(kv, token, self.model.cache.slot_of, first, x.reshape(-1).copy())
+        self._account([one], observed, one.layers, first)
+        self.resumed += observed
+        if one.layers < self.model.cfg.n_layers:
+            return one.layers, one.x.reshape(1, -1)
+        kv.length += 1
+        self.model.last_x = one.x.reshape(1, -1)
+        return [one.logits.reshape(1, -1)]
+
     def warmup(self, kv: KVCache, token: int) -> None:
         """Compile (or load) the step before anything is timed: one call on a scratch sequence `kv` (numba compiles
         the whole call at the first, however far it goes: it stops at the first expert not resident), its result
@@ -195,12 +209,13 @@ class FusedStep:
         if kv.dtype in ("f16", "f32"):
             self._call(kv, token, self.model.cache.slot_of)
 
-    def _call(self, kv: KVCache, token: int, slots: np.ndarray) -> _Done:
-        """One compiled call for `token` at the next position of `kv` (its length not advanced)."""
+    def _call(self, kv: KVCache, token: int, slots: np.ndarray, first: int = 0, x: np.ndarray | None = None) -> _Done:
+        """One compiled call for `token` at the next position of `kv` (its length not advanced), from layer `first` on
+        (x: the hidden state entering it)."""
         model, cfg = self.model, self.model.cfg
         pos = kv.length
         kv.ensure(pos + 1)
-        x = np.empty(cfg.d_model, np.float32)
+        x = np.empty(cfg.d_model, np.float32) if x is None else x
         cos, sin = self._rotary(pos)
         logits = np.empty(cfg.vocab_size, np.float32)
         k = cfg.n_experts_used
@@ -211,7 +226,7 @@ class FusedStep:
                                    self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
                                    kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.slot_addr,
                                    slots, self.geometry, self.act, k, cfg.norm_topk_prob, self.scaling,
-                                   logits, chosen, weights)
+                                   logits, chosen, weights, first)
         return _Done(pos, layers, x, logits, chosen, weights)
 
     def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,32 +243,32 @@ class FusedStep:
             self._rope = (chunk, cos, sin)
         return cos[pos % ROPE_CHUNK], sin[pos % ROPE_CHUNK]
 
-    def _account(self, done: list[_Done], observed: bool, layers: int) -> None:
-        """What the general path records around its kernels for the first `layers` layers of these rows (a step's
+    def _account(self, done: list[_Done], observed: bool, layers: int, first: int = 0) -> None:
+        """What the general path records around its kernels for layers first..layers - 1 of these rows (a step's
         sequences, in order), per layer: `StreamingMoE._observe`'s trace, history, prefetcher and the cache's estimates,
         then the cache's lookups of the layer's experts (each once, whatever number of rows chose it)."""
-        if not layers:
+        if layers <= first:
             return
         model = self.model
         hooks, cache, prefetcher = model.moe.hooks, model.cache, model.prefetcher
         if len(done) == 1:
-            chosen, weights = done[0].chosen[:layers, None], done[0].weights[:layers, None]  # (layers, rows, k)
+            chosen, weights = done[0].chosen[first:layers, None], done[0].weights[first:layers, None]  # (layers, rows, k)
         else:
-            chosen = np.stack([d.chosen[:layers] for d in done], axis=1)
-            weights = np.stack([d.weights[:layers] for d in done], axis=1)
+            chosen = np.stack([d.chosen[first:layers] for d in done], axis=1)
+            weights = np.stack([d.weights[first:layers] for d in done], axis=1)
         # a step's hooks in layer order, where there are any (the base prefetcher observes nothing; the cache keeps
         # no usage estimates, holding every expert: ExpertCache.learns)
         if observed and (hooks.trace or hooks.history or type(prefetcher).observe is not Prefetcher.observe
                          or cache.learns):
             positions = np.array([d.pos for d in done], np.int64)
-            for layer in range(layers):
+            for i, layer in enumerate(range(first, layers)):
                 if hooks.trace is not None:
-                    hooks.trace(positions, layer, chosen[layer], weights[layer])
-                cache.record_routing(layer, chosen[layer].ravel())
+                    hooks.trace(positions, layer, chosen[i], weights[i])
+                cache.record_routing(layer, chosen[i].ravel())
                 if hooks.history is not None:
-                    hooks.history.record(layer, chosen[layer], None)
-                prefetcher.observe(layer, chosen[layer])
-        cache.touch(chosen.reshape(layers, -1))
+                    hooks.history.record(layer, chosen[i], None)
+                prefetcher.observe(layer, chosen[i])
+        cache.touch(chosen.reshape(layers - first, -1), first)
 
 
 @dataclass(frozen=True)
