@@ -70,14 +70,23 @@ def test_threads_is_numbas_thread_count(two_threads: None) -> None:
     assert count() == 1
 
 
-def test_shares_are_contiguous_when_threads_keep_pace(two_threads: None) -> None:
-    """Equal tasks: each thread takes its own half first (one weight stream each, as the static split)."""
-    n = 64
-    ran_by, seen = np.full(n, -1, np.int64), np.zeros(n + 1, np.int64)
-    _run(n, 0, ran_by, seen, np.zeros(1, np.int64))
-    assert (seen[:n] == 1).all()
-    # thread 1's first task is task 32 (its share starts there) unless thread 0 took everything first
-    assert ran_by[32] == 1 or (ran_by == 0).all()
+@njit
+def _claims(script, nt, n_tasks):
+    """next_task for the threads named by `script` one claim after another, serially: the tasks they get (-1: none)."""
+    ctr = counters(nt)
+    out = np.empty(script.size, np.int64)
+    for i in range(script.size):
+        out[i] = next_task(ctr, script[i], nt, n_tasks)
+    return out
+
+
+def test_each_thread_claims_its_share_front_to_back_then_the_others() -> None:
+    """10 tasks on 2 threads (shares 0..4 and 5..9): each thread's claims walk its own share in order (one weight
+    stream, as the static split's), then the other's where its owner has not got to; then -1 for both."""
+    got = _claims(np.array([0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1]), 2, 10)
+    assert got.tolist() == [0, 5, 1, 6, 7, 8, 9, 2, 3, 4, -1, -1]
+    # 4 tasks on 3 threads: shares of 2, the last one past the end (empty): thread 2 only ever takes the others'
+    assert _claims(np.array([2, 0, 1, 2, 2]), 3, 4).tolist() == [0, 1, 2, 3, -1]
 
 
 def test_a_slow_threads_share_is_taken_over(two_threads: None) -> None:
