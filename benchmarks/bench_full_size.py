@@ -118,9 +118,10 @@ def proc_read_bytes() -> int:
 
 
 def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int, kernels: str,
-                   approx: str = "{}") -> None:
+                   approx: str = "{}", fill: str = "1") -> None:
     """`kernels`: Engine.open's ("int8" is `mertools run`'s default); `approx`: JSON of Approx's keyword arguments
-    (bench_full_size_modes.py), {} for the exact engine."""
+    (bench_full_size_modes.py), {} for the exact engine; `fill` "1": Engine.open's fill, as `mertools run` does (a cache
+    holding every expert reads them all in the background)."""
     from benchmarks.routing import RoutingRecorder, belady, routing_stats
     from mertools.layout import Layout
     from mertools.runtime.approx import Approx
@@ -131,7 +132,8 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     rec = RoutingRecorder(cfg.n_layers)
     t0 = time.perf_counter()
     kw = json.loads(approx)
-    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**kw), kernels=kernels)
+    eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**kw), kernels=kernels,
+                      fill=fill == "1")
     open_s = time.perf_counter() - t0
 
     def step(tokens: list[int]) -> None:
@@ -140,7 +142,7 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     def counters() -> list[int]:
         r = eng.run_stats()  # both tiers' reads and lookups when stand-ins are on
         return [r.bytes_read, r.expert_misses, r.expert_hits, r.expert_lookups, r.prefetch_issued, r.prefetch_used,
-                proc_read_bytes()]
+                proc_read_bytes(), r.experts_filled]
 
     before: list[int] = []
     prefill_s, decode_s = common.forced_decode(step, ids, n_prompt, after_prefill=lambda: before.extend(counters()))
@@ -149,7 +151,7 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     s = eng.stats()
     s.update(decode_tok_s=n / decode_s, tokens=n, open_s=open_s, prefill_s=prefill_s, decode_s=decode_s,
              decode_bytes=d[0], decode_misses=d[1], decode_hits=d[2], decode_lookups=d[3], decode_prefetch_issued=d[4],
-             decode_prefetch_used=d[5], decode_io_bytes=d[6], slot_bytes=eng.store.slot_bytes,
+             decode_prefetch_used=d[5], decode_io_bytes=d[6], decode_filled=d[7], slot_bytes=eng.store.slot_bytes,
              routing=routing_stats(rec.trace()[n_prompt:], cfg.n_experts))
     if not kw:  # what no cache policy can beat on this stream with these slots (the report's ceiling)
         s.update(slots=eng.cache.n_slots, belady_decode_hit=belady(rec.trace(), eng.cache.n_slots, count_from=n_prompt),
@@ -214,7 +216,8 @@ def run_caps(s: Shape, built: dict, caps: list[tuple[str, int]], a: argparse.Nam
         cgroup_reset()
         t0 = time.perf_counter()
         m = common.run_child(__file__, ["--child-mertools", str(built["layout"]), f"{cache_mb:.1f}", str(ids_path),
-                                        str(a.threads), str(a.prompt_tokens), a.kernels], cgroup_bytes=cap,
+                                        str(a.threads), str(a.prompt_tokens), a.kernels, "{}", str(int(a.fill))],
+                             cgroup_bytes=cap,
                              timeout=a.run_timeout)
         m.update(wall_s=time.perf_counter() - t0, cgroup_peak=cgroup_peak(), cache_mb_asked=cache_mb, quiet=quiet)
         print(f"[{s.name}]   mertools: {_brief(m)}", file=sys.stderr, flush=True)
@@ -528,6 +531,8 @@ def main() -> None:
     ap.add_argument("--run-timeout", type=float, default=1800, help="seconds for one run")
     ap.add_argument("--wait-quiet", type=float, default=60,
                     help="before each run, wait up to this many seconds for other processes to leave the CPUs idle")
+    ap.add_argument("--no-fill", dest="fill", action="store_false",
+                    help="no background fill of a cache that holds every expert (`mertools run --no-fill`)")
     ap.add_argument("--no-doc", action="store_true", help="print the section, leave docs/BENCHMARKS.md alone")
     ap.add_argument("--dry-run", action="store_true", help="check the disk, print the estimate, and stop")
     ap.add_argument("--child-mertools", nargs="+", help=argparse.SUPPRESS)

@@ -159,12 +159,15 @@ def inspect(path: str, as_json: bool) -> None:
               help="Keep the experts and dense weights the 8-bit kernels pack as files in LAYOUT/packed/, and map "
                    "them in later runs instead of reading and packing again (when reads keep their pages: --io "
                    "buffered, or auto's choice of it). Default: on, unless MERTOOLS_PACKED_COPIES=0.")
+@click.option("--fill/--no-fill", default=False, show_default=True,
+              help="When the cache holds every expert, read the ones not used yet on a lowest-priority thread "
+                   "(it reads when the compute leaves a core idle; `serve` does by default, filling between requests).")
 @shard_options
 @approx_options
 def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
         io_mode: str, kernels: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
-        history: str | None, packed_copies: bool | None, shards: int | None, shard_plan: str | None,
+        history: str | None, packed_copies: bool | None, fill: bool, shards: int | None, shard_plan: str | None,
         ray_address: str | None, approx: Approx | None = None) -> None:
     """Generate text from LAYOUT, streaming experts from disk, and print the run's figures."""
     from .runtime.compile_clock import announce_compiling
@@ -186,7 +189,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
                          kernels=kernels, shards=shards, plan=shard_plan, ray_address=ray_address,
-                         packed_copies=packed_copies) as engine:
+                         packed_copies=packed_copies, fill=fill) as engine:
             if tracer is not None and engine.shards is None:  # a sharded driver's cache holds nothing: no "held"
                 tracer.follow(engine.cache, engine.store)
             drafter = engine.open_drafter(draft) if draft else None

@@ -39,6 +39,7 @@ class CacheStats:
     prefetch_used: int = 0  # a prefetched expert that was then looked up
     prefetch_wasted: int = 0  # evicted (or never used) without a lookup
     prefetch_cancelled: int = 0  # still loading when its layer routed elsewhere, and stopped early
+    filled: int = 0  # loads the background fill started (`claim_free`, fill.py): experts read before any lookup wanted them
     wait_seconds: float = 0.0  # time lookups spent blocked on loads
     load_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # loads that completed
 
@@ -203,7 +204,12 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ loading
     def _start_load(self, key: Key, slot: int, prefetched: bool) -> _Entry:
-        # registered before submitting: a loader that completes at once must find its entry
+        entry = self._register(key, slot, prefetched)  # before submitting: a loader that completes at once finds it
+        self.executor.submit(self._run_loader, key, slot, entry.cancel)
+        return entry
+
+    def _register(self, key: Key, slot: int, prefetched: bool) -> _Entry:
+        """Under the lock: `key` is loading into `slot`."""
         self.slot_layer[slot], self.slot_expert[slot], self.slot_last[slot] = key[0], key[1], self.clock
         entry = _Entry(key, slot, prefetched=prefetched,
                        cancel=threading.Event() if prefetched else None)
@@ -212,8 +218,25 @@ class ExpertCache:
         if prefetched:
             self.speculative.add(key)
         self.stats.loads += 1
-        self.executor.submit(self._run_loader, key, slot, entry.cancel)
         return entry
+
+    def claim_free(self, key: Key) -> int | None:
+        """A free slot, now loading `key`, for a caller that runs the load itself (`load_claimed`: the background fill,
+        fill.py); -1 when `key` is held already, None when no slot is free (this never evicts)."""
+        with self.lock:
+            if key in self.entries:
+                return -1
+            if not self.free:
+                return None
+            slot = self.free.pop()
+            self._register(key, slot, prefetched=False)
+            self.stats.filled += 1
+            return slot
+
+    def load_claimed(self, key: Key, slot: int) -> None:
+        """Run the load `claim_free` registered, on the calling thread; a lookup meanwhile waits for it as for a
+        prefetch, and a failed load is dropped as any load's."""
+        self._run_loader(key, slot, None)
 
     def _run_loader(self, key: Key, slot: int, cancel: threading.Event | None) -> None:
         t0 = time.perf_counter()

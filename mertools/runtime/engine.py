@@ -20,6 +20,7 @@ from . import generation, preload
 from .approx import Approx
 from .batch import check_kv_dtype, kv_bytes_per_token
 from .cache import CacheStats, ExpertCache
+from .fill import BackgroundFill
 from .generation import GeneratedToken, checked
 from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
@@ -27,7 +28,7 @@ from .memory import available_bytes, cached_shares, peak_rss_bytes, total_bytes
 from .model import KVCache, MoEModel
 from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
-from .packed import PackedCopies, copies_wanted
+from .packed import PackedCopies, copies_wanted, lowest_priority
 from .prefetch import PREFETCH_MODES
 from .sampling import SamplingParams
 from .shards import Plan, ShardedExperts, open_shards
@@ -71,8 +72,9 @@ class Engine:
     def __init__(self, layout: Layout, store: ExpertStore, cache: ExpertCache, model: MoEModel,
                  prefetch: str, threads: int | None, history: RoutingHistory | None = None, preloaded: int = 0,
                  shards: ShardedExperts | None = None, loading: threading.Thread | None = None,
-                 first_kernels: tuple[list[Any], str] | None = None) -> None:
+                 first_kernels: tuple[list[Any], str] | None = None, filler: BackgroundFill | None = None) -> None:
         self.layout, self.store, self.cache, self.model = layout, store, cache, model
+        self.filler = filler  # the background fill (fill.py), stopped at close
         self.loading = loading  # the thread loading cached kernels (preload.py), joined at close
         # (dispatchers, KV type): the first step's kernels, which this thread loads as `loading` does (preload.load)
         # before that step wherever it gets ahead of it: numba's own first load would refresh its registries first
@@ -94,7 +96,8 @@ class Engine:
              kv_dtype: str = "f16", context: int | None = None, approx: Approx | None = None,
              reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
              compiled_step: bool = True, shards: int | None = None, plan: str | Path | Plan | None = None,
-             ray_address: str | None = None, long_lived: bool = False, packed_copies: bool | None = None) -> Engine:
+             ray_address: str | None = None, long_lived: bool = False, packed_copies: bool | None = None,
+             fill: bool = False) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -121,8 +124,10 @@ class Engine:
         piece (tests and benchmarks compare the two). `packed_copies` (default: on unless MERTOOLS_PACKED_COPIES=0):
         where reads keep their pages and the slots are packed, the packed experts and dense weights are kept as files
         in the layout's packed/ directory, which later engines map instead of reading and packing (runtime/packed.py);
-        once they exist, "auto" reads buffered (maps them). Opening an engine limits numpy's BLAS to one thread in
-        this process (`one_blas_thread`)."""
+        once they exist, "auto" reads buffered (maps them). `fill`: when the cache holds every expert, read the ones not
+        used yet on a thread of the lowest priority (fill.py: it reads when the compute leaves a core idle, as a
+        server does between requests; `serve` fills, `run --fill` too). Opening an engine limits numpy's BLAS to one
+        thread in this process (`one_blas_thread`)."""
         layout = Layout.open(layout_dir)
         m = layout.manifest
         learned = RoutingHistory.open(history, layout) if history is not None else None
@@ -235,8 +240,11 @@ class Engine:
                 if c is not None:
                     c.seed(*seed)
             preloaded = cache.prefetch(learned.hot(slots, need))  # loads in the background while the prompt is read
+        filler = None
+        if fill and remote is None and slots == len(m.experts):
+            filler = BackgroundFill(cache, low_priority=lowest_priority).start()
         return cls(layout, store, cache, model, prefetch if isinstance(prefetch, str) else model.prefetcher.mode, threads,
-                   learned, preloaded, remote, loading, (preload.prompt(kernels), kv_dtype))
+                   learned, preloaded, remote, loading, (preload.prompt(kernels), kv_dtype), filler)
 
     # ------------------------------------------------------------------ API
     @property
@@ -417,6 +425,7 @@ class Engine:
             **self._approx_stats(),
             kv_dtype=self.model.kv_dtype, kernels=self.model.kernels, kv_bytes_per_token=self.model.kv.bytes_per_token,
             compiled_steps=self.model.fused.steps if self.model.fused is not None else 0,
+            experts_filled=self.cache.stats.filled,
             kv_mb=self.model.kv.nbytes / 2**20,
             history_preloaded=self.preloaded, history_tokens=self.history.tokens if self.history else 0.0,
             spec_steps=self.spec.steps, draft_proposed=self.spec.drafted, draft_accepted=self.spec.accepted,
@@ -445,6 +454,8 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        if self.filler is not None:
+            self.filler.stop()
         self.cache.executor.shutdown(wait=True)
         if self.loading is not None:
             self.loading.join()

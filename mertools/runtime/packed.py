@@ -84,7 +84,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _lowest_priority() -> None:
+def lowest_priority() -> None:
     """The calling thread at nice 19: it runs when the compute leaves a core idle (Linux: a thread's own niceness)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -193,7 +193,7 @@ class PackedCopies:
         expect = xxhash.xxh3_64(data).hexdigest()
         with self._lock:
             if self._writer is None:
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="mertools-copies", initializer=_lowest_priority)
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="mertools-copies", initializer=lowest_priority)
             self._writer.submit(self.write, rel, source, data, plan, expect)
             self.queued += 1
 

@@ -22,6 +22,7 @@ def format_stats(s: dict[str, Any]) -> str:
         f"{'mapped (mmap)' if s.get('mapped') else 'O_DIRECT ' + ('yes' if s['o_direct'] else 'no')}"
         f"{' (pages kept for the next run)' if s.get('keep_pages') else ''}, "
         f"retries {s['read_retries']}"
+        + (f"; {s['experts_filled']} experts read by the background fill" if s.get("experts_filled") else "")
         + (f"; packed copies {s['packed_copies_mapped']} mapped, {s['packed_copies_written']} written"
            if s.get("packed_copies_mapped") or s.get("packed_copies_written") else ""),
         f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads; kernels {s.get('kernels', 'exact')}"

@@ -154,6 +154,7 @@ class RunStats:
     kv_dtype: str = "f16"
     kernels: str = "exact"  # "exact" float kernels, or "int8" (8-bit activations, kernels/int8.py)
     compiled_steps: int = 0  # decode steps run in one compiled call (runtime/fused.py)
+    experts_filled: int = 0  # experts the background fill read (runtime/fill.py), in bytes_read too
     kv_bytes_per_token: int = 0  # of context, every layer's keys and values
     kv_mb: float = 0.0  # what the engine's KV cache holds now (its capacity)
     # approximate routing (runtime/approx.py): its settings ("exact" when off), the expert choices the router

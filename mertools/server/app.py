@@ -49,7 +49,8 @@ def open_engine(cfg: ServerConfig) -> Any:  # noqa: ANN401 - an Engine
     engine = Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
                          kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
                          reserve_bytes=draft_footprint(cfg.draft), history=cfg.history, shards=cfg.shards,
-                         plan=cfg.shard_plan, ray_address=cfg.ray_address, long_lived=True)
+                         plan=cfg.shard_plan, ray_address=cfg.ray_address, long_lived=True,
+                         fill=True)  # between requests it reads the experts not used yet (fill.py)
     engine.warmup()
     return engine
 
