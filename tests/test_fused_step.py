@@ -216,10 +216,11 @@ def test_float32_kv_and_markov_prefetch(layouts: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("name", ["trained-q4_0", "qwen3_moe", "gpt_oss"])
-def test_a_step_with_an_expert_to_read_is_finished_piece_by_piece(layouts: dict[str, Path], name: str) -> None:
+def test_a_step_with_an_expert_to_read_waits_for_it_and_goes_on_compiled(layouts: dict[str, Path], name: str) -> None:
     """A fresh engine (every expert fits, none read yet): the compiled call stops at the first layer that chose an
-    expert not yet resident, the general path reads it and takes that layer's experts, and a compiled call goes on from
-    the next layer; the logits, the trace and the cache's counts are those of every step taken piece by piece."""
+    expert not yet resident, Python looks that layer's experts up and waits for their reads, and a compiled call goes
+    on from that layer's experts; the logits, the trace and the cache's counts are those of every step taken piece by
+    piece."""
     out, counts, traces = {}, {}, {}
     for compiled in (True, False):
         trace: list[tuple[int, int, list[int], bytes]] = []
@@ -234,11 +235,27 @@ def test_a_step_with_an_expert_to_read_is_finished_piece_by_piece(layouts: dict[
             traces[compiled] = trace
             if compiled:
                 fused = eng.model.fused
-                assert fused.partial > 0 and fused.steps > 0 and fused.partial + fused.steps == 40
-                assert fused.resumed > 0  # calls after a layer whose experts the general path read
+                assert fused.steps == 40 and fused.partial == 0  # every token finished compiled
+                assert fused.fetched > 0 and fused.resumed >= fused.fetched  # after layers whose experts were read
     assert np.array_equal(_bits(out[True]), _bits(out[False]))
     assert counts[True] == counts[False]  # without prefetch guesses, the same reads
     assert traces[True] == traces[False]
+
+
+def test_a_layer_with_an_expert_to_read_prefetches_the_next_layers_guesses(layouts: dict[str, Path]) -> None:
+    """With lookahead guesses, a stopped call's fetched layer starts the next layer's reads as the general path's does:
+    the same logits as every step piece by piece, prefetches issued and used."""
+    out, stats = {}, {}
+    for compiled in (True, False):
+        with Engine.open(layouts["qwen3_moe"], kernels="int8", compiled_step=compiled, prefetch="lookahead") as eng:
+            vocab = eng.config.vocab_size
+            out[compiled] = np.concatenate([eng.forward([1, 2, 3])] + [eng.forward([(5 + 17 * i) % vocab])
+                                                                       for i in range(24)])
+            stats[compiled] = eng.stats()
+            if compiled:
+                assert eng.model.fused.fetched > 0 and eng.model.fused.steps == 24
+    assert np.array_equal(_bits(out[True]), _bits(out[False]))
+    assert stats[True]["prefetch_issued"] > 0 and stats[True]["prefetch_used"] > 0
 
 
 def _batched(layout: Path, compiled: bool, preload: bool) -> dict[str, object]:

@@ -135,14 +135,51 @@ def _add_vec(a, vec, vec_at, layer, i, start):
 
 
 @njit(**MATVEC_JIT)
+def _attention(layer, x, h, q, kk, v, att, o, arena, mats, vec, vec_at, shape, cos, sin, kv_k, kv_v, windows, sinks,
+               divisor, eps, pos):
+    """x += the layer's attention of x at position pos (its keys and values stored); h, q, kk, v, att, o: scratch."""
+    d = x.size
+    nh, nkv, hd, rd, qk = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK]
+    rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
+    mq, mk, mv = mats[layer, 0], mats[layer, 1], mats[layer, 2]
+    _qkv(arena, mq, mk, mv, quantize_act(h.reshape(1, d), formats_of(mq[1]) | formats_of(mk[1]) | formats_of(mv[1])),
+         q, kk, v)
+    _add_vec(q, vec, vec_at, layer, Q_BIAS, 0)
+    _add_vec(kk, vec, vec_at, layer, Q_BIAS, q.size)
+    _add_vec(v, vec, vec_at, layer, Q_BIAS, q.size + kk.size)
+    if qk == 2:
+        rms_norm_into(q, _vec(vec, vec_at, layer, Q_NORM, nh * hd), eps, q)
+        rms_norm_into(kk, _vec(vec, vec_at, layer, K_NORM, nkv * hd), eps, kk)
+    elif qk == 1:
+        for i in range(nh):
+            rms_norm_into(q[i * hd:(i + 1) * hd], _vec(vec, vec_at, layer, Q_NORM, hd), eps, q[i * hd:(i + 1) * hd])
+        for i in range(nkv):
+            rms_norm_into(kk[i * hd:(i + 1) * hd], _vec(vec, vec_at, layer, K_NORM, hd), eps, kk[i * hd:(i + 1) * hd])
+    rotate_into(q, nh, hd, rd, cos, sin)
+    rotate_into(kk, nkv, hd, rd, cos, sin)
+    ks, vs = kv_k[layer], kv_v[layer]
+    for g in range(nkv):
+        for i in range(hd):
+            ks[pos, g, i] = _stored(kk[g * hd + i], ks)
+            vs[pos, g, i] = _stored(v[g * hd + i], vs)
+    layer_sinks = _vec(vec, vec_at, layer, SINKS, nh) if vec_at[layer, SINKS] >= 0 else sinks
+    _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], layer_sinks, divisor, att)
+    _matvec(arena, mats[layer, 3], quantize_act(att.reshape(1, nh * hd), formats_of(mats[layer, 3, 1])), o)
+    _add_vec(o, vec, vec_at, layer, O_BIAS, 0)
+    for i in range(d):
+        x[i] = x[i] + o[i]
+
+
+@njit(**MATVEC_JIT)
 def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at, out_norm, routers, shape, cos, sin,
                 kv_k, kv_v, windows, sinks, divisor, eps, slot_addr, slots, geometry, act, k, norm, scaling, logits,
-                chosen, weights, first):
+                chosen, weights, first, moe_first):
     """One token through the layers from `first` on, then the output norm and head.
 
     token: its id, a row of embed (uint8 (vocab, row bytes) of type code embed_kind, as the file holds it).
     x (d,) float32: its embedding here (first 0), else the hidden state entering layer `first` (the general path did
-    the layers before it); the final hidden state on return (before the norm); pos: its position.
+    the layers before it), or with `moe_first` entering that layer's experts; the final hidden state on return (before
+    the norm); pos: its position.
     arena: the dense matrices' bytes; mats (L, 4, 4) int64 per layer q, k, v, o as (offset, type code, rows, row
     bytes), head (4,) the output's. vec: float32 arena of vectors, vec_at (L, VECTORS) their offsets (-1: none),
     out_norm the output norm's. routers (L, E, d) float32. shape: see NH..DFF. cos, sin (rd / 2,) float32 at pos.
@@ -154,12 +191,13 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     -1), act the experts' activation (`experts8`). k experts per token, `norm` renormalise, `scaling` the routed
     scaling. Writes chosen (L, k) int64 and weights (L, k) float32 layer by layer (from `first`), and logits (vocab,).
     Returns L when done; or, at the first layer one of whose chosen experts is not resident, that layer, x then its
-    input plus its attention (its keys and values stored): that layer's experts are the caller's, which may then go on
-    with `first` the layer after it."""
+    input plus its attention (its keys and values stored), its chosen and weights written: the caller may read those
+    experts and go on with `first` that layer and `moe_first` (x as returned: the layer's attention is not run again),
+    or compute that layer's experts itself and go on with `first` the layer after it."""
     d = x.size
-    if first == 0:
+    if first == 0 and not moe_first:
         get_rows(embed_kind, embed, np.full(1, token, np.int64), x.reshape(1, d))
-    nh, nkv, hd, rd, qk, d_ff = shape[NH], shape[NKV], shape[HD], shape[RD], shape[QK], shape[DFF]
+    nh, nkv, hd, d_ff = shape[NH], shape[NKV], shape[HD], shape[DFF]
     h = np.empty(d, np.float32)
     q, kk, v = np.empty(nh * hd, np.float32), np.empty(nkv * hd, np.float32), np.empty(nkv * hd, np.float32)
     att = np.empty((nh, hd), np.float32)
@@ -169,34 +207,9 @@ def decode_step(token, embed, embed_kind, x, pos, arena, mats, head, vec, vec_at
     offs, kinds, rbs = np.empty((k, 3), np.int64), np.empty((k, 3), np.int64), np.empty((k, 3), np.int64)
     bias = np.zeros((k, 3), np.int64)
     for layer in range(first, mats.shape[0]):
-        rms_norm_into(x, _vec(vec, vec_at, layer, ATTN_NORM, d), eps, h)
-        mq, mk, mv = mats[layer, 0], mats[layer, 1], mats[layer, 2]
-        _qkv(arena, mq, mk, mv, quantize_act(h.reshape(1, d), formats_of(mq[1]) | formats_of(mk[1]) | formats_of(mv[1])),
-             q, kk, v)
-        _add_vec(q, vec, vec_at, layer, Q_BIAS, 0)
-        _add_vec(kk, vec, vec_at, layer, Q_BIAS, q.size)
-        _add_vec(v, vec, vec_at, layer, Q_BIAS, q.size + kk.size)
-        if qk == 2:
-            rms_norm_into(q, _vec(vec, vec_at, layer, Q_NORM, nh * hd), eps, q)
-            rms_norm_into(kk, _vec(vec, vec_at, layer, K_NORM, nkv * hd), eps, kk)
-        elif qk == 1:
-            for i in range(nh):
-                rms_norm_into(q[i * hd:(i + 1) * hd], _vec(vec, vec_at, layer, Q_NORM, hd), eps, q[i * hd:(i + 1) * hd])
-            for i in range(nkv):
-                rms_norm_into(kk[i * hd:(i + 1) * hd], _vec(vec, vec_at, layer, K_NORM, hd), eps, kk[i * hd:(i + 1) * hd])
-        rotate_into(q, nh, hd, rd, cos, sin)
-        rotate_into(kk, nkv, hd, rd, cos, sin)
-        ks, vs = kv_k[layer], kv_v[layer]
-        for g in range(nkv):
-            for i in range(hd):
-                ks[pos, g, i] = _stored(kk[g * hd + i], ks)
-                vs[pos, g, i] = _stored(v[g * hd + i], vs)
-        layer_sinks = _vec(vec, vec_at, layer, SINKS, nh) if vec_at[layer, SINKS] >= 0 else sinks
-        _attend(q.reshape(nh, hd), ks, vs, pos, windows[layer], layer_sinks, divisor, att)
-        _matvec(arena, mats[layer, 3], quantize_act(att.reshape(1, nh * hd), formats_of(mats[layer, 3, 1])), o)
-        _add_vec(o, vec, vec_at, layer, O_BIAS, 0)
-        for i in range(d):
-            x[i] = x[i] + o[i]
+        if not (moe_first and layer == first):
+            _attention(layer, x, h, q, kk, v, att, o, arena, mats, vec, vec_at, shape, cos, sin, kv_k, kv_v, windows,
+                       sinks, divisor, eps, pos)
         # the experts: router, softmax, top-k, then every chosen expert at once
         rms_norm_into(x, _vec(vec, vec_at, layer, FFN_NORM, d), eps, h)
         if routers.shape[1] * d <= SERIAL_ROUTER:  # each logit the same either way: a small one is not worth a region

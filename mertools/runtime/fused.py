@@ -8,16 +8,19 @@ matrix on the 8-bit kernels, exact routing, no stand-ins, and an expert cache th
 slots of its arena, or mappings of the files with `--io mmap` / `auto`, their addresses kept by the store); per step,
 to one sequence decoding one token with an f16 or float32 KV cache (a step of several such sequences, the server's
 decode, runs one call per sequence). The call goes layer by layer until a layer chooses an expert that is not resident
-yet (a model's first tokens read its experts); that layer's experts are then the general path's, which computes the
-same bits (the compiled step calls the same pieces), and a compiled call goes on from the layer after it (`resume`).
-Slots cannot change under the call: the engine's thread is in it, and only that thread starts loads or evicts; a
-load completing meanwhile only turns a slot from -1 to its number. With a cache smaller than the experts, every step
-takes the general path, whose prefetch guesses matter there.
+yet (a model's first tokens read its experts); it returns with that layer's routing and attention done, Python looks
+the layer's experts up and waits for them as the general path would (`StreamingMoE.fetch`: misses read, the routing
+observed, the next layer's guesses prefetched), and a compiled call goes on from that layer's experts (`_go_on`).
+Before, the general path computed that layer (~9 ms of Python per layer on Qwen3-30B-A3B's shape, most of a miss's
+cost there). Several sequences' step that stops goes to the general path, whose layer then goes on compiled (`resume`).
+Slots cannot change under the call: the engine's thread is in it, and only that thread evicts (the background fill,
+fill.py, takes free slots only); a load completing meanwhile only turns a slot from -1 to its number. With a cache
+smaller than the experts, every step takes the general path, whose prefetch guesses matter there.
 
 What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
 its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
-cache's lookups and hits (`ExpertCache.touch`). No prefetch guesses: with every expert resident there is nothing
-to read.
+cache's lookups and hits (`ExpertCache.touch`). The layers it goes through make no prefetch guesses: only a layer
+with an expert to read does (in `fetch`).
 """
 
 from __future__ import annotations
@@ -156,35 +159,35 @@ class FusedStep:
         self.divisor, self.eps = float(cfg.softmax_divisor), float(cfg.norm_eps)
         self.scaling = np.float32(cfg.routed_scaling)
         self.steps = 0  # tokens run compiled to the end
-        self.partial = 0  # tokens a compiled call began and the general path finished (an expert to read)
-        self.resumed = 0  # compiled calls that went on after the general path took a layer's experts to read
+        self.partial = 0  # tokens a compiled call began and the general path took on (an expert it could not have)
+        self.resumed = 0  # compiled calls that went on from a layer after an earlier call stopped there or before it
+        self.fetched = 0  # layers whose experts a stopped call's token waited for between calls (`_go_on`)
 
     @classmethod
     def of(cls, model: MoEModel) -> FusedStep | None:
         return None if _unsupported(model) is not None else cls(model)
 
     def run(self, items, observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray] | None:  # noqa: ANN001
-        """forward_batch's items -> the logits it returns; or, for one sequence, (layer, x (1, d_model)) when the call
-        stopped at a layer with an expert to read (x: its input plus its attention, the keys and values stored); or
-        None when this step is not one the compiled call takes. Several sequences of one token each (the server's
-        decode steps) run one call each, each row alone as the general path computes it; if one of them stops at an
-        expert to read, the general path takes the whole step again (the keys and values the calls stored are the
-        ones it stores: the same bits at the same positions)."""
+        """forward_batch's items -> the logits it returns; or, for one sequence, (layer, x (1, d_model)) when a call
+        stopped at a layer whose experts it could not have (x: its input plus its attention, the keys and values
+        stored); or None when this step is not one the compiled call takes. One sequence's call that stops at an expert
+        to read waits for that layer's experts and goes on from them (`_go_on`). Several sequences of one token each
+        (the server's decode steps) run one call each, each row alone as the general path computes it; if one of them
+        stops at an expert to read, the general path takes the whole step again (the keys and values the calls stored
+        are the ones it stores: the same bits at the same positions)."""
         if any(len(ids) != 1 or kv.dtype not in ("f16", "f32") for kv, ids in items):
             return None
-        slots = self.model.cache.slot_of
+        slots, n = self.model.cache.slot_of, self.model.cfg.n_layers
         done = [self._call(kv, int(ids[0]), slots) for kv, ids in items]
-        if len(done) == 1 and done[0].layers < self.model.cfg.n_layers:
-            one = done[0]
-            self._account([one], observed, one.layers)
-            self.partial += observed  # a warm-up step (unobserved) is no part of the run's counts
-            return one.layers, one.x.reshape(1, -1)
-        if any(d.layers < self.model.cfg.n_layers for d in done):
+        if len(done) == 1 and done[0].layers < n:
+            kv, token = items[0][0], int(items[0][1][0])
+            return self._finish(kv, self._go_on(kv, token, done[0], 0, observed), observed)
+        if any(d.layers < n for d in done):
             self.partial += len(done) * observed
             return None
         for kv, _ in items:
             kv.length += 1
-        self._account(done, observed, self.model.cfg.n_layers)
+        self._account(done, observed, n)
         self.steps += len(done) * observed
         self.model.last_x = done[0].x.reshape(1, -1) if len(done) == 1 else np.stack([d.x for d in done])
         return [d.logits.reshape(1, -1) for d in done]
@@ -192,13 +195,40 @@ class FusedStep:
     def resume(self, kv: KVCache, token: int, first: int, x: np.ndarray,
                observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray]:
         """The compiled call again for one sequence's token from layer `first` on, x (1, d_model) the hidden state the
-        general path left entering it (it took the layer of an expert to read): `run`'s result for that sequence."""
+        general path left entering it (it took a layer whose experts the compiled call could not have): `run`'s
+        result for that sequence."""
         one = self._call(kv, token, self.model.cache.slot_of, first, x.reshape(-1).copy())
-        self._account([one], observed, one.layers, first)
         self.resumed += observed
+        return self._finish(kv, self._go_on(kv, token, one, first, observed), observed)
+
+    def _go_on(self, kv: KVCache, token: int, one: _Done, first: int, observed: bool) -> _Done:
+        """The layers `one` (a call from layer `first`) went through accounted; then, while it stopped at a layer with an
+        expert to read, that layer's experts looked up and waited for as the general path would (`StreamingMoE.fetch`:
+        the next layer's guesses prefetched too) and a compiled call on from them. Returns the last call: through every
+        layer, or stopped again at the layer just fetched (its experts taken meanwhile: the general path's then)."""
+        model, n = self.model, self.model.cfg.n_layers
+        self._account([one], observed, one.layers, first)
+        positions = np.array([one.pos], np.int64)
+        while one.layers < n:
+            layer = one.layers
+            model.moe.fetch(layer, positions, one.chosen[layer:layer + 1], one.weights[layer:layer + 1],
+                            one.x.reshape(1, -1), observed, model.prefetcher)
+            self.fetched += observed
+            again = self._call(kv, token, model.cache.slot_of, layer, one.x.copy(), moe_first=True)
+            self._account([again], observed, again.layers, layer + 1)  # the layer's own lookups were fetch's
+            self.resumed += observed
+            if again.layers == layer:
+                return again
+            one = again
+        return one
+
+    def _finish(self, kv: KVCache, one: _Done, observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray]:
+        """`run`'s result for one sequence whose last call is `one`."""
         if one.layers < self.model.cfg.n_layers:
+            self.partial += observed  # a warm-up step (unobserved) is no part of the run's counts
             return one.layers, one.x.reshape(1, -1)
         kv.length += 1
+        self.steps += observed
         self.model.last_x = one.x.reshape(1, -1)
         return [one.logits.reshape(1, -1)]
 
@@ -209,9 +239,10 @@ class FusedStep:
         if kv.dtype in ("f16", "f32"):
             self._call(kv, token, self.model.cache.slot_of)
 
-    def _call(self, kv: KVCache, token: int, slots: np.ndarray, first: int = 0, x: np.ndarray | None = None) -> _Done:
+    def _call(self, kv: KVCache, token: int, slots: np.ndarray, first: int = 0, x: np.ndarray | None = None,
+              moe_first: bool = False) -> _Done:
         """One compiled call for `token` at the next position of `kv` (its length not advanced), from layer `first` on
-        (x: the hidden state entering it)."""
+        (x: the hidden state entering it; with `moe_first`, entering its experts, its attention done)."""
         model, cfg = self.model, self.model.cfg
         pos = kv.length
         kv.ensure(pos + 1)
@@ -226,7 +257,7 @@ class FusedStep:
                                    self.head, self.vec, self.vec_at, self.out_norm, self.routers, self.shape, cos, sin,
                                    kv.k, kv.v, self.windows, self.sinks, self.divisor, self.eps, store.slot_addr,
                                    slots, self.geometry, self.act, k, cfg.norm_topk_prob, self.scaling,
-                                   logits, chosen, weights, first)
+                                   logits, chosen, weights, first, moe_first)
         return _Done(pos, layers, x, logits, chosen, weights)
 
     def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:

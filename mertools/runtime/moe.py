@@ -132,7 +132,7 @@ class StreamingMoE:
             chosen, weights, live = self._approximate(layer, w, scores, chosen, weights)
         weights = weights.astype(np.float32)
         if batch.observed:  # a warm-up step's routing is no part of the run
-            self._observe(layer, batch, chosen, weights, live, prefetcher)
+            self._observe(layer, batch.positions, chosen, weights, live, prefetcher)
         elif self.standins is not None:
             self.standins.cache.note_layer(layer)
         if self.hooks.experts is not None:  # computed elsewhere (expert shards): the same bits, summed here alike
@@ -166,6 +166,23 @@ class StreamingMoE:
         out = contrib.sum(axis=1)
         shared = pieces.shared_expert(cfg, w, h, ops)
         return out if shared is None else out + shared
+
+    def fetch(self, layer: int, positions: np.ndarray, chosen: np.ndarray, weights: np.ndarray, x: np.ndarray,
+              observed: bool, prefetcher: Prefetcher) -> None:
+        """What `__call__` does around the experts' kernels for a layer whose routing the compiled decode step made
+        (runtime/fused.py: chosen, weights (N, k), x (N, d_model) its input plus its attention), without computing them:
+        the routing observed, the experts looked up and waited for (read if needed), the next layer's guesses
+        prefetched. The compiled step then computes them, resident."""
+        self.cache.note_layer(layer)
+        if observed:
+            self._observe(layer, positions, chosen, weights, None, prefetcher)
+        keys = [(layer, e) for e in sorted(set(chosen.ravel().tolist()))]
+        pending = self.cache.acquire(keys)
+        guess = prefetcher.guess(layer, chosen, x, chosen.shape[1]) if self.cfg.is_moe_layer(layer + 1) else []
+        if guess:
+            self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
+        for key, _ in pending:
+            self.cache.release(key)
 
     def _fusable(self, keys: list[tuple[int, int]], n_rows: int) -> bool:
         """Whether these experts' rows run in one call (experts8): the 8-bit kernels take every one of them, they are
@@ -243,11 +260,11 @@ class StreamingMoE:
         st.standins += served
         return low
 
-    def _observe(self, layer: int, batch: Batch, chosen: np.ndarray, weights: np.ndarray, live: np.ndarray | None,
-                 prefetcher: Prefetcher) -> None:
+    def _observe(self, layer: int, positions: np.ndarray, chosen: np.ndarray, weights: np.ndarray,
+                 live: np.ndarray | None, prefetcher: Prefetcher) -> None:
         """The step's routing to the trace, the routing history, the caches' and the prefetcher's estimates."""
         if self.hooks.trace is not None:
-            self.hooks.trace(batch.positions, layer, chosen, weights)
+            self.hooks.trace(positions, layer, chosen, weights)
         self.cache.record_routing(layer, chosen.ravel())
         if self.hooks.history is not None:
             self.hooks.history.record(layer, chosen, live)
