@@ -118,10 +118,10 @@ def proc_read_bytes() -> int:
 
 
 def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_prompt: int, kernels: str,
-                   approx: str = "{}", fill: str = "1") -> None:
+                   approx: str = "{}", fill: str = "0") -> None:
     """`kernels`: Engine.open's ("int8" is `mertools run`'s default); `approx`: JSON of Approx's keyword arguments
-    (bench_full_size_modes.py), {} for the exact engine; `fill` "1": Engine.open's fill, as `mertools run` does (a cache
-    holding every expert reads them all in the background)."""
+    (bench_full_size_modes.py), {} for the exact engine; `fill` "1": Engine.open's fill (`mertools run --fill`: a
+    cache holding every expert reads the ones not used yet at the lowest priority)."""
     from benchmarks.routing import RoutingRecorder, belady, routing_stats
     from mertools.layout import Layout
     from mertools.runtime.approx import Approx
@@ -531,8 +531,8 @@ def main() -> None:
     ap.add_argument("--run-timeout", type=float, default=1800, help="seconds for one run")
     ap.add_argument("--wait-quiet", type=float, default=60,
                     help="before each run, wait up to this many seconds for other processes to leave the CPUs idle")
-    ap.add_argument("--no-fill", dest="fill", action="store_false",
-                    help="no background fill of a cache that holds every expert (`mertools run --no-fill`)")
+    ap.add_argument("--fill", action="store_true",
+                    help="mertools with the background fill where the cache holds every expert (`mertools run --fill`)")
     ap.add_argument("--no-doc", action="store_true", help="print the section, leave docs/BENCHMARKS.md alone")
     ap.add_argument("--dry-run", action="store_true", help="check the disk, print the estimate, and stop")
     ap.add_argument("--child-mertools", nargs="+", help=argparse.SUPPRESS)
