@@ -142,7 +142,7 @@ def test_run_cli_streams_text_and_reports(layout: Path, tmp_path: Path) -> None:
         "expert_misses", "hit_rate", "bytes_read", "read_mb_s", "read_latency_ms", "read_wait_share", "prefetch_issued",
         "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "read_retries", "cache_slots", "cache_mb", "prefetch",
         "o_direct", "peak_rss_mb", "keep_pages", "mapped", "packed_copies_mapped", "packed_copies_written", "kv_dtype",
-        "kernels", "compiled_steps", "kv_bytes_per_token",
+        "kernels", "compiled_steps", "experts_filled", "kv_bytes_per_token",
         "kv_mb", "approx",
         "expert_choices_per_token", "approx_dropped", "approx_substituted", "approx_dropped_per_token",
         "approx_substituted_per_token", "approx_standins", "approx_standins_per_token", "standin_bytes_read",
