@@ -135,6 +135,9 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     eng = Engine.open(layout, cache_mb=cache_mb, threads=threads, trace=rec, approx=Approx(**kw), kernels=kernels,
                       fill=fill == "1")
     open_s = time.perf_counter() - t0
+    # numba compiles on a checkout's first run (its cache is per source path): never inside the timed steps; the
+    # prompt's own tokens, whose experts its prefill reads anyway
+    warmup_s = eng.warmup(ids[:n_prompt])
 
     def step(tokens: list[int]) -> None:
         eng.forward(tokens, all_logits=False)
@@ -149,7 +152,8 @@ def child_mertools(layout: str, cache_mb: float, ids_path: str, threads: int, n_
     d = [b - a for a, b in zip(before, counters(), strict=True)]
     n = len(ids) - n_prompt
     s = eng.stats()
-    s.update(decode_tok_s=n / decode_s, tokens=n, open_s=open_s, prefill_s=prefill_s, decode_s=decode_s,
+    s.update(decode_tok_s=n / decode_s, tokens=n, open_s=open_s, warmup_s=warmup_s, prefill_s=prefill_s,
+             decode_s=decode_s,
              decode_bytes=d[0], decode_misses=d[1], decode_hits=d[2], decode_lookups=d[3], decode_prefetch_issued=d[4],
              decode_prefetch_used=d[5], decode_io_bytes=d[6], decode_filled=d[7], slot_bytes=eng.store.slot_bytes,
              routing=routing_stats(rec.trace()[n_prompt:], cfg.n_experts))
@@ -495,7 +499,8 @@ def report(done: list[dict], a: argparse.Namespace, mem_total: int, command: str
     out += [f"GB read/token: decode steps only; mertools' from its expert store (O_DIRECT), llama.cpp's from "
             "/proc/self/io read_bytes (page faults of the mmapped file, readahead included). Hit rate: mertools' expert "
             "cache during decode. Peak RSS: VmHWM (llama.cpp's counts the file pages it has mapped in). Start: load "
-            "(mertools: dense weights; llama.cpp: mapping and populating the file) plus the prompt. "
+            "(mertools: dense weights; llama.cpp: mapping and populating the file) plus the prompt; mertools' warm-up "
+            "before the prompt (`Engine.warmup` on the prompt's tokens: numba's compiling or loading) is left out. "
             f"mertools' peak RSS within its cap in every run: {'yes' if ok else 'NO'}. "
             f"MemTotal {mem_total / GIB:.1f} GiB; the whole run took {total_s / 60:.0f} min."]
     busy = sum(1 for d in done for r in d["runs"] for t in ("mertools", "llama") if not r[t].get("quiet", True))

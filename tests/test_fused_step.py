@@ -258,6 +258,63 @@ def test_a_layer_with_an_expert_to_read_prefetches_the_next_layers_guesses(layou
     assert stats[True]["prefetch_issued"] > 0 and stats[True]["prefetch_used"] > 0
 
 
+@pytest.mark.parametrize("prefetch", ["none", "lookahead"])
+def test_a_cache_smaller_than_the_experts_steps_compiled(layouts: dict[str, Path], prefetch: str) -> None:
+    """Streaming (half the experts' slots) a type the 8-bit kernels read as it is (Q4_K; a packed type's streamed
+    slots are not packed, so its experts stay on the exact kernels and the general path): the call stops at each
+    miss, Python reads and evicts between calls (only this thread evicts), and the logits and trace are those of
+    every step piece by piece at the same budget; without prefetch guesses, the same reads and evictions too."""
+    name = "trained-q4_k"
+    with Engine.open(layouts[name], kernels="int8") as eng:
+        half = eng.config.n_layers * eng.config.n_experts // 2 * eng.store.slot_bytes / 2**20
+    out, counts, traces = {}, {}, {}
+    for compiled in (True, False):
+        trace: list[tuple[int, int, list[int], bytes]] = []
+        with Engine.open(layouts[name], kernels="int8", compiled_step=compiled, prefetch=prefetch, cache_mb=half,
+                         step_reads=float("inf"), trace=lambda pos, layer, chosen, w, t=trace: t.append((int(pos[0]), layer, chosen.tolist(),
+                                                                                 _bits(w).tobytes()))) as eng:
+            assert eng.cache.learns  # a victim is chosen at every miss once the slots are full
+            vocab = eng.config.vocab_size
+            out[compiled] = np.concatenate([eng.forward([1, 2, 3])] + [eng.forward([(5 + 17 * i) % vocab])
+                                                                       for i in range(30)])
+            c = eng.cache
+            counts[compiled] = (c.stats.lookups, c.stats.hits, c.stats.misses, c.stats.evictions, c.clock)
+            traces[compiled] = trace
+            if compiled:
+                fused = eng.model.fused
+                assert fused.steps == 30 and fused.partial == 0 and fused.fetched > 0
+                assert c.stats.evictions > 0
+    assert np.array_equal(_bits(out[True]), _bits(out[False]))
+    assert traces[True] == traces[False]
+    if prefetch == "none":
+        assert counts[True] == counts[False]
+
+
+def test_a_streaming_cache_steps_compiled_while_it_reads_few_experts(layouts: dict[str, Path]) -> None:
+    """The rule (`step_reads`): a cache with one slot short of the experts reads next to nothing once warm, so its
+    decode steps go compiled; one of a few slots reads at every layer or more, so they stay on the
+    general path (its prefetch guesses); never with `step_reads` 0. The logits are the same bits whichever path."""
+    lay = layouts["trained-q4_k"]
+    with Engine.open(lay, kernels="int8") as eng:
+        cfg, slot = eng.config, eng.store.slot_bytes / 2**20
+    ids = [(5 + 17 * i) % cfg.vocab_size for i in range(30)]
+    out = {}
+    for name, mb, reads in (("most", (cfg.n_layers * cfg.n_experts - 1) * slot, 0.25), ("few", 1, 0.25),
+                            ("never", (cfg.n_layers * cfg.n_experts - 1) * slot, 0)):
+        with Engine.open(lay, kernels="int8", cache_mb=mb, step_reads=reads) as eng:
+            assert eng.cache.learns
+            out[name] = np.concatenate([eng.forward([1, 2, 3])] + [eng.forward([i]) for i in ids])
+            fused = eng.model.fused
+            assert fused.steps + fused.left == 30 and fused.partial == 0
+            if name == "most":
+                assert fused.steps > 10 and fused.reads <= 0.25
+            else:  # every layer reads: 1 read per layer, the decayed mean stays at it
+                assert fused.steps == 0 and fused.left == 30
+                assert name == "never" or fused.reads > 0.5
+    assert np.array_equal(_bits(out["most"]), _bits(out["few"]))
+    assert np.array_equal(_bits(out["most"]), _bits(out["never"]))
+
+
 def _batched(layout: Path, compiled: bool, preload: bool) -> dict[str, object]:
     """Three sequences decoding together (the server's steps), after prompts of their own."""
     trace: list[tuple[list[int], int, list[int], bytes]] = []
@@ -316,9 +373,12 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
         eng.forward([4])
         assert eng.stats()["compiled_steps"] == 0
     q4k = layouts["trained-q4_k"]  # read as it is: the 8-bit kernels whether the cache streams or not
-    with Engine.open(q4k, kernels="int8", cache_mb=1) as eng:  # streaming: the general path and its prefetches
-        assert eng.model.fused is None
+    with Engine.open(q4k, kernels="int8", cache_mb=1) as eng:  # streaming: compiled calls stop at every miss
+        assert eng.model.fused is not None
         small = np.concatenate([eng.forward([i]) for i in range(1, 10)])
+        a, b = eng.new_sequence(), eng.new_sequence()  # several sequences, streaming: the general path
+        eng.step([(a, [5]), (b, [6])])
+        assert eng.model.fused.partial == 0
     with Engine.open(q4k, kernels="int8") as eng:
         _all_resident(eng)
         whole = np.concatenate([eng.forward([i]) for i in range(1, 10)])

@@ -21,6 +21,7 @@ from .approx import Approx
 from .batch import check_kv_dtype, kv_bytes_per_token
 from .cache import CacheStats, ExpertCache
 from .fill import BackgroundFill
+from .fused import STEP_READS
 from .generation import GeneratedToken, checked
 from .history import RoutingHistory
 from .hooks import ModelHooks, PrefetcherFactory, RoutingOverride, TraceFn
@@ -97,7 +98,7 @@ class Engine:
              reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
              compiled_step: bool = True, shards: int | None = None, plan: str | Path | Plan | None = None,
              ray_address: str | None = None, long_lived: bool = False, packed_copies: bool | None = None,
-             fill: bool = False) -> Engine:
+             fill: bool = False, step_reads: float = STEP_READS) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -118,10 +119,11 @@ class Engine:
         MXFP4 weights are then packed once, dense ones at open and expert slots as they load when the cache holds
         every expert and reads them (so "auto" io's first run reads such experts into the cache's own memory, and a run
         that finds the files in the page cache maps them; "mmap", or a cache smaller than the experts, leaves them on
-        the exact kernels); the K types are read as they are. With "int8", the decode steps
-        of a model held in RAM (a cache with room for every expert) run in one compiled call per sequence where the
-        model's pieces allow (runtime/fused.py; the same bits); `compiled_step` False takes every step piece by
-        piece (tests and benchmarks compare the two). `packed_copies` (default: on unless MERTOOLS_PACKED_COPIES=0):
+        the exact kernels); the K types are read as they are. With "int8", decode steps run in one compiled call per
+        sequence where the model's pieces allow (runtime/fused.py; the same bits); `compiled_step` False takes every
+        step piece by piece (tests and benchmarks compare the two). A cache smaller than the experts steps compiled too while its
+        recent decode steps read fewer than `step_reads` experts per layer (the general path's prefetch guesses pay
+        above that; float("inf"): always, 0: never). `packed_copies` (default: on unless MERTOOLS_PACKED_COPIES=0):
         where reads keep their pages and the slots are packed, the packed experts and dense weights are kept as files
         in the layout's packed/ directory, which later engines map instead of reading and packing (runtime/packed.py);
         once they exist, "auto" reads buffered (maps them). `fill`: when the cache holds every expert, read the ones not
@@ -209,8 +211,10 @@ class Engine:
         copies = packed if prepare is not None and keep else None
         copied = copied and copies is not None
         # numba's cached kernels loaded on the other core while this thread reads the dense weights (preload.py)
-        loading = preload.start(preload.entry_points(kernels, kernels == "int8" and compiled_step
-                                                     and slots == len(m.experts) and remote is None), kv_dtype)
+        # (the compiled step where the experts run on the 8-bit kernels as loaded: packed, or a type read as it is)
+        stepped = kernels == "int8" and compiled_step and remote is None and (
+            prepare is not None or not any(int8.needs_packing(t) for t in dtypes))
+        loading = preload.start(preload.entry_points(kernels, stepped), kv_dtype)
         one_blas_thread()
         # address space for as many slots as the machine's memory holds, so `resize_cache` can grow the cache later
         capacity = len(m.experts) if mapped else min(len(m.experts), max(slots, total_bytes() // slot_bytes))
@@ -233,7 +237,8 @@ class Engine:
         if not copied:  # this thread packs the dense weights now: their kernels loaded first, as the thread loads its
             preload.load(preload.packing(kernels), kv_dtype)  # (numba's own first load refreshes its registries)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
-                         standins=standins, kernels=kernels, compiled_step=compiled_step, copies=copies)
+                         standins=standins, kernels=kernels, compiled_step=compiled_step, copies=copies,
+                         step_reads=step_reads)
         preloaded = 0
         if learned is not None and (seed := learned.seed()) is not None:
             for c in (cache, standins.cache if standins else None):

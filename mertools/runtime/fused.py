@@ -4,8 +4,9 @@ It applies to models of the standard pieces (Mixtral-, Qwen3-MoE-, OLMoE- and gp
 SwiGLU experts or the GLU of `pieces.glu`, grouped-query attention with rotary, q/k norms per head or over the
 projection, biases on q/k/v/o, the router and the experts, attention sinks, sliding windows), every layer with routed
 experts and nothing else (no shared expert, no dense MLP layer, no correction bias), in the 8-bit mode with every
-matrix on the 8-bit kernels, exact routing, no stand-ins, and an expert cache that holds every expert (a model in RAM:
-slots of its arena, or mappings of the files with `--io mmap` / `auto`, their addresses kept by the store); per step,
+matrix on the 8-bit kernels (experts included: packed where the cache holds every expert, else a type they read as
+it is, Q4_K / Q5_K / Q6_K; a streamed Q4_0 slot is not packed), exact routing, no stand-ins; the slots are the cache's
+arena, or mappings of the files with `--io mmap` / `auto`, their addresses kept by the store. Per step,
 to one sequence decoding one token with an f16 or float32 KV cache (a step of several such sequences, the server's
 decode, runs one call per sequence). The call goes layer by layer until a layer chooses an expert that is not resident
 yet (a model's first tokens read its experts); it returns with that layer's routing and attention done, Python looks
@@ -14,8 +15,12 @@ observed, the next layer's guesses prefetched), and a compiled call goes on from
 Before, the general path computed that layer (~9 ms of Python per layer on Qwen3-30B-A3B's shape, most of a miss's
 cost there). Several sequences' step that stops goes to the general path, whose layer then goes on compiled (`resume`).
 Slots cannot change under the call: the engine's thread is in it, and only that thread evicts (the background fill,
-fill.py, takes free slots only); a load completing meanwhile only turns a slot from -1 to its number. With a cache
-smaller than the experts, every step takes the general path, whose prefetch guesses matter there.
+fill.py, takes free slots only; a victim is chosen by `acquire` / `prefetch` on this thread, between calls, and its
+slot_of entry is -1 from then on); a load completing meanwhile only turns a slot from -1 to its number. So a cache
+smaller than the experts (streaming) steps compiled too: each miss is a stop. The layers a call goes through make no
+prefetch guesses, so more of the misses are waited for, yet the tokens went faster (docs/BENCHMARKS.md, "Full size:
+notes", stop 50). Several sequences' steps take the general path while streaming: their calls would mostly stop and
+the step be taken again.
 
 What the call leaves to Python, afterwards and in layer order, is what the general path does per layer around
 its kernels: the trace, the routing history, the cache's usage estimates and the prefetcher's (`_observe`), and the
@@ -25,6 +30,7 @@ with an expert to read does (in `fetch`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +49,10 @@ if TYPE_CHECKING:
     from .model import MoEModel
 
 ALIGN = 64  # each dense matrix starts on a cache line of the arena
+# a streaming cache's decode steps run compiled while they average fewer expert reads per layer than this (a decayed
+# mean over the steps); above it the general path's per-layer prefetch guesses are worth more (docs/BENCHMARKS.md)
+STEP_READS = 0.25
+READS_DECAY = 0.7
 ROPE_CHUNK = 256  # positions whose rotary angles are computed at once
 
 
@@ -94,8 +104,6 @@ def _unsupported(model: MoEModel) -> str | None:
         return "approximate or replayed routing"
     if moe.hooks.experts is not None:
         return "experts computed elsewhere (shards)"
-    if model.cache.n_slots < cfg.n_layers * cfg.n_experts:
-        return "an expert cache smaller than the experts (streaming: the general path prefetches)"
     if not all(all(flags) for flags in moe.full.int8.values()):
         return "an expert type without 8-bit kernels"
     if cfg.rope_scaling not in (RopeScaling.NONE, RopeScaling.YARN):
@@ -116,8 +124,13 @@ def _unsupported(model: MoEModel) -> str | None:
 class FusedStep:
     """The compiled decode step of one model: its tables, built once, and the Python around each call."""
 
-    def __init__(self, model: MoEModel) -> None:
+    def __init__(self, model: MoEModel, step_reads: float = STEP_READS) -> None:
         self.model = model
+        self.step_reads = step_reads
+        # expert reads per layer of recent decode steps (decayed), from the cache's loads since the last one began;
+        # None until a step is measured (that step goes the general way: a cold streaming cache reads at every layer)
+        self.reads: float | None = None
+        self._loads: int | None = None
         cfg, arena = model.cfg, model.dense_arena
 
         def mat(m) -> list[int]:  # noqa: ANN001 - (offset, type code, rows, row bytes) of a Linear in the arena
@@ -162,10 +175,11 @@ class FusedStep:
         self.partial = 0  # tokens a compiled call began and the general path took on (an expert it could not have)
         self.resumed = 0  # compiled calls that went on from a layer after an earlier call stopped there or before it
         self.fetched = 0  # layers whose experts a stopped call's token waited for between calls (`_go_on`)
+        self.left = 0  # streaming decode steps left to the general path: they read too many experts (`_reads_few`)
 
     @classmethod
-    def of(cls, model: MoEModel) -> FusedStep | None:
-        return None if _unsupported(model) is not None else cls(model)
+    def of(cls, model: MoEModel, step_reads: float = STEP_READS) -> FusedStep | None:
+        return None if _unsupported(model) is not None else cls(model, step_reads)
 
     def run(self, items, observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray] | None:  # noqa: ANN001
         """forward_batch's items -> the logits it returns; or, for one sequence, (layer, x (1, d_model)) when a call
@@ -176,6 +190,9 @@ class FusedStep:
         stops at an expert to read, the general path takes the whole step again (the keys and values the calls stored
         are the ones it stores: the same bits at the same positions)."""
         if any(len(ids) != 1 or kv.dtype not in ("f16", "f32") for kv, ids in items):
+            self._loads = None  # a prompt's reads are no decode step's
+            return None
+        if self.model.cache.learns and not self._reads_few(len(items), observed):
             return None
         slots, n = self.model.cache.slot_of, self.model.cfg.n_layers
         done = [self._call(kv, int(ids[0]), slots) for kv, ids in items]
@@ -191,6 +208,23 @@ class FusedStep:
         self.steps += len(done) * observed
         self.model.last_x = done[0].x.reshape(1, -1) if len(done) == 1 else np.stack([d.x for d in done])
         return [d.logits.reshape(1, -1) for d in done]
+
+    def _reads_few(self, n_seqs: int, observed: bool) -> bool:
+        """Whether a streaming cache's decode step runs compiled: one sequence (several sequences' calls would mostly
+        stop at a miss and the general path take the step again), and recent steps' reads per layer below
+        `step_reads` (inf: always; each miss stops the call, and the layers it goes through make no prefetch guesses)."""
+        loads = self.model.cache.stats.loads
+        if n_seqs > 1:
+            self._loads = None
+            return False
+        if observed and self._loads is not None:  # the reads since the last decode step began: that step's
+            step = (loads - self._loads) / self.model.cfg.n_layers
+            self.reads = step if self.reads is None else READS_DECAY * self.reads + (1 - READS_DECAY) * step
+        self._loads = loads
+        if self.step_reads < math.inf and (self.reads is None or self.reads >= self.step_reads):
+            self.left += observed
+            return False
+        return True
 
     def resume(self, kv: KVCache, token: int, first: int, x: np.ndarray,
                observed: bool) -> list[np.ndarray] | tuple[int, np.ndarray]:

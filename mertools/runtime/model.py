@@ -14,7 +14,7 @@ from ..kernels.matmul import get_rows
 from ..layout.reader import Layout
 from .batch import Batch, KVCache
 from .cache import ExpertCache
-from .fused import DenseArena, FusedStep
+from .fused import STEP_READS, DenseArena, FusedStep
 from .hooks import ModelHooks, PrefetcherFactory
 from .moe import StreamingMoE, Tier
 from .ops import Linear, RuntimeOps, rms_norm
@@ -54,7 +54,8 @@ class MoEModel:
     def __init__(self, layout: Layout, cache: ExpertCache, store: ExpertStore, *,
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
                  kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None,
-                 kernels: str = "exact", compiled_step: bool = True, copies: PackedCopies | None = None) -> None:
+                 kernels: str = "exact", compiled_step: bool = True, copies: PackedCopies | None = None,
+                 step_reads: float = STEP_READS) -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
@@ -68,7 +69,7 @@ class MoEModel:
         self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)
                            if isinstance(prefetch, str) else prefetch(self.lookahead_router))
         # a decode step in one compiled call, where it applies (runtime/fused.py)
-        self.fused = FusedStep.of(self) if compiled_step else None
+        self.fused = FusedStep.of(self, step_reads) if compiled_step else None
 
     def _load_dense(self, layout: Layout, copies: PackedCopies | None) -> None:
         """The dense weights: from a packed copy of an earlier process's arena where one holds the same pieces, else
