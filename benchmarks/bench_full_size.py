@@ -576,12 +576,20 @@ def main() -> None:
         p = paths(s, n, work, a.seed)
         need = 0 if a.reuse and reusable(p, _recipe(s, n, a)) else disk_need(s, n)
         plans.append((s, n, p, need))
-    have = shutil.disk_usage(work).free
-    for _, _, q, need in plans:  # a build first removes the files of ours it replaces
-        if need:
-            have += q["gguf"].stat().st_size if q["gguf"].exists() else 0
-            have += sum(f.stat().st_size for f in q["layout"].rglob("*") if f.is_file()) if q["layout"].is_dir() else 0
-    need = (sum(x[3] for x in plans) if a.keep else max(x[3] for x in plans)) + GIB
+    # shape by shape, in order: a build first removes the files of ours it replaces; without --keep each shape's files
+    # go after its runs, so a shape reused now leaves its room to the next one's build
+    have = free = shutil.disk_usage(work).free
+    need, tightest = GIB, None
+    for _, _, q, size in plans:
+        ours = q["gguf"].stat().st_size if q["gguf"].exists() else 0
+        ours += sum(f.stat().st_size for f in q["layout"].rglob("*") if f.is_file()) if q["layout"].is_dir() else 0
+        if size:
+            free += ours
+            if tightest is None or size + GIB - free > tightest:
+                need, have, tightest = size + GIB, free, size + GIB - free
+            free -= size if a.keep else 0
+        elif not a.keep:
+            free += ours
     print(f"disk: need {need / GB:.1f} GB in {work} ({', '.join(f'{s.name} {x / GB:.1f} GB' for s, _, _, x in plans)}, "
           f"+1 GiB slack{', all kept' if a.keep else ', one shape at a time'}), have {have / GB:.1f} GB free", file=sys.stderr)
     est = {s.name: {k: v for k, v in estimate_s(s, n, caps, a, avail).items() if need or k == "runs"}
