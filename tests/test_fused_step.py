@@ -270,9 +270,11 @@ def test_a_cache_smaller_than_the_experts_steps_compiled(layouts: dict[str, Path
     out, counts, traces = {}, {}, {}
     for compiled in (True, False):
         trace: list[tuple[int, int, list[int], bytes]] = []
+        def record(pos, layer, chosen, w, t=trace) -> None:  # noqa: ANN001
+            t.append((int(pos[0]), layer, chosen.tolist(), _bits(w).tobytes()))
+
         with Engine.open(layouts[name], kernels="int8", compiled_step=compiled, prefetch=prefetch, cache_mb=half,
-                         step_reads=float("inf"), trace=lambda pos, layer, chosen, w, t=trace: t.append((int(pos[0]), layer, chosen.tolist(),
-                                                                                 _bits(w).tobytes()))) as eng:
+                         step_reads=float("inf"), trace=record) as eng:
             assert eng.cache.learns  # a victim is chosen at every miss once the slots are full
             vocab = eng.config.vocab_size
             out[compiled] = np.concatenate([eng.forward([1, 2, 3])] + [eng.forward([(5 + 17 * i) % vocab])
