@@ -24,24 +24,28 @@ if str(ROOT) not in sys.path:
 SLOW_MODULES = frozenset({"test_soak", "test_interrupt", "test_memory"})
 
 
-# Modules whose tests share a machine-wide resource run on one pytest-xdist worker: a Ray cluster per test, and Ray's
-# defaults (ports, /tmp/ray) are one per machine.
-ONE_WORKER_MODULES = frozenset({"test_shards"})
-
 # How `make test` hands tests to its two workers (`--dist loadgroup --no-loadscope-reorder`: in collection order, a
 # scope at a time, each test its own scope but for the groups `_scope` names). First two lanes, one per worker, of the
-# tests that compile most of the suite's kernels from an empty cache (in one process: the first of the exact kernels'
-# 125 s, deepseek2's 8-bit MLA 90 s, the families' 8-bit step 65 s, the prompt's GEMM 25 s): handed out one by one,
-# both workers compiled the same kernels at once (test_approx's first two tests took 128 s and 130 s side by side).
-# Then the Ray tests (one group, ~4 minutes) and the slow modules, so that the run does not end on one long test; then
-# the rest in file order.
+# tests that compile most of the suite's kernels from an empty cache (`make test` from a fresh clone, stop 51: the
+# exact kernels 67 s; `mertools run`'s 8-bit kernels 137 s, then the families' 8-bit step 38 s): handed out one by
+# one, both workers compiled the same kernels at once (test_approx's first two tests took 128 s and 130 s side by side).
+# Then the rest in file order, and the slow modules last (their `mertools run` / `serve` processes compiled the 8-bit
+# kernels beside the lane compiling them when they came right after the lanes; each of their tests is under 40 s).
 COMPILE_LANES = (
     ("tests/test_approx.py::test_exact_settings_give_identical_logits",
      "tests/test_approx.py::test_batched_and_prefill_steps_with_approximation"),
-    ("tests/test_deepseek2.py::test_int8_kernels_with_latent_attention[v2]",
-     "tests/test_families.py::test_int8_kernels_close_to_exact[olmoe]"),
+    # the 8-bit kernels of `mertools run` first, alone (the families' tests compare them with the exact kernels, which
+    # the other lane compiles meanwhile), then the families' 8-bit step, then deepseek2's latent attention
+    ("tests/test_preload.py::test_the_preloaded_kernels_are_the_runs_and_compute_the_same",
+     "tests/test_families.py::test_int8_kernels_close_to_exact[olmoe]",
+     "tests/test_deepseek2.py::test_int8_kernels_with_latent_attention[v2]"),
 )
-_LANE_OF = {nodeid: i for i, lane in enumerate(COMPILE_LANES) for nodeid in lane}
+# Modules whose tests share a machine-wide resource run on one pytest-xdist worker, at the end of the lane named: Ray's
+# tests (a cluster per test, and Ray's defaults, ports and /tmp/ray, are one per machine; ~4 minutes), after the lane
+# that compiles the 8-bit layer loop their shards run (started beside it, a 4-shard test compiled the same kernels at
+# the same time: 120 s against 10 s warm)
+ONE_WORKER_MODULES = {"test_shards": 1}
+_LANE_OF = {nodeid: (lane, i) for lane, tests in enumerate(COMPILE_LANES) for i, nodeid in enumerate(tests)}
 
 
 def _module(nodeid: str) -> str:
@@ -49,18 +53,21 @@ def _module(nodeid: str) -> str:
 
 
 def _scope(nodeid: str) -> str:
-    """The unit of work a worker takes `nodeid` in: its lane, its module if that runs on one worker, or itself."""
-    if nodeid in _LANE_OF:
-        return f"compile-lane-{_LANE_OF[nodeid]}"
-    module = _module(nodeid)
-    return module if module in ONE_WORKER_MODULES else nodeid
+    """The unit of work a worker takes `nodeid` in: its lane (a lane's test or a module of ONE_WORKER_MODULES), or
+    itself."""
+    lane = _LANE_OF[nodeid][0] if nodeid in _LANE_OF else ONE_WORKER_MODULES.get(_module(nodeid))
+    return nodeid if lane is None else f"compile-lane-{lane}"
 
 
-def _rank(item: pytest.Item) -> int:
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    """Where `item` goes in the run (sorted, stable: file order within a rank): a lane's tests in the lane's order,
+    then its one-worker modules, then the rest, then the slow modules."""
     if item.nodeid in _LANE_OF:
         return _LANE_OF[item.nodeid]
     name = _module(item.nodeid)
-    return len(COMPILE_LANES) + (0 if name in ONE_WORKER_MODULES else 1 if name in SLOW_MODULES else 2)
+    if name in ONE_WORKER_MODULES:
+        return ONE_WORKER_MODULES[name], len(COMPILE_LANES[ONE_WORKER_MODULES[name]])
+    return len(COMPILE_LANES) + (1 if name in SLOW_MODULES else 0), 0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

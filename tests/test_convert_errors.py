@@ -154,10 +154,11 @@ def test_existing_output_refused_without_force(tiny: dict, tmp_path: Path) -> No
 
 
 def _slow_source(tmp_path: Path) -> Path:
-    """A source whose conversion takes a few seconds: many small layers, requantized to q4_k."""
+    """A source whose conversion takes a few seconds: small layers, requantized to q4_k (~1 s a layer here: the
+    interrupt lands after layer 1's files, with 8 layers still to go)."""
     from fixtures.tiny_mixtral import synth_mixtral_gguf
 
-    return synth_mixtral_gguf(tmp_path / "slow.gguf", 24, seed=1, d_model=256, d_ff=1024, n_expert=8,
+    return synth_mixtral_gguf(tmp_path / "slow.gguf", 10, seed=1, d_model=256, d_ff=1024, n_expert=8,
                               n_head=4, n_kv=2, vocab=1024)
 
 

@@ -295,10 +295,10 @@ def test_a_new_layout_under_numbas_workqueue_layer_loads_between_steps(layouts: 
     srv = Served(config, env={"NUMBA_THREADING_LAYER": "workqueue"})
     try:
         c = srv.client("")
-        solo = [c.completions.create(model="bard", prompt=p, max_tokens=200, temperature=0).choices[0].text
+        solo = [c.completions.create(model="bard", prompt=p, max_tokens=100, temperature=0).choices[0].text
                 for p in PROMPTS]
         texts, last, _ = _under_load(srv, "", "bard", lambda: srv.reload(
-            f'layout = "{layouts["q4_0"]}"\nmodel_name = "bard-q4"\ncache_mb = 3\n'))
+            f'layout = "{layouts["q4_0"]}"\nmodel_name = "bard-q4"\ncache_mb = 3\n'), n=100)
         assert texts == solo and last["ok"]
         assert c.completions.create(model="bard-q4", prompt="ROMEO:", max_tokens=5).usage.completion_tokens == 5
         assert srv.proc.poll() is None
