@@ -579,14 +579,14 @@ def main() -> None:
     # shape by shape, in order: a build first removes the files of ours it replaces; without --keep each shape's files
     # go after its runs, so a shape reused now leaves its room to the next one's build
     have = free = shutil.disk_usage(work).free
-    need, tightest = GIB, None
+    need = GIB  # the build that falls shortest of its room, with the room it has (need == GIB: no build yet)
     for _, _, q, size in plans:
         ours = q["gguf"].stat().st_size if q["gguf"].exists() else 0
         ours += sum(f.stat().st_size for f in q["layout"].rglob("*") if f.is_file()) if q["layout"].is_dir() else 0
         if size:
             free += ours
-            if tightest is None or size + GIB - free > tightest:
-                need, have, tightest = size + GIB, free, size + GIB - free
+            if need == GIB or size + GIB - free > need - have:
+                need, have = size + GIB, free
             free -= size if a.keep else 0
         elif not a.keep:
             free += ours

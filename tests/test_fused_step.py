@@ -375,12 +375,15 @@ def test_not_taken_where_it_does_not_apply(layouts: dict[str, Path]) -> None:
         eng.forward([4])
         assert eng.stats()["compiled_steps"] == 0
     q4k = layouts["trained-q4_k"]  # read as it is: the 8-bit kernels whether the cache streams or not
-    with Engine.open(q4k, kernels="int8", cache_mb=1) as eng:  # streaming: compiled calls stop at every miss
+    # streaming, compiled whatever the reads (`step_reads` inf): the calls stop at every miss
+    with Engine.open(q4k, kernels="int8", cache_mb=1, step_reads=float("inf")) as eng:
         assert eng.model.fused is not None
         small = np.concatenate([eng.forward([i]) for i in range(1, 10)])
+        steps = eng.model.fused.steps
+        assert steps > 0
         a, b = eng.new_sequence(), eng.new_sequence()  # several sequences, streaming: the general path
         eng.step([(a, [5]), (b, [6])])
-        assert eng.model.fused.partial == 0
+        assert eng.model.fused.steps == steps and eng.model.fused.partial == 0
     with Engine.open(q4k, kernels="int8") as eng:
         _all_resident(eng)
         whole = np.concatenate([eng.forward([i]) for i in range(1, 10)])
