@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import MertoolsError
+from .runtime.prefetch import PREFETCH_DEPTH
 from .server.cli import approx_options, io_option, kernels_option, shard_options
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("-n", "--max-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate.")
 @click.option("--cache-mb", type=click.FloatRange(min=0, min_open=True), help="Expert cache budget (MiB); default: what fits.")
 @click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
+@click.option("--prefetch-depth", default=PREFETCH_DEPTH, show_default=True, type=click.IntRange(1),
+              help="Layers ahead the lookahead guesses: beyond the next one, a guess is read only while the disk "
+                   "is otherwise idle (1: the next layer only).")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
@@ -164,7 +168,8 @@ def inspect(path: str, as_json: bool) -> None:
                    "(it reads when the compute leaves a core idle; `serve` does by default, filling between requests).")
 @shard_options
 @approx_options
-def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, temperature: float,
+def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefetch: str, prefetch_depth: int,
+        temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], threads: int | None, kv_type: str,
         io_mode: str, kernels: str, json_out: str | None, trace_out: str | None, draft: str | None, draft_tokens: int,
         history: str | None, packed_copies: bool | None, fill: bool, shards: int | None, shard_plan: str | None,
@@ -189,7 +194,7 @@ def run(layout: str, prompt: str, max_tokens: int, cache_mb: float | None, prefe
         with Engine.open(layout, cache_mb=cache_mb, prefetch=prefetch, threads=threads, trace=tracer, approx=approx,
                          kv_dtype=kv_type, io=io_mode, reserve_bytes=draft_footprint(draft), history=history,
                          kernels=kernels, shards=shards, plan=shard_plan, ray_address=ray_address,
-                         packed_copies=packed_copies, fill=fill) as engine:
+                         packed_copies=packed_copies, fill=fill, prefetch_depth=prefetch_depth) as engine:
             if tracer is not None and engine.shards is None:  # a sharded driver's cache holds nothing: no "held"
                 tracer.follow(engine.cache, engine.store)
             drafter = engine.open_drafter(draft) if draft else None

@@ -178,6 +178,57 @@ def test_lookahead_prefetcher_uses_the_next_router() -> None:
     assert p.guess(2, np.array([[0, 1]]), np.array([[1.0, 0.0]]), 2) == []  # no layer after the last
 
 
+def test_lookahead_guesses_ahead_nearest_layer_first_up_to_its_depth() -> None:
+    w = np.zeros((5, 4, 2))  # per layer, (n_experts, d): layer l prefers expert l % 4, then (l + 1) % 4
+    for layer in range(5):
+        w[layer, layer % 4] = [5.0, 0.0]
+        w[layer, (layer + 1) % 4] = [4.0, 0.0]
+
+    def router(layer: int, h: np.ndarray) -> np.ndarray:
+        z = h @ w[layer].T
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    x = np.array([[1.0, 0.0]])
+    assert list(LookaheadPrefetcher(router, 5).guess_ahead(0, x, 2)) == []  # depth 1: the next layer only (guess)
+    assert list(LookaheadPrefetcher(router, 5, depth=3).guess_ahead(0, x, 1)) == [(2, [2]), (3, [3])]
+    assert list(LookaheadPrefetcher(router, 5, depth=3).guess_ahead(0, x, 2)) == [(2, [2, 3]), (3, [3, 0])]
+    assert list(LookaheadPrefetcher(router, 5, depth=9).guess_ahead(2, x, 1)) == [(4, [0])]  # not past the last
+    two = np.array([[1.0, 0.0], [0.0, 1.0]])  # the second token's scores all tie: its top choices are 0 and 1
+    assert list(LookaheadPrefetcher(router, 5, depth=2).guess_ahead(0, two, 2)) == [(2, [2, 0, 3, 1])]
+    with pytest.raises(ValueError, match="depth"):
+        LookaheadPrefetcher(router, 5, depth=0)
+
+
+def test_prefetch_idle_reads_one_guess_only_while_no_load_is_in_flight() -> None:
+    cache, loader = make(4, n_layers=8, delay=0.3)
+    cache.note_layer(0)
+    assert cache.prefetch([(1, 3)]) == 1 and cache.busy()
+    assert cache.prefetch_idle([(2, 4), (3, 5)], 0.5) == 0  # the next layer's read is in flight: nothing more
+    deadline = time.perf_counter() + 2
+    while cache.busy() and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert not cache.busy()
+    assert cache.prefetch_idle([(1, 3), (2, 4), (3, 5)], 0.5) == 1  # (1, 3) is held: the first one not held, alone
+    assert set(cache.entries) == {(1, 3), (2, 4)} and cache.busy()
+    assert cache.stats.prefetch_issued == 2
+    use(cache, loader, [(2, 4)])  # a guess ahead is a prefetch like any: used when its layer routes to it
+    assert cache.stats.prefetch_used == 1
+
+
+def test_prefetch_idle_never_evicts_what_the_policy_values_more() -> None:
+    cache, loader = make(2, n_layers=8)
+    for layer in (1, 2):  # the same experts chosen at every visit: the policy holds them dear
+        for _ in range(5):
+            cache.record_routing(layer, [0])
+    use(cache, loader, [(1, 0)])
+    use(cache, loader, [(2, 0)])
+    cache.note_layer(0)  # layers 1 and 2 come next: worth more than a guess four layers ahead
+    assert cache.prefetch_idle([(4, 6)], 0.5) == 0 and set(cache.entries) == {(1, 0), (2, 0)}
+    cache.note_layer(3)  # layers 1 and 2 have just passed: a guess for the next layer but one replaces one
+    assert cache.prefetch_idle([(5, 6)], 0.5) == 1 and (5, 6) in cache.entries
+
+
 def test_markov_prefetcher_learns_transitions() -> None:
     m = MarkovPrefetcher(3, 4)
     for _ in range(5):

@@ -39,10 +39,11 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_settings_file_checks_and_merges(tmp_path: Path) -> None:
     f = tmp_path / "serve.toml"
     f.write_text('layout = "models/x"\napi_keys = ["a", "b"]\ncache_mb = 64\nmax_concurrency = 4\nkv_type = "q8_0"\n'
-                 'temperature = 0.7\nlog_level = "debug"\n')
+                 'temperature = 0.7\nlog_level = "debug"\nprefetch_depth = 3\n')
     got = read_settings(f)
     assert got == {"layout": str(tmp_path / "models" / "x"), "api_keys": ("a", "b"), "cache_mb": 64.0,
-                   "max_concurrency": 4, "kv_dtype": "q8_0", "temperature": 0.7, "log_level": "debug"}
+                   "max_concurrency": 4, "kv_dtype": "q8_0", "temperature": 0.7, "log_level": "debug",
+                   "prefetch_depth": 3}
     base = ServerConfig(layout="cli-layout", max_concurrency=2, api_key="c", pinned=frozenset({"max_concurrency"}))
     cfg = with_file(base, got)
     assert (cfg.layout, cfg.max_concurrency, cfg.cache_mb, cfg.kv_dtype) == (got["layout"], 2, 64.0, "q8_0")
@@ -52,6 +53,7 @@ def test_settings_file_checks_and_merges(tmp_path: Path) -> None:
                           ("max_queue = 1.5\n", "max_queue: must be an integer"),
                           ("max_concurrency = true\n", "max_concurrency"),
                           ('prefetch = "sometimes"\n', "prefetch: must be one of"),
+                          ("prefetch_depth = 0\n", "prefetch_depth: must lie in"),
                           ('api_keys = "k"\n', "api_keys: must be a list"),
                           ("cache_size = 3\n", "unknown key 'cache_size'"), ("cache_mb = \n", "not valid TOML"),
                           ("top_p = 1.5\n", "top_p: must lie in")]:

@@ -39,6 +39,7 @@ class CacheStats:
     prefetch_used: int = 0  # a prefetched expert that was then looked up
     prefetch_wasted: int = 0  # evicted (or never used) without a lookup
     prefetch_cancelled: int = 0  # still loading when its layer routed elsewhere, and stopped early
+    prefetch_ahead: int = 0  # of prefetch_issued, guesses beyond the next layer read while the disk was idle
     filled: int = 0  # loads the background fill started (`claim_free`, fill.py): experts read before any lookup wanted them
     wait_seconds: float = 0.0  # time lookups spent blocked on loads
     load_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # loads that completed
@@ -88,6 +89,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self.failed: dict[Key, BaseException] = {}
         self.speculative: set[Key] = set()  # prefetches still loading: the only candidates to call off
+        self.in_flight = 0  # loads registered and not yet ended (queued or reading): 0 when the disk is idle for us
         self.clock = 0
         self.current_layer = 0
         # for the "lfd" policy: decayed per-(layer, expert) usage frequency, each layer's last choice,
@@ -116,13 +118,17 @@ class ExpertCache:
     # ------------------------------------------------------------------ policy
     def _score(self, e: _Entry) -> float:
         """Higher = more worth keeping. "lfd" keeps the experts with the highest chance of use per layer
-        step held: p / distance, where its layer comes round in `distance` steps and is then used with
-        probability p, the learned repeat rate if the expert was chosen at its layer's last visit
-        (routing is sticky across tokens), else its share of the layer's choices. Its hit rates beside
-        LRU and Belady's optimum on recorded routing: benchmarks/bench_beyond_ram.py, section 4."""
+        step held (`_value`); "lru" the most recently used."""
         if self.policy == "lru":
             return float(self.slot_last[e.slot])
-        layer, expert = e.key
+        return self._value(e.key)
+
+    def _value(self, key: Key, at_least: float = 0.0) -> float:
+        """"lfd"'s worth of holding `key`: p / distance, where its layer comes round in `distance` steps and is then
+        used with probability p, the learned repeat rate if the expert was chosen at its layer's last visit
+        (routing is sticky across tokens), else its share of the layer's choices. Its hit rates beside
+        LRU and Belady's optimum on recorded routing: benchmarks/bench_beyond_ram.py, section 4."""
+        layer, expert = key
         distance = (layer - self.current_layer) % self.n_layers or self.n_layers
         share = (float(self.freq[layer, expert]) + 0.5) / (float(self.totals[layer]) + 0.5 * self.n_experts)
         p = min(1.0, share * self.k_seen[layer])
@@ -130,7 +136,7 @@ class ExpertCache:
             # learned repeat rate of the layer, beyond what the expert's share alone predicts
             r = (self.repeat_hits[layer] + 1.0) / (self.repeat_total[layer] + 2.0)
             p = max(p, r)
-        return p / distance
+        return max(p, at_least) / distance
 
     def _victim(self, protect: set[Key]) -> _Entry | None:
         candidates = [e for e in self.entries.values() if e.pins == 0 and not e.loading and e.key not in protect]
@@ -218,6 +224,7 @@ class ExpertCache:
         if prefetched:
             self.speculative.add(key)
         self.stats.loads += 1
+        self.in_flight += 1
         return entry
 
     def claim_free(self, key: Key) -> int | None:
@@ -239,6 +246,13 @@ class ExpertCache:
         self._run_loader(key, slot, None)
 
     def _run_loader(self, key: Key, slot: int, cancel: threading.Event | None) -> None:
+        try:
+            self._load(key, slot, cancel)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _load(self, key: Key, slot: int, cancel: threading.Event | None) -> None:
         t0 = time.perf_counter()
         try:
             self.loader(key, slot, cancel)
@@ -327,6 +341,41 @@ class ExpertCache:
                 self.stats.prefetch_issued += 1
                 started += 1
         return started
+
+    def busy(self) -> bool:
+        """Whether a load is queued or reading (a lock-free peek, for callers deciding whether to guess further)."""
+        return self.in_flight > 0
+
+    def holds(self, keys: Iterable[Key]) -> bool:
+        """Whether every key is resident or loading (a lock-free peek)."""
+        return all(k in self.entries for k in keys)
+
+    def prefetch_idle(self, keys: Iterable[Key], chance: float, protect: Iterable[Key] = ()) -> int:
+        """Start reading the first of `keys` not held, only while no load is in flight, so a weaker guess (a layer
+        further ahead) never takes bandwidth from a read that is needed; one read per call. It takes a free slot, or,
+        under "lfd", the slot of an expert the policy values less than the guess: `_value` with p at least `chance`,
+        the guess's chance of being used. Returns 1 if a read was started."""
+        with self.lock:
+            if self.in_flight:
+                return 0
+            keys = list(keys)
+            keep = set(protect) | set(keys)
+            for key in keys:
+                if key in self.entries:
+                    continue
+                if self.free:
+                    slot = self.free.pop()
+                else:
+                    victim = self._victim(keep)
+                    if victim is None or (self.policy == "lfd" and self._score(victim) >= self._value(key, chance)):
+                        return 0
+                    self._evict(victim)
+                    slot = victim.slot
+                self._start_load(key, slot, prefetched=True)
+                self.stats.prefetch_issued += 1
+                self.stats.prefetch_ahead += 1
+                return 1
+            return 0
 
     def acquire(self, keys: list[Key]) -> Iterator[tuple[Key, int]]:
         """Look the keys up now (counting hits and misses, starting loads for misses as free slots

@@ -30,7 +30,7 @@ from .model import KVCache, MoEModel
 from .moe import Tier, expert_packer
 from .mtp import MtpDrafter
 from .packed import PackedCopies, copies_wanted, lowest_priority
-from .prefetch import PREFETCH_MODES
+from .prefetch import PREFETCH_DEPTH, PREFETCH_MODES
 from .sampling import SamplingParams
 from .shards import Plan, ShardedExperts, open_shards
 from .sizing import MARGIN, draft_footprint, fits_beside, model_bytes, one_blas_thread
@@ -42,7 +42,7 @@ from .text import check_ids
 __all__ = ["Engine", "GeneratedToken", "RuntimeConfigError", "IO_MODES", "KERNEL_MODES", "draft_footprint", "model_bytes"]
 
 CACHE_COUNTS = ("lookups", "hits", "misses", "loads", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-                "prefetch_cancelled", "wait_seconds")  # CacheStats' counters, summed over expert shards
+                "prefetch_cancelled", "prefetch_ahead", "wait_seconds")  # CacheStats' counters, summed over expert shards
 DEFAULT_CONTEXT = 256  # a KV cache's first size when no context is asked for
 IO_MODES = ("direct", "buffered", "mmap", "auto")  # --io: Engine.open's `io`
 KERNEL_MODES = ("exact", "int8")  # --kernels: Engine.open's `kernels`
@@ -98,7 +98,7 @@ class Engine:
              reserve_bytes: int = 0, history: str | Path | None = None, kernels: str = "exact",
              compiled_step: bool = True, shards: int | None = None, plan: str | Path | Plan | None = None,
              ray_address: str | None = None, long_lived: bool = False, packed_copies: bool | None = None,
-             fill: bool = False, step_reads: float = STEP_READS) -> Engine:
+             fill: bool = False, step_reads: float = STEP_READS, prefetch_depth: int = PREFETCH_DEPTH) -> Engine:
         """`prefetch` is a mode name or a factory of a prefetcher of one's own; `trace` is called with
         every layer's routing, `routing_override` replaces the router's choices (benchmarks); `approx` turns on approximate
         routing (runtime/approx.py: skipped and resident-substituted expert choices; exact by default). The KV cache
@@ -238,7 +238,7 @@ class Engine:
             preload.load(preload.packing(kernels), kv_dtype)  # (numba's own first load refreshes its registries)
         model = MoEModel(layout, cache, store, prefetch=prefetch, hooks=hooks, kv_dtype=kv_dtype, kv_capacity=kv_capacity,
                          standins=standins, kernels=kernels, compiled_step=compiled_step, copies=copies,
-                         step_reads=step_reads)
+                         step_reads=step_reads, prefetch_depth=prefetch_depth)
         preloaded = 0
         if learned is not None and (seed := learned.seed()) is not None:
             for c in (cache, standins.cache if standins else None):
@@ -418,7 +418,8 @@ class Engine:
             read_latency_ms={p: lat.percentile(p) * 1e3 for p in (50, 95, 99)},
             read_wait_share=c.wait_seconds / t.forward_s if t.forward_s else 0.0,
             prefetch_issued=c.prefetch_issued, prefetch_used=c.prefetch_used, prefetch_wasted=c.prefetch_wasted,
-            prefetch_cancelled=c.prefetch_cancelled,
+            prefetch_cancelled=c.prefetch_cancelled, prefetch_ahead=c.prefetch_ahead,
+            prefetch_depth=self.model.prefetch_depth,
             read_retries=s.retried,
             cache_slots=self.cache.n_slots,
             cache_mb=(self.cache.n_slots * s.slot_bytes + (standins.store.n_slots * standins.store.slot_bytes

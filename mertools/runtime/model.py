@@ -19,7 +19,7 @@ from .hooks import ModelHooks, PrefetcherFactory
 from .moe import StreamingMoE, Tier
 from .ops import Linear, RuntimeOps, rms_norm
 from .packed import DENSE_COPY, PackedCopies, dense_source
-from .prefetch import Prefetcher, make_prefetcher
+from .prefetch import PREFETCH_DEPTH, Prefetcher, make_prefetcher
 from .store import ExpertStore
 
 
@@ -55,7 +55,7 @@ class MoEModel:
                  prefetch: str | PrefetcherFactory = "lookahead", hooks: ModelHooks | None = None,
                  kv_dtype: str = "f16", kv_capacity: int = 256, standins: Tier | None = None,
                  kernels: str = "exact", compiled_step: bool = True, copies: PackedCopies | None = None,
-                 step_reads: float = STEP_READS) -> None:
+                 step_reads: float = STEP_READS, prefetch_depth: int = PREFETCH_DEPTH) -> None:
         cfg = self.cfg = layout.manifest.config
         self.family = get_family(cfg.arch)
         self.cache, self.store, self.hooks = cache, store, hooks or ModelHooks()
@@ -66,7 +66,8 @@ class MoEModel:
         self.moe = StreamingMoE(self.family, cfg, cache, store, self.hooks, standins, kernels)
         self.kv_dtype, self.kv_capacity = kv_dtype, kv_capacity
         self.kv = KVCache(cfg, kv_capacity, kv_dtype)
-        self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts)
+        self.prefetch_depth = prefetch_depth  # layers the lookahead guesses ahead (prefetch.py)
+        self.prefetcher = (make_prefetcher(prefetch, self.lookahead_router, cfg.n_layers, cfg.n_experts, prefetch_depth)
                            if isinstance(prefetch, str) else prefetch(self.lookahead_router))
         # a decode step in one compiled call, where it applies (runtime/fused.py)
         self.fused = FusedStep.of(self, step_reads) if compiled_step else None
@@ -96,7 +97,8 @@ class MoEModel:
     def set_prefetch(self, mode: str) -> None:
         """Guess the next layer's experts with `mode` (prefetch.PREFETCH_MODES) from the next step on; a learned
         Markov model starts afresh."""
-        self.prefetcher = make_prefetcher(mode, self.lookahead_router, self.cfg.n_layers, self.cfg.n_experts)
+        self.prefetcher = make_prefetcher(mode, self.lookahead_router, self.cfg.n_layers, self.cfg.n_experts,
+                                          self.prefetch_depth)
 
     # ------------------------------------------------------------------ pieces
     def lookahead_router(self, layer: int, x: np.ndarray) -> np.ndarray:

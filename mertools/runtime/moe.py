@@ -28,7 +28,7 @@ from .batch import Batch
 from .cache import ExpertCache
 from .hooks import ModelHooks
 from .ops import RuntimeOps, glu_act
-from .prefetch import Prefetcher
+from .prefetch import AHEAD_CHANCE, Prefetcher
 from .store import ExpertStore
 
 ROLES = ("gate", "up", "down")
@@ -158,6 +158,8 @@ class StreamingMoE:
         if guess:
             self._prefetch(layer + 1, guess, prefetcher.predicted_shares(layer, x, guess, chosen.shape[1])
                            if self.standins is not None else None, protect=keys)
+        if self.standins is None:  # (stand-ins prefetch by their own rule)
+            self._prefetch_ahead(layer, x, chosen.shape[1], prefetcher, keys + [(layer + 1, e) for e in guess])
         # per (token, choice) outputs summed in a fixed order afterwards, so the order in which
         # experts arrive from disk can never change the result
         contrib = np.zeros((h.shape[0], chosen.shape[1], cfg.d_model), np.float32)
@@ -181,6 +183,7 @@ class StreamingMoE:
         guess = prefetcher.guess(layer, chosen, x, chosen.shape[1]) if self.cfg.is_moe_layer(layer + 1) else []
         if guess:
             self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
+        self._prefetch_ahead(layer, x, chosen.shape[1], prefetcher, keys + [(layer + 1, e) for e in guess])
         for key, _ in pending:
             self.cache.release(key)
 
@@ -248,6 +251,19 @@ class StreamingMoE:
         low = [e for e, s in zip(guess, shares, strict=True) if e not in held and (s < cut or cut >= 1)]
         self.cache.prefetch([(layer, e) for e in guess if e not in low], protect=protect)
         self.standins.cache.prefetch([(layer, e) for e in low])
+
+    def _prefetch_ahead(self, layer: int, x: np.ndarray, k: int, prefetcher: Prefetcher,
+                        protect: list[tuple[int, int]]) -> None:
+        """While no read is in flight, one read of a guess for a layer beyond the next (prefetch depth > 1): an
+        expert read takes several layers' compute, so a guess one layer ahead alone leaves the disk idle and then
+        waits. Guessed only when the cache cannot hold every expert and the disk is idle (the routers cost)."""
+        if not self.cache.learns or self.cache.busy():
+            return
+        for ahead, experts in prefetcher.guess_ahead(layer, x, k):  # a router for each layer looked at
+            keys = [(ahead, e) for e in experts]
+            if not self.cache.holds(keys):
+                self.cache.prefetch_idle(keys, AHEAD_CHANCE, protect=protect)
+                return
 
     def _standins(self, layer: int, chosen: np.ndarray, weights: np.ndarray, live: np.ndarray | None) -> list[int]:
         """The experts of this step to compute with their stand-ins (approx.standin_choices), counted."""

@@ -1,18 +1,22 @@
 """Guessing the next layer's experts while this layer computes. No I/O, no numba.
 
 - lookahead: apply layer L+1's router to layer L's hidden state (the residual stream changes
-  little between adjacent layers, so the next router's choice on it is a good guess);
+  little between adjacent layers, so the next router's choice on it is a good guess); with depth D > 1
+  also layers L+2..L+D's routers, whose weaker guesses are read only while the disk is idle;
 - markov: a transition model learned online, experts chosen at L -> experts chosen at L+1;
 - none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 PREFETCH_MODES = ("lookahead", "markov", "none")
+PREFETCH_DEPTH = 8  # layers the lookahead guesses ahead by default (docs/BENCHMARKS.md, "Full size: notes")
+# the chance a guess two or more layers ahead is used, as the cache policy weighs it against what it would evict
+AHEAD_CHANCE = 0.5
 # (layer, hidden (n, d_model)) -> router probabilities (n, n_experts) of that layer
 RouterFn = Callable[[int, np.ndarray], np.ndarray]
 
@@ -26,6 +30,12 @@ class Prefetcher:
         """Experts of layer `layer + 1` to read now; `chosen` (n, top_k) are layer `layer`'s choices."""
         return []
 
+    def guess_ahead(self, layer: int, hidden: np.ndarray, k: int) -> Iterator[tuple[int, list[int]]]:
+        """(layer, experts) guesses for layers `layer + 2` onwards, nearest layer first, each layer's most wanted
+        first, computed as they are asked for: what an idle disk may read after the next layer's guesses
+        (ExpertCache.prefetch_idle)."""
+        return iter(())
+
     def observe(self, layer: int, chosen: np.ndarray) -> None:
         """Layer `layer` chose `chosen` (n, top_k)."""
 
@@ -38,8 +48,10 @@ class Prefetcher:
 class LookaheadPrefetcher(Prefetcher):
     mode = "lookahead"
 
-    def __init__(self, router: RouterFn, n_layers: int, extra: int = 0) -> None:
-        self.router, self.n_layers, self.extra = router, n_layers, extra
+    def __init__(self, router: RouterFn, n_layers: int, extra: int = 0, depth: int = 1) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self.router, self.n_layers, self.extra, self.depth = router, n_layers, extra, depth
 
     def guess(self, layer: int, chosen: np.ndarray, hidden: np.ndarray, k: int) -> list[int]:
         if layer + 1 >= self.n_layers:
@@ -54,6 +66,14 @@ class LookaheadPrefetcher(Prefetcher):
         score = np.zeros(probs.shape[1])
         np.add.at(score, order.ravel(), np.take_along_axis(probs, order, axis=1).ravel())
         return [int(e) for e in np.argsort(-score, kind="stable") if score[e] > 0]
+
+    def guess_ahead(self, layer: int, hidden: np.ndarray, k: int) -> Iterator[tuple[int, list[int]]]:
+        for ahead in range(layer + 2, min(layer + self.depth, self.n_layers - 1) + 1):
+            probs = self.router(ahead, hidden)  # (n, n_experts); zeros for a layer without experts
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # each token's top choices
+            experts = [int(e) for e in dict.fromkeys(order.T.ravel().tolist()) if probs[:, e].max() > 0]
+            if experts:  # every token's first choice, then every token's second...
+                yield ahead, experts
 
     def predicted_shares(self, layer: int, hidden: np.ndarray, experts: list[int], k: int) -> np.ndarray | None:
         if layer + 1 >= self.n_layers or not experts:
@@ -92,9 +112,10 @@ class MarkovPrefetcher(Prefetcher):
         return [int(e) for e in np.argsort(-score, kind="stable")[: k * n_tokens] if score[e] > 0]
 
 
-def make_prefetcher(mode: str, router: RouterFn, n_layers: int, n_experts: int) -> Prefetcher:
+def make_prefetcher(mode: str, router: RouterFn, n_layers: int, n_experts: int, depth: int = 1) -> Prefetcher:
+    """`depth`: layers the lookahead guesses ahead (1: the next layer only)."""
     if mode == "lookahead":
-        return LookaheadPrefetcher(router, n_layers)
+        return LookaheadPrefetcher(router, n_layers, depth=depth)
     if mode == "markov":
         return MarkovPrefetcher(n_layers, n_experts)
     if mode == "none":

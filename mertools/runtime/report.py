@@ -27,7 +27,11 @@ def format_stats(s: dict[str, Any]) -> str:
            if s.get("packed_copies_mapped") or s.get("packed_copies_written") else ""),
         f"waiting     {s['read_wait_share']:.1%} of compute time spent waiting on reads; kernels {s.get('kernels', 'exact')}"
         + (f", {s['compiled_steps']} steps in one compiled call" if s.get("compiled_steps") else ""),
-        f"prefetch    {s['prefetch']}: {s['prefetch_issued']} issued, {s['prefetch_used']} used, "
+        f"prefetch    {s['prefetch']}"
+        + (f" (depth {s['prefetch_depth']})" if s["prefetch"] == "lookahead" and s.get("prefetch_depth", 1) > 1 else "")
+        + f": {s['prefetch_issued']} issued"
+        + (f" ({s['prefetch_ahead']} beyond the next layer)" if s.get("prefetch_ahead") else "")
+        + f", {s['prefetch_used']} used, "
         f"{s['prefetch_wasted']} wasted, {s['prefetch_cancelled']} called off while loading",
         *_approx_lines(s),
         *([f"speculate   {s['spec_steps']} verification steps: {s['draft_proposed']} tokens drafted, "

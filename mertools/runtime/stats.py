@@ -151,6 +151,8 @@ class RunStats:
     # (written by the time the engine has closed)
     packed_copies_mapped: int = 0
     packed_copies_written: int = 0
+    prefetch_ahead: int = 0  # of prefetch_issued, guesses beyond the next layer, read while the disk was idle
+    prefetch_depth: int = 1  # layers the lookahead guessed ahead
     kv_dtype: str = "f16"
     kernels: str = "exact"  # "exact" float kernels, or "int8" (8-bit activations, kernels/int8.py)
     compiled_steps: int = 0  # decode steps run in one compiled call (runtime/fused.py)

@@ -46,7 +46,8 @@ def open_engine(cfg: ServerConfig) -> Any:  # noqa: ANN401 - an Engine
     """The engine `cfg` asks for, its kernels compiled or loaded (warmed up) before any request."""
     from ..runtime.engine import Engine, draft_footprint
 
-    engine = Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, threads=cfg.threads,
+    engine = Engine.open(cfg.layout, cache_mb=cfg.cache_mb, prefetch=cfg.prefetch, prefetch_depth=cfg.prefetch_depth,
+                         threads=cfg.threads,
                          kv_dtype=cfg.kv_dtype, approx=cfg.approx, io=cfg.io, kernels=cfg.kernels,
                          reserve_bytes=draft_footprint(cfg.draft), history=cfg.history, shards=cfg.shards,
                          plan=cfg.shard_plan, ray_address=cfg.ray_address, long_lived=True,

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..runtime.prefetch import PREFETCH_DEPTH
+
 if TYPE_CHECKING:
     from ..runtime.approx import Approx
 
@@ -112,6 +114,9 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Sequences waiting for a batch slot; beyond this, 429 with Retry-After.")
 @click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
+@click.option("--prefetch-depth", default=PREFETCH_DEPTH, show_default=True, type=click.IntRange(1),
+              help="Layers ahead the lookahead guesses: beyond the next one, a guess is read only while the disk "
+                   "is otherwise idle (1: the next layer only).")
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")
@@ -153,8 +158,9 @@ def serve(ctx: click.Context, layout: str | None, config_file: str | None, watch
     given = {name for name in ctx.params if ctx.get_parameter_source(name) in (
         click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
     pinned = {field for field in ("layout", "model_name", "api_key", "max_concurrency", "max_queue", "cache_mb", "prefetch",
-                                  "threads", "prefill_chunk", "kv_dtype", "io", "kernels", "draft", "draft_tokens",
-                                  "history", "temperature", "top_p", "top_k", "max_tokens", "log_level", "host", "port", "ui")
+                                  "prefetch_depth", "threads", "prefill_chunk", "kv_dtype", "io", "kernels", "draft",
+                                  "draft_tokens", "history", "temperature", "top_p", "top_k", "max_tokens", "log_level",
+                                  "host", "port", "ui")
               if OPTION_OF.get(field, field) in given}
     base = ServerConfig(layout=layout or "", api_key=options.pop("api_key") or None, kv_dtype=kv_type, io=io_mode,
                         approx=approx, config_file=config_file, watch_config=watch_config, pinned=frozenset(pinned),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.approx import Approx
+from ..runtime.prefetch import PREFETCH_DEPTH
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -26,6 +27,7 @@ class ServerConfig:
     max_queue: int = 64  # sequences waiting for a slot; beyond that, 429
     cache_mb: float | None = None
     prefetch: str = "lookahead"
+    prefetch_depth: int = PREFETCH_DEPTH  # layers the lookahead guesses ahead (runtime/prefetch.py)
     threads: int | None = None
     prefill_chunk: int = 64
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
@@ -113,6 +115,7 @@ FILE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_concurrency": ("max_concurrency", _num(1, integer=True)),
     "max_queue": ("max_queue", _num(0, integer=True)),
     "prefetch": ("prefetch", _text(("lookahead", "markov", "none"))),
+    "prefetch_depth": ("prefetch_depth", _num(1, integer=True)),
     "prefill_chunk": ("prefill_chunk", _num(1, integer=True)),
     "temperature": ("temperature", _num(0, 2)),
     "top_p": ("top_p", _num(0, 1)),

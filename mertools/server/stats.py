@@ -75,7 +75,8 @@ def server_stats(scheduler: Any, metrics: Any, live: Any, heat: bool = True) -> 
     out["experts"] = {"lookups": st.lookups, "hits": st.hits, "misses": st.misses, "hit_rate": st.hit_rate,
                       "loads": st.loads, "evictions": st.evictions, "prefetch_issued": st.prefetch_issued,
                       "prefetch_used": st.prefetch_used, "prefetch_wasted": st.prefetch_wasted,
-                      "prefetch_cancelled": st.prefetch_cancelled, "wait_s": st.wait_seconds,
+                      "prefetch_cancelled": st.prefetch_cancelled,
+                      "prefetch_ahead": st.prefetch_ahead, "wait_s": st.wait_seconds,
                       "prefetch": eng.model.prefetcher.mode}
     lat = store.read_latency
     counts, total, n = lat.cumulative(READ_BUCKETS)  # the store's own bounds: exact counts
