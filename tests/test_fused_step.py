@@ -317,6 +317,20 @@ def test_a_streaming_cache_steps_compiled_while_it_reads_few_experts(layouts: di
     assert np.array_equal(_bits(out["most"]), _bits(out["never"]))
 
 
+def test_reads_ahead_do_not_count_toward_the_rule(layouts: dict[str, Path]) -> None:
+    """Reads of guesses beyond the next layer go while the disk is idle (prefetch depth): the rule counts the reads a
+    step needed, so such reads between two steps leave it compiled, and the same number of other reads does not."""
+    lay = layouts["trained-q4_k"]
+    with Engine.open(lay, kernels="int8", cache_mb=1, step_reads=0.25) as eng:
+        fused, st = eng.model.fused, eng.cache.stats
+        assert not fused._reads_few(1, True)  # nothing measured yet
+        st.loads += 40
+        st.prefetch_ahead += 40  # forty reads ahead since the last step began
+        assert fused._reads_few(1, True) and fused.reads == 0
+        st.loads += 40  # forty reads the step made
+        assert not fused._reads_few(1, True) and fused.reads > 0.25
+
+
 def _batched(layout: Path, compiled: bool, preload: bool) -> dict[str, object]:
     """Three sequences decoding together (the server's steps), after prompts of their own."""
     trace: list[tuple[list[int], int, list[int], bytes]] = []

@@ -213,7 +213,8 @@ class FusedStep:
         """Whether a streaming cache's decode step runs compiled: one sequence (several sequences' calls would mostly
         stop at a miss and the general path take the step again), and recent steps' reads per layer below
         `step_reads` (inf: always; each miss stops the call, and the layers it goes through make no prefetch guesses)."""
-        loads = self.model.cache.stats.loads
+        st = self.model.cache.stats
+        loads = st.loads - st.prefetch_ahead  # reads ahead go while the disk is idle: not this rule's cost
         if n_seqs > 1:
             self._loads = None
             return False
