@@ -63,13 +63,13 @@ def test_real_doc_known_cells() -> None:
     fs = read_section(DOC, "full_size")
     assert fs.title == "Full size, beyond RAM" and fs.machine.startswith("Intel(R) Xeon(R) Processor, 2 cores")
     mix, qwen = fs.table("Mixtral"), fs.table("Qwen3-30B-A3B")
-    assert mix.numbers("mertools tok/s") == [0.248, 0.334, 0.790]
-    assert mix.numbers("GB read/token") == [4.87, 3.01, 0.68]  # mertools' column: the first of the two
-    assert mix.numbers("GB read/token", after="llama.cpp tok/s") == [12.47, 5.96, 0.43]
-    assert mix.numbers("mertools / llama.cpp") == [4.3, 2.9, 1.1]
-    assert mix.figures("peak RSS GiB (within cap)") == ["5.56", "11.38", "21.25"]
+    assert mix.numbers("mertools tok/s") == [0.234, 0.433, 0.965]
+    assert mix.numbers("GB read/token") == [4.84, 3.04, 0.79]  # mertools' column: the first of the two
+    assert mix.numbers("GB read/token", after="llama.cpp tok/s") == [12.36, 5.98, 0.45]
+    assert mix.numbers("mertools / llama.cpp") == [3.1, 2.9, 1.1]
+    assert mix.figures("peak RSS GiB (within cap)") == ["5.56", "11.38", "20.97"]
     assert [cap_gib(c) for c in mix.cells("cap")] == [5.9, 11.8, 23.5]
-    assert qwen.numbers("llama.cpp tok/s") == [0.054, 2.833, 5.846]
+    assert qwen.numbers("llama.cpp tok/s") == [0.057, 3.216, 5.469]
 
     modes = read_section(DOC, "modes").table()
     row = modes.cells("setting").index("stand-ins σ=1")
