@@ -33,7 +33,7 @@ FULL_CONFIG = {
     "model_name": "mixtral", "api_keys": ["k1", "k2"], "max_concurrency": 4, "max_queue": 0, "prefetch": "markov",
     "prefill_chunk": 128, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "max_tokens": 2048, "log_level": "debug",
     "threads": 8, "kv_type": "q8_0", "io": "direct", "kernels": "exact", "draft": "ngram", "draft_tokens": 6,
-    "history": "/var/lib/mertools/history.bin", "ui": False,
+    "history": "/var/lib/mertools/history.bin", "prefetch_depth": 4, "ui": False,
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {

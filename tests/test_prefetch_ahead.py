@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mertools.convert.pipeline import ConvertOptions, convert
+from mertools.errors import RuntimeConfigError
 from mertools.layout import Layout
 from mertools.runtime.engine import Engine
 
@@ -43,5 +44,6 @@ def test_guesses_ahead_are_read_while_idle_and_change_no_result(layout: Path) ->
 
 
 def test_a_depth_below_one_is_refused(layout: Path) -> None:
-    with pytest.raises(ValueError, match="prefetch depth must be at least 1, got 0"):
-        Engine.open(layout, prefetch_depth=0)
+    for prefetch in ("lookahead", "markov"):  # refused before anything loads, whichever prefetcher would use it
+        with pytest.raises(RuntimeConfigError, match="prefetch depth must be at least 1, got 0"):
+            Engine.open(layout, prefetch=prefetch, prefetch_depth=0)

@@ -140,6 +140,8 @@ class Engine:
             raise RuntimeConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
         if isinstance(prefetch, str) and prefetch not in PREFETCH_MODES:
             raise RuntimeConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+        if prefetch_depth < 1:
+            raise RuntimeConfigError(f"prefetch depth must be at least 1, got {prefetch_depth}")
         if approx is not None and not isinstance(approx, Approx):
             raise RuntimeConfigError(f"approx must be an Approx, got {type(approx).__name__}")
         if threads is not None:

@@ -82,7 +82,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- /* values reach templates as float64 (YAML through JSON): give the integer keys back their type, or toToml
 writes max_queue = 64.0 */}}
-{{- range $key := list "max_concurrency" "max_queue" "prefill_chunk" "top_k" "max_tokens" "threads" "draft_tokens" }}
+{{- range $key := list "max_concurrency" "max_queue" "prefill_chunk" "top_k" "max_tokens" "threads" "draft_tokens" "prefetch_depth" }}
 {{- if hasKey $config $key }}
 {{- $_ := set $config $key (int64 (get $config $key)) }}
 {{- end }}
