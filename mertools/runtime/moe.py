@@ -159,7 +159,7 @@ class StreamingMoE:
             self._prefetch(layer + 1, guess, prefetcher.predicted_shares(layer, x, guess, chosen.shape[1])
                            if self.standins is not None else None, protect=keys)
         if self.standins is None:  # (stand-ins prefetch by their own rule)
-            self._prefetch_ahead(layer, x, chosen.shape[1], prefetcher, keys + [(layer + 1, e) for e in guess])
+            self._prefetch_ahead(layer, x, chosen.shape[1], prefetcher, keys, guess)
         # per (token, choice) outputs summed in a fixed order afterwards, so the order in which
         # experts arrive from disk can never change the result
         contrib = np.zeros((h.shape[0], chosen.shape[1], cfg.d_model), np.float32)
@@ -183,7 +183,7 @@ class StreamingMoE:
         guess = prefetcher.guess(layer, chosen, x, chosen.shape[1]) if self.cfg.is_moe_layer(layer + 1) else []
         if guess:
             self.cache.prefetch([(layer + 1, e) for e in guess], protect=keys)
-        self._prefetch_ahead(layer, x, chosen.shape[1], prefetcher, keys + [(layer + 1, e) for e in guess])
+        self._prefetch_ahead(layer, x, chosen.shape[1], prefetcher, keys, guess)
         for key, _ in pending:
             self.cache.release(key)
 
@@ -252,17 +252,18 @@ class StreamingMoE:
         self.cache.prefetch([(layer, e) for e in guess if e not in low], protect=protect)
         self.standins.cache.prefetch([(layer, e) for e in low])
 
-    def _prefetch_ahead(self, layer: int, x: np.ndarray, k: int, prefetcher: Prefetcher,
-                        protect: list[tuple[int, int]]) -> None:
+    def _prefetch_ahead(self, layer: int, x: np.ndarray, k: int, prefetcher: Prefetcher, keys: list[tuple[int, int]],
+                        guess: list[int]) -> None:
         """While no read is in flight, one read of a guess for a layer beyond the next (prefetch depth > 1): an
         expert read takes several layers' compute, so a guess one layer ahead alone leaves the disk idle and then
-        waits. Guessed only when the cache cannot hold every expert and the disk is idle (the routers cost)."""
+        waits. Guessed only when the cache cannot hold every expert and the disk is idle (the routers cost); this
+        layer's experts (`keys`) and the next layer's guesses are never its victims."""
         if not self.cache.learns or self.cache.busy():
             return
         for ahead, experts in prefetcher.guess_ahead(layer, x, k):  # a router for each layer looked at
-            keys = [(ahead, e) for e in experts]
-            if not self.cache.holds(keys):
-                self.cache.prefetch_idle(keys, AHEAD_CHANCE, protect=protect)
+            wanted = [(ahead, e) for e in experts]
+            if not self.cache.holds(wanted):
+                self.cache.prefetch_idle(wanted, AHEAD_CHANCE, protect=keys + [(layer + 1, e) for e in guess])
                 return
 
     def _standins(self, layer: int, chosen: np.ndarray, weights: np.ndarray, live: np.ndarray | None) -> list[int]:
