@@ -302,15 +302,20 @@ async def _dashboard_heat_map_and_views(srv: Running, load: list[int]) -> None:
         def hot(lines: list[str]) -> bool:
             return any(c in "123456789" for row in cells(lines) for c in row)
 
-        for _ in range(100):  # two readings of the map make recent hits
+        def held(lines: list[str]) -> list[int]:  # what the cache holds, per layer (resident, not being read)
+            return [int(m[1]) for line in lines if (m := re.match(r" L\d .* (\d+)/8 ", line))]
+
+        # two readings of the map make recent hits; a reading may catch all nine slots being read (three streams
+        # thrash 9 of 32 experts): wait for one with hits and a resident expert
+        for _ in range(100):
             await polls(pilot, app, 1)
-            if hot(lines := screen(app)):
+            lines = screen(app)
+            if hot(lines) and sum(held(lines)) > 0:
                 break
         assert hot(lines), "\n".join(lines)
         assert "4 layers x 8 experts" in lines[1] and "[heat]" in lines[-1] and "m map: both" in lines[-1]
         assert len(cells(lines)) == 4 and all(len(row) == 8 and len("".join(row)) == 8 for row in cells(lines))
-        held = [int(m[1]) for line in lines if (m := re.match(r" L\d .* (\d+)/8 ", line))]
-        assert len(held) == 4 and 0 < sum(held) <= slots  # what the cache holds, per layer
+        assert len(held(lines)) == 4 and 0 < sum(held(lines)) <= slots
         assert "hottest experts" in "\n".join(lines) and max(map(len, lines)) <= 80
         # m: hits only, then what is held only
         await pilot.press("m")
@@ -318,8 +323,7 @@ async def _dashboard_heat_map_and_views(srv: Running, load: list[int]) -> None:
         assert "m map: hits" in screen(app)[-1]
         await pilot.press("m")
         await polls(pilot, app, 1)
-        # a reading may catch all nine slots being read (three streams thrash 9 of 32 experts): wait for one holding
-        for _ in range(100):
+        for _ in range(100):  # as above: a reading with a resident expert
             lines = screen(app)
             states = [c for row in cells(lines) for c in row]
             assert "m map: held" in lines[-1] and set(states) <= {"o", ".", "~"} and states.count("o") <= slots
