@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import MertoolsError
-from .runtime.prefetch import PREFETCH_DEPTH
-from .server.cli import approx_options, io_option, kernels_option, shard_options
+from .server.cli import approx_options, io_option, kernels_option, prefetch_options, shard_options
 
 if TYPE_CHECKING:
     from .runtime.approx import Approx
@@ -135,10 +134,7 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("-p", "--prompt", default="Once upon a time", show_default=True, help="Prompt text.")
 @click.option("-n", "--max-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate.")
 @click.option("--cache-mb", type=click.FloatRange(min=0, min_open=True), help="Expert cache budget (MiB); default: what fits.")
-@click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
-@click.option("--prefetch-depth", default=PREFETCH_DEPTH, show_default=True, type=click.IntRange(1),
-              help="Layers ahead the lookahead guesses: beyond the next one, a guess is read only while the disk "
-                   "is otherwise idle (1: the next layer only).")
+@prefetch_options
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))

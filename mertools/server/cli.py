@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..runtime.prefetch import PREFETCH_DEPTH
+from ..runtime.prefetch import PREFETCH_DEPTH, PREFETCH_MODES
 
 if TYPE_CHECKING:
     from ..runtime.approx import Approx
@@ -40,6 +40,14 @@ kernels_option = click.option(
          "(Q4_0, Q8_0, MXFP4, Q2_K-Q6_K, IQ2_XXS weights; other types run exact), mean KL vs exact below 1e-3 on the trained "
          "fixture (`mertools verify --kernels int8` measures a layout's); exact: float kernels, bit-exact with ggml's "
          "weights.")
+
+
+def prefetch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--prefetch`, `--prefetch-depth` of `mertools run` and `serve`: Engine.open's `prefetch`, `prefetch_depth`."""
+    f = click.option("--prefetch-depth", default=PREFETCH_DEPTH, show_default=True, type=click.IntRange(1),
+                     help="Layers ahead the lookahead guesses: beyond the next one, a guess is read only while the "
+                          "disk is otherwise idle (1: the next layer only).")(f)
+    return click.option("--prefetch", type=click.Choice(PREFETCH_MODES), default="lookahead", show_default=True)(f)
 
 
 def shard_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,10 +121,7 @@ def approx_options(f: Callable[..., Any]) -> Callable[..., Any]:
               help="Sequences generated together in the running batch.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Sequences waiting for a batch slot; beyond this, 429 with Retry-After.")
-@click.option("--prefetch", type=click.Choice(["lookahead", "markov", "none"]), default="lookahead", show_default=True)
-@click.option("--prefetch-depth", default=PREFETCH_DEPTH, show_default=True, type=click.IntRange(1),
-              help="Layers ahead the lookahead guesses: beyond the next one, a guess is read only while the disk "
-                   "is otherwise idle (1: the next layer only).")
+@prefetch_options
 @click.option("--threads", type=click.IntRange(1), help="Compute threads (default: all cores).")
 @click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
               help="What the KV cache holds (f32: exact, twice the bytes; q8_0: 34/64 of f16's).")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.approx import Approx
-from ..runtime.prefetch import PREFETCH_DEPTH
+from ..runtime.prefetch import PREFETCH_DEPTH, PREFETCH_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -114,7 +114,7 @@ FILE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cache_mb": ("cache_mb", _positive_mb),
     "max_concurrency": ("max_concurrency", _num(1, integer=True)),
     "max_queue": ("max_queue", _num(0, integer=True)),
-    "prefetch": ("prefetch", _text(("lookahead", "markov", "none"))),
+    "prefetch": ("prefetch", _text(PREFETCH_MODES)),
     "prefetch_depth": ("prefetch_depth", _num(1, integer=True)),
     "prefill_chunk": ("prefill_chunk", _num(1, integer=True)),
     "temperature": ("temperature", _num(0, 2)),
